@@ -1,0 +1,1 @@
+"""PyTorch definitions of the reference networks and their ONNX export (not part of the installed package)."""
