@@ -1,0 +1,163 @@
+"""Loading models and the small graph queries every pass needs, on onnx-graphsurgeon's IR.
+
+The graph is imported once per pass (``to_gs``) after ONNX shape inference, so tensors carry dtypes and
+(symbolic) shapes. Nodes are identified by their first output tensor's name ("node key"), which exporters
+keep unique; node names are often empty or duplicated, so they are never relied on.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from ..errors import InputError
+
+MODEL_FIELDS = ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string")
+
+
+def load_model(path: str | os.PathLike, *, load_external_data: bool = True) -> onnx.ModelProto:
+    """Read an ONNX file; a missing, empty, corrupt or non-ONNX file raises InputError (one line)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise InputError(f"model file not found: {path}")
+    if os.path.isdir(path):
+        raise InputError(f"model path is a directory, not an ONNX file: {path}")
+    if os.path.getsize(path) == 0:
+        raise InputError(f"model file is empty: {path}")
+    try:
+        model = onnx.load(path, load_external_data=load_external_data)
+    except Exception as exc:  # protobuf DecodeError, missing external data, ...
+        raise InputError(f"cannot read {path} as an ONNX model: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    if not model.graph.node or not model.opset_import:
+        raise InputError(f"{path} is not an ONNX model (no graph nodes or no opset)")
+    return model
+
+
+def node_key(node: gs.Node) -> str:
+    """A node's stable identity: its first output tensor's name."""
+    return node.outputs[0].name if node.outputs else f"<no-output:{node.name}>"
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` with value_info filled by ONNX shape inference (data propagation on)."""
+    try:
+        return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception:
+        return onnx.shape_inference.infer_shapes(model, strict_mode=False)
+
+
+def to_gs(model: onnx.ModelProto, *, infer: bool = True) -> gs.Graph:
+    """Import into onnx-graphsurgeon (after shape inference), topologically sorted."""
+    graph = gs.import_onnx(infer_shapes(model) if infer else model)
+    return graph.toposort()
+
+
+def from_gs(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
+    """Export ``graph`` and restore the model-level fields of ``like`` that gs.export_onnx drops
+    (metadata_props, doc string, domain, model version, opset imports, ir version, functions)."""
+    out = gs.export_onnx(graph, do_type_check=False)
+    for field in MODEL_FIELDS:
+        setattr(out, field, getattr(like, field))
+    del out.opset_import[:]
+    out.opset_import.extend(like.opset_import)
+    del out.metadata_props[:]
+    out.metadata_props.extend(like.metadata_props)
+    del out.functions[:]
+    out.functions.extend(like.functions)
+    return out
+
+
+def opset_version(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    return 0
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A graph input or output: name, numpy dtype, and shape with symbolic dims as strings (None = unknown)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str | None, ...] | None
+
+
+def _spec(vi: onnx.ValueInfoProto) -> TensorSpec:
+    t = vi.type.tensor_type
+    dtype = str(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)) if t.elem_type else "unknown"
+    shape = None
+    if t.HasField("shape"):
+        shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim)
+    return TensorSpec(vi.name, dtype, shape)
+
+
+def interface(model: onnx.ModelProto) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """The model's (inputs, outputs) as TensorSpecs; initializer-backed inputs excluded."""
+    inits = {i.name for i in model.graph.initializer}
+    ins = tuple(_spec(v) for v in model.graph.input if v.name not in inits)
+    outs = tuple(_spec(v) for v in model.graph.output)
+    return ins, outs
+
+
+class GraphIndex:
+    """Producer/consumer maps, topological positions and data-dependence of a gs.Graph."""
+
+    def __init__(self, graph: gs.Graph):
+        self.graph = graph
+        self.nodes: list[gs.Node] = list(graph.nodes)
+        self.position = {id(n): i for i, n in enumerate(self.nodes)}
+        self.producer: dict[str, gs.Node] = {}
+        for n in self.nodes:
+            for t in n.outputs:
+                self.producer[t.name] = n
+        self.output_names = {t.name for t in graph.outputs}
+        self.tensors = graph.tensors()
+        # Tensors that depend on a graph input (the data path); constants and constant subgraphs don't.
+        self.data: set[str] = {t.name for t in graph.inputs}
+        for n in self.nodes:
+            if any(isinstance(t, gs.Variable) and t.name in self.data for t in n.inputs):
+                self.data.update(t.name for t in n.outputs)
+
+    def consumers(self, name: str) -> list[gs.Node]:
+        return list(self.tensors[name].outputs) if name in self.tensors else []
+
+    def ancestors(self, name: str) -> tuple[set[str], set[int]]:
+        """(tensor names, node ids) upstream of tensor ``name`` (inclusive of ``name``)."""
+        tensors, nodes, stack = {name}, set(), [name]
+        while stack:
+            node = self.producer.get(stack.pop())
+            if node is None or id(node) in nodes:
+                continue
+            nodes.add(id(node))
+            for t in node.inputs:
+                if t.name and t.name not in tensors:
+                    tensors.add(t.name)
+                    stack.append(t.name)
+        return tensors, nodes
+
+    def descendants(self, name: str, *, limit: int | None = None) -> set[int]:
+        """Node ids downstream of tensor ``name`` (nodes at topological position <= limit only)."""
+        seen: set[int] = set()
+        stack = [name]
+        while stack:
+            for node in self.consumers(stack.pop()):
+                if id(node) in seen or (limit is not None and self.position[id(node)] > limit):
+                    continue
+                seen.add(id(node))
+                stack.extend(t.name for t in node.outputs)
+        return seen
+
+    def is_data(self, t: gs.Tensor) -> bool:
+        return isinstance(t, gs.Variable) and t.name in self.data
+
+
+def shape_of(t: gs.Tensor) -> tuple | None:
+    return None if t.shape is None else tuple(t.shape)
+
+
+def dtype_of(t: gs.Tensor) -> str | None:
+    return None if t.dtype is None else str(np.dtype(t.dtype)) if not isinstance(t.dtype, str) else t.dtype
