@@ -1,3 +1,32 @@
-"""onnx-consensus: depth pruning of ONNX models by the Consensus criterion."""
+"""onnx-consensus: depth pruning of ONNX models by the Consensus criterion.
+
+Public API::
+
+    from onnx_consensus import find_blocks, score_blocks, prune, load_calibration
+    from onnx_consensus import CriterionOptions, TargetOptions, RunOptions
+"""
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "find_blocks": "graph.blocks",
+    "Block": "graph.blocks",
+    "remove_blocks": "graph.surgery",
+    "score_blocks": "scoring",
+    "prune": "pruner",
+    "CriterionOptions": "pruner",
+    "TargetOptions": "pruner",
+    "RunOptions": "pruner",
+    "load_calibration": "data",
+    "ImageOptions": "data",
+    "count_cost": "graph.flops",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):  # lazy: `import onnx_consensus` stays cheap, torch is never imported here
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(name)

@@ -1,0 +1,70 @@
+"""onnxruntime latency benchmark: warm-up, then timed runs alternated across models, median and p90.
+
+Clean models only (never instrumented ones), all graph optimisations, intra-op threads pinned.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from .runtime import make_session
+
+OPT_LEVEL = "all"
+
+
+@dataclass
+class Latency:
+    """Per-batch latency in milliseconds over ``runs`` timed runs."""
+
+    batch_size: int
+    median_ms: float
+    p90_ms: float
+    runs: int
+    threads: int
+    opt_level: str = OPT_LEVEL
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def random_feed(model: onnx.ModelProto, batch_size: int, sample: dict[str, np.ndarray] | None = None,
+                seed: int = 0) -> dict[str, np.ndarray]:
+    """A feed of ``batch_size`` samples: tiled from ``sample`` (one real batch) when given, else random
+    data of each input's static shape (dynamic non-batch dims need a sample)."""
+    if sample is not None:
+        out = {}
+        for k, v in sample.items():
+            reps = -(-batch_size // len(v))
+            out[k] = np.concatenate([v] * reps)[:batch_size]
+        return out
+    rng = np.random.default_rng(seed)
+    from .graph.ir import interface
+
+    feed = {}
+    for spec in interface(model)[0]:
+        shape = [batch_size] + [d if isinstance(d, int) and d > 0 else 1 for d in spec.shape[1:]]
+        dt = np.dtype(spec.dtype)
+        feed[spec.name] = (rng.integers(0, 2, shape) if dt.kind in "iub" else rng.standard_normal(shape)).astype(dt)
+    return feed
+
+
+def measure_latency(models: Sequence[onnx.ModelProto], feed: dict[str, np.ndarray], *, runs: int = 30,
+                    warmup: int = 5, threads: int = 1) -> list[Latency]:
+    """Latency of each model on the same ``feed``; runs alternate between models so drift hits all alike."""
+    sessions = [make_session(m, level=OPT_LEVEL, threads=threads) for m in models]
+    feeds = [{i.name: feed[i.name] for i in s.get_inputs()} for s in sessions]
+    for _ in range(warmup):
+        for s, f in zip(sessions, feeds):
+            s.run(None, f)
+    times = [[] for _ in sessions]
+    for _ in range(runs):
+        for k, (s, f) in enumerate(zip(sessions, feeds)):
+            t0 = time.perf_counter()
+            s.run(None, f)
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    bs = len(next(iter(feed.values())))
+    return [Latency(bs, float(np.median(t)), float(np.percentile(t, 90)), runs, threads) for t in times]

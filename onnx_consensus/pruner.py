@@ -1,0 +1,229 @@
+"""The removal schedule: compose block detection, scoring and surgery until the target is met.
+
+- iterative (default, as published): score, remove the least important block, re-score the rest on the
+  pruned model, repeat;
+- one-shot: score once, remove in that order.
+Targets: a number of blocks, a MACs-reduction fraction, or (no target) as many blocks as keep the pruned
+model's top-1 agreement with the original at or above ``min_agreement`` on a held-back part of the data
+that scoring never sees. ``keep_per_stage`` keeps at least that many blocks in every run of same-shaped
+blocks. Every pruned model is built from the original graph, so block ids stay the original exit names.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from .errors import InputError, TargetError
+from .evaluate import Fidelity, fidelity, reference_outputs
+from .graph.blocks import Block, BlockReport, find_blocks
+from .graph.flops import count_cost
+from .graph.surgery import remove_blocks
+from .metrics import DEFAULT_METRICS
+from .scoring import SCOPES, ScoreRound, score_blocks
+
+log = logging.getLogger("onnx_consensus")
+SCHEDULES = ("iterative", "one-shot")
+
+
+@dataclass
+class CriterionOptions:
+    """How blocks are ranked: metric names (the Consensus when several), scope, schedule, feature tensor."""
+
+    metrics: tuple[str, ...] = DEFAULT_METRICS
+    scope: str = "global"
+    schedule: str = "iterative"
+    feature: str | None = None
+    pca_dim: int = 256
+    seed: int = 0
+
+
+@dataclass
+class TargetOptions:
+    """When to stop: ``remove`` blocks, or ``target_flops`` fraction of MACs removed, or (neither) the
+    fidelity budget ``min_agreement``; ``plan`` replays removals (block ids, in order) without scoring."""
+
+    remove: int | None = None
+    target_flops: float | None = None
+    min_agreement: float = 0.99
+    keep_per_stage: int = 1
+    only: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    plan: tuple[str, ...] = ()
+
+
+@dataclass
+class RunOptions:
+    """Batching and threads: ``batch_size`` samples per inference batch, ``holdout`` fraction of the data
+    kept back for the fidelity check, onnxruntime intra-op ``threads`` (None: its default)."""
+
+    batch_size: int = 64
+    holdout: float = 0.2
+    threads: int | None = None
+    progress: bool = False
+
+
+@dataclass
+class Removal:
+    """One removed block: its round, the MACs it took, and the hold-out fidelity right after."""
+
+    block: Block
+    round: int
+    fidelity: Fidelity | None = None
+
+
+@dataclass
+class PruneResult:
+    model: onnx.ModelProto
+    original_blocks: BlockReport
+    removals: list[Removal] = field(default_factory=list)
+    rounds: list[ScoreRound] = field(default_factory=list)
+    fidelity: Fidelity | None = None
+    macs_before: int | None = None
+    macs_after: int | None = None
+    params_before: int = 0
+    params_after: int = 0
+    stop_reason: str = ""
+    holdout_samples: int = 0
+    score_samples: int = 0
+
+    @property
+    def removed_ids(self) -> list[str]:
+        return [r.block.id for r in self.removals]
+
+
+def _validate(criterion: CriterionOptions, target: TargetOptions, blocks: dict[str, Block]) -> None:
+    if criterion.scope not in SCOPES:
+        raise InputError(f"--scope must be one of {', '.join(SCOPES)}, got {criterion.scope!r}")
+    if criterion.schedule not in SCHEDULES:
+        raise InputError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {criterion.schedule!r}")
+    if target.remove is not None and target.remove < 0:
+        raise InputError("--remove must be >= 0")
+    if target.target_flops is not None and not 0 < target.target_flops < 1:
+        raise InputError("--target-flops must be a fraction between 0 and 1, e.g. 0.5")
+    if not 0 < target.min_agreement <= 1:
+        raise InputError("--min-agreement must be in (0, 1]")
+    for name, ids in (("--only", target.only), ("--exclude", target.exclude), ("--plan", target.plan)):
+        unknown = [i for i in ids if i not in blocks]
+        if unknown:
+            raise InputError(f"{name}: unknown block id(s) {', '.join(unknown[:5])} (see `onnx-cprune inspect`)")
+
+
+def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = None,
+          target: TargetOptions | None = None, run: RunOptions | None = None,
+          labels: np.ndarray | None = None) -> PruneResult:
+    """Remove residual blocks from ``model`` chosen by the criterion until the target is met.
+
+    data: a CalibrationData (``load_calibration``). labels: optional (n,) class ids for the Gaussian metrics'
+    conditions and for accuracy (default: ``data.labels``). Raises TargetError when a block count or MACs
+    target cannot be met.
+    """
+    criterion, target, run = criterion or CriterionOptions(), target or TargetOptions(), run or RunOptions()
+    labels = data.labels if labels is None else labels
+    cost = count_cost(model)
+    report = find_blocks(model, macs_per_node=cost.macs_per_node)
+    originals = report.by_id()
+    _validate(criterion, target, originals)
+    result = PruneResult(model=model, original_blocks=report, macs_before=cost.total_macs, params_before=cost.params)
+
+    if data.n_samples >= 10 and run.holdout > 0:
+        score_idx, hold_idx = data.split(run.holdout, seed=criterion.seed)
+    else:
+        score_idx = hold_idx = np.arange(data.n_samples)
+        log.warning("fewer than 10 calibration samples: scoring and the fidelity check use the same samples")
+    result.score_samples, result.holdout_samples = len(score_idx), len(hold_idx)
+    hold_labels = None if labels is None else np.asarray(labels)[hold_idx]
+    score_labels = None if labels is None else np.asarray(labels)[score_idx]
+    reference = reference_outputs(model, data, hold_idx, batch_size=run.batch_size, threads=run.threads)
+
+    def check(m: onnx.ModelProto) -> Fidelity:
+        return fidelity(m, reference, data, hold_idx, labels=hold_labels, batch_size=run.batch_size, threads=run.threads)
+
+    allowed = set(target.only or originals) - set(target.exclude)
+    total = cost.total_macs
+    removed: list[Block] = []
+    current = model
+
+    if target.plan:
+        removed = [originals[i] for i in target.plan]
+        current = remove_blocks(model, removed)
+        result.removals = [Removal(b, 0) for b in removed]
+        result.stop_reason = f"replayed a plan of {len(removed)} removals"
+    else:
+        auto = target.remove is None and target.target_flops is None
+        order: list[str] = []
+        round_no = 0
+        while True:
+            if _target_met(target, removed, total):
+                result.stop_reason = "target met"
+                break
+            stage_left = _stage_counts(originals.values(), removed)
+            current_blocks = {b.id: b for b in find_blocks(current, macs_per_node={}).blocks if b.id in originals}
+            eligible = [current_blocks[i] for i in current_blocks
+                        if i in allowed and stage_left[originals[i].stage] > target.keep_per_stage]
+            if not eligible:
+                result.stop_reason = "no eligible block left"
+                break
+            if criterion.schedule == "iterative" or not order:
+                rnd = score_blocks(current, data, blocks=eligible, metrics=criterion.metrics, scope=criterion.scope,
+                                   feature=criterion.feature, indices=score_idx, labels=score_labels,
+                                   batch_size=run.batch_size, seed=criterion.seed, pca_dim=criterion.pca_dim,
+                                   threads=run.threads, progress=run.progress)
+                result.rounds.append(rnd)
+                order = rnd.order
+            eligible_ids = {b.id for b in eligible}
+            pick_id = next(i for i in order if i in eligible_ids)
+            candidate = remove_blocks(model, removed + [originals[pick_id]])
+            fid = check(candidate) if auto else None
+            if auto and not fid.meets(target.min_agreement):
+                result.stop_reason = (f"removing {pick_id} would bring hold-out fidelity below the budget "
+                                      f"({_fid_text(fid)} < {target.min_agreement:g})")
+                break
+            removed.append(originals[pick_id])
+            result.removals.append(Removal(originals[pick_id], round_no, fid))
+            current = candidate
+            round_no += 1
+            log.info("removed %s (round %d)", pick_id, round_no)
+        if not auto and not _target_met(target, removed, total):
+            got = _macs_fraction(removed, total)
+            want = f"{target.remove} blocks" if target.remove is not None else f"{target.target_flops:.1%} of MACs"
+            raise TargetError(f"target {want} cannot be met: only {len(removed)} block(s) removable "
+                              f"({got:.1%} of MACs) with keep-per-stage={target.keep_per_stage} and the "
+                              f"--only/--exclude choices")
+    result.model = current
+    after = count_cost(current)
+    result.macs_after, result.params_after = after.total_macs, after.params
+    result.fidelity = check(current)
+    return result
+
+
+def _fid_text(f: Fidelity) -> str:
+    return f"agreement {f.agreement:.4f}" if f.agreement is not None else f"relative error {f.rel_error:.4f}"
+
+
+def _macs_fraction(removed: Sequence[Block], total: int | None) -> float:
+    if not total:
+        return 0.0
+    return sum(b.macs or 0 for b in removed) / total
+
+
+def _target_met(target: TargetOptions, removed: Sequence[Block], total: int | None) -> bool:
+    if target.remove is not None:
+        return len(removed) >= target.remove
+    if target.target_flops is not None:
+        if not total:
+            raise InputError("--target-flops needs known MACs: give static input shapes with --input-shape")
+        return _macs_fraction(removed, total) >= target.target_flops
+    return False
+
+
+def _stage_counts(blocks, removed: Sequence[Block]) -> dict[int, int]:
+    gone = {b.id for b in removed}
+    counts: dict[int, int] = {}
+    for b in blocks:
+        if b.id not in gone:
+            counts[b.stage] = counts.get(b.stage, 0) + 1
+    return counts

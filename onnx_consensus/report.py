@@ -1,0 +1,128 @@
+"""The run's report: JSON with provenance, the terminal summary table, and the output model's metadata."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+
+import onnx
+
+from . import __version__
+from .pruner import PruneResult
+
+METADATA_KEY = "onnx_consensus.report"
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _ratio(after, before):
+    return None if not before or after is None else after / before
+
+
+def build_report(result: PruneResult, *, options: Mapping, input_path: str | None = None,
+                 input_sha256: str | None = None, latency: Mapping | None = None,
+                 finetune: Mapping | None = None) -> dict:
+    """A JSON-able report: provenance, the removed blocks in order, MACs/params before and after,
+    fidelity, the per-round scores of every candidate, and optional latency and fine-tuning results."""
+    removed = []
+    for r in result.removals:
+        entry = r.block.to_json()
+        entry.pop("nodes")
+        entry["round"] = r.round
+        if r.fidelity is not None:
+            entry["holdout_fidelity"] = r.fidelity.to_json()
+        removed.append(entry)
+    removed_round = {r.block.id: r.round for r in result.removals}
+    rounds = []
+    for k, rnd in enumerate(result.rounds):
+        d = rnd.to_json()
+        for b in d["blocks"]:
+            blk = result.original_blocks.by_id()[b["id"]]
+            b.update(entry=blk.entry, exit=blk.exit, macs=blk.macs, removed_in_round=removed_round.get(b["id"]))
+        d["round"] = k
+        rounds.append(d)
+    return {
+        "tool": "onnx-consensus",
+        "version": __version__,
+        "input": {"path": input_path, "sha256": input_sha256},
+        "options": dict(options),
+        "seed": options.get("seed"),
+        "candidates": [b.to_json() for b in result.original_blocks.blocks],
+        "not_removable": [n.to_json() for n in result.original_blocks.not_removable],
+        "removed": removed,
+        "removed_ids": result.removed_ids,
+        "stop_reason": result.stop_reason,
+        "macs": {"before": result.macs_before, "after": result.macs_after,
+                 "ratio": _ratio(result.macs_after, result.macs_before)},
+        "params": {"before": result.params_before, "after": result.params_after,
+                   "ratio": _ratio(result.params_after, result.params_before)},
+        "fidelity": result.fidelity.to_json() if result.fidelity else None,
+        "samples": {"scoring": result.score_samples, "holdout": result.holdout_samples},
+        "rounds": rounds,
+        "latency": dict(latency) if latency else None,
+        "finetune": dict(finetune) if finetune else None,
+    }
+
+
+def provenance(report: Mapping) -> dict:
+    """The compact part stored in the output model's metadata_props."""
+    keys = ("tool", "version", "input", "options", "seed", "removed_ids", "macs", "params", "fidelity")
+    return {k: report.get(k) for k in keys}
+
+
+def stamp(model: onnx.ModelProto, report: Mapping) -> None:
+    """Store the report's provenance in ``model.metadata_props`` (replacing an earlier one)."""
+    keep = [p for p in model.metadata_props if p.key != METADATA_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    model.metadata_props.add(key=METADATA_KEY, value=json.dumps(provenance(report), sort_keys=True))
+
+
+def _fmt_int(v) -> str:
+    return "unknown" if v is None else f"{v:,}"
+
+
+def summary_table(report: Mapping) -> str:
+    """A plain-text summary for the terminal."""
+    macs, params, fid = report["macs"], report["params"], report.get("fidelity") or {}
+    lines = [f"Removed {len(report['removed'])} of {len(report['candidates'])} removable blocks "
+             f"({report['stop_reason']})"]
+    for r in report["removed"]:
+        share = f"{r['macs']:,} MACs" if r.get("macs") is not None else "MACs unknown"
+        lines.append(f"  - {r['id']}  ({share})")
+    rows = [("", "before", "after", "change")]
+
+    def change(ratio):
+        return "" if ratio is None else f"{(ratio - 1) * 100:+.2f}%"
+
+    rows.append(("MACs", _fmt_int(macs["before"]), _fmt_int(macs["after"]), change(macs["ratio"])))
+    rows.append(("parameters", _fmt_int(params["before"]), _fmt_int(params["after"]), change(params["ratio"])))
+    lat = report.get("latency")
+    if lat:
+        for bs, v in lat.items():
+            rows.append((f"latency b={bs} (ms, p50)", f"{v['before_ms']:.2f}", f"{v['after_ms']:.2f}",
+                         change(v["after_ms"] / v["before_ms"])))
+    if fid.get("reference_accuracy") is not None:
+        rows.append(("accuracy (hold-out)", f"{fid['reference_accuracy']:.4f}", f"{fid['accuracy']:.4f}",
+                     f"{(fid['accuracy'] - fid['reference_accuracy']) * 100:+.2f} pp"))
+    ft = report.get("finetune")
+    if ft and ft.get("accuracy_after") is not None:
+        rows.append(("accuracy after fine-tune", "", f"{ft['accuracy_after']:.4f}", ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines.append("")
+    for r in rows:
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    if fid:
+        agree = fid.get("agreement")
+        lines.append("")
+        lines.append(f"Fidelity on {fid['n']} hold-out samples: "
+                     + (f"top-1 agreement {agree:.4f}, " if agree is not None else "")
+                     + f"mean relative output error {fid['rel_error']:.4f}")
+    return "\n".join(lines)
