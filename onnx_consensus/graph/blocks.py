@@ -18,6 +18,10 @@ MERGE_OPS = ("Add", "Sum")
 # Operators after the merge that belong to the block (ResNet's ReLU: exact to drop when the entry is
 # already non-negative, as it is after the previous block's ReLU).
 POST_MERGE_OPS = ("Relu",)
+# A normalisation after the merge belongs to the block when the entry comes out of the same kind of
+# normalisation (post-LN transformers: LN(x + F(x)) with x an LN output); a final norm of a pre-LN network
+# (whose entry is a residual sum) stays outside.
+POST_MERGE_NORMS = ("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization")
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "AveragePool", "MaxPool",
                "GlobalAveragePool", "Pad", "Resize", "Slice", "Reshape", "Transpose")
 
@@ -147,7 +151,10 @@ def _match_residual(index: GraphIndex, merge: gs.Node) -> Block | NotRemovable |
     exit_t = out
     while exit_t.name not in index.output_names and len(exit_t.outputs) == 1:
         nxt = exit_t.outputs[0]
-        if nxt.op not in POST_MERGE_OPS or len(nxt.outputs) != 1 or shape_of(nxt.outputs[0]) != shape_of(out):
+        entry_op = index.producer[entry.name].op if entry.name in index.producer else None
+        follows = nxt.op in POST_MERGE_OPS or (nxt.op in POST_MERGE_NORMS and entry_op == nxt.op)
+        if not follows or shape_of(nxt.outputs[0]) != shape_of(out) or len(
+                [t for t in nxt.outputs if t.outputs or t.name in index.output_names]) != 1:
             break
         nodes.append(nxt)
         exit_t = nxt.outputs[0]
