@@ -1,0 +1,254 @@
+"""MAC and parameter counts: CIFAR ResNets (three exports) and hand-built graphs for each formula."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_consensus.errors import InputError
+from onnx_consensus.graph import flops
+from onnx_consensus.graph.flops import count_cost, parse_input_shape
+
+torch = pytest.importorskip("torch")
+from models.cifar_resnet import export_onnx, resnet  # noqa: E402  (repo root on sys.path via conftest.py)
+
+
+def randomise_bn(model):
+    """Give every BN distinct statistics, as in a trained model (the exporter would otherwise share
+    identical initial tensors between layers)."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                c = m.num_features
+                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(c, generator=g) - 0.5)
+                m.running_mean.copy_(torch.rand(c, generator=g) - 0.5)
+                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+    return model
+
+
+def cifar_resnet_macs(depth: int, num_classes: int = 10) -> int:
+    """Conv + FC MACs of a CIFAR ResNet per 32x32 image, from the architecture."""
+    n = (depth - 2) // 6
+
+    def conv(c_in, c_out, k, hw):
+        return hw * hw * c_out * c_in * k * k
+
+    total = conv(3, 16, 3, 32)
+    c_in, hw = 16, 32
+    for stage, width in enumerate((16, 32, 64)):
+        for i in range(n):
+            if stage > 0 and i == 0:
+                hw //= 2
+            total += conv(c_in, width, 3, hw) + conv(width, width, 3, hw)
+            if c_in != width:
+                total += conv(c_in, width, 1, hw)  # projection shortcut
+            c_in = width
+    return total + 64 * num_classes
+
+
+@pytest.fixture(scope="module")
+def r56(tmp_path_factory):
+    torch.manual_seed(0)
+    model = randomise_bn(resnet(56))
+    d = tmp_path_factory.mktemp("r56")
+    paths = {
+        "fold": export_onnx(model, str(d / "fold.onnx"), fold_bn=True),
+        "bn": export_onnx(model, str(d / "bn.onnx"), fold_bn=False),
+        "dynamo": export_onnx(model, str(d / "dyn.onnx"), dynamo=True),
+    }
+    return model, paths
+
+
+@pytest.fixture(scope="module")
+def r20(tmp_path_factory):
+    torch.manual_seed(0)
+    model = randomise_bn(resnet(20))
+    return model, export_onnx(model, str(tmp_path_factory.mktemp("r20") / "r20.onnx"))
+
+
+def test_architecture_formula():
+    assert cifar_resnet_macs(56) == 125_747_840
+
+
+@pytest.mark.parametrize("kind", ["fold", "bn", "dynamo"])
+def test_resnet56_macs_and_params(r56, kind):
+    model, paths = r56
+    onnx_model = onnx.load(paths[kind])
+    cost = count_cost(onnx_model)
+    assert cost.total_macs == 125_747_840
+    assert cost.total_macs == cifar_resnet_macs(56)
+    conv_macs = [cost.macs_per_node[n.output[0]] for n in onnx_model.graph.node if n.op_type == "Conv"]
+    assert len(conv_macs) == 57 and 0 not in conv_macs
+    torch_params = sum(p.numel() for p in model.parameters())
+    bn_channels = sum(m.num_features for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    has_bn = any(n.op_type == "BatchNormalization" for n in onnx_model.graph.node)
+    if has_bn:  # BN kept: gamma, beta, running mean and running var per channel
+        assert cost.params == torch_params + 2 * bn_channels
+    else:  # BN folded: gamma merged into the conv weights, beta becomes the conv bias
+        assert cost.params == torch_params - bn_channels
+    assert kind != "bn" or has_bn
+
+
+def test_resnet56_batch_size_scales(r56):
+    model = onnx.load(r56[1]["fold"])
+    assert count_cost(model, batch_size=4).total_macs == 4 * 125_747_840
+    # shapes already inferred at batch 1 (stored in value_info) must not pin the batch size
+    inferred = onnx.shape_inference.infer_shapes(flops._weight_free_copy(model, {}, 1))
+    model.graph.value_info.extend(inferred.graph.value_info)
+    assert count_cost(model, batch_size=4).total_macs == 4 * 125_747_840
+
+
+def test_resnet20(r20):
+    model, path = r20
+    cost = count_cost(onnx.load(path))
+    assert cost.total_macs == cifar_resnet_macs(20)
+    bn_channels = sum(m.num_features for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert cost.params == sum(p.numel() for p in model.parameters()) - bn_channels
+
+
+def test_no_second_copy_of_weights(r56, monkeypatch):
+    """Shape inference must run on a copy without the large initializers' data."""
+    model = onnx.load(r56[1]["bn"])
+    seen = []
+    real = onnx.shape_inference.infer_shapes
+
+    def spy(m, *a, **kw):
+        seen.append(m.ByteSize())
+        return real(m, *a, **kw)
+
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes", spy)
+    cost = count_cost(model)
+    assert cost.total_macs == 125_747_840
+    assert seen and seen[0] < model.ByteSize() / 20, (seen, model.ByteSize())
+
+
+def test_external_data_not_loaded(r20, tmp_path):
+    path = str(tmp_path / "ext.onnx")
+    onnx.save(onnx.load(r20[1]), path, save_as_external_data=True, all_tensors_to_one_file=True,
+              location="w.bin", size_threshold=0)
+    model = onnx.load(path, load_external_data=False)
+    cost = count_cost(model)
+    assert cost.total_macs == cifar_resnet_macs(20)
+    assert cost.params == count_cost(onnx.load(r20[1])).params
+
+
+# ---------------------------------------------------------------- hand-built graph
+
+
+def init(name, shape, dtype=np.float32):
+    return numpy_helper.from_array(np.ones(shape, dtype), name)
+
+
+def hand_model(x_shape=(None, 8, 10, 10)):
+    x_dims = ["N" if d is None else d for d in x_shape]
+    nodes = [
+        # grouped, strided conv: (N,8,10,10) -> (N,16,5,5), weight (16, 8/4, 3, 3)
+        helper.make_node("Conv", ["x", "wc"], ["conv"], group=4, strides=[2, 2], pads=[1, 1, 1, 1]),
+        # transposed conv: (N,16,5,5) -> (N,6,10,10), weight (16, 6/2, 2, 2), group 2
+        helper.make_node("ConvTranspose", ["conv", "wt"], ["deconv"], group=2, strides=[2, 2]),
+        helper.make_node("Relu", ["deconv"], ["relu"]),
+        helper.make_node("GlobalAveragePool", ["relu"], ["gap"]),
+        helper.make_node("Flatten", ["gap"], ["flat"]),
+        # Gemm with transB: (N,6) x (7,6)^T -> (N,7)
+        helper.make_node("Gemm", ["flat", "wg", "bg"], ["gemm"], transB=1),
+        # batched MatMul with broadcasting: (2,1,4,5) x (3,5,6) -> (2,3,4,6)
+        helper.make_node("MatMul", ["a", "b"], ["mm"]),
+        # vector x matrix: (5,) x (5,6) -> (6,)
+        helper.make_node("MatMul", ["v", "b2"], ["mv"]),
+    ]
+    g = helper.make_graph(
+        nodes, "hand",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_dims),
+         helper.make_tensor_value_info("a", TensorProto.FLOAT, [2, 1, 4, 5])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("gemm", "mm", "mv")],
+        initializer=[init("wc", (16, 2, 3, 3)), init("wt", (16, 3, 2, 2)), init("wg", (7, 6)), init("bg", (7,)),
+                     init("b", (3, 5, 6)), init("v", (5,)), init("b2", (5, 6)),
+                     numpy_helper.from_array(np.array([1, 2], np.int64), "unused_int")],
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_each_formula():
+    cost = count_cost(hand_model())
+    m = cost.macs_per_node
+    assert m["conv"] == 1 * 16 * 5 * 5 * (8 // 4) * 3 * 3
+    assert m["deconv"] == 1 * 16 * 5 * 5 * (6 // 2) * 2 * 2
+    assert m["gemm"] == 1 * 7 * 6
+    assert m["mm"] == 2 * 3 * 4 * 6 * 5
+    assert m["mv"] == 6 * 5
+    assert m["relu"] == m["gap"] == m["flat"] == 0
+    assert cost.total_macs == sum(m.values())
+    assert cost.params == 16 * 2 * 9 + 16 * 3 * 4 + 42 + 7 + 90 + 5 + 30  # the int64 initializer is not counted
+
+
+def test_gemm_trans_a():
+    g = helper.make_graph(
+        [helper.make_node("Gemm", ["a", "b"], ["y"], transA=1)], "g",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [3, 4])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializer=[init("b", (3, 5))],
+    )
+    assert count_cost(helper.make_model(g)).macs_per_node["y"] == 4 * 5 * 3
+
+
+def test_dynamic_non_batch_dim_unknown_then_fixed():
+    model = hand_model(x_shape=(None, 8, None, None))
+    cost = count_cost(model)
+    assert cost.macs_per_node["conv"] is None and cost.macs_per_node["deconv"] is None
+    assert cost.total_macs is None
+    assert cost.macs_per_node["mm"] == 720 and cost.macs_per_node["relu"] == 0
+    fixed = count_cost(model, input_shapes={"x": (1, 8, 10, 10)})
+    assert fixed.total_macs == count_cost(hand_model()).total_macs
+    doubled = count_cost(model, input_shapes={"x": (1, 8, 20, 20)})
+    assert doubled.macs_per_node["conv"] == 4 * fixed.macs_per_node["conv"]
+    with pytest.raises(InputError, match="not a model input"):
+        count_cost(model, input_shapes={"nope": (1, 2)})
+    with pytest.raises(InputError, match="rank"):
+        count_cost(model, input_shapes={"x": (1, 8, 10)})
+    with pytest.raises(InputError, match="fixes it to 8"):
+        count_cost(model, input_shapes={"x": (1, 4, 10, 10)})
+
+
+def test_reshape_shape_from_constant_data_propagated():
+    """Shapes computed from small constants (Shape -> Concat -> Reshape) must survive weight stripping."""
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Gather", ["s", "zero"], ["n"], axis=0),
+        helper.make_node("Concat", ["n", "minus1"], ["newshape"], axis=0),
+        helper.make_node("Reshape", ["x", "newshape"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "w"], ["y"]),
+    ]
+    g = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(np.array([0], np.int64), "zero"),
+                     numpy_helper.from_array(np.array([-1], np.int64), "minus1"),
+                     init("w", (256, 10))],
+    )
+    assert count_cost(helper.make_model(g)).macs_per_node["y"] == 256 * 10
+
+
+def test_constant_node_params():
+    big = helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.ones((4, 5), np.float32)))
+    scalar = helper.make_node("Constant", [], ["s"], value=numpy_helper.from_array(np.array(2.0, np.float32)))
+    ints = helper.make_node("Constant", [], ["i"], value=numpy_helper.from_array(np.ones(9, np.int64)))
+    mm = helper.make_node("MatMul", ["x", "c"], ["y"])
+    g = helper.make_graph([big, scalar, ints, mm], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    cost = count_cost(helper.make_model(g))
+    assert cost.params == 20
+    assert cost.macs_per_node["y"] == 4 * 5
+
+
+def test_parse_input_shape():
+    assert parse_input_shape("input:1x3x224x224") == ("input", (1, 3, 224, 224))
+    assert parse_input_shape("input:0:1,128") == ("input:0", (1, 128))
+    for bad in ("input", "input:", ":1x3", "input:1xx3", "input:1x-3", "input:1x0", "input:ax3"):
+        with pytest.raises(InputError):
+            parse_input_shape(bad)
+
+
+def test_module_exports():
+    assert {"ModelCost", "count_cost", "parse_input_shape"} <= set(flops.__all__)
