@@ -1,0 +1,1 @@
+"""Developer scripts: Fashion-MNIST data and reference-model training (not part of the installed package)."""
