@@ -80,7 +80,7 @@ def export_onnx(
 
     fold_bn=True: the classic exporter's eval mode, BatchNormalization folded into Conv.
     fold_bn=False: BatchNormalization kept as nodes (TrainingMode.PRESERVE on an eval-mode model).
-    dynamo=True: torch's dynamo exporter (needs onnxscript; opset >= 18), which keeps BN nodes.
+    dynamo=True: torch's dynamo exporter (needs onnxscript; opset >= 18); its optimiser folds BN into Conv.
     """
     model = model.eval()
     x = torch.randn(*input_shape)

@@ -1,0 +1,182 @@
+"""onnx-cprune end to end: the shipped model, inspect, bad inputs (one line, exit code, nothing left behind)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+from onnx_consensus.cli import main
+from onnx_consensus.graph.blocks import find_blocks
+from onnx_consensus.graph.ir import interface
+from onnx_consensus.report import METADATA_KEY, sha256_file
+from tests.helpers import resnet_onnx, run, tiny_residual_graph, zero_branch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED = os.path.join(ROOT, "models", "resnet56_fmnist.onnx")
+CALIB = os.path.join(ROOT, "examples", "fmnist_calib")
+
+
+@pytest.fixture(scope="module")
+def r20(tmp_path_factory):
+    d = tmp_path_factory.mktemp("r20")
+    path = d / "r20.onnx"
+    onnx.save(resnet_onnx(20, "folded"), path)
+    calib = d / "calib"
+    calib.mkdir()
+    np.save(calib / "x.npy", np.random.default_rng(0).standard_normal((40, 3, 32, 32)).astype(np.float32))
+    return path, calib
+
+
+def _leftovers(folder):
+    return [f for f in os.listdir(folder) if f.endswith(".tmp") or ".tmp." in f]
+
+
+def test_shipped_model_end_to_end(tmp_path):
+    out, rep = tmp_path / "pruned.onnx", tmp_path / "report.json"
+    before = sha256_file(SHIPPED)
+    code = main([SHIPPED, str(out), "--calib", CALIB, "--remove", "2", "--max-samples", "96",
+                 "--report", str(rep), "-q", "--latency-runs", "3"])
+    assert code == 0
+    assert sha256_file(SHIPPED) == before
+    pruned, original = onnx.load(out), onnx.load(SHIPPED)
+    onnx.checker.check_model(pruned, full_check=True)
+    assert interface(pruned) == interface(original)
+    report = json.loads(rep.read_text())
+    assert len(report["removed"]) == 2
+    assert report["macs"]["before"] == 125_747_840
+    assert report["macs"]["before"] - report["macs"]["after"] == 2 * 4_718_592
+    assert report["input"]["sha256"] == before and report["version"] and report["seed"] == 0
+    assert 0 <= report["fidelity"]["agreement"] <= 1 and report["fidelity"]["accuracy"] is not None
+    assert [len(r["blocks"]) for r in report["rounds"]] == [25, 24]
+    first = report["rounds"][0]["blocks"][0]
+    assert set(first["scores"]) == set(first["ranks"]) and len(first["scores"]) == 8
+    meta = {p.key: p.value for p in pruned.metadata_props}
+    assert json.loads(meta[METADATA_KEY])["removed_ids"] == report["removed_ids"]
+    x = np.load(os.path.join(CALIB, "calib.npy"))[:3]
+    assert run(pruned, {"input": x})[0].shape == (3, 10)
+
+
+def test_console_script_subprocess(tmp_path, r20):
+    model, calib = r20
+    out = tmp_path / "o.onnx"
+    p = subprocess.run([sys.executable, "-m", "onnx_consensus.cli", str(model), str(out), "--calib", str(calib),
+                        "--remove", "1", "--metrics", "cka", "-q", "--no-latency"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    assert "Removed 1 of 7" in p.stdout and out.exists()
+
+
+def test_remove_one_picks_zeroed_block_exactly(tmp_path, r20):
+    _, calib = r20
+    model = resnet_onnx(20, "folded")
+    target = find_blocks(model).blocks[3]
+    zero_branch(model, target)
+    src, out, rep = tmp_path / "z.onnx", tmp_path / "o.onnx", tmp_path / "r.json"
+    onnx.save(model, src)
+    assert main([str(src), str(out), "--calib", str(calib), "--remove", "1", "-q", "--no-latency",
+                 "--report", str(rep)]) == 0
+    assert json.loads(rep.read_text())["removed_ids"] == [target.id]
+    x = np.load(calib / "x.npy")[:5]
+    np.testing.assert_allclose(run(onnx.load(out), {"input": x})[0], run(model, {"input": x})[0], rtol=1e-5, atol=1e-5)
+
+
+def test_inspect_json(capsys):
+    assert main(["inspect", SHIPPED, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["blocks"]) == 25 and len(out["not_removable"]) == 2
+    assert {"id", "entry", "exit", "nodes", "macs"} <= set(out["blocks"][0])
+    assert all(b["macs"] == 4_718_592 for b in out["blocks"])
+    assert all("projection" in n["reason"] for n in out["not_removable"])
+
+
+def test_inspect_text_and_unknown_macs(tmp_path, capsys):
+    m = tiny_residual_graph()
+    p = tmp_path / "t.onnx"
+    onnx.save(m, p)
+    assert main(["inspect", str(p)]) == 0
+    assert "1 removable block" in capsys.readouterr().out
+
+
+def test_target_cannot_be_met_exit_3(tmp_path, r20, capsys):
+    model, calib = r20
+    out = tmp_path / "o.onnx"
+    assert main([str(model), str(out), "--calib", str(calib), "--remove", "6", "--metrics", "cka", "-q",
+                 "--schedule", "one-shot"]) == 3
+    assert not out.exists() and not _leftovers(tmp_path)
+    assert "cannot be met" in capsys.readouterr().err
+
+
+def test_no_removable_block_exit_0_nothing_written(tmp_path, capsys):
+    from onnx import helper, TensorProto
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
+    src = tmp_path / "plain.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), src)
+    calib = tmp_path / "c"
+    calib.mkdir()
+    np.save(calib / "x.npy", np.ones((12, 4), np.float32))
+    out = tmp_path / "o.onnx"
+    assert main([str(src), str(out), "--calib", str(calib), "-q"]) == 0
+    assert not out.exists()
+    assert "nothing written" in capsys.readouterr().out
+
+
+def _bad(tmp_path, r20, kind):
+    model, calib = r20
+    m, c = str(model), str(calib)
+    if kind == "missing model":
+        m = str(tmp_path / "nope.onnx")
+    elif kind == "empty model":
+        m = str(tmp_path / "empty.onnx")
+        open(m, "wb").close()
+    elif kind == "corrupt model":
+        m = str(tmp_path / "corrupt.onnx")
+        with open(model, "rb") as f:
+            data = f.read()
+        with open(m, "wb") as f:
+            f.write(data[: len(data) // 3])
+    elif kind == "not onnx":
+        m = str(tmp_path / "text.onnx")
+        with open(m, "w") as f:
+            f.write("hello, I am not a model\n" * 10)
+    elif kind == "calib missing":
+        c = str(tmp_path / "nodata")
+    elif kind == "calib empty":
+        c = str(tmp_path / "emptydata")
+        os.makedirs(c)
+    elif kind == "wrong shape":
+        c = str(tmp_path / "ws")
+        os.makedirs(c)
+        np.save(os.path.join(c, "x.npy"), np.zeros((4, 3, 28, 28), np.float32))
+    elif kind == "wrong dtype":
+        c = str(tmp_path / "wd")
+        os.makedirs(c)
+        np.save(os.path.join(c, "x.npy"), np.zeros((4, 3, 32, 32), np.int32))
+    elif kind == "nan":
+        c = str(tmp_path / "nan")
+        os.makedirs(c)
+        x = np.zeros((12, 3, 32, 32), np.float32)
+        x[5, 0, 0, 0] = np.nan
+        np.save(os.path.join(c, "x.npy"), x)
+    return m, c
+
+
+BAD = ["missing model", "empty model", "corrupt model", "not onnx", "calib missing", "calib empty",
+       "wrong shape", "wrong dtype", "nan", "output dir missing"]
+
+
+@pytest.mark.parametrize("kind", BAD)
+def test_bad_input_one_line_exit_2(tmp_path, r20, capsys, kind):
+    m, c = _bad(tmp_path, r20, kind)
+    out = tmp_path / ("missing-dir/o.onnx" if kind == "output dir missing" else "o.onnx")
+    before = sha256_file(r20[0])
+    code = main([m, str(out), "--calib", c, "--remove", "1", "--metrics", "cka", "-q"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("onnx-cprune: error:") and "\n" not in err and "Traceback" not in err
+    assert not out.exists() and not _leftovers(tmp_path)
+    assert sha256_file(r20[0]) == before
