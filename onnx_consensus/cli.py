@@ -93,6 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--feature", metavar="TENSOR", help="feature tensor (default: the final classifier's input)")
     g.add_argument("--pca-dim", type=int, default=256, help="principal-component cap for alignment metrics")
     g.add_argument("--seed", type=int, default=0, help="seed for the hold-out split, random metric, k-means")
+    g = p.add_argument_group("fine-tuning (needs torch: pip install 'onnx-consensus[torch]')")
+    g.add_argument("--finetune-epochs", type=int, default=0, metavar="E",
+                   help="fine-tune the pruned model for E epochs (default 0: no fine-tuning)")
+    g.add_argument("--lr", type=float, help="peak learning rate (default: 0.01 with BN nodes, 0.002 BN-folded)")
+    g.add_argument("--ft-batch-size", type=int, default=64, help="training batch size (default 64)")
+    g.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd", help="default sgd (momentum 0.9)")
+    g.add_argument("--train", metavar="DIR", help="training data (default: the calibration data; with "
+                   "labels.npy: supervised, else distillation from the original model)")
+    g.add_argument("--eval", metavar="DIR", help="evaluation data: accuracy with labels.npy, else agreement; "
+                   "the best epoch on it is the one written")
+    g.add_argument("--augment", action="store_true", help="random crop and flip for image inputs")
+    g.add_argument("--temperature", type=float, default=4.0, help="distillation temperature (default 4)")
+    g.add_argument("--feature-mse", type=float, default=0.0, help="weight of the feature-tensor MSE in distillation")
+    g.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     g = p.add_argument_group("output")
     g.add_argument("--report", metavar="FILE", help="write the JSON report here")
     g.add_argument("--force-write", action="store_true", help="write the output even when nothing was removed")
@@ -188,6 +202,10 @@ def cmd_prune(args) -> int:
 
     t_start = time.perf_counter()
     out_path = check_output_path(args.output, args.input)
+    if args.finetune_epochs:
+        from .recover import require_torch
+
+        require_torch()
     model = load_model(args.input)
     input_sha = sha256_file(args.input)
     metrics = args.metrics or DEFAULT_METRICS
@@ -225,10 +243,13 @@ def cmd_prune(args) -> int:
             latency[str(bs)] = {"before_ms": before.median_ms, "after_ms": after.median_ms,
                                 "before_p90_ms": before.p90_ms, "after_p90_ms": after.p90_ms,
                                 "threads": before.threads, "opt_level": before.opt_level, "runs": before.runs}
+    finetune_info, exit_code = None, 0
+    if args.finetune_epochs and result.removals:
+        finetune_info, exit_code = _finetune(args, model, result, data)
     options = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
                if k not in ("debug", "quiet", "func")}
     report = build_report(result, options=options, input_path=os.path.abspath(args.input),
-                          input_sha256=input_sha, latency=latency)
+                          input_sha256=input_sha, latency=latency, finetune=finetune_info)
     report["seconds"] = round(time.perf_counter() - t_start, 2)
     print(summary_table(report))
     wrote = False
@@ -246,7 +267,44 @@ def cmd_prune(args) -> int:
             json.dump(report, f, indent=2, default=_jsonable)
         os.replace(tmp, args.report)
         print(f"Wrote report {args.report}")
-    return 0
+    if exit_code:
+        print(f"onnx-cprune: error: {finetune_info['error']}; the pruned model (not fine-tuned) was written",
+              file=sys.stderr)
+    return exit_code
+
+
+def _finetune(args, original, result, calib) -> tuple[dict, int]:
+    """Fine-tune ``result.model`` in place of the pruned model; on failure keep the pruned model (exit 4)."""
+    from .bridge import FinetuneConfig
+    from .data import load_calibration
+    from .errors import FinetuneError
+    from .recover import finetune_pruned
+
+    train = calib
+    if args.train:
+        train = load_calibration(args.train, original, strict=args.strict)
+    else:
+        log.warning("fine-tuning on the calibration data (%d samples): a few hundred samples will overfit; "
+                    "give more with --train DIR", calib.n_samples)
+    eval_data = load_calibration(args.eval, original, strict=args.strict) if args.eval else None
+    config = FinetuneConfig(epochs=args.finetune_epochs, lr=args.lr, batch_size=args.ft_batch_size,
+                            optimizer=args.optimizer, temperature=args.temperature, feature_mse=args.feature_mse,
+                            feature=args.feature, augment=args.augment, seed=args.seed, device=args.device,
+                            threads=args.threads)
+    info = {"mode": "supervised" if train.labels is not None else "distillation", "epochs": args.finetune_epochs,
+            "train_samples": train.n_samples, "eval": args.eval}
+    try:
+        tuned, res, before, after = finetune_pruned(original, result.model, train, config=config,
+                                                    eval_data=eval_data, threads=args.threads,
+                                                    progress=not args.quiet)
+    except FinetuneError as exc:
+        info["error"] = str(exc)
+        return info, exc.exit_code
+    result.model = tuned
+    info.update(metric_before=before, metric_after=after, best_epoch=res.best_epoch,
+                images_seen=res.images_seen, seconds=round(res.seconds, 2), history=res.history,
+                metric="accuracy" if (eval_data is not None and eval_data.labels is not None) else "agreement")
+    return info, 0
 
 
 def _jsonable(o):

@@ -113,8 +113,9 @@ def summary_table(report: Mapping) -> str:
         rows.append(("accuracy (hold-out)", f"{fid['reference_accuracy']:.4f}", f"{fid['accuracy']:.4f}",
                      f"{(fid['accuracy'] - fid['reference_accuracy']) * 100:+.2f} pp"))
     ft = report.get("finetune")
-    if ft and ft.get("accuracy_after") is not None:
-        rows.append(("accuracy after fine-tune", "", f"{ft['accuracy_after']:.4f}", ""))
+    if ft and ft.get("metric_after") is not None:
+        rows.append((f"fine-tune: eval {ft['metric']}", f"{ft['metric_before']:.4f}", f"{ft['metric_after']:.4f}",
+                     f"{(ft['metric_after'] - ft['metric_before']) * 100:+.2f} pp"))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines.append("")
     for r in rows:

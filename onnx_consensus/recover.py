@@ -1,0 +1,72 @@
+"""Accuracy recovery after pruning: glue between calibration data, evaluation and the PyTorch bridge.
+
+Supervised when the training data has labels; otherwise label-free distillation from the original model.
+torch is optional: ``require_torch`` says in one line how to get it.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import onnx
+
+from .errors import InputError
+from .evaluate import compare, reference_outputs
+
+log = logging.getLogger("onnx_consensus")
+TORCH_HINT = "fine-tuning needs PyTorch: pip install 'onnx-consensus[torch]' (CPU build: pip install torch==2.13.0)"
+
+
+def require_torch() -> None:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise InputError(TORCH_HINT) from None
+
+
+def training_batches(data, batch_size: int, seed: int = 0) -> Callable[[], Iterator[tuple[dict, np.ndarray | None]]]:
+    """A factory of per-epoch iterators of (inputs by name, labels or None), reshuffled every epoch."""
+    epoch = [0]
+
+    def batches():
+        perm = np.random.default_rng([seed, epoch[0]]).permutation(data.n_samples)
+        epoch[0] += 1
+        offset = 0
+        for feeds in data.batches(batch_size, perm):
+            n = len(next(iter(feeds.values())))
+            labels = data.labels_for(perm[offset:offset + n])
+            offset += n
+            yield feeds, labels
+    return batches
+
+
+def evaluator(original: onnx.ModelProto, data, *, batch_size: int = 64,
+              threads: int | None = None) -> Callable[[onnx.ModelProto], float]:
+    """eval_fn for the bridge: top-1 accuracy when ``data`` has labels, else top-1 agreement with the
+    original model (or 1 - mean relative error for non-classifiers). Higher is better."""
+    idx = np.arange(data.n_samples)
+    reference = reference_outputs(original, data, idx, batch_size=batch_size, threads=threads)
+
+    def evaluate(model: onnx.ModelProto) -> float:
+        out = reference_outputs(model, data, idx, batch_size=batch_size, threads=threads)
+        f = compare(out, reference, data.labels)
+        if f.accuracy is not None:
+            return f.accuracy
+        return f.agreement if f.agreement is not None else 1.0 - f.rel_error
+    return evaluate
+
+
+def finetune_pruned(original: onnx.ModelProto, pruned: onnx.ModelProto, train_data, *, config,
+                    eval_data=None, threads: int | None = None, progress: bool = True):
+    """Fine-tune ``pruned`` on ``train_data``: (model, FinetuneResult, metric before, metric after).
+    Distils from ``original`` when ``train_data`` has no labels."""
+    from .bridge import finetune
+
+    eval_fn = evaluator(original, eval_data, threads=threads) if eval_data is not None else None
+    before = eval_fn(pruned) if eval_fn else None
+    teacher = None if train_data.labels is not None else original
+    model, result = finetune(pruned, training_batches(train_data, config.batch_size, config.seed),
+                             teacher=teacher, config=config, eval_fn=eval_fn, progress=progress)
+    after = eval_fn(model) if eval_fn else None
+    return model, result, before, after
