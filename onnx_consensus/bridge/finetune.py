@@ -1,0 +1,243 @@
+"""Short recovery fine-tuning of a (pruned) ONNX model through the PyTorch bridge.
+
+Recipe (defaults when a FinetuneConfig field is None):
+
+* SGD, momentum 0.9 (Nesterov), cosine decay of the learning rate to zero over the run, no warm-up.
+* lr 0.01 when the graph has BatchNormalization nodes: BN re-normalises every conv output, so the scale
+  of a weight update is absorbed and a fairly large step is safe while the statistics re-adapt to the
+  removed blocks.
+* lr 0.002 when BN is folded into Conv (no BN nodes): nothing re-normalises activations, a large step
+  on a folded conv changes its output scale directly and destabilises the rest of the network.
+* AdamW instead: lr 3e-4 (BN graphs) / 1e-4 (others, e.g. LayerNorm transformers).
+* weight decay 0: a regulariser for long training; over one to a few epochs it only shrinks weights
+  that are already trained (and in a folded graph shrinks the implicit BN scales).
+
+Supervised cross-entropy when the batches carry labels; otherwise label-free distillation from the
+teacher: T^2 * KL(softmax(teacher/T) || softmax(student/T)) plus ``feature_mse`` times the MSE between
+student and teacher values of the ``feature`` tensor. The teacher runs in onnxruntime (one session).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Literal
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+
+from ..errors import FinetuneError
+from .torch_graph import OnnxModule, to_torch, write_back
+
+Batch = tuple[dict[str, np.ndarray], "np.ndarray | None"]
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning options; None means "chosen by the recipe" (see the module docstring)."""
+
+    epochs: int = 1
+    lr: float | None = None
+    batch_size: int = 64  # informative: the caller's train_batches decides the actual batches
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    weight_decay: float | None = None
+    temperature: float = 4.0
+    feature_mse: float = 0.0
+    feature: str | None = None
+    augment: bool = False
+    seed: int = 0
+    device: str = "cpu"
+    threads: int | None = None
+    max_steps: int | None = None
+
+
+@dataclass
+class FinetuneResult:
+    """history: one dict per epoch (epoch, loss, metric, seconds, images, lr); best_epoch is 1-based;
+    best_metric is None without eval_fn."""
+
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    best_metric: float | None = None
+    images_seen: int = 0
+    seconds: float = 0.0
+    mode: str = "supervised"
+
+
+def default_lr(model: onnx.ModelProto, optimizer: str) -> float:
+    has_bn = any(n.op_type == "BatchNormalization" for n in model.graph.node)
+    if optimizer == "adamw":
+        return 3e-4 if has_bn else 1e-4
+    return 0.01 if has_bn else 0.002
+
+
+def _augment(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Random crop with 4-pixel zero padding and horizontal flip, per sample, of an NCHW batch."""
+    n, _, h, w = x.shape
+    padded = np.pad(x, ((0, 0), (0, 0), (4, 4), (4, 4)))
+    dy = rng.integers(0, 9, n)
+    dx = rng.integers(0, 9, n)
+    flip = rng.random(n) < 0.5
+    out = np.empty_like(x)
+    for i in range(n):
+        crop = padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w]
+        out[i] = crop[:, :, ::-1] if flip[i] else crop
+    return out
+
+
+class _Teacher:
+    def __init__(self, model: onnx.ModelProto, feature: str | None, threads: int | None):
+        import onnxruntime as ort
+
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        self.outputs = [m.graph.output[0].name]
+        if feature is not None:
+            if feature not in {o.name for o in m.graph.output}:
+                m.graph.output.append(onnx.helper.make_empty_tensor_value_info(feature))
+            self.outputs.append(feature)
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        self.inputs = [i.name for i in self.session.get_inputs()]
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(self.outputs, {k: feeds[k] for k in self.inputs})
+
+
+def finetune(
+    student: onnx.ModelProto,
+    train_batches: Callable[[], Iterable[Batch]],
+    *,
+    teacher: onnx.ModelProto | None = None,
+    config: FinetuneConfig,
+    eval_fn: Callable[[onnx.ModelProto], float] | None = None,
+    progress: bool = True,
+) -> tuple[onnx.ModelProto, FinetuneResult]:
+    """Fine-tune ``student`` and return (a copy of it holding the best weights, FinetuneResult).
+
+    train_batches() returns a fresh iterable per epoch of (inputs by graph-input name, labels (N,) int
+    or None). The first graph output is taken as the logits (N, classes) [or (N, ..., classes)].
+    eval_fn(model) -> metric (higher is better) is called after each epoch; the best epoch's weights are
+    returned (without eval_fn, the last epoch's). Any failure raises FinetuneError (one line).
+    """
+    module = to_torch(student)  # UnsupportedOperatorError passes through unchanged
+    old_threads = torch.get_num_threads()
+    try:
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        return _finetune(module, student, train_batches, teacher, config, eval_fn, progress)
+    except FinetuneError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one FinetuneError line
+        msg = " ".join(str(exc).split()) or type(exc).__name__
+        raise FinetuneError(f"fine-tuning failed: {type(exc).__name__}: {msg[:300]}") from exc
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _finetune(module: OnnxModule, student, train_batches, teacher, config, eval_fn, progress):
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    device = torch.device(config.device)
+    module.to(device)
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise FinetuneError("the model has no trainable weights")
+    lr = config.lr if config.lr is not None else default_lr(student, config.optimizer)
+    wd = config.weight_decay if config.weight_decay is not None else 0.0
+    if config.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=wd)
+    elif config.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    else:
+        raise FinetuneError(f"unknown optimizer {config.optimizer!r} (sgd or adamw)")
+    logits_name = module.output_names[0]
+    feature = config.feature if config.feature_mse > 0 else None
+    want = [logits_name] + ([feature] if feature else [])
+    t_session: _Teacher | None = None
+
+    result = FinetuneResult()
+    best_model: onnx.ModelProto | None = None
+    total_steps: int | None = config.max_steps
+    step = 0
+    start = time.perf_counter()
+    T = config.temperature
+    for epoch in range(1, config.epochs + 1):
+        it = train_batches()
+        if total_steps is None and hasattr(it, "__len__"):
+            total_steps = len(it) * config.epochs
+        module.train()
+        t0 = time.perf_counter()
+        losses, images = [], 0
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(it, desc=f"fine-tune epoch {epoch}/{config.epochs}", leave=False,
+                       total=len(it) if hasattr(it, "__len__") else None)
+            it = bar
+        for feeds, labels in it:
+            if config.max_steps is not None and step >= config.max_steps:
+                break
+            if config.augment:
+                feeds = {k: _augment(v, rng) if v.ndim == 4 and v.dtype.kind == "f" else v
+                         for k, v in feeds.items()}
+            mode = "supervised" if labels is not None else "distillation"
+            result.mode = mode
+            if mode == "distillation":
+                if teacher is None:
+                    raise FinetuneError("batches carry no labels and no teacher model was given")
+                if t_session is None:
+                    t_session = _Teacher(teacher, feature, config.threads)
+            inputs = {k: torch.as_tensor(v).to(device) for k, v in feeds.items()}
+            if total_steps:
+                for g in opt.param_groups:
+                    g["lr"] = 0.5 * lr * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+            out = module.forward_named(inputs, want)
+            logits = out[logits_name]
+            if mode == "supervised":
+                y = torch.as_tensor(labels).to(device).long()
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+            else:
+                t_out = t_session(feeds)
+                t_logits = torch.as_tensor(t_out[0]).to(device)
+                c = logits.shape[-1]
+                loss = F.kl_div(F.log_softmax(logits.reshape(-1, c) / T, -1),
+                                F.log_softmax(t_logits.reshape(-1, c) / T, -1),
+                                reduction="batchmean", log_target=True) * (T * T)
+                if feature:
+                    loss = loss + config.feature_mse * F.mse_loss(out[feature],
+                                                                  torch.as_tensor(t_out[1]).to(device))
+            if not torch.isfinite(loss):
+                raise FinetuneError(f"non-finite loss at epoch {epoch}, step {step + 1}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            n = next(iter(feeds.values())).shape[0]
+            images += n
+            losses.append(float(loss.detach()))
+            if bar is not None:
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if bar is not None:
+            bar.close()
+        module.eval()
+        written = write_back(module, student)
+        metric = float(eval_fn(written)) if eval_fn is not None else None
+        seconds = time.perf_counter() - t0
+        result.history.append({"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
+                               "metric": metric, "seconds": seconds, "images": images,
+                               "lr": opt.param_groups[0]["lr"]})
+        result.images_seen += images
+        if eval_fn is None or best_model is None or metric > result.best_metric:
+            best_model, result.best_metric, result.best_epoch = written, metric, epoch
+        if config.max_steps is not None and step >= config.max_steps:
+            break
+    result.seconds = time.perf_counter() - start
+    if best_model is None:  # no step was taken (empty data or max_steps=0)
+        best_model = write_back(module, student)
+    return best_model, result
