@@ -1,0 +1,14 @@
+"""Representation-similarity metrics (pure NumPy/SciPy) for the Consensus criterion.
+
+    from onnx_consensus.metrics import score, register_metric, available_metrics, get_metric, DEFAULT_METRICS
+    score("cka", X, Y)            # X, Y: (n, d) arrays, low = similar
+
+Importing this package registers every built-in metric.
+"""
+from . import baselines, cka, gaussian, linear, permutation, wasserstein  # noqa: F401  (registration)
+from .registry import MetricSpec, available_metrics, get_metric, register_metric, score
+
+DEFAULT_METRICS = ("cka", "gaussian_stochastic_0", "gaussian_stochastic_1", "gaussian_stochastic_2",
+                   "permutation", "linear_0", "linear_1", "wasserstein")
+
+__all__ = ["DEFAULT_METRICS", "MetricSpec", "available_metrics", "get_metric", "register_metric", "score"]
