@@ -401,3 +401,157 @@ def test_finetune_failure_is_a_finetune_error(digits):
     assert "\n" not in str(info.value) and "fine-tuning failed" in str(info.value)
     with pytest.raises(FinetuneError, match="teacher"):
         finetune(scratch, _batches(x[:128], None, False), config=FinetuneConfig(), progress=False)
+
+
+# ---- single operators against onnxruntime ---------------------------------------------------------
+
+_R = np.random.default_rng(0)
+
+
+def _f(*shape):
+    return _R.standard_normal(shape).astype(np.float32)
+
+
+def _i(*vals):
+    return np.array(vals, np.int64)
+
+
+# (id, op, opset, inputs, attributes, number of outputs). Inputs: None = omitted optional input; the
+# first input, float arrays of rank >= 2 and booleans are graph inputs, the rest initializers (so both
+# the constant and the run-time paths of the converters are exercised).
+OPS = [
+    ("conv-asym-group-dil", "Conv", 11, [_f(2, 4, 9, 9), _f(6, 2, 3, 3), _f(6)],
+     dict(pads=[1, 0, 2, 1], group=2, dilations=[1, 2], strides=[2, 1]), 1),
+    ("conv-same-upper", "Conv", 11, [_f(1, 2, 7, 8), _f(3, 2, 3, 3)], dict(auto_pad="SAME_UPPER", strides=[2, 2]), 1),
+    ("conv-1d", "Conv", 11, [_f(2, 3, 10), _f(4, 3, 3)], dict(pads=[1, 1]), 1),
+    ("convT-outpad", "ConvTranspose", 11, [_f(1, 4, 5, 5), _f(4, 3, 3, 3), _f(3)],
+     dict(strides=[2, 2], pads=[1, 1, 1, 1], output_padding=[1, 1]), 1),
+    ("convT-asym", "ConvTranspose", 11, [_f(1, 4, 5, 5), _f(4, 3, 3, 3), _f(3)], dict(strides=[2, 2], pads=[0, 1, 1, 0]), 1),
+    ("convT-group-outshape", "ConvTranspose", 11, [_f(1, 4, 4, 4), _f(4, 1, 3, 3)],
+     dict(strides=[2, 2], group=2, output_shape=[8, 8]), 1),
+    ("instnorm", "InstanceNormalization", 11, [_f(2, 3, 4, 5), _f(3), _f(3)], dict(epsilon=1e-4), 1),
+    ("layernorm-axis", "LayerNormalization", 17, [_f(2, 3, 4, 5), _f(4, 5), _f(4, 5)], dict(axis=-2), 1),
+    ("layernorm-bcast", "LayerNormalization", 17, [_f(2, 3, 4), _f(1, 4)], {}, 1),
+    ("rmsnorm", "RMSNormalization", 23, [_f(2, 3, 8), _f(8)], dict(epsilon=1e-5), 1),
+    ("gemm-transA-alpha", "Gemm", 13, [_f(4, 3), _f(4, 5), _f(5)], dict(transA=1, alpha=0.5, beta=2.0), 1),
+    ("matmul-batched", "MatMul", 13, [_f(2, 3, 4), _f(4, 5)], {}, 1),
+    ("einsum", "Einsum", 12, [_f(2, 3, 4), _f(2, 4, 5)], dict(equation="bij, bjk -> bik"), 1),
+    ("leakyrelu", "LeakyRelu", 16, [_f(3, 4)], dict(alpha=0.2), 1),
+    ("prelu", "PRelu", 16, [_f(2, 3, 4, 4), _f(3, 1, 1)], {}, 1),
+    ("elu", "Elu", 6, [_f(3, 4)], dict(alpha=0.7), 1),
+    ("selu", "Selu", 6, [_f(3, 4)], {}, 1),
+    ("hardsigmoid", "HardSigmoid", 6, [_f(3, 4) * 4], dict(alpha=0.3, beta=0.4), 1),
+    ("hardswish", "HardSwish", 14, [_f(3, 4) * 4], {}, 1),
+    ("gelu-tanh", "Gelu", 20, [_f(3, 4)], dict(approximate="tanh"), 1),
+    ("softplus", "Softplus", 1, [_f(3, 4)], {}, 1),
+    ("clip-max-only", "Clip", 13, [_f(3, 4), None, np.array(0.5, np.float32)], {}, 1),
+    ("softmax-13-axis1", "Softmax", 13, [_f(2, 3, 4)], dict(axis=1), 1),
+    ("logsoftmax-11-axis1", "LogSoftmax", 11, [_f(2, 3, 4)], dict(axis=1), 1),
+    ("maxpool-ceil-pads", "MaxPool", 12, [_f(1, 2, 7, 7)], dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], ceil_mode=1), 1),
+    ("maxpool-indices", "MaxPool", 12, [_f(2, 3, 6, 6)], dict(kernel_shape=[2, 2], strides=[2, 2]), 2),
+    ("maxpool-asym", "MaxPool", 12, [_f(1, 2, 6, 6)], dict(kernel_shape=[3, 3], pads=[0, 1, 2, 0]), 1),
+    ("avgpool-incl-pad", "AveragePool", 11, [_f(1, 2, 6, 6)], dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1], count_include_pad=1), 1),
+    ("avgpool-excl-pad", "AveragePool", 11, [_f(1, 2, 6, 6)], dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1]), 1),
+    ("globalmaxpool", "GlobalMaxPool", 1, [_f(2, 3, 4, 5)], {}, 1),
+    ("pad-edge", "Pad", 13, [_f(1, 2, 4, 4), _i(0, 0, 1, 2, 0, 0, 2, 1)], dict(mode="edge"), 1),
+    ("pad-const-neg", "Pad", 13, [_f(2, 3, 4), _i(0, 1, -1, 1, 0, 2), np.array(1.5, np.float32)], {}, 1),
+    ("pad-reflect-axes", "Pad", 18, [_f(1, 2, 5, 5), _i(2, 1, 1, 2), None, _i(2, 3)], dict(mode="reflect"), 1),
+    ("pad-wrap", "Pad", 19, [_f(1, 2, 4, 4), _i(0, 0, 1, 2, 0, 0, 2, 1)], dict(mode="wrap"), 1),
+    ("resize-nearest-asym", "Resize", 13, [_f(1, 2, 3, 4), None, np.array([1, 1, 2, 2], np.float32)],
+     dict(mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor"), 1),
+    ("resize-nearest-halfpixel", "Resize", 13, [_f(1, 2, 3, 4), None, None, _i(1, 2, 7, 5)],
+     dict(mode="nearest", nearest_mode="round_prefer_ceil"), 1),
+    ("resize-linear-align", "Resize", 13, [_f(1, 2, 3, 4), None, None, _i(1, 2, 6, 9)],
+     dict(mode="linear", coordinate_transformation_mode="align_corners"), 1),
+    ("resize-linear-asym", "Resize", 13, [_f(1, 2, 3, 4), None, np.array([1, 1, 2.5, 1.5], np.float32)],
+     dict(mode="linear", coordinate_transformation_mode="asymmetric"), 1),
+    ("resize-linear-down", "Resize", 13, [_f(1, 2, 8, 8), None, None, _i(1, 2, 3, 5)],
+     dict(mode="linear", coordinate_transformation_mode="pytorch_half_pixel"), 1),
+    ("upsample-9", "Upsample", 9, [_f(1, 2, 3, 3), np.array([1, 1, 2, 3], np.float32)], dict(mode="nearest"), 1),
+    ("reshape-zero", "Reshape", 14, [_f(2, 3, 4), _i(0, -1, 2)], {}, 1),
+    ("flatten-2", "Flatten", 13, [_f(2, 3, 4, 5)], dict(axis=2), 1),
+    ("transpose-default", "Transpose", 13, [_f(2, 3, 4)], {}, 1),
+    ("squeeze-all", "Squeeze", 13, [_f(1, 3, 1, 4)], {}, 1),
+    ("unsqueeze-neg", "Unsqueeze", 13, [_f(3, 4), _i(-1, 0)], {}, 1),
+    ("concat-neg", "Concat", 13, [_f(2, 3), _f(2, 5)], dict(axis=-1), 1),
+    ("split-num-outputs", "Split", 18, [_f(2, 7)], dict(axis=1, num_outputs=3), 3),
+    ("split-input", "Split", 13, [_f(6, 2), _i(1, 5)], {}, 2),
+    ("slice-neg-steps", "Slice", 13, [_f(5, 6, 7), _i(-1, 5, 1), _i(-100, 0, 100), _i(0, 2, 1), _i(-2, -1, 3)], {}, 1),
+    ("gather-neg-2d", "Gather", 13, [_f(3, 5, 2), np.array([[0, -1], [2, 1]], np.int64)], dict(axis=1), 1),
+    ("gather-scalar", "Gather", 13, [_f(3, 5), np.array(-2, np.int64)], dict(axis=0), 1),
+    ("gatherelements", "GatherElements", 13, [_f(3, 4), np.array([[0, -1, 2], [1, 1, 0], [3, 2, 1]], np.int64)], dict(axis=1), 1),
+    ("gathernd", "GatherND", 13, [_f(3, 4, 5), np.array([[0, 1], [2, 3]], np.int64)], {}, 1),
+    ("expand-bidir", "Expand", 13, [_f(3, 1), _i(2, 1, 4)], {}, 1),
+    ("tile", "Tile", 13, [_f(2, 3), _i(2, 3)], {}, 1),
+    ("cast-int", "Cast", 13, [_f(3, 4) * 5], dict(to=TensorProto.INT32), 1),
+    ("castlike", "CastLike", 15, [_f(3, 4) * 5, np.zeros(1, np.int64)], {}, 1),
+    ("shape-start-end", "Shape", 15, [_f(2, 3, 4, 5)], dict(start=1, end=-1), 1),
+    ("size", "Size", 13, [_f(2, 3, 4)], {}, 1),
+    ("constantofshape", "ConstantOfShape", 9, [_i(2, 3)], dict(value=numpy_helper.from_array(np.array([7], np.int64))), 1),
+    ("range", "Range", 11, [np.array(1.0, np.float32), np.array(4.0, np.float32), np.array(0.5, np.float32)], {}, 1),
+    ("reducesum-13-input", "ReduceSum", 13, [_f(2, 3, 4), _i(0, -1)], dict(keepdims=0), 1),
+    ("reducemean-noop", "ReduceMean", 18, [_f(2, 3), np.zeros(0, np.int64)], dict(noop_with_empty_axes=1), 1),
+    ("reducemax-all", "ReduceMax", 18, [_f(2, 3, 4)], dict(keepdims=0), 1),
+    ("reducemin-attr", "ReduceMin", 13, [_f(2, 3, 4)], dict(axes=[1]), 1),
+    ("reduceprod", "ReduceProd", 18, [_f(2, 3, 4), _i(1, 2)], {}, 1),
+    ("reducel2", "ReduceL2", 13, [_f(2, 3, 4)], dict(axes=[2], keepdims=0), 1),
+    ("argmax-last", "ArgMax", 13, [np.array([[1, 3, 3], [2, 2, 0]], np.float32)], dict(axis=1, keepdims=0, select_last_index=1), 1),
+    ("trilu-lower", "Trilu", 14, [_f(2, 4, 5), np.array(-1, np.int64)], dict(upper=0), 1),
+    ("topk", "TopK", 11, [_f(3, 6), _i(2)], dict(axis=1), 2),
+    ("where", "Where", 16, [_f(3, 4) > 0, _f(3, 4), _f(1, 4)], {}, 1),
+    ("pow", "Pow", 15, [np.abs(_f(3, 4)) + 0.1, _f(4)], {}, 1),
+    ("div-int", "Div", 14, [np.array([7, -7, 9], np.int64), np.array([2, 2, -4], np.int64)], {}, 1),
+    ("mod-int", "Mod", 13, [np.array([7, -7, 9], np.int64), np.array([3, 3, -4], np.int64)], {}, 1),
+    ("min-variadic", "Min", 13, [_f(3, 4), _f(4), _f(3, 1)], {}, 1),
+    ("mean-variadic", "Mean", 13, [_f(3, 4), _f(4)], {}, 1),
+    ("erf", "Erf", 13, [_f(3, 4)], {}, 1),
+    ("reciprocal", "Reciprocal", 13, [np.abs(_f(3, 4)) + 0.5], {}, 1),
+    ("less", "Less", 13, [_f(3, 4), _f(4)], {}, 1),
+    ("and-not", "And", 7, [_f(3, 4) > 0, _f(3, 4) > 0], {}, 1),
+]
+
+
+@pytest.mark.parametrize("case", OPS, ids=[c[0] for c in OPS])
+def test_single_operator_matches_onnxruntime(case):
+    _, op, opset, inputs, attrs, n_out = case
+    names, feeds, inits, vis = [], {}, [], []
+    for k, arr in enumerate(inputs):
+        if arr is None:
+            names.append("")
+            continue
+        name = f"in{k}"
+        names.append(name)
+        if (k == 0 and arr.ndim > 0 and arr.dtype == np.float32) or (arr.dtype == np.float32 and arr.ndim > 1):
+            feeds[name] = arr
+            vis.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(arr.dtype), arr.shape))
+        else:
+            inits.append(numpy_helper.from_array(arr, name))
+    outs = [f"out{k}" for k in range(n_out)]
+    node = helper.make_node(op, names, outs, **attrs)
+    graph = helper.make_graph([node], op, vis, [helper.make_empty_tensor_value_info(o) for o in outs], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    if not vis:  # ORT needs a graph input: feed the first initializer instead
+        first = inits.pop(0)
+        arr = numpy_helper.to_array(first)
+        feeds[first.name] = arr
+        model.graph.input.append(helper.make_tensor_value_info(first.name, helper.np_dtype_to_tensor_dtype(arr.dtype), arr.shape))
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(inits)
+    for k, arr in enumerate(inputs):  # booleans are always fed
+        if arr is not None and arr.dtype == bool and f"in{k}" not in feeds:
+            feeds[f"in{k}"] = arr
+            model.graph.input.append(helper.make_tensor_value_info(f"in{k}", TensorProto.BOOL, arr.shape))
+            keep = [t for t in model.graph.initializer if t.name != f"in{k}"]
+            del model.graph.initializer[:]
+            model.graph.initializer.extend(keep)
+    expected = ort_run(model, feeds)
+    module = to_torch(model).eval()
+    with torch.no_grad():
+        got = module.forward_named({k: torch.from_numpy(np.array(v)) for k, v in feeds.items()})
+    for o, e in zip(outs, expected):
+        a = got[o].numpy()
+        assert a.shape == e.shape, (a.shape, e.shape)
+        if e.dtype.kind == "f":
+            assert_close_rel(a, e, 1e-4)
+        else:
+            assert np.array_equal(a, e)

@@ -119,7 +119,7 @@ def _gather(ctx, x, idx):
     axis = ctx.attr("axis", 0) % x.dim()
     if idx.dim() == 0:
         return torch.select(x, axis, int(idx))
-    idx = torch.where(idx < 0, idx + x.shape[axis], idx) if not ctx.cache.get("nonneg") else idx
+    idx = torch.where(idx < 0, idx + x.shape[axis], idx)
     if axis == 0 and x.dim() == 2:
         return F.embedding(idx, x)
     flat = torch.index_select(x, axis, idx.reshape(-1))

@@ -13,7 +13,7 @@ after their last use.
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import onnx
@@ -224,7 +224,7 @@ class OnnxModule(nn.Module):
                 raise FinetuneError(f"node {ctx.name!r} ({ctx.op_type}): input {e.args[0]!r} is not "
                                     "available (missing graph input?)") from None
             if single:
-                env[outs[0]] = res
+                env[outs[0]] = res[0] if type(res) is tuple else res
             else:
                 if not isinstance(res, (tuple, list)):
                     res = (res,)
@@ -332,7 +332,3 @@ def write_back(module: OnnxModule, model: onnx.ModelProto) -> onnx.ModelProto:
                 a.floats.extend(np.asarray(arr, dtype=np.float32).ravel().tolist())
     return out
 
-
-def iter_learned(model: onnx.ModelProto) -> Iterable[str]:
-    """Names the bridge would train in ``model`` (convenience for callers; same rule as OnnxModule)."""
-    return OnnxModule(model).trainable_names
