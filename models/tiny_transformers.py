@@ -11,6 +11,11 @@
 Each model carries ``input_names``, ``output_names``, ``example_inputs(batch, seq)`` and its dynamic axes;
 ``export_onnx`` exports with torch's classic exporter (opset 17, dynamic batch and sequence axes) or the
 dynamo exporter (opset 18).
+
+Known limitation (torch, not this module): the classic exporter traces nn.MultiheadAttention's
+``q.view(tgt_len, ...)`` with the example's sequence length as a constant, so the classic export of
+``PostLNEncoder`` has a dynamic batch axis but only runs at the export sequence length; its dynamo export
+is dynamic in both. The hand-written attention of TinyViT / PreLNDecoder exports dynamically either way.
 """
 from __future__ import annotations
 

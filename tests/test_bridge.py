@@ -15,7 +15,16 @@ from onnx_consensus.bridge import (FinetuneConfig, FinetuneResult, OnnxModule, c
                                    to_torch, write_back)
 from onnx_consensus.errors import FinetuneError, UnsupportedOperatorError
 
-torch.set_num_threads(1)  # 2 shared, busy cores: more threads only spin
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """2 shared, busy cores: extra torch threads only spin-wait. Restored after this module."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
 
 # name -> sequence lengths to test (None: not a token model). The classic exporter bakes the sequence
 # length inside nn.MultiheadAttention (a torch limitation), so that encoder export runs at its export

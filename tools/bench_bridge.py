@@ -88,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
             path = os.path.join(tmp, f"resnet{args.depth}-{form}.onnx")
             export_onnx(base, path, opset=17, fold_bn=form == "folded")
             native = fold_bn(base) if form == "folded" else copy.deepcopy(base)
+            with torch.no_grad():  # same function before training: the fold is exact up to rounding
+                ref = base(x)
+                if not torch.allclose(native.eval()(x), ref, rtol=1e-3, atol=1e-4 * float(ref.abs().max())):
+                    raise SystemExit(f"{form}: the native model does not match the reference")
             bridge = to_torch(onnx.load(path))
             runs = {"native": native.train(), "bridge": bridge.train()}
             opts = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for k, m in runs.items()}

@@ -2,7 +2,8 @@
 
 Recipe (defaults when a FinetuneConfig field is None):
 
-* SGD, momentum 0.9 (Nesterov), cosine decay of the learning rate to zero over the run, no warm-up.
+* SGD, momentum 0.9 (Nesterov), cosine decay of the learning rate to zero over the run (its length
+  from len() of the first epoch's batches and max_steps; constant lr when neither is known), no warm-up.
 * lr 0.01 when the graph has BatchNormalization nodes: BN re-normalises every conv output, so the scale
   of a weight update is absorbed and a fairly large step is safe while the statistics re-adapt to the
   removed blocks.
@@ -168,8 +169,8 @@ def _finetune(module: OnnxModule, student, train_batches, teacher, config, eval_
     T = config.temperature
     for epoch in range(1, config.epochs + 1):
         it = train_batches()
-        if total_steps is None and hasattr(it, "__len__"):
-            total_steps = len(it) * config.epochs
+        if epoch == 1 and hasattr(it, "__len__"):
+            total_steps = min(len(it) * config.epochs, config.max_steps or len(it) * config.epochs)
         module.train()
         t0 = time.perf_counter()
         losses, images = [], 0
