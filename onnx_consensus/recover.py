@@ -6,7 +6,7 @@ torch is optional: ``require_torch`` says in one line how to get it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -25,20 +25,34 @@ def require_torch() -> None:
         raise InputError(TORCH_HINT) from None
 
 
-def training_batches(data, batch_size: int, seed: int = 0) -> Callable[[], Iterator[tuple[dict, np.ndarray | None]]]:
-    """A factory of per-epoch iterators of (inputs by name, labels or None), reshuffled every epoch."""
-    epoch = [0]
+class _Epoch:
+    """One epoch of (inputs by name, labels or None) batches in a seeded random order; len() is the
+    number of batches (so the bridge can lay a cosine schedule over the run)."""
 
-    def batches():
-        perm = np.random.default_rng([seed, epoch[0]]).permutation(data.n_samples)
-        epoch[0] += 1
+    def __init__(self, data, batch_size: int, seed: int):
+        self.data, self.batch_size, self.seed = data, batch_size, seed
+
+    def __len__(self) -> int:
+        return -(-self.data.n_samples // self.batch_size)
+
+    def __iter__(self):
+        perm = np.random.default_rng(self.seed).permutation(self.data.n_samples)
         offset = 0
-        for feeds in data.batches(batch_size, perm):
+        for feeds in self.data.batches(self.batch_size, perm):
             n = len(next(iter(feeds.values())))
-            labels = data.labels_for(perm[offset:offset + n])
+            labels = self.data.labels_for(perm[offset:offset + n])
             offset += n
             yield feeds, labels
-    return batches
+
+
+def training_batches(data, batch_size: int, seed: int = 0) -> Callable[[], _Epoch]:
+    """A factory of epochs, reshuffled every epoch (seeded by ``seed`` and the epoch number)."""
+    count = [0]
+
+    def next_epoch() -> _Epoch:
+        count[0] += 1
+        return _Epoch(data, batch_size, seed * 1_000_003 + count[0])
+    return next_epoch
 
 
 def evaluator(original: onnx.ModelProto, data, *, batch_size: int = 64,

@@ -1,0 +1,63 @@
+"""Fine-tuning from the CLI: supervised and distillation runs, and a failure that keeps the pruned model."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from onnx_consensus.cli import main
+from onnx_consensus.errors import FinetuneError
+from tests.helpers import resnet_onnx, run
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ft")
+    src = d / "r20bn.onnx"
+    model = resnet_onnx(20, "bn")
+    onnx.save(model, src)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((48, 3, 32, 32)).astype(np.float32)
+    labelled, unlabelled = d / "lab", d / "unlab"
+    labelled.mkdir()
+    unlabelled.mkdir()
+    np.save(labelled / "x.npy", x)
+    np.save(unlabelled / "x.npy", x)
+    np.save(labelled / "labels.npy", run(model, {"input": x})[0].argmax(1))  # the model's own classes
+    return src, labelled, unlabelled
+
+
+@pytest.mark.parametrize("kind", ["lab", "unlab"])
+def test_finetune_modes(tmp_path, setup, kind):
+    src, labelled, unlabelled = setup
+    calib = labelled if kind == "lab" else unlabelled
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    code = main([str(src), str(out), "--calib", str(calib), "--remove", "2", "--metrics", "cka", "-q",
+                 "--no-latency", "--finetune-epochs", "1", "--ft-batch-size", "16", "--eval", str(labelled),
+                 "--report", str(rep)])
+    assert code == 0
+    ft = json.loads(rep.read_text())["finetune"]
+    assert ft["mode"] == ("supervised" if kind == "lab" else "distillation")
+    assert ft["metric"] == "accuracy" and 0 <= ft["metric_after"] <= 1
+    assert ft["images_seen"] == 48 and len(ft["history"]) == 1
+    pruned = onnx.load(out)
+    onnx.checker.check_model(pruned, full_check=True)
+    meta = {p.key for p in pruned.metadata_props}
+    assert "onnx_consensus.report" in meta
+
+
+def test_finetune_failure_keeps_pruned_model_exit_4(tmp_path, setup, monkeypatch, capsys):
+    import onnx_consensus.bridge as bridge
+
+    def boom(*a, **k):
+        raise FinetuneError("fine-tuning failed: RuntimeError: simulated")
+    monkeypatch.setattr(bridge, "finetune", boom)
+    src, labelled, _ = setup
+    out = tmp_path / "o.onnx"
+    code = main([str(src), str(out), "--calib", str(labelled), "--remove", "1", "--metrics", "cka", "-q",
+                 "--no-latency", "--finetune-epochs", "1"])
+    assert code == 4
+    assert out.exists()
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+    err = capsys.readouterr().err
+    assert "simulated" in err and "not fine-tuned" in err
