@@ -16,8 +16,8 @@ def _centred_unit(A: np.ndarray) -> np.ndarray | None:
 def linear_cka(X: np.ndarray, Y: np.ndarray) -> float:
     """Linear CKA of X (n, dx) and Y (n, dy), float64: ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F).
 
-    Uses the (d x d) cross-covariances when n * (dx + dy)^2 < n^2 * (dx + dy), the (n x n) Gram
-    matrices otherwise. Constant representations: 1.0 if both are constant, 0.0 if only one is."""
+    Uses the (d x d) cross-products when dx + dy <= n (cost ~ n (dx + dy)^2), the (n x n) Gram matrices
+    otherwise (cost ~ n^2 (dx + dy)). Constant representations: 1.0 if both are constant, 0.0 if only one is."""
     Xc, Yc = _centred_unit(X), _centred_unit(Y)
     if Xc is None or Yc is None:
         return 1.0 if Xc is None and Yc is None else 0.0

@@ -30,7 +30,7 @@ class MetricSpec:
 _REGISTRY: dict[str, MetricSpec] = {}
 
 
-def register_metric(name: str, *, alignment: bool = False, description: str | None = None,
+def register_metric(name: str, alignment: bool = False, *, description: str | None = None,
                     replace: bool = False) -> Callable[[MetricFn], MetricFn]:
     """Decorator registering ``fn(X, Y, labels=None, *, seed=0) -> float`` under ``name``.
 
