@@ -121,7 +121,7 @@ def _match_residual(index: GraphIndex, merge: gs.Node) -> Block | NotRemovable |
     elif b.name in anc_a and a.name != b.name:
         entry, branch_out = b, a
     else:
-        if shape_of(a) is None or shape_of(a) != shape_of(b) or shape_of(a) != shape_of(out):
+        if shape_of(a) is None or not same_shape(a, b) or not same_shape(a, out):
             return None  # broadcast adds (masks, biases computed at run time): not residual merges
         common = anc_a & anc_b
         if not common:
@@ -131,7 +131,7 @@ def _match_residual(index: GraphIndex, merge: gs.Node) -> Block | NotRemovable |
                             f"projection shortcut: the skip path computes ({', '.join(skip_ops) or 'ops'})")
     if shape_of(entry) is None or shape_of(out) is None:
         return NotRemovable(merge_key, (a.name, b.name), "shape unknown after shape inference")
-    if shape_of(entry) != shape_of(out) or dtype_of(entry) != dtype_of(out):
+    if not same_shape(entry, out) or dtype_of(entry) != dtype_of(out):
         return NotRemovable(merge_key, (a.name, b.name),
                             f"shape change: entry {list(shape_of(entry))} vs exit {list(shape_of(out))}")
     # Branch: nodes downstream of the entry and upstream of the branch output.
@@ -153,7 +153,7 @@ def _match_residual(index: GraphIndex, merge: gs.Node) -> Block | NotRemovable |
         nxt = exit_t.outputs[0]
         entry_op = index.producer[entry.name].op if entry.name in index.producer else None
         follows = nxt.op in POST_MERGE_OPS or (nxt.op in POST_MERGE_NORMS and entry_op == nxt.op)
-        if not follows or shape_of(nxt.outputs[0]) != shape_of(out) or len(
+        if not follows or not same_shape(nxt.outputs[0], out) or len(
                 [t for t in nxt.outputs if t.outputs or t.name in index.output_names]) != 1:
             break
         nodes.append(nxt)
@@ -167,8 +167,17 @@ def _match_residual(index: GraphIndex, merge: gs.Node) -> Block | NotRemovable |
     return Block(
         id=exit_t.name, entry=entry.name, exit=exit_t.name, merge=merge_key,
         nodes=tuple(node_key(n) for n in nodes), side_inputs=tuple(side),
-        shape=shape_of(exit_t), dtype=dtype_of(exit_t), position=index.position[id(merge)],
+        shape=shape_of(entry), dtype=dtype_of(entry), position=index.position[id(merge)],
     )
+
+
+def same_shape(a: gs.Tensor, b: gs.Tensor) -> bool:
+    """Same rank and equal static dims; two symbolic or unknown dims are taken as equal (a graph output
+    may declare its batch dim under another name than the input's)."""
+    sa, sb = shape_of(a), shape_of(b)
+    if sa is None or sb is None or len(sa) != len(sb):
+        return False
+    return all(x == y or not (isinstance(x, int) and isinstance(y, int)) for x, y in zip(sa, sb))
 
 
 def _path_ops(index: GraphIndex, common: set[str], a: gs.Tensor, b: gs.Tensor) -> list[str]:
@@ -204,7 +213,7 @@ def _assign_stages(blocks: list[Block], macs_per_node: dict[str, int | None]) ->
     """Number runs of consecutive same-shaped blocks (a ResNet stage) and fill MACs."""
     out, stage, prev = [], -1, object()
     for b in sorted(blocks, key=lambda b: b.position):
-        signature = (b.shape, b.dtype)
+        signature = (None if b.shape is None else tuple(d if isinstance(d, int) else '?' for d in b.shape), b.dtype)
         if signature != prev:
             stage += 1
             prev = signature

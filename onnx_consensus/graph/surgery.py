@@ -27,6 +27,7 @@ def remove_blocks(model: onnx.ModelProto, blocks: Iterable[Block]) -> onnx.Model
     rewire(graph, blocks)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     out = from_gs(graph, like=model)
+    _restore_interface(out, model)
     if interface(out) != interface(model):
         raise InputError("internal error: removal changed the model's interface")  # never expected
     return out
@@ -58,6 +59,15 @@ def rewire(graph: gs.Graph, blocks: Sequence[Block]) -> dict[str, str]:
             graph.nodes.append(gs.Node("Identity", name=f"{block.exit}/bypass", inputs=[entry], outputs=[exit_t]))
         subst[block.exit] = entry.name
     return subst
+
+
+def _restore_interface(out: onnx.ModelProto, model: onnx.ModelProto) -> None:
+    """Put back the original graph input/output declarations (shape inference may have refined them)."""
+    for field in ("input", "output"):
+        original = {v.name: v for v in getattr(model.graph, field)}
+        for v in getattr(out.graph, field):
+            if v.name in original:
+                v.CopyFrom(original[v.name])
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
