@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+from threadpoolctl import threadpool_limits
 
 from .consensus import BlockScore, consensus
 from .graph.blocks import Block, find_blocks
@@ -143,17 +144,23 @@ def score_blocks(model: onnx.ModelProto, data, *, blocks: Sequence[Block] | None
     conditions = make_conditions(predictions, base if base is not None else X[blocks[0].id],
                                  labels=labels, seed=seed)
     table: dict[str, dict[str, float]] = {}
-    for b in blocks:
-        x = base if base is not None else X[b.id]
-        y = Ys[b.id]
-        capped = None
-        table[b.id] = {}
-        for spec in specs:
-            if spec.alignment:
-                capped = capped or pca_cap(x, y, pca_dim)
-                xs, ys = capped
-            else:
-                xs, ys = x, y
-            table[b.id][spec.name] = score(spec.name, xs, ys, conditions, seed=seed)
+    with threadpool_limits(limits=1):  # small dense problems: one BLAS thread avoids spin-wait overhead
+        for b in blocks:
+            table[b.id] = _score_one(specs, base if base is not None else X[b.id], Ys[b.id], conditions,
+                                     seed, pca_dim)
     ranked = consensus(table, {b.id: b.position for b in blocks}, metrics)
     return ScoreRound(scope, feature, metrics, n, ranked, t_ort, time.perf_counter() - t0)
+
+
+def _score_one(specs, x: np.ndarray, y: np.ndarray, conditions, seed: int, pca_dim: int) -> dict[str, float]:
+    """Every metric's score for one candidate: X, Y (n, d) features; the PCA cap is computed once."""
+    capped = None
+    out = {}
+    for spec in specs:
+        if spec.alignment:
+            capped = capped or pca_cap(x, y, pca_dim)
+            xs, ys = capped
+        else:
+            xs, ys = x, y
+        out[spec.name] = score(spec.name, xs, ys, conditions, seed=seed)
+    return out
