@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--schedule", choices=("iterative", "one-shot"), default="iterative",
                    help="iterative: re-score after each removal (default); one-shot: score once")
     g.add_argument("--feature", metavar="TENSOR", help="feature tensor (default: the final classifier's input)")
+    g.add_argument("--unit", choices=("block", "layer"), default="block",
+                   help="candidate unit: every residual sub-block (default), or whole transformer layers "
+                        "(attention + MLP sub-blocks paired)")
     g.add_argument("--pca-dim", type=int, default=256, help="principal-component cap for alignment metrics")
     g.add_argument("--seed", type=int, default=0, help="seed for the hold-out split, random metric, k-means")
     g = p.add_argument_group("fine-tuning (needs torch: pip install 'onnx-consensus[torch]')")
@@ -118,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="list the removable blocks without running the model")
     p.add_argument("input")
+    p.add_argument("--unit", choices=("block", "layer"), default="block",
+                   help="residual sub-blocks (default) or whole transformer layers")
     p.add_argument("--json", action="store_true", help="print JSON")
     _add_shape(p)
     _add_common(p)
@@ -165,15 +170,15 @@ def cmd_inspect(args) -> int:
 
     model = load_model(args.input)
     cost = count_cost(model, _input_shapes(args.input_shape))
-    report = find_blocks(model, macs_per_node=cost.macs_per_node)
+    report = find_blocks(model, macs_per_node=cost.macs_per_node, unit=args.unit)
     total = cost.total_macs
     blocks = []
     for b in report.blocks:
         d = b.to_json()
         d["macs_share"] = (b.macs / total) if (b.macs is not None and total) else None
         blocks.append(d)
-    out = {"model": args.input, "macs": total, "params": cost.params, "blocks": blocks,
-           "not_removable": [n.to_json() for n in report.not_removable]}
+    out = {"model": args.input, "macs": total, "params": cost.params, "unit": args.unit, "blocks": blocks,
+           "not_removable": [n.to_json() for n in report.not_removable], "notes": list(report.notes)}
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
@@ -188,6 +193,8 @@ def cmd_inspect(args) -> int:
         print("\nResidual merges seen but not removable:")
         for n in report.not_removable:
             print(f"  {n.merge}: {n.reason}")
+    for note in report.notes:
+        print(f"\nNote: {note}")
     return 0
 
 
@@ -223,7 +230,7 @@ def cmd_prune(args) -> int:
     if args.batch_size < 1:
         raise InputError("--batch-size must be >= 1")
     criterion = CriterionOptions(metrics=tuple(metrics), scope=args.scope, schedule=args.schedule,
-                                 feature=args.feature, pca_dim=args.pca_dim, seed=args.seed)
+                                 feature=args.feature, pca_dim=args.pca_dim, seed=args.seed, unit=args.unit)
     target = TargetOptions(remove=args.remove, target_flops=args.target_flops, min_agreement=args.min_agreement,
                            keep_per_stage=args.keep_per_stage, only=args.only, exclude=args.exclude, plan=plan)
     run = RunOptions(batch_size=args.batch_size, holdout=args.holdout, threads=args.threads,

@@ -39,6 +39,7 @@ class CriterionOptions:
     feature: str | None = None
     pca_dim: int = 256
     seed: int = 0
+    unit: str = "block"  # "block": every residual sub-block; "layer": attention + MLP sub-blocks paired
 
 
 @dataclass
@@ -124,7 +125,9 @@ def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = 
     criterion, target, run = criterion or CriterionOptions(), target or TargetOptions(), run or RunOptions()
     labels = data.labels if labels is None else labels
     cost = count_cost(model)
-    report = find_blocks(model, macs_per_node=cost.macs_per_node)
+    report = find_blocks(model, macs_per_node=cost.macs_per_node, unit=criterion.unit)
+    if report.refusal:
+        log.warning("%s", report.refusal)
     originals = report.by_id()
     _validate(criterion, target, originals)
     result = PruneResult(model=model, original_blocks=report, macs_before=cost.total_macs, params_before=cost.params)
@@ -161,7 +164,8 @@ def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = 
                 result.stop_reason = "target met"
                 break
             stage_left = _stage_counts(originals.values(), removed)
-            current_blocks = {b.id: b for b in find_blocks(current, macs_per_node={}).blocks if b.id in originals}
+            current_blocks = {b.id: b for b in find_blocks(current, macs_per_node={}, unit=criterion.unit).blocks
+                              if b.id in originals}
             eligible = [current_blocks[i] for i in current_blocks
                         if i in allowed and stage_left[originals[i].stage] > target.keep_per_stage]
             if not eligible:
@@ -190,7 +194,7 @@ def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = 
         if not auto and not _target_met(target, removed, total):
             got = _macs_fraction(removed, total)
             want = f"{target.remove} blocks" if target.remove is not None else f"{target.target_flops:.1%} of MACs"
-            raise TargetError(f"target {want} cannot be met: only {len(removed)} block(s) removable "
+            raise TargetError(report.refusal or f"target {want} cannot be met: only {len(removed)} block(s) removable "
                               f"({got:.1%} of MACs) with keep-per-stage={target.keep_per_stage} and the "
                               f"--only/--exclude choices")
     result.model = current
