@@ -109,9 +109,12 @@ class PostLNEncoder(nn.Module):
                     "logits": {0: "batch"}}
 
     def __init__(self, vocab: int = 100, dim: int = 64, heads: int = 4, depth: int = 2, ff: int = 128,
-                 max_len: int = 64, num_classes: int = 4):
+                 max_len: int = 64, num_classes: int = 4, use_mask: bool = True):
         super().__init__()
-        self.vocab, self.max_len = vocab, max_len
+        self.vocab, self.max_len, self.use_mask = vocab, max_len, use_mask
+        if not use_mask:  # input_ids only; mean pooling over every token
+            self.input_names = ["input_ids"]
+            self.dynamic_axes = {"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch"}}
         self.embed = nn.Embedding(vocab, dim)
         self.pos_embed = nn.Parameter(torch.randn(1, max_len, dim) * 0.02)
         layer = nn.TransformerEncoderLayer(dim, heads, ff, dropout=0.0, activation="gelu",
@@ -119,9 +122,11 @@ class PostLNEncoder(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         self.head = nn.Linear(dim, num_classes)
 
-    def forward(self, input_ids: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         length = input_ids.shape[1]
         x = self.embed(input_ids) + self.pos_embed[:, :length]
+        if padding_mask is None:
+            return self.head(self.encoder(x).mean(1))
         x = self.encoder(x, src_key_padding_mask=padding_mask)
         keep = (~padding_mask).unsqueeze(-1).to(x.dtype)
         x = (x * keep).sum(1) / keep.sum(1).clamp(min=1.0)
@@ -133,11 +138,13 @@ class PostLNEncoder(nn.Module):
         lengths = torch.randint(1, seq + 1, (batch,))
         lengths[0] = seq
         mask = torch.arange(seq)[None, :] >= lengths[:, None]
-        return ids, mask
+        return (ids, mask) if self.use_mask else (ids,)
 
     def dynamo_shapes(self):
         b = torch.export.Dim("batch", min=1, max=4096)
         s = torch.export.Dim("seq", min=2, max=self.max_len)
+        if not self.use_mask:
+            return {"input_ids": {0: b, 1: s}}
         return {"input_ids": {0: b, 1: s}, "padding_mask": {0: b, 1: s}}
 
 
