@@ -262,7 +262,10 @@ def cmd_prune(args) -> int:
     wrote = False
     if result.removals or args.force_write:
         stamp(result.model, report)
-        save_model_atomic(result.model, out_path, {k: v[:1] for k, v in sample.items()}, threads=args.threads)
+        try:
+            save_model_atomic(result.model, out_path, {k: v[:1] for k, v in sample.items()}, threads=args.threads)
+        except OSError as exc:
+            raise InputError(f"cannot write {out_path}: {exc.strerror or exc}") from None
         wrote = True
         print(f"\nWrote {out_path}")
     else:
