@@ -180,3 +180,23 @@ def test_bad_input_one_line_exit_2(tmp_path, r20, capsys, kind):
     assert err.startswith("onnx-cprune: error:") and "\n" not in err and "Traceback" not in err
     assert not out.exists() and not _leftovers(tmp_path)
     assert sha256_file(r20[0]) == before
+
+
+def test_quantized_graph_refused(tmp_path, capsys):
+    from onnx import helper, numpy_helper
+    m = tiny_residual_graph()
+    g = m.graph
+    g.initializer.extend([numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+                          numpy_helper.from_array(np.array(0, np.uint8), "z")])
+    for n in g.node:
+        n.input[:] = ["xdq" if i == "x" else i for i in n.input]
+    g.node.insert(0, helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xdq"]))
+    g.node.insert(0, helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]))
+    src, out = tmp_path / "q.onnx", tmp_path / "o.onnx"
+    onnx.save(m, src)
+    calib = tmp_path / "c"
+    calib.mkdir()
+    np.save(calib / "x.npy", np.ones((12, 4), np.float32))
+    assert main([str(src), str(out), "--calib", str(calib), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "quantized graph (DequantizeLinear, QuantizeLinear)" in err and not out.exists()
