@@ -1,0 +1,235 @@
+"""Transformer depth-pruning benchmark: the trained pre-LN ViT (models/vit_fmnist.onnx) with 2, 4 and 6
+sub-blocks removed, by onnxsim's apply_transformer_block_pruning (local cosine, ShortGPT-style) and by
+our criteria (Consensus, CKA alone, cosine alone; global and local scope), on the same calibration data;
+Fashion-MNIST top-1 test accuracy before and after a short distillation fine-tune through the bridge;
+onnxruntime latency at batch 1 and 32. Then the post-LN check: onnxsim vs us on a post-LN encoder.
+
+Run from the repository root (needs the bench extra: pip install -e ".[bench]")::
+
+    python -m tools.bench_transformers --out docs/bench_transformers.json --markdown /tmp/transformers.md
+
+Removal orders are iterative (re-scored after each removal) and deterministic, so the first k removals of
+one 6-removal run are exactly a k-removal run: one prune run per criterion gives all three levels.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import shlex  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import onnx  # noqa: E402
+
+from onnx_consensus.bench import measure_latency  # noqa: E402
+from onnx_consensus.data import load_calibration  # noqa: E402
+from onnx_consensus.graph.blocks import find_blocks  # noqa: E402
+from onnx_consensus.graph.surgery import remove_blocks  # noqa: E402
+from onnx_consensus.metrics import DEFAULT_METRICS  # noqa: E402
+from onnx_consensus.pruner import CriterionOptions, RunOptions, TargetOptions, prune  # noqa: E402
+from onnx_consensus.runtime import make_session  # noqa: E402
+
+LEVELS = (2, 4, 6)
+CRITERIA = [  # name, metrics, scope
+    ("Consensus (global)", DEFAULT_METRICS, "global"),
+    ("CKA (global)", ("cka",), "global"),
+    ("cosine (global)", ("cosine",), "global"),
+    ("Consensus (local)", DEFAULT_METRICS, "local"),
+    ("CKA (local)", ("cka",), "local"),
+    ("cosine (local)", ("cosine",), "local"),
+]
+
+
+def accuracy(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, batch: int = 500) -> float:
+    sess = make_session(model, level="all", threads=1)
+    name = sess.get_inputs()[0].name
+    out = np.concatenate([sess.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
+    return float((out.argmax(1) == y).mean() * 100)
+
+
+def block_labels(model: onnx.ModelProto) -> dict[str, str]:
+    """Block id -> 'A3' / 'M3' (attention / MLP sub-block of layer 3, 0-based)."""
+    blocks = find_blocks(model).blocks
+    ops = {n.output[0]: n.op_type for n in model.graph.node}
+    out, layer = {}, -1
+    for b in blocks:
+        attn = any(ops.get(k) == "Softmax" for k in b.nodes)
+        layer += attn
+        out[b.id] = f"{'A' if attn else 'M'}{layer}"
+    return out
+
+
+def onnxsim_prune(model: onnx.ModelProto, calib: np.ndarray, k: int, batch: int = 64) -> onnx.ModelProto:
+    import onnxsim
+
+    batches = [{"image": calib[i:i + batch]} for i in range(0, len(calib), batch)]
+    return onnxsim.apply_transformer_block_pruning(model, calibration_data=batches, num_blocks_to_drop=k)
+
+
+def removed_by_onnxsim(original: onnx.ModelProto, pruned: onnx.ModelProto, labels: dict[str, str]) -> list[str]:
+    """Which of our candidate blocks onnxsim dropped: those whose merge Add is gone."""
+    have = {o for n in pruned.graph.node for o in n.output}
+    return [labels[b.id] for b in find_blocks(original).blocks if b.merge not in have]
+
+
+def distill(original: onnx.ModelProto, pruned: onnx.ModelProto, train_dir: str, *, epochs: int, lr: float,
+            threads: int) -> onnx.ModelProto:
+    from onnx_consensus.bridge import FinetuneConfig, finetune
+    from onnx_consensus.recover import training_batches
+
+    data = load_calibration(train_dir, original)
+    config = FinetuneConfig(epochs=epochs, lr=lr, batch_size=64, optimizer="adamw", temperature=4.0,
+                            threads=threads)
+    tuned, _ = finetune(pruned, training_batches(data, 64, 0), teacher=original, config=config, progress=False)
+    return tuned
+
+
+def post_ln_check(tmp: str) -> dict:
+    """onnxsim vs us on a post-LN encoder (torch.nn.TransformerEncoder, norm_first=False, padding mask,
+    dynamo export, random weights): candidates found and blocks removed."""
+    import onnxsim
+    import torch
+
+    from models.tiny_transformers import PostLNEncoder, export_onnx
+
+    torch.manual_seed(0)
+    net = PostLNEncoder(vocab=100, dim=64, heads=4, depth=4, ff=128)
+    path = os.path.join(tmp, "postln.onnx")
+    export_onnx(net, path, dynamo=True)
+    model = onnx.load(path)
+    rng = np.random.default_rng(0)
+    ddir = os.path.join(tmp, "tokens")
+    os.makedirs(ddir, exist_ok=True)
+    feeds = []
+    for f, seq in enumerate((12, 16, 20, 24)):
+        ids = rng.integers(0, 100, (64, seq)).astype(np.int64)
+        lengths = rng.integers(seq // 2, seq + 1, 64)
+        mask = np.arange(seq)[None, :] >= lengths[:, None]
+        np.savez(os.path.join(ddir, f"part{f}.npz"), input_ids=ids, padding_mask=mask)
+        feeds.append({"input_ids": ids, "padding_mask": mask})
+    sim = onnxsim.apply_transformer_block_pruning(model, calibration_data=feeds, num_blocks_to_drop=2)
+    sim_removed = len(model.graph.node) != len(sim.graph.node)
+    out = {"model": "PostLNEncoder depth 4 (dynamo export, padding mask)",
+           "onnxsim_changed_model": bool(sim_removed)}
+    data = load_calibration(ddir, model)
+    for unit in ("block", "layer"):
+        rep = find_blocks(model, unit=unit)
+        res = prune(model, data, criterion=CriterionOptions(unit=unit), target=TargetOptions(remove=1))
+        out[unit] = {"candidates": len(rep.blocks), "removed": res.removed_ids,
+                     "holdout_agreement": res.fidelity.agreement if res.fidelity else None}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tools.bench_transformers", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="models/vit_fmnist.onnx")
+    p.add_argument("--calib", default="examples/fmnist_vit_calib")
+    p.add_argument("--train-samples", type=int, default=4096, help="unlabelled training images for distillation")
+    p.add_argument("--ft-epochs", type=int, default=1)
+    p.add_argument("--ft-lr", type=float, default=3e-4)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--latency-runs", type=int, default=30)
+    p.add_argument("--test-samples", type=int, default=10000)
+    p.add_argument("--out", default="docs/bench_transformers.json")
+    p.add_argument("--markdown", default=None)
+    args = p.parse_args(argv)
+    command = "python -m tools.bench_transformers " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from tools.fmnist import load_fmnist
+    from tools.train_vit import to_vit_input
+
+    t_start = time.perf_counter()
+    model = onnx.load(args.model)
+    labels = block_labels(model)
+    te_img, te_lbl = load_fmnist("test")
+    x_test, y_test = to_vit_input(te_img[:args.test_samples]), te_lbl[:args.test_samples]
+    calib_x = np.load(os.path.join(args.calib, "calib.npy"))
+    data = load_calibration(args.calib, model)
+    tmp = tempfile.mkdtemp(prefix="bench_tx_")
+    tr_img, _ = load_fmnist("train")
+    idx = np.random.default_rng(1).choice(len(tr_img), size=args.train_samples, replace=False)
+    train_dir = os.path.join(tmp, "train")
+    os.makedirs(train_dir)
+    np.save(os.path.join(train_dir, "calib.npy"), to_vit_input(tr_img[idx]))  # no labels: distillation
+
+    base_acc = accuracy(model, x_test, y_test)
+    print(f"original: {base_acc:.2f}% ({len(labels)} sub-blocks)", flush=True)
+    rows = []
+    pruned_models: dict[tuple[str, int], onnx.ModelProto] = {}
+    orders: dict[str, list[str]] = {}
+    for name, metrics, scope in CRITERIA:
+        t0 = time.perf_counter()
+        res = prune(model, data, criterion=CriterionOptions(metrics=tuple(metrics), scope=scope),
+                    target=TargetOptions(remove=max(LEVELS)), run=RunOptions(threads=args.threads))
+        secs = time.perf_counter() - t0
+        blocks = [r.block for r in res.removals]
+        orders[name] = [labels[b.id] for b in blocks]
+        for k in LEVELS:
+            pruned_models[(name, k)] = remove_blocks(model, blocks[:k])
+        print(f"{name}: order {orders[name]} ({secs:.1f}s)", flush=True)
+    for k in LEVELS:
+        sim = onnxsim_prune(model, calib_x, k)
+        pruned_models[("onnxsim", k)] = sim
+        orders.setdefault("onnxsim", [])
+        orders[f"onnxsim@{k}"] = removed_by_onnxsim(model, sim, labels)
+        print(f"onnxsim k={k}: removed {orders[f'onnxsim@{k}']}", flush=True)
+    names = ["onnxsim"] + [c[0] for c in CRITERIA]
+    for k in LEVELS:
+        feeds = {bs: {"image": np.ascontiguousarray(np.resize(calib_x, (bs,) + calib_x.shape[1:]))} for bs in (1, 32)}
+        lat = {bs: measure_latency([model] + [pruned_models[(n, k)] for n in names], feeds[bs],
+                                   runs=args.latency_runs, threads=1) for bs in (1, 32)}
+        for j, n in enumerate(names):
+            m = pruned_models[(n, k)]
+            acc = accuracy(m, x_test, y_test)
+            t0 = time.perf_counter()
+            tuned = distill(model, m, train_dir, epochs=args.ft_epochs, lr=args.ft_lr, threads=args.threads)
+            ft_secs = time.perf_counter() - t0
+            acc_ft = accuracy(tuned, x_test, y_test)
+            removed = orders[f"onnxsim@{k}"] if n == "onnxsim" else orders[n][:k]
+            row = {"removed": k, "method": n, "blocks": removed, "acc": acc, "acc_ft": acc_ft,
+                   "ft_seconds": round(ft_secs, 1),
+                   "lat1_ms": lat[1][j + 1].median_ms, "lat32_ms": lat[32][j + 1].median_ms,
+                   "lat1_orig_ms": lat[1][0].median_ms, "lat32_orig_ms": lat[32][0].median_ms}
+            rows.append(row)
+            print(f"k={k} {n:20s} acc {acc:6.2f}  ft {acc_ft:6.2f}  lat1 {row['lat1_ms']:.3f}  "
+                  f"lat32 {row['lat32_ms']:.3f}  {removed}", flush=True)
+    post = post_ln_check(tmp)
+    print("post-LN:", post, flush=True)
+    out = {"command": command, "model": args.model, "original_acc": base_acc, "sub_blocks": len(labels),
+           "train_samples": args.train_samples, "ft_epochs": args.ft_epochs, "ft_lr": args.ft_lr,
+           "test_samples": len(y_test), "rows": rows, "orders": orders, "post_ln": post,
+           "seconds": round(time.perf_counter() - t_start, 1)}
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=2, default=str)
+    md = to_markdown(out)
+    print(md)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(md)
+    return 0
+
+
+def to_markdown(out: dict) -> str:
+    lines = [f"Original: {out['original_acc']:.2f}% top-1 on {out['test_samples']:,} test images, "
+             f"{out['sub_blocks']} sub-blocks. Fine-tune: distillation from the original (KL, T=4), AdamW "
+             f"lr {out['ft_lr']:g}, {out['ft_epochs']} epoch(s) over {out['train_samples']:,} unlabelled training "
+             f"images. Latency: onnxruntime CPU, 1 thread, median ms (original: "
+             f"{out['rows'][0]['lat1_orig_ms']:.3f} at batch 1, {out['rows'][0]['lat32_orig_ms']:.3f} at batch 32).", "",
+             "| removed | method | sub-blocks removed | top-1 (no FT) | top-1 (after FT) | ms @1 | ms @32 |",
+             "|---:|---|---|---:|---:|---:|---:|"]
+    for r in out["rows"]:
+        lines.append(f"| {r['removed']} | {r['method']} | {' '.join(r['blocks'])} | {r['acc']:.2f} | "
+                     f"{r['acc_ft']:.2f} | {r['lat1_ms']:.3f} | {r['lat32_ms']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
