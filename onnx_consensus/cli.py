@@ -234,7 +234,7 @@ def cmd_prune(args) -> int:
     target = TargetOptions(remove=args.remove, target_flops=args.target_flops, min_agreement=args.min_agreement,
                            keep_per_stage=args.keep_per_stage, only=args.only, exclude=args.exclude, plan=plan)
     run = RunOptions(batch_size=args.batch_size, holdout=args.holdout, threads=args.threads,
-                     progress=not args.quiet)
+                     progress=not args.quiet, input_shapes=_input_shapes(args.input_shape))
     result = prune(model, data, criterion=criterion, target=target, run=run)
 
     sample = next(data.batches(args.batch_size))

@@ -59,12 +59,14 @@ class TargetOptions:
 @dataclass
 class RunOptions:
     """Batching and threads: ``batch_size`` samples per inference batch, ``holdout`` fraction of the data
-    kept back for the fidelity check, onnxruntime intra-op ``threads`` (None: its default)."""
+    kept back for the fidelity check, onnxruntime intra-op ``threads`` (None: its default),
+    ``input_shapes`` (input name -> shape) fixing dynamic non-batch dims for MAC counting."""
 
     batch_size: int = 64
     holdout: float = 0.2
     threads: int | None = None
     progress: bool = False
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # fixes dynamic dims for MACs
 
 
 @dataclass
@@ -138,7 +140,7 @@ def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = 
     criterion, target, run = criterion or CriterionOptions(), target or TargetOptions(), run or RunOptions()
     check_prunable(model)
     labels = data.labels if labels is None else labels
-    cost = count_cost(model)
+    cost = count_cost(model, run.input_shapes or None)
     report = find_blocks(model, macs_per_node=cost.macs_per_node, unit=criterion.unit)
     if report.refusal:
         log.warning("%s", report.refusal)
@@ -212,7 +214,7 @@ def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = 
                               f"({got:.1%} of MACs) with keep-per-stage={target.keep_per_stage} and the "
                               f"--only/--exclude choices")
     result.model = current
-    after = count_cost(current)
+    after = count_cost(current, run.input_shapes or None)
     result.macs_after, result.params_after = after.total_macs, after.params
     result.fidelity = check(current)
     return result
