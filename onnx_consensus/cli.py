@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=4.0, help="distillation temperature (default 4)")
     g.add_argument("--feature-mse", type=float, default=0.0, help="weight of the feature-tensor MSE in distillation")
     g.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    g.add_argument("--finetune-between", type=int, default=0, metavar="N",
+                   help="fine-tune N steps after each removal, before re-scoring (iterative schedule)")
     g = p.add_argument_group("output")
     g.add_argument("--report", metavar="FILE", help="write the JSON report here")
     g.add_argument("--force-write", action="store_true", help="write the output even when nothing was removed")
@@ -235,7 +237,14 @@ def cmd_prune(args) -> int:
                            keep_per_stage=args.keep_per_stage, only=args.only, exclude=args.exclude, plan=plan)
     run = RunOptions(batch_size=args.batch_size, holdout=args.holdout, threads=args.threads,
                      progress=not args.quiet, input_shapes=_input_shapes(args.input_shape))
-    result = prune(model, data, criterion=criterion, target=target, run=run)
+    between = None
+    if args.finetune_between:
+        from .recover import between_removals, require_torch
+
+        require_torch()
+        train = load_calibration(args.train, model, strict=args.strict) if args.train else data
+        between = between_removals(model, train, config=_finetune_config(args, epochs=1), steps=args.finetune_between)
+    result = prune(model, data, criterion=criterion, target=target, run=run, between=between)
 
     sample = next(data.batches(args.batch_size))
     latency = None
@@ -283,9 +292,16 @@ def cmd_prune(args) -> int:
     return exit_code
 
 
+def _finetune_config(args, epochs: int):
+    from .bridge import FinetuneConfig
+
+    return FinetuneConfig(epochs=epochs, lr=args.lr, batch_size=args.ft_batch_size, optimizer=args.optimizer,
+                          temperature=args.temperature, feature_mse=args.feature_mse, feature=args.feature,
+                          augment=args.augment, seed=args.seed, device=args.device, threads=args.threads)
+
+
 def _finetune(args, original, result, calib) -> tuple[dict, int]:
     """Fine-tune ``result.model`` in place of the pruned model; on failure keep the pruned model (exit 4)."""
-    from .bridge import FinetuneConfig
     from .data import load_calibration
     from .errors import FinetuneError
     from .recover import finetune_pruned
@@ -297,10 +313,7 @@ def _finetune(args, original, result, calib) -> tuple[dict, int]:
         log.warning("fine-tuning on the calibration data (%d samples): a few hundred samples will overfit; "
                     "give more with --train DIR", calib.n_samples)
     eval_data = load_calibration(args.eval, original, strict=args.strict) if args.eval else None
-    config = FinetuneConfig(epochs=args.finetune_epochs, lr=args.lr, batch_size=args.ft_batch_size,
-                            optimizer=args.optimizer, temperature=args.temperature, feature_mse=args.feature_mse,
-                            feature=args.feature, augment=args.augment, seed=args.seed, device=args.device,
-                            threads=args.threads)
+    config = _finetune_config(args, args.finetune_epochs)
     info = {"mode": "supervised" if train.labels is not None else "distillation", "epochs": args.finetune_epochs,
             "train_samples": train.n_samples, "eval": args.eval}
     try:

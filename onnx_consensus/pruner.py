@@ -11,7 +11,7 @@ blocks. Every pruned model is built from the original graph, so block ids stay t
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -130,12 +130,14 @@ def _validate(criterion: CriterionOptions, target: TargetOptions, blocks: dict[s
 
 def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = None,
           target: TargetOptions | None = None, run: RunOptions | None = None,
-          labels: np.ndarray | None = None) -> PruneResult:
+          labels: np.ndarray | None = None,
+          between: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None) -> PruneResult:
     """Remove residual blocks from ``model`` chosen by the criterion until the target is met.
 
     data: a CalibrationData (``load_calibration``). labels: optional (n,) class ids for the Gaussian metrics'
-    conditions and for accuracy (default: ``data.labels``). Raises TargetError when a block count or MACs
-    target cannot be met.
+    conditions and for accuracy (default: ``data.labels``). between: called on the pruned model after each
+    removal but the last (e.g. a short fine-tune), its result is scored next. Raises TargetError when a
+    block count or MACs target cannot be met.
     """
     criterion, target, run = criterion or CriterionOptions(), target or TargetOptions(), run or RunOptions()
     check_prunable(model)
@@ -196,7 +198,9 @@ def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = 
                 order = rnd.order
             eligible_ids = {b.id for b in eligible}
             pick_id = next(i for i in order if i in eligible_ids)
-            candidate = remove_blocks(model, removed + [originals[pick_id]])
+            # Remove from the current model (its blocks keep their original ids), so weights fine-tuned
+            # between removals carry over.
+            candidate = remove_blocks(current, [current_blocks[pick_id]])
             fid = check(candidate) if auto else None
             if auto and not fid.meets(target.min_agreement):
                 result.stop_reason = (f"removing {pick_id} would bring hold-out fidelity below the budget "
@@ -207,6 +211,8 @@ def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = 
             current = candidate
             round_no += 1
             log.info("removed %s (round %d)", pick_id, round_no)
+            if between is not None and not _target_met(target, removed, total):
+                current = between(current)
         if not auto and not _target_met(target, removed, total):
             got = _macs_fraction(removed, total)
             want = f"{target.remove} blocks" if target.remove is not None else f"{target.target_flops:.1%} of MACs"

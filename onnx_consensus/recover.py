@@ -84,3 +84,20 @@ def finetune_pruned(original: onnx.ModelProto, pruned: onnx.ModelProto, train_da
                              teacher=teacher, config=config, eval_fn=eval_fn, progress=progress)
     after = eval_fn(model) if eval_fn else None
     return model, result, before, after
+
+
+def between_removals(original: onnx.ModelProto, train_data, *, config, steps: int) -> Callable[[onnx.ModelProto], onnx.ModelProto]:
+    """A hook for ``prune(between=...)``: ``steps`` optimiser steps of fine-tuning after each removal
+    (supervised with labels, else distillation from ``original``), no evaluation, no progress bar."""
+    from dataclasses import replace
+
+    from .bridge import finetune
+
+    short = replace(config, epochs=1, max_steps=steps)
+    teacher = None if train_data.labels is not None else original
+    batches = training_batches(train_data, config.batch_size, config.seed + 7919)
+
+    def hook(model: onnx.ModelProto) -> onnx.ModelProto:
+        tuned, _ = finetune(model, batches, teacher=teacher, config=short, eval_fn=None, progress=False)
+        return tuned
+    return hook

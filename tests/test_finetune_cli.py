@@ -61,3 +61,20 @@ def test_finetune_failure_keeps_pruned_model_exit_4(tmp_path, setup, monkeypatch
     onnx.checker.check_model(onnx.load(out), full_check=True)
     err = capsys.readouterr().err
     assert "simulated" in err and "not fine-tuned" in err
+
+
+def test_finetune_between_removals(tmp_path, setup):
+    src, labelled, _ = setup
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    assert main([str(src), str(out), "--calib", str(labelled), "--remove", "3", "--metrics", "cka", "-q",
+                 "--no-latency", "--finetune-between", "2", "--report", str(rep)]) == 0
+    report = json.loads(rep.read_text())
+    assert len(report["removed_ids"]) == 3 and len(report["rounds"]) == 3
+    # weights changed between removals: the pruned model differs from plain surgery on the original
+    from onnx_consensus.graph.blocks import find_blocks
+    from onnx_consensus.graph.surgery import remove_blocks
+    original = onnx.load(src)
+    by_id = find_blocks(original).by_id()
+    plain = remove_blocks(original, [by_id[i] for i in report["removed_ids"]])
+    x = np.load(labelled / "x.npy")[:4]
+    assert not np.allclose(run(onnx.load(out), {"input": x})[0], run(plain, {"input": x})[0])
