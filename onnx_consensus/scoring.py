@@ -53,12 +53,16 @@ class ScoreRound:
 
 
 def _mask_for(feeds: dict[str, np.ndarray], act: np.ndarray) -> np.ndarray | None:
-    """A padding mask (N, T) among the inputs matching a token tensor (N, T, D), if there is one."""
+    """Which tokens to keep (N, T), from a mask input matching a token tensor (N, T, D), if there is one.
+
+    An ``attention_mask``-style input (nonzero = keep, the Hugging Face convention) is used as is; an input
+    whose name says padding (``padding_mask``, ``src_key_padding_mask``: nonzero = padding, torch's
+    convention) is inverted."""
     if act.ndim != 3:
         return None
     for name, value in feeds.items():
         if "mask" in name.lower() and value.ndim == 2 and value.shape == act.shape[:2]:
-            return value
+            return value == 0 if "pad" in name.lower() else value
     return None
 
 
