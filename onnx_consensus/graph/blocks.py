@@ -129,8 +129,9 @@ def find_blocks(model: onnx.ModelProto | gs.Graph, *, macs_per_node: dict[str, i
         if node.op in FUSED_MERGE_OPS:
             report.not_removable.append(NotRemovable(
                 node_key(node), tuple(t.name for t in node.inputs[:2] if t.name),
-                f"fused {node.op} ({node.domain or 'ai.onnx'}): the residual merge is inside an onnxruntime "
-                f"fused op; prune the model before onnxruntime's transformer optimizer"))
+                f"fused {node.op} ({node.domain or 'ai.onnx'}): onnxruntime's transformer optimizer fused the "
+                f"residual merge with the following norm; removing the sub-block would need this node rewritten "
+                f"into a plain norm, which is not done: prune the unoptimised export, then optimise"))
             continue
         if node.op not in MERGE_OPS:
             continue
