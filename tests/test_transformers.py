@@ -323,3 +323,31 @@ def test_bridge_finetunes_pruned_transformer(tmp_path, kind, exporter):
     assert interface(tuned) == interface(pruned)
     feed = {"image": np.zeros((2, 1, 28, 28), np.float32)} if kind == "vit" else token_feed(kind, 2, 11)
     assert np.isfinite(run(tuned, feed)[0]).all()
+
+
+def test_token_pooling_mask_conventions():
+    """Token features average the kept tokens: attention_mask 1 = keep (HF), padding_mask True = pad (torch)."""
+    from onnx_consensus.metrics.features import pool_features
+    from onnx_consensus.scoring import _mask_for
+
+    act = np.zeros((2, 4, 3), np.float32)
+    act[:, :2] = 1.0  # real tokens hold 1, padding holds 0
+    keep = np.array([[1, 1, 0, 0], [1, 1, 0, 0]], np.int64)
+    for feeds in ({"attention_mask": keep}, {"padding_mask": keep == 0}, {"src_key_padding_mask": keep == 0}):
+        np.testing.assert_allclose(pool_features(act, _mask_for(feeds, act)), np.ones((2, 3)))
+    assert _mask_for({"input_ids": keep}, act) is None
+
+
+def test_onnxruntime_optimized_export_reported():
+    """A real onnxruntime transformer-optimizer output (BERT fusion of the post-LN encoder): every residual
+    merge became SkipLayerNormalization; each is reported with its reason, none is offered for removal."""
+    optimizer = pytest.importorskip("onnxruntime.transformers.optimizer")
+    model = tx_onnx("post", 2, "classic")
+    fused = optimizer.optimize_model(model, model_type="bert", num_heads=4, hidden_size=32, opt_level=1).model
+    if not any(n.op_type == "SkipLayerNormalization" for n in fused.graph.node):
+        pytest.skip("this onnxruntime did not fuse SkipLayerNormalization")
+    report = find_blocks(fused)
+    assert report.blocks == []
+    n_skip = sum(n.op_type == "SkipLayerNormalization" for n in fused.graph.node)
+    assert sum("SkipLayerNormalization" in r.reason for r in report.not_removable) == n_skip
+    assert any("SkipLayerNormalization" in note for note in report.notes)
