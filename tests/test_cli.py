@@ -12,26 +12,12 @@ from onnx_consensus.cli import main
 from onnx_consensus.graph.blocks import find_blocks
 from onnx_consensus.graph.ir import interface
 from onnx_consensus.report import METADATA_KEY, sha256_file
+from tests.conftest import temporaries
 from tests.helpers import resnet_onnx, run, tiny_residual_graph, zero_branch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = os.path.join(ROOT, "models", "resnet56_fmnist.onnx")
 CALIB = os.path.join(ROOT, "examples", "fmnist_calib")
-
-
-@pytest.fixture(scope="module")
-def r20(tmp_path_factory):
-    d = tmp_path_factory.mktemp("r20")
-    path = d / "r20.onnx"
-    onnx.save(resnet_onnx(20, "folded"), path)
-    calib = d / "calib"
-    calib.mkdir()
-    np.save(calib / "x.npy", np.random.default_rng(0).standard_normal((40, 3, 32, 32)).astype(np.float32))
-    return path, calib
-
-
-def _leftovers(folder):
-    return [f for f in os.listdir(folder) if f.endswith(".tmp") or ".tmp." in f]
 
 
 def test_shipped_model_end_to_end(tmp_path):
@@ -105,7 +91,7 @@ def test_target_cannot_be_met_exit_3(tmp_path, r20, capsys):
     out = tmp_path / "o.onnx"
     assert main([str(model), str(out), "--calib", str(calib), "--remove", "6", "--metrics", "cka", "-q",
                  "--schedule", "one-shot"]) == 3
-    assert not out.exists() and not _leftovers(tmp_path)
+    assert not out.exists() and not temporaries(tmp_path)
     assert "cannot be met" in capsys.readouterr().err
 
 
@@ -178,7 +164,7 @@ def test_bad_input_one_line_exit_2(tmp_path, r20, capsys, kind):
     err = capsys.readouterr().err.strip()
     assert code == 2, err
     assert err.startswith("onnx-cprune: error:") and "\n" not in err and "Traceback" not in err
-    assert not out.exists() and not _leftovers(tmp_path)
+    assert not out.exists() and not temporaries(tmp_path)
     assert sha256_file(r20[0]) == before
 
 

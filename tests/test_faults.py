@@ -13,24 +13,9 @@ import pytest
 from onnx_consensus import io as io_mod
 from onnx_consensus.cli import main
 from onnx_consensus.report import sha256_file
-from tests.helpers import resnet_onnx
+from tests.conftest import temporaries
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def job(tmp_path_factory):
-    d = tmp_path_factory.mktemp("faults")
-    src = d / "in.onnx"
-    onnx.save(resnet_onnx(20, "folded"), src)
-    calib = d / "calib"
-    calib.mkdir()
-    np.save(calib / "x.npy", np.random.default_rng(0).standard_normal((40, 3, 32, 32)).astype(np.float32))
-    return src, calib
-
-
-def _temporaries(folder):
-    return [f for f in os.listdir(folder) if f.endswith(".tmp") or f.endswith(".tmp.data")]
 
 
 def _cli(src, calib, out):
@@ -39,8 +24,8 @@ def _cli(src, calib, out):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
-def test_signal_at_random_points(tmp_path, job, sig):
-    src, calib = job
+def test_signal_at_random_points(tmp_path, r20, sig):
+    src, calib = r20
     before = sha256_file(src)
     rng = np.random.default_rng(int(sig))
     interrupted = 0
@@ -58,13 +43,13 @@ def test_signal_at_random_points(tmp_path, job, sig):
             assert not out.exists()
             if sig != signal.SIGKILL:
                 assert b"interrupted" in err
-        assert _temporaries(tmp_path) == []
+        assert temporaries(tmp_path) == []
         assert sha256_file(src) == before
     assert interrupted >= 1  # at least one signal landed mid-run
 
 
-def test_disk_full_during_write(tmp_path, job, monkeypatch, capsys):
-    src, calib = job
+def test_disk_full_during_write(tmp_path, r20, monkeypatch, capsys):
+    src, calib = r20
     before = sha256_file(src)
 
     class FullDisk:
@@ -95,5 +80,5 @@ def test_disk_full_during_write(tmp_path, job, monkeypatch, capsys):
                      "--no-latency"])
         err = capsys.readouterr().err.strip()
         assert code == 2 and "No space left on device" in err and "\n" not in err
-        assert not out.exists() and _temporaries(tmp_path) == []
+        assert not out.exists() and temporaries(tmp_path) == []
         assert sha256_file(src) == before

@@ -77,7 +77,6 @@ def check_detection(gen: GenGraph) -> None:
     extra = sorted(set(detected) - set(truth))
     assert not missed and not extra, f"missed {missed}, spurious {extra}{ctx}"
 
-    dims = {gen.batch: BATCH}
     for merge, t in truth.items():
         d = detected[merge]
         assert (d.entry, d.exit, d.id) == (t.entry, t.exit, t.exit), f"block {t.index}: {d}{ctx}"

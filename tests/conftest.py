@@ -1,0 +1,25 @@
+"""Fixtures shared by the CLI-level tests."""
+import numpy as np
+import onnx
+import pytest
+
+from tests.helpers import resnet_onnx
+
+
+@pytest.fixture(scope="module")
+def r20(tmp_path_factory):
+    """(model path, calibration dir): a ResNet-20 (BN folded) file and 40 random 3x32x32 samples."""
+    d = tmp_path_factory.mktemp("r20")
+    path = d / "r20.onnx"
+    onnx.save(resnet_onnx(20, "folded"), path)
+    calib = d / "calib"
+    calib.mkdir()
+    np.save(calib / "x.npy", np.random.default_rng(0).standard_normal((40, 3, 32, 32)).astype(np.float32))
+    return path, calib
+
+
+def temporaries(folder) -> list[str]:
+    """Temporary files an interrupted or failed write could have left in ``folder``."""
+    import os
+
+    return [f for f in os.listdir(folder) if f.endswith(".tmp") or ".tmp." in f]
