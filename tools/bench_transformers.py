@@ -90,39 +90,107 @@ def distill(original: onnx.ModelProto, pruned: onnx.ModelProto, train_dir: str, 
     return tuned
 
 
-def post_ln_check(tmp: str) -> dict:
-    """onnxsim vs us on a post-LN encoder (torch.nn.TransformerEncoder, norm_first=False, padding mask,
-    dynamo export, random weights): candidates found and blocks removed."""
+def _encoder_test(n: int | None = None):
+    """Test split as token sequences, bucketed by length: list of (feed, labels)."""
+    from tools.fmnist import load_fmnist
+    from tools.train_tokens import BUCKETS, bucket_of, padded, to_tokens
+
+    img, lbl = load_fmnist("test")
+    ids, lengths = to_tokens(img if n is None else img[:n])
+    lbl = lbl if n is None else lbl[:n]
+    out = []
+    for b in BUCKETS:
+        sel = np.flatnonzero(bucket_of(lengths) == b)
+        if len(sel):
+            x, m = padded(ids[sel], lengths[sel], b)
+            out.append(({"input_ids": x, "padding_mask": m}, lbl[sel]))
+    return out
+
+
+def encoder_accuracy(model: onnx.ModelProto, test) -> float:
+    sess = make_session(model, level="all", threads=1)
+    correct = total = 0
+    for feed, y in test:
+        for i in range(0, len(y), 500):
+            out = sess.run(None, {k: v[i:i + 500] for k, v in feed.items()})[0]
+            correct += int((out.argmax(1) == y[i:i + 500]).sum())
+            total += len(y[i:i + 500])
+    return 100.0 * correct / total
+
+
+def post_ln_check(tmp: str, args=None) -> dict:
+    """The trained post-LN token encoder (models/postln_fmnist_tokens.onnx): onnxsim finds nothing to drop;
+    we remove whole layers (--unit layer) or sub-blocks, with test accuracy before / after distillation."""
     import onnxsim
-    import torch
 
-    from models.tiny_transformers import PostLNEncoder, export_onnx
+    from tools.fmnist import load_fmnist
+    from tools.train_tokens import to_tokens, write_encoder_set
 
-    torch.manual_seed(0)
-    net = PostLNEncoder(vocab=100, dim=64, heads=4, depth=4, ff=128)
-    path = os.path.join(tmp, "postln.onnx")
-    export_onnx(net, path, dynamo=True)
+    path = "models/postln_fmnist_tokens.onnx"
     model = onnx.load(path)
-    rng = np.random.default_rng(0)
-    ddir = os.path.join(tmp, "tokens")
-    os.makedirs(ddir, exist_ok=True)
-    feeds = []
-    for f, seq in enumerate((12, 16, 20, 24)):
-        ids = rng.integers(0, 100, (64, seq)).astype(np.int64)
-        lengths = rng.integers(seq // 2, seq + 1, 64)
-        mask = np.arange(seq)[None, :] >= lengths[:, None]
-        np.savez(os.path.join(ddir, f"part{f}.npz"), input_ids=ids, padding_mask=mask)
-        feeds.append({"input_ids": ids, "padding_mask": mask})
+    test = _encoder_test()
+    base = encoder_accuracy(model, test)
+    calib = load_calibration("examples/fmnist_tokens", model)
+    feeds = list(calib.batches(64))
     sim = onnxsim.apply_transformer_block_pruning(model, calibration_data=feeds, num_blocks_to_drop=2)
-    sim_removed = len(model.graph.node) != len(sim.graph.node)
-    out = {"model": "PostLNEncoder depth 4 (dynamo export, padding mask)",
-           "onnxsim_changed_model": bool(sim_removed)}
-    data = load_calibration(ddir, model)
-    for unit in ("block", "layer"):
+    sim_changed = sim.SerializeToString() != model.SerializeToString() and len(sim.graph.node) != len(model.graph.node)
+    tr_img, _ = load_fmnist("train")
+    idx = np.random.default_rng(2).choice(len(tr_img), size=4096, replace=False)
+    ids, lengths = to_tokens(tr_img[idx])
+    train_dir = os.path.join(tmp, "tok_train")
+    write_encoder_set(train_dir, ids, lengths, None)  # no labels: distillation
+    out = {"model": path, "original_acc": base, "onnxsim_changed_model": bool(sim_changed),
+           "onnxsim_candidates": 0 if not sim_changed else None, "rows": []}
+    for unit, ks in (("layer", (1, 2)), ("block", (2, 4))):
         rep = find_blocks(model, unit=unit)
-        res = prune(model, data, criterion=CriterionOptions(unit=unit), target=TargetOptions(remove=1))
-        out[unit] = {"candidates": len(rep.blocks), "removed": res.removed_ids,
-                     "holdout_agreement": res.fidelity.agreement if res.fidelity else None}
+        res = prune(model, calib, criterion=CriterionOptions(unit=unit), target=TargetOptions(remove=max(ks)),
+                    run=RunOptions(holdout=0.0))
+        blocks = [r.block for r in res.removals]
+        for k in ks:
+            pruned = remove_blocks(model, blocks[:k])
+            acc = encoder_accuracy(pruned, test)
+            tuned = distill(model, pruned, train_dir, epochs=1, lr=3e-4, threads=1)
+            row = {"unit": unit, "candidates": len(rep.blocks), "removed": k, "ids": [b.id for b in blocks[:k]],
+                   "acc": acc, "acc_ft": encoder_accuracy(tuned, test)}
+            out["rows"].append(row)
+            print("post-LN", row, flush=True)
+    return out
+
+
+def decoder_check(tmp: str, args=None) -> dict:
+    """The trained pre-LN token decoder: next-token accuracy with 2 and 4 sub-blocks removed, onnxsim vs
+    Consensus (global), no fine-tuning."""
+    from tools.fmnist import load_fmnist
+    from tools.train_tokens import to_tokens
+
+    path = "models/decoder_fmnist_tokens.onnx"
+    model = onnx.load(path)
+    img, _ = load_fmnist("test")
+    x = to_tokens(img[:2000])[0]
+
+    def next_token_acc(m):
+        sess = make_session(m, level="all", threads=1)
+        out = np.concatenate([sess.run(None, {"input_ids": x[i:i + 500, :-1]})[0] for i in range(0, len(x), 500)])
+        return 100.0 * float((out.argmax(-1) == x[:, 1:]).mean())
+
+    calib = load_calibration("examples/fmnist_tokens_dec", model)
+    feeds = list(calib.batches(64))
+    labels = {b.id: lab for b, lab in zip(find_blocks(model).blocks,
+                                          [f"{'AM'[i % 2]}{i // 2}" for i in range(len(find_blocks(model).blocks))])}
+    out = {"model": path, "original_acc": next_token_acc(model), "rows": []}
+    res = prune(model, calib, target=TargetOptions(remove=4), run=RunOptions(holdout=0.0))
+    ours = [r.block for r in res.removals]
+    import onnxsim
+
+    for k in (2, 4):
+        sim = onnxsim.apply_transformer_block_pruning(model, calibration_data=feeds, num_blocks_to_drop=k)
+        have = {o for n in sim.graph.node for o in n.output}
+        out["rows"].append({"removed": k, "method": "onnxsim", "acc": next_token_acc(sim),
+                            "blocks": [labels[b.id] for b in find_blocks(model).blocks if b.merge not in have]})
+        out["rows"].append({"removed": k, "method": "Consensus (global)",
+                            "acc": next_token_acc(remove_blocks(model, ours[:k])),
+                            "blocks": [labels[b.id] for b in ours[:k]]})
+        print("decoder", out["rows"][-2:], flush=True)
     return out
 
 
@@ -138,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test-samples", type=int, default=10000)
     p.add_argument("--out", default="docs/bench_transformers.json")
     p.add_argument("--markdown", default=None)
+    p.add_argument("--sections", type=lambda v: tuple(v.split(",")), default=("vit", "postln", "decoder"),
+                   help="comma-separated: vit, postln, decoder (default all)")
     args = p.parse_args(argv)
     command = "python -m tools.bench_transformers " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     import torch
@@ -168,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, metrics, scope in CRITERIA:
         t0 = time.perf_counter()
         res = prune(model, data, criterion=CriterionOptions(metrics=tuple(metrics), scope=scope),
-                    target=TargetOptions(remove=max(LEVELS)), run=RunOptions(threads=args.threads))
+                    target=TargetOptions(remove=max(LEVELS)),
+                    run=RunOptions(threads=args.threads, holdout=0.0))  # all 512 images, as onnxsim gets
         secs = time.perf_counter() - t0
         blocks = [r.block for r in res.removals]
         orders[name] = [labels[b.id] for b in blocks]
@@ -183,9 +254,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"onnxsim k={k}: removed {orders[f'onnxsim@{k}']}", flush=True)
     names = ["onnxsim"] + [c[0] for c in CRITERIA]
     for k in LEVELS:
-        feeds = {bs: {"image": np.ascontiguousarray(np.resize(calib_x, (bs,) + calib_x.shape[1:]))} for bs in (1, 32)}
-        lat = {bs: measure_latency([model] + [pruned_models[(n, k)] for n in names], feeds[bs],
-                                   runs=args.latency_runs, threads=1) for bs in (1, 32)}
         for j, n in enumerate(names):
             m = pruned_models[(n, k)]
             acc = accuracy(m, x_test, y_test)
@@ -195,17 +263,25 @@ def main(argv: list[str] | None = None) -> int:
             acc_ft = accuracy(tuned, x_test, y_test)
             removed = orders[f"onnxsim@{k}"] if n == "onnxsim" else orders[n][:k]
             row = {"removed": k, "method": n, "blocks": removed, "acc": acc, "acc_ft": acc_ft,
-                   "ft_seconds": round(ft_secs, 1),
-                   "lat1_ms": lat[1][j + 1].median_ms, "lat32_ms": lat[32][j + 1].median_ms,
-                   "lat1_orig_ms": lat[1][0].median_ms, "lat32_orig_ms": lat[32][0].median_ms}
+                   "ft_seconds": round(ft_secs, 1)}
             rows.append(row)
-            print(f"k={k} {n:20s} acc {acc:6.2f}  ft {acc_ft:6.2f}  lat1 {row['lat1_ms']:.3f}  "
-                  f"lat32 {row['lat32_ms']:.3f}  {removed}", flush=True)
-    post = post_ln_check(tmp)
+            print(f"k={k} {n:20s} acc {acc:6.2f}  ft {acc_ft:6.2f}  {removed}", flush=True)
+    # Latency last, all models in one alternated measurement per batch size (drift hits all alike).
+    keys = [(n, k) for k in LEVELS for n in names]
+    for bs in (1, 32):
+        feed = {"image": np.ascontiguousarray(np.resize(calib_x, (bs,) + calib_x.shape[1:]))}
+        lat = measure_latency([model] + [pruned_models[key] for key in keys], feed, runs=args.latency_runs,
+                              warmup=10, threads=1)
+        for row in rows:
+            row[f"lat{bs}_ms"] = lat[1 + keys.index((row["method"], row["removed"]))].median_ms
+            row[f"lat{bs}_orig_ms"] = lat[0].median_ms
+    post = post_ln_check(tmp) if "postln" in args.sections else None
     print("post-LN:", post, flush=True)
+    dec = decoder_check(tmp, args) if "decoder" in args.sections else None
+    print("decoder:", dec, flush=True)
     out = {"command": command, "model": args.model, "original_acc": base_acc, "sub_blocks": len(labels),
            "train_samples": args.train_samples, "ft_epochs": args.ft_epochs, "ft_lr": args.ft_lr,
-           "test_samples": len(y_test), "rows": rows, "orders": orders, "post_ln": post,
+           "test_samples": len(y_test), "rows": rows, "orders": orders, "post_ln": post, "decoder": dec,
            "seconds": round(time.perf_counter() - t_start, 1)}
     with open(args.out, "w") as f:
         json.dump(out, f, indent=2, default=str)
@@ -228,6 +304,21 @@ def to_markdown(out: dict) -> str:
     for r in out["rows"]:
         lines.append(f"| {r['removed']} | {r['method']} | {' '.join(r['blocks'])} | {r['acc']:.2f} | "
                      f"{r['acc_ft']:.2f} | {r['lat1_ms']:.3f} | {r['lat32_ms']:.3f} |")
+    post = out.get("post_ln")
+    if post:
+        lines += ["", f"Post-LN encoder `{post['model']}` (original {post['original_acc']:.2f}% top-1 on the token "
+                  f"test set). onnxsim: model changed = {post['onnxsim_changed_model']} (it matches pre-norm "
+                  f"sub-blocks only). Consensus (global), same fine-tune recipe on 4,096 unlabelled training sequences.", "",
+                  "| unit | candidates | removed | top-1 (no FT) | top-1 (after FT) |", "|---|---:|---:|---:|---:|"]
+        for r in post["rows"]:
+            lines.append(f"| {r['unit']} | {r['candidates']} | {r['removed']} | {r['acc']:.2f} | {r['acc_ft']:.2f} |")
+    dec = out.get("decoder")
+    if dec:
+        lines += ["", f"Pre-LN decoder `{dec['model']}`: next-token top-1 on 2,000 test sequences (original "
+                  f"{dec['original_acc']:.2f}%), no fine-tuning.", "",
+                  "| removed | method | sub-blocks removed | next-token top-1 |", "|---:|---|---|---:|"]
+        for r in dec["rows"]:
+            lines.append(f"| {r['removed']} | {r['method']} | {' '.join(r['blocks'])} | {r['acc']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
