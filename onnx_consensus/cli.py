@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=30, help="timed runs per model and batch size (default 30)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--data", metavar="DIR", help="take inputs from this data directory (default: random data)")
+    p.add_argument("--eval", metavar="DIR", help="also evaluate on this data: top-1 accuracy with labels.npy, "
+                   "and agreement with the first model")
     p.add_argument("--json", action="store_true", help="print JSON")
     _add_shape(p)
     _add_common(p)
@@ -363,9 +365,16 @@ def cmd_bench(args) -> int:
                          "ratio": lat.median_ms / lats[0].median_ms, "macs": cost.total_macs,
                          "params": cost.params, "threads": lat.threads, "runs": lat.runs,
                          "opt_level": lat.opt_level})
+    if args.eval:
+        _bench_eval(args, models, rows)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
+    if args.eval:
+        for r in rows[:len(models)]:
+            acc = f"accuracy {r['accuracy']:.4f}, " if r.get("accuracy") is not None else ""
+            print(f"{r['model']}: {acc}top-1 agreement with the first model {r['agreement']:.4f} "
+                  f"({r['eval_samples']} samples)")
     print(f"onnxruntime CPU, {args.threads} intra-op thread(s), graph optimisation: all, "
           f"{args.runs} timed runs after {args.warmup} warm-up, models alternated")
     print(f"{'batch':>5}  {'p50 ms':>9}  {'p90 ms':>9}  {'ratio':>6}  {'MACs':>13}  {'params':>10}  model")
@@ -374,6 +383,23 @@ def cmd_bench(args) -> int:
         print(f"{r['batch_size']:>5}  {r['median_ms']:>9.3f}  {r['p90_ms']:>9.3f}  {r['ratio']:>6.3f}  "
               f"{macs:>13}  {r['params']:>10,}  {r['model']}")
     return 0
+
+
+def _bench_eval(args, models, rows) -> None:
+    """Fill accuracy / agreement with the first model into ``rows`` (same values for every batch size)."""
+    import numpy as np
+
+    from .data import load_calibration
+    from .evaluate import compare, reference_outputs
+
+    data = load_calibration(args.eval, models[0])
+    idx = np.arange(data.n_samples)
+    outs = [reference_outputs(m, data, idx, threads=args.threads) for m in models]
+    for k, out in enumerate(outs):
+        f = compare(out, outs[0], data.labels)
+        for r in rows:
+            if r["model"] == args.models[k]:
+                r.update(accuracy=f.accuracy, agreement=f.agreement, rel_error=f.rel_error, eval_samples=f.n)
 
 
 def _terminate(signum, frame):

@@ -186,3 +186,24 @@ def test_quantized_graph_refused(tmp_path, capsys):
     assert main([str(src), str(out), "--calib", str(calib), "-q"]) == 2
     err = capsys.readouterr().err
     assert "quantized graph (DequantizeLinear, QuantizeLinear)" in err and not out.exists()
+
+
+def test_bench_json_with_eval(tmp_path, r20, capsys):
+    from onnx_consensus.graph.surgery import remove_blocks
+    model, calib = r20
+    m = onnx.load(model)
+    pruned = tmp_path / "p.onnx"
+    onnx.save(remove_blocks(m, find_blocks(m).blocks[:2]), pruned)
+    x = np.load(calib / "x.npy")
+    ev = tmp_path / "ev"
+    ev.mkdir()
+    np.save(ev / "x.npy", x)
+    np.save(ev / "labels.npy", run(m, {"input": x})[0].argmax(1))
+    assert main(["bench", str(model), str(pruned), "--batch-sizes", "1,4", "--runs", "3", "--warmup", "1",
+                 "--eval", str(ev), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["model"], r["batch_size"]) for r in rows] == [(str(model), 1), (str(pruned), 1), (str(model), 4),
+                                                            (str(pruned), 4)]
+    assert rows[0]["ratio"] == 1.0 and rows[0]["accuracy"] == 1.0 and rows[0]["agreement"] == 1.0
+    assert rows[1]["macs"] == rows[0]["macs"] - 2 * 4_718_592
+    assert all(r["median_ms"] > 0 and r["p90_ms"] >= r["median_ms"] for r in rows)
