@@ -65,6 +65,13 @@ def block_labels(model: onnx.ModelProto) -> dict[str, str]:
     return out
 
 
+def strip_value_info(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.value_info[:]
+    return out
+
+
 def onnxsim_prune(model: onnx.ModelProto, calib: np.ndarray, k: int, batch: int = 64) -> onnx.ModelProto:
     import onnxsim
 
@@ -150,7 +157,10 @@ def post_ln_check(tmp: str, args=None) -> dict:
             pruned = remove_blocks(model, blocks[:k])
             acc = encoder_accuracy(pruned, test)
             tuned = distill(model, pruned, train_dir, epochs=1, lr=3e-4, threads=1)
+            names = {x.id: f"{'L' if unit == 'layer' else 'AM'[i % 2]}{i if unit == 'layer' else i // 2}"
+                     for i, x in enumerate(rep.blocks)}
             row = {"unit": unit, "candidates": len(rep.blocks), "removed": k, "ids": [b.id for b in blocks[:k]],
+                   "blocks": [names[b.id] for b in blocks[:k]],
                    "acc": acc, "acc_ft": encoder_accuracy(tuned, test)}
             out["rows"].append(row)
             print("post-LN", row, flush=True)
@@ -267,11 +277,13 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(f"k={k} {n:20s} acc {acc:6.2f}  ft {acc_ft:6.2f}  {removed}", flush=True)
     # Latency last, all models in one alternated measurement per batch size (drift hits all alike).
+    # Every model without value_info: our writer keeps the shape-inference value_info, onnxsim's output has
+    # none, and with it onnxruntime picks other fusions (slower here at batch 32): compare like with like.
     keys = [(n, k) for k in LEVELS for n in names]
+    bare = [strip_value_info(m) for m in [model] + [pruned_models[key] for key in keys]]
     for bs in (1, 32):
         feed = {"image": np.ascontiguousarray(np.resize(calib_x, (bs,) + calib_x.shape[1:]))}
-        lat = measure_latency([model] + [pruned_models[key] for key in keys], feed, runs=args.latency_runs,
-                              warmup=10, threads=1)
+        lat = measure_latency(bare, feed, runs=args.latency_runs, warmup=10, threads=1)
         for row in rows:
             row[f"lat{bs}_ms"] = lat[1 + keys.index((row["method"], row["removed"]))].median_ms
             row[f"lat{bs}_orig_ms"] = lat[0].median_ms
@@ -297,7 +309,7 @@ def to_markdown(out: dict) -> str:
     lines = [f"Original: {out['original_acc']:.2f}% top-1 on {out['test_samples']:,} test images, "
              f"{out['sub_blocks']} sub-blocks. Fine-tune: distillation from the original (KL, T=4), AdamW "
              f"lr {out['ft_lr']:g}, {out['ft_epochs']} epoch(s) over {out['train_samples']:,} unlabelled training "
-             f"images. Latency: onnxruntime CPU, 1 thread, median ms (original: "
+             f"images. Latency: onnxruntime CPU, 1 thread, all models alternated, value_info stripped, median ms (original: "
              f"{out['rows'][0]['lat1_orig_ms']:.3f} at batch 1, {out['rows'][0]['lat32_orig_ms']:.3f} at batch 32).", "",
              "| removed | method | sub-blocks removed | top-1 (no FT) | top-1 (after FT) | ms @1 | ms @32 |",
              "|---:|---|---|---:|---:|---:|---:|"]
@@ -309,9 +321,11 @@ def to_markdown(out: dict) -> str:
         lines += ["", f"Post-LN encoder `{post['model']}` (original {post['original_acc']:.2f}% top-1 on the token "
                   f"test set). onnxsim: model changed = {post['onnxsim_changed_model']} (it matches pre-norm "
                   f"sub-blocks only). Consensus (global), same fine-tune recipe on 4,096 unlabelled training sequences.", "",
-                  "| unit | candidates | removed | top-1 (no FT) | top-1 (after FT) |", "|---|---:|---:|---:|---:|"]
+                  "| unit | candidates | removed | which | top-1 (no FT) | top-1 (after FT) |",
+                  "|---|---:|---:|---|---:|---:|"]
         for r in post["rows"]:
-            lines.append(f"| {r['unit']} | {r['candidates']} | {r['removed']} | {r['acc']:.2f} | {r['acc_ft']:.2f} |")
+            lines.append(f"| {r['unit']} | {r['candidates']} | {r['removed']} | {' '.join(r['blocks'])} | "
+                         f"{r['acc']:.2f} | {r['acc_ft']:.2f} |")
     dec = out.get("decoder")
     if dec:
         lines += ["", f"Pre-LN decoder `{dec['model']}`: next-token top-1 on 2,000 test sequences (original "
