@@ -351,3 +351,18 @@ def test_onnxruntime_optimized_export_reported():
     n_skip = sum(n.op_type == "SkipLayerNormalization" for n in fused.graph.node)
     assert sum("SkipLayerNormalization" in r.reason for r in report.not_removable) == n_skip
     assert any("SkipLayerNormalization" in note for note in report.notes)
+
+
+def test_shipped_transformer_models():
+    """The trained reference transformers: candidate counts, and the token encoder's calibration set (variable
+    lengths, bool padding mask) loads and scores."""
+    root = os.path.join(os.path.dirname(__file__), "..")
+    vit = onnx.load(os.path.join(root, "models", "vit_fmnist.onnx"))
+    assert (len(find_blocks(vit).blocks), len(find_blocks(vit, unit="layer").blocks)) == (12, 6)
+    enc = onnx.load(os.path.join(root, "models", "postln_fmnist_tokens.onnx"))
+    assert (len(find_blocks(enc).blocks), len(find_blocks(enc, unit="layer").blocks)) == (8, 4)
+    dec = onnx.load(os.path.join(root, "models", "decoder_fmnist_tokens.onnx"))
+    assert (len(find_blocks(dec).blocks), len(find_blocks(dec, unit="layer").blocks)) == (8, 4)
+    data = load_calibration(os.path.join(root, "examples", "fmnist_tokens"), enc, max_samples=96)
+    rnd = score_blocks(enc, data, blocks=find_blocks(enc, unit="layer").blocks, metrics=("cka", "cosine"), batch_size=48)
+    assert len(rnd.order) == 4 and rnd.n_samples == 96
