@@ -35,31 +35,42 @@ class Fidelity:
 
 
 def reference_outputs(model: onnx.ModelProto, data, indices, *, batch_size: int = 64,
-                      threads: int | None = None) -> np.ndarray:
-    """The first output of ``model`` on the samples ``indices``: (n, ...) array (kept for comparisons;
-    the hold-out set is small)."""
+                      threads: int | None = None) -> list[np.ndarray]:
+    """The first output of ``model`` on the samples ``indices``, one array per batch (batches may differ
+    in their non-batch shape, e.g. sequence length). Kept for comparisons: the hold-out set is small."""
     sess = make_session(model, level="all", threads=threads)
-    return np.concatenate([sess.run([sess.get_outputs()[0].name], feeds)[0]
-                           for feeds in data.batches(batch_size, indices)])
+    name = sess.get_outputs()[0].name
+    return [sess.run([name], feeds)[0] for feeds in data.batches(batch_size, indices)]
 
 
-def fidelity(model: onnx.ModelProto, reference: np.ndarray, data, indices, *, labels: np.ndarray | None = None,
-             batch_size: int = 64, threads: int | None = None) -> Fidelity:
+def fidelity(model: onnx.ModelProto, reference: list[np.ndarray], data, indices, *,
+             labels: np.ndarray | None = None, batch_size: int = 64, threads: int | None = None) -> Fidelity:
     """Compare ``model``'s first output on ``indices`` with ``reference`` (from ``reference_outputs``)."""
     out = reference_outputs(model, data, indices, batch_size=batch_size, threads=threads)
     return compare(out, reference, labels)
 
 
-def compare(out: np.ndarray, reference: np.ndarray, labels: np.ndarray | None = None) -> Fidelity:
-    """Fidelity of outputs ``out`` against ``reference`` (same shape, first axis = samples)."""
-    n = len(reference)
-    o = out.reshape(n, -1).astype(np.float64)
-    r = reference.reshape(n, -1).astype(np.float64)
-    rel = float(np.mean(np.linalg.norm(o - r, axis=1) / np.maximum(np.linalg.norm(r, axis=1), 1e-12)))
-    classifier = reference.ndim == 2 and reference.shape[1] > 1
-    agreement = float(np.mean(o.argmax(1) == r.argmax(1))) if classifier else None
+def compare(out, reference, labels: np.ndarray | None = None) -> Fidelity:
+    """Fidelity of outputs against reference outputs: arrays (first axis = samples) or matching lists of
+    per-batch arrays. Top-1 agreement and accuracy only for (N, classes) outputs."""
+    outs = out if isinstance(out, list) else [out]
+    refs = reference if isinstance(reference, list) else [reference]
+    rel, agree, pred = [], [], []
+    classifier = all(r.ndim == 2 and r.shape[1] > 1 for r in refs)
+    for o, r in zip(outs, refs):
+        n = len(r)
+        o2 = o.reshape(n, -1).astype(np.float64)
+        r2 = r.reshape(n, -1).astype(np.float64)
+        rel.append(np.linalg.norm(o2 - r2, axis=1) / np.maximum(np.linalg.norm(r2, axis=1), 1e-12))
+        if classifier:
+            agree.append(o2.argmax(1) == r2.argmax(1))
+            pred.append((o2.argmax(1), r2.argmax(1)))
+    n = int(sum(len(r) for r in refs))
+    agreement = float(np.mean(np.concatenate(agree))) if classifier else None
     acc = ref_acc = None
     if classifier and labels is not None:
-        acc = float(np.mean(o.argmax(1) == labels))
-        ref_acc = float(np.mean(r.argmax(1) == labels))
-    return Fidelity(n, agreement, rel, acc, ref_acc)
+        p_out = np.concatenate([p for p, _ in pred])
+        p_ref = np.concatenate([q for _, q in pred])
+        labels = np.asarray(labels)
+        acc, ref_acc = float(np.mean(p_out == labels)), float(np.mean(p_ref == labels))
+    return Fidelity(n, agreement, float(np.mean(np.concatenate(rel))), acc, ref_acc)

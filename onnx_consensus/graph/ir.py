@@ -59,6 +59,12 @@ def from_gs(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     """Export ``graph`` and restore the model-level fields of ``like`` that gs.export_onnx drops
     (metadata_props, doc string, domain, model version, opset imports, ir version, functions)."""
     out = gs.export_onnx(graph, do_type_check=False)
+    # Keep only the value_info the input declared: inferred shapes of every tensor change which fusions
+    # onnxruntime applies (measured slower on a pruned ViT), and the file should differ only by the removal.
+    declared = {v.name for v in like.graph.value_info}
+    keep = [v for v in out.graph.value_info if v.name in declared]
+    del out.graph.value_info[:]
+    out.graph.value_info.extend(keep)
     for field in MODEL_FIELDS:
         setattr(out, field, getattr(like, field))
     del out.opset_import[:]
