@@ -26,6 +26,8 @@ O(m^2 n) products.
 """
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 from .linear import polar
@@ -80,17 +82,13 @@ def fit_alignment(X: np.ndarray, Y: np.ndarray, labels: np.ndarray | None, alpha
     (one condition). Returns (objective, T (m, m) in the internal coordinates, steps taken)."""
     if not 0.0 <= alpha <= 2.0:
         raise ValueError("alpha must be in [0, 2]")
-    Xr, Yr = row_space_coords(X), row_space_coords(Y)
+    Xr, Mx, Fx, tx = _side_stats(X, labels)
+    Yr, My, Fy, ty = _side_stats(Y, labels)
     m = max(Xr.shape[1], Yr.shape[1], 1)
-    Xr, Yr = pad_columns(Xr, m), pad_columns(Yr, m)
-    if labels is None:
-        groups = [np.arange(X.shape[0])]
-    else:
-        _, inverse = np.unique(labels, return_inverse=True)
-        groups = [np.flatnonzero(inverse == k) for k in range(inverse.max() + 1)]
-    K, beta = len(groups), 2.0 - alpha
-    Mx, Fx, tx = condition_stats(Xr, groups)
-    My, Fy, ty = condition_stats(Yr, groups)
+    Xr, Yr, Mx, My = pad_columns(Xr, m), pad_columns(Yr, m), pad_columns(Mx, m), pad_columns(My, m)
+    Fx = [_pad_rows(f, m) for f in Fx]
+    Fy = [_pad_rows(f, m) for f in Fy]
+    K, beta = len(Fx), 2.0 - alpha
     scale = alpha * (np.sum(Mx**2) + np.sum(My**2)) + beta * (tx.sum() + ty.sum())
     step = _Step(Mx, My, Fx, Fy, alpha, scale)
     # two starts, the Procrustes of the means and of the paired samples; descend from the better one
@@ -109,6 +107,37 @@ def fit_alignment(X: np.ndarray, Y: np.ndarray, labels: np.ndarray | None, alpha
         else:  # no progress (rounding level): stop at the best point
             break
     return max(float(obj), 0.0), T, steps
+
+
+def _pad_rows(F: np.ndarray, m: int) -> np.ndarray:
+    return F if F.shape[0] == m else np.vstack([F, np.zeros((m - F.shape[0], F.shape[1]))])
+
+
+_STATS_CACHE: dict[bytes, tuple] = {}
+_STATS_CACHE_SIZE = 8
+
+
+def _side_stats(A: np.ndarray, labels: np.ndarray | None) -> tuple:
+    """(row-space coordinates, means, covariance factors, traces) of one side, memoised by content:
+    the three gaussian metrics share them, and in the global scope every candidate shares the original
+    model's side. Zero-padding to a common width afterwards commutes with these statistics."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(str(A.shape).encode())
+    h.update(np.ascontiguousarray(A).tobytes())
+    if labels is not None:
+        h.update(np.ascontiguousarray(labels).tobytes())
+    key = h.digest()
+    if key not in _STATS_CACHE:
+        Ar = row_space_coords(A)
+        if labels is None:
+            groups = [np.arange(A.shape[0])]
+        else:
+            _, inverse = np.unique(labels, return_inverse=True)
+            groups = [np.flatnonzero(inverse == k) for k in range(inverse.max() + 1)]
+        if len(_STATS_CACHE) >= _STATS_CACHE_SIZE:
+            _STATS_CACHE.pop(next(iter(_STATS_CACHE)))
+        _STATS_CACHE[key] = (Ar,) + condition_stats(Ar, groups)
+    return _STATS_CACHE[key]
 
 
 class _Step:
