@@ -46,3 +46,70 @@ def feed_for(sess: ort.InferenceSession, available: dict[str, np.ndarray]) -> di
             raise KeyError(f"no value for session input {inp.name}")
         feed[inp.name] = available[inp.name]
     return feed
+
+
+SHARE_WEIGHTS_BYTES = 256 * 2**20  # models with more initializer bytes than this share them across sessions
+_PLACEHOLDER = "shared-initializers.bin"
+
+
+def initializer_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the model's initializers (stored inline or as external data)."""
+    total = 0
+    for t in model.graph.initializer:
+        n = int(np.prod(t.dims)) if t.dims else 1
+        total += n * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    return total
+
+
+class SharedWeights:
+    """One copy of a model's initializers as OrtValues, shared by every session built through it.
+
+    Scoring in the global scope runs one suffix session per candidate; each would otherwise hold its own
+    copy of the weights after its block (about half the model each). Sessions built here get the weights
+    through ``SessionOptions.add_initializer`` from a model whose initializers are stripped to external-data
+    stubs (so the model protos are small too). onnxruntime's graph optimisers (Conv+BN fusion already at
+    level 'basic', layouts at 'all') read initializers from the file, not from the shared values, so these
+    sessions run with graph optimisation off: slower, but memory stays near one copy of the weights.
+    Use as a context manager (a temporary folder holds the stripped models).
+    """
+
+    def __init__(self, model: onnx.ModelProto):
+        import tempfile
+
+        from onnx import numpy_helper
+
+        self._arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        self._values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in self._arrays.items()}
+        self._dir = tempfile.TemporaryDirectory(prefix="onnx-consensus-")
+        open(os.path.join(self._dir.name, _PLACEHOLDER), "wb").close()
+        self._count = 0
+
+    def __enter__(self) -> "SharedWeights":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._dir.cleanup()
+
+    def session(self, model: onnx.ModelProto, *, threads: int | None = None, **_) -> ort.InferenceSession:
+        """A session for ``model`` (whose initializers are, by name, those of the shared model)."""
+        so = session_options("disable", threads)
+        stripped = onnx.ModelProto()
+        stripped.CopyFrom(model)
+        for t in stripped.graph.initializer:
+            if t.name not in self._values:
+                continue  # not the shared model's: keep it inline
+            for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                t.ClearField(field)
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.EXTERNAL
+            t.external_data.add(key="location", value=_PLACEHOLDER)
+            so.add_initializer(t.name, self._values[t.name])
+        self._count += 1
+        path = os.path.join(self._dir.name, f"model{self._count}.onnx")
+        onnx.save_model(stripped, path)
+        sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        os.remove(path)
+        return sess

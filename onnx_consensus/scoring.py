@@ -23,7 +23,7 @@ from .graph.blocks import Block, find_blocks
 from .graph.instrument import expose, find_feature_tensor, suffix_model
 from .metrics import DEFAULT_METRICS, get_metric, score
 from .metrics.features import make_conditions, pca_cap, pool_features
-from .runtime import make_session
+from .runtime import SHARE_WEIGHTS_BYTES, SharedWeights, initializer_bytes, make_session
 
 log = logging.getLogger("onnx_consensus")
 SCOPES = ("global", "local")
@@ -72,25 +72,40 @@ def _predictions(out: np.ndarray) -> np.ndarray | None:
 
 def collect_features(model: onnx.ModelProto, data, blocks: Sequence[Block], *, scope: str = "global",
                      feature: str | None = None, indices=None, batch_size: int = 64,
-                     threads: int | None = None, progress: bool = False):
+                     threads: int | None = None, progress: bool = False, share_weights: bool | None = None):
     """Run the calibration data once. Returns (X, Ys, predictions, feature, ort_seconds): for the global
     scope X is the (n, d) pooled feature of the current model and Ys[b] the feature without block b; for
-    the local scope X and Ys are dicts of per-block entry / exit features. predictions: (n,) or None."""
+    the local scope X and Ys are dicts of per-block entry / exit features. predictions: (n,) or None.
+    share_weights: give every session one shared copy of the initializers (default: for models whose
+    weights exceed runtime.SHARE_WEIGHTS_BYTES), so memory stays near one copy of the weights."""
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}")
     output0 = model.graph.output[0].name
     t_ort = 0.0
-    if scope == "global":
-        feature = feature or find_feature_tensor(model)
-        suffixes = {b.id: suffix_model(model, b, [feature]) for b in blocks}
-        graph_inputs = {i.name for i in model.graph.input}
-        needed = [feature, output0] + sorted({n for s in suffixes.values() for n in s.inputs} - graph_inputs)
-        sessions = {bid: make_session(s.model, level="all", threads=threads)
-                    for bid, s in suffixes.items() if not s.passthrough}
-    else:
-        needed = [output0] + [n for b in blocks for n in (b.entry, b.exit)]
+    shared = SharedWeights(model) if (share_weights if share_weights is not None
+                                      else initializer_bytes(model) > SHARE_WEIGHTS_BYTES) else None
+
+    def session(m: onnx.ModelProto, level: str):
+        return shared.session(m, level=level, threads=threads) if shared else make_session(m, level=level, threads=threads)
+
+    try:
         sessions = {}
-    full = make_session(expose(model, needed), level="basic", threads=threads)
+        if scope == "global":
+            feature = feature or find_feature_tensor(model)
+            graph_inputs = {i.name for i in model.graph.input}
+            cut: set[str] = set()
+            for b in blocks:  # one suffix model at a time: only its session is kept
+                s = suffix_model(model, b, [feature])
+                cut.update(s.inputs)
+                if not s.passthrough:
+                    sessions[b.id] = session(s.model, "all")
+            needed = [feature, output0] + sorted(cut - graph_inputs)
+        else:
+            needed = [output0] + [n for b in blocks for n in (b.entry, b.exit)]
+        full = session(expose(model, needed), "basic")
+    finally:
+        if shared:
+            shared.close()
     full_names = [o.name for o in full.get_outputs()]
     X: list | dict = [] if scope == "global" else {b.id: [] for b in blocks}
     Ys: dict[str, list] = {b.id: [] for b in blocks}
