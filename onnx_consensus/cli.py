@@ -326,7 +326,12 @@ def _finetune(args, original, result, calib) -> tuple[dict, int]:
         info["error"] = str(exc)
         return info, exc.exit_code
     result.model = tuned
-    info.update(metric_before=before, metric_after=after, best_epoch=res.best_epoch,
+    original_metric = None
+    if eval_data is not None:
+        from .recover import evaluator
+
+        original_metric = evaluator(original, eval_data, threads=args.threads)(original)
+    info.update(metric_original=original_metric, metric_before=before, metric_after=after, best_epoch=res.best_epoch,
                 images_seen=res.images_seen, seconds=round(res.seconds, 2), history=res.history,
                 metric="accuracy" if (eval_data is not None and eval_data.labels is not None) else "agreement")
     return info, 0

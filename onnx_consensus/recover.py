@@ -73,8 +73,8 @@ def evaluator(original: onnx.ModelProto, data, *, batch_size: int = 64,
 
 def finetune_pruned(original: onnx.ModelProto, pruned: onnx.ModelProto, train_data, *, config,
                     eval_data=None, threads: int | None = None, progress: bool = True):
-    """Fine-tune ``pruned`` on ``train_data``: (model, FinetuneResult, metric before, metric after).
-    Distils from ``original`` when ``train_data`` has no labels."""
+    """Fine-tune ``pruned`` on ``train_data``: (model, FinetuneResult, metric before, metric after), the
+    metrics on ``eval_data`` (None without it). Distils from ``original`` when ``train_data`` has no labels."""
     from .bridge import finetune
 
     eval_fn = evaluator(original, eval_data, threads=threads) if eval_data is not None else None

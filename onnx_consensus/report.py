@@ -114,8 +114,10 @@ def summary_table(report: Mapping) -> str:
                      f"{(fid['accuracy'] - fid['reference_accuracy']) * 100:+.2f} pp"))
     ft = report.get("finetune")
     if ft and ft.get("metric_after") is not None:
-        rows.append((f"fine-tune: eval {ft['metric']}", f"{ft['metric_before']:.4f}", f"{ft['metric_after']:.4f}",
-                     f"{(ft['metric_after'] - ft['metric_before']) * 100:+.2f} pp"))
+        if ft.get("metric_original") is not None:
+            rows.append((f"eval {ft['metric']}: original", "", f"{ft['metric_original']:.4f}", ""))
+        rows.append((f"eval {ft['metric']}: pruned -> fine-tuned", f"{ft['metric_before']:.4f}",
+                     f"{ft['metric_after']:.4f}", f"{(ft['metric_after'] - ft['metric_before']) * 100:+.2f} pp"))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines.append("")
     for r in rows:

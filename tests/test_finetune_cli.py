@@ -39,6 +39,7 @@ def test_finetune_modes(tmp_path, setup, kind):
     ft = json.loads(rep.read_text())["finetune"]
     assert ft["mode"] == ("supervised" if kind == "lab" else "distillation")
     assert ft["metric"] == "accuracy" and 0 <= ft["metric_after"] <= 1
+    assert ft["metric_original"] == 1.0  # labels are the original model's own predictions
     assert ft["images_seen"] == 48 and len(ft["history"]) == 1
     pruned = onnx.load(out)
     onnx.checker.check_model(pruned, full_check=True)
@@ -78,3 +79,13 @@ def test_finetune_between_removals(tmp_path, setup):
     plain = remove_blocks(original, [by_id[i] for i in report["removed_ids"]])
     x = np.load(labelled / "x.npy")[:4]
     assert not np.allclose(run(onnx.load(out), {"input": x})[0], run(plain, {"input": x})[0])
+
+
+def test_finetune_without_torch_says_how_to_get_it(tmp_path, setup, monkeypatch, capsys):
+    import sys
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
+    src, labelled, _ = setup
+    out = tmp_path / "o.onnx"
+    assert main([str(src), str(out), "--calib", str(labelled), "--remove", "1", "-q", "--finetune-epochs", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "pip install torch==2.13.0" in err and "\n" not in err and not out.exists()
