@@ -294,6 +294,21 @@ def _node_macs(node: onnx.NodeProto, shapes) -> int | None:
     return 0
 
 
+def _symbolic_shapes(shaped: onnx.ModelProto) -> dict[str, tuple[int | None, ...] | None]:
+    """Shapes from onnxruntime's symbolic shape inference (sympy), which resolves what ONNX's inference
+    leaves unknown, e.g. an attention head size computed by Div from Shape. Best effort: {} on failure."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        inferred = SymbolicShapeInference.infer_shapes(shaped, auto_merge=True)
+    except Exception as exc:  # missing sympy, unsupported op: MACs stay unknown where they were
+        logging.getLogger("onnx_consensus").debug("symbolic shape inference failed: %s", exc)
+        return {}
+    if inferred is None:
+        return {}
+    return {k: v for k, v in _shape_map(inferred).items() if v is not None and _known(v)}
+
+
 def count_cost(
     model: onnx.ModelProto,
     input_shapes: dict[str, tuple[int, ...]] | None = None,
@@ -320,6 +335,8 @@ def count_cost(
         logging.getLogger("onnx_consensus").warning("shape inference failed (%s); MACs may be unknown", exc)
     shapes = {vi.name: s for vi, s in zip(model.graph.value_info, _value_info_shapes(model.graph.value_info))}
     shapes.update(_shape_map(shaped))
+    if any(_node_macs(n, shapes) is None for n in model.graph.node):
+        shapes.update(_symbolic_shapes(shaped))
     macs: dict[str, int | None] = {}
     total: int | None = 0
     for node in model.graph.node:
