@@ -49,7 +49,6 @@ def feed_for(sess: ort.InferenceSession, available: dict[str, np.ndarray]) -> di
 
 
 SHARE_WEIGHTS_BYTES = 256 * 2**20  # models with more initializer bytes than this share them across sessions
-_PLACEHOLDER = "shared-initializers.bin"
 
 
 def initializer_bytes(model: onnx.ModelProto) -> int:
@@ -69,7 +68,8 @@ class SharedWeights:
     through ``SessionOptions.add_initializer`` from a model whose initializers are stripped to external-data
     stubs (so the model protos are small too). onnxruntime's graph optimisers (Conv+BN fusion already at
     level 'basic', layouts at 'all') read initializers from the file, not from the shared values, so these
-    sessions run with graph optimisation off: slower, but memory stays near one copy of the weights.
+    sessions run with graph optimisation off and without weight prepacking (a per-session packed copy of
+    every MatMul/Conv weight): slower, but the sessions add no copies of the weights.
     Use as a context manager (a temporary folder holds the stripped models).
     """
 
@@ -80,8 +80,11 @@ class SharedWeights:
 
         self._arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
         self._values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in self._arrays.items()}
+        from .graph.ir import STUB_LOCATION
+
         self._dir = tempfile.TemporaryDirectory(prefix="onnx-consensus-")
-        open(os.path.join(self._dir.name, _PLACEHOLDER), "wb").close()
+        open(os.path.join(self._dir.name, STUB_LOCATION), "wb").close()
+        self._stub = STUB_LOCATION
         self._count = 0
 
     def __enter__(self) -> "SharedWeights":
@@ -96,6 +99,7 @@ class SharedWeights:
     def session(self, model: onnx.ModelProto, *, threads: int | None = None, **_) -> ort.InferenceSession:
         """A session for ``model`` (whose initializers are, by name, those of the shared model)."""
         so = session_options("disable", threads)
+        so.add_session_config_entry("session.disable_prepacking", "1")  # prepacked weights are per-session copies
         stripped = onnx.ModelProto()
         stripped.CopyFrom(model)
         for t in stripped.graph.initializer:
@@ -105,7 +109,7 @@ class SharedWeights:
                 t.ClearField(field)
             del t.external_data[:]
             t.data_location = onnx.TensorProto.EXTERNAL
-            t.external_data.add(key="location", value=_PLACEHOLDER)
+            t.external_data.add(key="location", value=self._stub)
             so.add_initializer(t.name, self._values[t.name])
         self._count += 1
         path = os.path.join(self._dir.name, f"model{self._count}.onnx")

@@ -21,6 +21,7 @@ from threadpoolctl import threadpool_limits
 from .consensus import BlockScore, consensus
 from .graph.blocks import Block, find_blocks
 from .graph.instrument import expose, find_feature_tensor, suffix_model
+from .graph.ir import weightless
 from .metrics import DEFAULT_METRICS, get_metric, score
 from .metrics.features import make_conditions, pca_cap, pool_features
 from .runtime import SHARE_WEIGHTS_BYTES, SharedWeights, initializer_bytes, make_session
@@ -88,21 +89,23 @@ def collect_features(model: onnx.ModelProto, data, blocks: Sequence[Block], *, s
     def session(m: onnx.ModelProto, level: str):
         return shared.session(m, level=level, threads=threads) if shared else make_session(m, level=level, threads=threads)
 
+    # With shared weights, all graph work happens on a weightless copy: suffix models cost no weights.
+    graph_model = weightless(model) if shared else model
     try:
         sessions = {}
         if scope == "global":
-            feature = feature or find_feature_tensor(model)
+            feature = feature or find_feature_tensor(graph_model)
             graph_inputs = {i.name for i in model.graph.input}
             cut: set[str] = set()
             for b in blocks:  # one suffix model at a time: only its session is kept
-                s = suffix_model(model, b, [feature])
+                s = suffix_model(graph_model, b, [feature])
                 cut.update(s.inputs)
                 if not s.passthrough:
                     sessions[b.id] = session(s.model, "all")
             needed = [feature, output0] + sorted(cut - graph_inputs)
         else:
             needed = [output0] + [n for b in blocks for n in (b.entry, b.exit)]
-        full = session(expose(model, needed), "basic")
+        full = session(expose(graph_model, needed), "basic")
     finally:
         if shared:
             shared.close()

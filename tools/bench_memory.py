@@ -61,17 +61,24 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=16)
     ap.add_argument("--width", type=int, default=4096)
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--build", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return
-    import numpy as np
-
-    d = tempfile.mkdtemp(prefix="bench-memory-")
+    d = args.build or tempfile.mkdtemp(prefix="bench-memory-")
     path = os.path.join(d, "big.onnx")
-    build(args.blocks, args.width, path)
-    os.makedirs(os.path.join(d, "calib"))
-    np.save(os.path.join(d, "calib", "x.npy"), np.random.default_rng(0).standard_normal((64, args.width)).astype(np.float32))
+    if args.build:
+        import numpy as np
+
+        build(args.blocks, args.width, path)
+        os.makedirs(os.path.join(d, "calib"))
+        np.save(os.path.join(d, "calib", "x.npy"),
+                np.random.default_rng(0).standard_normal((64, args.width)).astype(np.float32))
+        return
+    # Build in a child too: Linux keeps a process's peak RSS across exec, so this parent stays small.
+    subprocess.run([sys.executable, "-m", "tools.bench_memory", "--blocks", str(args.blocks), "--width",
+                    str(args.width), "--build", d], check=True, cwd=HERE)
     weights_mb = args.blocks * args.width * args.width * 4 / 2**20
     print(f"model: {args.blocks} residual blocks, {weights_mb:,.0f} MB of weights ({os.path.getsize(path) / 2**20:,.0f} MB file)")
     for share in (False, True):

@@ -41,17 +41,66 @@ def node_key(node: gs.Node) -> str:
     return node.outputs[0].name if node.outputs else f"<no-output:{node.name}>"
 
 
+STUB_LOCATION = "shared-initializers.bin"  # external-data location of stubbed weights (never read)
+STUB_MIN_ELEMENTS = 1024
+
+
+def weightless(model: onnx.ModelProto, min_elements: int = STUB_MIN_ELEMENTS) -> onnx.ModelProto:
+    """A copy of ``model`` whose float initializers of at least ``min_elements`` elements are stubs:
+    name, dtype and dims kept, data dropped (marked as external data at STUB_LOCATION). Shape inference and
+    graph surgery on it cost memory for the graph, not the weights; runtime.SharedWeights supplies the
+    values to sessions. Integer and small tensors (shape constants, scalars) keep their data."""
+    out = onnx.ModelProto()
+    graph = model.graph
+    out.CopyFrom(onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import,
+                                 metadata_props=model.metadata_props, functions=model.functions,
+                                 producer_name=model.producer_name, producer_version=model.producer_version,
+                                 domain=model.domain, model_version=model.model_version,
+                                 doc_string=model.doc_string))
+    g = out.graph
+    g.name, g.doc_string = graph.name, graph.doc_string
+    for field in ("node", "input", "output", "value_info", "sparse_initializer"):
+        getattr(g, field).extend(getattr(graph, field))
+    for t in graph.initializer:
+        n = int(np.prod(t.dims)) if t.dims else 1
+        if t.data_type in FLOAT_TYPES and n >= min_elements:
+            stub = g.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims,
+                                     data_location=onnx.TensorProto.EXTERNAL)
+            stub.external_data.add(key="location", value=STUB_LOCATION)
+        else:
+            g.initializer.add().CopyFrom(t)
+    return out
+
+
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+               onnx.TensorProto.DOUBLE)
+
+
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` with value_info filled by ONNX shape inference (data propagation on)."""
+    """ONNX shape inference (data propagation on) of a weightless copy of ``model``: its value_info holds
+    the inferred shapes; its large float initializers are stubs (see ``weightless``)."""
+    stub = weightless(model)
     try:
-        return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        return onnx.shape_inference.infer_shapes(stub, strict_mode=False, data_prop=True)
     except Exception:
-        return onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        return onnx.shape_inference.infer_shapes(stub, strict_mode=False)
 
 
 def to_gs(model: onnx.ModelProto, *, infer: bool = True) -> gs.Graph:
-    """Import into onnx-graphsurgeon (after shape inference), topologically sorted."""
-    graph = gs.import_onnx(infer_shapes(model) if infer else model)
+    """Import into onnx-graphsurgeon, topologically sorted. Initializers stay lazy references to the
+    model's tensors (no copy); tensors get dtypes and shapes from shape inference on a weightless copy."""
+    graph = gs.import_onnx(model)
+    if infer:
+        inferred = infer_shapes(model)
+        known = {v.name: v for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
+        inputs = {t.name for t in graph.inputs}
+        for t in graph.tensors().values():
+            if isinstance(t, gs.Variable) and t.name in known and t.name not in inputs:
+                tt = known[t.name].type.tensor_type
+                if tt.elem_type:
+                    t.dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+                if tt.HasField("shape"):
+                    t.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
     return graph.toposort()
 
 
