@@ -2,6 +2,7 @@
 import numpy as np
 import onnx
 import pytest
+from threadpoolctl import threadpool_limits
 
 from tests.helpers import resnet_onnx
 
@@ -23,3 +24,10 @@ def temporaries(folder) -> list[str]:
     import os
 
     return [f for f in os.listdir(folder) if f.endswith(".tmp") or ".tmp." in f]
+
+
+@pytest.fixture(autouse=True)
+def _one_blas_thread():
+    """Small matrices: BLAS threads only contend for the two (possibly shared) cores."""
+    with threadpool_limits(1):
+        yield

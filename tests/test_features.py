@@ -8,20 +8,8 @@ from onnx_consensus.errors import InputError
 from onnx_consensus.metrics import score
 from onnx_consensus.metrics.features import make_conditions, pca_cap, pool_features
 
-try:
-    from threadpoolctl import threadpool_limits
-except ImportError:  # pragma: no cover
-    threadpool_limits = None
 
 
-@pytest.fixture(autouse=True)
-def _one_blas_thread():
-    """Small matrices: BLAS threads only contend for the (shared, busy) cores."""
-    if threadpool_limits is None:
-        yield
-    else:
-        with threadpool_limits(1):
-            yield
 
 
 # ---------------------------------------------------------------- pool_features

@@ -13,10 +13,6 @@ from onnx_consensus.errors import InputError
 from onnx_consensus.metrics import DEFAULT_METRICS, available_metrics, get_metric, register_metric, score
 from onnx_consensus.metrics import registry
 
-try:
-    from threadpoolctl import threadpool_limits
-except ImportError:  # pragma: no cover
-    threadpool_limits = None
 
 BUILTIN = ("cka", "gaussian_stochastic_0", "gaussian_stochastic_1", "gaussian_stochastic_2", "permutation",
            "linear_0", "linear_1", "wasserstein", "cosine", "angular", "random")
@@ -24,14 +20,6 @@ SIMILARITY = tuple(m for m in BUILTIN if m != "random")
 GAUSSIAN = ("gaussian_stochastic_0", "gaussian_stochastic_1", "gaussian_stochastic_2")
 
 
-@pytest.fixture(autouse=True)
-def _one_blas_thread():
-    """Small matrices: BLAS threads only contend for the (shared, busy) cores."""
-    if threadpool_limits is None:
-        yield
-    else:
-        with threadpool_limits(1):
-            yield
 
 
 def rot(d, rng):
