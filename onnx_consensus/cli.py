@@ -319,18 +319,13 @@ def _finetune(args, original, result, calib) -> tuple[dict, int]:
     info = {"mode": "supervised" if train.labels is not None else "distillation", "epochs": args.finetune_epochs,
             "train_samples": train.n_samples, "eval": args.eval}
     try:
-        tuned, res, before, after = finetune_pruned(original, result.model, train, config=config,
-                                                    eval_data=eval_data, threads=args.threads,
-                                                    progress=not args.quiet)
+        tuned, res, before, after, original_metric = finetune_pruned(
+            original, result.model, train, config=config, eval_data=eval_data, threads=args.threads,
+            progress=not args.quiet)
     except FinetuneError as exc:
         info["error"] = str(exc)
         return info, exc.exit_code
     result.model = tuned
-    original_metric = None
-    if eval_data is not None:
-        from .recover import evaluator
-
-        original_metric = evaluator(original, eval_data, threads=args.threads)(original)
     info.update(metric_original=original_metric, metric_before=before, metric_after=after, best_epoch=res.best_epoch,
                 images_seen=res.images_seen, seconds=round(res.seconds, 2), history=res.history,
                 metric="accuracy" if (eval_data is not None and eval_data.labels is not None) else "agreement")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -55,26 +56,42 @@ def training_batches(data, batch_size: int, seed: int = 0) -> Callable[[], _Epoc
     return next_epoch
 
 
+def _higher_is_better(f) -> float:
+    """Accuracy with labels, else top-1 agreement, else 1 - mean relative error."""
+    if f.accuracy is not None:
+        return f.accuracy
+    return f.agreement if f.agreement is not None else 1.0 - f.rel_error
+
+
 def evaluator(original: onnx.ModelProto, data, *, batch_size: int = 64,
               threads: int | None = None) -> Callable[[onnx.ModelProto], float]:
     """eval_fn for the bridge: top-1 accuracy when ``data`` has labels, else top-1 agreement with the
-    original model (or 1 - mean relative error for non-classifiers). Higher is better."""
+    original model (or 1 - mean relative error for non-classifiers). Higher is better. The original's
+    own metric, from the reference outputs computed once here, is ``evaluate.original``."""
     idx = np.arange(data.n_samples)
     reference = reference_outputs(original, data, idx, batch_size=batch_size, threads=threads)
 
     def evaluate(model: onnx.ModelProto) -> float:
         out = reference_outputs(model, data, idx, batch_size=batch_size, threads=threads)
-        f = compare(out, reference, data.labels)
-        if f.accuracy is not None:
-            return f.accuracy
-        return f.agreement if f.agreement is not None else 1.0 - f.rel_error
+        return _higher_is_better(compare(out, reference, data.labels))
+    evaluate.original = _higher_is_better(compare(reference, reference, data.labels))
     return evaluate
 
 
+class Recovery(NamedTuple):
+    """What ``finetune_pruned`` returns; the metrics are on the evaluation data (None without it)."""
+
+    model: onnx.ModelProto
+    result: object  # bridge.FinetuneResult
+    before: float | None  # the pruned model
+    after: float | None  # the returned (best-epoch) model
+    original: float | None  # the unpruned model
+
+
 def finetune_pruned(original: onnx.ModelProto, pruned: onnx.ModelProto, train_data, *, config,
-                    eval_data=None, threads: int | None = None, progress: bool = True):
-    """Fine-tune ``pruned`` on ``train_data``: (model, FinetuneResult, metric before, metric after), the
-    metrics on ``eval_data`` (None without it). Distils from ``original`` when ``train_data`` has no labels."""
+                    eval_data=None, threads: int | None = None, progress: bool = True) -> Recovery:
+    """Fine-tune ``pruned`` on ``train_data``, distilling from ``original`` when ``train_data`` has no
+    labels; with ``eval_data`` the best epoch on it is returned."""
     from .bridge import finetune
 
     eval_fn = evaluator(original, eval_data, threads=threads) if eval_data is not None else None
@@ -82,8 +99,8 @@ def finetune_pruned(original: onnx.ModelProto, pruned: onnx.ModelProto, train_da
     teacher = None if train_data.labels is not None else original
     model, result = finetune(pruned, training_batches(train_data, config.batch_size, config.seed),
                              teacher=teacher, config=config, eval_fn=eval_fn, progress=progress)
-    after = eval_fn(model) if eval_fn else None
-    return model, result, before, after
+    # the bridge already evaluated the epoch it returns
+    return Recovery(model, result, before, result.best_metric, eval_fn.original if eval_fn else None)
 
 
 def between_removals(original: onnx.ModelProto, train_data, *, config, steps: int) -> Callable[[onnx.ModelProto], onnx.ModelProto]:

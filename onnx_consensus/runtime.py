@@ -38,16 +38,6 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, *, level: str = "al
     return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
 
 
-def feed_for(sess: ort.InferenceSession, available: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The subset of ``available`` that ``sess`` takes as inputs (KeyError names a missing one)."""
-    feed = {}
-    for inp in sess.get_inputs():
-        if inp.name not in available:
-            raise KeyError(f"no value for session input {inp.name}")
-        feed[inp.name] = available[inp.name]
-    return feed
-
-
 SHARE_WEIGHTS_BYTES = 256 * 2**20  # models with more initializer bytes than this share them across sessions
 
 

@@ -51,7 +51,7 @@ def test_pruned_reference_model_recovers(sets, mode):
     accuracy = evaluator(original, test, threads=2)
     assert accuracy(original) > 0.90
     config = FinetuneConfig(epochs=1, batch_size=64, seed=0, threads=2)
-    tuned, result, before, after = finetune_pruned(original, pruned, train, config=config, eval_data=test,
+    tuned, result, before, after, _ = finetune_pruned(original, pruned, train, config=config, eval_data=test,
                                                    threads=2, progress=False)
     assert result.mode == mode and result.images_seen == 2000
     assert before == pytest.approx(accuracy(pruned))

@@ -75,7 +75,7 @@ def main() -> None:
     for epochs in (int(e) for e in args.epochs.split(",")):
         for mode, train in (("supervised", train_lab), ("distillation", train_unlab)):
             config = FinetuneConfig(epochs=epochs, batch_size=args.batch_size, seed=args.seed, threads=args.threads)
-            tuned, ft, before, after = finetune_pruned(model, res.model, train, config=config, eval_data=test,
+            tuned, ft, before, after, _ = finetune_pruned(model, res.model, train, config=config, eval_data=test,
                                                        threads=args.threads, progress=False)
             per_epoch = ft.seconds / max(epochs, 1)
             row = {"mode": mode, "epochs": epochs, "accuracy": after, "seconds": ft.seconds,

@@ -125,13 +125,6 @@ def from_gs(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def opset_version(model: onnx.ModelProto) -> int:
-    for imp in model.opset_import:
-        if imp.domain in ("", "ai.onnx"):
-            return imp.version
-    return 0
-
-
 @dataclass(frozen=True)
 class TensorSpec:
     """A graph input or output: name, numpy dtype, and shape with symbolic dims as strings (None = unknown)."""
