@@ -410,10 +410,10 @@ def _path_ops(index: GraphIndex, common: set[str], a: gs.Tensor, b: gs.Tensor) -
     """Op types on the shorter operand path from the latest common ancestor (the skip path's ops)."""
     latest = max(common, key=lambda name: index.position.get(id(index.producer.get(name)), -1)
                  if name in index.producer else -1)
+    down = index.descendants(latest)
     paths = []
     for t in (a, b):
         _, up = index.ancestors(t.name)
-        down = index.descendants(latest)
         paths.append([n.op for n in index.nodes if id(n) in up and id(n) in down])
     return min(paths, key=len)
 
