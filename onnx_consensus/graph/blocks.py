@@ -142,10 +142,24 @@ def find_blocks(model: onnx.ModelProto | gs.Graph, *, macs_per_node: dict[str, i
             report.blocks.append(found)
     report.notes.extend(_fused_notes(index))
     report.blocks = _innermost(report.blocks, report.not_removable)
+    report.not_removable.extend(_subgraph_blocks(index))
     if unit == "layer":
         report.blocks = _pair_layers(index, report.blocks)
     report.blocks = _assign_stages(report.blocks, macs_per_node or {})
     return report
+
+
+def _subgraph_blocks(index: GraphIndex) -> list[NotRemovable]:
+    """Residual blocks inside control-flow subgraphs (If branches, Loop and Scan bodies), reported as not
+    removable: they run a data-dependent number of times or only on one path, so they are left alone."""
+    found = []
+    for node in index.nodes:
+        for attr, sub in ((a, v) for a, v in node.attrs.items() if isinstance(v, gs.Graph)):
+            for b in find_blocks(sub, macs_per_node={}).blocks:
+                found.append(NotRemovable(b.merge, (b.entry, b.exit),
+                                          f"inside the {attr} subgraph of {node.op} node {node.name or node_key(node)}: "
+                                          "blocks in control-flow subgraphs are left alone"))
+    return found
 
 
 KV_NAME = ("past", "present", "cache")
@@ -387,7 +401,7 @@ def _match_residual(index: GraphIndex, merge: gs.Node, norms: "_Norms | None" = 
     produced = {t.name for n in nodes for t in n.outputs}
     side = []
     for n in nodes:
-        for t in n.inputs:
+        for t in index.inputs_of(n):
             if index.is_data(t) and t.name != entry.name and t.name not in produced and t.name not in side:
                 side.append(t.name)
     return Block(

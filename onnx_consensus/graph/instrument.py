@@ -74,7 +74,7 @@ def suffix_model(model: onnx.ModelProto, block: Block, outputs: Sequence[str]) -
     produced = {t.name for n in suffix_nodes for t in n.outputs}
     cut: list[gs.Variable] = []
     for n in suffix_nodes:
-        for t in n.inputs:
+        for t in index.inputs_of(n):
             if index.is_data(t) and t.name not in produced and t not in cut:
                 cut.append(t)
     for t in cut:
@@ -86,7 +86,7 @@ def suffix_model(model: onnx.ModelProto, block: Block, outputs: Sequence[str]) -
 
 
 def _data_node(index: GraphIndex, node: gs.Node) -> bool:
-    return any(index.is_data(t) for t in node.inputs)
+    return any(index.is_data(t) for t in index.inputs_of(node))
 
 
 def find_feature_tensor(model: onnx.ModelProto) -> str:

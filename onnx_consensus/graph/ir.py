@@ -162,16 +162,46 @@ class GraphIndex:
         for n in self.nodes:
             for t in n.outputs:
                 self.producer[t.name] = n
-        self.output_names = {t.name for t in graph.outputs}
         self.tensors = graph.tensors()
-        # Tensors that depend on a graph input (the data path); constants and constant subgraphs don't.
-        self.data: set[str] = {t.name for t in graph.inputs}
+        # Nodes of control-flow subgraphs (If/Loop/Scan bodies) that read a main-graph tensor from the outer
+        # scope are consumers of it; they count as their enclosing main-graph node, and the tensor counts as
+        # an (implicit) input of that node.
+        self.owner: dict[int, gs.Node] = {}
+        self._implicit: dict[int, list[gs.Tensor]] = {}
         for n in self.nodes:
-            if any(isinstance(t, gs.Variable) and t.name in self.data for t in n.inputs):
+            implicit: list[gs.Tensor] = []
+            for sub in _subgraphs(n):
+                for inner in _all_nodes(sub):
+                    self.owner[id(inner)] = n
+                    implicit += [t for t in inner.inputs
+                                 if self.tensors.get(t.name) is t and not any(t is i for i in implicit)]
+            if implicit:
+                self._implicit[id(n)] = implicit
+        self.output_names = {t.name for t in graph.outputs}
+        # Tensors that depend on a graph input (the data path); constants and constant subgraphs don't.
+        # In a subgraph, tensors read from the outer scope (no producer here, not constants) are data too.
+        self.data: set[str] = {t.name for t in graph.inputs} | {
+            t.name for n in self.nodes for t in self.inputs_of(n)
+            if isinstance(t, gs.Variable) and t.name and t.name not in self.producer}
+        for n in self.nodes:
+            if any(isinstance(t, gs.Variable) and t.name in self.data for t in self.inputs_of(n)):
                 self.data.update(t.name for t in n.outputs)
 
+    def inputs_of(self, node: gs.Node) -> list[gs.Tensor]:
+        """``node``'s inputs, plus for a control-flow node the outer-scope tensors its subgraphs read."""
+        return list(node.inputs) + self._implicit.get(id(node), [])
+
     def consumers(self, name: str) -> list[gs.Node]:
-        return list(self.tensors[name].outputs) if name in self.tensors else []
+        """Main-graph nodes reading tensor ``name``, a control-flow node standing for its subgraphs' reads."""
+        if name not in self.tensors:
+            return []
+        out, seen = [], set()
+        for c in self.tensors[name].outputs:
+            node = c if id(c) in self.position else self.owner.get(id(c))
+            if node is not None and id(node) not in seen:
+                seen.add(id(node))
+                out.append(node)
+        return out
 
     def ancestors(self, name: str) -> tuple[set[str], set[int]]:
         """(tensor names, node ids) upstream of tensor ``name`` (inclusive of ``name``)."""
@@ -181,7 +211,7 @@ class GraphIndex:
             if node is None or id(node) in nodes:
                 continue
             nodes.add(id(node))
-            for t in node.inputs:
+            for t in self.inputs_of(node):
                 if t.name and t.name not in tensors:
                     tensors.add(t.name)
                     stack.append(t.name)
@@ -201,6 +231,24 @@ class GraphIndex:
 
     def is_data(self, t: gs.Tensor) -> bool:
         return isinstance(t, gs.Variable) and t.name in self.data
+
+
+def _subgraphs(node: gs.Node) -> list[gs.Graph]:
+    subs = []
+    for value in node.attrs.values():
+        if isinstance(value, gs.Graph):
+            subs.append(value)
+        elif isinstance(value, (list, tuple)):
+            subs.extend(v for v in value if isinstance(v, gs.Graph))
+    return subs
+
+
+def _all_nodes(graph: gs.Graph):
+    """Every node of ``graph`` and of its nested subgraphs."""
+    for n in graph.nodes:
+        yield n
+        for sub in _subgraphs(n):
+            yield from _all_nodes(sub)
 
 
 def shape_of(t: gs.Tensor) -> tuple | None:

@@ -1,0 +1,33 @@
+"""Table 5 of the reproduction: Consensus at the deepest level (21 blocks, 78.80% of MACs) against the
+fine-tuning budget, so a reader sees where a longer fine-tune would land.
+
+    python -m tools.paper.budget_curve [--shard k/n]
+
+Each budget is its own run: one pass over the first N training images with its own cosine schedule
+(supervised, seed 0, the recipe of finetune_runs); N = Config.curve_budgets (60,000 = one full epoch).
+"""
+from __future__ import annotations
+
+import argparse
+
+from .common import CONFIG, set_threads, test_arrays, units_for_shard
+from .finetune_runs import finetune_unit
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shard", default=None)
+    args = ap.parse_args(argv)
+    config = CONFIG
+    set_threads(config.threads)
+    test = test_arrays()
+    level = max(config.levels)
+    # largest first, so two workers finish together
+    for budget in units_for_shard(sorted(config.curve_budgets, reverse=True), args.shard):
+        row = finetune_unit("consensus", level, "supervised", 0, budget, config, test=test)
+        print(f"consensus {level} blocks, {budget} images: {row['accuracy']:.2%} "
+              f"({row['finetune_seconds']:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Table 1 of the reproduction: one iterative pruning run per criterion to the deepest level, and the test
+accuracy of the models at every level right after pruning (no training: the deployment case).
+
+    python -m tools.paper.prune_runs [--shard k/n]
+
+Criteria: ``consensus`` (the eight metrics, rank sum), each single metric of Config.single_metrics,
+``random<seed>`` (the random control), and ``published`` (the released code's effective order: the first
+remaining block of the earliest stage, whatever the scores; no scoring). Every criterion runs the same
+iterative schedule on the same 512 calibration images (410 scored, 102 held back) with one block kept per
+stage. Results (removal order, scoring seconds, MACs and accuracy per level) go to the cache.
+"""
+from __future__ import annotations
+
+import argparse
+
+from .common import CONFIG, Config, Timer, accuracy, load_result, original_model, pruned_model, save_result, \
+    set_threads, test_arrays, units_for_shard, ROOT
+
+
+def published_order(model, depth: int, keep_per_stage: int = 1) -> list[str]:
+    """The released code's effective order: repeatedly the first remaining block of the earliest stage that
+    still has more than ``keep_per_stage`` blocks."""
+    from onnx_consensus.graph.blocks import find_blocks
+
+    blocks = sorted(find_blocks(model).blocks, key=lambda b: (b.stage, b.position))
+    left: dict[int, int] = {}
+    for b in blocks:
+        left[b.stage] = left.get(b.stage, 0) + 1
+    order = []
+    for b in blocks:
+        if len(order) == depth:
+            break
+        if left[b.stage] > keep_per_stage:
+            order.append(b.id)
+            left[b.stage] -= 1
+    return order
+
+
+def metrics_of(criterion: str) -> tuple[tuple[str, ...], int]:
+    from onnx_consensus.metrics import DEFAULT_METRICS
+
+    if criterion == "consensus":
+        return DEFAULT_METRICS, 0
+    if criterion.startswith("random"):
+        return ("random",), int(criterion[len("random"):])
+    return (criterion,), 0
+
+
+def run_criterion(criterion: str, config: Config) -> dict:
+    from onnx_consensus.data import load_calibration
+    from onnx_consensus.pruner import CriterionOptions, RunOptions, TargetOptions, prune
+
+    model = original_model(config)
+    depth = max(config.levels)
+    clock = Timer()
+    if criterion == "published":
+        order, rounds = published_order(model, depth), 0
+    else:
+        metrics, seed = metrics_of(criterion)
+        data = load_calibration(ROOT / config.calib, model)
+        res = prune(model, data, criterion=CriterionOptions(metrics=metrics, seed=seed),
+                    target=TargetOptions(remove=depth), run=RunOptions(threads=config.threads))
+        order, rounds = res.removed_ids, len(res.rounds)
+    return {"criterion": criterion, "order": order, "rounds": rounds, "prune_seconds": clock(),
+            "threads": config.threads}
+
+
+def level_rows(criterion: str, config: Config) -> list[dict]:
+    from onnx_consensus.graph.flops import count_cost
+
+    x, y = test_arrays()
+    base = count_cost(original_model(config))
+    rows = []
+    for level in config.levels:
+        m = pruned_model(criterion, level, config)
+        cost = count_cost(m)
+        rows.append({"level": level, "macs": cost.total_macs, "params": cost.params,
+                     "macs_cut": 1 - cost.total_macs / base.total_macs,
+                     "accuracy": accuracy(m, x, y, threads=config.threads)})
+    return rows
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shard", default=None, help="k/n: this worker's share of the criteria")
+    args = ap.parse_args(argv)
+    config = CONFIG
+    set_threads(config.threads)
+    if args.shard in (None, "0/2", "0/1") and load_result("prune", "original", config) is None:
+        from onnx_consensus.graph.flops import count_cost
+
+        x, y = test_arrays()
+        cost = count_cost(original_model(config))
+        save_result("prune", "original", {"accuracy": accuracy(original_model(config), x, y, config.threads),
+                                          "macs": cost.total_macs, "params": cost.params}, config)
+    for criterion in units_for_shard(config.criteria, args.shard):
+        done = load_result("prune", criterion, config)
+        if done is None or "levels" not in done:
+            done = run_criterion(criterion, config)
+            save_result("prune", criterion, done, config)  # the order first: level_rows rebuilds from it
+            done["levels"] = level_rows(criterion, config)
+            save_result("prune", criterion, done, config)
+        accs = ", ".join(f"{r['level']}: {r['accuracy']:.2%}" for r in done["levels"])
+        print(f"{criterion:<10} pruned in {done['prune_seconds']:.0f} s; no fine-tuning {accs}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
