@@ -115,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("output")
     g.add_argument("--report", metavar="FILE", help="write the JSON report here")
     g.add_argument("--force-write", action="store_true", help="write the output even when nothing was removed")
+    g.add_argument("--keep-partial", action="store_true",
+                   help="if a run fails midway (onnxruntime error, interrupt), still write the model with the "
+                        "removals done so far and the report with the scores computed so far (exit code stays "
+                        "non-zero)")
     g.add_argument("--no-latency", action="store_true", help="skip the before/after latency measurement")
     g.add_argument("--latency-runs", type=int, default=20, help="timed runs per model for latency (default 20)")
     g.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
@@ -205,8 +209,9 @@ def cmd_inspect(args) -> int:
 def cmd_prune(args) -> int:
     from .bench import measure_latency
     from .data import load_calibration
-    from .graph.ir import load_model
-    from .io import check_output_path, save_model_atomic
+    from .graph.ir import load_model_and_layout
+    from .graph.precision import float32_shadow, is_bfloat16
+    from .io import check_output_path
     from .metrics import DEFAULT_METRICS, get_metric
     from .pruner import CriterionOptions, RunOptions, TargetOptions, prune
     from .report import build_report, sha256_file, stamp, summary_table
@@ -217,11 +222,22 @@ def cmd_prune(args) -> int:
         from .recover import require_torch
 
         require_torch()
-    model = load_model(args.input)
+    model, external = load_model_and_layout(args.input)
+    if external:
+        _check_data_file_free(out_path, args.input)
     input_sha = sha256_file(args.input)
     metrics = args.metrics or DEFAULT_METRICS
     for m in metrics:
         get_metric(m)
+    original = model  # what is written: removals found on a float32 shadow are applied to a bfloat16 original
+    if is_bfloat16(model):
+        if args.finetune_epochs or args.finetune_between:
+            raise InputError("fine-tuning a bfloat16 model is not supported (onnxruntime's CPU provider cannot "
+                             "run it as the teacher): prune without fine-tuning, or convert it to float32 first")
+        log.warning("bfloat16 model: onnxruntime's CPU provider cannot run it, so a float32 copy is scored and "
+                    "pruned; the output is written in bfloat16 (checked by onnx.checker only; no latency)")
+        model = float32_shadow(model)
+        args.no_latency = True
     data = load_calibration(args.calib, model, labels=args.labels, image_options=_image_options(args),
                             strict=args.strict, max_samples=args.max_samples)
     plan = ()
@@ -246,7 +262,15 @@ def cmd_prune(args) -> int:
         require_torch()
         train = load_calibration(args.train, model, strict=args.strict) if args.train else data
         between = between_removals(model, train, config=_finetune_config(args, epochs=1), steps=args.finetune_between)
-    result = prune(model, data, criterion=criterion, target=target, run=run, between=between)
+    try:
+        result = prune(model, data, criterion=criterion, target=target, run=run, between=between)
+    except (Exception, KeyboardInterrupt) as exc:
+        partial = getattr(exc, "partial_result", None)
+        if args.keep_partial and partial is not None:
+            _write_partial(args, partial, exc, original, model, data, out_path, external, input_sha, t_start)
+        raise
+    if original is not model:
+        result.model = _apply_to_original(original, result)
 
     sample = next(data.batches(args.batch_size))
     latency = None
@@ -273,25 +297,81 @@ def cmd_prune(args) -> int:
     wrote = False
     if result.removals or args.force_write:
         stamp(result.model, report)
-        try:
-            save_model_atomic(result.model, out_path, {k: v[:1] for k, v in sample.items()}, threads=args.threads)
-        except OSError as exc:
-            raise InputError(f"cannot write {out_path}: {exc.strerror or exc}") from None
+        _save(result.model, out_path, sample if original is model else None, args.threads, external)
         wrote = True
         print(f"\nWrote {out_path}")
     else:
         print("\nNo block removed: nothing written (use --force-write to write the model anyway).")
     if args.report:
         report["output"] = out_path if wrote else None
-        tmp = args.report + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=2, default=_jsonable)
-        os.replace(tmp, args.report)
-        print(f"Wrote report {args.report}")
+        _write_report(report, args.report)
     if exit_code:
         print(f"onnx-cprune: error: {finetune_info['error']}; the pruned model (not fine-tuned) was written",
               file=sys.stderr)
     return exit_code
+
+
+def _save(model, out_path: str, sample, threads, external: bool) -> None:
+    """Atomic, checked write (one onnxruntime run of the first sample unless ``sample`` is None)."""
+    from .io import save_model_atomic
+
+    feed = None if sample is None else {k: v[:1] for k, v in sample.items()}
+    try:
+        save_model_atomic(model, out_path, feed, threads=threads, external_data=external)
+    except OSError as exc:
+        raise InputError(f"cannot write {out_path}: {exc.strerror or exc}") from None
+
+
+def _write_report(report: dict, path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=2, default=_jsonable)
+    os.replace(tmp, path)
+    print(f"Wrote report {path}")
+
+
+def _check_data_file_free(out_path: str, input_path: str) -> None:
+    """The output's external-data file (``<output>.data``) must not be one the input reads its weights from."""
+    import onnx
+
+    data_out = out_path + ".data"
+    if not os.path.exists(data_out):
+        return
+    folder = os.path.dirname(os.path.abspath(input_path))
+    proto = onnx.load(input_path, load_external_data=False)
+    for t in proto.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location" and os.path.exists(os.path.join(folder, entry.value)) and \
+                    os.path.samefile(os.path.join(folder, entry.value), data_out):
+                raise InputError(f"the output's weights would go to {data_out}, which holds the input's weights; "
+                                 "choose another output name")
+
+
+def _apply_to_original(original, result):
+    """The removals ``result`` found on the float32 shadow, applied to the (bfloat16) original."""
+    from .graph.surgery import remove_blocks
+
+    return remove_blocks(original, [r.block for r in result.removals]) if result.removals else original
+
+
+def _write_partial(args, partial, exc, original, model, data, out_path, external, input_sha, t_start) -> None:
+    """--keep-partial: write the model with the removals done so far and a report with the scores so far."""
+    from .report import build_report, stamp
+
+    options = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
+               if k not in ("debug", "quiet", "func")}
+    report = build_report(partial, options=options, input_path=os.path.abspath(args.input), input_sha256=input_sha)
+    report.update(partial=True, error=f"{type(exc).__name__}: {exc}", seconds=round(time.perf_counter() - t_start, 2))
+    report["output"] = None
+    if partial.removals:
+        pruned = _apply_to_original(original, partial) if original is not model else partial.model
+        stamp(pruned, report)
+        _save(pruned, out_path, next(data.batches(1)) if original is model else None, args.threads, external)
+        report["output"] = out_path
+        print(f"--keep-partial: wrote {out_path} with the {len(partial.removals)} removal(s) done before the failure",
+              file=sys.stderr)
+    if args.report:
+        _write_report(report, args.report)
 
 
 def _finetune_config(args, epochs: int):
@@ -325,6 +405,15 @@ def _finetune(args, original, result, calib) -> tuple[dict, int]:
     except FinetuneError as exc:
         info["error"] = str(exc)
         return info, exc.exit_code
+    except Exception as exc:  # e.g. onnxruntime failing on the teacher or the evaluation midway
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        info["error"] = f"fine-tuning failed: {type(exc).__name__}: {first}"
+        return info, FinetuneError.exit_code
+    except KeyboardInterrupt:
+        if not args.keep_partial:
+            raise
+        info["error"] = "fine-tuning interrupted (--keep-partial)"
+        return info, 130
     result.model = tuned
     info.update(metric_original=original_metric, metric_before=before, metric_after=after, best_epoch=res.best_epoch,
                 images_seen=res.images_seen, seconds=round(res.seconds, 2), history=res.history,
@@ -422,7 +511,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(args)
     except KeyboardInterrupt:
-        print("onnx-cprune: interrupted; nothing written", file=sys.stderr)
+        kept = getattr(args, "keep_partial", False)
+        print(f"onnx-cprune: interrupted{'' if kept else '; nothing written'}", file=sys.stderr)
         return 130
     except ConsensusError as exc:
         if args.debug:

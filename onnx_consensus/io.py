@@ -33,16 +33,19 @@ def check_output_path(path: str | os.PathLike, input_path: str | os.PathLike | N
 
 
 def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike,
-                      check_feed: Mapping[str, np.ndarray] | None = None, *, threads: int | None = None) -> str:
+                      check_feed: Mapping[str, np.ndarray] | None = None, *, threads: int | None = None,
+                      external_data: bool = False) -> str:
     """Write ``model`` to ``path`` through a checked temporary file (``onnx.checker`` with full shape
-    inference, then one onnxruntime run of ``check_feed``), then rename it into place.
+    inference, then one onnxruntime run of ``check_feed`` unless it is None), then rename it into place.
 
     On Linux the temporary file is anonymous (O_TMPFILE): if the process is killed, even by SIGKILL,
-    it vanishes with it. Models over 2 GB are written with their weights as external data in
-    ``<name>.data`` beside the output (through named temporary files, removed on any error).
+    it vanishes with it. With ``external_data`` (the input kept its weights that way), and always for
+    models over 2 GB, the weights go to ``<name>.data`` beside the output (through named temporary files,
+    removed on any error); writing them empties ``model``'s weights in memory, so pass a model you are
+    done with.
     """
     path = os.path.abspath(os.fspath(path))
-    if model.ByteSize() > TWO_GB:
+    if external_data or model.ByteSize() > TWO_GB:
         return _save_external(model, path, check_feed, threads)
     folder = os.path.dirname(path)
     fd = _anonymous_file(folder)
@@ -114,22 +117,33 @@ def _save_named(model, path, check_feed, threads) -> str:
 
 
 def _save_external(model, path, check_feed, threads) -> str:
+    """Write the proto to a temporary ``.onnx`` and its weights, streamed tensor by tensor (memory-mapped
+    external tensors are copied from their files, never loaded whole), to a temporary ``.data`` beside it
+    (4 KiB-aligned, so onnxruntime can map them); check; then rename both into place."""
     folder, name = os.path.split(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
     os.close(fd)
     data_name = f"{name}.data"
-    tmp_data = os.path.join(folder, f".{os.path.basename(tmp)}.data")
+    tmp_data = tmp + ".data"  # no ".." in a location: the checker refuses it
     try:
-        onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=os.path.basename(tmp_data), size_threshold=1024)
-        _check(tmp, check_feed, threads)
-        # Re-point the external-data location at the final data file name, then move both.
-        m = onnx.load(tmp, load_external_data=False)
-        for t in m.graph.initializer:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        with open(tmp_data, "wb") as f:
+            for t in out.graph.initializer:
+                _write_tensor(t, f, os.path.basename(tmp_data))
+        onnx.save_model(out, tmp)
+        # The written file passes the checker (structure, full shape inference, external data present and
+        # long enough); the run check uses the in-memory model, whose weights are the same bytes (mapped
+        # from the input's file when they come from there), so no session loads a second copy of them.
+        _check(tmp, None, threads)
+        if check_feed is not None:
+            sess = make_session(model, level="basic", threads=threads)
+            sess.run(None, {i.name: check_feed[i.name] for i in sess.get_inputs()})
+        for t in out.graph.initializer:
             for entry in t.external_data:
                 if entry.key == "location":
                     entry.value = data_name
-        onnx.save_model(m, tmp)
+        onnx.save_model(out, tmp)
         os.replace(tmp_data, os.path.join(folder, data_name))
         os.replace(tmp, path)
     except BaseException:
@@ -138,3 +152,33 @@ def _save_external(model, path, check_feed, threads) -> str:
                 os.remove(f)
         raise
     return path
+
+
+def _write_tensor(t: onnx.TensorProto, f, location: str, min_bytes: int = 1024, align: int = 4096) -> None:
+    """Move tensor ``t``'s bytes (inline or memory-mapped external) to the end of ``f``; small inline
+    tensors stay inline."""
+    from onnx import numpy_helper
+
+    from .runtime import external_array, is_external
+
+    if is_external(t):
+        data = np.ascontiguousarray(external_array(t))
+    elif t.HasField("raw_data"):
+        data = t.raw_data
+    else:
+        arr = numpy_helper.to_array(t)
+        if arr.nbytes < min_bytes or arr.dtype == object:
+            return
+        data = np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("<"), copy=False))
+    size = data.nbytes if isinstance(data, np.ndarray) else len(data)
+    if size < min_bytes and not is_external(t):
+        return
+    f.write(b"\0" * (-f.tell() % align))
+    offset = f.tell()
+    f.write(data.data if isinstance(data, np.ndarray) else data)
+    for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+        t.ClearField(field)
+    del t.external_data[:]
+    t.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(size))):
+        t.external_data.add(key=key, value=value)

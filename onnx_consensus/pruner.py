@@ -168,57 +168,66 @@ def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = 
     removed: list[Block] = []
     current = model
 
-    if target.plan:
-        removed = [originals[i] for i in target.plan]
-        current = remove_blocks(model, removed)
-        result.removals = [Removal(b, 0) for b in removed]
-        result.stop_reason = f"replayed a plan of {len(removed)} removals"
-    else:
-        auto = target.remove is None and target.target_flops is None
-        order: list[str] = []
-        round_no = 0
-        while True:
-            if _target_met(target, removed, total):
-                result.stop_reason = "target met"
-                break
-            stage_left = _stage_counts(originals.values(), removed)
-            current_blocks = {b.id: b for b in find_blocks(current, macs_per_node={}, unit=criterion.unit).blocks
-                              if b.id in originals}
-            eligible = [current_blocks[i] for i in current_blocks
-                        if i in allowed and stage_left[originals[i].stage] > target.keep_per_stage]
-            if not eligible:
-                result.stop_reason = "no eligible block left"
-                break
-            if criterion.schedule == "iterative" or not order:
-                rnd = score_blocks(current, data, blocks=eligible, metrics=criterion.metrics, scope=criterion.scope,
-                                   feature=criterion.feature, indices=score_idx, labels=score_labels,
-                                   batch_size=run.batch_size, seed=criterion.seed, pca_dim=criterion.pca_dim,
-                                   threads=run.threads, progress=run.progress)
-                result.rounds.append(rnd)
-                order = rnd.order
-            eligible_ids = {b.id for b in eligible}
-            pick_id = next(i for i in order if i in eligible_ids)
-            # Remove from the current model (its blocks keep their original ids), so weights fine-tuned
-            # between removals carry over.
-            candidate = remove_blocks(current, [current_blocks[pick_id]])
-            fid = check(candidate) if auto else None
-            if auto and not fid.meets(target.min_agreement):
-                result.stop_reason = (f"removing {pick_id} would bring hold-out fidelity below the budget "
-                                      f"({_fid_text(fid)} < {target.min_agreement:g})")
-                break
-            removed.append(originals[pick_id])
-            result.removals.append(Removal(originals[pick_id], round_no, fid))
-            current = candidate
-            round_no += 1
-            log.info("removed %s (round %d)", pick_id, round_no)
-            if between is not None and not _target_met(target, removed, total):
-                current = between(current)
-        if not auto and not _target_met(target, removed, total):
-            got = _macs_fraction(removed, total)
-            want = f"{target.remove} blocks" if target.remove is not None else f"{target.target_flops:.1%} of MACs"
-            raise TargetError(report.refusal or f"target {want} cannot be met: only {len(removed)} block(s) removable "
-                              f"({got:.1%} of MACs) with keep-per-stage={target.keep_per_stage} and the "
-                              f"--only/--exclude choices")
+    # On any failure, what was computed so far (the finished rounds' scores, the model with the removals
+    # done) rides on the exception as ``partial_result``, for callers that keep it (`--keep-partial`).
+    try:
+        if target.plan:
+            removed = [originals[i] for i in target.plan]
+            current = remove_blocks(model, removed)
+            result.removals = [Removal(b, 0) for b in removed]
+            result.stop_reason = f"replayed a plan of {len(removed)} removals"
+        else:
+            auto = target.remove is None and target.target_flops is None
+            order: list[str] = []
+            round_no = 0
+            while True:
+                if _target_met(target, removed, total):
+                    result.stop_reason = "target met"
+                    break
+                stage_left = _stage_counts(originals.values(), removed)
+                current_blocks = {b.id: b for b in find_blocks(current, macs_per_node={}, unit=criterion.unit).blocks
+                                  if b.id in originals}
+                eligible = [current_blocks[i] for i in current_blocks
+                            if i in allowed and stage_left[originals[i].stage] > target.keep_per_stage]
+                if not eligible:
+                    result.stop_reason = "no eligible block left"
+                    break
+                if criterion.schedule == "iterative" or not order:
+                    rnd = score_blocks(current, data, blocks=eligible, metrics=criterion.metrics, scope=criterion.scope,
+                                       feature=criterion.feature, indices=score_idx, labels=score_labels,
+                                       batch_size=run.batch_size, seed=criterion.seed, pca_dim=criterion.pca_dim,
+                                       threads=run.threads, progress=run.progress)
+                    result.rounds.append(rnd)
+                    order = rnd.order
+                eligible_ids = {b.id for b in eligible}
+                pick_id = next(i for i in order if i in eligible_ids)
+                # Remove from the current model (its blocks keep their original ids), so weights fine-tuned
+                # between removals carry over.
+                candidate = remove_blocks(current, [current_blocks[pick_id]])
+                fid = check(candidate) if auto else None
+                if auto and not fid.meets(target.min_agreement):
+                    result.stop_reason = (f"removing {pick_id} would bring hold-out fidelity below the budget "
+                                          f"({_fid_text(fid)} < {target.min_agreement:g})")
+                    break
+                removed.append(originals[pick_id])
+                result.removals.append(Removal(originals[pick_id], round_no, fid))
+                current = candidate
+                result.model = current
+                round_no += 1
+                log.info("removed %s (round %d)", pick_id, round_no)
+                if between is not None and not _target_met(target, removed, total):
+                    current = between(current)
+                    result.model = current
+            if not auto and not _target_met(target, removed, total):
+                got = _macs_fraction(removed, total)
+                want = f"{target.remove} blocks" if target.remove is not None else f"{target.target_flops:.1%} of MACs"
+                raise TargetError(report.refusal or f"target {want} cannot be met: only {len(removed)} block(s) removable "
+                                  f"({got:.1%} of MACs) with keep-per-stage={target.keep_per_stage} and the "
+                                  f"--only/--exclude choices")
+    except (Exception, KeyboardInterrupt) as exc:
+        result.stop_reason = f"stopped by {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        exc.partial_result = result
+        raise
     result.model = current
     after = count_cost(current, run.input_shapes or None)
     result.macs_after, result.params_after = after.total_macs, after.params

@@ -32,10 +32,72 @@ def session_options(level: str = "all", threads: int | None = None) -> ort.Sessi
 
 def make_session(model: onnx.ModelProto | str | os.PathLike, *, level: str = "all",
                  threads: int | None = None) -> ort.InferenceSession:
-    """An InferenceSession on the CPU provider for a model proto or a path (paths work past 2 GB)."""
+    """An InferenceSession on the CPU provider for a model proto or a path (paths work past 2 GB).
+
+    A proto whose weights stay in external-data files (``graph.ir.load_model_and_layout``) gets them as
+    memory-mapped arrays shared by every session of the process (see ``external_array``), with graph
+    optimisation off and no weight prepacking, so no session holds a copy of them."""
+    if not isinstance(model, (str, os.PathLike)) and has_external_tensors(model):
+        return _external_session(model, threads)
     so = session_options(level, threads)
     source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else model.SerializeToString()
     return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
+
+
+# ------------------------------------------------------------------------------ external-data weights
+
+def is_external(t: onnx.TensorProto) -> bool:
+    """A tensor whose bytes are in a file (absolute location), not in the proto."""
+    return t.data_location == onnx.TensorProto.EXTERNAL and not t.HasField("raw_data")
+
+
+def has_external_tensors(model: onnx.ModelProto) -> bool:
+    return any(is_external(t) for t in model.graph.initializer)
+
+
+_MAPS: dict[tuple, tuple[np.ndarray, ort.OrtValue]] = {}
+
+
+def external_array(t: onnx.TensorProto) -> np.ndarray:
+    """A read-only memory map of external tensor ``t``'s bytes (its location an absolute path). Maps are
+    cached per (file, offset, length): every session and reader in the process shares one mapping, and the
+    pages are the file's (page cache), not a private copy."""
+    return _mapped(t)[0]
+
+
+def _mapped(t: onnx.TensorProto) -> tuple[np.ndarray, ort.OrtValue]:
+    info = {e.key: e.value for e in t.external_data}
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).newbyteorder("<")
+    shape = tuple(int(d) for d in t.dims)
+    key = (info["location"], int(info.get("offset", 0)), shape, dtype.str)
+    if key not in _MAPS:
+        if not os.path.isabs(info["location"]):
+            raise ValueError(f"external tensor {t.name} has a relative location; load it with load_model_and_layout")
+        arr = np.memmap(info["location"], dtype=dtype, mode="r", offset=key[1], shape=shape) if shape else \
+            np.fromfile(info["location"], dtype=dtype, count=1, offset=key[1]).reshape(())
+        _MAPS[key] = (arr, ort.OrtValue.ortvalue_from_numpy(np.asarray(arr)))
+    return _MAPS[key]
+
+
+def _external_session(model: onnx.ModelProto, threads: int | None) -> ort.InferenceSession:
+    import tempfile
+
+    from .graph.ir import STUB_LOCATION
+
+    so = session_options("disable", threads)
+    so.add_session_config_entry("session.disable_prepacking", "1")
+    stripped = onnx.ModelProto()
+    stripped.CopyFrom(model)
+    for t in stripped.graph.initializer:
+        if is_external(t):
+            so.add_initializer(t.name, _mapped(t)[1])
+            del t.external_data[:]
+            t.external_data.add(key="location", value=STUB_LOCATION)
+    with tempfile.TemporaryDirectory(prefix="onnx-consensus-") as d:
+        open(os.path.join(d, STUB_LOCATION), "wb").close()
+        path = os.path.join(d, "model.onnx")
+        onnx.save_model(stripped, path)
+        return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 
 SHARE_WEIGHTS_BYTES = 256 * 2**20  # models with more initializer bytes than this share them across sessions
@@ -68,8 +130,8 @@ class SharedWeights:
 
         from onnx import numpy_helper
 
-        self._arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-        self._values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in self._arrays.items()}
+        self._values = {t.name: _mapped(t)[1] if is_external(t) else
+                        ort.OrtValue.ortvalue_from_numpy(numpy_helper.to_array(t)) for t in model.graph.initializer}
         from .graph.ir import STUB_LOCATION
 
         self._dir = tempfile.TemporaryDirectory(prefix="onnx-consensus-")

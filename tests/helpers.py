@@ -129,3 +129,24 @@ def tiny_residual_graph(*, exit_is_output: bool = False, side_input: bool = Fals
         outputs.append(helper.make_tensor_value_info("r", onnx.TensorProto.FLOAT, ["N", 4]))
     g = helper.make_graph(nodes, "tiny", inputs, outputs, inits)
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+
+
+def residual_mlp(blocks: int = 6, width: int = 16, *, seed: int = 0, opset: int = 17,
+                 dtype=np.float32) -> onnx.ModelProto:
+    """x(N,width) -> blocks of h + Relu(h @ W_k) -> h @ head -> logits(N,10); weights in ``dtype``
+    (float32, float16 or ml_dtypes.bfloat16), the interface in the same type. Block k's exit is 'h{k}'."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, x = [], [], "x"
+    for k in range(blocks):
+        w = rng.standard_normal((width, width)) / np.sqrt(width) * (0.2 + 0.1 * k)
+        inits.append(numpy_helper.from_array(w.astype(np.float32).astype(dtype), f"w{k}"))
+        nodes += [helper.make_node("MatMul", [x, f"w{k}"], [f"m{k}"]), helper.make_node("Relu", [f"m{k}"], [f"r{k}"]),
+                  helper.make_node("Add", [x, f"r{k}"], [f"h{k}"])]
+        x = f"h{k}"
+    inits.append(numpy_helper.from_array((rng.standard_normal((width, 10)) * 0.3).astype(np.float32).astype(dtype),
+                                         "head"))
+    nodes.append(helper.make_node("MatMul", [x, "head"], ["logits"]))
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    g = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", elem, ["N", width])],
+                          [helper.make_tensor_value_info("logits", elem, ["N", 10])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])

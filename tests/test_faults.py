@@ -82,3 +82,77 @@ def test_disk_full_during_write(tmp_path, r20, monkeypatch, capsys):
         assert code == 2 and "No space left on device" in err and "\n" not in err
         assert not out.exists() and temporaries(tmp_path) == []
         assert sha256_file(src) == before
+
+
+def _fail_on_round(monkeypatch, n: int):
+    """Make the n-th scoring round (1-based) fail the way an onnxruntime error would."""
+    import onnx_consensus.pruner as pruner_mod
+
+    real, calls = pruner_mod.score_blocks, [0]
+
+    def flaky(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == n:
+            raise RuntimeError("[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : injected failure")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(pruner_mod, "score_blocks", flaky)
+
+
+def test_runtime_failure_midway_keeps_partial_when_asked(tmp_path, r20, monkeypatch, capsys):
+    import json
+
+    src, calib = r20
+    before = sha256_file(src)
+    args = ["--calib", str(calib), "--remove", "4", "--metrics", "cka", "-q", "--no-latency"]
+    _fail_on_round(monkeypatch, 3)
+    out = tmp_path / "plain.onnx"
+    assert main([str(src), str(out), *args]) == 1
+    err = capsys.readouterr().err
+    assert "NOT_IMPLEMENTED" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() and temporaries(tmp_path) == []
+
+    _fail_on_round(monkeypatch, 3)
+    out, rep = tmp_path / "partial.onnx", tmp_path / "partial.json"
+    assert main([str(src), str(out), *args, "--keep-partial", "--report", str(rep)]) == 1
+    report = json.loads(rep.read_text())
+    assert report["partial"] is True and "NOT_IMPLEMENTED" in report["error"]
+    assert len(report["removed_ids"]) == 2 and len(report["rounds"]) == 2  # rounds 1-2 done, 3 failed
+    pruned = onnx.load(out)
+    onnx.checker.check_model(pruned, full_check=True)
+    # the partial model is exactly the replay of the two removals that were done
+    assert main([str(src), str(tmp_path / "replay.onnx"), "--calib", str(calib), "--plan", str(rep), "-q",
+                 "--no-latency"]) == 0
+    replay = onnx.load(tmp_path / "replay.onnx")
+    assert [n.output[0] for n in replay.graph.node] == [n.output[0] for n in pruned.graph.node]
+    assert sha256_file(src) == before and temporaries(tmp_path) == []
+
+
+def test_runtime_failure_in_first_round_keeps_report_only(tmp_path, r20, monkeypatch):
+    import json
+
+    src, calib = r20
+    _fail_on_round(monkeypatch, 1)
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    assert main([str(src), str(out), "--calib", str(calib), "--remove", "2", "--metrics", "cka", "-q",
+                 "--no-latency", "--keep-partial", "--report", str(rep)]) == 1
+    report = json.loads(rep.read_text())
+    assert report["partial"] is True and report["removed_ids"] == [] and report["output"] is None
+    assert not out.exists()
+
+
+def test_finetune_runtime_failure_keeps_pruned_model(tmp_path, r20, monkeypatch, capsys):
+    """onnxruntime failing inside fine-tuning (not a bridge error): exit 4, the pruned model is written."""
+    pytest.importorskip("torch")
+    import onnx_consensus.recover as recover_mod
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : injected")
+    monkeypatch.setattr(recover_mod, "finetune_pruned", broken)
+    src, calib = r20
+    out = tmp_path / "o.onnx"
+    code = main([str(src), str(out), "--calib", str(calib), "--remove", "2", "--metrics", "cka", "-q", "--no-latency",
+                 "--finetune-epochs", "1"])
+    assert code == 4
+    assert "RUNTIME_EXCEPTION" in capsys.readouterr().err
+    pruned = onnx.load(out)
+    assert len(pruned.graph.node) < len(onnx.load(src).graph.node)

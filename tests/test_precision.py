@@ -34,3 +34,59 @@ def test_float16_model_pruned_in_float16(tmp_path):
     assert all(t.data_type == TensorProto.FLOAT16 for t in pruned.graph.initializer if t.data_type != TensorProto.INT64)
     y = run(pruned, {"input": x[:3]})[0]
     assert y.dtype == np.float16 and np.isfinite(y).all()
+
+
+def test_bfloat16_scored_on_float32_shadow_written_in_bfloat16(tmp_path):
+    """onnxruntime's CPU provider cannot run a bfloat16 MatMul; the tool scores a float32 shadow, says so,
+    and writes the same removals into the bfloat16 model."""
+    import ml_dtypes
+    import onnxruntime as ort
+    import pytest
+
+    from onnx_consensus.graph.precision import float32_shadow, is_bfloat16
+    from tests.helpers import residual_mlp
+
+    bf16 = residual_mlp(6, 16, dtype=ml_dtypes.bfloat16)
+    assert is_bfloat16(bf16)
+    with pytest.raises(Exception, match="NOT_IMPLEMENTED|not implemented|implementation"):
+        ort.InferenceSession(bf16.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            None, {"x": np.zeros((1, 16), ml_dtypes.bfloat16)})
+    shadow = float32_shadow(bf16)
+    src, shadow_src = tmp_path / "b.onnx", tmp_path / "s.onnx"
+    onnx.save(bf16, src)
+    onnx.save(shadow, shadow_src)
+    calib = tmp_path / "c"
+    calib.mkdir()
+    x = np.random.default_rng(0).standard_normal((60, 16)).astype(np.float32)
+    np.save(calib / "x.npy", x)
+    args = ["--calib", str(calib), "--remove", "2", "-q", "--no-latency", "--report"]
+    assert main([str(src), str(tmp_path / "o.onnx"), *args, str(tmp_path / "r.json")]) == 0
+    assert main([str(shadow_src), str(tmp_path / "o32.onnx"), *args, str(tmp_path / "r32.json")]) == 0
+    import json
+
+    removed = json.loads((tmp_path / "r.json").read_text())["removed_ids"]
+    assert removed == json.loads((tmp_path / "r32.json").read_text())["removed_ids"] and len(removed) == 2
+    pruned = onnx.load(tmp_path / "o.onnx")
+    onnx.checker.check_model(pruned, full_check=True)
+    assert interface(pruned) == interface(bf16)
+    assert all(t.data_type == TensorProto.BFLOAT16 for t in pruned.graph.initializer)
+    assert len(pruned.graph.node) == len(bf16.graph.node) - 6
+    # the bfloat16 output, computed in float32, is the float32 run's pruned model exactly
+    y = run(float32_shadow(pruned), {"x": x[:8]})[0]
+    np.testing.assert_array_equal(y, run(onnx.load(tmp_path / "o32.onnx"), {"x": x[:8]})[0])
+
+
+def test_bfloat16_finetune_refused(tmp_path, capsys):
+    import ml_dtypes
+
+    from tests.helpers import residual_mlp
+
+    src = tmp_path / "b.onnx"
+    onnx.save(residual_mlp(4, 8, dtype=ml_dtypes.bfloat16), src)
+    calib = tmp_path / "c"
+    calib.mkdir()
+    np.save(calib / "x.npy", np.zeros((20, 8), np.float32))
+    code = main([str(src), str(tmp_path / "o.onnx"), "--calib", str(calib), "--remove", "1", "-q",
+                 "--finetune-epochs", "1"])
+    assert code == 2 and not (tmp_path / "o.onnx").exists()
+    assert "bfloat16" in capsys.readouterr().err

@@ -95,7 +95,7 @@ def _augment(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 class _Teacher:
     def __init__(self, model: onnx.ModelProto, feature: str | None, threads: int | None):
-        import onnxruntime as ort
+        from ..runtime import make_session
 
         m = onnx.ModelProto()
         m.CopyFrom(model)
@@ -104,10 +104,7 @@ class _Teacher:
             if feature not in {o.name for o in m.graph.output}:
                 m.graph.output.append(onnx.helper.make_empty_tensor_value_info(feature))
             self.outputs.append(feature)
-        so = ort.SessionOptions()
-        if threads:
-            so.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        self.session = make_session(m, level="all", threads=threads)
         self.inputs = [i.name for i in self.session.get_inputs()]
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

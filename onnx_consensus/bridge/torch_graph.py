@@ -22,6 +22,7 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from ..errors import FinetuneError
+from ..runtime import external_array
 from .ops import NodeCtx, check_supported, lookup, normalize_domain, opset_versions
 from .ops_tensor import constant_value
 
@@ -63,9 +64,12 @@ class OnnxModule(nn.Module):
         const_values: dict[str, np.ndarray] = {}
         for name, t in inits.items():
             if t.data_location == onnx.TensorProto.EXTERNAL and not t.HasField("raw_data"):
-                raise FinetuneError(
-                    f"initializer {name!r} keeps its data in an external file: load the model with its "
-                    "external data before fine-tuning")
+                try:  # an absolute location (graph.ir.load_model_and_layout): read from the mapped file
+                    const_values[name] = np.array(external_array(t))
+                except (KeyError, ValueError, OSError) as exc:
+                    raise FinetuneError(f"initializer {name!r} keeps its data in an external file that cannot "
+                                        f"be read ({exc}): load the model with its external data") from None
+                continue
             const_values[name] = numpy_helper.to_array(t)
 
         nodes = list(graph.node)
@@ -271,6 +275,9 @@ def _fill_tensor(tp: onnx.TensorProto, arr: np.ndarray) -> None:
     arr = np.ascontiguousarray(np.asarray(arr, dtype=np_dtype).reshape(tuple(tp.dims)))
     if tp.HasField("raw_data") or tp.data_location == onnx.TensorProto.EXTERNAL:
         tp.raw_data = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+        if tp.data_location == onnx.TensorProto.EXTERNAL:  # now inline; the writer decides where it goes
+            del tp.external_data[:]
+            tp.data_location = onnx.TensorProto.DEFAULT
     elif len(tp.float_data) and np_dtype == np.float32:
         del tp.float_data[:]
         tp.float_data.extend(arr.ravel().tolist())

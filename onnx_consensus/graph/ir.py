@@ -20,6 +20,18 @@ MODEL_FIELDS = ("ir_version", "producer_name", "producer_version", "domain", "mo
 
 def load_model(path: str | os.PathLike, *, load_external_data: bool = True) -> onnx.ModelProto:
     """Read an ONNX file; a missing, empty, corrupt or non-ONNX file raises InputError (one line)."""
+    return load_model_and_layout(path, load_external_data=load_external_data)[0]
+
+
+def load_model_and_layout(path: str | os.PathLike, *,
+                          load_external_data: bool = True) -> tuple[onnx.ModelProto, bool]:
+    """(model, whether the file keeps weights as external data), parsing the file once; errors as
+    ``load_model``.
+
+    External data is not read into the proto: each external tensor's location is made absolute (checked to
+    exist and be long enough), and readers map it from the file when they need it (``runtime.external_array``,
+    sessions through ``runtime.make_session``), so a model of several GB costs its graph in memory, not its
+    weights. ``load_external_data=False`` leaves the locations as they are and checks nothing."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise InputError(f"model file not found: {path}")
@@ -28,12 +40,50 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True) -> o
     if os.path.getsize(path) == 0:
         raise InputError(f"model file is empty: {path}")
     try:
-        model = onnx.load(path, load_external_data=load_external_data)
+        model = onnx.load(path, load_external_data=False)
+        external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+        if external and load_external_data:
+            _absolute_locations(model, os.path.dirname(os.path.abspath(path)))
     except Exception as exc:  # protobuf DecodeError, missing external data, ...
         raise InputError(f"cannot read {path} as an ONNX model: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     if not model.graph.node or not model.opset_import:
         raise InputError(f"{path} is not an ONNX model (no graph nodes or no opset)")
-    return model
+    return model, external
+
+
+def _absolute_locations(model: onnx.ModelProto, base: str) -> None:
+    sizes: dict[str, int] = {}
+    for t in model.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        loc = os.path.normpath(os.path.join(base, info.get("location", "")))
+        if loc not in sizes:
+            if not os.path.isfile(loc):
+                raise ValueError(f"external data file {loc} (tensor {t.name}) not found")
+            sizes[loc] = os.path.getsize(loc)
+        n = int(np.prod(t.dims)) if t.dims else 1
+        need = int(info.get("offset", 0)) + int(info.get("length", n * np.dtype(
+            onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize))
+        if need > sizes[loc]:
+            raise ValueError(f"external data file {loc} is too short for tensor {t.name}")
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = loc
+
+
+def materialize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` with every external tensor's bytes read into the proto (for the PyTorch bridge)."""
+    from ..runtime import external_array, is_external
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for t in out.graph.initializer:
+        if is_external(t):
+            t.raw_data = np.ascontiguousarray(external_array(t)).tobytes()
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.DEFAULT
+    return out
 
 
 def node_key(node: gs.Node) -> str:
