@@ -450,14 +450,26 @@ def _innermost(blocks: list[Block], not_removable: list[NotRemovable]) -> list[B
 
 
 def _assign_stages(blocks: list[Block], macs_per_node: dict[str, int | None]) -> list[Block]:
-    """Number runs of consecutive same-shaped blocks (a ResNet stage) and fill MACs."""
-    out, stage, prev = [], -1, object()
+    """Number stages (a ResNet stage: a run of same-shaped blocks) and fill MACs. A block whose entry is the
+    exit of a same-shaped block joins that block's stage (so parallel towers, interleaved in topological
+    order, keep separate stages); otherwise it joins the stage of the block before it in topological order
+    when their shapes match, else starts a new stage."""
+    out, stage, prev = [], -1, (object(), -1)
+    by_exit: dict[str, tuple[tuple, int]] = {}
     for b in sorted(blocks, key=lambda b: b.position):
         signature = (None if b.shape is None else tuple(d if isinstance(d, int) else '?' for d in b.shape), b.dtype)
-        if signature != prev:
+        chained = by_exit.get(b.entry)
+        if chained is not None and chained[0] == signature:
+            this = chained[1]
+        elif signature == prev[0]:
+            this = prev[1]
+        else:
             stage += 1
-            prev = signature
+            this = stage
+        prev = (signature, this)
+        by_exit[b.exit] = (signature, this)
+        b = replace(b, stage=this)
         costs = [macs_per_node.get(k, 0) for k in b.nodes]
         macs = None if (not macs_per_node or any(c is None for c in costs)) else int(sum(costs))
-        out.append(replace(b, stage=stage, macs=macs))
+        out.append(replace(b, macs=macs))
     return out
