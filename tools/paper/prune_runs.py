@@ -4,8 +4,8 @@ accuracy of the models at every level right after pruning (no training: the depl
     python -m tools.paper.prune_runs [--shard k/n]
 
 Criteria: ``consensus`` (the eight metrics, rank sum), each single metric of Config.single_metrics,
-``random<seed>`` (the random control), and ``published`` (the released code's effective order: the first
-remaining block of the earliest stage, whatever the scores; no scoring). Every criterion runs the same
+``random<seed>`` (the random control), and ``published`` (the released code's effective order: the blocks
+it offered, in layer order, whatever the scores; see ``published_order``; no scoring). Every criterion runs the same
 iterative schedule on the same 512 calibration images (410 scored, 102 held back) with one block kept per
 stage. Results (removal order, scoring seconds, MACs and accuracy per level) go to the cache.
 """
@@ -17,23 +17,17 @@ from .common import CONFIG, Config, Timer, accuracy, load_result, original_model
     set_threads, test_arrays, units_for_shard, ROOT
 
 
-def published_order(model, depth: int, keep_per_stage: int = 1) -> list[str]:
-    """The released code's effective order: repeatedly the first remaining block of the earliest stage that
-    still has more than ``keep_per_stage`` blocks."""
+def published_order(model, depth: int) -> list[str]:
+    """The released code's effective order: the blocks it offered, in layer order, whatever the scores.
+
+    Its candidate list was every basic block except the first of stage 1 (which has an identity shortcut in
+    the standard network, but the code skipped it), and sorting by score then applying the mask in layer
+    order removed the first remaining offered block of the earliest stage each time, with no per-stage
+    minimum: for ResNet-56, blocks 2-9 of stage 1, then 2-9 of stage 2, then stage 3 (21 = 8 + 8 + 5)."""
     from onnx_consensus.graph.blocks import find_blocks
 
     blocks = sorted(find_blocks(model).blocks, key=lambda b: (b.stage, b.position))
-    left: dict[int, int] = {}
-    for b in blocks:
-        left[b.stage] = left.get(b.stage, 0) + 1
-    order = []
-    for b in blocks:
-        if len(order) == depth:
-            break
-        if left[b.stage] > keep_per_stage:
-            order.append(b.id)
-            left[b.stage] -= 1
-    return order
+    return [b.id for b in blocks[1:depth + 1]]
 
 
 def metrics_of(criterion: str) -> tuple[tuple[str, ...], int]:
