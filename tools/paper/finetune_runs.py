@@ -18,6 +18,7 @@ from .common import CONFIG, Config, Timer, accuracy, load_result, original_model
     save_result, set_threads, test_arrays, train_data, units_for_shard
 
 MODES = ("supervised", "distillation")
+TRAIN_SET = 60_000  # Fashion-MNIST training images
 
 
 def unit_name(criterion: str, level: int, mode: str, seed: int, budget: int) -> str:
@@ -26,8 +27,8 @@ def unit_name(criterion: str, level: int, mode: str, seed: int, budget: int) -> 
 
 def finetune_unit(criterion: str, level: int, mode: str, seed: int, budget: int, config: Config,
                   keep_model: bool = False, test=None) -> dict:
-    """Fine-tune the ``level`` model of ``criterion`` on one pass over the first ``budget`` training images;
-    cached by all of those."""
+    """Fine-tune the ``level`` model of ``criterion`` on one pass over the first ``budget`` training images
+    (past 60,000: budget / 60,000 epochs over all of them); cached by all of those."""
     name = unit_name(criterion, level, mode, seed, budget)
     done = load_result("finetune", name, config)
     if done is not None:
@@ -38,8 +39,10 @@ def finetune_unit(criterion: str, level: int, mode: str, seed: int, budget: int,
     x, y = test if test is not None else test_arrays()
     original = original_model(config)
     pruned = pruned_model(criterion, level, config)
-    data = train_data(budget, labelled=mode == "supervised", config=config)
-    ft_config = FinetuneConfig(epochs=1, batch_size=config.ft_batch_size, seed=seed, threads=config.threads)
+    # budgets past the training set: whole epochs over all of it (one cosine schedule over the run)
+    epochs, images = (budget // TRAIN_SET, TRAIN_SET) if budget > TRAIN_SET else (1, budget)
+    data = train_data(images, labelled=mode == "supervised", config=config)
+    ft_config = FinetuneConfig(epochs=epochs, batch_size=config.ft_batch_size, seed=seed, threads=config.threads)
     clock = Timer()
     rec = finetune_pruned(original, pruned, data, config=ft_config, eval_data=None, threads=config.threads,
                           progress=False)
