@@ -7,7 +7,8 @@ Criteria: ``consensus`` (the eight metrics, rank sum), each single metric of Con
 ``random<seed>`` (the random control), and ``published`` (the released code's effective order: the blocks
 it offered, in layer order, whatever the scores; see ``published_order``; no scoring). Every criterion runs the same
 iterative schedule on the same 512 calibration images (410 scored, 102 held back) with one block kept per
-stage. Results (removal order, scoring seconds, MACs and accuracy per level) go to the cache.
+stage (the published order has its own rule). Results (removal order, scoring seconds, MACs and accuracy
+per level) go to the cache.
 """
 from __future__ import annotations
 
