@@ -31,7 +31,10 @@ def test_signal_at_random_points(tmp_path, r20, sig):
     interrupted = 0
     for delay in sorted(rng.uniform(0.3, 4.0, size=3)):
         out = tmp_path / f"out-{delay:.2f}.onnx"
-        p = subprocess.Popen(_cli(src, calib, out), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # SIG_DFL for SIGINT in the child: a test run started in the background (nohup, &) inherits SIGINT
+        # ignored, and Python then never raises KeyboardInterrupt
+        p = subprocess.Popen(_cli(src, calib, out), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         time.sleep(delay)
         p.send_signal(sig)
         _, err = p.communicate(timeout=120)
