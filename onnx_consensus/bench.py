@@ -26,6 +26,7 @@ class Latency:
     runs: int
     threads: int
     opt_level: str = OPT_LEVEL
+    spinning: bool = True
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -53,9 +54,15 @@ def random_feed(model: onnx.ModelProto, batch_size: int, sample: dict[str, np.nd
 
 
 def measure_latency(models: Sequence[onnx.ModelProto], feed: dict[str, np.ndarray], *, runs: int = 30,
-                    warmup: int = 5, threads: int = 1) -> list[Latency]:
-    """Latency of each model on the same ``feed``; runs alternate between models so drift hits all alike."""
-    sessions = [make_session(m, level=OPT_LEVEL, threads=threads) for m in models]
+                    warmup: int = 5, threads: int = 1, spinning: bool | None = None) -> list[Latency]:
+    """Latency of each model on the same ``feed``; runs alternate between models so drift hits all alike.
+
+    spinning (default: only when one model is timed): onnxruntime's intra-op threads spin-wait after a run.
+    With several sessions alternating, the spinning threads of the session that just ran steal cores from
+    the next one (measured: ResNet-56 at batch 64 on 2 threads, 61 ms alone but 94 ms alternated with a
+    second session), so alternated sessions run with spinning off."""
+    spinning = len(models) == 1 if spinning is None else spinning
+    sessions = [make_session(m, level=OPT_LEVEL, threads=threads, spinning=spinning) for m in models]
     feeds = [{i.name: feed[i.name] for i in s.get_inputs()} for s in sessions]
     for _ in range(warmup):
         for s, f in zip(sessions, feeds):
@@ -67,4 +74,5 @@ def measure_latency(models: Sequence[onnx.ModelProto], feed: dict[str, np.ndarra
             s.run(None, f)
             times[k].append((time.perf_counter() - t0) * 1e3)
     bs = len(next(iter(feed.values())))
-    return [Latency(bs, float(np.median(t)), float(np.percentile(t, 90)), runs, threads) for t in times]
+    return [Latency(bs, float(np.median(t)), float(np.percentile(t, 90)), runs, threads, spinning=spinning)
+            for t in times]

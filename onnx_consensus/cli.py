@@ -284,7 +284,8 @@ def cmd_prune(args) -> int:
                                             threads=args.threads or os.cpu_count())
             latency[str(bs)] = {"before_ms": before.median_ms, "after_ms": after.median_ms,
                                 "before_p90_ms": before.p90_ms, "after_p90_ms": after.p90_ms,
-                                "threads": before.threads, "opt_level": before.opt_level, "runs": before.runs}
+                                "threads": before.threads, "opt_level": before.opt_level, "runs": before.runs,
+                                "spinning": before.spinning}
     finetune_info, exit_code = None, 0
     if args.finetune_epochs and result.removals:
         finetune_info, exit_code = _finetune(args, model, result, data)
@@ -453,7 +454,7 @@ def cmd_bench(args) -> int:
             rows.append({"model": path, "batch_size": bs, "median_ms": lat.median_ms, "p90_ms": lat.p90_ms,
                          "ratio": lat.median_ms / lats[0].median_ms, "macs": cost.total_macs,
                          "params": cost.params, "threads": lat.threads, "runs": lat.runs,
-                         "opt_level": lat.opt_level})
+                         "opt_level": lat.opt_level, "spinning": lat.spinning})
     if args.eval:
         _bench_eval(args, models, rows)
     if args.json:
@@ -464,8 +465,9 @@ def cmd_bench(args) -> int:
             acc = f"accuracy {r['accuracy']:.4f}, " if r.get("accuracy") is not None else ""
             print(f"{r['model']}: {acc}top-1 agreement with the first model {r['agreement']:.4f} "
                   f"({r['eval_samples']} samples)")
+    alternated = "models alternated, intra-op spinning off" if len(models) > 1 else "intra-op spinning on"
     print(f"onnxruntime CPU, {args.threads} intra-op thread(s), graph optimisation: all, "
-          f"{args.runs} timed runs after {args.warmup} warm-up, models alternated")
+          f"{args.runs} timed runs after {args.warmup} warm-up, {alternated}")
     print(f"{'batch':>5}  {'p50 ms':>9}  {'p90 ms':>9}  {'ratio':>6}  {'MACs':>13}  {'params':>10}  model")
     for r in rows:
         macs = f"{r['macs']:,}" if r["macs"] is not None else "unknown"

@@ -19,9 +19,12 @@ LEVELS = {
 }
 
 
-def session_options(level: str = "all", threads: int | None = None) -> ort.SessionOptions:
-    """Session options with the optimisation level named and intra-op threads pinned (None: ORT default)."""
+def session_options(level: str = "all", threads: int | None = None, *, spinning: bool = True) -> ort.SessionOptions:
+    """Session options with the optimisation level named and intra-op threads pinned (None: ORT default).
+    ``spinning=False``: the intra-op threads sleep as soon as a run ends instead of spin-waiting for the next."""
     so = ort.SessionOptions()
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.graph_optimization_level = LEVELS[level]
     so.log_severity_level = 3
     if threads:
@@ -31,15 +34,15 @@ def session_options(level: str = "all", threads: int | None = None) -> ort.Sessi
 
 
 def make_session(model: onnx.ModelProto | str | os.PathLike, *, level: str = "all",
-                 threads: int | None = None) -> ort.InferenceSession:
+                 threads: int | None = None, spinning: bool = True) -> ort.InferenceSession:
     """An InferenceSession on the CPU provider for a model proto or a path (paths work past 2 GB).
 
     A proto whose weights stay in external-data files (``graph.ir.load_model_and_layout``) gets them as
     memory-mapped arrays shared by every session of the process (see ``external_array``), with graph
     optimisation off and no weight prepacking, so no session holds a copy of them."""
     if not isinstance(model, (str, os.PathLike)) and has_external_tensors(model):
-        return _external_session(model, threads)
-    so = session_options(level, threads)
+        return _external_session(model, threads, spinning)
+    so = session_options(level, threads, spinning=spinning)
     source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else model.SerializeToString()
     return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
 
@@ -79,12 +82,12 @@ def _mapped(t: onnx.TensorProto) -> tuple[np.ndarray, ort.OrtValue]:
     return _MAPS[key]
 
 
-def _external_session(model: onnx.ModelProto, threads: int | None) -> ort.InferenceSession:
+def _external_session(model: onnx.ModelProto, threads: int | None, spinning: bool = True) -> ort.InferenceSession:
     import tempfile
 
     from .graph.ir import STUB_LOCATION
 
-    so = session_options("disable", threads)
+    so = session_options("disable", threads, spinning=spinning)
     so.add_session_config_entry("session.disable_prepacking", "1")
     stripped = onnx.ModelProto()
     stripped.CopyFrom(model)

@@ -207,3 +207,20 @@ def test_bench_json_with_eval(tmp_path, r20, capsys):
     assert rows[0]["ratio"] == 1.0 and rows[0]["accuracy"] == 1.0 and rows[0]["agreement"] == 1.0
     assert rows[1]["macs"] == rows[0]["macs"] - 2 * 4_718_592
     assert all(r["median_ms"] > 0 and r["p90_ms"] >= r["median_ms"] for r in rows)
+
+
+def test_alternated_latency_sessions_do_not_spin(r20):
+    """Two sessions timed in alternation run with intra-op spinning off (a spinning idle pool steals the
+    cores of the session being timed); one session alone keeps onnxruntime's default."""
+    import onnx
+
+    from onnx_consensus.bench import measure_latency, random_feed
+    from onnx_consensus.runtime import make_session
+
+    model = onnx.load(r20[0])
+    feed = random_feed(model, 2)
+    two = measure_latency([model, model], feed, runs=2, warmup=1, threads=2)
+    one = measure_latency([model], feed, runs=2, warmup=1, threads=2)
+    assert [t.spinning for t in two] == [False, False] and one[0].spinning is True
+    opts = make_session(model, threads=2, spinning=False).get_session_options()
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
