@@ -6,10 +6,10 @@ run, beside the MACs cut.
 For each thread count and batch size (1 and 64): every pruned model (each criterion at each level, no
 fine-tuning: fine-tuning changes weights, not the graph) is timed against the original in its own
 `measure_latency` call, the two alternated run by run so drift hits both alike; 5 warm-up runs, median and
-p90 of the timed runs, graph optimisation level "all", intra-op threads pinned. Pairs, not all 25 models at
-once: onnxruntime's intra-op threads keep spinning for a while after a run, and with 25 live sessions the
-spinning pools of the others slowed some batch-1 runs fivefold. The original's figure is the median over its
-24 pairs. Run it on an otherwise idle machine.
+p90 of the timed runs, graph optimisation level "all", intra-op threads pinned, and (as measure_latency
+does for alternated sessions) intra-op spinning off: a spin-waiting idle session takes a core from the one
+being timed. Pairs rather than all 25 models in one call keep the number of live sessions small. The
+original's figure is the median over its 24 pairs. Run it on an otherwise idle machine.
 """
 from __future__ import annotations
 
