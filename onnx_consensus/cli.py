@@ -224,7 +224,7 @@ def cmd_prune(args) -> int:
         require_torch()
     model, external = load_model_and_layout(args.input)
     if external:
-        _check_data_file_free(out_path, args.input)
+        _check_data_file_free(out_path, model)
     input_sha = sha256_file(args.input)
     metrics = args.metrics or DEFAULT_METRICS
     for m in metrics:
@@ -289,9 +289,7 @@ def cmd_prune(args) -> int:
     finetune_info, exit_code = None, 0
     if args.finetune_epochs and result.removals:
         finetune_info, exit_code = _finetune(args, model, result, data)
-    options = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
-               if k not in ("debug", "quiet", "func")}
-    report = build_report(result, options=options, input_path=os.path.abspath(args.input),
+    report = build_report(result, options=_options(args), input_path=os.path.abspath(args.input),
                           input_sha256=input_sha, latency=latency, finetune=finetune_info)
     report["seconds"] = round(time.perf_counter() - t_start, 2)
     print(summary_table(report))
@@ -310,6 +308,12 @@ def cmd_prune(args) -> int:
         print(f"onnx-cprune: error: {finetune_info['error']}; the pruned model (not fine-tuned) was written",
               file=sys.stderr)
     return exit_code
+
+
+def _options(args) -> dict:
+    """The command's options as the report records them."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
+            if k not in ("debug", "quiet", "func")}
 
 
 def _save(model, out_path: str, sample, threads, external: bool) -> None:
@@ -331,19 +335,15 @@ def _write_report(report: dict, path: str) -> None:
     print(f"Wrote report {path}")
 
 
-def _check_data_file_free(out_path: str, input_path: str) -> None:
-    """The output's external-data file (``<output>.data``) must not be one the input reads its weights from."""
-    import onnx
-
+def _check_data_file_free(out_path: str, model) -> None:
+    """The output's external-data file (``<output>.data``) must not be one the input reads its weights from
+    (``model`` as ``load_model_and_layout`` returns it: external locations are absolute)."""
     data_out = out_path + ".data"
     if not os.path.exists(data_out):
         return
-    folder = os.path.dirname(os.path.abspath(input_path))
-    proto = onnx.load(input_path, load_external_data=False)
-    for t in proto.graph.initializer:
+    for t in model.graph.initializer:
         for entry in t.external_data:
-            if entry.key == "location" and os.path.exists(os.path.join(folder, entry.value)) and \
-                    os.path.samefile(os.path.join(folder, entry.value), data_out):
+            if entry.key == "location" and os.path.exists(entry.value) and os.path.samefile(entry.value, data_out):
                 raise InputError(f"the output's weights would go to {data_out}, which holds the input's weights; "
                                  "choose another output name")
 
@@ -359,9 +359,7 @@ def _write_partial(args, partial, exc, original, model, data, out_path, external
     """--keep-partial: write the model with the removals done so far and a report with the scores so far."""
     from .report import build_report, stamp
 
-    options = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
-               if k not in ("debug", "quiet", "func")}
-    report = build_report(partial, options=options, input_path=os.path.abspath(args.input), input_sha256=input_sha)
+    report = build_report(partial, options=_options(args), input_path=os.path.abspath(args.input), input_sha256=input_sha)
     report.update(partial=True, error=f"{type(exc).__name__}: {exc}", seconds=round(time.perf_counter() - t_start, 2))
     report["output"] = None
     if partial.removals:

@@ -41,8 +41,7 @@ def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike,
     On Linux the temporary file is anonymous (O_TMPFILE): if the process is killed, even by SIGKILL,
     it vanishes with it. With ``external_data`` (the input kept its weights that way), and always for
     models over 2 GB, the weights go to ``<name>.data`` beside the output (through named temporary files,
-    removed on any error); writing them empties ``model``'s weights in memory, so pass a model you are
-    done with.
+    removed on any error).
     """
     path = os.path.abspath(os.fspath(path))
     if external_data or model.ByteSize() > TWO_GB:

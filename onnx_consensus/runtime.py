@@ -6,6 +6,8 @@ exposed tensors; clean models (suffix models, benchmarks) run with all optimisat
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -83,8 +85,17 @@ def _mapped(t: onnx.TensorProto) -> tuple[np.ndarray, ort.OrtValue]:
 
 
 def _external_session(model: onnx.ModelProto, threads: int | None, spinning: bool = True) -> ort.InferenceSession:
-    import tempfile
+    with tempfile.TemporaryDirectory(prefix="onnx-consensus-") as d:
+        return _session_over_values(model, lambda t: _mapped(t)[1] if is_external(t) else None, d,
+                                    threads=threads, spinning=spinning)
 
+
+def _session_over_values(model: onnx.ModelProto, value_of: Callable[[onnx.TensorProto], "ort.OrtValue | None"],
+                         folder: str, *, threads: int | None, spinning: bool = True) -> ort.InferenceSession:
+    """A session whose initializers come from ``value_of(tensor)`` (OrtValues given through
+    ``add_initializer``, no copy) where it returns one; those tensors are stubbed out of the proto, which is
+    saved in ``folder`` and loaded from there. Graph optimisation off and no prepacking: both would make
+    per-session copies of the weights."""
     from .graph.ir import STUB_LOCATION
 
     so = session_options("disable", threads, spinning=spinning)
@@ -92,15 +103,25 @@ def _external_session(model: onnx.ModelProto, threads: int | None, spinning: boo
     stripped = onnx.ModelProto()
     stripped.CopyFrom(model)
     for t in stripped.graph.initializer:
-        if is_external(t):
-            so.add_initializer(t.name, _mapped(t)[1])
-            del t.external_data[:]
-            t.external_data.add(key="location", value=STUB_LOCATION)
-    with tempfile.TemporaryDirectory(prefix="onnx-consensus-") as d:
-        open(os.path.join(d, STUB_LOCATION), "wb").close()
-        path = os.path.join(d, "model.onnx")
+        value = value_of(t)
+        if value is None:
+            continue  # stays inline
+        for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+            t.ClearField(field)
+        del t.external_data[:]
+        t.data_location = onnx.TensorProto.EXTERNAL
+        t.external_data.add(key="location", value=STUB_LOCATION)
+        so.add_initializer(t.name, value)
+    stub = os.path.join(folder, STUB_LOCATION)
+    if not os.path.exists(stub):
+        open(stub, "wb").close()
+    fd, path = tempfile.mkstemp(suffix=".onnx", dir=folder)
+    os.close(fd)
+    try:
         onnx.save_model(stripped, path)
         return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    finally:
+        os.remove(path)
 
 
 SHARE_WEIGHTS_BYTES = 256 * 2**20  # models with more initializer bytes than this share them across sessions
@@ -129,18 +150,11 @@ class SharedWeights:
     """
 
     def __init__(self, model: onnx.ModelProto):
-        import tempfile
-
         from onnx import numpy_helper
 
         self._values = {t.name: _mapped(t)[1] if is_external(t) else
                         ort.OrtValue.ortvalue_from_numpy(numpy_helper.to_array(t)) for t in model.graph.initializer}
-        from .graph.ir import STUB_LOCATION
-
         self._dir = tempfile.TemporaryDirectory(prefix="onnx-consensus-")
-        open(os.path.join(self._dir.name, STUB_LOCATION), "wb").close()
-        self._stub = STUB_LOCATION
-        self._count = 0
 
     def __enter__(self) -> "SharedWeights":
         return self
@@ -152,23 +166,6 @@ class SharedWeights:
         self._dir.cleanup()
 
     def session(self, model: onnx.ModelProto, *, threads: int | None = None, **_) -> ort.InferenceSession:
-        """A session for ``model`` (whose initializers are, by name, those of the shared model)."""
-        so = session_options("disable", threads)
-        so.add_session_config_entry("session.disable_prepacking", "1")  # prepacked weights are per-session copies
-        stripped = onnx.ModelProto()
-        stripped.CopyFrom(model)
-        for t in stripped.graph.initializer:
-            if t.name not in self._values:
-                continue  # not the shared model's: keep it inline
-            for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-                t.ClearField(field)
-            del t.external_data[:]
-            t.data_location = onnx.TensorProto.EXTERNAL
-            t.external_data.add(key="location", value=self._stub)
-            so.add_initializer(t.name, self._values[t.name])
-        self._count += 1
-        path = os.path.join(self._dir.name, f"model{self._count}.onnx")
-        onnx.save_model(stripped, path)
-        sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-        os.remove(path)
-        return sess
+        """A session for ``model`` (whose initializers are, by name, those of the shared model; others stay
+        inline)."""
+        return _session_over_values(model, lambda t: self._values.get(t.name), self._dir.name, threads=threads)

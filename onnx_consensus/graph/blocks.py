@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, replace
 import onnx
 import onnx_graphsurgeon as gs
 
-from .ir import GraphIndex, dtype_of, node_key, shape_of, to_gs
+from .ir import GraphIndex, dtype_of, node_key, shape_of, subgraphs, to_gs
 
 MERGE_OPS = ("Add", "Sum")
 # Operators after the merge that belong to the block (ResNet's ReLU: exact to drop when the entry is
@@ -154,7 +154,7 @@ def _subgraph_blocks(index: GraphIndex) -> list[NotRemovable]:
     removable: they run a data-dependent number of times or only on one path, so they are left alone."""
     found = []
     for node in index.nodes:
-        for attr, sub in ((a, v) for a, v in node.attrs.items() if isinstance(v, gs.Graph)):
+        for attr, sub in subgraphs(node):
             for b in find_blocks(sub, macs_per_node={}).blocks:
                 found.append(NotRemovable(b.merge, (b.entry, b.exit),
                                           f"inside the {attr} subgraph of {node.op} node {node.name or node_key(node)}: "
@@ -466,10 +466,8 @@ def _assign_stages(blocks: list[Block], macs_per_node: dict[str, int | None]) ->
         else:
             stage += 1
             this = stage
-        prev = (signature, this)
-        by_exit[b.exit] = (signature, this)
-        b = replace(b, stage=this)
+        prev = by_exit[b.exit] = (signature, this)
         costs = [macs_per_node.get(k, 0) for k in b.nodes]
         macs = None if (not macs_per_node or any(c is None for c in costs)) else int(sum(costs))
-        out.append(replace(b, macs=macs))
+        out.append(replace(b, stage=this, macs=macs))
     return out

@@ -72,20 +72,6 @@ def _absolute_locations(model: onnx.ModelProto, base: str) -> None:
                 e.value = loc
 
 
-def materialize(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` with every external tensor's bytes read into the proto (for the PyTorch bridge)."""
-    from ..runtime import external_array, is_external
-
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    for t in out.graph.initializer:
-        if is_external(t):
-            t.raw_data = np.ascontiguousarray(external_array(t)).tobytes()
-            del t.external_data[:]
-            t.data_location = onnx.TensorProto.DEFAULT
-    return out
-
-
 def node_key(node: gs.Node) -> str:
     """A node's stable identity: its first output tensor's name."""
     return node.outputs[0].name if node.outputs else f"<no-output:{node.name}>"
@@ -219,14 +205,13 @@ class GraphIndex:
         self.owner: dict[int, gs.Node] = {}
         self._implicit: dict[int, list[gs.Tensor]] = {}
         for n in self.nodes:
-            implicit: list[gs.Tensor] = []
-            for sub in _subgraphs(n):
+            implicit: dict[int, gs.Tensor] = {}
+            for _, sub in subgraphs(n):
                 for inner in _all_nodes(sub):
                     self.owner[id(inner)] = n
-                    implicit += [t for t in inner.inputs
-                                 if self.tensors.get(t.name) is t and not any(t is i for i in implicit)]
+                    implicit.update((id(t), t) for t in inner.inputs if self.tensors.get(t.name) is t)
             if implicit:
-                self._implicit[id(n)] = implicit
+                self._implicit[id(n)] = list(implicit.values())
         self.output_names = {t.name for t in graph.outputs}
         # Tensors that depend on a graph input (the data path); constants and constant subgraphs don't.
         # In a subgraph, tensors read from the outer scope (no producer here, not constants) are data too.
@@ -283,13 +268,14 @@ class GraphIndex:
         return isinstance(t, gs.Variable) and t.name in self.data
 
 
-def _subgraphs(node: gs.Node) -> list[gs.Graph]:
+def subgraphs(node: gs.Node) -> list[tuple[str, gs.Graph]]:
+    """(attribute name, subgraph) of a control-flow node (If branches, Loop/Scan bodies); [] for others."""
     subs = []
-    for value in node.attrs.values():
+    for name, value in node.attrs.items():
         if isinstance(value, gs.Graph):
-            subs.append(value)
+            subs.append((name, value))
         elif isinstance(value, (list, tuple)):
-            subs.extend(v for v in value if isinstance(v, gs.Graph))
+            subs.extend((name, v) for v in value if isinstance(v, gs.Graph))
     return subs
 
 
@@ -297,7 +283,7 @@ def _all_nodes(graph: gs.Graph):
     """Every node of ``graph`` and of its nested subgraphs."""
     for n in graph.nodes:
         yield n
-        for sub in _subgraphs(n):
+        for _, sub in subgraphs(n):
             yield from _all_nodes(sub)
 
 

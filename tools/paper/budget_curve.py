@@ -9,20 +9,15 @@ then MULTI_EPOCH_BUDGETS (2 and 4 epochs over all 60,000, one cosine schedule ov
 """
 from __future__ import annotations
 
-import argparse
-
-from .common import CONFIG, set_threads, test_arrays, units_for_shard
+from .common import CONFIG, test_arrays, units_for_shard, worker_args
 from .finetune_runs import finetune_unit
 
 MULTI_EPOCH_BUDGETS = (120_000, 240_000)  # unit names carry the budget, so adding one reuses the cache
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shard", default=None)
-    args = ap.parse_args(argv)
+    args = worker_args(__doc__, argv)
     config = CONFIG
-    set_threads(config.threads)
     test = test_arrays()
     level = max(config.levels)
     # largest first, so two workers finish together

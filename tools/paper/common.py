@@ -168,6 +168,20 @@ class Timer:
         return time.perf_counter() - self.start
 
 
+def worker_args(doc: str, argv=None, extra=None):
+    """Parse a worker script's arguments (``--shard k/n``, plus what ``extra(parser)`` adds) and pin its
+    threads to Config.threads."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shard", default=None, help="k/n: this worker's share of the units (default: all)")
+    if extra is not None:
+        extra(ap)
+    args = ap.parse_args(argv)
+    set_threads(CONFIG.threads)
+    return args
+
+
 def set_threads(threads: int) -> None:
     """One worker's thread budget for torch and BLAS (onnxruntime sessions get it explicitly)."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -12,10 +12,8 @@ for the best single metric (highest mean seed-0 accuracy over levels and modes),
 """
 from __future__ import annotations
 
-import argparse
-
 from .common import CONFIG, Config, Timer, accuracy, load_result, original_model, pruned_model, save_model, \
-    save_result, set_threads, test_arrays, train_data, units_for_shard
+    save_result, test_arrays, train_data, units_for_shard, worker_args
 
 MODES = ("supervised", "distillation")
 TRAIN_SET = 60_000  # Fashion-MNIST training images
@@ -87,12 +85,8 @@ def keeps_model(criterion: str, seed: int, config: Config) -> bool:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage", choices=("seed0", "seeds"), default="seed0")
-    ap.add_argument("--shard", default=None, help="k/n: this worker's share of the runs")
-    args = ap.parse_args(argv)
+    args = worker_args(__doc__, argv, lambda ap: ap.add_argument("--stage", choices=("seed0", "seeds"), default="seed0"))
     config = CONFIG
-    set_threads(config.threads)
     test = test_arrays()
     for criterion, level, mode, seed in units_for_shard(units(args.stage, config), args.shard):
         row = finetune_unit(criterion, level, mode, seed, config.train_images, config,

@@ -12,10 +12,8 @@ per level) go to the cache.
 """
 from __future__ import annotations
 
-import argparse
-
-from .common import CONFIG, Config, Timer, accuracy, load_result, original_model, pruned_model, save_result, \
-    set_threads, test_arrays, units_for_shard, ROOT
+from .common import CONFIG, ROOT, Config, Timer, accuracy, load_result, original_model, pruned_model, \
+    save_result, test_arrays, units_for_shard, worker_args
 
 
 def published_order(model, depth: int) -> list[str]:
@@ -76,11 +74,8 @@ def level_rows(criterion: str, config: Config) -> list[dict]:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shard", default=None, help="k/n: this worker's share of the criteria")
-    args = ap.parse_args(argv)
+    args = worker_args(__doc__, argv)
     config = CONFIG
-    set_threads(config.threads)
     if args.shard in (None, "0/2", "0/1") and load_result("prune", "original", config) is None:
         from onnx_consensus.graph.flops import count_cost
 

@@ -13,12 +13,10 @@ modes, every level) of the Consensus and of the best single metric.
 """
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 
-from .common import CONFIG, Config, load_result, load_saved_model, original_model, save_result, set_threads, \
-    test_arrays, units_for_shard
+from .common import CONFIG, Config, load_result, load_saved_model, original_model, save_result, test_arrays, \
+    units_for_shard, worker_args
 from .finetune_runs import MODES, best_single, unit_name
 
 
@@ -61,11 +59,8 @@ def units(config: Config) -> list[tuple[str, int | None, str | None]]:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shard", default=None)
-    args = ap.parse_args(argv)
+    args = worker_args(__doc__, argv)
     config = CONFIG
-    set_threads(config.threads)
     x, y = test_arrays()
     x, y = x[:config.robust_images], y[:config.robust_images]
     for criterion, level, mode in units_for_shard(units(config), args.shard):
