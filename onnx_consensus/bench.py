@@ -59,8 +59,8 @@ def measure_latency(models: Sequence[onnx.ModelProto], feed: dict[str, np.ndarra
 
     spinning (default: only when one model is timed): onnxruntime's intra-op threads spin-wait after a run.
     With several sessions alternating, the spinning threads of the session that just ran steal cores from
-    the next one (measured: ResNet-56 at batch 64 on 2 threads, 61 ms alone but 94 ms alternated with a
-    second session), so alternated sessions run with spinning off."""
+    the next one (ResNet-56 at batch 64 on 2 threads: 60 ms alone, 90 ms alternated with spinning;
+    docs/BENCHMARKS.md, "Speed"), so alternated sessions run with spinning off."""
     spinning = len(models) == 1 if spinning is None else spinning
     sessions = [make_session(m, level=OPT_LEVEL, threads=threads, spinning=spinning) for m in models]
     feeds = [{i.name: feed[i.name] for i in s.get_inputs()} for s in sessions]

@@ -139,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="intra-op threads, pinned (default 1)")
     p.add_argument("--runs", type=int, default=30, help="timed runs per model and batch size (default 30)")
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--spin-wait", action="store_true",
+                   help="keep onnxruntime's spin-waiting intra-op threads when alternating several models "
+                        "(by default they are off then: an idle session's spinning threads take cores from the "
+                        "one being timed)")
     p.add_argument("--data", metavar="DIR", help="take inputs from this data directory (default: random data)")
     p.add_argument("--eval", metavar="DIR", help="also evaluate on this data: top-1 accuracy with labels.npy, "
                    "and agreement with the first model")
@@ -447,7 +451,8 @@ def cmd_bench(args) -> int:
     rows = []
     for bs in args.batch_sizes:
         feed = random_feed(models[0], bs, sample)
-        lats = measure_latency(models, feed, runs=args.runs, warmup=args.warmup, threads=args.threads)
+        lats = measure_latency(models, feed, runs=args.runs, warmup=args.warmup, threads=args.threads,
+                               spinning=True if args.spin_wait else None)
         for path, lat, cost in zip(args.models, lats, costs):
             rows.append({"model": path, "batch_size": bs, "median_ms": lat.median_ms, "p90_ms": lat.p90_ms,
                          "ratio": lat.median_ms / lats[0].median_ms, "macs": cost.total_macs,
@@ -463,7 +468,8 @@ def cmd_bench(args) -> int:
             acc = f"accuracy {r['accuracy']:.4f}, " if r.get("accuracy") is not None else ""
             print(f"{r['model']}: {acc}top-1 agreement with the first model {r['agreement']:.4f} "
                   f"({r['eval_samples']} samples)")
-    alternated = "models alternated, intra-op spinning off" if len(models) > 1 else "intra-op spinning on"
+    spin = "on" if rows[0]["spinning"] else "off"
+    alternated = f"models alternated, intra-op spinning {spin}" if len(models) > 1 else f"intra-op spinning {spin}"
     print(f"onnxruntime CPU, {args.threads} intra-op thread(s), graph optimisation: all, "
           f"{args.runs} timed runs after {args.warmup} warm-up, {alternated}")
     print(f"{'batch':>5}  {'p50 ms':>9}  {'p90 ms':>9}  {'ratio':>6}  {'MACs':>13}  {'params':>10}  model")

@@ -224,3 +224,13 @@ def test_alternated_latency_sessions_do_not_spin(r20):
     assert [t.spinning for t in two] == [False, False] and one[0].spinning is True
     opts = make_session(model, threads=2, spinning=False).get_session_options()
     assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_bench_spin_wait_flag(r20, capsys):
+    """`bench` alternating two models turns spinning off unless --spin-wait keeps it; the JSON says which."""
+    import json
+
+    for extra, want in (([], False), (["--spin-wait"], True)):
+        assert main(["bench", str(r20[0]), str(r20[0]), "--batch-sizes", "1", "--runs", "2", "--warmup", "1",
+                     "--json", *extra]) == 0
+        assert {r["spinning"] for r in json.loads(capsys.readouterr().out)} == {want}
