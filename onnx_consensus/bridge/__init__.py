@@ -8,6 +8,7 @@ weights; finetune(student, train_batches, teacher=..., config=...) -> (model, Fi
 check_supported(model) raises UnsupportedOperatorError naming every unsupported operator.
 """
 from . import ops_math, ops_nn, ops_tensor  # noqa: F401  (register the converters)
+from . import ops_rnn  # noqa: F401  (LSTM, GRU, RNN)
 from .finetune import FinetuneConfig, FinetuneResult, finetune
 from .ops import check_supported, register_op
 from .torch_graph import OnnxModule, to_torch, write_back
