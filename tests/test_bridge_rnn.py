@@ -69,7 +69,9 @@ def rnn_model(op: str, *, direction: str = "forward", T: int = 5, N: int = 3, I:
     if layout:
         attrs["layout"] = layout
     node = helper.make_node(op, node_in, outs, hidden_size=H, direction=direction, **attrs)
-    g_out = [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs if o]
+    y_shape = [T, D, N, H] if layout == 0 else [N, T, D, H]
+    g_out = [helper.make_tensor_value_info(o, TensorProto.FLOAT, y_shape if k == 0 else list(s_shape))
+             for k, o in enumerate(outs) if o]
     graph = helper.make_graph([node], "rnn", g_in, g_out, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
@@ -222,7 +224,7 @@ def test_training_step_reaches_weights_and_writes_back(op, kw):
         assert all(g is not None and torch.any(g != 0) for g in grads.values()), \
             [n for n, g in grads.items() if g is None or not torch.any(g != 0)]
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < losses[0]
     after = module.onnx_state()
     assert all(not torch.equal(before[n], after[n]) for n in learned)
