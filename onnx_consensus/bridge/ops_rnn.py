@@ -21,8 +21,9 @@ activations, or Relu / Tanh for RNN; no clip, peepholes or input_forget; GRU wit
 sequence_lens absent or all equal to T; float32 / float64), ``torch.lstm`` / ``torch.gru`` /
 ``torch.rnn_tanh`` / ``torch.rnn_relu`` run it on the ONNX tensors with their gate blocks permuted by
 index_select (LSTM i,o,f,c -> torch i,f,g,o; GRU z,r,h -> torch r,z,n), which is differentiable, so the
-gradients still reach the ONNX-named parameters. About 1.7x faster than the step loop for training
-(bidirectional LSTM, T=40, N=32, I=256, H=128). ``FUSED = False`` forces the loop (tests compare both).
+gradients still reach the ONNX-named parameters. Training step (forward + backward, one thread, bidirectional
+LSTM, T=40, N=32, I=256, H=128): fused 320-360 ms, step loop 655 ms, torch.nn.LSTM 290 ms. ``FUSED = False``
+forces the loop (tests compare both).
 
 clip: the pre-activation of every gate is clamped to [-clip, clip] (the ONNX "input of activations").
 Supported activations: those of the ONNX RNN family (Sigmoid, Tanh, Relu, Affine, LeakyRelu,
