@@ -44,7 +44,8 @@ def rnn_model(op: str, *, direction: str = "forward", T: int = 5, N: int = 3, I:
              numpy_helper.from_array((rng.standard_normal((D, G * H, H)) * 0.5).astype(np.float32), "R")]
     node_in = ["X", "W", "R", "B" if bias else ""]
     if bias:
-        inits.append(numpy_helper.from_array((rng.standard_normal((D, 2 * G * H)) * 0.5).astype(np.float32), "B"))
+        b = (rng.standard_normal((D, 2 * G * H)) * 0.5).astype(np.float32)
+        inits.append(numpy_helper.from_array(b, "B"))
     x_shape = (T, N, I) if layout == 0 else (N, T, I)
     s_shape = (D, N, H) if layout == 0 else (N, D, H)
     feeds = {"X": rng.standard_normal(x_shape).astype(np.float32)}
@@ -326,7 +327,8 @@ class TinyOCR(nn.Module):
 
     def __init__(self, classes: int = 11):
         super().__init__()
-        self.conv = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+        self.conv = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.MaxPool2d(2),
                                   nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
                                   nn.MaxPool2d(2))
         self.lstm = nn.LSTM(16 * 4, 24, bidirectional=True)
@@ -357,7 +359,8 @@ def ocr(tmp_path_factory):
     for _ in range(3):  # a little training so the model is not random
         for i in range(0, len(x), 64):
             out = net(torch.from_numpy(x[i:i + 64]))
-            loss = torch.nn.functional.cross_entropy(out.reshape(-1, 11), torch.from_numpy(y[i:i + 64]).reshape(-1))
+            target = torch.from_numpy(y[i:i + 64]).reshape(-1)
+            loss = torch.nn.functional.cross_entropy(out.reshape(-1, 11), target)
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -1,10 +1,9 @@
-"""Recurrent layers: ONNX LSTM, GRU and RNN as differentiable torch loops over time steps.
+"""Recurrent layers: ONNX LSTM, GRU and RNN (opset 7 on) as differentiable torch computations.
 
-Each converter evaluates the ONNX equations literally, one time step at a time, with torch matmuls, so
 W, R, B (and the LSTM peepholes P, and initial_h / initial_c when they are constants) stay the graph's
-own tensors: trainable ``nn.Parameter`` keyed by their ONNX names, written back unchanged in layout.
-No gate reordering happens (ONNX packs LSTM gates as i, o, f, c and GRU gates as z, r, h; the slices
-below follow that order).
+own tensors: trainable ``nn.Parameter`` keyed by their ONNX names, in ONNX layout, so write_back stores
+them unchanged in form. The general path evaluates the ONNX equations literally, one time step at a time
+with torch matmuls, slicing the gates in ONNX order (LSTM i, o, f, c; GRU z, r, h).
 
 Shapes (layout 0; layout 1 swaps the first two axes of X and Y and of initial_h / initial_c / Y_h / Y_c
 as ONNX defines it):
@@ -21,9 +20,9 @@ activations, or Relu / Tanh for RNN; no clip, peepholes or input_forget; GRU wit
 sequence_lens absent or all equal to T; float32 / float64), ``torch.lstm`` / ``torch.gru`` /
 ``torch.rnn_tanh`` / ``torch.rnn_relu`` run it on the ONNX tensors with their gate blocks permuted by
 index_select (LSTM i,o,f,c -> torch i,f,g,o; GRU z,r,h -> torch r,z,n), which is differentiable, so the
-gradients still reach the ONNX-named parameters. Training step (forward + backward, one thread, bidirectional
-LSTM, T=40, N=32, I=256, H=128): fused 320-360 ms, step loop 655 ms, torch.nn.LSTM 290 ms. ``FUSED = False``
-forces the loop (tests compare both).
+gradients still reach the ONNX-named parameters. Training step (forward + backward, one thread,
+bidirectional LSTM, T=40, N=32, I=256, H=128): fused 320-360 ms, step loop 655 ms, torch.nn.LSTM
+290 ms. ``FUSED = False`` forces the loop (tests compare both).
 
 clip: the pre-activation of every gate is clamped to [-clip, clip] (the ONNX "input of activations").
 Supported activations: those of the ONNX RNN family (Sigmoid, Tanh, Relu, Affine, LeakyRelu,
@@ -55,7 +54,6 @@ _ACTIVATIONS: dict[str, tuple[Callable, float | None, float | None]] = {
 }
 
 _DEFAULTS = {"LSTM": ("Sigmoid", "Tanh", "Tanh"), "GRU": ("Sigmoid", "Tanh"), "RNN": ("Tanh",)}
-_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 _DIRECTIONS = {"forward": 1, "reverse": 1, "bidirectional": 2}
 
 Act = Callable[[torch.Tensor], torch.Tensor]
@@ -159,7 +157,7 @@ def _run(cell, seq: _Seq, xp: torch.Tensor, state: tuple[torch.Tensor, ...], rev
     return y, state
 
 
-def _prepare(ctx: NodeCtx, x, w, states):
+def _prepare(ctx: NodeCtx, x, states):
     """Layout-1 tensors to layout 0; returns (x, states, layout)."""
     layout = ctx.attr("layout", 0)
     if layout == 1:
@@ -251,7 +249,7 @@ def _zeros(n_dir: int, batch: int, hidden: int, like: torch.Tensor) -> torch.Ten
 @register_op("LSTM", since=7, check=_check)
 def _lstm(ctx, x, w, r, b=None, lens=None, h0=None, c0=None, p=None):
     """ONNX LSTM (gates i, o, f, c): see the module docstring for shapes."""
-    x, (h0, c0), layout = _prepare(ctx, x, w, [h0, c0])
+    x, (h0, c0), layout = _prepare(ctx, x, [h0, c0])
     n_dir, hidden = w.shape[0], r.shape[-1]
     acts = _activations(ctx, n_dir)
     clip = _clip(ctx)
@@ -298,7 +296,7 @@ def _lstm(ctx, x, w, r, b=None, lens=None, h0=None, c0=None, p=None):
 @register_op("GRU", since=7, check=_check)
 def _gru(ctx, x, w, r, b=None, lens=None, h0=None):
     """ONNX GRU (gates z, r, h; linear_before_reset 0 or 1): see the module docstring for shapes."""
-    x, (h0,), layout = _prepare(ctx, x, w, [h0])
+    x, (h0,), layout = _prepare(ctx, x, [h0])
     n_dir, hidden = w.shape[0], r.shape[-1]
     acts = _activations(ctx, n_dir)
     clip = _clip(ctx)
@@ -348,7 +346,7 @@ def _gru(ctx, x, w, r, b=None, lens=None, h0=None):
 @register_op("RNN", since=7, check=_check)
 def _rnn(ctx, x, w, r, b=None, lens=None, h0=None):
     """ONNX RNN (one gate, default activation Tanh): see the module docstring for shapes."""
-    x, (h0,), layout = _prepare(ctx, x, w, [h0])
+    x, (h0,), layout = _prepare(ctx, x, [h0])
     n_dir, hidden = w.shape[0], r.shape[-1]
     acts = _activations(ctx, n_dir)
     clip = _clip(ctx)
