@@ -22,7 +22,7 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from ..errors import FinetuneError
-from ..runtime import external_array
+from ..graph.weights import external_array
 from .ops import NodeCtx, check_supported, lookup, normalize_domain, opset_versions
 from .ops_tensor import constant_value
 
