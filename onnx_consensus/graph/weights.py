@@ -23,8 +23,8 @@ from onnx import TensorProto, numpy_helper
 
 __all__ = [
     "FLOAT_TYPES", "STUB_LOCATION", "STUB_MIN_ELEMENTS", "is_external", "has_external_tensors",
-    "absolute_locations", "external_array", "numel", "tensor_nbytes", "initializer_bytes", "is_weight",
-    "make_stub", "weightless", "write_external", "set_location",
+    "absolute_locations", "external_array", "tensor_array", "numel", "tensor_nbytes", "initializer_bytes",
+    "is_weight", "make_stub", "weightless", "write_external", "set_location",
 ]
 
 #: ONNX element types that are floating point: the types of learned weights, counted as parameters and
