@@ -1,8 +1,16 @@
 """Writing the output model safely: a temporary file beside the target, checked, then renamed into place.
 
-A partial or invalid output is never left behind: on any failure (or interrupt) the temporary file is
-removed, and the target path is only ever replaced by a complete model that passed ``onnx.checker`` with
-full shape inference and ran one batch in onnxruntime.
+The target path is only ever replaced by a complete model that passed ``onnx.checker`` with full shape
+inference and ran one batch in onnxruntime. What a failure midway leaves behind:
+
+* an exception, Ctrl-C, or SIGTERM under the CLI (which turns it into an exception): nothing, the
+  temporaries are removed;
+* SIGKILL (or a power cut), single-file output on Linux: nothing, the temporary file is anonymous
+  (O_TMPFILE) until it is linked as ``.NAME.PID.tmp`` and renamed over the target in the next instant;
+* SIGKILL, external-data output (``NAME`` + ``NAME.data``), or where O_TMPFILE is missing: the named
+  temporaries ``.NAME.XXXXXXXX.tmp`` (and ``.tmp.data``) beside the target stay until removed by hand; the
+  two final files are renamed one after the other, so a kill between those two renames leaves the new
+  ``NAME.data`` beside the previous ``NAME`` (if there was one).
 """
 from __future__ import annotations
 
@@ -14,6 +22,7 @@ import numpy as np
 import onnx
 
 from .errors import InputError
+from .graph.weights import set_location, write_external
 from .runtime import make_session
 
 TWO_GB = 2**31 - 1
@@ -40,8 +49,8 @@ def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike,
 
     On Linux the temporary file is anonymous (O_TMPFILE): if the process is killed, even by SIGKILL,
     it vanishes with it. With ``external_data`` (the input kept its weights that way), and always for
-    models over 2 GB, the weights go to ``<name>.data`` beside the output (through named temporary files,
-    removed on any error).
+    models over 2 GB, the weights go to ``<name>.data`` beside the output through *named* temporary files:
+    removed on any exception or interrupt, but left behind by SIGKILL (see the module docstring).
     """
     path = os.path.abspath(os.fspath(path))
     if external_data or model.ByteSize() > TWO_GB:
@@ -128,8 +137,7 @@ def _save_external(model, path, check_feed, threads) -> str:
         out = onnx.ModelProto()
         out.CopyFrom(model)
         with open(tmp_data, "wb") as f:
-            for t in out.graph.initializer:
-                _write_tensor(t, f, os.path.basename(tmp_data))
+            write_external(out, f, os.path.basename(tmp_data))
         onnx.save_model(out, tmp)
         # The written file passes the checker (structure, full shape inference, external data present and
         # long enough); the run check uses the in-memory model, whose weights are the same bytes (mapped
@@ -139,9 +147,7 @@ def _save_external(model, path, check_feed, threads) -> str:
             sess = make_session(model, level="basic", threads=threads)
             sess.run(None, {i.name: check_feed[i.name] for i in sess.get_inputs()})
         for t in out.graph.initializer:
-            for entry in t.external_data:
-                if entry.key == "location":
-                    entry.value = data_name
+            set_location(t, data_name)
         onnx.save_model(out, tmp)
         os.replace(tmp_data, os.path.join(folder, data_name))
         os.replace(tmp, path)
@@ -151,33 +157,3 @@ def _save_external(model, path, check_feed, threads) -> str:
                 os.remove(f)
         raise
     return path
-
-
-def _write_tensor(t: onnx.TensorProto, f, location: str, min_bytes: int = 1024, align: int = 4096) -> None:
-    """Move tensor ``t``'s bytes (inline or memory-mapped external) to the end of ``f``; small inline
-    tensors stay inline."""
-    from onnx import numpy_helper
-
-    from .runtime import external_array, is_external
-
-    if is_external(t):
-        data = np.ascontiguousarray(external_array(t))
-    elif t.HasField("raw_data"):
-        data = t.raw_data
-    else:
-        arr = numpy_helper.to_array(t)
-        if arr.nbytes < min_bytes or arr.dtype == object:
-            return
-        data = np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("<"), copy=False))
-    size = data.nbytes if isinstance(data, np.ndarray) else len(data)
-    if size < min_bytes and not is_external(t):
-        return
-    f.write(b"\0" * (-f.tell() % align))
-    offset = f.tell()
-    f.write(data.data if isinstance(data, np.ndarray) else data)
-    for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-        t.ClearField(field)
-    del t.external_data[:]
-    t.data_location = onnx.TensorProto.EXTERNAL
-    for key, value in (("location", location), ("offset", str(offset)), ("length", str(size))):
-        t.external_data.add(key=key, value=value)

@@ -1,4 +1,5 @@
 """onnxruntime sessions: one place that decides session options, threads and optimisation levels.
+Where weights live (external data, stubs) is ``graph.weights``' business; sessions get them from there.
 
 Instrumented models (extra graph outputs) run with basic optimisation so that fusions cannot swallow the
 exposed tensors; clean models (suffix models, benchmarks) run with all optimisations.
@@ -12,6 +13,9 @@ from collections.abc import Callable
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import numpy_helper
+
+from .graph.weights import STUB_LOCATION, external_array, has_external_tensors, is_external, make_stub
 
 LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -40,7 +44,7 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, *, level: str = "al
     """An InferenceSession on the CPU provider for a model proto or a path (paths work past 2 GB).
 
     A proto whose weights stay in external-data files (``graph.ir.load_model_and_layout``) gets them as
-    memory-mapped arrays shared by every session of the process (see ``external_array``), with graph
+    memory-mapped arrays shared by every session of the process (``graph.weights.external_array``), with graph
     optimisation off and no weight prepacking, so no session holds a copy of them."""
     if not isinstance(model, (str, os.PathLike)) and has_external_tensors(model):
         return _external_session(model, threads, spinning)
@@ -49,44 +53,23 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, *, level: str = "al
     return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
 
 
-# ------------------------------------------------------------------------------ external-data weights
+# ------------------------------------------------------------------------------ sessions over shared weights
 
-def is_external(t: onnx.TensorProto) -> bool:
-    """A tensor whose bytes are in a file (absolute location), not in the proto."""
-    return t.data_location == onnx.TensorProto.EXTERNAL and not t.HasField("raw_data")
+_VALUES: dict[int, tuple[np.ndarray, ort.OrtValue]] = {}
 
 
-def has_external_tensors(model: onnx.ModelProto) -> bool:
-    return any(is_external(t) for t in model.graph.initializer)
-
-
-_MAPS: dict[tuple, tuple[np.ndarray, ort.OrtValue]] = {}
-
-
-def external_array(t: onnx.TensorProto) -> np.ndarray:
-    """A read-only memory map of external tensor ``t``'s bytes (its location an absolute path). Maps are
-    cached per (file, offset, length): every session and reader in the process shares one mapping, and the
-    pages are the file's (page cache), not a private copy."""
-    return _mapped(t)[0]
-
-
-def _mapped(t: onnx.TensorProto) -> tuple[np.ndarray, ort.OrtValue]:
-    info = {e.key: e.value for e in t.external_data}
-    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).newbyteorder("<")
-    shape = tuple(int(d) for d in t.dims)
-    key = (info["location"], int(info.get("offset", 0)), shape, dtype.str)
-    if key not in _MAPS:
-        if not os.path.isabs(info["location"]):
-            raise ValueError(f"external tensor {t.name} has a relative location; load it with load_model_and_layout")
-        arr = np.memmap(info["location"], dtype=dtype, mode="r", offset=key[1], shape=shape) if shape else \
-            np.fromfile(info["location"], dtype=dtype, count=1, offset=key[1]).reshape(())
-        _MAPS[key] = (arr, ort.OrtValue.ortvalue_from_numpy(np.asarray(arr)))
-    return _MAPS[key]
+def _external_value(t: onnx.TensorProto) -> ort.OrtValue:
+    """An OrtValue over external tensor ``t``'s shared memory map (``weights.external_array``), made once per
+    mapping: no copy of the bytes."""
+    arr = external_array(t)  # the same array object for the same tensor bytes, for the life of the process
+    if id(arr) not in _VALUES:
+        _VALUES[id(arr)] = (arr, ort.OrtValue.ortvalue_from_numpy(np.asarray(arr)))
+    return _VALUES[id(arr)][1]
 
 
 def _external_session(model: onnx.ModelProto, threads: int | None, spinning: bool = True) -> ort.InferenceSession:
     with tempfile.TemporaryDirectory(prefix="onnx-consensus-") as d:
-        return _session_over_values(model, lambda t: _mapped(t)[1] if is_external(t) else None, d,
+        return _session_over_values(model, lambda t: _external_value(t) if is_external(t) else None, d,
                                     threads=threads, spinning=spinning)
 
 
@@ -96,8 +79,6 @@ def _session_over_values(model: onnx.ModelProto, value_of: Callable[[onnx.Tensor
     ``add_initializer``, no copy) where it returns one; those tensors are stubbed out of the proto, which is
     saved in ``folder`` and loaded from there. Graph optimisation off and no prepacking: both would make
     per-session copies of the weights."""
-    from .graph.ir import STUB_LOCATION
-
     so = session_options("disable", threads, spinning=spinning)
     so.add_session_config_entry("session.disable_prepacking", "1")
     stripped = onnx.ModelProto()
@@ -106,11 +87,7 @@ def _session_over_values(model: onnx.ModelProto, value_of: Callable[[onnx.Tensor
         value = value_of(t)
         if value is None:
             continue  # stays inline
-        for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-            t.ClearField(field)
-        del t.external_data[:]
-        t.data_location = onnx.TensorProto.EXTERNAL
-        t.external_data.add(key="location", value=STUB_LOCATION)
+        make_stub(t)
         so.add_initializer(t.name, value)
     stub = os.path.join(folder, STUB_LOCATION)
     if not os.path.exists(stub):
@@ -127,15 +104,6 @@ def _session_over_values(model: onnx.ModelProto, value_of: Callable[[onnx.Tensor
 SHARE_WEIGHTS_BYTES = 256 * 2**20  # models with more initializer bytes than this share them across sessions
 
 
-def initializer_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of the model's initializers (stored inline or as external data)."""
-    total = 0
-    for t in model.graph.initializer:
-        n = int(np.prod(t.dims)) if t.dims else 1
-        total += n * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-    return total
-
-
 class SharedWeights:
     """One copy of a model's initializers as OrtValues, shared by every session built through it.
 
@@ -150,9 +118,7 @@ class SharedWeights:
     """
 
     def __init__(self, model: onnx.ModelProto):
-        from onnx import numpy_helper
-
-        self._values = {t.name: _mapped(t)[1] if is_external(t) else
+        self._values = {t.name: _external_value(t) if is_external(t) else
                         ort.OrtValue.ortvalue_from_numpy(numpy_helper.to_array(t)) for t in model.graph.initializer}
         self._dir = tempfile.TemporaryDirectory(prefix="onnx-consensus-")
 

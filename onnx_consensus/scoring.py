@@ -21,10 +21,10 @@ from threadpoolctl import threadpool_limits
 from .consensus import BlockScore, consensus
 from .graph.blocks import Block, find_blocks
 from .graph.instrument import expose, find_feature_tensor, suffix_model
-from .graph.ir import weightless
+from .graph.weights import initializer_bytes, weightless
 from .metrics import DEFAULT_METRICS, get_metric, score
 from .metrics.features import make_conditions, pca_cap, pool_features
-from .runtime import SHARE_WEIGHTS_BYTES, SharedWeights, initializer_bytes, make_session
+from .runtime import SHARE_WEIGHTS_BYTES, SharedWeights, make_session
 
 log = logging.getLogger("onnx_consensus")
 SCOPES = ("global", "local")

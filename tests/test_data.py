@@ -364,3 +364,56 @@ def test_images_with_pillow(tmp_path):
     data = load_calibration(tmp_path, nhwc, image_options=ImageOptions(size=(4, 6), layout="NHWC"))
     assert next(data.batches(2))["x"].shape == (2, 4, 6, 3)
     assert "ImageOptions.size" in err(tmp_path, nhwc, image_options=ImageOptions(layout="NHWC"))
+
+
+# ---------------------------------------------------------------- bfloat16 arrays
+
+
+def _bf16(a: np.ndarray) -> np.ndarray:
+    import ml_dtypes
+
+    return a.astype(ml_dtypes.bfloat16)
+
+
+def test_bfloat16_npy_and_npz_read_and_converted_to_the_input_dtype(tmp_path):
+    """ml_dtypes bfloat16 arrays save as raw 2-byte voids ('<V2'); they are read as bfloat16 and converted
+    exactly (every bfloat16 is a float32) for a float32 input, from .npy (memory-mapped), stored .npz and
+    compressed .npz."""
+    a, b, c = _bf16(rnd(3, 3, 8, 8, seed=1)), _bf16(rnd(2, 3, 8, 8, seed=2)), _bf16(rnd(3, 8, 8, seed=3))
+    np.save(tmp_path / "a.npy", a)
+    assert np.load(tmp_path / "a.npy").dtype == np.dtype("V2")  # what numpy alone makes of the file
+    np.savez(tmp_path / "b.npz", x=b)
+    np.savez_compressed(tmp_path / "c.npz", x=c)  # one sample
+    data = load_calibration(tmp_path, IMG)
+    assert data.n_samples == 6 and data._files[0].arrays["x"].offset is not None
+    got = np.concatenate([x["x"] for x in data.batches(4)])
+    assert got.dtype == np.float32
+    want = np.concatenate([a, b, c[None]]).astype(np.float32)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(got[:3], rnd(3, 3, 8, 8, seed=1), rtol=2**-8)  # bfloat16 keeps 8 bits
+
+
+def test_bfloat16_arrays_feed_bfloat16_and_float16_inputs(tmp_path):
+    import ml_dtypes
+
+    a = _bf16(rnd(4, 3, 8, 8))
+    np.save(tmp_path / "a.npy", a)
+    bf_model = make_model([("x", TensorProto.BFLOAT16, ["N", 3, 8, 8])])
+    (batch,) = collect(load_calibration(tmp_path, bf_model), 8)
+    assert batch["x"].dtype == np.dtype(ml_dtypes.bfloat16)
+    np.testing.assert_array_equal(batch["x"].view(np.uint16), a.view(np.uint16))  # bit for bit
+    half = make_model([("x", TensorProto.FLOAT16, ["N", 3, 8, 8])])
+    (batch,) = collect(load_calibration(tmp_path, half), 8)
+    assert batch["x"].dtype == np.float16
+    np.testing.assert_array_equal(batch["x"], a.astype(np.float32).astype(np.float16))
+
+
+def test_bfloat16_arrays_checked_like_other_floats(tmp_path):
+    bad = rnd(2, 3, 8, 8)
+    bad[1, 0, 0, 0] = np.nan
+    np.save(tmp_path / "a.npy", _bf16(bad))
+    data = load_calibration(tmp_path, IMG)
+    with pytest.raises(InputError, match="NaN or Inf"):
+        collect(data, 8)
+    with pytest.raises(InputError, match="float dtype bfloat16 .* integer"):
+        load_calibration(tmp_path, make_model([("x", TensorProto.INT64, ["N", 3, 8, 8])]))

@@ -90,3 +90,31 @@ def test_bfloat16_finetune_refused(tmp_path, capsys):
                  "--finetune-epochs", "1"])
     assert code == 2 and not (tmp_path / "o.onnx").exists()
     assert "bfloat16" in capsys.readouterr().err
+
+
+def test_bfloat16_calibration_arrays_prune_a_bfloat16_model(tmp_path):
+    """Calibration arrays saved in bfloat16 (ml_dtypes) are read and converted for the float32 shadow: the
+    run is the one with the same values given as float32 (same removals, same scores)."""
+    import json
+
+    import ml_dtypes
+
+    from tests.helpers import residual_mlp
+
+    bf16 = residual_mlp(6, 16, dtype=ml_dtypes.bfloat16)
+    src = tmp_path / "b.onnx"
+    onnx.save(bf16, src)
+    x = np.random.default_rng(1).standard_normal((60, 16)).astype(ml_dtypes.bfloat16)
+    reports = []
+    for name, arr in (("bf", x), ("f32", x.astype(np.float32))):
+        calib = tmp_path / name
+        calib.mkdir()
+        np.save(calib / "x.npy", arr)
+        report = tmp_path / f"{name}.json"
+        assert main([str(src), str(tmp_path / f"{name}.onnx"), "--calib", str(calib), "--remove", "2", "-q",
+                     "--no-latency", "--report", str(report)]) == 0
+        reports.append(json.loads(report.read_text()))
+    assert np.load(tmp_path / "bf" / "x.npy").dtype == np.dtype("V2")  # numpy alone cannot read it as numbers
+    assert reports[0]["removed_ids"] == reports[1]["removed_ids"] and len(reports[0]["removed_ids"]) == 2
+    for a, b in zip(reports[0]["rounds"], reports[1]["rounds"], strict=True):
+        assert (a["order"], a["blocks"]) == (b["order"], b["blocks"])  # scores and ranks (timings differ)

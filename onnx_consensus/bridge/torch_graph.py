@@ -22,7 +22,7 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from ..errors import FinetuneError
-from ..runtime import external_array
+from ..graph.weights import external_array, is_external
 from .ops import NodeCtx, check_supported, lookup, normalize_domain, opset_versions
 from .ops_tensor import constant_value
 
@@ -63,7 +63,7 @@ class OnnxModule(nn.Module):
 
         const_values: dict[str, np.ndarray] = {}
         for name, t in inits.items():
-            if t.data_location == onnx.TensorProto.EXTERNAL and not t.HasField("raw_data"):
+            if is_external(t):
                 try:  # an absolute location (graph.ir.load_model_and_layout): read from the mapped file
                     const_values[name] = np.array(external_array(t))
                 except (KeyError, ValueError, OSError) as exc:

@@ -18,7 +18,6 @@ of their weights.
 from __future__ import annotations
 
 import logging
-import math
 import re
 from dataclasses import dataclass, field
 
@@ -27,24 +26,10 @@ import onnx
 from onnx import TensorProto
 
 from ..errors import InputError
+from .ir import tensor_spec
+from .weights import FLOAT_TYPES, is_weight, numel as _numel
 
-__all__ = ["ModelCost", "count_cost", "parse_input_shape", "FLOAT_TYPES"]
-
-#: ONNX element types counted as floating point (for parameters).
-FLOAT_TYPES = frozenset(
-    t
-    for t in (
-        TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16,
-        getattr(TensorProto, "FLOAT8E4M3FN", None), getattr(TensorProto, "FLOAT8E4M3FNUZ", None),
-        getattr(TensorProto, "FLOAT8E5M2", None), getattr(TensorProto, "FLOAT8E5M2FNUZ", None),
-        getattr(TensorProto, "FLOAT4E2M1", None), getattr(TensorProto, "FLOAT8E8M0", None),
-    )
-    if t is not None
-)
-
-# Initializers with at most this many elements (or of a non-float type) keep their values in the
-# shape-inference copy: they may be shapes, axes or other constants that data propagation needs.
-_KEEP_VALUES_MAX_ELEMENTS = 1024
+__all__ = ["ModelCost", "count_cost", "parse_input_shape"]
 
 _CONV_OPS = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3}  # op -> index of the weight input
 _MATMUL_OPS = {"MatMul": (0, 1), "MatMulInteger": (0, 1), "QLinearMatMul": (0, 3)}  # op -> (A, B)
@@ -93,10 +78,6 @@ def parse_input_shape(spec: str) -> tuple[str, tuple[int, ...]]:
     return name, shape
 
 
-def _numel(dims) -> int:
-    return int(math.prod(int(d) for d in dims))
-
-
 def count_params(model: onnx.ModelProto) -> int:
     """Number of elements of all float initializers (dense and sparse) and float Constant tensors
     with more than one element, in the main graph and all subgraphs. Uses only ``dims``, so it works
@@ -140,8 +121,11 @@ def _all_graphs(graph: onnx.GraphProto):
 def _weight_free_copy(
     model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]], batch_size: int
 ) -> onnx.ModelProto:
-    """A copy of ``model`` for shape inference: large float initializers become graph inputs with
-    their type and shape only (no values), graph inputs get their batch dim / dynamic dims fixed."""
+    """A copy of ``model`` for shape inference: its weights (``weights.is_weight``, the threshold of
+    ``weights.weightless``) become graph inputs with their type and shape only (no values), graph inputs
+    get their batch dim / dynamic dims fixed. Inputs rather than ``weightless``'s external-data stubs:
+    onnxruntime's symbolic shape inference, the fall-back below, reads initializer values and would try
+    to open the stubs' file."""
     src = model.graph
     init_names = {i.name for i in src.initializer}
     g = onnx.GraphProto()
@@ -192,7 +176,7 @@ def _weight_free_copy(
 
     declared = {i.name for i in g.input}
     for init in src.initializer:
-        if init.data_type in FLOAT_TYPES and _numel(init.dims) > _KEEP_VALUES_MAX_ELEMENTS:
+        if is_weight(init):
             if init.name in declared:
                 continue  # already declared as an input (IR < 4 style); its type is there
             vi = onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
@@ -213,13 +197,11 @@ def _weight_free_copy(
 
 
 def _value_info_shapes(infos) -> list[tuple[int | None, ...] | None]:
+    """Each ValueInfo's shape with symbolic dims as None (None: no shape declared)."""
     out = []
     for vi in infos:
-        tt = vi.type.tensor_type if vi.type.HasField("tensor_type") else None
-        if tt is None or not tt.HasField("shape"):
-            out.append(None)
-        else:
-            out.append(tuple(int(d.dim_value) if d.HasField("dim_value") else None for d in tt.shape.dim))
+        shape = tensor_spec(vi).shape
+        out.append(None if shape is None else tuple(d if isinstance(d, int) else None for d in shape))
     return out
 
 

@@ -14,6 +14,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..errors import InputError
+from .weights import absolute_locations, weightless
 
 MODEL_FIELDS = ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string")
 
@@ -29,8 +30,8 @@ def load_model_and_layout(path: str | os.PathLike, *,
     ``load_model``.
 
     External data is not read into the proto: each external tensor's location is made absolute (checked to
-    exist and be long enough), and readers map it from the file when they need it (``runtime.external_array``,
-    sessions through ``runtime.make_session``), so a model of several GB costs its graph in memory, not its
+    exist and be long enough; ``weights.absolute_locations``), and readers map it from the file when they need
+    it (``weights.external_array``, sessions through ``runtime.make_session``), so a model of several GB costs its graph in memory, not its
     weights. ``load_external_data=False`` leaves the locations as they are and checks nothing."""
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -43,7 +44,7 @@ def load_model_and_layout(path: str | os.PathLike, *,
         model = onnx.load(path, load_external_data=False)
         external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
         if external and load_external_data:
-            _absolute_locations(model, os.path.dirname(os.path.abspath(path)))
+            absolute_locations(model, os.path.dirname(os.path.abspath(path)))
     except Exception as exc:  # protobuf DecodeError, missing external data, ...
         raise InputError(f"cannot read {path} as an ONNX model: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     if not model.graph.node or not model.opset_import:
@@ -51,65 +52,45 @@ def load_model_and_layout(path: str | os.PathLike, *,
     return model, external
 
 
-def _absolute_locations(model: onnx.ModelProto, base: str) -> None:
-    sizes: dict[str, int] = {}
-    for t in model.graph.initializer:
-        if t.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        info = {e.key: e.value for e in t.external_data}
-        loc = os.path.normpath(os.path.join(base, info.get("location", "")))
-        if loc not in sizes:
-            if not os.path.isfile(loc):
-                raise ValueError(f"external data file {loc} (tensor {t.name}) not found")
-            sizes[loc] = os.path.getsize(loc)
-        n = int(np.prod(t.dims)) if t.dims else 1
-        need = int(info.get("offset", 0)) + int(info.get("length", n * np.dtype(
-            onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize))
-        if need > sizes[loc]:
-            raise ValueError(f"external data file {loc} is too short for tensor {t.name}")
-        for e in t.external_data:
-            if e.key == "location":
-                e.value = loc
-
-
 def node_key(node: gs.Node) -> str:
     """A node's stable identity: its first output tensor's name."""
     return node.outputs[0].name if node.outputs else f"<no-output:{node.name}>"
 
 
-STUB_LOCATION = "shared-initializers.bin"  # external-data location of stubbed weights (never read)
-STUB_MIN_ELEMENTS = 1024
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor's declared type (a graph input or output, a value_info entry).
+
+    Attributes:
+        name: tensor name.
+        dtype: numpy dtype of the elements (an ml_dtypes type for bfloat16 and the float8 types); None when
+            the element type is undeclared, the value is not a tensor, or the type has no numpy counterpart.
+        shape: one entry per dim: an int for a static dim, a str (symbolic name) or None for a dynamic one;
+            the whole shape is None when none is declared (rank unknown). For model inputs dim 0 is taken
+            to be the batch dim.
+    """
+
+    name: str
+    dtype: np.dtype | None
+    shape: tuple[int | str | None, ...] | None
 
 
-def weightless(model: onnx.ModelProto, min_elements: int = STUB_MIN_ELEMENTS) -> onnx.ModelProto:
-    """A copy of ``model`` whose float initializers of at least ``min_elements`` elements are stubs:
-    name, dtype and dims kept, data dropped (marked as external data at STUB_LOCATION). Shape inference and
-    graph surgery on it cost memory for the graph, not the weights; runtime.SharedWeights supplies the
-    values to sessions. Integer and small tensors (shape constants, scalars) keep their data."""
-    out = onnx.ModelProto()
-    graph = model.graph
-    out.CopyFrom(onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import,
-                                 metadata_props=model.metadata_props, functions=model.functions,
-                                 producer_name=model.producer_name, producer_version=model.producer_version,
-                                 domain=model.domain, model_version=model.model_version,
-                                 doc_string=model.doc_string))
-    g = out.graph
-    g.name, g.doc_string = graph.name, graph.doc_string
-    for field in ("node", "input", "output", "value_info", "sparse_initializer"):
-        getattr(g, field).extend(getattr(graph, field))
-    for t in graph.initializer:
-        n = int(np.prod(t.dims)) if t.dims else 1
-        if t.data_type in FLOAT_TYPES and n >= min_elements:
-            stub = g.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims,
-                                     data_location=onnx.TensorProto.EXTERNAL)
-            stub.external_data.add(key="location", value=STUB_LOCATION)
-        else:
-            g.initializer.add().CopyFrom(t)
-    return out
-
-
-FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
-               onnx.TensorProto.DOUBLE)
+def tensor_spec(vi: onnx.ValueInfoProto) -> TensorSpec:
+    """Parse a ValueInfo's element type and shape: the one place the project reads them (``interface``,
+    ``to_gs``, the calibration data's input specs, the MAC counter)."""
+    tt = vi.type.tensor_type if vi.type.HasField("tensor_type") else None
+    if tt is None:
+        return TensorSpec(vi.name, None, None)
+    dtype = None
+    if tt.elem_type:
+        try:
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
+        except Exception:  # an element type this onnx/numpy cannot express
+            dtype = None
+    shape = None
+    if tt.HasField("shape"):
+        shape = tuple(int(d.dim_value) if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)
+    return TensorSpec(vi.name, dtype, shape)
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -132,11 +113,11 @@ def to_gs(model: onnx.ModelProto, *, infer: bool = True) -> gs.Graph:
         inputs = {t.name for t in graph.inputs}
         for t in graph.tensors().values():
             if isinstance(t, gs.Variable) and t.name in known and t.name not in inputs:
-                tt = known[t.name].type.tensor_type
-                if tt.elem_type:
-                    t.dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
-                if tt.HasField("shape"):
-                    t.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+                spec = tensor_spec(known[t.name])
+                if spec.dtype is not None:
+                    t.dtype = spec.dtype
+                if spec.shape is not None:
+                    t.shape = list(spec.shape)
     return graph.toposort()
 
 
@@ -161,29 +142,11 @@ def from_gs(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    """A graph input or output: name, numpy dtype, and shape with symbolic dims as strings (None = unknown)."""
-
-    name: str
-    dtype: str
-    shape: tuple[int | str | None, ...] | None
-
-
-def _spec(vi: onnx.ValueInfoProto) -> TensorSpec:
-    t = vi.type.tensor_type
-    dtype = str(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)) if t.elem_type else "unknown"
-    shape = None
-    if t.HasField("shape"):
-        shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim)
-    return TensorSpec(vi.name, dtype, shape)
-
-
 def interface(model: onnx.ModelProto) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
     """The model's (inputs, outputs) as TensorSpecs; initializer-backed inputs excluded."""
     inits = {i.name for i in model.graph.initializer}
-    ins = tuple(_spec(v) for v in model.graph.input if v.name not in inits)
-    outs = tuple(_spec(v) for v in model.graph.output)
+    ins = tuple(tensor_spec(v) for v in model.graph.input if v.name not in inits)
+    outs = tuple(tensor_spec(v) for v in model.graph.output)
     return ins, outs
 
 

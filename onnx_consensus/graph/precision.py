@@ -8,6 +8,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from .weights import tensor_array
+
 BF16, F32 = TensorProto.BFLOAT16, TensorProto.FLOAT
 
 
@@ -19,10 +21,7 @@ def is_bfloat16(model: onnx.ModelProto) -> bool:
 
 
 def _f32_tensor(t: TensorProto) -> TensorProto:
-    from ..runtime import external_array, is_external
-
-    arr = external_array(t) if is_external(t) else numpy_helper.to_array(t)
-    return numpy_helper.from_array(np.asarray(arr).astype(np.float32), t.name)
+    return numpy_helper.from_array(np.asarray(tensor_array(t)).astype(np.float32), t.name)
 
 
 def _shadow_graph(g: onnx.GraphProto) -> None:

@@ -1,4 +1,4 @@
-"""Calibration / evaluation data, indexed at load time and streamed batch by batch.
+"""The calibration index: which samples are where, checked against the model's inputs, streamed in batches.
 
 Accepted inputs (a directory, or a single file):
 
@@ -10,302 +10,47 @@ Accepted inputs (a directory, or a single file):
 * images ``.png/.jpg/.jpeg/.bmp`` -- single 4-D float (or integer) input; decoded with Pillow,
   resized, scaled and normalised per :class:`ImageOptions`. One sample per file.
 
-Files are taken in sorted name order, samples in order within each file. ``labels.npy`` in the
-directory (or the ``labels=`` file) holds one integer class id per sample in that order.
+Arrays of any float type feed any float input (bfloat16 ones too, see ``formats``): they are converted to
+the input's dtype batch by batch; integer arrays feed integer inputs. Files are taken in sorted name order,
+samples in order within each file. ``labels.npy`` in the directory (or the ``labels=`` file) holds one
+integer class id per sample in that order.
 
-Only headers are read at load time (``.npy`` and uncompressed ``.npz`` members are later
-memory-mapped; a compressed ``.npz`` member is decompressed whole while its file is being read), so
-memory use while streaming is one batch plus at most one open file.
+Only headers are read at load time (``formats``), so memory use while streaming is one batch plus at most
+one open file.
 """
 from __future__ import annotations
 
 import logging
-import math
 import os
-import struct
-import zipfile
 from dataclasses import dataclass
-from typing import Iterator, Literal, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import onnx
 
-from .errors import InputError
-
-__all__ = [
-    "InputSpec",
-    "ImageOptions",
-    "CalibrationData",
-    "model_input_specs",
-    "load_calibration",
-    "IMAGE_EXTENSIONS",
-    "DATA_EXTENSIONS",
-]
+from ..errors import InputError
+from ..graph.ir import TensorSpec, interface
+from .formats import ArrayHeader, Corrupt, fmt_shape, is_float, is_int, npy_headers, npz_headers, read_arrays
+from .images import IMAGE_EXTENSIONS, ImageOptions, ImagePlan, image_plan, import_pil, load_image, verify_image
 
 log = logging.getLogger("onnx_consensus")
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 DATA_EXTENSIONS = (".npy", ".npz") + IMAGE_EXTENSIONS
 _LABELS_FILE = "labels.npy"
 
 
-# ----------------------------------------------------------------------------------------------
-# model inputs
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """One graph input of the model (initializer-backed inputs excluded).
-
-    Attributes:
-        name: graph input name.
-        dtype: numpy dtype of the input tensor.
-        shape: one entry per dim: an int for a static dim, a str (symbolic name) or None for a
-            dynamic dim. The whole shape is None when the model declares no shape (rank unknown).
-            Dim 0 is taken to be the batch dim.
-    """
-
-    name: str
-    dtype: np.dtype
-    shape: tuple[int | str | None, ...] | None
-
-
-def model_input_specs(model: onnx.ModelProto) -> list[InputSpec]:
-    """The model's real inputs, in graph order. Raises InputError for non-tensor inputs."""
-    init_names = {i.name for i in model.graph.initializer}
-    specs = []
-    for inp in model.graph.input:
-        if inp.name in init_names:
-            continue
-        if not inp.type.HasField("tensor_type"):
-            raise InputError(f"model input {inp.name!r} is not a tensor (sequence/map/optional inputs are not supported)")
-        tt = inp.type.tensor_type
-        try:
-            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
-        except Exception as exc:
-            raise InputError(f"model input {inp.name!r} has unsupported element type {tt.elem_type}") from exc
-        shape: tuple | None = None
-        if tt.HasField("shape"):
-            shape = tuple(
-                int(d.dim_value) if d.HasField("dim_value") else (d.dim_param if d.HasField("dim_param") else None)
-                for d in tt.shape.dim
-            )
-        specs.append(InputSpec(inp.name, dtype, shape))
+def model_input_specs(model: onnx.ModelProto) -> list[TensorSpec]:
+    """The model's real inputs (``graph.ir.interface``), in graph order. Raises InputError for a non-tensor
+    input or an element type with no numpy counterpart."""
+    specs = list(interface(model)[0])
+    by_name = {v.name: v for v in model.graph.input}
+    for s in specs:
+        if not by_name[s.name].type.HasField("tensor_type"):
+            raise InputError(f"model input {s.name!r} is not a tensor (sequence/map/optional inputs are not supported)")
+        if s.dtype is None:
+            raise InputError(f"model input {s.name!r} has unsupported element type "
+                             f"{by_name[s.name].type.tensor_type.elem_type}")
     return specs
-
-
-def _fmt_shape(shape) -> str:
-    if shape is None:
-        return "(rank unknown)"
-    return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
-
-
-def _is_float(dt: np.dtype) -> bool:
-    return dt.kind == "f" or dt.name.startswith(("bfloat16", "float8", "float4"))
-
-
-def _is_int(dt: np.dtype) -> bool:
-    return dt.kind in "iub"
-
-
-# ----------------------------------------------------------------------------------------------
-# image options
-
-
-@dataclass(frozen=True)
-class ImageOptions:
-    """How image files become model input.
-
-    pixel value p (0..255) -> ``(p * scale - mean[c]) / std[c]`` for float model inputs; integer
-    model inputs get the raw pixel values.
-
-    Attributes:
-        size: (H, W) to resize to (bilinear); default: the model input's static H, W.
-        mean, std: per-channel (length C) or shared (length 1) normalisation, applied after ``scale``.
-        layout: "NCHW" or "NHWC": where the channel dim of the model input is.
-        channels: 1, 3 or 4; default: the model input's channel dim (grey images are replicated to
-            3 channels, colour images converted to grey for 1 channel).
-        scale: multiplier applied to raw 0..255 pixel values before mean/std.
-    """
-
-    size: tuple[int, int] | None = None
-    mean: tuple[float, ...] = (0.0,)
-    std: tuple[float, ...] = (1.0,)
-    layout: Literal["NCHW", "NHWC"] = "NCHW"
-    channels: int | None = None
-    scale: float = 1.0 / 255.0
-
-
-@dataclass(frozen=True)
-class _ImagePlan:
-    height: int
-    width: int
-    channels: int
-    layout: str
-    mean: np.ndarray  # (C,) float32
-    std: np.ndarray  # (C,) float32
-    scale: float
-    normalise: bool
-
-    @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        if self.layout == "NCHW":
-            return (self.channels, self.height, self.width)
-        return (self.height, self.width, self.channels)
-
-
-def _import_pil():
-    try:
-        from PIL import Image  # noqa: PLC0415
-    except ImportError as exc:
-        raise InputError("image calibration files need Pillow, which is not installed: pip install pillow") from exc
-    return Image
-
-
-def _image_plan(spec: InputSpec, opts: ImageOptions) -> _ImagePlan:
-    if opts.layout not in ("NCHW", "NHWC"):
-        raise InputError(f"image layout must be 'NCHW' or 'NHWC', got {opts.layout!r}")
-    if spec.shape is not None and len(spec.shape) != 4:
-        raise InputError(f"image files need a 4-D model input; input {spec.name!r} has shape {_fmt_shape(spec.shape)}")
-    if not (_is_float(spec.dtype) or _is_int(spec.dtype)):
-        raise InputError(f"image files cannot feed model input {spec.name!r} of dtype {spec.dtype}")
-    shape = spec.shape or (None, None, None, None)
-    c_dim, h_dim, w_dim = (shape[1], shape[2], shape[3]) if opts.layout == "NCHW" else (shape[3], shape[1], shape[2])
-    channels = opts.channels if opts.channels is not None else (c_dim if isinstance(c_dim, int) else 3)
-    if channels not in (1, 3, 4):
-        raise InputError(f"image channels must be 1, 3 or 4, got {channels} (model input {spec.name!r} {_fmt_shape(spec.shape)}, layout {opts.layout})")
-    if isinstance(c_dim, int) and c_dim != channels:
-        raise InputError(f"ImageOptions.channels={channels} but model input {spec.name!r} has {c_dim} channels ({opts.layout})")
-    if opts.size is not None:
-        if len(opts.size) != 2 or any(int(s) <= 0 for s in opts.size):
-            raise InputError(f"image size must be (H, W) with positive values, got {opts.size!r}")
-        height, width = int(opts.size[0]), int(opts.size[1])
-        for got, want, what in ((height, h_dim, "height"), (width, w_dim, "width")):
-            if isinstance(want, int) and got != want:
-                raise InputError(f"image {what} {got} does not match model input {spec.name!r} {_fmt_shape(spec.shape)} ({opts.layout})")
-    elif isinstance(h_dim, int) and isinstance(w_dim, int):
-        height, width = h_dim, w_dim
-    else:
-        raise InputError(
-            f"model input {spec.name!r} has dynamic image size {_fmt_shape(spec.shape)}; set ImageOptions.size=(H, W)"
-        )
-    mean = np.asarray(opts.mean, dtype=np.float32).ravel()
-    std = np.asarray(opts.std, dtype=np.float32).ravel()
-    for arr, what in ((mean, "mean"), (std, "std")):
-        if arr.size not in (1, channels):
-            raise InputError(f"image {what} must have 1 or {channels} values, got {arr.size}")
-    if np.any(std == 0):
-        raise InputError("image std must not contain zeros")
-    return _ImagePlan(
-        height, width, channels, opts.layout,
-        np.broadcast_to(mean, (channels,)).copy(), np.broadcast_to(std, (channels,)).copy(),
-        float(opts.scale), _is_float(spec.dtype),
-    )
-
-
-def _load_image(path: str, plan: _ImagePlan) -> np.ndarray:
-    """Decode one image into a sample of ``plan.sample_shape`` (float32, or uint8 if not normalised)."""
-    Image = _import_pil()
-    mode = {1: "L", 3: "RGB", 4: "RGBA"}[plan.channels]
-    with Image.open(path) as im:
-        im = im.convert(mode)
-        if im.size != (plan.width, plan.height):
-            im = im.resize((plan.width, plan.height), Image.BILINEAR)
-        a = np.asarray(im)
-    if a.ndim == 2:
-        a = a[..., None]
-    if plan.normalise:
-        a = (a.astype(np.float32) * np.float32(plan.scale) - plan.mean) / plan.std
-    if plan.layout == "NCHW":
-        a = a.transpose(2, 0, 1)
-    return np.ascontiguousarray(a)
-
-
-# ----------------------------------------------------------------------------------------------
-# headers
-
-
-class _Corrupt(Exception):
-    """A file that cannot be read (skipped unless strict)."""
-
-
-@dataclass(frozen=True)
-class _ArrayHeader:
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    fortran: bool
-    offset: int | None  # byte offset of the array data in the file when memory-mappable, else None
-    member: str | None = None  # zip member name (npz)
-
-
-def _read_npy_header(fp) -> tuple[tuple[int, ...], bool, np.dtype]:
-    version = np.lib.format.read_magic(fp)
-    if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
-    elif version == (2, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
-    else:
-        reader = getattr(np.lib.format, "_read_array_header", None)
-        if reader is None:
-            raise ValueError(f"unsupported .npy format version {version}")
-        shape, fortran, dtype = reader(fp, version)
-    return tuple(int(s) for s in shape), bool(fortran), np.dtype(dtype)
-
-
-def _nbytes(shape, dtype: np.dtype) -> int:
-    return int(math.prod(shape)) * dtype.itemsize
-
-
-def _npy_headers(path: str) -> dict[str, _ArrayHeader]:
-    try:
-        with open(path, "rb") as fp:
-            shape, fortran, dtype = _read_npy_header(fp)
-            offset = fp.tell()
-        size = os.path.getsize(path)
-    except Exception as exc:  # noqa: BLE001 - any failure to parse means the file is unreadable
-        raise _Corrupt(f"not a readable .npy file ({exc})") from exc
-    if dtype.hasobject:
-        raise _Corrupt("holds Python objects (pickled arrays are not supported)")
-    if size < offset + _nbytes(shape, dtype):
-        raise _Corrupt(f"truncated: header says {shape} {dtype} but the file has only {size - offset} data bytes")
-    return {"": _ArrayHeader(shape, dtype, fortran, offset)}
-
-
-def _npz_headers(path: str) -> dict[str, _ArrayHeader]:
-    out: dict[str, _ArrayHeader] = {}
-    try:
-        with zipfile.ZipFile(path) as zf, open(path, "rb") as raw:
-            for info in zf.infolist():
-                if not info.filename.endswith(".npy"):
-                    continue
-                key = info.filename[: -len(".npy")]
-                with zf.open(info) as member:
-                    shape, fortran, dtype = _read_npy_header(member)
-                    header_len = member.tell()
-                if dtype.hasobject:
-                    raise _Corrupt(f"array {key!r} holds Python objects (pickled arrays are not supported)")
-                if info.file_size < header_len + _nbytes(shape, dtype):
-                    raise _Corrupt(f"array {key!r} is truncated")
-                offset = None
-                if info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 0x1:
-                    raw.seek(info.header_offset)
-                    local = raw.read(30)
-                    sig, *_, name_len, extra_len = struct.unpack("<4s5H3L2H", local)
-                    if sig != b"PK\x03\x04":
-                        raise _Corrupt("bad zip local header")
-                    offset = info.header_offset + 30 + name_len + extra_len + header_len
-                out[key] = _ArrayHeader(shape, dtype, fortran, offset, info.filename)
-    except _Corrupt:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise _Corrupt(f"not a readable .npz file ({exc})") from exc
-    if not out:
-        raise _Corrupt("contains no arrays")
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# files
 
 
 @dataclass(frozen=True)
@@ -314,29 +59,29 @@ class _DataFile:
     kind: str  # "npy" | "npz" | "image"
     n: int  # samples in the file
     batched: bool  # arrays have a leading batch dim (else the file is one sample)
-    arrays: dict[str, _ArrayHeader]  # model input name -> header (empty for images)
+    arrays: dict[str, ArrayHeader]  # model input name -> header (empty for images)
     sample_shapes: tuple[tuple[int, ...], ...]  # per model input, in spec order
 
 
-def _check_dtype(path: str, key: str, dtype: np.dtype, spec: InputSpec) -> None:
+def _check_dtype(path: str, key: str, dtype: np.dtype, spec: TensorSpec) -> None:
     target = spec.dtype
     label = f"array {key!r}" if key else "array"
-    if _is_float(target):
-        if _is_float(dtype):
+    if is_float(target):
+        if is_float(dtype):
             return
-        if _is_int(dtype):
+        if is_int(dtype):
             raise InputError(f"{path}: {label} has integer dtype {dtype} but model input {spec.name!r} is {target} (float); convert the data to float")
-    elif _is_int(target):
-        if _is_int(dtype):
+    elif is_int(target):
+        if is_int(dtype):
             return
-        if _is_float(dtype):
+        if is_float(dtype):
             raise InputError(f"{path}: {label} has float dtype {dtype} but model input {spec.name!r} is {target} (integer); give integer data")
     else:
         raise InputError(f"model input {spec.name!r} has unsupported dtype {target}")
     raise InputError(f"{path}: {label} has unsupported dtype {dtype} for model input {spec.name!r} ({target})")
 
 
-def _sample_layout(path: str, key: str, shape: tuple[int, ...], spec: InputSpec) -> tuple[bool, int, tuple[int, ...]]:
+def _sample_layout(path: str, key: str, shape: tuple[int, ...], spec: TensorSpec) -> tuple[bool, int, tuple[int, ...]]:
     """(batched, n, sample shape) of an array against the model input; raises InputError on mismatch."""
     label = f"array {key!r}" if key else "array"
     if spec.shape is None:
@@ -350,21 +95,21 @@ def _sample_layout(path: str, key: str, shape: tuple[int, ...], spec: InputSpec)
         batched, n, sample = False, 1, shape
     else:
         raise InputError(
-            f"{path}: {label} has shape {_fmt_shape(shape)} (rank {len(shape)}) but model input {spec.name!r} "
-            f"is {_fmt_shape(spec.shape)}: expected rank {rank} (a batch) or {rank - 1} (one sample)"
+            f"{path}: {label} has shape {fmt_shape(shape)} (rank {len(shape)}) but model input {spec.name!r} "
+            f"is {fmt_shape(spec.shape)}: expected rank {rank} (a batch) or {rank - 1} (one sample)"
         )
     for i, (got, want) in enumerate(zip(sample, spec.shape[1:])):
         if isinstance(want, int) and got != want:
             raise InputError(
-                f"{path}: {label} has shape {_fmt_shape(shape)} but model input {spec.name!r} is "
-                f"{_fmt_shape(spec.shape)}: dim {i + 1} is {got}, expected {want}"
+                f"{path}: {label} has shape {fmt_shape(shape)} but model input {spec.name!r} is "
+                f"{fmt_shape(spec.shape)}: dim {i + 1} is {got}, expected {want}"
             )
     return batched, n, tuple(sample)
 
 
-def _index_array_file(path: str, kind: str, specs: list[InputSpec]) -> _DataFile:
-    headers = _npy_headers(path) if kind == "npy" else _npz_headers(path)
-    arrays: dict[str, _ArrayHeader] = {}
+def _index_array_file(path: str, kind: str, specs: list[TensorSpec]) -> _DataFile:
+    headers = npy_headers(path) if kind == "npy" else npz_headers(path)
+    arrays: dict[str, ArrayHeader] = {}
     if kind == "npy":
         arrays[specs[0].name] = headers[""]
         keys = {specs[0].name: ""}
@@ -398,13 +143,8 @@ def _index_array_file(path: str, kind: str, specs: list[InputSpec]) -> _DataFile
     return _DataFile(path, kind, counts.pop(), batched.pop(), arrays, tuple(s for _, _, s in layouts))
 
 
-def _index_image_file(path: str, plan: _ImagePlan) -> _DataFile:
-    Image = _import_pil()
-    try:
-        with Image.open(path) as im:
-            im.verify()
-    except Exception as exc:  # noqa: BLE001
-        raise _Corrupt(f"not a readable image ({exc})") from exc
+def _index_image_file(path: str, plan: ImagePlan) -> _DataFile:
+    verify_image(path)
     return _DataFile(path, "image", 1, False, {}, (plan.sample_shape,))
 
 
@@ -437,14 +177,10 @@ def _list_files(path: str, labels_path: str | None) -> list[tuple[str, str]]:
     return [(path, k)]
 
 
-# ----------------------------------------------------------------------------------------------
-# reading
-
-
 class _Reader:
     """Holds at most one open file: memory maps for .npy / stored .npz, decoded arrays otherwise."""
 
-    def __init__(self, files: list[_DataFile], specs: list[InputSpec], plan: _ImagePlan | None):
+    def __init__(self, files: list[_DataFile], specs: list[TensorSpec], plan: ImagePlan | None):
         self._files, self._specs, self._plan = files, specs, plan
         self._current: int | None = None
         self._arrays: dict[str, np.ndarray] = {}
@@ -465,37 +201,19 @@ class _Reader:
 
     def _open(self, f: _DataFile) -> dict[str, np.ndarray]:
         if f.kind == "image":
-            return {self._specs[0].name: _load_image(f.path, self._plan)[None]}
-        out: dict[str, np.ndarray] = {}
-        zf = None
-        try:
-            for name, h in f.arrays.items():
-                if h.offset is not None:
-                    if _nbytes(h.shape, h.dtype) == 0:
-                        arr = np.empty(h.shape, h.dtype)
-                    else:
-                        arr = np.memmap(f.path, dtype=h.dtype, mode="r", offset=h.offset, shape=h.shape,
-                                        order="F" if h.fortran else "C")
-                else:
-                    if zf is None:
-                        zf = zipfile.ZipFile(f.path)
-                    with zf.open(h.member) as member:
-                        arr = np.lib.format.read_array(member, allow_pickle=False)
-                out[name] = arr if f.batched else arr[None]
-        finally:
-            if zf is not None:
-                zf.close()
-        return out
+            return {self._specs[0].name: load_image(f.path, self._plan)[None]}
+        arrays = read_arrays(f.path, f.arrays)
+        return arrays if f.batched else {name: arr[None] for name, arr in arrays.items()}
 
     def close(self) -> None:
         self._arrays = {}
         self._current = None
 
 
-def _convert(data: np.ndarray, spec: InputSpec, path: str) -> np.ndarray:
+def _convert(data: np.ndarray, spec: TensorSpec, path: str) -> np.ndarray:
     """Cast a chunk of source rows to the model dtype, checking integer range and finiteness."""
     target = spec.dtype
-    if _is_int(target) and data.dtype.kind in "iu" and data.size and not np.can_cast(data.dtype, target):
+    if is_int(target) and data.dtype.kind in "iu" and data.size and not np.can_cast(data.dtype, target):
         lo, hi = (0, 1) if target.kind == "b" else (np.iinfo(target).min, np.iinfo(target).max)
         dmin, dmax = int(data.min()), int(data.max())
         if dmin < lo or dmax > hi:
@@ -504,7 +222,7 @@ def _convert(data: np.ndarray, spec: InputSpec, path: str) -> np.ndarray:
             )
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below as a non-finite value
         out = np.array(data, dtype=target, copy=True, order="C")
-    if _is_float(target) and out.size and not np.isfinite(out).all():
+    if is_float(target) and out.size and not np.isfinite(out).all():
         why = "NaN or Inf" if not np.isfinite(np.asarray(data)).all() else f"values that overflow {target}"
         raise InputError(f"{path}: input {spec.name!r} contains {why}")
     return out
@@ -523,13 +241,13 @@ class CalibrationData:
 
     def __init__(
         self,
-        specs: list[InputSpec],
+        specs: list[TensorSpec],
         files: list[_DataFile],
         n_samples: int,
         labels: np.ndarray | None,
         source: str,
         skipped: list[str],
-        image_plan: _ImagePlan | None = None,
+        image_plan: ImagePlan | None = None,
     ):
         self.specs = list(specs)
         self.n_samples = int(n_samples)
@@ -651,10 +369,6 @@ class CalibrationData:
             pass
 
 
-# ----------------------------------------------------------------------------------------------
-# loading
-
-
 def _load_labels(path: str) -> np.ndarray:
     if not os.path.isfile(path):
         raise InputError(f"labels file does not exist: {path}")
@@ -731,15 +445,15 @@ def load_calibration(
         )
     plan = None
     if "image" in kinds:
-        _import_pil()
-        plan = _image_plan(specs[0], image_options or ImageOptions())
+        import_pil()
+        plan = image_plan(specs[0], image_options or ImageOptions())
 
     files: list[_DataFile] = []
     skipped: list[str] = []
     for fpath, kind in listing:
         try:
             f = _index_image_file(fpath, plan) if kind == "image" else _index_array_file(fpath, kind, specs)
-        except _Corrupt as exc:
+        except Corrupt as exc:
             if strict:
                 raise InputError(f"{fpath}: {exc}") from exc
             log.warning("skipping unreadable calibration file %s: %s", fpath, exc)

@@ -1,0 +1,24 @@
+"""Calibration and evaluation data: array files, images, and the index that streams them in batches.
+
+Modules: ``formats`` (``.npy`` / ``.npz`` headers, memory maps, dtypes), ``images`` (decoding and
+normalising image files), ``calibration`` (``CalibrationData``, ``load_calibration``).
+A model input's spec is ``graph.ir.TensorSpec`` (``InputSpec`` is the same type, under its old name).
+"""
+from __future__ import annotations
+
+from ..graph.ir import TensorSpec
+from .calibration import DATA_EXTENSIONS, CalibrationData, load_calibration, model_input_specs
+from .images import IMAGE_EXTENSIONS, ImageOptions
+
+InputSpec = TensorSpec
+
+__all__ = [
+    "InputSpec",
+    "TensorSpec",
+    "ImageOptions",
+    "CalibrationData",
+    "model_input_specs",
+    "load_calibration",
+    "IMAGE_EXTENSIONS",
+    "DATA_EXTENSIONS",
+]
