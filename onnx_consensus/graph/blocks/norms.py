@@ -7,7 +7,7 @@ import heapq
 
 import onnx_graphsurgeon as gs
 
-from ..ir import GraphIndex, shape_of
+from ..ir import GraphIndex, dtype_of, shape_of
 from .ops import DECOMPOSED_NORM_OPS, NORM_OPS
 from .shapes import same_shape
 
@@ -103,17 +103,19 @@ class Norms:
         return None
 
     def _with_affine(self, t: gs.Tensor, region: list[gs.Node], end: gs.Tensor) -> Norm | None:
-        """Extend a decomposed norm by its trailing affine (Mul by a weight, Add of a bias)."""
+        """Extend a decomposed norm by its trailing affine (Mul by a weight, Add of a bias) and Casts."""
         index = self.index
         while end.name not in index.output_names:
             consumers = index.consumers(end.name)
             if len(consumers) != 1:
                 break
             nxt = consumers[0]
-            if nxt.op not in ("Mul", "Add") or sum(index.is_data(x) for x in nxt.inputs) != 1:
+            if nxt.op not in ("Mul", "Add", "Cast") or sum(index.is_data(x) for x in nxt.inputs) != 1:
                 break
             region.append(nxt)
             end = nxt.outputs[0]
         if shape_of(end) is not None and shape_of(t) is not None and not same_shape(end, t):
+            return None
+        if None not in (dtype_of(end), dtype_of(t)) and dtype_of(end) != dtype_of(t):
             return None
         return region, end
