@@ -180,7 +180,7 @@ def test_tanh_gelu_torch_export():
         os.replace(tmp, path)
     model = onnx.load(path)
     ops = {n.output[0]: n.op_type for n in model.graph.node}
-    assert "Tanh" in ops.values() and "Pow" not in ops.values() or True
+    assert "Tanh" in ops.values() and "Gelu" not in ops.values()  # decomposed, with its x + c*x^3 merge
     blocks = find_blocks(randomize_names(model, seed=3, keep_io=True)).blocks
     assert len(blocks) == 2 and blocks[0].entry == "x"
     report = find_blocks(model)
@@ -273,7 +273,6 @@ def test_decomposed_norm_found_by_consumer_walk(kind):
 def test_registered_post_merge_rule_is_used():
     """A rule registered with one decorated function (here: a Clip after the merge, ReLU6-style) extends
     the block; without it the block ends at the merge."""
-    import onnx
     from onnx import TensorProto, helper
     from onnx import numpy_helper as nh
 
@@ -301,7 +300,6 @@ def test_registered_post_merge_rule_is_used():
     finally:
         POST_MERGE_RULES.pop("test_clip")
     assert [b.exit for b in find_blocks(model).blocks] == ["r"]
-    del onnx
 
 
 # ------------------------------------------------------------------ KV cache: structure first, names logged
@@ -351,4 +349,3 @@ def test_kv_cache_name_fallback_is_logged(caplog):
     assert any("guessed from tensor names" in r.getMessage() for r in caplog.records)
     renamed = randomize_names(model, seed=1)  # the same graph without the names: its block is found
     assert len(find_blocks(renamed).blocks) == 1
-    del onnx
