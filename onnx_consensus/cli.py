@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--unit", choices=("block", "layer"), default="block",
                    help="candidate unit: every residual sub-block (default), or whole transformer layers "
                         "(attention + MLP sub-blocks paired)")
+    g.add_argument("--token-mask", type=_csv, default=(), metavar="NAME:keep|pad,...",
+                   help="input NAME masks tokens for feature averaging: keep = nonzero marks a real token, pad = "
+                        "nonzero marks padding (default: read from the graph, else guessed from the name)")
     g.add_argument("--pca-dim", type=int, default=256, help="principal-component cap for alignment metrics")
     g.add_argument("--seed", type=int, default=0, help="seed for the hold-out split, random metric, k-means")
     g = p.add_argument_group("fine-tuning (needs torch: pip install 'onnx-consensus[torch]')")
@@ -254,7 +257,8 @@ def cmd_prune(args) -> int:
     if args.batch_size < 1:
         raise InputError("--batch-size must be >= 1")
     criterion = CriterionOptions(metrics=tuple(metrics), scope=args.scope, schedule=args.schedule,
-                                 feature=args.feature, pca_dim=args.pca_dim, seed=args.seed, unit=args.unit)
+                                 feature=args.feature, pca_dim=args.pca_dim, seed=args.seed, unit=args.unit,
+                                 token_mask=tuple(args.token_mask))
     target = TargetOptions(remove=args.remove, target_flops=args.target_flops, min_agreement=args.min_agreement,
                            keep_per_stage=args.keep_per_stage, only=args.only, exclude=args.exclude, plan=plan)
     run = RunOptions(batch_size=args.batch_size, holdout=args.holdout, threads=args.threads,

@@ -21,6 +21,7 @@ from .errors import InputError, TargetError
 from .evaluate import Fidelity, fidelity, reference_outputs
 from .graph.blocks import Block, BlockReport, find_blocks
 from .graph.flops import count_cost
+from .graph.masks import token_masks
 from .graph.surgery import remove_blocks
 from .metrics import DEFAULT_METRICS
 from .scoring import SCOPES, ScoreRound, score_blocks
@@ -40,6 +41,7 @@ class CriterionOptions:
     pca_dim: int = 256
     seed: int = 0
     unit: str = "block"  # "block": every residual sub-block; "layer": attention + MLP sub-blocks paired
+    token_mask: tuple[str, ...] = ()  # "NAME:keep|pad": which input masks tokens, and which value pads
 
 
 @dataclass
@@ -148,6 +150,8 @@ def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = 
         log.warning("%s", report.refusal)
     originals = report.by_id()
     _validate(criterion, target, originals)
+    # Token masks are resolved (and any guess logged) once, then passed to every round as overrides.
+    token_mask = tuple(f"{m.name}:{m.polarity}" for m in token_masks(model, criterion.token_mask).values())
     result = PruneResult(model=model, original_blocks=report, macs_before=cost.total_macs, params_before=cost.params)
 
     if data.n_samples >= 10 and run.holdout > 0:
@@ -196,7 +200,7 @@ def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = 
                     rnd = score_blocks(current, data, blocks=eligible, metrics=criterion.metrics, scope=criterion.scope,
                                        feature=criterion.feature, indices=score_idx, labels=score_labels,
                                        batch_size=run.batch_size, seed=criterion.seed, pca_dim=criterion.pca_dim,
-                                       threads=run.threads, progress=run.progress)
+                                       threads=run.threads, progress=run.progress, token_mask=token_mask)
                     result.rounds.append(rnd)
                     order = rnd.order
                 eligible_ids = {b.id for b in eligible}

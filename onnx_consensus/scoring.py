@@ -21,6 +21,7 @@ from threadpoolctl import threadpool_limits
 from .consensus import BlockScore, consensus
 from .graph.blocks import Block, find_blocks
 from .graph.instrument import expose, find_feature_tensor, suffix_model
+from .graph.masks import TokenMask, token_masks
 from .graph.weights import initializer_bytes, weightless
 from .metrics import DEFAULT_METRICS, get_metric, score
 from .metrics.features import make_conditions, pca_cap, pool_features
@@ -53,18 +54,45 @@ class ScoreRound:
                 "blocks": [b.to_json() for b in self.blocks]}
 
 
-def _mask_for(feeds: dict[str, np.ndarray], act: np.ndarray) -> np.ndarray | None:
-    """Which tokens to keep (N, T), from a mask input matching a token tensor (N, T, D), if there is one.
-
-    An ``attention_mask``-style input (nonzero = keep, the Hugging Face convention) is used as is; an input
-    whose name says padding (``padding_mask``, ``src_key_padding_mask``: nonzero = padding, torch's
-    convention) is inverted."""
+def _mask_for(feeds: dict[str, np.ndarray], act: np.ndarray, masks: dict[str, TokenMask]) -> np.ndarray | None:
+    """Which tokens of a token tensor ``act`` (N, T, D) to keep, (N, T) bool, from the first mask input
+    (``graph.masks.token_masks``) whose fed value is a 0/1 or bool (N, T) array; None when there is none."""
     if act.ndim != 3:
         return None
-    for name, value in feeds.items():
-        if "mask" in name.lower() and value.ndim == 2 and value.shape == act.shape[:2]:
-            return value == 0 if "pad" in name.lower() else value
+    for name, mask in masks.items():
+        value = feeds.get(name)
+        if value is not None and np.ndim(value) == 2 and np.shape(value) == act.shape[:2]:
+            keep = mask.keep(value)
+            if keep is not None:
+                return keep
     return None
+
+
+@dataclass
+class Features:
+    """Pooled features of one pass over the calibration data, one (X, Y) pair per candidate block.
+
+    scope "global": ``before[b]`` is the current model's feature tensor (the same (n, d) array for every
+    block), ``after[b]`` the feature of the model without block b. scope "local": ``before[b]`` is block b's
+    entry, ``after[b]`` its exit, each (n, d_b). Rows are samples, float32, pooled by ``pool_features``.
+    predictions: (n,) argmax of the model's first output, None when it is not (n, classes).
+    feature: the feature tensor's name (global scope), else None. ort_seconds: time spent in onnxruntime.
+    """
+
+    scope: str
+    before: dict[str, np.ndarray]
+    after: dict[str, np.ndarray]
+    predictions: np.ndarray | None
+    feature: str | None
+    ort_seconds: float
+
+    def pair(self, block_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """(X, Y) for one block, each (n, d)."""
+        return self.before[block_id], self.after[block_id]
+
+    @property
+    def n_samples(self) -> int:
+        return len(next(iter(self.after.values()))) if self.after else 0
 
 
 def _predictions(out: np.ndarray) -> np.ndarray | None:
@@ -73,14 +101,17 @@ def _predictions(out: np.ndarray) -> np.ndarray | None:
 
 def collect_features(model: onnx.ModelProto, data, blocks: Sequence[Block], *, scope: str = "global",
                      feature: str | None = None, indices=None, batch_size: int = 64,
-                     threads: int | None = None, progress: bool = False, share_weights: bool | None = None):
-    """Run the calibration data once. Returns (X, Ys, predictions, feature, ort_seconds): for the global
-    scope X is the (n, d) pooled feature of the current model and Ys[b] the feature without block b; for
-    the local scope X and Ys are dicts of per-block entry / exit features. predictions: (n,) or None.
-    share_weights: give every session one shared copy of the initializers (default: for models whose
-    weights exceed runtime.SHARE_WEIGHTS_BYTES), so memory stays near one copy of the weights."""
+                     threads: int | None = None, progress: bool = False, share_weights: bool | None = None,
+                     token_mask: Sequence[str] = ()) -> Features:
+    """Run the calibration data once and return the pooled ``Features`` of every block in ``blocks``.
+
+    Token tensors are averaged over the tokens a mask input keeps (``graph.masks.token_masks``;
+    ``token_mask``: overrides ``NAME:keep|pad``). share_weights: give every session one shared copy of the
+    initializers (default: for models whose weights exceed runtime.SHARE_WEIGHTS_BYTES), so memory stays
+    near one copy of the weights."""
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}")
+    masks = token_masks(model, token_mask)
     output0 = model.graph.output[0].name
     t_ort = 0.0
     shared = SharedWeights(model) if (share_weights if share_weights is not None
@@ -119,6 +150,10 @@ def collect_features(model: onnx.ModelProto, data, blocks: Sequence[Block], *, s
 
         total = len(indices) if indices is not None else data.n_samples
         batches = tqdm(batches, total=-(-total // batch_size), desc=f"scoring {len(blocks)} blocks", unit="batch", leave=False)
+
+    def pool(act: np.ndarray, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return pool_features(act, _mask_for(feeds, act, masks)).astype(np.float32)
+
     for feeds in batches:
         t0 = time.perf_counter()
         values = dict(zip(full_names, full.run(None, feeds)))
@@ -130,48 +165,48 @@ def collect_features(model: onnx.ModelProto, data, blocks: Sequence[Block], *, s
         p = _predictions(values[output0])
         preds.append(p)
         if scope == "global":
-            X.append(pool_features(values[feature], _mask_for(feeds, values[feature])).astype(np.float32))
+            X.append(pool(values[feature], feeds))
             for b in blocks:
-                y = outs.get(b.id, values[feature])
-                Ys[b.id].append(pool_features(y, _mask_for(feeds, y)).astype(np.float32))
+                Ys[b.id].append(pool(outs.get(b.id, values[feature]), feeds))
         else:
             for b in blocks:
-                X[b.id].append(pool_features(values[b.entry], _mask_for(feeds, values[b.entry])).astype(np.float32))
-                Ys[b.id].append(pool_features(values[b.exit], _mask_for(feeds, values[b.exit])).astype(np.float32))
+                X[b.id].append(pool(values[b.entry], feeds))
+                Ys[b.id].append(pool(values[b.exit], feeds))
     cat = np.concatenate
     predictions = None if any(p is None for p in preds) else cat(preds)
+    after = {k: cat(v) for k, v in Ys.items()}
     if scope == "global":
-        return cat(X), {k: cat(v) for k, v in Ys.items()}, predictions, feature, t_ort
-    return {k: cat(v) for k, v in X.items()}, {k: cat(v) for k, v in Ys.items()}, predictions, None, t_ort
+        x = cat(X)
+        return Features(scope, {b.id: x for b in blocks}, after, predictions, feature, t_ort)
+    return Features(scope, {k: cat(v) for k, v in X.items()}, after, predictions, None, t_ort)
 
 
 def score_blocks(model: onnx.ModelProto, data, *, blocks: Sequence[Block] | None = None,
                  metrics: Sequence[str] = DEFAULT_METRICS, scope: str = "global", feature: str | None = None,
                  indices=None, labels: np.ndarray | None = None, batch_size: int = 64, seed: int = 0,
-                 pca_dim: int = 256, threads: int | None = None, progress: bool = False) -> ScoreRound:
+                 pca_dim: int = 256, threads: int | None = None, progress: bool = False,
+                 token_mask: Sequence[str] = ()) -> ScoreRound:
     """Score ``blocks`` (default: all removable blocks of ``model``) with each metric and order them by
     the Consensus. ``data`` is a CalibrationData; ``indices`` the samples to use (default all); ``labels``
-    (n,) class ids for the Gaussian metrics' conditions (default: the model's predicted class)."""
+    (n,) class ids for the Gaussian metrics' conditions (default: the model's predicted class);
+    ``token_mask``: token-mask overrides ``NAME:keep|pad`` (see ``graph.masks``)."""
     metrics = tuple(metrics)
     specs = [get_metric(m) for m in metrics]
     blocks = list(find_blocks(model).blocks if blocks is None else blocks)
     if not blocks:
         return ScoreRound(scope, feature, metrics, 0)
-    X, Ys, predictions, feature, t_ort = collect_features(
-        model, data, blocks, scope=scope, feature=feature, indices=indices, batch_size=batch_size,
-        threads=threads, progress=progress)
-    n = len(next(iter(Ys.values())))
+    feats = collect_features(model, data, blocks, scope=scope, feature=feature, indices=indices,
+                             batch_size=batch_size, threads=threads, progress=progress, token_mask=token_mask)
     t0 = time.perf_counter()
-    base = X if scope == "global" else None
-    conditions = make_conditions(predictions, base if base is not None else X[blocks[0].id],
-                                 labels=labels, seed=seed)
+    # conditions (classes or clusters) come from the model's feature (global) or the first block's entry
+    conditions = make_conditions(feats.predictions, feats.before[blocks[0].id], labels=labels, seed=seed)
     table: dict[str, dict[str, float]] = {}
     with threadpool_limits(limits=1):  # small dense problems: one BLAS thread avoids spin-wait overhead
         for b in blocks:
-            table[b.id] = _score_one(specs, base if base is not None else X[b.id], Ys[b.id], conditions,
-                                     seed, pca_dim)
+            table[b.id] = _score_one(specs, *feats.pair(b.id), conditions, seed, pca_dim)
     ranked = consensus(table, {b.id: b.position for b in blocks}, metrics)
-    return ScoreRound(scope, feature, metrics, n, ranked, t_ort, time.perf_counter() - t0)
+    return ScoreRound(scope, feats.feature, metrics, feats.n_samples, ranked, feats.ort_seconds,
+                      time.perf_counter() - t0)
 
 
 def _score_one(specs, x: np.ndarray, y: np.ndarray, conditions, seed: int, pca_dim: int) -> dict[str, float]:

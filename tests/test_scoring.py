@@ -25,26 +25,30 @@ def setup(tmp_path_factory):
 def test_global_features_equal_pruned_model_features(setup, share):
     model, data, x = setup
     blocks = find_blocks(model).blocks
-    X, Ys, preds, feature, _ = collect_features(model, data, blocks, batch_size=10, share_weights=share)
-    assert feature == find_feature_tensor(model)
+    feats = collect_features(model, data, blocks, batch_size=10, share_weights=share)
+    feature = feats.feature
+    assert feats.scope == "global" and feature == find_feature_tensor(model) and feats.n_samples == 24
     ref = run(expose(model, [feature]), {"input": x})
-    np.testing.assert_allclose(X, pool_features(ref[1]), rtol=1e-4, atol=1e-5)
-    np.testing.assert_array_equal(preds, ref[0].argmax(1))
+    np.testing.assert_array_equal(feats.predictions, ref[0].argmax(1))
     for b in blocks:
+        X, Y = feats.pair(b.id)
+        np.testing.assert_allclose(X, pool_features(ref[1]), rtol=1e-4, atol=1e-5)
         pruned = expose(remove_blocks(model, [b]), [feature])
         want = pool_features(run(pruned, {"input": x})[1])
-        np.testing.assert_allclose(Ys[b.id], want, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(Y, want, rtol=1e-4, atol=1e-4)
 
 
 def test_local_scope_is_entry_vs_exit(setup):
     model, data, x = setup
     blocks = find_blocks(model).blocks[:3]
-    X, Ys, _, _, _ = collect_features(model, data, blocks, scope="local", batch_size=10)
+    feats = collect_features(model, data, blocks, scope="local", batch_size=10)
+    assert feats.scope == "local" and feats.feature is None
     exposed = expose(model, [t for b in blocks for t in (b.entry, b.exit)])
     outs = dict(zip([o.name for o in exposed.graph.output], run(exposed, {"input": x})))
     for b in blocks:
-        np.testing.assert_allclose(X[b.id], pool_features(outs[b.entry]), rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(Ys[b.id], pool_features(outs[b.exit]), rtol=1e-4, atol=1e-5)
+        X, Y = feats.pair(b.id)
+        np.testing.assert_allclose(X, pool_features(outs[b.entry]), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(Y, pool_features(outs[b.exit]), rtol=1e-4, atol=1e-5)
 
 
 def test_round_reports_every_metric_and_rank(setup):

@@ -326,16 +326,23 @@ def test_bridge_finetunes_pruned_transformer(tmp_path, kind, exporter):
 
 
 def test_token_pooling_mask_conventions():
-    """Token features average the kept tokens: attention_mask 1 = keep (HF), padding_mask True = pad (torch)."""
+    """Token features average the kept tokens: a "keep" mask (1 = keep, HF) and a "pad" mask (True = pad,
+    torch) give the same pooling; ids (not 0/1) are never a mask. The exported padding_mask is read from the
+    graph as "pad", whatever its name."""
+    from onnx_consensus.graph.masks import TokenMask, token_masks
     from onnx_consensus.metrics.features import pool_features
     from onnx_consensus.scoring import _mask_for
 
     act = np.zeros((2, 4, 3), np.float32)
     act[:, :2] = 1.0  # real tokens hold 1, padding holds 0
     keep = np.array([[1, 1, 0, 0], [1, 1, 0, 0]], np.int64)
-    for feeds in ({"attention_mask": keep}, {"padding_mask": keep == 0}, {"src_key_padding_mask": keep == 0}):
-        np.testing.assert_allclose(pool_features(act, _mask_for(feeds, act)), np.ones((2, 3)))
-    assert _mask_for({"input_ids": keep}, act) is None
+    for polarity, value in (("keep", keep), ("pad", keep == 0), ("pad", (keep == 0).astype(np.int64))):
+        masks = {"m": TokenMask("m", polarity, "override")}
+        np.testing.assert_allclose(pool_features(act, _mask_for({"m": value}, act, masks)), np.ones((2, 3)))
+    assert _mask_for({"m": keep * 7}, act, {"m": TokenMask("m", "keep", "override")}) is None
+    for model in (tx_onnx("post", 2, "classic"), randomize_names(tx_onnx("post", 2, "dynamo"), keep_io=False)):
+        (name, mask), = token_masks(model).items()
+        assert (mask.polarity, mask.source) == ("pad", "structure")
 
 
 def test_onnxruntime_optimized_export_reported():
