@@ -122,8 +122,9 @@ class _AsFloat32:
             yield {k: v.astype(np.float32) if v.dtype.name == "bfloat16" else v for k, v in feeds.items()}
 
 
-def _calibration(data, model: onnx.ModelProto, opts: DataOptions, strict: bool | None = None):
-    """``data`` as CalibrationData for ``model``: loaded when a path (with ``opts``), else as given."""
+def _calibration(data, model: onnx.ModelProto, opts: DataOptions):
+    """``data`` as CalibrationData for ``model`` as given (loaded when a path, with ``opts``); data for
+    bfloat16 inputs is cast to float32 for the shadow, the same whether the API or the command loaded it."""
     from .data import ImageOptions, load_calibration
 
     if isinstance(data, (str, os.PathLike)):
@@ -134,7 +135,7 @@ def _calibration(data, model: onnx.ModelProto, opts: DataOptions, strict: bool |
             kw["mean"] = opts.mean
         if opts.std:
             kw["std"] = opts.std
-        return load_calibration(data, model, labels=opts.labels, image_options=ImageOptions(**kw),
+        data = load_calibration(data, model, labels=opts.labels, image_options=ImageOptions(**kw),
                                 strict=opts.strict, max_samples=opts.max_samples)
     if any(getattr(s.dtype, "name", str(s.dtype)) == "bfloat16" for s in getattr(data, "specs", ())):
         return _AsFloat32(data)
@@ -190,7 +191,7 @@ def run(model: onnx.ModelProto | Source | str | os.PathLike, data, options: Opti
         _warn(warnings, "bfloat16 model: onnxruntime's CPU provider cannot run it, so a float32 copy is scored and "
                         "pruned; the output is written in bfloat16 (checked by onnx.checker only; no latency)")
         model = float32_shadow(original)
-    data = _calibration(data, model, options.data)
+    data = _calibration(data, original, options.data)
     hook = None
     if between:
         from .recover import between_removals
