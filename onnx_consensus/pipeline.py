@@ -21,10 +21,21 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import onnx
 
+from .bench import measure_latency, random_feed
+from .data import ImageOptions, load_calibration
 from .errors import FinetuneError, InputError, PruneFailed
+from .graph.blocks import find_blocks
+from .graph.flops import count_cost
+from .graph.ir import load_model, load_model_and_layout
+from .graph.precision import float32_shadow, is_bfloat16
+from .graph.surgery import remove_blocks
+from .io import check_output_path, save_model_atomic
+from .metrics import get_metric
 from .options import (CriterionOptions, DataOptions, FinetuneConfig, Options, OutputOptions, RecoveryOptions,
                       RunOptions, TargetOptions)
 from .pruner import PruneResult
+from .pruner import prune as schedule
+from .report import build_report, sha256_file, stamp
 
 log = logging.getLogger("onnx_consensus")
 __all__ = ["Source", "Outcome", "Written", "open_model", "check_output", "run", "write", "prune", "inspect"]
@@ -85,9 +96,6 @@ class Written:
 
 def open_model(path: str | os.PathLike) -> Source:
     """Load a model file (external-data weights memory-mapped, not read) with its sha256."""
-    from .graph.ir import load_model_and_layout
-    from .report import sha256_file
-
     model, external = load_model_and_layout(path)
     return Source(model, os.path.abspath(os.fspath(path)), external, sha256_file(path))
 
@@ -95,8 +103,6 @@ def open_model(path: str | os.PathLike) -> Source:
 def check_output(out_path: str | os.PathLike, source: Source) -> str:
     """The absolute output path, or InputError: missing directory, the input itself, or an output whose
     external-data file (``<output>.data``) is one the input reads its weights from."""
-    from .io import check_output_path
-
     path = check_output_path(out_path, source.path)
     data_out = path + ".data"
     if source.external and os.path.exists(data_out):
@@ -125,8 +131,6 @@ class _AsFloat32:
 def _calibration(data, model: onnx.ModelProto, opts: DataOptions):
     """``data`` as CalibrationData for ``model`` as given (loaded when a path, with ``opts``); data for
     bfloat16 inputs is cast to float32 for the shadow, the same whether the API or the command loaded it."""
-    from .data import ImageOptions, load_calibration
-
     if isinstance(data, (str, os.PathLike)):
         kw = {"layout": opts.layout}
         if opts.image_size:
@@ -144,8 +148,6 @@ def _calibration(data, model: onnx.ModelProto, opts: DataOptions):
 
 def _extra_data(path, model: onnx.ModelProto, opts: DataOptions):
     """Training / evaluation data: a path (loaded with ``opts.strict`` only) or CalibrationData."""
-    from .data import load_calibration
-
     if path is None or not isinstance(path, (str, os.PathLike)):
         return path
     return load_calibration(path, model, strict=opts.strict)
@@ -161,11 +163,6 @@ def run(model: onnx.ModelProto | Source | str | os.PathLike, data, options: Opti
     CalibrationData, or a path loaded with ``options.data``), as ``options`` say. Raises InputError /
     TargetError / the failure of a run that failed midway (KeyboardInterrupt, an onnxruntime error),
     unless ``options.output.keep_partial``: then the Outcome has status "partial"."""
-    from .graph.precision import float32_shadow, is_bfloat16
-    from .metrics import get_metric
-    from .pruner import prune as schedule
-    from .report import build_report
-
     t_start = time.perf_counter()
     options = options or Options()
     source = model if isinstance(model, Source) else (
@@ -207,8 +204,6 @@ def run(model: onnx.ModelProto | Source | str | os.PathLike, data, options: Opti
         """The pruned model to write: for a bfloat16 input, the removals applied to the bfloat16 original."""
         if not bfloat16:
             return result.model
-        from .graph.surgery import remove_blocks
-
         return remove_blocks(original, [r.block for r in result.removals]) if result.removals else original
 
     check_feed = None if bfloat16 else {k: v[:1] for k, v in next(data.batches(1)).items()}
@@ -251,8 +246,6 @@ _run = run  # ``prune`` has a keyword named ``run``
 
 def _latency(model: onnx.ModelProto, pruned: onnx.ModelProto, sample, options: Options) -> dict:
     """onnxruntime latency of the original and the pruned model, alternated, at batch 1 and the run's."""
-    from .bench import measure_latency, random_feed
-
     latency = {}
     for bs in sorted({1, options.run.batch_size}):
         feed = random_feed(model, bs, sample)
@@ -308,9 +301,6 @@ def write(outcome: Outcome, out_path: str | os.PathLike) -> Written:
     """Write the outcome's model to ``out_path`` when it is to be written (stamped with the report's
     provenance; atomic, checked by onnx.checker and one onnxruntime run), then the report to
     ``options.output.report`` if set (its ``output`` says where the model went, or None)."""
-    from .io import save_model_atomic
-    from .report import stamp
-
     out_path = os.fspath(out_path)
     written = Written()
     report = outcome.report
@@ -363,10 +353,6 @@ def inspect(path: str | os.PathLike, *, unit: str = CriterionOptions.unit,
             input_shapes: dict[str, tuple[int, ...]] | None = None) -> dict:
     """The removable blocks of a model file, without running it: {model, macs, params, unit, blocks (each
     with ``macs_share``), not_removable, notes}."""
-    from .graph.blocks import find_blocks
-    from .graph.flops import count_cost
-    from .graph.ir import load_model
-
     model = load_model(path)
     cost = count_cost(model, input_shapes or {})
     report = find_blocks(model, macs_per_node=cost.macs_per_node, unit=unit)

@@ -7,14 +7,12 @@ failure unless --keep-partial.
 """
 from __future__ import annotations
 
-import logging
 import signal
 import sys
 
 from ..errors import ConsensusError
-from .parser import COMMANDS, build_parser
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main"]
 
 
 def _terminate(signum, frame):
@@ -22,6 +20,17 @@ def _terminate(signum, frame):
 
 
 def _handler(command: str):
+    """The command's function, imported with SIGINT and SIGTERM held: an interrupt landing inside a C
+    extension's initialisation (numpy's) would surface as "ImportError: initialization failed"; held, it
+    arrives right after the imports, as a KeyboardInterrupt."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        return _import_handler(command)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def _import_handler(command: str):
     if command == "prune":
         from .prune import cmd_prune as handler
     elif command == "inspect":
@@ -32,30 +41,36 @@ def _handler(command: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
-        argv.insert(0, "prune")
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not args.command:
-        parser.print_help()
-        return 2
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
-                        format="onnx-cprune: %(levelname)s: %(message)s")
+    # SIGTERM is an interrupt from the first moment: the imports below take a while on a busy machine
     signal.signal(signal.SIGTERM, _terminate)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = None
     try:
+        import logging
+
+        from .parser import COMMANDS, build_parser
+
+        if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+            argv.insert(0, "prune")
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not args.command:
+            parser.print_help()
+            return 2
+        logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                            format="onnx-cprune: %(levelname)s: %(message)s")
         return _handler(args.command)(args)
     except KeyboardInterrupt:
         kept = getattr(args, "keep_partial", False)
         print(f"onnx-cprune: interrupted{'' if kept else '; nothing written'}", file=sys.stderr)
         return 130
     except ConsensusError as exc:
-        if args.debug:
+        if getattr(args, "debug", False):
             raise
         print(f"onnx-cprune: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except Exception as exc:  # an unexpected failure still gets one line; --debug shows the traceback
-        if args.debug:
+        if getattr(args, "debug", False):
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         print(f"onnx-cprune: error: {type(exc).__name__}: {first} (rerun with --debug for details)", file=sys.stderr)

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import json
 
+from ..bench import compare_models
+from ..options import RunOptions
+
 
 def cmd_bench(args) -> int:
-    from ..bench import compare_models
-    from ..options import RunOptions
-
     rows = compare_models(args.models, batch_sizes=args.batch_sizes, runs=args.runs, warmup=args.warmup,
                           threads=args.threads, spinning=True if args.spin_wait else None, data=args.data,
                           eval_data=args.eval, input_shapes=RunOptions.from_args(args).input_shapes)

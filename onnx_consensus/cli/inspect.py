@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import json
 
+from ..options import CriterionOptions, RunOptions
+from ..pipeline import inspect
+
 
 def cmd_inspect(args) -> int:
-    from ..options import CriterionOptions, RunOptions
-    from ..pipeline import inspect
-
     unit = CriterionOptions.from_args(args).unit
     out = inspect(args.input, unit=unit, input_shapes=RunOptions.from_args(args).input_shapes)
     if args.json:

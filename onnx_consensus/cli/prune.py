@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import sys
 
+from .. import pipeline
+from ..options import Options
+from ..report import summary_table
+
 
 def cmd_prune(args) -> int:
-    from .. import pipeline
-    from ..options import Options
-    from ..report import summary_table
-
     options = Options.from_args(args)
     source = pipeline.open_model(args.input)
     out_path = pipeline.check_output(args.output, source)
