@@ -134,3 +134,21 @@ def test_evaluator_object(mlp_data):
     pruned = oc.remove_blocks(model, list(by_id.values())[-3:])
     y, y0 = run(pruned, {"x": np.load(data.files[0])})[0], run(model, {"x": np.load(data.files[0])})[0]
     assert ev(pruned) == pytest.approx(np.mean(y.argmax(1) == y0.argmax(1)))
+
+
+def test_finetune_batch_size_builds_the_training_batches(monkeypatch, mlp_data):
+    """FinetuneConfig.batch_size is the training batch size (it was documented as informative only)."""
+    pytest.importorskip("torch")
+    import onnx_consensus.bridge as bridge
+    from onnx_consensus.recover import finetune_pruned
+
+    model, data = mlp_data
+    seen = []
+
+    def record(student, train_batches, *, teacher, config, eval_fn, progress):
+        seen.extend(len(labels if labels is not None else next(iter(feeds.values())))
+                    for feeds, labels in train_batches())
+        return student, bridge.FinetuneResult()
+    monkeypatch.setattr(bridge, "finetune", record)
+    finetune_pruned(model, model, data, config=oc.FinetuneConfig(batch_size=7), progress=False)
+    assert seen == [7] * 5 + [5]  # 40 samples
