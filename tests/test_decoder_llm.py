@@ -406,3 +406,25 @@ def test_pruned_genai_folder_generates_in_onnxruntime_genai(tmp_path, name, drop
     # the same tokens as the greedy loop of onnxruntime on the pruned optimum export
     prune_folder(os.path.join(LLM, name, "optimum"), tmp_path / "opt", drop)
     assert got == greedy_onnxruntime(str(tmp_path / "opt" / "model.onnx"), [5, 17, 300, 42], 16)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("drop", [(0,), (5,), (2, 3), (0, 1, 2, 3, 4)])
+def test_both_exports_pruned_alike(tmp_path, drop):
+    """First, last, consecutive and all-but-one layers: the two exporters' graphs (decomposed + Add, fused
+    Skip-norms) pruned by the two surgery paths still agree with each other, as the whole models do."""
+    _built("llama", (1, 3))
+    rng = np.random.default_rng(0)
+    ids, nxt = rng.integers(0, 2048, (2, 9)), rng.integers(0, 2048, (2, 1))
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    res = []
+    for kind in ("optimum", "genai"):
+        prune_folder(os.path.join(LLM, "llama", kind), tmp_path / kind, drop)
+        sess = ort.InferenceSession(str(tmp_path / kind / "model.onnx"), so, providers=["CPUExecutionProvider"])
+        res.append(_prefill_and_decode(sess, ids, nxt))
+    (pa, da), (pb, db) = res
+    assert set(pa) == set(pb)
+    for n in pb:
+        np.testing.assert_allclose(pa[n], pb[n], rtol=1e-4, atol=1e-4, err_msg=f"prefill {n}")
+        np.testing.assert_allclose(da[n], db[n], rtol=1e-4, atol=1e-4, err_msg=f"decode {n}")
