@@ -27,8 +27,10 @@ import os
 import shutil
 from collections.abc import Iterable, Sequence
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper
 
 from ..errors import InputError, TargetError
 from .decoder import FUSED, SKIP_NORMS, DecoderLayer, DecoderReport, find_decoder_layers
@@ -227,7 +229,8 @@ def prune_folder(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, layers:
                  model_name: str | None = None, check: bool = True) -> DecoderReport:
     """Remove decoder ``layers`` from the export folder ``src_dir`` (optimum or onnxruntime-genai) into the
     new folder ``dst_dir``: the model (weights as external data ``<model>.data`` when the input had external
-    data), the updated configs, and every other file copied (tokenizer, generation config).
+    data, streamed from the input's file without loading it whole), the updated configs, and every other file
+    copied (tokenizer, generation config).
 
     The folder is written under a temporary name beside ``dst_dir`` and renamed into place when complete;
     ``dst_dir`` must not exist (or be empty). model_name: the ONNX file (default: genai_config's decoder
@@ -238,7 +241,9 @@ def prune_folder(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, layers:
     """
     import tempfile
 
+    from ..io import _write_tensor
     from .decoder import dummy_feed
+    from .ir import load_model_and_layout
 
     src_dir, dst_dir = os.path.abspath(os.fspath(src_dir)), os.path.abspath(os.fspath(dst_dir))
     if src_dir == dst_dir:
@@ -256,11 +261,8 @@ def prune_folder(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, layers:
     src_model = os.path.join(src_dir, model_name)
     if not os.path.exists(src_model):
         raise InputError(f"no model {model_name} in {src_dir}")
-    try:
-        model = onnx.load(src_model)  # weights read in: these exports are small; TODO map large ones
-    except Exception as e:
-        raise InputError(f"cannot read {src_model}: {str(e).splitlines()[0]}") from None
     data_files = _external_files(src_model)
+    model, external = load_model_and_layout(src_model)  # external weights stay in their file, mapped on use
     report = find_decoder_layers(model)
     chosen = sorted(set(layers))
     out = remove_layers(model, chosen, report=report)
@@ -274,11 +276,15 @@ def prune_folder(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, layers:
             if os.path.isfile(s):
                 shutil.copyfile(s, os.path.join(tmp, name))
         path = os.path.join(tmp, model_name)
-        if data_files:
-            onnx.save_model(out, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=f"{model_name}.data", size_threshold=1024)
-        else:
-            onnx.save_model(out, path)
+        if external:  # weights streamed tensor by tensor from the input's data file (4 KiB aligned)
+            with open(os.path.join(tmp, f"{model_name}.data"), "wb") as f:
+                for t in out.graph.initializer:
+                    _inline_if_small(t)
+                    _write_tensor(t, f, f"{model_name}.data")
+                empty = f.tell() == 0
+            if empty:
+                os.remove(os.path.join(tmp, f"{model_name}.data"))
+        onnx.save_model(out, path)
         if check:
             import onnxruntime as ort
 
@@ -296,6 +302,17 @@ def prune_folder(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, layers:
     log.info("removed decoder layers %s of %d (%s form) into %s", chosen, report.cache.n_layers, report.form,
              dst_dir)
     return report
+
+
+def _inline_if_small(t: onnx.TensorProto, min_bytes: int = 1024) -> None:
+    """Bring a small external tensor inline: onnxruntime reads shape inputs (Unsqueeze axes, Reshape
+    shapes) only from inline data."""
+    from ..runtime import external_array, is_external
+
+    if is_external(t):
+        arr = external_array(t)
+        if arr.nbytes < min_bytes:
+            t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(arr), t.name))
 
 
 def _external_files(path: str) -> set[str]:
