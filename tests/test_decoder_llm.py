@@ -231,6 +231,9 @@ def test_refusals(form):
         remove_layers(model, range(L))
     with pytest.raises(InputError, match="no decoder layer 7"):
         remove_layers(model, [7])
+    report = find_decoder_layers(model)
+    by_block = remove_layers(model, [report.blocks[1]], report=report)  # Blocks, as the pruner holds them
+    assert by_block.SerializeToString() == remove_layers(model, [1]).SerializeToString()
     no_cache = onnx.ModelProto()
     no_cache.CopyFrom(model)
     for fld in ("input", "output"):

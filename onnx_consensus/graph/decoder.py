@@ -391,12 +391,14 @@ def expose_residual_sums(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def dummy_feed(model: onnx.ModelProto, *, batch: int = 1, seq: int = 4, past: int = 0, seed: int = 0,
-               vocab: int | None = None) -> dict[str, np.ndarray]:
-    """Inputs for one run of a decoder export: random input_ids (int64, (batch, seq)), attention_mask of
-    ones (batch, past + seq), position_ids past..past+seq-1, cache inputs zero-filled (batch, kv_heads, past,
-    head_dim) in their declared dtype. Symbolic dims are read by position: 0 batch, 2 past length."""
-    rng = np.random.default_rng(seed)
+def prefill_feed(model: onnx.ModelProto, input_ids: np.ndarray, *, past: int = 0) -> dict[str, np.ndarray]:
+    """The inputs of a decoder export for ``input_ids`` (batch, seq) int64, as a prefill after ``past``
+    cached positions: attention_mask of ones (batch, past + seq), position_ids past..past+seq-1 (when the
+    model takes them), cache inputs zero-filled (batch, kv_heads, past, head_dim) in their declared dtype
+    (past=0: the zero-length cache used for scoring). Symbolic cache dims are read by position: 0 batch,
+    2 past length. Raises InputError for an input it cannot fill."""
+    input_ids = np.asarray(input_ids)
+    batch, seq = input_ids.shape
     inits = {i.name for i in model.graph.initializer}
     feed = {}
     for vi in model.graph.input:
@@ -407,7 +409,7 @@ def dummy_feed(model: onnx.ModelProto, *, batch: int = 1, seq: int = 4, past: in
         dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
         name = vi.name
         if "input_ids" in name:
-            feed[name] = rng.integers(0, vocab or 2, (batch, seq)).astype(dtype)
+            feed[name] = input_ids.astype(dtype)
         elif "attention_mask" in name:
             feed[name] = np.ones((batch, past + seq), dtype)
         elif "position_ids" in name:
@@ -420,3 +422,10 @@ def dummy_feed(model: onnx.ModelProto, *, batch: int = 1, seq: int = 4, past: in
         else:
             raise InputError(f"cannot build a value for input {name}")
     return feed
+
+
+def dummy_feed(model: onnx.ModelProto, *, batch: int = 1, seq: int = 4, past: int = 0, seed: int = 0,
+               vocab: int | None = None) -> dict[str, np.ndarray]:
+    """``prefill_feed`` of random token ids in [0, vocab) (default [0, 2)), shape (batch, seq)."""
+    ids = np.random.default_rng(seed).integers(0, vocab or 2, (batch, seq))
+    return prefill_feed(model, ids, past=past)

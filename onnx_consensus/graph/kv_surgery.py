@@ -33,6 +33,7 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from ..errors import InputError, TargetError
+from .blocks import Block
 from .decoder import FUSED, SKIP_NORMS, DecoderLayer, DecoderReport, find_decoder_layers
 from .ir import from_gs, node_key, to_gs
 from .surgery import rewire
@@ -40,16 +41,25 @@ from .surgery import rewire
 log = logging.getLogger(__name__)
 
 
-def remove_layers(model: onnx.ModelProto, layers: Iterable[int | DecoderLayer], *,
+def remove_layers(model: onnx.ModelProto, layers: Iterable[int | DecoderLayer | Block], *,
                   report: DecoderReport | None = None) -> onnx.ModelProto:
-    """A copy of ``model`` without the decoder ``layers`` (cache numbers or DecoderLayers) and their caches.
+    """A copy of ``model`` without the decoder ``layers`` and their caches. A layer is given by its cache
+    number, its DecoderLayer, or its Block (``report.blocks``, matched by id, for callers that hold Blocks).
 
     report: ``find_decoder_layers(model)`` when already computed. Raises TargetError when every layer would
     go, InputError for an unknown layer number. The input model is not modified.
     """
     report = report or find_decoder_layers(model)
-    by_index = report.by_index()
-    chosen = sorted({x.index if isinstance(x, DecoderLayer) else int(x) for x in layers})
+    by_index, by_id = report.by_index(), report.by_id()
+    chosen = set()
+    for x in layers:
+        if isinstance(x, Block):
+            if x.id not in by_id:
+                raise InputError(f"block {x.id} is not a decoder layer of this model")
+            chosen.add(by_id[x.id].index)
+        else:
+            chosen.add(x.index if isinstance(x, DecoderLayer) else int(x))
+    chosen = sorted(chosen)
     for i in chosen:
         if i not in by_index:
             raise InputError(f"no decoder layer {i}: the model has layers 0..{len(by_index) - 1}")
