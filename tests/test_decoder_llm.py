@@ -431,3 +431,28 @@ def test_both_exports_pruned_alike(tmp_path, drop):
     for n in pb:
         np.testing.assert_allclose(pa[n], pb[n], rtol=1e-4, atol=1e-4, err_msg=f"prefill {n}")
         np.testing.assert_allclose(da[n], db[n], rtol=1e-4, atol=1e-4, err_msg=f"decode {n}")
+
+
+@pytest.mark.slow
+def test_onnxruntime_optimizer_fusion_of_the_optimum_export():
+    """A third form: onnxruntime's transformer optimizer fuses the optimum export's Add + RMSNorm into
+    Skip-norms but leaves the attention decomposed; pruning it equals the export of the pruned PyTorch model."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    _built("llama", (1, 3))
+    fused = optimize_model(os.path.join(LLM, "llama", "optimum", "model.onnx"), model_type="gpt2", num_heads=4,
+                           hidden_size=128, opt_level=1).model
+    assert sum(n.op_type == "SkipSimplifiedLayerNormalization" for n in fused.graph.node) == 12
+    report = find_decoder_layers(fused)
+    assert report.form == FUSED and len(report.layers) == 6
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    pruned = ort.InferenceSession(remove_layers(fused, [1, 3], report=report).SerializeToString(), so,
+                                  providers=["CPUExecutionProvider"])
+    ref = ort.InferenceSession(os.path.join(LLM, "llama_drop1-3", "optimum", "model.onnx"), so,
+                               providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    ids, nxt = rng.integers(0, 2048, (2, 9)), rng.integers(0, 2048, (2, 1))
+    for a, b in zip(_prefill_and_decode(pruned, ids, nxt), _prefill_and_decode(ref, ids, nxt)):
+        for n in b:
+            np.testing.assert_allclose(a[n], b[n], rtol=1e-4, atol=1e-4, err_msg=n)
