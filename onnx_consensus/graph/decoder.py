@@ -167,7 +167,11 @@ def find_decoder_layers(model: onnx.ModelProto | gs.Graph, *,
                 raise InputError(f"KV-cache input {p} missing")
             if p not in index.ancestors(q)[0]:
                 raise InputError(f"KV-cache output {q} does not depend on input {p}: not a cache pair")
-    merges, form = _stream(index)
+    presents = {q for i in range(cache.n_layers) for q in cache.present(i)}
+    heads = [t.name for t in graph.outputs if t.name not in presents]
+    if not heads:
+        raise InputError("the model has no output besides its KV cache")
+    merges, form = _stream(index, "logits" if "logits" in heads else heads[0])
     layers = _group_layers(index, merges, form, cache, macs_per_node or {})
     notes = [f"{form} residual stream ({'Add + norm' if form == PLAIN else 'fused Skip*LayerNormalization'}), "
              f"{len(layers)} decoder layers, cache {', '.join(p for p, _ in cache.templates)}"]
@@ -185,12 +189,9 @@ class _Merge:
     out: str
 
 
-def _stream(index: GraphIndex) -> tuple[list[_Merge], str]:
-    """The residual merges from the first layer to the last, following the stream back from the logits."""
-    graph = index.graph
-    if not graph.outputs:
-        raise InputError("the model has no outputs")
-    logits = graph.outputs[0].name
+def _stream(index: GraphIndex, logits: str) -> tuple[list[_Merge], str]:
+    """The residual merges from the first layer to the last, following the stream back from ``logits``
+    (the model's output that is not a cache)."""
     # The last merge: the nearest Skip-norm or residual Add upstream of the logits (breadth first).
     start, seen, frontier = None, set(), [logits]
     while frontier and start is None:
