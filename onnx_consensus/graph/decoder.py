@@ -153,7 +153,9 @@ def find_decoder_layers(model: onnx.ModelProto | gs.Graph, *,
 
     Raises InputError (one line) when the model has no KV cache, when the residual stream cannot be followed
     from the logits, or when the layers found do not match the cache numbers one to one.
-    macs_per_node (node key -> MACs per sample) fills ``Block.macs`` when given.
+    macs_per_node (node key -> MACs) fills ``Block.macs`` when given: MACs of a decoder depend on the
+    sequence length, so count them for fixed shapes, e.g. ``flops.count_cost(model, {"input_ids": (1, 128),
+    "attention_mask": (1, 128), "position_ids": (1, 128), "past_key_values.0.key": (1, 2, 0, 32), ...})``.
     """
     graph = model if isinstance(model, gs.Graph) else to_gs(model)
     cache = cache_names(graph)
@@ -325,11 +327,17 @@ def _group_layers(index: GraphIndex, merges: list[_Merge], form: str, cache: Cac
                       nodes=tuple(node_key(n) for n in nodes), side_inputs=side,
                       shape=shape_of(ref) if ref is not None else None,
                       dtype=dtype_of(ref) if ref is not None else None,
-                      macs=sum(macs.get(node_key(n)) or 0 for n in nodes) if macs else None,
+                      macs=_sum_known(macs.get(node_key(n)) for n in nodes),
                       stage=0, position=index.position[id(last.node)])
         layers.append(DecoderLayer(num, block, past, present, form, norm_in,
                                    node_key(last.node) if form == FUSED else None))
     return layers
+
+
+def _sum_known(values) -> int | None:
+    """Sum of the known values (None when none is known)."""
+    known = [v for v in values if v is not None]
+    return sum(known) if known else None
 
 
 def _first_norm(index: GraphIndex, first: _Merge) -> str | None:
