@@ -10,7 +10,8 @@ Tokenizer: byte-level BPE, 2048 ids, trained with ``tokenizers`` on train.txt; `
 
 Models (``transformers``):
 * ``llama``: LlamaForCausalLM (RMSNorm, rotary, GQA 4 query / 2 KV heads, SwiGLU), 6 layers, hidden 128,
-  trained here for ``--minutes`` (default 6) on 2 threads, sequences of 128 tokens;
+  trained here for ``--minutes`` (default 10) on 2 threads, sequences of 128 tokens (244 steps of 16 x 128
+  tokens on this shared 2-core machine: held-out perplexity 74.3, train loss 4.18);
 * ``qwen2``: Qwen2ForCausalLM (q/k/v biases), 4 layers, hidden 128, random weights (seed 0).
 
 Exports of each model (and of each reference with layers deleted in PyTorch, ``REFERENCES``):
@@ -150,7 +151,7 @@ def _config(name: str):
     return cfg
 
 
-def build_model(name: str, minutes: float = 6.0, threads: int = 2) -> Path:
+def build_model(name: str, minutes: float = 10.0, threads: int = 2) -> Path:
     """``<name>/hf``: the model saved with save_pretrained (safetensors, fp32) plus the tokenizer files."""
     out = CACHE / name / "hf"
     if out.exists():
@@ -308,7 +309,7 @@ def build_all(names: list[str], minutes: float, threads: int) -> list[Path]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--only", choices=sorted(CONFIGS), action="append")
-    p.add_argument("--minutes", type=float, default=6.0, help="training wall time of the llama model")
+    p.add_argument("--minutes", type=float, default=10.0, help="training wall time of the llama model")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
