@@ -103,8 +103,9 @@ def build_text(out: Path = CACHE / "text") -> Path:
         (tmp / "heldout.txt").write_text("\n".join(held), encoding="utf-8")
         mid = len(t) // 2
         (tmp / "calib.txt").write_text(t[mid:mid + 32768], encoding="utf-8")
+        held_names = ", ".join(Path(f).name for i, f in enumerate(files) if i % 6 == 5)
         (tmp / "SOURCE").write_text("Vim 9.0 user manual (vim-runtime), " + ", ".join(Path(f).name for f in files)
-                                    + f"\nheld out: {', '.join(Path(f).name for i, f in enumerate(files) if i % 6 == 5)}\n")
+                                    + f"\nheld out: {held_names}\n")
     return out
 
 
