@@ -456,3 +456,38 @@ def test_onnxruntime_optimizer_fusion_of_the_optimum_export():
     for a, b in zip(_prefill_and_decode(pruned, ids, nxt), _prefill_and_decode(ref, ids, nxt)):
         for n in b:
             np.testing.assert_allclose(a[n], b[n], rtol=1e-4, atol=1e-4, err_msg=n)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["optimum", "genai"])
+def test_layer_entries_and_exits_are_the_hidden_states_of_pytorch(kind):
+    """Each layer's entry and exit, exposed as outputs (fused form: after expose_residual_sums), equal the
+    PyTorch model's hidden states before and after that layer (what Block Influence and the instrument read)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    _built("llama", (1, 3))
+    model = onnx.load(os.path.join(LLM, "llama", kind, "model.onnx"))
+    report = find_decoder_layers(model)
+    if report.form == FUSED:
+        model = expose_residual_sums(model)
+    names = list(dict.fromkeys(n for layer in report.layers for n in (layer.block.entry, layer.block.exit)))
+    model.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    ids = np.random.default_rng(0).integers(0, 2048, (2, 12))
+    got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, dummy_feed(model, batch=2, seq=12) |
+                                                                    {"input_ids": ids})))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(LLM, "llama", "hf"), dtype=torch.float32)
+    with torch.no_grad():
+        hidden = hf(input_ids=torch.from_numpy(ids), output_hidden_states=True).hidden_states
+    n = len(report.layers)
+    for layer in report.layers:
+        i = layer.index
+        np.testing.assert_allclose(got[layer.block.entry], hidden[i].numpy(), rtol=1e-4, atol=1e-4)
+        if i < n - 1:
+            np.testing.assert_allclose(got[layer.block.exit], hidden[i + 1].numpy(), rtol=1e-4, atol=1e-4)
+        else:  # transformers applies the final norm to its last hidden state
+            with torch.no_grad():
+                normed = hf.model.norm(torch.from_numpy(got[layer.block.exit])).numpy()
+            np.testing.assert_allclose(normed, hidden[n].numpy(), rtol=1e-4, atol=1e-4)
