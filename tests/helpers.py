@@ -81,8 +81,20 @@ def set_initializer(model: onnx.ModelProto, name: str, value: np.ndarray) -> Non
 
 
 def zero_branch(model: onnx.ModelProto, block) -> None:
-    """Make ``block``'s branch output exactly zero, in place: the last BatchNormalization's scale and
-    bias (BN kept) or the last Conv's weight and bias (BN folded)."""
+    """Make ``block``'s branch output exactly zero, in place (the one helper for every test).
+
+    block: a generated block from tests.graphgen (a GenBlock: its ``zero_params`` name the branch's last
+    weight and what follows it), or a detected Block (find_blocks) of a CIFAR ResNet: the last
+    BatchNormalization's scale and bias (BN kept) or the last Conv's weight and bias (BN folded)."""
+    names = getattr(block, "zero_params", None)
+    if names is None:
+        names = _last_branch_weights(model, block)
+    for t in model.graph.initializer:
+        if t.name in set(names):
+            t.CopyFrom(numpy_helper.from_array(np.zeros_like(numpy_helper.to_array(t)), t.name))
+
+
+def _last_branch_weights(model: onnx.ModelProto, block) -> list[str]:
     by_out = {n.output[0]: n for n in model.graph.node}
     nodes = [by_out[k] for k in block.nodes]
     inits = {t.name for t in model.graph.initializer}
@@ -90,11 +102,13 @@ def zero_branch(model: onnx.ModelProto, block) -> None:
         last = [n for n in nodes if n.op_type == op]
         if last:
             n = last[-1]
-            for s in slots:
-                if s < len(n.input) and n.input[s] in inits:
-                    set_initializer(model, n.input[s], np.zeros_like(initializer(model, n.input[s])))
-            return
+            return [n.input[s] for s in slots if s < len(n.input) and n.input[s] in inits]
     raise ValueError("no BatchNormalization or Conv in the block")
+
+
+def temporaries(folder) -> list[str]:
+    """Temporary files an interrupted or failed write could have left in ``folder``."""
+    return [f for f in os.listdir(folder) if f.endswith(".tmp") or ".tmp." in f]
 
 
 def run(model: onnx.ModelProto, feed: dict) -> list[np.ndarray]:

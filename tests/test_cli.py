@@ -12,8 +12,7 @@ from onnx_consensus.cli import main
 from onnx_consensus.graph.blocks import find_blocks
 from onnx_consensus.graph.ir import interface
 from onnx_consensus.report import METADATA_KEY, sha256_file
-from tests.conftest import temporaries
-from tests.helpers import resnet_onnx, run, tiny_residual_graph, zero_branch
+from tests.helpers import resnet_onnx, run, temporaries, tiny_residual_graph, zero_branch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = os.path.join(ROOT, "models", "resnet56_fmnist.onnx")

@@ -12,8 +12,7 @@ import pytest
 from onnx_consensus.cli import main
 from onnx_consensus.graph.ir import interface
 from onnx_consensus.report import sha256_file
-from tests.conftest import temporaries
-from tests.helpers import residual_mlp, run
+from tests.helpers import residual_mlp, run, temporaries
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

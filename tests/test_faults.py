@@ -13,7 +13,7 @@ import pytest
 from onnx_consensus import io as io_mod
 from onnx_consensus.cli import main
 from onnx_consensus.report import sha256_file
-from tests.conftest import temporaries
+from tests.helpers import temporaries
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -11,7 +11,7 @@ from onnx_consensus.graph import flops
 from onnx_consensus.graph.flops import count_cost, parse_input_shape
 
 torch = pytest.importorskip("torch")
-from models.cifar_resnet import export_onnx, resnet  # noqa: E402  (repo root on sys.path via conftest.py)
+from models.cifar_resnet import export_onnx, resnet  # noqa: E402
 
 
 def randomise_bn(model):
