@@ -1,8 +1,10 @@
 """One rank of the distributed fine-tuning tests (tests/test_distributed.py); no test functions here.
 
-    RANK=r WORLD_SIZE=2 LOCAL_RANK=r MASTER_ADDR=127.0.0.1 MASTER_PORT=p python tests/ddp_worker.py CASE WORKDIR
+    RANK=r WORLD_SIZE=2 LOCAL_RANK=r MASTER_ADDR=127.0.0.1 MASTER_PORT=p python tests/ddp_worker.py CASES WORKDIR
 
-(or ``torchrun --nproc_per_node 2 tests/ddp_worker.py CASE WORKDIR``). The cases share their models,
+(or ``torchrun --nproc_per_node 2 tests/ddp_worker.py CASES WORKDIR``); CASES is comma-separated, run in
+order in one process group (importing torch and torch._dynamo, which torch.optim pulls in, costs each
+process several CPU seconds: the tests launch as few process pairs as they can). The cases share their models,
 data and configuration with the single-process reference runs of the tests through ``setup`` and
 ``config``. Rank 0 writes WORKDIR/CASE.onnx; every rank dumps its final weights to
 WORKDIR/CASE.rank<r>.npz (a test artifact: comparing ranks). Exit codes as the CLI's: 0, 4 (fine-tuning
@@ -11,6 +13,7 @@ failed or stopped by a peer), 130 (interrupted).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 
@@ -66,12 +69,16 @@ def setup(case: str, workdir: str):
         shape = (16,)
     folder = os.path.join(workdir, f"data-{case}")
     if not os.path.isdir(folder):
-        os.makedirs(folder + ".tmp", exist_ok=True)
+        tmp = f"{folder}.{os.getpid()}.tmp"
+        os.makedirs(tmp)
         rng = np.random.default_rng(7)
-        np.save(os.path.join(folder + ".tmp", "x.npy"), rng.standard_normal((N_SAMPLES, *shape)).astype(np.float32))
+        np.save(os.path.join(tmp, "x.npy"), rng.standard_normal((N_SAMPLES, *shape)).astype(np.float32))
         if case != "distill":
-            np.save(os.path.join(folder + ".tmp", "labels.npy"), rng.integers(0, 10, N_SAMPLES))
-        os.replace(folder + ".tmp", folder)
+            np.save(os.path.join(tmp, "labels.npy"), rng.integers(0, 10, N_SAMPLES))
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process made it first
+            shutil.rmtree(tmp)
     return student, teacher, load_calibration(folder, student)
 
 
@@ -111,25 +118,14 @@ def faulty(factory, rank: int, case: str):
     return next_epoch
 
 
-def main(case: str, workdir: str) -> int:
-    from onnx_consensus.bridge import finetune
-    from onnx_consensus.bridge.distributed import from_env, sharded_batches
-    from onnx_consensus.bridge.torch_graph import to_torch
+def main(cases: str, workdir: str) -> int:
+    from onnx_consensus.bridge.distributed import from_env
     from onnx_consensus.errors import ConsensusError
-    from onnx_consensus.io import save_model_atomic
 
-    student, teacher, data = setup(case, workdir)
     try:
         with from_env("cpu", timeout_s=300) as ctx:
-            batches = sharded_batches(data, PER_RANK_BATCH, ctx, seed=11)
-            if case == "uneven":
-                batches = uneven(batches, ctx.rank)
-            elif case in ("fail", "sigterm"):
-                batches = faulty(batches, ctx.rank, case)
-            model, _ = finetune(student, batches, teacher=teacher, config=config(case), progress=False, dist=ctx)
-            state = {k: v.detach().numpy() for k, v in to_torch(model).onnx_state().items()}
-            np.savez(os.path.join(workdir, f"{case}.rank{ctx.rank}.npz"), **state)
-            ctx.main_only(save_model_atomic, model, os.path.join(workdir, f"{case}.onnx"))
+            for case in cases.split(","):
+                run(ctx, case, workdir)
     except KeyboardInterrupt:
         print("ddp_worker: interrupted; nothing written", file=sys.stderr)
         return 130
@@ -137,6 +133,24 @@ def main(case: str, workdir: str) -> int:
         print(f"ddp_worker: error: {exc}", file=sys.stderr)
         return exc.exit_code
     return 0
+
+
+def run(ctx, case: str, workdir: str) -> None:
+    from onnx_consensus.bridge import finetune
+    from onnx_consensus.bridge.distributed import sharded_batches
+    from onnx_consensus.bridge.torch_graph import to_torch
+    from onnx_consensus.io import save_model_atomic
+
+    student, teacher, data = setup(case, workdir)
+    batches = sharded_batches(data, PER_RANK_BATCH, ctx, seed=11)
+    if case == "uneven":
+        batches = uneven(batches, ctx.rank)
+    elif case in ("fail", "sigterm"):
+        batches = faulty(batches, ctx.rank, case)
+    model, _ = finetune(student, batches, teacher=teacher, config=config(case), progress=False, dist=ctx)
+    state = {k: v.detach().numpy() for k, v in to_torch(model).onnx_state().items()}
+    np.savez(os.path.join(workdir, f"{case}.rank{ctx.rank}.npz"), **state)
+    ctx.main_only(save_model_atomic, model, os.path.join(workdir, f"{case}.onnx"))
 
 
 if __name__ == "__main__":
