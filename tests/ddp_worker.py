@@ -27,7 +27,7 @@ if ROOT not in sys.path:
 
 N_SAMPLES = 24  # 3 steps per epoch: per-rank batch 4 on 2 ranks, batch 8 in one process
 PER_RANK_BATCH = 4
-CASES = ("supervised", "distill", "bn", "uneven", "fail", "sigterm")
+CASES = ("supervised", "distill", "bn", "uneven", "unused", "fail", "sigterm")
 
 
 def conv_bn(seed: int = 0) -> onnx.ModelProto:
@@ -67,6 +67,11 @@ def setup(case: str, workdir: str):
     else:
         student, teacher = residual_mlp(4, 16, seed=0), None
         shape = (16,)
+    if case == "unused":  # a second output with its own weight, which training on logits never reads
+        g = student.graph
+        g.initializer.append(numpy_helper.from_array(np.full((16, 2), 0.1, np.float32), "w_aux"))
+        g.node.append(helper.make_node("MatMul", ["h3", "w_aux"], ["aux"]))
+        g.output.append(helper.make_tensor_value_info("aux", onnx.TensorProto.FLOAT, ["N", 2]))
     folder = os.path.join(workdir, f"data-{case}")
     if not os.path.isdir(folder):
         tmp = f"{folder}.{os.getpid()}.tmp"
