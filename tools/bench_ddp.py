@@ -15,7 +15,9 @@ counts: global images / seconds. Peak memory is each rank's peak RSS (ru_maxrss:
 onnxruntime, model, teacher and activations). Scaling efficiency of PxT against 1xT' is
 throughput(P) / (P * throughput(1)) when T' = T (each process brings its own core), and
 throughput(P) / throughput(1) at equal total threads (P*T = T': what more processes buy on the same
-cores). The machine may be shared: the load average is printed with the results.
+cores). The machine may be shared: the load average is printed with the results. Workers run with
+OMP_WAIT_POLICY=PASSIVE unless the environment sets it (spin-waiting OpenMP threads take cores from the
+other rank and from the teacher).
 """
 from __future__ import annotations
 
@@ -80,6 +82,7 @@ def _run(args, procs: int, threads: int, data: str, workdir: str) -> dict:
            os.path.abspath(__file__), "--worker", "--model", args.model, "--data", data, "--out", out,
            "--threads", str(threads), "--global-batch", str(args.global_batch), "--warmup", str(args.warmup)]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the other benchmarks: no spin-waiting OpenMP threads
     t0 = time.perf_counter()
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
     ranks = [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(procs)]
