@@ -124,11 +124,11 @@ def faulty(factory, rank: int, case: str):
 
 
 def main(cases: str, workdir: str) -> int:
-    from onnx_consensus.bridge.distributed import from_env
+    from onnx_consensus.bridge.distributed import joined
     from onnx_consensus.errors import ConsensusError
 
     try:
-        with from_env("cpu", timeout_s=300) as ctx:
+        with joined("cpu", timeout_s=300) as ctx:
             for case in cases.split(","):
                 run(ctx, case, workdir)
     except KeyboardInterrupt:

@@ -16,7 +16,7 @@ import onnx
 import pytest
 
 from onnx_consensus.bridge import finetune
-from onnx_consensus.bridge.distributed import from_env, launched, shard_indices, sharded_batches
+from onnx_consensus.bridge.distributed import from_env, joined, launched, shard_indices, sharded_batches
 from onnx_consensus.bridge.torch_graph import to_torch
 from onnx_consensus.errors import InputError
 from tests import ddp_worker as W
@@ -67,6 +67,8 @@ def test_one_process_batches_are_the_recover_batches(tmp_path):
 
 def test_from_env_outside_torchrun_and_bad_environments():
     assert from_env(env={}) is None and not launched({})
+    with joined(env={}) as ctx:
+        assert ctx is None
     with pytest.raises(InputError, match="MASTER_ADDR"):
         from_env(env={"RANK": "0", "WORLD_SIZE": "2"})
     with pytest.raises(InputError, match="inconsistent"):

@@ -41,13 +41,13 @@ def _worker(args) -> None:
     import torch
 
     from onnx_consensus.bridge import FinetuneConfig, finetune
-    from onnx_consensus.bridge.distributed import from_env, sharded_batches
+    from onnx_consensus.bridge.distributed import joined, sharded_batches
     from onnx_consensus.data import load_calibration
 
     torch.set_num_threads(args.threads)
     model = onnx.load(args.model)
     data = load_calibration(args.data, model)
-    with from_env("cpu", timeout_s=600) as ctx:
+    with joined("cpu", timeout_s=600) as ctx:
         world, rank = (1, 0) if ctx is None else (ctx.world_size, ctx.rank)
         per_rank = args.global_batch // world
         stamps: list[float] = []

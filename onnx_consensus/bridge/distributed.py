@@ -4,11 +4,13 @@ One process per rank; each rank holds the whole student (an OnnxModule wrapped i
 ``DistributedDataParallel``, gradients all-reduced and averaged in backward), runs its own onnxruntime
 teacher, and reads only its shard of the training index. Only rank 0 evaluates and writes.
 
-    ctx = from_env(device="cpu")              # None when not launched by torchrun (WORLD_SIZE unset)
-    with ctx:                                  # signal handlers; destroy_process_group on exit
+    with joined(device="cpu") as ctx:         # None when not launched by torchrun (WORLD_SIZE unset)
         batches = sharded_batches(train_data, batch_size=32, ctx=ctx, seed=0)
         model, result = finetune(student, batches, teacher=original, config=config, dist=ctx)
-        ctx.main_only(save_model_atomic, model, "out.onnx")   # rank 0 writes; the others learn the outcome
+        if ctx is None:
+            save_model_atomic(model, "out.onnx")
+        else:                                  # rank 0 writes; the others learn the outcome
+            ctx.main_only(save_model_atomic, model, "out.onnx")
 
 Equivalence: N ranks with per-rank batch B take the same steps as one process with batch N*B over the
 same seeded permutation (``shard_indices`` strides the permutation, so the union of the ranks' k-th
@@ -31,6 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Callable, Iterable, Iterator
@@ -45,7 +48,7 @@ from .torch_graph import OnnxModule
 
 log = logging.getLogger("onnx_consensus")
 
-__all__ = ["DistContext", "PeerStopped", "from_env", "launched", "shard_indices", "sharded_batches",
+__all__ = ["DistContext", "PeerStopped", "from_env", "joined", "launched", "shard_indices", "sharded_batches",
            "epoch_permutation"]
 
 _ENV = ("RANK", "WORLD_SIZE")
@@ -352,3 +355,16 @@ def from_env(device: str = "cpu", *, timeout_s: float = 600.0,
     ctx = DistContext(rank, world, local_rank, backend, dev, timeout_s)
     log.info("rank %d/%d (local %d) joined the %s group on %s", rank, world, local_rank, backend, dev)
     return ctx
+
+
+@contextmanager
+def joined(device: str = "cpu", *, timeout_s: float = 600.0, env: dict[str, str] | None = None):
+    """``with joined(device) as ctx:`` -- ctx is the entered DistContext under torchrun (left on exit),
+    None in a plain process: the same code path serves both (pass ``dist=ctx`` and ``sharded_batches(...,
+    ctx)`` either way)."""
+    ctx = from_env(device, timeout_s=timeout_s, env=env)
+    if ctx is None:
+        yield None
+        return
+    with ctx:
+        yield ctx
