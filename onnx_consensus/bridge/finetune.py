@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
 import onnx
@@ -36,6 +36,9 @@ import torch.nn.functional as F
 from ..errors import FinetuneError
 from ..options import FinetuneConfig  # noqa: F401  (defined with its command-line flags; re-exported)
 from .torch_graph import OnnxModule, to_torch, write_back
+
+if TYPE_CHECKING:
+    from .distributed import DistContext
 
 Batch = tuple[dict[str, np.ndarray], "np.ndarray | None"]
 
@@ -100,6 +103,7 @@ def finetune(
     config: FinetuneConfig,
     eval_fn: Callable[[onnx.ModelProto], float] | None = None,
     progress: bool = True,
+    dist: "DistContext | None" = None,
 ) -> tuple[onnx.ModelProto, FinetuneResult]:
     """Fine-tune ``student`` and return (a copy of it holding the best weights, FinetuneResult).
 
@@ -107,26 +111,42 @@ def finetune(
     or None). The first graph output is taken as the logits (N, classes) [or (N, ..., classes)].
     eval_fn(model) -> metric (higher is better) is called after each epoch; the best epoch's weights are
     returned (without eval_fn, the last epoch's). Any failure raises FinetuneError (one line).
+
+    dist (bridge.distributed.DistContext): data-parallel training, this process being one rank.
+    train_batches then yields this rank's shard (``distributed.sharded_batches``); the student is wrapped
+    in DistributedDataParallel on ``dist.device`` (config.device is not used); eval_fn and the progress
+    bar run on rank 0 only. Every rank returns the trained model; only rank 0's best-epoch choice is
+    meaningful. A failure or interruption on any rank stops every rank at the same step (see
+    ``distributed``).
     """
     module = to_torch(student)  # UnsupportedOperatorError passes through unchanged
     old_threads = torch.get_num_threads()
+    finished = False
     try:
         if config.threads:
             torch.set_num_threads(config.threads)
-        return _finetune(module, student, train_batches, teacher, config, eval_fn, progress)
+        if dist is not None and not dist.is_main:
+            eval_fn, progress = None, False
+        out = _finetune(module, student, train_batches, teacher, config, eval_fn, progress, dist)
+        if dist is not None:
+            dist.vote()  # every rank finished (rank 0's last evaluation included)
+        finished = True
+        return out
     except FinetuneError:
         raise
     except Exception as exc:  # noqa: BLE001 - every failure becomes one FinetuneError line
         msg = " ".join(str(exc).split()) or type(exc).__name__
         raise FinetuneError(f"fine-tuning failed: {type(exc).__name__}: {msg[:300]}") from exc
     finally:
+        if dist is not None and not finished:
+            dist.abort()  # the other ranks stop at their next vote
         torch.set_num_threads(old_threads)
 
 
-def _finetune(module: OnnxModule, student, train_batches, teacher, config, eval_fn, progress):
+def _finetune(module: OnnxModule, student, train_batches, teacher, config, eval_fn, progress, dist=None):
     torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
-    device = torch.device(config.device)
+    rng = np.random.default_rng(config.seed if dist is None else [config.seed, dist.rank])
+    device = torch.device(config.device) if dist is None else dist.device
     module.to(device)
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
@@ -142,6 +162,7 @@ def _finetune(module: OnnxModule, student, train_batches, teacher, config, eval_
     logits_name = module.output_names[0]
     feature = config.feature if config.feature_mse > 0 else None
     want = [logits_name] + ([feature] if feature else [])
+    forward = module.forward_named if dist is None else dist.wrap(module, want)
     t_session: _Teacher | None = None
 
     result = FinetuneResult()
@@ -164,6 +185,8 @@ def _finetune(module: OnnxModule, student, train_batches, teacher, config, eval_
             bar = tqdm(it, desc=f"fine-tune epoch {epoch}/{config.epochs}", leave=False,
                        total=len(it) if hasattr(it, "__len__") else None)
             it = bar
+        if dist is not None:
+            it = dist.lockstep(it, lambda: config.max_steps is not None and step >= config.max_steps)
         for feeds, labels in it:
             if config.max_steps is not None and step >= config.max_steps:
                 break
@@ -177,17 +200,21 @@ def _finetune(module: OnnxModule, student, train_batches, teacher, config, eval_
                     raise FinetuneError("batches carry no labels and no teacher model was given")
                 if t_session is None:
                     t_session = _Teacher(teacher, feature, config.threads)
+                t_out = t_session(feeds)
             inputs = {k: torch.as_tensor(v).to(device) for k, v in feeds.items()}
             if total_steps:
                 for g in opt.param_groups:
                     g["lr"] = 0.5 * lr * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
-            out = module.forward_named(inputs, want)
+            # ranks agree before DDP's forward (which may hold a collective) and again before backward's
+            # all-reduce: each vote raises on every rank if one failed or was interrupted since the last
+            if dist is not None and dist.vote():
+                break  # a rank ran out of batches: all end the epoch here
+            out = forward(inputs, want)
             logits = out[logits_name]
             if mode == "supervised":
                 y = torch.as_tensor(labels).to(device).long()
                 loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
             else:
-                t_out = t_session(feeds)
                 t_logits = torch.as_tensor(t_out[0]).to(device)
                 c = logits.shape[-1]
                 loss = F.kl_div(F.log_softmax(logits.reshape(-1, c) / T, -1),
@@ -198,6 +225,8 @@ def _finetune(module: OnnxModule, student, train_batches, teacher, config, eval_
                                                                   torch.as_tensor(t_out[1]).to(device))
             if not torch.isfinite(loss):
                 raise FinetuneError(f"non-finite loss at epoch {epoch}, step {step + 1}")
+            if dist is not None:
+                dist.vote()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             clip = config.clip_grad_norm if config.clip_grad_norm is not None else 1.0
@@ -212,6 +241,8 @@ def _finetune(module: OnnxModule, student, train_batches, teacher, config, eval_
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
         if bar is not None:
             bar.close()
+        if dist is not None:
+            dist.average_buffers(module)
         module.eval()
         written = write_back(module, student)
         metric = float(eval_fn(written)) if eval_fn is not None else None
