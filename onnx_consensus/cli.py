@@ -193,7 +193,7 @@ def cmd_inspect(args) -> int:
         d["macs_share"] = (b.macs / total) if (b.macs is not None and total) else None
         blocks.append(d)
     out = {"model": args.input, "macs": total, "params": cost.params, "unit": args.unit, "blocks": blocks,
-           "not_removable": [n.to_json() for n in report.not_removable], "notes": list(report.notes)}
+           "not_removable": [n.to_json() for n in report.not_removable], "notes": cost.notes + list(report.notes)}
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
@@ -208,7 +208,7 @@ def cmd_inspect(args) -> int:
         print("\nResidual merges seen but not removable:")
         for n in report.not_removable:
             print(f"  {n.merge}: {n.reason}")
-    for note in report.notes:
+    for note in out["notes"]:
         print(f"\nNote: {note}")
     return 0
 

@@ -234,14 +234,33 @@ def _symbolic_class():
     return _SYMBOLIC
 
 
-def _symbolic_inference(model: onnx.ModelProto) -> onnx.ModelProto | None:
-    """onnxruntime's symbolic shape inference of ``model`` (auto-merging conflicting symbols); its partial
-    result when it cannot infer everything; None when it fails. Writes no file."""
+def _normalised_axes(model: onnx.ModelProto, shapes: ShapeMap) -> onnx.ModelProto:
+    """A copy of ``model`` whose Concat nodes of the main graph carry non-negative axes where the rank of an
+    input is known (``axis=-1`` on 1-D shape data, as Paddle writes it, stops symbolic inference; the
+    meaning is unchanged)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for node in out.graph.node:
+        if node.op_type != "Concat" or node.domain not in ("", "ai.onnx"):
+            continue
+        rank = next((len(shapes[i]) for i in node.input if shapes.get(i) is not None), None)
+        for a in node.attribute:
+            if a.name == "axis" and a.i < 0 and rank:
+                a.i += rank
+    return out
+
+
+def _symbolic_inference(model: onnx.ModelProto, shapes: ShapeMap) -> onnx.ModelProto | None:
+    """onnxruntime's symbolic shape inference of ``model`` (auto-merging conflicting symbols; shapes: what is
+    known so far, used to normalise axes); its partial result when it cannot infer everything or stops on a
+    node it cannot handle; None when it is unavailable. Writes no file."""
     try:
         cls = _symbolic_class()
     except Exception as exc:  # onnxruntime or sympy missing
         log.debug("symbolic shape inference unavailable: %s", exc)
         return None
+    model = _normalised_axes(model, shapes)
+    sym = None
     try:
         sym = cls(2**31 - 1, True, False, 0)  # int_max, auto_merge, guess_output_rank, verbose
         step = sym._infer_impl
@@ -252,9 +271,14 @@ def _symbolic_inference(model: onnx.ModelProto) -> onnx.ModelProto | None:
         return sym.out_mp_
     except AttributeError:  # its internals changed: the public entry point, in a private directory
         pass
-    except Exception as exc:  # an op it cannot handle: keep what ONNX's inference found
-        log.debug("symbolic shape inference failed: %s", exc)
-        return None
+    except Exception as exc:  # an op it cannot handle: keep what it found before that node
+        log.debug("symbolic shape inference stopped: %s", exc)
+        known = getattr(sym, "known_vi_", None)
+        if not isinstance(known, dict):
+            return None
+        partial = onnx.ModelProto()
+        partial.graph.value_info.extend(v for v in known.values() if isinstance(v, onnx.ValueInfoProto))
+        return partial
     with _CWD_LOCK, tempfile.TemporaryDirectory(prefix="onnx-cprune-shapes-") as tmp:
         cwd = os.getcwd()
         try:
@@ -314,7 +338,7 @@ def infer_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]
                 shapes[name] = shape
         steps.append("onnx")
     if not enough(model, shapes):
-        sym = _symbolic_inference(copy)
+        sym = _symbolic_inference(copy, shapes)
         if sym is not None:
             n = _merge_into(copy, shapes, sym)
             steps.append("symbolic")
