@@ -3,7 +3,10 @@
 Public API::
 
     from onnx_consensus import find_blocks, score_blocks, prune, load_calibration
-    from onnx_consensus import CriterionOptions, TargetOptions, RunOptions
+    from onnx_consensus import CriterionOptions, TargetOptions, RunOptions, OutputOptions, FinetuneConfig
+
+``prune`` is the run `onnx-cprune prune` does (``pipeline.run``): it returns an Outcome whose ``model`` is
+the pruned model and ``result`` the PruneResult.
 """
 
 __version__ = "0.1.0"
@@ -13,10 +16,17 @@ _EXPORTS = {
     "Block": "graph.blocks",
     "remove_blocks": "graph.surgery",
     "score_blocks": "scoring",
-    "prune": "pruner",
-    "CriterionOptions": "pruner",
-    "TargetOptions": "pruner",
-    "RunOptions": "pruner",
+    "prune": "pipeline",
+    "run": "pipeline",
+    "Outcome": "pipeline",
+    "Options": "options",
+    "CriterionOptions": "options",
+    "TargetOptions": "options",
+    "RunOptions": "options",
+    "DataOptions": "options",
+    "OutputOptions": "options",
+    "RecoveryOptions": "options",
+    "FinetuneConfig": "options",
     "load_calibration": "data",
     "ImageOptions": "data",
     "count_cost": "graph.flops",

@@ -76,3 +76,48 @@ def measure_latency(models: Sequence[onnx.ModelProto], feed: dict[str, np.ndarra
     bs = len(next(iter(feed.values())))
     return [Latency(bs, float(np.median(t)), float(np.percentile(t, 90)), runs, threads, spinning=spinning)
             for t in times]
+
+
+def compare_models(paths: Sequence[str], *, batch_sizes: Sequence[int] = (1, 32), runs: int = 30, warmup: int = 5,
+                   threads: int = 1, spinning: bool | None = None, data: str | None = None, eval_data: str | None = None,
+                   input_shapes: dict[str, tuple[int, ...]] | None = None) -> list[dict]:
+    """`onnx-cprune bench`: one row per batch size and model (median_ms, p90_ms, ratio to the first model,
+    macs, params, threads, runs, opt_level, spinning); inputs tiled from the data directory ``data`` or
+    random; with ``eval_data``, accuracy (labels.npy) and agreement with the first model on it."""
+    from .graph.flops import count_cost
+    from .graph.ir import load_model
+
+    models = [load_model(p) for p in paths]
+    costs = [count_cost(m, input_shapes or {}) for m in models]
+    sample = None
+    if data:
+        from .data import load_calibration
+
+        sample = next(load_calibration(data, models[0]).batches(max(batch_sizes)))
+    rows = []
+    for bs in batch_sizes:
+        feed = random_feed(models[0], bs, sample)
+        lats = measure_latency(models, feed, runs=runs, warmup=warmup, threads=threads, spinning=spinning)
+        for path, lat, cost in zip(paths, lats, costs):
+            rows.append({"model": path, "batch_size": bs, "median_ms": lat.median_ms, "p90_ms": lat.p90_ms,
+                         "ratio": lat.median_ms / lats[0].median_ms, "macs": cost.total_macs,
+                         "params": cost.params, "threads": lat.threads, "runs": lat.runs,
+                         "opt_level": lat.opt_level, "spinning": lat.spinning})
+    if eval_data:
+        _evaluate_rows(paths, models, eval_data, threads, rows)
+    return rows
+
+
+def _evaluate_rows(paths, models, eval_data: str, threads: int, rows: list[dict]) -> None:
+    """Fill accuracy / agreement with the first model into ``rows`` (same values for every batch size)."""
+    from .data import load_calibration
+    from .evaluate import compare, reference_outputs
+
+    data = load_calibration(eval_data, models[0])
+    idx = np.arange(data.n_samples)
+    outs = [reference_outputs(m, data, idx, threads=threads) for m in models]
+    for k, out in enumerate(outs):
+        f = compare(out, outs[0], data.labels)
+        for r in rows:
+            if r["model"] == paths[k]:
+                r.update(accuracy=f.accuracy, agreement=f.agreement, rel_error=f.rel_error, eval_samples=f.n)

@@ -27,3 +27,23 @@ class FinetuneError(ConsensusError):
 
 class UnsupportedOperatorError(FinetuneError):
     """The PyTorch bridge has no converter for one or more operators of the graph."""
+
+
+class PruneFailed(ConsensusError):
+    """A prune run failed midway; ``partial`` (a PruneResult) holds what was done before: the finished
+    rounds' scores and the model with the removals made so far. The failure itself is ``__cause__``
+    (an onnxruntime error, an interrupt, a bad option found while running); ``exit_code`` is the
+    cause's: 130 for an interrupt, a ConsensusError's own code, else 1."""
+
+    def __init__(self, partial, cause: BaseException):
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        super().__init__(f"{type(cause).__name__}: {first}" if first else type(cause).__name__)
+        self.partial = partial
+        self.__cause__ = cause
+
+    @property
+    def exit_code(self) -> int:  # type: ignore[override]
+        cause = self.__cause__
+        if isinstance(cause, KeyboardInterrupt):
+            return 130
+        return cause.exit_code if isinstance(cause, ConsensusError) else 1

@@ -17,58 +17,18 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from .errors import InputError, TargetError
+from .errors import InputError, PruneFailed, TargetError
 from .evaluate import Fidelity, fidelity, reference_outputs
 from .graph.blocks import Block, BlockReport, find_blocks
 from .graph.flops import count_cost
 from .graph.masks import token_masks
 from .graph.surgery import remove_blocks
-from .metrics import DEFAULT_METRICS
+from .options import CriterionOptions, RunOptions, TargetOptions
 from .scoring import SCOPES, ScoreRound, score_blocks
 
+__all__ = ["CriterionOptions", "TargetOptions", "RunOptions", "PruneResult", "Removal", "prune", "check_prunable"]
 log = logging.getLogger("onnx_consensus")
 SCHEDULES = ("iterative", "one-shot")
-
-
-@dataclass
-class CriterionOptions:
-    """How blocks are ranked: metric names (the Consensus when several), scope, schedule, feature tensor."""
-
-    metrics: tuple[str, ...] = DEFAULT_METRICS
-    scope: str = "global"
-    schedule: str = "iterative"
-    feature: str | None = None
-    pca_dim: int = 256
-    seed: int = 0
-    unit: str = "block"  # "block": every residual sub-block; "layer": attention + MLP sub-blocks paired
-    token_mask: tuple[str, ...] = ()  # "NAME:keep|pad": which input masks tokens, and which value pads
-
-
-@dataclass
-class TargetOptions:
-    """When to stop: ``remove`` blocks, or ``target_flops`` fraction of MACs removed, or (neither) the
-    fidelity budget ``min_agreement``; ``plan`` replays removals (block ids, in order) without scoring."""
-
-    remove: int | None = None
-    target_flops: float | None = None
-    min_agreement: float = 0.99
-    keep_per_stage: int = 1
-    only: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    plan: tuple[str, ...] = ()
-
-
-@dataclass
-class RunOptions:
-    """Batching and threads: ``batch_size`` samples per inference batch, ``holdout`` fraction of the data
-    kept back for the fidelity check, onnxruntime intra-op ``threads`` (None: its default),
-    ``input_shapes`` (input name -> shape) fixing dynamic non-batch dims for MAC counting."""
-
-    batch_size: int = 64
-    holdout: float = 0.2
-    threads: int | None = None
-    progress: bool = False
-    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # fixes dynamic dims for MACs
 
 
 @dataclass
@@ -139,7 +99,9 @@ def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = 
     data: a CalibrationData (``load_calibration``). labels: optional (n,) class ids for the Gaussian metrics'
     conditions and for accuracy (default: ``data.labels``). between: called on the pruned model after each
     removal but the last (e.g. a short fine-tune), its result is scored next. Raises TargetError when a
-    block count or MACs target cannot be met.
+    block count or MACs target cannot be met; a failure midway (onnxruntime, an interrupt, ``between``)
+    raises PruneFailed, whose ``partial`` holds the removals and scores done so far and whose
+    ``__cause__`` is the failure.
     """
     criterion, target, run = criterion or CriterionOptions(), target or TargetOptions(), run or RunOptions()
     check_prunable(model)
@@ -172,8 +134,9 @@ def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = 
     removed: list[Block] = []
     current = model
 
-    # On any failure, what was computed so far (the finished rounds' scores, the model with the removals
-    # done) rides on the exception as ``partial_result``, for callers that keep it (`--keep-partial`).
+    # On a failure midway, what was computed so far (the finished rounds' scores, the model with the
+    # removals done) goes with PruneFailed, for callers that keep it (`--keep-partial`).
+    auto = target.remove is None and target.target_flops is None
     try:
         if target.plan:
             removed = [originals[i] for i in target.plan]
@@ -181,7 +144,6 @@ def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = 
             result.removals = [Removal(b, 0) for b in removed]
             result.stop_reason = f"replayed a plan of {len(removed)} removals"
         else:
-            auto = target.remove is None and target.target_flops is None
             order: list[str] = []
             round_no = 0
             while True:
@@ -222,16 +184,16 @@ def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = 
                 if between is not None and not _target_met(target, removed, total):
                     current = between(current)
                     result.model = current
-            if not auto and not _target_met(target, removed, total):
-                got = _macs_fraction(removed, total)
-                want = f"{target.remove} blocks" if target.remove is not None else f"{target.target_flops:.1%} of MACs"
-                raise TargetError(report.refusal or f"target {want} cannot be met: only {len(removed)} block(s) removable "
-                                  f"({got:.1%} of MACs) with keep-per-stage={target.keep_per_stage} and the "
-                                  f"--only/--exclude choices")
     except (Exception, KeyboardInterrupt) as exc:
         result.stop_reason = f"stopped by {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        exc.partial_result = result
-        raise
+        raise PruneFailed(result, exc) from exc
+    if not target.plan and not auto and not _target_met(target, removed, total):
+        # not a failure midway: the schedule ran to its end (exit 3, nothing written, even with --keep-partial)
+        got = _macs_fraction(removed, total)
+        want = f"{target.remove} blocks" if target.remove is not None else f"{target.target_flops:.1%} of MACs"
+        raise TargetError(report.refusal or f"target {want} cannot be met: only {len(removed)} block(s) removable "
+                          f"({got:.1%} of MACs) with keep-per-stage={target.keep_per_stage} and the "
+                          f"--only/--exclude choices")
     result.model = current
     after = count_cost(current, run.input_shapes or None)
     result.macs_after, result.params_after = after.total_macs, after.params

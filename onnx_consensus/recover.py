@@ -63,19 +63,25 @@ def _higher_is_better(f) -> float:
     return f.agreement if f.agreement is not None else 1.0 - f.rel_error
 
 
-def evaluator(original: onnx.ModelProto, data, *, batch_size: int = 64,
-              threads: int | None = None) -> Callable[[onnx.ModelProto], float]:
-    """eval_fn for the bridge: top-1 accuracy when ``data`` has labels, else top-1 agreement with the
-    original model (or 1 - mean relative error for non-classifiers). Higher is better. The original's
-    own metric, from the reference outputs computed once here, is ``evaluate.original``."""
-    idx = np.arange(data.n_samples)
-    reference = reference_outputs(original, data, idx, batch_size=batch_size, threads=threads)
+class Evaluator:
+    """The bridge's eval_fn: ``evaluator(model)`` is top-1 accuracy when ``data`` has labels, else top-1
+    agreement with ``original`` (or 1 - mean relative error for non-classifiers); higher is better.
+    ``original_metric`` is the unpruned model's own value, from the reference outputs computed once here."""
 
-    def evaluate(model: onnx.ModelProto) -> float:
-        out = reference_outputs(model, data, idx, batch_size=batch_size, threads=threads)
-        return _higher_is_better(compare(out, reference, data.labels))
-    evaluate.original = _higher_is_better(compare(reference, reference, data.labels))
-    return evaluate
+    def __init__(self, original: onnx.ModelProto, data, *, batch_size: int = 64, threads: int | None = None):
+        self.data, self.batch_size, self.threads = data, batch_size, threads
+        self._idx = np.arange(data.n_samples)
+        self._reference = reference_outputs(original, data, self._idx, batch_size=batch_size, threads=threads)
+        self.original_metric = _higher_is_better(compare(self._reference, self._reference, data.labels))
+
+    def __call__(self, model: onnx.ModelProto) -> float:
+        out = reference_outputs(model, self.data, self._idx, batch_size=self.batch_size, threads=self.threads)
+        return _higher_is_better(compare(out, self._reference, self.data.labels))
+
+
+def evaluator(original: onnx.ModelProto, data, *, batch_size: int = 64, threads: int | None = None) -> Evaluator:
+    """An Evaluator of models against ``original`` on ``data``."""
+    return Evaluator(original, data, batch_size=batch_size, threads=threads)
 
 
 class Recovery(NamedTuple):
@@ -100,7 +106,7 @@ def finetune_pruned(original: onnx.ModelProto, pruned: onnx.ModelProto, train_da
     model, result = finetune(pruned, training_batches(train_data, config.batch_size, config.seed),
                              teacher=teacher, config=config, eval_fn=eval_fn, progress=progress)
     # the bridge already evaluated the epoch it returns
-    return Recovery(model, result, before, result.best_metric, eval_fn.original if eval_fn else None)
+    return Recovery(model, result, before, result.best_metric, eval_fn.original_metric if eval_fn else None)
 
 
 def between_removals(original: onnx.ModelProto, train_data, *, config, steps: int) -> Callable[[onnx.ModelProto], onnx.ModelProto]:

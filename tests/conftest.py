@@ -19,13 +19,6 @@ def r20(tmp_path_factory):
     return path, calib
 
 
-def temporaries(folder) -> list[str]:
-    """Temporary files an interrupted or failed write could have left in ``folder``."""
-    import os
-
-    return [f for f in os.listdir(folder) if f.endswith(".tmp") or ".tmp." in f]
-
-
 @pytest.fixture(autouse=True)
 def _one_blas_thread():
     """Small matrices: BLAS threads only contend for the two (possibly shared) cores."""

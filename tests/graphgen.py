@@ -174,7 +174,7 @@ def _conv_out(h: int, k: int, s: int, p: int) -> int:
 @st.composite
 def residual_nets(draw, max_blocks: int = 6, *, loose_outputs: bool = False) -> GenGraph:
     """loose_outputs: also declare some graph outputs with unknown dims (all, or just the batch dim) or with a
-    batch dim named differently from the input's (off by default: see the xfail regression tests)."""
+    batch dim named differently from the input's (off by default; test_loose_output_shapes turns it on)."""
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
     opset = draw(st.integers(11, 21))
@@ -495,12 +495,3 @@ def finalize(gen: GenGraph) -> None:
         if blk.shape != prev:
             stage, prev = stage + 1, blk.shape
         blk.stage = stage
-
-
-def zero_branch(model: onnx.ModelProto, blk: GenBlock) -> None:
-    """Make ``blk``'s branch output exactly zero in place (zero the branch's last weight and what follows)."""
-    targets = set(blk.zero_params)
-    for t in model.graph.initializer:
-        if t.name in targets:
-            arr = numpy_helper.to_array(t)
-            t.CopyFrom(numpy_helper.from_array(np.zeros_like(arr), t.name))

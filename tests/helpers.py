@@ -3,18 +3,30 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
+import sys
+import sysconfig
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-CACHE = os.path.join(os.path.dirname(__file__), "..", ".cache", "test-models")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CACHE = os.path.join(ROOT, ".cache", "test-models")
+# The CLI in a child process, importing the code under test (the repository root is the working directory).
+CLI = [sys.executable, "-m", "onnx_consensus.cli"]
 
 
 def resnet_onnx(depth: int = 20, form: str = "folded", seed: int = 0) -> onnx.ModelProto:
     """A CIFAR ResNet with random but well-scaled weights, exported in one of three forms:
     'folded' (classic exporter, BN folded into Conv, opset 17), 'bn' (classic, BN nodes kept, opset 13),
     'dynamo' (torch's dynamo exporter, opset 18). Exports are cached under .cache/ (they take seconds)."""
+    return onnx.load(resnet_onnx_path(depth, form, seed))
+
+
+def resnet_onnx_path(depth: int = 20, form: str = "folded", seed: int = 0) -> str:
+    """The cached file of ``resnet_onnx(depth, form, seed)``, exported on first use. Every BatchNorm gets its
+    own random statistics, so the exporter shares no tensors between layers."""
     os.makedirs(CACHE, exist_ok=True)
     path = os.path.join(CACHE, f"resnet{depth}-{form}-{seed}.onnx")
     if not os.path.exists(path):
@@ -35,7 +47,7 @@ def resnet_onnx(depth: int = 20, form: str = "folded", seed: int = 0) -> onnx.Mo
         opset = {"folded": 17, "bn": 13, "dynamo": 18}[form]
         export_onnx(net, tmp, opset=opset, fold_bn=form == "folded", dynamo=form == "dynamo")
         os.replace(tmp, path)
-    return onnx.load(path)
+    return path
 
 
 def randomize_names(model: onnx.ModelProto, seed: int = 0, keep_io: bool = False) -> onnx.ModelProto:
@@ -81,8 +93,20 @@ def set_initializer(model: onnx.ModelProto, name: str, value: np.ndarray) -> Non
 
 
 def zero_branch(model: onnx.ModelProto, block) -> None:
-    """Make ``block``'s branch output exactly zero, in place: the last BatchNormalization's scale and
-    bias (BN kept) or the last Conv's weight and bias (BN folded)."""
+    """Make ``block``'s branch output exactly zero, in place (the one helper for every test).
+
+    block: a generated block from tests.graphgen (a GenBlock: its ``zero_params`` name the branch's last
+    weight and what follows it), or a detected Block (find_blocks) of a CIFAR ResNet: the last
+    BatchNormalization's scale and bias (BN kept) or the last Conv's weight and bias (BN folded)."""
+    names = getattr(block, "zero_params", None)
+    if names is None:
+        names = _last_branch_weights(model, block)
+    for t in model.graph.initializer:
+        if t.name in set(names):
+            t.CopyFrom(numpy_helper.from_array(np.zeros_like(numpy_helper.to_array(t)), t.name))
+
+
+def _last_branch_weights(model: onnx.ModelProto, block) -> list[str]:
     by_out = {n.output[0]: n for n in model.graph.node}
     nodes = [by_out[k] for k in block.nodes]
     inits = {t.name for t in model.graph.initializer}
@@ -90,11 +114,28 @@ def zero_branch(model: onnx.ModelProto, block) -> None:
         last = [n for n in nodes if n.op_type == op]
         if last:
             n = last[-1]
-            for s in slots:
-                if s < len(n.input) and n.input[s] in inits:
-                    set_initializer(model, n.input[s], np.zeros_like(initializer(model, n.input[s])))
-            return
+            return [n.input[s] for s in slots if s < len(n.input) and n.input[s] in inits]
     raise ValueError("no BatchNormalization or Conv in the block")
+
+
+def temporaries(folder) -> list[str]:
+    """Temporary files an interrupted or failed write could have left in ``folder``."""
+    return [f for f in os.listdir(folder) if f.endswith(".tmp") or ".tmp." in f]
+
+
+def installed_entry_point(name: str = "onnx-cprune") -> str | None:
+    """Path of the console script ``name`` installed for this interpreter (its scripts directory first, then
+    PATH), or None when the package is not installed."""
+    here = os.path.join(sysconfig.get_path("scripts"), name)
+    return here if os.access(here, os.X_OK) else shutil.which(name)
+
+
+def env_with_root() -> dict[str, str]:
+    """The environment for a child process that must import this checkout's onnx_consensus (PYTHONPATH
+    first, ahead of an editable install's finder that may point to another checkout)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env
 
 
 def run(model: onnx.ModelProto, feed: dict) -> list[np.ndarray]:
@@ -106,10 +147,11 @@ def run(model: onnx.ModelProto, feed: dict) -> list[np.ndarray]:
 
 
 def tiny_residual_graph(*, exit_is_output: bool = False, side_input: bool = False, opset: int = 13,
-                        merge: str = "Add") -> onnx.ModelProto:
+                        merge: str = "Add", seq: bool = False) -> onnx.ModelProto:
     """x(N,4) -> MatMul -> [block: h + Relu(MatMul(h))] -> MatMul -> y(N,3).
     exit_is_output: the block's exit is also a graph output. side_input: the branch adds a second graph
-    input 'bias' (N,4) inside (a side input, not an extra entry)."""
+    input 'bias' (N,4) inside (a side input, not an extra entry). seq: every tensor gets a dynamic middle
+    axis S, x(N,S,4) -> y(N,S,3), so MACs are unknown until S is given (MACs = N*S*(16 + 16 + 12))."""
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), "w0"),
              numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), "w1"),
@@ -121,12 +163,13 @@ def tiny_residual_graph(*, exit_is_output: bool = False, side_input: bool = Fals
     nodes.append(helper.make_node("Relu", ["b1" if side_input else "b0"], ["b2"]))
     nodes.append(helper.make_node(merge, ["h", "b2"], ["r"]))
     nodes.append(helper.make_node("MatMul", ["r", "w2"], ["y"]))
-    inputs = [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4])]
+    lead = ["N", "S"] if seq else ["N"]
+    inputs = [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [*lead, 4])]
     if side_input:
-        inputs.append(helper.make_tensor_value_info("bias", onnx.TensorProto.FLOAT, ["N", 4]))
-    outputs = [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 3])]
+        inputs.append(helper.make_tensor_value_info("bias", onnx.TensorProto.FLOAT, [*lead, 4]))
+    outputs = [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [*lead, 3])]
     if exit_is_output:
-        outputs.append(helper.make_tensor_value_info("r", onnx.TensorProto.FLOAT, ["N", 4]))
+        outputs.append(helper.make_tensor_value_info("r", onnx.TensorProto.FLOAT, [*lead, 4]))
     g = helper.make_graph(nodes, "tiny", inputs, outputs, inits)
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
 

@@ -15,8 +15,11 @@ def test_public_api_end_to_end(tmp_path):
     assert len(report.blocks) == 7
     rnd = oc.score_blocks(model, data, metrics=("cka", "linear_1"), batch_size=16)
     assert set(rnd.order) == {b.id for b in report.blocks}
-    result = oc.prune(model, data, criterion=oc.CriterionOptions(metrics=("cka",), schedule="one-shot"),
-                      target=oc.TargetOptions(remove=2, keep_per_stage=0), run=oc.RunOptions(batch_size=16))
+    outcome = oc.prune(model, data, criterion=oc.CriterionOptions(metrics=("cka",), schedule="one-shot"),
+                       target=oc.TargetOptions(remove=2, keep_per_stage=0), run=oc.RunOptions(batch_size=16),
+                       output=oc.OutputOptions(latency=False))
+    result = outcome.result
+    assert outcome.model is result.model and outcome.exit_code == 0 and outcome.write
     assert result.removed_ids == result.rounds[0].order[:2]
     assert result.score_samples + result.holdout_samples == 30
     assert oc.count_cost(result.model).total_macs == oc.count_cost(model).total_macs - 2 * 4_718_592

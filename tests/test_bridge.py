@@ -9,11 +9,11 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from bridge_models import (DigitsNet, digits_data, export_case, old_inputs, old_opset8_model,
-                           old_opset11_model)
 from onnx_consensus.bridge import (FinetuneConfig, FinetuneResult, OnnxModule, check_supported, finetune,
                                    to_torch, write_back)
 from onnx_consensus.errors import FinetuneError, UnsupportedOperatorError
+from tests.bridge_models import (DigitsNet, digits_data, export_case, old_inputs, old_opset8_model,
+                                 old_opset11_model)
 
 
 

@@ -2,20 +2,19 @@
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import onnx
 import pytest
 
 from onnx_consensus.cli import main
+from onnx_consensus.data import load_calibration
 from onnx_consensus.graph.blocks import find_blocks
 from onnx_consensus.graph.ir import interface
 from onnx_consensus.report import METADATA_KEY, sha256_file
-from tests.conftest import temporaries
-from tests.helpers import resnet_onnx, run, tiny_residual_graph, zero_branch
+from tests.helpers import (ROOT, env_with_root, installed_entry_point, resnet_onnx, run, temporaries,
+                           tiny_residual_graph, zero_branch)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = os.path.join(ROOT, "models", "resnet56_fmnist.onnx")
 CALIB = os.path.join(ROOT, "examples", "fmnist_calib")
 
@@ -35,7 +34,16 @@ def test_shipped_model_end_to_end(tmp_path):
     assert report["macs"]["before"] == 125_747_840
     assert report["macs"]["before"] - report["macs"]["after"] == 2 * 4_718_592
     assert report["input"]["sha256"] == before and report["version"] and report["seed"] == 0
-    assert 0 <= report["fidelity"]["agreement"] <= 1 and report["fidelity"]["accuracy"] is not None
+    # hold-out fidelity against onnxruntime runs of both models on the hold-out fifth of the 96 samples
+    hold = load_calibration(CALIB, original, max_samples=96).split(0.2, seed=0)[1]
+    x = np.load(os.path.join(CALIB, "calib.npy"))[:96][hold]
+    labels = np.load(os.path.join(CALIB, "labels.npy"))[:96][hold]
+    p_pruned, p_original = run(pruned, {"input": x})[0].argmax(1), run(original, {"input": x})[0].argmax(1)
+    fid = report["fidelity"]
+    assert fid["n"] == len(hold) == report["samples"]["holdout"] == 19
+    assert fid["agreement"] == pytest.approx(np.mean(p_pruned == p_original), abs=1e-6)
+    assert fid["accuracy"] == pytest.approx(np.mean(p_pruned == labels), abs=1e-6)
+    assert fid["reference_accuracy"] == pytest.approx(np.mean(p_original == labels), abs=1e-6)
     assert [len(r["blocks"]) for r in report["rounds"]] == [25, 24]
     first = report["rounds"][0]["blocks"][0]
     assert set(first["scores"]) == set(first["ranks"]) and len(first["scores"]) == 8
@@ -46,13 +54,17 @@ def test_shipped_model_end_to_end(tmp_path):
 
 
 def test_console_script_subprocess(tmp_path, r20):
+    """The installed `onnx-cprune` entry point ([project.scripts]) runs a job, importing this checkout."""
+    exe = installed_entry_point("onnx-cprune")
+    if exe is None:
+        pytest.skip("the onnx-cprune entry point is not installed (pip install -e .)")
     model, calib = r20
     out = tmp_path / "o.onnx"
-    p = subprocess.run([sys.executable, "-m", "onnx_consensus.cli", str(model), str(out), "--calib", str(calib),
-                        "--remove", "1", "--metrics", "cka", "-q", "--no-latency"],
-                       capture_output=True, text=True, cwd=ROOT)
+    p = subprocess.run([exe, str(model), str(out), "--calib", str(calib), "--remove", "1", "--metrics", "cka",
+                        "-q", "--no-latency"], capture_output=True, text=True, cwd=tmp_path, env=env_with_root())
     assert p.returncode == 0, p.stderr
     assert "Removed 1 of 7" in p.stdout and out.exists()
+    onnx.checker.check_model(str(out), full_check=True)
 
 
 def test_remove_one_picks_zeroed_block_exactly(tmp_path, r20):
@@ -79,11 +91,19 @@ def test_inspect_json(capsys):
 
 
 def test_inspect_text_and_unknown_macs(tmp_path, capsys):
-    m = tiny_residual_graph()
+    """A dynamic sequence axis the batch size does not fix: MACs unknown, said so; --input-shape counts them."""
     p = tmp_path / "t.onnx"
-    onnx.save(m, p)
+    onnx.save(tiny_residual_graph(seq=True), p)  # x (N, S, 4)
     assert main(["inspect", str(p)]) == 0
-    assert "1 removable block" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "1 removable block(s); MACs unknown (use --input-shape)" in out
+    row = [line.split() for line in out.splitlines() if line.strip().startswith("0 ")]
+    assert len(row) == 1 and row[0][3:5] == ["unknown", "-"], out  # the block's MACs and share
+    assert main(["inspect", str(p), "--input-shape", "x:2x5x4", "--json"]) == 0
+    shaped = json.loads(capsys.readouterr().out)
+    assert shaped["macs"] == 2 * 5 * (4 * 4 + 4 * 4 + 4 * 3)  # three MatMuls over N*S = 10 rows
+    assert shaped["blocks"][0]["macs"] == 2 * 5 * 4 * 4
+    assert shaped["blocks"][0]["macs_share"] == pytest.approx(160 / 440)
 
 
 def test_target_cannot_be_met_exit_3(tmp_path, r20, capsys):

@@ -12,10 +12,7 @@ import pytest
 from onnx_consensus.cli import main
 from onnx_consensus.graph.ir import interface
 from onnx_consensus.report import sha256_file
-from tests.conftest import temporaries
-from tests.helpers import residual_mlp, run
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import CLI, ROOT, residual_mlp, run, temporaries
 
 
 def _external(model, path, location):
@@ -89,7 +86,7 @@ def test_over_2gb_external_model(tmp_path):
     before = (os.path.getsize(src), os.path.getmtime(tmp_path / "big.onnx.data"))
     out = tmp_path / "out" / "pruned.onnx"
     out.parent.mkdir()
-    p = subprocess.run([sys.executable, "-m", "onnx_consensus.cli", str(src), str(out), "--calib",
+    p = subprocess.run([*CLI, str(src), str(out), "--calib",
                         str(tmp_path / "calib"), "--remove", "2", "--metrics", "cka", "--schedule", "one-shot",
                         "-q", "--no-latency"], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr

@@ -3,7 +3,6 @@ import errno
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -13,13 +12,11 @@ import pytest
 from onnx_consensus import io as io_mod
 from onnx_consensus.cli import main
 from onnx_consensus.report import sha256_file
-from tests.conftest import temporaries
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import CLI, ROOT, temporaries
 
 
 def _cli(src, calib, out):
-    return [sys.executable, "-m", "onnx_consensus.cli", str(src), str(out), "--calib", str(calib),
+    return [*CLI, str(src), str(out), "--calib", str(calib),
             "--remove", "2", "--metrics", "cka", "-q", "--latency-runs", "3"]
 
 

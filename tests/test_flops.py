@@ -11,24 +11,10 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_consensus.errors import InputError
 from onnx_consensus.graph import flops
 from onnx_consensus.graph.flops import count_cost, parse_input_shape
+from tests.helpers import resnet_onnx_path
 
 torch = pytest.importorskip("torch")
-from models.cifar_resnet import export_onnx, resnet  # noqa: E402  (repo root on sys.path via conftest.py)
-
-
-def randomise_bn(model):
-    """Give every BN distinct statistics, as in a trained model (the exporter would otherwise share
-    identical initial tensors between layers)."""
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                c = m.num_features
-                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-                m.bias.copy_(torch.rand(c, generator=g) - 0.5)
-                m.running_mean.copy_(torch.rand(c, generator=g) - 0.5)
-                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-    return model
+from models.cifar_resnet import resnet  # noqa: E402
 
 
 def cifar_resnet_macs(depth: int, num_classes: int = 10) -> int:
@@ -52,23 +38,16 @@ def cifar_resnet_macs(depth: int, num_classes: int = 10) -> int:
 
 
 @pytest.fixture(scope="module")
-def r56(tmp_path_factory):
-    torch.manual_seed(0)
-    model = randomise_bn(resnet(56))
-    d = tmp_path_factory.mktemp("r56")
-    paths = {
-        "fold": export_onnx(model, str(d / "fold.onnx"), fold_bn=True),
-        "bn": export_onnx(model, str(d / "bn.onnx"), fold_bn=False),
-        "dynamo": export_onnx(model, str(d / "dyn.onnx"), dynamo=True),
-    }
-    return model, paths
+def r56():
+    """(torch ResNet-56, {form: ONNX path}): the torch model gives the parameter count (architecture only); the
+    three exports are the suite's cached ones (tests.helpers), BN statistics distinct in every layer."""
+    return resnet(56), {"fold": resnet_onnx_path(56, "folded"), "bn": resnet_onnx_path(56, "bn"),
+                        "dynamo": resnet_onnx_path(56, "dynamo")}
 
 
 @pytest.fixture(scope="module")
-def r20(tmp_path_factory):
-    torch.manual_seed(0)
-    model = randomise_bn(resnet(20))
-    return model, export_onnx(model, str(tmp_path_factory.mktemp("r20") / "r20.onnx"))
+def r20():
+    return resnet(20), resnet_onnx_path(20, "folded")
 
 
 def test_architecture_formula():

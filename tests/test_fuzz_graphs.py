@@ -17,10 +17,11 @@ from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from graphgen import BATCH, GenGraph, residual_nets, zero_branch
 from onnx_consensus.graph.blocks import find_blocks
 from onnx_consensus.graph.ir import interface
 from onnx_consensus.graph.surgery import remove_blocks
+from tests.graphgen import BATCH, GenGraph, residual_nets
+from tests.helpers import zero_branch
 
 BATCHES = (1, 3)
 
@@ -344,7 +345,7 @@ def _assert_prunes_with_same_interface(model: onnx.ModelProto, n_blocks: int) ->
 
 
 def test_declared_output_shapes_control():
-    """Control for the xfail tests below: with output shapes declared like the input's, all is well."""
+    """Control for the regression tests below: with output shapes declared like the input's, all is well."""
     _assert_prunes_with_same_interface(_tabular_two_blocks(["N", 4], ["N", 4]), 2)
     _assert_prunes_with_same_interface(_tabular_two_blocks(["N", 4], ["N", 4], head=True), 2)
 

@@ -1,6 +1,8 @@
 """Tests of onnx_consensus.metrics: exact values, invariances, non-invariances, sensitivity, robustness."""
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -295,7 +297,10 @@ def test_random_baseline_is_reproducible_and_candidate_dependent():
     rng = np.random.default_rng(14)
     X, Y1, Y2 = (rng.standard_normal((10, 3)) for _ in range(3))
     a = score("random", X, Y1, seed=3)
-    assert 0.0 <= a < 1.0
+    # the documented closed form: uniform in [0, 1) from default_rng([seed, crc32 of Y as float64 bytes])
+    assert a == np.random.default_rng([3, zlib.crc32(Y1.astype(np.float64).tobytes())]).random()
+    many = [score("random", X, rng.standard_normal((10, 3)), seed=3) for _ in range(200)]
+    assert scipy.stats.kstest(many, "uniform").pvalue > 1e-3  # uniform over candidates
     assert a == score("random", X, Y1, seed=3) == score("random", X + 1, Y1, seed=3)
     assert a != score("random", X, Y2, seed=3)
     assert a != score("random", X, Y1, seed=4)

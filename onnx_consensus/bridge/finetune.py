@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Literal
+from typing import Callable, Iterable
 
 import numpy as np
 import onnx
@@ -34,29 +34,10 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import FinetuneError
+from ..options import FinetuneConfig  # noqa: F401  (defined with its command-line flags; re-exported)
 from .torch_graph import OnnxModule, to_torch, write_back
 
 Batch = tuple[dict[str, np.ndarray], "np.ndarray | None"]
-
-
-@dataclass
-class FinetuneConfig:
-    """Fine-tuning options; None means "chosen by the recipe" (see the module docstring)."""
-
-    epochs: int = 1
-    lr: float | None = None
-    batch_size: int = 64  # informative: the caller's train_batches decides the actual batches
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    weight_decay: float | None = None
-    temperature: float = 4.0
-    feature_mse: float = 0.0
-    feature: str | None = None
-    augment: bool = False
-    seed: int = 0
-    device: str = "cpu"
-    threads: int | None = None
-    max_steps: int | None = None
-    clip_grad_norm: float | None = None  # None: the recipe's (1.0); 0: off
 
 
 @dataclass

@@ -1,1 +1,0 @@
-# Puts the repository root on sys.path so tests can import models/ and tools/.

@@ -1,0 +1,77 @@
+"""`onnx-cprune`: prune (default), inspect, bench. Parses arguments, calls the pipeline, prints.
+
+Exit codes (README, "Exit codes"): 0 done (also when there is no removable block); 1 an unexpected failure
+(an onnxruntime error; one line, --debug for the traceback); 2 bad usage or bad input; 3 target cannot be
+met (nothing written); 4 fine-tuning failed (pruned model kept); 130 interrupted. Nothing is written on a
+failure unless --keep-partial.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+
+from ..errors import ConsensusError
+
+__all__ = ["main"]
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _handler(command: str):
+    """The command's function, imported with SIGINT and SIGTERM held: an interrupt landing inside a C
+    extension's initialisation (numpy's) would surface as "ImportError: initialization failed"; held, it
+    arrives right after the imports, as a KeyboardInterrupt."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        return _import_handler(command)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def _import_handler(command: str):
+    if command == "prune":
+        from .prune import cmd_prune as handler
+    elif command == "inspect":
+        from .inspect import cmd_inspect as handler
+    else:
+        from .bench import cmd_bench as handler
+    return handler
+
+
+def main(argv: list[str] | None = None) -> int:
+    # SIGTERM is an interrupt from the first moment: the imports below take a while on a busy machine
+    signal.signal(signal.SIGTERM, _terminate)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = None
+    try:
+        import logging
+
+        from .parser import COMMANDS, build_parser
+
+        if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+            argv.insert(0, "prune")
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not args.command:
+            parser.print_help()
+            return 2
+        logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                            format="onnx-cprune: %(levelname)s: %(message)s")
+        return _handler(args.command)(args)
+    except KeyboardInterrupt:
+        kept = getattr(args, "keep_partial", False)
+        print(f"onnx-cprune: interrupted{'' if kept else '; nothing written'}", file=sys.stderr)
+        return 130
+    except ConsensusError as exc:
+        if getattr(args, "debug", False):
+            raise
+        print(f"onnx-cprune: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except Exception as exc:  # an unexpected failure still gets one line; --debug shows the traceback
+        if getattr(args, "debug", False):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"onnx-cprune: error: {type(exc).__name__}: {first} (rerun with --debug for details)", file=sys.stderr)
+        return 1

@@ -1,0 +1,348 @@
+"""Every option of a prune run, defined once: each dataclass field holds its value's default, and its
+``metadata`` the command-line flag, help, type/choices/metavar. The CLI's argument groups are generated
+from these classes (``add_arguments``) and parsed back into them (``Options.from_args``); the Python API
+takes the same classes. torch-free (the fine-tuning config is plain data).
+
+Flags are added with ``argparse.SUPPRESS`` as their default, so a flag that is not given leaves the
+field's own default: no default is written twice. Two fields differ on purpose between the API and the
+command (``cli_default``): progress bars (on in the command unless ``-q``) and fine-tuning epochs (0 in the
+command unless ``--finetune-epochs``; the API fine-tunes only when given a ``FinetuneConfig``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, ClassVar, Literal
+
+from .errors import InputError
+
+DEFAULT_METRICS = ("cka", "gaussian_stochastic_0", "gaussian_stochastic_1", "gaussian_stochastic_2",
+                   "permutation", "linear_0", "linear_1", "wasserstein")
+"""The eight metrics of the published Consensus (their registry is ``onnx_consensus.metrics``)."""
+
+FINETUNE_GROUP = "fine-tuning (needs torch: pip install 'onnx-consensus[torch]')"
+GROUP_TITLES = ("input data", "target", "criterion", FINETUNE_GROUP, "output")
+"""The help groups of `onnx-cprune prune`, in order."""
+
+
+# --------------------------------------------------------------------------------------------------
+# converters: argparse ``type`` (one token, ArgumentTypeError) and ``convert`` (the parsed value ->
+# the field's value, in ``from_args``; InputError, so the CLI reports it in one line)
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def _floats(value: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in _csv(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {value!r}") from None
+
+
+def _image_size(value: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise InputError(f"--image-size must look like 224x224, got {value!r}") from None
+    return h, w
+
+
+def _input_shapes(specs: list[str]) -> dict[str, tuple[int, ...]]:
+    from .graph.flops import parse_input_shape
+
+    return dict(parse_input_shape(s) for s in specs)
+
+
+def plan_ids(path: str) -> tuple[str, ...]:
+    """The removed block ids, in order, of a report written by ``--report``."""
+    try:
+        with open(path) as f:
+            return tuple(json.load(f)["removed_ids"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"--plan {path}: not a report written by --report ({exc})") from None
+
+
+def option(flag: str, help: str, *, default: Any = MISSING, default_factory: Any = MISSING, short: str | None = None,
+           type: Callable | None = None, choices: tuple | None = None, metavar: str | None = None,
+           negate: bool = False, append: bool = False, convert: Callable | None = None, group: str | None = None,
+           same_as: str | None = None, cli_default: Any = MISSING, show_default: bool = True) -> Any:
+    """A dataclass field with its command-line flag.
+
+    flag / short: the option strings; its ``dest`` is the long flag without dashes. A bool field is a
+    switch: present sets True, or False with ``negate`` (``--no-latency``, ``--quiet``). ``append``: the
+    flag repeats, the values collected in a list. ``convert``: applied to the parsed value to get the
+    field's value. ``group``: the help group, when not the class's ``GROUP``. ``same_as``: no flag of its
+    own, the value of that other flag (one ``--seed`` for scoring and fine-tuning). ``cli_default``: the
+    command's value when the flag is absent, where it differs on purpose from the API's default.
+    """
+    meta = {"flag": flag, "short": short, "help": help, "type": type, "choices": choices, "metavar": metavar,
+            "negate": negate, "append": append, "convert": convert, "group": group, "same_as": same_as,
+            "cli_default": cli_default, "show_default": show_default}
+    return field(default=default, default_factory=default_factory, metadata={"cli": meta})
+
+
+def dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+class _Group:
+    """Mixin: ``GROUP`` names the argparse group; ``from_args`` / ``to_flags`` map fields <-> flags."""
+
+    GROUP: ClassVar[str] = ""
+
+    @classmethod
+    def cli_fields(cls) -> Iterator:
+        for f in fields(cls):
+            if "cli" in f.metadata:
+                yield f, f.metadata["cli"]
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace):
+        """The dataclass from parsed arguments: given flags set their fields, the others keep defaults."""
+        kw = {}
+        for f, m in cls.cli_fields():
+            name = dest(m["same_as"] or m["flag"])
+            if hasattr(ns, name):
+                value = getattr(ns, name)
+                if m["same_as"] is None:
+                    if m["negate"]:
+                        value = not value
+                    if m["convert"] is not None:
+                        value = m["convert"](value)
+                kw[f.name] = value
+            elif m["cli_default"] is not MISSING:
+                kw[f.name] = m["cli_default"]
+        return cls(**kw)
+
+    def to_flags(self) -> dict:
+        """{flag dest: value} of every field with a flag of its own, as the report records options."""
+        out = {}
+        for f, m in self.cli_fields():
+            if m["same_as"] is None:
+                value = getattr(self, f.name)
+                out[dest(m["flag"])] = (not value) if m["negate"] else value
+        return out
+
+
+def _default_text(f, m) -> str | None:
+    if not m["show_default"]:
+        return None
+    value = m["cli_default"] if m["cli_default"] is not MISSING else (
+        f.default if f.default is not MISSING else f.default_factory())
+    if value is None or value is False or value is True or value == () or value == {}:
+        return None
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def add_arguments(parser: argparse.ArgumentParser, classes, groups: dict | None = None,
+                  only: tuple[str, ...] | None = None) -> dict:
+    """Add the flags of ``classes`` to ``parser``, one argument group per group name (in ``GROUP_TITLES``
+    order). ``only``: just these field names. Returns the groups by name (to add more to them)."""
+    groups = {} if groups is None else groups
+    wanted = [(cls, f, m) for cls in classes for f, m in cls.cli_fields()
+              if m["same_as"] is None and (only is None or f.name in only)]
+    for name in sorted({m["group"] or cls.GROUP for cls, _, m in wanted}, key=GROUP_TITLES.index):
+        if name not in groups:
+            groups[name] = parser.add_argument_group(name)
+    for cls, f, m in wanted:
+        name = m["group"] or cls.GROUP
+        help_text = m["help"]
+        shown = _default_text(f, m)
+        if shown is not None:
+            help_text += f" (default {shown})"
+        flags = [m["short"], m["flag"]] if m["short"] else [m["flag"]]
+        kw: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS, "dest": dest(m["flag"])}
+        is_switch = m["type"] is None and m["choices"] is None and m["metavar"] is None and (
+            m["negate"] or f.default is False)
+        if is_switch:
+            kw["action"] = "store_true"
+        else:
+            kw["action"] = "append" if m["append"] else "store"
+            for key in ("type", "choices", "metavar"):
+                if m[key] is not None:
+                    kw[key] = m[key]
+        groups[name].add_argument(*flags, **kw)
+    return groups
+
+
+# --------------------------------------------------------------------------------------------------
+# the option groups
+
+@dataclass
+class DataOptions(_Group):
+    """How the calibration data is read (see ``data.load_calibration``)."""
+
+    GROUP: ClassVar[str] = "input data"
+    labels: str | None = option("--labels", "class ids (.npy) in the data's sorted sample order (default: "
+                                "labels.npy in the calibration directory, if present)", default=None,
+                                metavar="FILE")
+    max_samples: int | None = option("--max-samples", "use at most this many calibration samples", default=None,
+                                     type=int)
+    image_size: tuple[int, int] | None = option("--image-size", "resize images to HxW (default: the model's "
+                                                "input size)", default=None, metavar="HxW", convert=_image_size)
+    mean: tuple[float, ...] | None = option("--mean", "per-channel mean subtracted from images scaled to [0,1] "
+                                            "(default 0)", default=None, type=_floats)
+    std: tuple[float, ...] | None = option("--std", "per-channel std dividing images (default 1)", default=None,
+                                           type=_floats)
+    layout: Literal["NCHW", "NHWC"] = option("--layout", "image tensor layout", default="NCHW",
+                                             choices=("NCHW", "NHWC"))
+    strict: bool = option("--strict", "fail on a corrupt data file instead of skipping it", default=False)
+
+
+@dataclass
+class RunOptions(_Group):
+    """Batching and threads: ``batch_size`` samples per inference batch, ``holdout`` fraction of the data
+    kept back for the fidelity check, onnxruntime intra-op ``threads`` (None: its default),
+    ``input_shapes`` (input name -> shape) fixing dynamic non-batch dims for MAC counting."""
+
+    GROUP: ClassVar[str] = "output"
+    batch_size: int = option("--batch-size", "inference batch size", default=64, type=int, group="input data")
+    holdout: float = option("--holdout", "fraction of the calibration data kept back for the fidelity check",
+                            default=0.2, type=float, group="input data")
+    threads: int | None = option("--threads", "onnxruntime intra-op threads (default: all cores)", default=None,
+                                 type=int)
+    progress: bool = option("--quiet", "no progress bars, only the summary", short="-q", default=False,
+                            negate=True, cli_default=True)
+    input_shapes: dict[str, tuple[int, ...]] = option(
+        "--input-shape", "fix an input's dynamic dimensions for MAC counting (repeatable)",
+        default_factory=dict, metavar="NAME:1x3x224x224", append=True, convert=_input_shapes)
+
+
+@dataclass
+class TargetOptions(_Group):
+    """When to stop: ``remove`` blocks, or ``target_flops`` fraction of MACs removed, or (neither) the
+    fidelity budget ``min_agreement``; ``plan`` replays removals (block ids, in order) without scoring."""
+
+    GROUP: ClassVar[str] = "target"
+    remove: int | None = option("--remove", "remove N blocks", default=None, type=int, metavar="N")
+    target_flops: float | None = option("--target-flops", "remove blocks until at least the fraction F of MACs "
+                                        "is gone (e.g. 0.5)", default=None, type=float, metavar="F")
+    min_agreement: float = option("--min-agreement", "with no target: keep removing while hold-out top-1 "
+                                  "agreement stays >= this (relative output error <= 1-this for "
+                                  "non-classifiers)", default=0.99, type=float)
+    keep_per_stage: int = option("--keep-per-stage", "keep at least K blocks in each run of same-shaped blocks",
+                                 default=1, type=int, metavar="K")
+    only: tuple[str, ...] = option("--only", "consider only these blocks", default=(), type=_csv, metavar="ID,...")
+    exclude: tuple[str, ...] = option("--exclude", "never remove these blocks", default=(), type=_csv,
+                                      metavar="ID,...")
+    plan: tuple[str, ...] = option("--plan", "replay the removals of an earlier report, no scoring", default=(),
+                                   metavar="REPORT.json", convert=plan_ids)
+
+
+@dataclass
+class CriterionOptions(_Group):
+    """How blocks are ranked: metric names (the Consensus when several), scope, schedule, feature tensor."""
+
+    GROUP: ClassVar[str] = "criterion"
+    metrics: tuple[str, ...] = option("--metrics", "comma-separated metric names (default: the eight of the "
+                                      "Consensus)", default=DEFAULT_METRICS, type=_csv, show_default=False)
+    scope: str = option("--scope", "global: feature tensor with vs without the block; local: block entry vs "
+                        "exit", default="global", choices=("global", "local"))
+    schedule: str = option("--schedule", "iterative: re-score after each removal; one-shot: score once",
+                           default="iterative", choices=("iterative", "one-shot"))
+    feature: str | None = option("--feature", "feature tensor (default: the final classifier's input)",
+                                 default=None, metavar="TENSOR")
+    pca_dim: int = option("--pca-dim", "principal-component cap for alignment metrics", default=256, type=int)
+    seed: int = option("--seed", "seed for the hold-out split, random metric, k-means, fine-tuning", default=0,
+                       type=int)
+    unit: str = option("--unit", "candidate unit: every residual sub-block, or whole transformer layers "
+                       "(attention + MLP sub-blocks paired)", default="block", choices=("block", "layer"))
+    token_mask: tuple[str, ...] = option("--token-mask", "input NAME masks tokens for feature averaging: keep = "
+                                         "nonzero marks a real token, pad = nonzero marks padding (default: read "
+                                         "from the graph, else guessed from the name)", default=(), type=_csv,
+                                         metavar="NAME:keep|pad,...", show_default=False)
+
+
+@dataclass
+class FinetuneConfig(_Group):
+    """Fine-tuning options; None means "chosen by the recipe" (see ``bridge.finetune``). ``batch_size``
+    is the training batch size: ``recover`` builds the training batches with it."""
+
+    GROUP: ClassVar[str] = FINETUNE_GROUP
+    epochs: int = option("--finetune-epochs", "fine-tune the pruned model for E epochs (0: no fine-tuning)",
+                         default=1, type=int, metavar="E", cli_default=0)
+    lr: float | None = option("--lr", "peak learning rate (default: 0.01 with BN nodes, 0.002 BN-folded)",
+                              default=None, type=float)
+    batch_size: int = option("--ft-batch-size", "training batch size", default=64, type=int)
+    optimizer: Literal["sgd", "adamw"] = option("--optimizer", "sgd (momentum 0.9) or adamw", default="sgd",
+                                                choices=("sgd", "adamw"))
+    weight_decay: float | None = option("--weight-decay", "weight decay (default 0)", default=None, type=float)
+    temperature: float = option("--temperature", "distillation temperature", default=4.0, type=float)
+    feature_mse: float = option("--feature-mse", "weight of the feature-tensor MSE in distillation", default=0.0,
+                                type=float, show_default=False)
+    feature: str | None = option("--feature", "", default=None, same_as="--feature")
+    augment: bool = option("--augment", "random crop and flip for image inputs", default=False)
+    seed: int = option("--seed", "", default=0, same_as="--seed")
+    device: str = option("--device", "cpu or cuda", default="cpu")
+    threads: int | None = option("--threads", "", default=None, same_as="--threads")
+    max_steps: int | None = option("--ft-max-steps", "stop fine-tuning after this many optimiser steps",
+                                   default=None, type=int)
+    clip_grad_norm: float | None = option("--clip-grad-norm", "gradient norm clip (default 1.0; 0: off)",
+                                          default=None, type=float)
+
+
+@dataclass
+class RecoveryOptions(_Group):
+    """Where fine-tuning data comes from, and fine-tuning between removals."""
+
+    GROUP: ClassVar[str] = FINETUNE_GROUP
+    train: str | None = option("--train", "training data (default: the calibration data; with labels.npy: "
+                               "supervised, else distillation from the original model)", default=None,
+                               metavar="DIR")
+    eval: str | None = option("--eval", "evaluation data: accuracy with labels.npy, else agreement; the best "
+                              "epoch on it is the one written", default=None, metavar="DIR")
+    between: int = option("--finetune-between", "fine-tune N steps after each removal, before re-scoring "
+                          "(iterative schedule)", default=0, type=int, metavar="N", show_default=False)
+
+
+@dataclass
+class OutputOptions(_Group):
+    """What is written and measured besides the pruned model."""
+
+    GROUP: ClassVar[str] = "output"
+    report: str | None = option("--report", "write the JSON report here", default=None, metavar="FILE")
+    force_write: bool = option("--force-write", "write the output even when nothing was removed", default=False)
+    keep_partial: bool = option("--keep-partial", "if a run fails midway (onnxruntime error, interrupt), still "
+                                "write the model with the removals done so far and the report with the scores "
+                                "computed so far (exit code stays non-zero)", default=False)
+    latency: bool = option("--no-latency", "skip the before/after latency measurement", default=True, negate=True)
+    latency_runs: int = option("--latency-runs", "timed runs per model for latency", default=20, type=int)
+
+
+GROUPS = (DataOptions, RunOptions, TargetOptions, CriterionOptions, FinetuneConfig, RecoveryOptions, OutputOptions)
+"""Every class whose fields are flags of ``onnx-cprune prune``, in help order."""
+
+
+@dataclass
+class Options:
+    """All options of a prune run. ``finetune``: None, or a config with ``epochs`` 0, means no fine-tuning
+    after pruning (a between-removals fine-tune, ``recovery.between``, still uses its hyper-parameters)."""
+
+    data: DataOptions = field(default_factory=DataOptions)
+    run: RunOptions = field(default_factory=RunOptions)
+    target: TargetOptions = field(default_factory=TargetOptions)
+    criterion: CriterionOptions = field(default_factory=CriterionOptions)
+    finetune: FinetuneConfig | None = None
+    recovery: RecoveryOptions = field(default_factory=RecoveryOptions)
+    output: OutputOptions = field(default_factory=OutputOptions)
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace) -> Options:
+        return cls(data=DataOptions.from_args(ns), run=RunOptions.from_args(ns),
+                   target=TargetOptions.from_args(ns), criterion=CriterionOptions.from_args(ns),
+                   finetune=FinetuneConfig.from_args(ns), recovery=RecoveryOptions.from_args(ns),
+                   output=OutputOptions.from_args(ns))
+
+    def to_flags(self) -> dict:
+        """Every option by its flag's dest name, as the report records them."""
+        out: dict = {}
+        for part in (self.data, self.run, self.target, self.criterion, self.finetune or FinetuneConfig(epochs=0),
+                     self.recovery, self.output):
+            out.update(part.to_flags())
+        out["input_shape"] = [f"{k}:{'x'.join(map(str, v))}" for k, v in out["input_shape"].items()]
+        return out
