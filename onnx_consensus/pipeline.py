@@ -363,4 +363,5 @@ def inspect(path: str | os.PathLike, *, unit: str = CriterionOptions.unit,
         d["macs_share"] = (b.macs / total) if (b.macs is not None and total) else None
         blocks.append(d)
     return {"model": os.fspath(path), "macs": total, "params": cost.params, "unit": unit, "blocks": blocks,
-            "not_removable": [n.to_json() for n in report.not_removable], "notes": list(report.notes)}
+            "not_removable": [n.to_json() for n in report.not_removable],
+            "notes": list(cost.notes) + list(report.notes)}
