@@ -155,9 +155,8 @@ def _ppocr_rec_inputs(model_path, n, seed):
     batch width is 48 * max(320/48, widest w/h); each line resized to height 48 keeping its ratio, x / 255,
     -0.5, /0.5, right-padded with zeros. Lines are kept under ratio 320/48 so every batch is 48x320."""
     rng = np.random.default_rng(seed)
-    lines = ri.text_lines(n * 2, seed, 1, 3)
     xs, texts = [], []
-    for line in lines:
+    for line in (ri.text_lines(1, seed * 7919 + i, 1, 3)[0] for i in range(100 * n)):
         img = ri.render_line(line, int(rng.integers(32, 64)), rng)
         w, h = img.size
         if w / h > 320 / 48:
@@ -455,6 +454,7 @@ def fetch(name: str) -> Path:
 # ------------------------------------------------------------------------------------------------ calib
 
 SEEDS = {"calib": 0, "eval": 1}
+DATA_VERSION = 2  # bump when a maker changes: cached folders of another version are rebuilt
 
 
 def calib(name: str, split: str = "calib", n: int = 64, out: Path | None = None) -> Path:
@@ -463,7 +463,7 @@ def calib(name: str, split: str = "calib", n: int = 64, out: Path | None = None)
     m = REGISTRY[name]
     path = fetch(name)
     out = Path(out) if out else m.folder / split
-    meta = {"name": name, "split": split, "n": n, "seed": SEEDS[split]}
+    meta = {"name": name, "split": split, "n": n, "seed": SEEDS[split], "version": DATA_VERSION}
     if (out / "meta.json").is_file() and json.loads((out / "meta.json").read_text()) == meta:
         return out
     files, labels = m.make_inputs(path, n, SEEDS[split] * 1000 + 7)
@@ -491,7 +491,8 @@ def calib(name: str, split: str = "calib", n: int = 64, out: Path | None = None)
 # ------------------------------------------------------------------------------------------------ independent count
 
 
-WEIGHTED_OPS = {"Conv", "ConvTranspose", "MatMul", "Gemm", "LSTM", "GRU", "RNN", "Einsum"}
+WEIGHTED_OPS = {"Conv", "ConvTranspose", "MatMul", "Gemm", "LSTM", "GRU", "RNN", "Einsum", "ConvInteger",
+                "MatMulInteger", "QLinearConv", "QLinearMatMul"}
 
 
 def count_residual_merges(model_path: str | Path, feeds: dict[str, np.ndarray]) -> list[str]:
