@@ -288,9 +288,13 @@ def _closeness(name: str, original: Path, candidate: Path, eval_dir: Path) -> fl
     return float(np.mean(vals))
 
 
+F9_WORSE = (F9 + ": the fine-tuned model is worse on the eval data than the pruned one and is written anyway "
+            "(BatchNormalization statistics re-estimated on a few dozen images)")
 DISTILL_FAILS = {
     "ddddocr_ocr": F1 + "; then " + F9 + ": no LSTM in the bridge",
     "ddddocr_det": F1, "zoo_resnet50": F1, "ppocr_rec": F3,
+    "ppocr_cls": F9_WORSE + "; measured: eval accuracy 0.8438 -> 0.8125",
+    "ppocr_det": F9_WORSE + "; measured: eval metric 0.8151 -> 0.7746",
 }
 
 
@@ -308,6 +312,24 @@ def test_one_distillation_epoch_never_written_worse(runs, corpus, name):
     _check_output(path, out1)
     before, after = _closeness(name, path, out0, ev), _closeness(name, path, out1, ev)
     assert after >= before - 1e-9, f"fine-tuned {after:.4f} < pruned {before:.4f}\n{_say(p1)}"
+
+
+@pytest.mark.xfail(strict=True, reason=F9 + ": the fidelity printed after --finetune-epochs is the pruned model's")
+def test_fidelity_after_finetune_is_the_written_models(runs, corpus):
+    """The report's hold-out relative error after fine-tuning is that of the model written (recomputed here on the
+    same hold-out: data.split(0.2, seed=0), mean over samples of ||y - y_ref|| / ||y_ref||)."""
+    pytest.importorskip("torch")
+    from onnx_consensus import load_calibration
+
+    path, cal, ev = corpus("ppocr_cls")
+    proc, out, report = runs("ppocr_cls", "distill1", "--remove", "2", "--finetune-epochs", "1", "--eval", ev)
+    assert proc.returncode == 0, _say(proc)
+    data = load_calibration(str(cal), onnx.load(str(path)))
+    _, hold = data.split(0.2, seed=0)
+    y_ref = np.concatenate([_session(path).run(None, b)[0] for b in data.batches(64, hold)])
+    y = np.concatenate([_session(out).run(None, b)[0] for b in data.batches(64, hold)])
+    measured = float(np.mean(np.linalg.norm(y - y_ref, axis=1) / np.linalg.norm(y_ref, axis=1)))
+    assert report["fidelity"]["rel_error"] == pytest.approx(measured, abs=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------ one test per failure
