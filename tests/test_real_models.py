@@ -142,10 +142,11 @@ def test_registry_count_matches_independent_count(corpus, name):
 
 
 @pytest.mark.parametrize("name", params(list(rm.REGISTRY), {"ppocr_rec": F3, "magika": F6}))
-def test_detection_matches_true_count(corpus, name):
+def test_detection_matches_true_count(corpus, name, tmp_path, monkeypatch):
     from onnx_consensus import find_blocks
 
     path, _, _ = corpus(name)
+    monkeypatch.chdir(tmp_path)  # failure 8: symbolic shape inference may write into the working directory
     found = find_blocks(onnx.load(str(path))).blocks
     assert len(found) == rm.REGISTRY[name].true_blocks, [b.id for b in found]
 
