@@ -728,7 +728,7 @@ def _outputs(model_path: Path, data, batch: int) -> list:
 
 
 def bench(name: str, remove: int = 2, n: int = 16, finetune_epochs: int = 0, extra: tuple[str, ...] = (),
-          timeout: int = 3000) -> dict:
+          timeout: int = 1200) -> dict:
     """Prune NAME with ``onnx-cprune prune --remove REMOVE`` on an n-sample calibration folder (and, with
     finetune_epochs, one more run with ``--finetune-epochs --eval``), then measure the written model against the
     original on an n-sample eval folder. Returns a dict (the row); files under .cache/real-models/NAME/bench/."""
@@ -765,7 +765,8 @@ def bench(name: str, remove: int = 2, n: int = 16, finetune_epochs: int = 0, ext
                 p.unlink()
         cmd = [sys.executable, "-m", "onnx_consensus.cli", "prune", str(path), str(out), "--calib", str(cal),
                "--remove", str(remove), "--threads", "1", "--no-latency", "--report", str(rep), *extra, *more]
-        row[f"{tag}_command"] = " ".join(["onnx-cprune"] + cmd[3:])
+        row[f"{tag}_command"] = " ".join(["onnx-cprune"] + [os.path.relpath(c, REPO) if c.startswith(str(REPO))
+                                                             else c for c in cmd[3:]])
         import time
 
         t0 = time.time()
@@ -782,7 +783,12 @@ def bench(name: str, remove: int = 2, n: int = 16, finetune_epochs: int = 0, ext
         pm = onnx.load(str(out))
         cost = count_cost(pm, shapes)
         row[f"{tag}_macs"], row[f"{tag}_params"] = cost.total_macs, cost.params
-        row[f"{tag}_terms"] = TASK_TERMS[name](ref, _outputs(out, data, batch))
+        outs = _outputs(out, data, batch)
+        row[f"{tag}_terms"] = TASK_TERMS[name](ref, outs)
+        if data.labels is not None and TASK_TERMS[name] is _classifier_terms:
+            def acc(ys):
+                return float((np.concatenate([y[0] for y in ys]).argmax(1) == data.labels).mean())
+            row["accuracy_before"], row[f"{tag}_accuracy"] = acc(ref), acc(outs)
         if tag == "pruned":
             lat = measure_latency([model, pm], first, runs=20, warmup=3, threads=1)
             row["latency_ms_before"], row["latency_ms_after"] = lat[0].median_ms, lat[1].median_ms
@@ -811,10 +817,11 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--remove", type=int, default=2)
     b.add_argument("--n", type=int, default=16, help="calibration and eval samples")
     b.add_argument("--finetune-epochs", type=int, default=0)
-    b.add_argument("extra", nargs=argparse.REMAINDER, help="more onnx-cprune options, after --")
-    args = ap.parse_args(argv)
+    args, extra = ap.parse_known_args(argv)  # bench: unknown options go to onnx-cprune prune
+    if extra and args.cmd != "bench":
+        ap.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.cmd == "bench":
-        extra = tuple(a for a in args.extra if a != "--")
+        extra = tuple(a for a in extra if a != "--")
         row = bench(args.name, args.remove, args.n, args.finetune_epochs, extra)
         print(json.dumps({k: v for k, v in row.items() if not k.endswith("_stdout")}, indent=1, default=str))
         return 0
