@@ -30,8 +30,7 @@ def check_config(config, *, world_size: int = 1) -> None:
     if config.batch_size % world_size:
         raise InputError(f"--ft-batch-size {config.batch_size} is the global batch and must split evenly over "
                          f"{world_size} processes")
-    if world_size == 1:
-        training_device(config)
+    training_device(config)
 
 
 def finetune_model(student: onnx.ModelProto, train, *, config, teacher: onnx.ModelProto | None = None,
