@@ -114,8 +114,9 @@ def finetune_pruned(original: onnx.ModelProto, pruned: onnx.ModelProto, train_da
         from .bridge.distributed import sharded_batches
 
         batches = sharded_batches(train_data, config.batch_size // dist.world_size, dist, config.seed)
+    extra = {} if dist is None else {"dist": dist}
     model, result = finetune(pruned, batches, teacher=teacher, config=config, eval_fn=eval_fn, progress=progress,
-                             dist=dist)
+                             **extra)
     # the bridge already evaluated the epoch it returns
     return Recovery(model, result, before, result.best_metric, eval_fn.original_metric if eval_fn else None)
 
