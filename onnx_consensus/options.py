@@ -274,7 +274,8 @@ class FinetuneConfig(_Group):
                          default=1, type=int, metavar="E", cli_default=0)
     lr: float | None = option("--lr", "peak learning rate (default: 0.01 with BN nodes, 0.002 BN-folded)",
                               default=None, type=float)
-    batch_size: int = option("--ft-batch-size", "training batch size", default=64, type=int)
+    batch_size: int = option("--ft-batch-size", "training batch size (under torchrun the global batch, split "
+                                               "evenly over the processes)", default=64, type=int)
     optimizer: Literal["sgd", "adamw"] = option("--optimizer", "sgd (momentum 0.9) or adamw", default="sgd",
                                                 choices=("sgd", "adamw"))
     weight_decay: float | None = option("--weight-decay", "weight decay (default 0)", default=None, type=float)

@@ -268,3 +268,19 @@ def test_two_gloo_processes_through_the_cli_match_one(tmp_path, files):
     for k in w1:
         np.testing.assert_allclose(w2[k], w1[k], rtol=1e-5, atol=1e-6)
     assert temporaries(tmp_path) == []
+
+
+def test_finetune_defaults_to_one_epoch_and_a_global_batch_that_splits():
+    from onnx_consensus.cli.finetune import _config
+    from onnx_consensus.cli.parser import build_parser
+    from onnx_consensus.options import FinetuneConfig
+    from onnx_consensus.tuning import check_config
+
+    ns = build_parser().parse_args(["finetune", "s.onnx", "o.onnx", "--train", "d"])
+    assert _config(ns).epochs == 1 and _config(ns) == FinetuneConfig()
+    ns = build_parser().parse_args(["finetune", "s.onnx", "o.onnx", "--train", "d", "--finetune-epochs", "0"])
+    with pytest.raises(InputError, match="must be >= 1"):
+        check_config(_config(ns))
+    with pytest.raises(InputError, match="global batch and must split evenly over 2 processes"):
+        check_config(FinetuneConfig(batch_size=7), world_size=2)
+    check_config(FinetuneConfig(batch_size=8), world_size=2)

@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p, [CriterionOptions], groups, only=("feature", "seed"))
     add_arguments(p, [RunOptions], groups, only=("threads", "providers", "progress"))
     add_arguments(p, [OutputOptions], groups, only=("report",))
+    for action in p._actions:  # this command always fine-tunes: the dataclass's default, not prune's 0
+        if action.dest == "finetune_epochs":
+            action.help = f"fine-tune for E epochs (default {FinetuneConfig.epochs})"
     _add_debug(p)
 
     p = sub.add_parser("inspect", help="list the removable blocks without running the model")
