@@ -19,7 +19,12 @@ Recipe (defaults when a FinetuneConfig field is None):
 
 Supervised cross-entropy when the batches carry labels; otherwise label-free distillation from the
 teacher: T^2 * KL(softmax(teacher/T) || softmax(student/T)) plus ``feature_mse`` times the MSE between
-student and teacher values of the ``feature`` tensor. The teacher runs in onnxruntime (one session).
+student and teacher values of the ``feature`` tensor. The teacher runs in onnxruntime (one session, on the
+providers of ``runtime.using_providers``).
+
+Devices: ``config.device`` (cpu, cuda, cuda:K; under torchrun the rank's device) and mixed precision
+``config.amp``: bf16 or fp16 autocast of the forward pass (weights, optimiser state and loss stay float32;
+fp16 with dynamic loss scaling), so the written-back weights are float32 as the graph's.
 """
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ import onnx
 import torch
 import torch.nn.functional as F
 
-from ..errors import FinetuneError
+from ..errors import FinetuneError, InputError
 from ..options import FinetuneConfig  # noqa: F401  (defined with its command-line flags; re-exported)
 from .torch_graph import OnnxModule, to_torch, write_back
 
@@ -95,6 +100,35 @@ class _Teacher:
         return self.session.run(self.outputs, {k: feeds[k] for k in self.inputs})
 
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def training_device(config: FinetuneConfig) -> torch.device:
+    """The torch device ``config.device`` names, checked with ``config.amp`` against this machine:
+    InputError (one line) for an unknown device, CUDA missing or out of range, or a precision the device
+    cannot train in (fp16 needs CUDA; bf16 needs CPU or a CUDA device with bf16 support)."""
+    try:
+        dev = torch.device(config.device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"unknown --device {config.device!r}: use cpu, cuda or cuda:K") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {config.device!r}: the bridge trains on cpu or cuda")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {config.device}: CUDA is not available to this torch build "
+                             f"(torch {torch.__version__}); install a CUDA build of torch or use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"--device {config.device}: this machine has {torch.cuda.device_count()} GPU(s)")
+    if config.amp is not None:
+        if config.amp not in AMP_DTYPES:
+            raise InputError(f"--amp {config.amp!r}: use bf16 or fp16")
+        if config.amp == "fp16" and dev.type != "cuda":
+            raise InputError("--amp fp16 needs a CUDA device (--device cuda); on the CPU use --amp bf16")
+        if config.amp == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise InputError(f"--amp bf16: {torch.cuda.get_device_name(dev)} has no bfloat16 support; use --amp fp16")
+    return dev
+
+
 def finetune(
     student: onnx.ModelProto,
     train_batches: Callable[[], Iterable[Batch]],
@@ -119,6 +153,8 @@ def finetune(
     meaningful. A failure or interruption on any rank stops every rank at the same step (see
     ``distributed``).
     """
+    if dist is None:
+        training_device(config)  # InputError before any work
     module = to_torch(student)  # UnsupportedOperatorError passes through unchanged
     old_threads = torch.get_num_threads()
     finished = False
@@ -163,6 +199,10 @@ def _finetune(module: OnnxModule, student, train_batches, teacher, config, eval_
     feature = config.feature if config.feature_mse > 0 else None
     want = [logits_name] + ([feature] if feature else [])
     forward = module.forward_named if dist is None else dist.wrap(module, want)
+    amp = AMP_DTYPES.get(config.amp) if config.amp else None
+    if amp is torch.float16 and device.type != "cuda":
+        raise InputError("--amp fp16 needs a CUDA device (--device cuda); on the CPU use --amp bf16")
+    scaler = torch.amp.GradScaler(device.type) if amp is torch.float16 else None
     t_session: _Teacher | None = None
 
     result = FinetuneResult()
@@ -209,8 +249,9 @@ def _finetune(module: OnnxModule, student, train_batches, teacher, config, eval_
             # all-reduce: each vote raises on every rank if one failed or was interrupted since the last
             if dist is not None and dist.vote():
                 break  # a rank ran out of batches: all end the epoch here
-            out = forward(inputs, want)
-            logits = out[logits_name]
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                out = forward(inputs, want)
+            logits = out[logits_name].float()  # the loss in float32 whatever the forward's precision
             if mode == "supervised":
                 y = torch.as_tensor(labels).to(device).long()
                 loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
@@ -221,18 +262,24 @@ def _finetune(module: OnnxModule, student, train_batches, teacher, config, eval_
                                 F.log_softmax(t_logits.reshape(-1, c) / T, -1),
                                 reduction="batchmean", log_target=True) * (T * T)
                 if feature:
-                    loss = loss + config.feature_mse * F.mse_loss(out[feature],
+                    loss = loss + config.feature_mse * F.mse_loss(out[feature].float(),
                                                                   torch.as_tensor(t_out[1]).to(device))
             if not torch.isfinite(loss):
                 raise FinetuneError(f"non-finite loss at epoch {epoch}, step {step + 1}")
             if dist is not None:
                 dist.vote()
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            if scaler is not None:
+                scaler.unscale_(opt)  # clip the true gradients
             clip = config.clip_grad_norm if config.clip_grad_norm is not None else 1.0
             if clip:
                 torch.nn.utils.clip_grad_norm_(params, clip)
-            opt.step()
+            if scaler is not None:
+                scaler.step(opt)  # skipped when the scaled gradients overflowed
+                scaler.update()
+            else:
+                opt.step()
             step += 1
             n = next(iter(feeds.values())).shape[0]
             images += n
