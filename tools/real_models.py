@@ -796,6 +796,53 @@ def bench(name: str, remove: int = 2, n: int = 16, finetune_epochs: int = 0, ext
     return row
 
 
+def _terms_text(t: dict | None, acc: tuple | None = None) -> str:
+    if not t:
+        return "not measured"
+    parts = []
+    for k, v in t.items():
+        if k in ("n", "regions", "detections"):
+            continue
+        parts.append(f"{k.replace('_', ' ')} {v:.3f}" if isinstance(v, float) else f"{k.replace('_', ' ')} {v}")
+    if "detections" in t:
+        parts.append(f"of {t['detections']} detections")
+    if "regions" in t:
+        parts.append(f"of {t['regions']} regions")
+    if acc is not None:
+        parts.append(f"accuracy {acc[0]:.3f} -> {acc[1]:.3f}")
+    return ", ".join(parts) + f" (n={t.get('n', '?')})" if "n" in t else ", ".join(parts)
+
+
+def table() -> str:
+    """The markdown rows of docs/BENCHMARKS.md "Third-party models" from the bench/row.json files."""
+    lines = ["| model | blocks found / independent count | removed | MACs per sample (at) | latency b1, ms "
+             "(loaded) | fidelity, pruned | after 1 distillation epoch |",
+             "|---|---|---|---|---|---|---|"]
+    for name in REGISTRY:
+        f = REGISTRY[name].folder / "bench" / "row.json"
+        if not f.is_file():
+            lines.append(f"| `{name}` | not measured | | | | | |")
+            continue
+        r = json.loads(f.read_text())
+        found = r.get("blocks_found", "?")
+        removed = ", ".join(f"`{x}`" for x in r.get("pruned_removed", [])) or f"none (exit {r.get('pruned_exit')})"
+        mb, ma = r.get("macs_before"), r.get("pruned_macs")
+        shape = "; ".join(f"{k} {'x'.join(map(str, v))}" for k, v in r["input_shapes"].items())
+        macs = (f"{mb:,} -> {ma:,} ({100 * (ma - mb) / mb:+.2f}%)" if mb and ma else f"{mb:,}" if mb else "unknown")
+        lb, la = r.get("latency_ms_before"), r.get("latency_ms_after")
+        lat = f"{lb:.1f} -> {la:.1f}" if lb and la else "not measured"
+        a0 = r.get("accuracy_before")
+        pr = _terms_text(r.get("pruned_terms"), (a0, r["pruned_accuracy"]) if a0 is not None else None)
+        di = (_terms_text(r.get("distilled_terms"), (a0, r["distilled_accuracy"]) if a0 is not None else None)
+              if "distilled_exit" in r
+              else "not run")
+        if "distilled_exit" in r and r["distilled_exit"] != 0:
+            di = f"exit {r['distilled_exit']}"
+        lines.append(f"| `{name}` | {found} / {r['true_blocks']} | {removed} | {macs} ({shape}) | {lat} | {pr} | "
+                     f"{di} |")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 
 
@@ -817,6 +864,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--remove", type=int, default=2)
     b.add_argument("--n", type=int, default=16, help="calibration and eval samples")
     b.add_argument("--finetune-epochs", type=int, default=0)
+    sub.add_parser("table", help="markdown rows from the bench results (.cache/real-models/*/bench/row.json)")
     args, extra = ap.parse_known_args(argv)  # bench: unknown options go to onnx-cprune prune
     if extra and args.cmd != "bench":
         ap.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -824,6 +872,9 @@ def main(argv: list[str] | None = None) -> int:
         extra = tuple(a for a in extra if a != "--")
         row = bench(args.name, args.remove, args.n, args.finetune_epochs, extra)
         print(json.dumps({k: v for k, v in row.items() if not k.endswith("_stdout")}, indent=1, default=str))
+        return 0
+    if args.cmd == "table":
+        print(table())
         return 0
     if args.cmd == "list":
         for m in REGISTRY.values():
