@@ -157,7 +157,8 @@ DEFAULT_FAILS = {
     "ddddocr_ocr": F1, "ddddocr_det": F1, "zoo_resnet50": F1,
     "zoo_inception_v2": F2,
     "silero_vad": F10 + " ('sr' is a scalar: exit 2)",
-    "magika": F6 + " (2 false blocks: 'Removed 0 of 2 removable blocks' instead of 'no removable block')",
+    "magika": F2 + " (0 blocks since failure 6's fix, but it runs inference first and says 'Removed 0 of 0 "
+              "removable blocks (no eligible block left)' instead of 'no removable block')",
 }
 
 
@@ -177,7 +178,6 @@ def test_default_run(runs, corpus, name):
 
 REMOVE2_FAILS = {
     "ddddocr_ocr": F1, "ddddocr_det": F1, "zoo_resnet50": F1,
-    "ppocr_rec": F3 + " (0 blocks found: --remove 2 cannot be met)",
 }
 
 
@@ -196,7 +196,8 @@ NO_BLOCK = [n for n in PRUNABLE if rm.REGISTRY[n].true_blocks == 0]
 
 
 @pytest.mark.parametrize("name", params(NO_BLOCK, {
-    "zoo_inception_v2": F2, "silero_vad": F10 + " ('sr' is a scalar: exit 2)", "magika": F6}))
+    "zoo_inception_v2": F2, "silero_vad": F10 + " ('sr' is a scalar: exit 2)",
+    "magika": F2 + " (--remove 2 on a model with 0 blocks: exit 3 'target 2 blocks cannot be met')"}))
 def test_no_block_said_before_inference(corpus, name):
     """A model with no removable block: `--remove 2` says so plainly and exits 0 (README's exit codes), before
     any inference (so a fixed batch or an odd input cannot get in the way)."""
@@ -212,7 +213,7 @@ def test_no_block_said_before_inference(corpus, name):
 FIDELITY_FAILS = {
     **{n: F5 for n in PRUNABLE if n not in CLASSIFIERS},
     "ddddocr_ocr": F1, "ddddocr_det": F1, "zoo_resnet50": F1, "zoo_inception_v2": F2,
-    "silero_vad": F10, "ppocr_rec": F3,
+    "silero_vad": F10,
 }
 
 
@@ -243,7 +244,7 @@ def test_headless_feature_downstream_of_every_block(runs, name):
 
 
 @pytest.mark.parametrize("name", params(["ppocr_rec", "ddddocr_ocr", "ppocr_det", "minilm"], {
-    "ppocr_rec": F3, "ddddocr_ocr": F1, "ddddocr_det": F1}))
+    "ddddocr_ocr": F1, "ddddocr_det": F1}))
 def test_holdout_count_is_samples(runs, name):
     """'Fidelity on N hold-out samples' counts samples, not samples x time steps (a fifth of the samples)."""
     proc, out, report = runs(name, "remove2", "--remove", "2")
@@ -293,7 +294,9 @@ F9_WORSE = (F9 + ": the fine-tuned model is worse on the eval data than the prun
             "(BatchNormalization statistics re-estimated on a few dozen images)")
 DISTILL_FAILS = {
     "ddddocr_ocr": F1 + "; then " + F9 + ": no LSTM in the bridge",
-    "ddddocr_det": F1, "zoo_resnet50": F1, "ppocr_rec": F3,
+    "ddddocr_det": F1, "zoo_resnet50": F1,
+    "ppocr_rec": F9_WORSE.replace("BatchNormalization statistics re-estimated on a few dozen images",
+                                  "BN backbone; measured with the 64-sample folders, 20:20 UTC"),
     "ppocr_cls": F9_WORSE + "; measured: eval accuracy 0.8438 -> 0.8125",
     "ppocr_det": F9_WORSE + "; measured: eval metric 0.8151 -> 0.7746",
 }
