@@ -57,19 +57,19 @@ def perplexity(model: onnx.ModelProto, windows: np.ndarray, *, batch_size: int =
     return math.exp(-total / count)
 
 
-def throughput(model: onnx.ModelProto, *, prompt_len: int = 128, steps: int = 32, repeats: int = 3,
-               vocab: int = 256, threads: int | None = 1, seed: int = 0) -> dict:
-    """{"prefill_tok_s", "decode_tok_s"}: batch 1, a random prompt of ``prompt_len`` ids below ``vocab``,
-    then ``steps`` greedy steps with the cache (best of ``repeats``)."""
+def throughput(model: onnx.ModelProto, prompt: np.ndarray, *, steps: int = 32, repeats: int = 3,
+               threads: int | None = 1) -> dict:
+    """{"prefill_tok_s", "decode_tok_s", ...}: batch 1, a prefill of the token ids ``prompt`` (seq,), then
+    ``steps`` greedy steps with the cache (best of ``repeats``)."""
     sess = make_session(model, level="all", threads=threads)
     cache = cache_names(model)
     names = [o.name for o in sess.get_outputs()]
     back = {q: p for i in range(cache.n_layers) for p, q in zip(cache.past(i), cache.present(i))}
     lg = logits_name(model)
-    rng = np.random.default_rng(seed)
+    x = np.asarray(prompt, np.int64).reshape(1, -1)
+    prompt_len = x.shape[1]
     best_p = best_d = math.inf
     for _ in range(repeats):
-        x = rng.integers(0, vocab, (1, prompt_len))
         t = time.perf_counter()
         out = dict(zip(names, sess.run(None, prefill_feed(model, x))))
         best_p = min(best_p, time.perf_counter() - t)

@@ -212,8 +212,8 @@ def prune_decoder(model_path: str | os.PathLike, text, options: Options | None =
     speed = None
     if removed and options.output.latency:
         steps = max(4, options.output.latency_runs)
-        speed = {"before": throughput(model, prompt_len=data.seq_len, steps=steps, threads=run.threads or 1),
-                 "after": throughput(pruned, prompt_len=data.seq_len, steps=steps, threads=run.threads or 1)}
+        speed = {"before": throughput(model, data.windows[0], steps=steps, threads=run.threads or 1),
+                 "after": throughput(pruned, data.windows[0], steps=steps, threads=run.threads or 1)}
     outcome = DecoderOutcome(pruned, removed, {}, options, source, folder, external, original_report,
                              warnings=warnings)
     ft_info = None

@@ -121,33 +121,34 @@ def score_layers(model: onnx.ModelProto, report: DecoderReport, windows: np.ndar
     candidates = [i for i in (by_index if candidates is None else candidates) if i not in removed]
     if not candidates:
         return LayerRound(scope, feature, metrics, 0)
-    current = remove_layers(model, removed, report=report) if removed else model
     lg = logits_name(model)
+    if scope == "global":  # exposed before any removal: a removed last layer's norm output is handed on by name
+        feature = feature or final_hidden(model)
+        model = with_outputs(model, [feature])
+    current = remove_layers(model, removed, report=report) if removed else model
     t0 = time.perf_counter()
     pairs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     rng = np.random.default_rng(seed)
     n_tok = windows.size
     rows = np.sort(rng.choice(n_tok, max_tokens, replace=False)) if n_tok > max_tokens else np.arange(n_tok)
     if scope == "global":
-        feature = feature or final_hidden(model)
-        ref = _run(with_outputs(current, [feature]), windows, [feature, lg], batch_size, threads)
+        ref = _run(current, windows, [feature, lg], batch_size, threads)
         x = ref[feature][rows]
         predicted = ref[lg][rows].argmax(-1)
         for i in candidates:
             pruned = remove_layers(model, [*removed, i], report=report)
-            y = _run(with_outputs(pruned, [feature]), windows, [feature], batch_size, threads)[feature][rows]
+            y = _run(pruned, windows, [feature], batch_size, threads)[feature][rows]
             pairs[by_index[i].block.id] = (x, y)
     else:
         kept = [i for i in sorted(by_index) if i not in removed]
         entry = {}
-        prev = by_index[kept[0]].block.entry if kept[0] == min(by_index) else by_index[min(by_index)].block.entry
+        prev = by_index[min(by_index)].block.entry  # the embeddings: the first kept layer's entry
         for i in kept:
             entry[i] = prev
             prev = by_index[i].block.exit
         names = sorted({entry[i] for i in candidates} | {by_index[i].block.exit for i in candidates})
         act = _run(with_outputs(current, [*names, lg]), windows, [*names, lg], batch_size, threads)
         predicted = act[lg][rows].argmax(-1)
-        x = None
         for i in candidates:
             b = by_index[i].block
             pairs[b.id] = (act[entry[i]][rows], act[b.exit][rows])
