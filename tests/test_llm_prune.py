@@ -211,3 +211,26 @@ def test_cli_prunes_the_genai_export_and_it_generates_in_onnxruntime_genai(tmp_p
                  "--no-latency", "-q", "--finetune-epochs", "1", "--threads", "1"])
     err = capsys.readouterr().err
     assert code == 4 and "GroupQueryAttention" in err and (tmp_path / "gen2" / "model.onnx").exists()
+
+
+@pytest.mark.parametrize("folder", FORMS, indirect=True)
+def test_finetune_by_distillation(folder, tmp_path):
+    """Both synthetic forms train through the bridge (it has SkipSimplifiedLayerNormalization; the real
+    genai export's GroupQueryAttention it has not: see the slow genai test)."""
+    pytest.importorskip("torch")
+    out = tmp_path / "out"
+    rep = tmp_path / "r.json"
+    code = main([str(folder), str(out), "--calib", str(tmp_path / "calib.txt"), "--seq-len", "8", "--remove", "1",
+                 "--metrics", "cosine", "--scope", "local", "--no-latency", "-q", "--report", str(rep),
+                 "--finetune-epochs", "2", "--ft-batch-size", "8", "--lr", "0.003"])
+    r = json.loads(rep.read_text())
+    ft = r["finetune"]
+    assert code == 0 and "error" not in ft and len(ft["history"]) == 2
+    # the best of (not fine-tuned, each epoch) by held-out perplexity is kept: never worse
+    assert ft["perplexity_after"] <= ft["perplexity_before"] + 1e-9
+    assert math.isclose(r["perplexity"]["finetuned"]["after"], ft["perplexity_after"], rel_tol=1e-9)
+    pruned = onnx.load(str(out / "model.onnx"))
+    # the written model is the one kept: its perplexity on the held-back windows is the reported one
+    _, hold = load_text(tmp_path / "calib.txt", folder / "tokenizer.json", seq_len=8).split(0.2, 0)
+    assert math.isclose(perplexity(pruned, hold), r["perplexity"]["finetuned"]["after"], rel_tol=1e-5)
+    assert len(pruned.graph.input) == 2 + 2 * 3

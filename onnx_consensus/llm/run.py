@@ -28,7 +28,8 @@ import numpy as np
 import onnx
 
 from ..errors import FinetuneError, InputError, TargetError
-from ..graph.decoder import FUSED, DecoderReport, cache_names, dummy_feed, expose_residual_sums, find_decoder_layers
+from ..graph.decoder import (FUSED, DecoderReport, cache_names, dummy_feed, expose_residual_sums,
+                             find_decoder_layers, prefill_feed)
 from ..graph.ir import load_model_and_layout
 from ..graph.kv_surgery import prune_folder, remove_layers
 from ..options import Options
@@ -38,7 +39,7 @@ from .scoring import score_layers
 from .text import TextData, find_tokenizer, load_text
 
 log = logging.getLogger("onnx_consensus")
-__all__ = ["DecoderOutcome", "is_decoder", "prune_decoder", "write_decoder", "summary"]
+__all__ = ["DecoderOutcome", "is_decoder", "prune_decoder", "write_decoder", "summary", "distill"]
 
 
 def is_decoder(model: onnx.ModelProto) -> bool:
@@ -252,73 +253,76 @@ def _single(v, report: DecoderReport) -> int:
 
 def _finetune(outcome: DecoderOutcome, original: onnx.ModelProto, train_windows: np.ndarray,
               eval_windows: np.ndarray, options: Options, quality: dict) -> dict:
-    """Distil the pruned model from the original on the calibration windows through the PyTorch bridge;
-    the best epoch by held-out perplexity is kept. On failure the pruned model stays (exit 4)."""
+    """``distill`` the outcome's model in place; on failure the pruned model stays (exit 4)."""
+    try:
+        tuned, info = distill(original, outcome.model, train_windows, eval_windows, options.finetune,
+                              threads=options.run.threads, progress=options.run.progress)
+    except FinetuneError as exc:
+        outcome.exit_code, outcome.status = exc.exit_code, "finetune failed"
+        outcome.warnings.append(str(exc))
+        return {"mode": "distillation", "epochs": options.finetune.epochs, "error": str(exc)}
+    outcome.model, outcome.finetuned = tuned, True
+    quality["finetuned"] = {"windows": int(len(eval_windows)), "after": info["perplexity_after"]}
+    return info
+
+
+def distill(original: onnx.ModelProto, pruned: onnx.ModelProto, train_windows: np.ndarray,
+            eval_windows: np.ndarray, config, *, threads: int | None = None,
+            progress: bool = False) -> tuple[onnx.ModelProto, dict]:
+    """Distil ``pruned`` from ``original`` (KL divergence of the softened next-token distributions, every
+    position of every window, ``bridge.finetune``) on ``train_windows`` (n, seq) int64 through the PyTorch
+    bridge; the epoch with the lowest perplexity on ``eval_windows`` is kept (the model as given when no epoch
+    lowers it). Default optimiser for LLMs:
+    AdamW, lr 1e-4 (``--optimizer``/``--lr`` override). Returns (model, info). Raises FinetuneError (one
+    line), naming the fused onnxruntime operators the bridge cannot train (genai exports)."""
+    from dataclasses import replace
+
     from ..bridge import check_supported
     from ..errors import UnsupportedOperatorError
     from ..recover import require_torch
 
-    config = options.finetune
-    info: dict = {"mode": "distillation", "epochs": config.epochs, "train_windows": int(len(train_windows))}
+    require_torch()
     try:
-        require_torch()
-        check_supported(outcome.model)
+        check_supported(pruned)
     except UnsupportedOperatorError as exc:
-        fused = sorted({n.op_type for n in outcome.model.graph.node if n.domain == "com.microsoft"})
-        info["error"] = (f"cannot fine-tune this export: {exc}" + (
-            f"; its fused onnxruntime operators ({', '.join(fused)}) are not trainable in the bridge: fine-tune "
-            "the optimum export instead" if fused else ""))
-        outcome.exit_code, outcome.status = FinetuneError.exit_code, "finetune failed"
-        outcome.warnings.append(info["error"])
-        return info
+        fused = sorted({n.op_type for n in pruned.graph.node if n.domain == "com.microsoft"})
+        raise UnsupportedOperatorError(
+            f"cannot fine-tune this export: {exc}" + (
+                f"; its fused onnxruntime operators ({', '.join(fused)}) are not trainable through the bridge: "
+                "fine-tune the optimum export of the model instead" if fused else "")) from None
     from ..bridge.finetune import finetune
 
-    bs = options.finetune.batch_size
+    bs = config.batch_size
     rng = np.random.default_rng(config.seed)
-
-    def batches():
-        order = rng.permutation(len(train_windows))
-        for s in range(0, len(order), bs):
-            x = train_windows[np.sort(order[s:s + bs])]
-            yield prefill_all(original, x), None
 
     class _Epoch:
         def __len__(self):
             return (len(train_windows) + bs - 1) // bs
 
         def __iter__(self):
-            return batches()
+            order = rng.permutation(len(train_windows))
+            for s in range(0, len(order), bs):
+                yield prefill_feed(original, train_windows[np.sort(order[s:s + bs])]), None
 
     def eval_fn(m):
-        return -perplexity(m, eval_windows, threads=options.run.threads)
+        return -perplexity(m, eval_windows, threads=threads)
 
-    from dataclasses import replace
-
-    cfg = replace(config, optimizer=config.optimizer, lr=config.lr if config.lr is not None else 1e-4)
-    if config.optimizer == "sgd" and config.lr is None:
-        cfg = replace(cfg, optimizer="adamw")
-    before = -eval_fn(outcome.model)
-    try:
-        tuned, res = finetune(outcome.model, lambda: _Epoch(), teacher=original, config=cfg, eval_fn=eval_fn,
-                              progress=options.run.progress)
-    except FinetuneError as exc:
-        info["error"] = str(exc)
-        outcome.exit_code, outcome.status = exc.exit_code, "finetune failed"
-        return info
+    cfg = config
+    if config.lr is None and config.optimizer == "sgd":  # the image recipe's SGD default does not suit LLMs
+        cfg = replace(config, optimizer="adamw", lr=1e-4)
+    elif config.lr is None:
+        cfg = replace(config, lr=1e-4)
+    before = -eval_fn(pruned)
+    tuned, res = finetune(pruned, lambda: _Epoch(), teacher=original, config=cfg, eval_fn=eval_fn,
+                          progress=progress)
     after = -eval_fn(tuned)
-    outcome.model, outcome.finetuned = tuned, True
-    info.update(optimizer=cfg.optimizer, lr=cfg.lr, perplexity_before=before, perplexity_after=after,
-                best_epoch=res.best_epoch, seconds=round(res.seconds, 2), history=res.history)
-    quality["finetuned"] = {"windows": int(len(eval_windows)), "after": after}
-    return info
-
-
-def prefill_all(model: onnx.ModelProto, ids: np.ndarray) -> dict[str, np.ndarray]:
-    """``decoder.prefill_feed`` of ``model``: the original's inputs (the teacher's), a superset of the
-    pruned model's (whose kept caches are named like the original's first ones, all zero-length)."""
-    from ..graph.decoder import prefill_feed
-
-    return prefill_feed(model, ids)
+    kept = "fine-tuned"
+    if after > before:  # no epoch helped: the pruned model as it was
+        tuned, after, kept = pruned, before, "not fine-tuned: no epoch lowered the held-out perplexity"
+    return tuned, {"kept": kept, "mode": "distillation", "epochs": cfg.epochs, "train_windows": int(len(train_windows)),
+                   "optimizer": cfg.optimizer, "lr": cfg.lr, "max_steps": cfg.max_steps,
+                   "perplexity_before": before, "perplexity_after": after, "best_epoch": res.best_epoch,
+                   "seconds": round(res.seconds, 2), "history": res.history}
 
 
 def _stamp(model: onnx.ModelProto, report: dict) -> None:
