@@ -299,7 +299,8 @@ class RecoveryOptions(_Group):
                                "supervised, else distillation from the original model)", default=None,
                                metavar="DIR")
     eval: str | None = option("--eval", "evaluation data: accuracy with labels.npy, else agreement; the best "
-                              "epoch on it is the one written", default=None, metavar="DIR")
+                              "epoch on it is the one written; decoder LLMs: held-out text for perplexity",
+                              default=None, metavar="DIR")
     between: int = option("--finetune-between", "fine-tune N steps after each removal, before re-scoring "
                           "(iterative schedule)", default=0, type=int, metavar="N", show_default=False)
 

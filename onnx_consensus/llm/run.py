@@ -285,11 +285,11 @@ def distill(original: onnx.ModelProto, pruned: onnx.ModelProto, train_windows: n
     try:
         check_supported(pruned)
     except UnsupportedOperatorError as exc:
-        fused = sorted({n.op_type for n in pruned.graph.node if n.domain == "com.microsoft"})
+        fused = any(n.domain == "com.microsoft" for n in pruned.graph.node)
         raise UnsupportedOperatorError(
             f"cannot fine-tune this export: {exc}" + (
-                f"; its fused onnxruntime operators ({', '.join(fused)}) are not trainable through the bridge: "
-                "fine-tune the optimum export of the model instead" if fused else "")) from None
+                "; these fused onnxruntime operators are not trainable through the bridge: fine-tune the "
+                "optimum export of the model (decomposed attention) instead" if fused else "")) from None
     from ..bridge.finetune import finetune
 
     bs = config.batch_size
