@@ -63,7 +63,10 @@ def main(argv=None) -> None:
     orders = {}
     if "quality" not in a.skip:
         rows = []
-        for name, kw in criteria.items():
+        # the cheap criteria first, the Consensus (one pass per remaining layer per round) last; distillation
+        # after all of them; results saved after every row
+        for name in [*[c for c in criteria if c != "consensus"], "consensus"]:
+            kw = criteria[name]
             t = time.perf_counter()
             o = Options(target=TargetOptions(remove=4), criterion=CriterionOptions(**kw),
                         run=RunOptions(holdout=0.0, threads=1, progress=False), output=OutputOptions(latency=False))
@@ -74,16 +77,21 @@ def main(argv=None) -> None:
                 pruned = remove_layers(model, out.removed[:k], report=report)
                 row = {"criterion": name, "k": k, "removed": out.removed[:k],
                        "ppl": perplexity(pruned, held.windows, threads=1), "scoring_seconds_for_4": round(secs, 1)}
-                if "distill" not in a.skip:
-                    train, ev = calib.split(0.2, 0)
-                    cfg = FinetuneConfig(epochs=1, batch_size=8, optimizer="adamw", lr=3e-4, threads=1)
-                    tuned, info = distill(model, pruned, train, ev, cfg)
-                    row["ppl_distilled"] = perplexity(tuned, held.windows, threads=1)
-                    row["distill_seconds"] = info["seconds"]
-                    row["distill_kept"] = info["kept"]
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-        res["quality"] = rows
+            res["quality"] = rows
+            _save(a.out, res)
+        if "distill" not in a.skip:
+            train, ev = calib.split(0.2, 0)
+            cfg = FinetuneConfig(epochs=1, batch_size=8, optimizer="adamw", lr=3e-4, threads=1)
+            for row in sorted(rows, key=lambda r: (r["criterion"] != "consensus", r["criterion"], r["k"])):
+                pruned = remove_layers(model, row["removed"], report=report)
+                tuned, info = distill(model, pruned, train, ev, cfg)
+                row["ppl_distilled"] = perplexity(tuned, held.windows, threads=1)
+                row["distill_seconds"] = info["seconds"]
+                row["distill_kept"] = info["kept"]
+                print(json.dumps(row), flush=True)
+                _save(a.out, res)
     if "speed" not in a.skip:
         from tools.llm_eval import genai_throughput
 
@@ -127,8 +135,12 @@ def main(argv=None) -> None:
         res["memory"] = mem
     res["load_end"] = os.getloadavg()
     res["seconds"] = round(time.time() - t0)
-    if a.out:
-        a.out.write_text(json.dumps(res, indent=1))
+    _save(a.out, res)
+
+
+def _save(path, res) -> None:
+    if path:
+        path.write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":

@@ -365,8 +365,8 @@ def write_decoder(outcome: DecoderOutcome, out_path: str | os.PathLike) -> str |
             checks.append(f"onnx.checker skipped: operators it does not define ({', '.join(unknown)})")
         else:
             checks.append("onnx.checker (full)")
-        save_model_atomic(outcome.model, out_path, dummy_feed(outcome.model, seq=3), threads=outcome.options.run.threads,
-                          external_data=outcome.external, checker=not unknown)
+        save_model_atomic(outcome.model, out_path, dummy_feed(outcome.model, seq=3),
+                          threads=outcome.options.run.threads, external_data=outcome.external, checker=not unknown)
     outcome.report["checks"] = checks
     outcome.report["output"] = out_path
     return out_path
@@ -397,8 +397,8 @@ def summary(report: dict) -> str:
         lines.append("")
         lines.append(f"Interface change: {ch['layers_before']} -> {ch['layers_after']} KV-cache layers; inputs "
                      f"removed: {', '.join(ch['removed_inputs'])}; outputs removed: "
-                     f"{', '.join(ch['removed_outputs'])}; the remaining caches are renumbered 0..{ch['layers_after'] - 1}"
-                     f" ({len(ch['renamed'])} renamed).")
+                     f"{', '.join(ch['removed_outputs'])}; the remaining caches are renumbered "
+                     f"0..{ch['layers_after'] - 1} ({len(ch['renamed'])} renamed).")
     ft = report.get("finetune")
     if ft and ft.get("error"):
         lines.append(f"fine-tuning: {ft['error']}")
