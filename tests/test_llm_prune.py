@@ -234,3 +234,22 @@ def test_finetune_by_distillation(folder, tmp_path):
     _, hold = load_text(tmp_path / "calib.txt", folder / "tokenizer.json", seq_len=8).split(0.2, 0)
     assert math.isclose(perplexity(pruned, hold), r["perplexity"]["finetuned"]["after"], rel_tol=1e-5)
     assert len(pruned.graph.input) == 2 + 2 * 3
+
+
+def test_plan_replay_and_exclude(folder, tmp_path):
+    calib = str(tmp_path / "calib.txt")
+    common = ["--calib", calib, "--seq-len", "8", "--metrics", "cosine", "--scope", "local", "--no-latency", "-q"]
+    assert main([str(folder), str(tmp_path / "a"), *common, "--remove", "2", "--exclude", "0,l3_out",
+                 "--report", str(tmp_path / "a.json")]) == 0
+    a = json.loads((tmp_path / "a.json").read_text())
+    assert sorted(r["index"] for r in a["removed"]) == [1, 2] and a["removed_ids"] == [
+        r["id"] for r in a["removed"]]
+    assert main([str(folder), str(tmp_path / "b"), *common, "--plan", str(tmp_path / "a.json"),
+                 "--report", str(tmp_path / "b.json")]) == 0
+    b = json.loads((tmp_path / "b.json").read_text())
+    assert b["removed"] == a["removed"] and b["rounds"] == []
+    assert (tmp_path / "a" / "model.onnx").read_bytes() != b""
+    with pytest.raises(InputError, match="not a decoder layer"):
+        from onnx_consensus.llm.run import _layer_numbers
+
+        _layer_numbers(["nope"], find_decoder_layers(synthetic_decoder(PLAIN)))
