@@ -44,7 +44,11 @@ def main(argv=None) -> None:
     p.add_argument("--model", default="llama")
     p.add_argument("--out", type=Path)
     p.add_argument("--skip", nargs="*", default=[], help="parts to skip: quality, distill, speed, memory")
+    p.add_argument("--render", nargs="+", type=Path, help="print the markdown tables of these result files")
     a = p.parse_args(argv)
+    if a.render:
+        print(render([json.loads(f.read_text()) for f in a.render]))
+        return
     base = LLM / a.model
     res: dict = {"model": a.model, "load_start": os.getloadavg(), "cpus": os.cpu_count()}
     t0 = time.time()
@@ -136,6 +140,53 @@ def main(argv=None) -> None:
     res["load_end"] = os.getloadavg()
     res["seconds"] = round(time.time() - t0)
     _save(a.out, res)
+
+
+def render(results: list[dict]) -> str:
+    """Markdown tables of one or more result files (quality from those that have it, etc.)."""
+    out = []
+    for res in results:
+        if res.get("quality"):
+            out.append(f"Original: held-out perplexity {res['ppl_original']:.2f} ({res['heldout_windows']} windows of "
+                       f"128 tokens); scored on {res['calib_windows']} calibration windows.\n")
+            out.append("| criterion | layers removed | k=1 | k=2 | k=4 | k=1 distilled | k=2 distilled | k=4 distilled "
+                       "| scoring s (4 rounds) |")
+            out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+            by = {}
+            for r in res["quality"]:
+                by.setdefault(r["criterion"], {})[r["k"]] = r
+            for name, ks in by.items():
+                order = ks.get(4, ks[max(ks)])["removed"]
+
+                def cell(k, key):
+                    v = ks.get(k, {}).get(key)
+                    return f"{v:.2f}" if v is not None else "-"
+
+                out.append(f"| {name} | {' '.join(map(str, order))} | {cell(1, 'ppl')} | {cell(2, 'ppl')} | "
+                           f"{cell(4, 'ppl')} | {cell(1, 'ppl_distilled')} | {cell(2, 'ppl_distilled')} | "
+                           f"{cell(4, 'ppl_distilled')} | {ks[min(ks)]['scoring_seconds_for_4']:.0f} |")
+            out.append("")
+        if res.get("speed"):
+            out.append("| layers removed | optimum ORT prefill | decode | genai ORT prefill | decode | "
+                       "onnxruntime-genai prefill | decode |")
+            out.append("|---|---:|---:|---:|---:|---:|---:|")
+            for r in res["speed"]:
+                o, g, og = r["optimum_ort"], r["genai_ort"], r["genai_og"]
+                out.append(f"| {' '.join(map(str, r['removed'])) or 'none'} | {o['prefill_tok_s']:.0f} | "
+                           f"{o['decode_tok_s']:.0f} | {g['prefill_tok_s']:.0f} | {g['decode_tok_s']:.0f} | "
+                           f"{og['prefill_tok_s']:.0f} | {og['decode_tok_s']:.0f} |")
+            out.append("")
+        if res.get("memory"):
+            out.append("| export | criterion | model files (MB) | peak RSS of the run (MB) | seconds |")
+            out.append("|---|---|---:|---:|---:|")
+            for r in res["memory"]:
+                out.append(f"| {r['export']} | {r['criterion']} | {r['model_bytes'] / 1e6:.1f} | "
+                           f"{r['peak_rss_kib'] * 1024 / 1e6:.0f}{'' if not r['rss_max_so_far'] else ' (<=)'} | "
+                           f"{r['seconds']:.0f} |")
+            out.append("")
+        out.append(f"Load average {res['load_start']} at the start, {res.get('load_end')} at the end "
+                   f"({res.get('cpus')} cores); {res.get('seconds')} s.\n")
+    return "\n".join(out)
 
 
 def _save(path, res) -> None:
