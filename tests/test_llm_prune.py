@@ -253,3 +253,16 @@ def test_plan_replay_and_exclude(folder, tmp_path):
         from onnx_consensus.llm.run import _layer_numbers
 
         _layer_numbers(["nope"], find_decoder_layers(synthetic_decoder(PLAIN)))
+
+
+def test_is_decoder_needs_a_cache_shaped_interface():
+    from onnx import TensorProto, helper
+
+    from onnx_consensus.llm.run import is_decoder
+
+    assert is_decoder(synthetic_decoder(PLAIN)) and is_decoder(synthetic_decoder(FUSED))
+    f = TensorProto.FLOAT
+    nodes = [helper.make_node("Relu", [f"x{i}"], [f"y{i}"]) for i in range(2)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(f"x{i}", f, [1, 2, 3, 4]) for i in range(2)],
+                          [helper.make_tensor_value_info(f"y{i}", f, [1, 2, 3, 4]) for i in range(2)])
+    assert not is_decoder(helper.make_model(g))

@@ -43,11 +43,23 @@ __all__ = ["DecoderOutcome", "is_decoder", "prune_decoder", "write_decoder", "su
 
 
 def is_decoder(model: onnx.ModelProto) -> bool:
-    """Whether ``model``'s interface carries a KV cache (past*.N.* inputs paired with present*.N.* outputs)."""
+    """Whether ``model``'s interface carries a per-layer KV cache: numbered inputs paired with numbered outputs
+    (``decoder.cache_names``) that are 4-D, (batch, kv_heads, length, head_dim), and named as caches (past,
+    cache, key or value in the input's name). Other numbered input/output pairs (x0, x1 -> y0, y1) are not."""
     try:
-        return cache_names(model) is not None
+        cache = cache_names(model)
     except InputError:
-        return True
+        return False
+    if cache is None:
+        return False
+    inputs = {v.name: v for v in model.graph.input}
+    for name in cache.past(0):
+        v = inputs.get(name)
+        if v is None or len(v.type.tensor_type.shape.dim) != 4:
+            return False
+        if not any(k in name.lower() for k in ("past", "cache", "key", "value")):
+            return False
+    return True
 
 
 def model_file(path: str | os.PathLike) -> str:
