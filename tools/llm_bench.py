@@ -44,6 +44,7 @@ def main(argv=None) -> None:
     p.add_argument("--model", default="llama")
     p.add_argument("--out", type=Path)
     p.add_argument("--skip", nargs="*", default=[], help="parts to skip: quality, distill, speed, memory")
+    p.add_argument("--repeats", type=int, default=3, help="tokens/s: best of this many runs")
     p.add_argument("--render", nargs="+", type=Path, help="print the markdown tables of these result files")
     a = p.parse_args(argv)
     if a.render:
@@ -111,9 +112,9 @@ def main(argv=None) -> None:
                         folder = Path(tmp) / f"{kind}_{k}"
                         prune_folder(base / kind, folder, order[:k])
                     m, _ = load_model_and_layout(folder / "model.onnx")
-                    row[f"{kind}_ort"] = throughput(m, prompt, steps=32, repeats=3, threads=1)
+                    row[f"{kind}_ort"] = throughput(m, prompt, steps=32, repeats=a.repeats, threads=1)
                     if kind == "genai":
-                        row["genai_og"] = genai_throughput(folder, prompt_len=128, steps=32, repeats=3)
+                        row["genai_og"] = genai_throughput(folder, prompt_len=128, steps=32, repeats=a.repeats)
                 speed.append(row)
                 print(json.dumps(row), flush=True)
         res["speed"] = speed
