@@ -30,6 +30,8 @@ _EXPORTS = {
     "load_calibration": "data",
     "ImageOptions": "data",
     "count_cost": "graph.flops",
+    "prune_decoder": "llm.run",
+    "write_decoder": "llm.run",
 }
 __all__ = sorted(_EXPORTS)
 

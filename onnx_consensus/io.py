@@ -43,7 +43,7 @@ def check_output_path(path: str | os.PathLike, input_path: str | os.PathLike | N
 
 def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike,
                       check_feed: Mapping[str, np.ndarray] | None = None, *, threads: int | None = None,
-                      external_data: bool = False) -> str:
+                      external_data: bool = False, checker: bool = True) -> str:
     """Write ``model`` to ``path`` through a checked temporary file (``onnx.checker`` with full shape
     inference, then one onnxruntime run of ``check_feed`` unless it is None), then rename it into place.
 
@@ -51,20 +51,22 @@ def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike,
     it vanishes with it. With ``external_data`` (the input kept its weights that way), and always for
     models over 2 GB, the weights go to ``<name>.data`` beside the output through *named* temporary files:
     removed on any exception or interrupt, but left behind by SIGKILL (see the module docstring).
+    ``checker=False`` skips ``onnx.checker`` (for graphs with onnxruntime's operators in the default domain,
+    which it refuses: onnxruntime-genai exports); the onnxruntime run still checks the model.
     """
     path = os.path.abspath(os.fspath(path))
     if external_data or model.ByteSize() > TWO_GB:
-        return _save_external(model, path, check_feed, threads)
+        return _save_external(model, path, check_feed, threads, checker)
     folder = os.path.dirname(path)
     fd = _anonymous_file(folder)
     if fd is None:
-        return _save_named(model, path, check_feed, threads)
+        return _save_named(model, path, check_feed, threads, checker)
     try:
         with os.fdopen(os.dup(fd), "wb") as f:
             f.write(model.SerializeToString())
             f.flush()
             os.fsync(f.fileno())
-        _check(f"/proc/self/fd/{fd}", check_feed, threads)
+        _check(f"/proc/self/fd/{fd}", check_feed, threads, checker)
         _link_into_place(fd, path)
     finally:
         os.close(fd)
@@ -102,20 +104,21 @@ def _link_into_place(fd: int, path: str) -> None:
         raise
 
 
-def _check(source: str, check_feed, threads) -> None:
-    onnx.checker.check_model(source, full_check=True)
+def _check(source: str, check_feed, threads, checker: bool = True) -> None:
+    if checker:
+        onnx.checker.check_model(source, full_check=True)
     if check_feed is not None:
         sess = make_session(source, level="basic", threads=threads)
         sess.run(None, {i.name: check_feed[i.name] for i in sess.get_inputs()})
 
 
-def _save_named(model, path, check_feed, threads) -> str:
+def _save_named(model, path, check_feed, threads, checker: bool = True) -> str:
     folder, name = os.path.split(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
         onnx.save_model(model, tmp)
-        _check(tmp, check_feed, threads)
+        _check(tmp, check_feed, threads, checker)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -124,7 +127,7 @@ def _save_named(model, path, check_feed, threads) -> str:
     return path
 
 
-def _save_external(model, path, check_feed, threads) -> str:
+def _save_external(model, path, check_feed, threads, checker: bool = True) -> str:
     """Write the proto to a temporary ``.onnx`` and its weights, streamed tensor by tensor (memory-mapped
     external tensors are copied from their files, never loaded whole), to a temporary ``.data`` beside it
     (4 KiB-aligned, so onnxruntime can map them); check; then rename both into place."""
@@ -142,7 +145,7 @@ def _save_external(model, path, check_feed, threads) -> str:
         # The written file passes the checker (structure, full shape inference, external data present and
         # long enough); the run check uses the in-memory model, whose weights are the same bytes (mapped
         # from the input's file when they come from there), so no session loads a second copy of them.
-        _check(tmp, None, threads)
+        _check(tmp, None, threads, checker)
         if check_feed is not None:
             sess = make_session(model, level="basic", threads=threads)
             sess.run(None, {i.name: check_feed[i.name] for i in sess.get_inputs()})

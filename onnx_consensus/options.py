@@ -192,6 +192,10 @@ class DataOptions(_Group):
     layout: Literal["NCHW", "NHWC"] = option("--layout", "image tensor layout", default="NCHW",
                                              choices=("NCHW", "NHWC"))
     strict: bool = option("--strict", "fail on a corrupt data file instead of skipping it", default=False)
+    seq_len: int = option("--seq-len", "decoder LLMs: tokens per calibration window of the text", default=128,
+                          type=int)
+    tokenizer: str | None = option("--tokenizer", "decoder LLMs: tokenizer.json for the text (default: the one "
+                                   "beside the model)", default=None, metavar="FILE")
 
 
 @dataclass
@@ -306,7 +310,8 @@ class RecoveryOptions(_Group):
                                "supervised, else distillation from the original model)", default=None,
                                metavar="DIR")
     eval: str | None = option("--eval", "evaluation data: accuracy with labels.npy, else agreement; the best "
-                              "epoch on it is the one written", default=None, metavar="DIR")
+                              "epoch on it is the one written; decoder LLMs: held-out text for perplexity",
+                              default=None, metavar="DIR")
     between: int = option("--finetune-between", "fine-tune N steps after each removal, before re-scoring "
                           "(iterative schedule)", default=0, type=int, metavar="N", show_default=False)
 

@@ -189,6 +189,11 @@ def _run_on_providers(model, data, options: Options) -> Outcome:
         raise InputError("--batch-size must be >= 1")
     warnings: list[str] = []
     original = model = source.model
+    from .llm.run import is_decoder
+
+    if is_decoder(original):
+        raise InputError("a decoder LLM with a KV cache: prune it with onnx_consensus.llm.prune_decoder on "
+                         "calibration text (the command line does this by itself)")
     bfloat16 = is_bfloat16(original)
     if bfloat16:
         if finetuning or between:
@@ -358,7 +363,17 @@ def inspect(path: str | os.PathLike, *, unit: str = CriterionOptions.unit,
             input_shapes: dict[str, tuple[int, ...]] | None = None) -> dict:
     """The removable blocks of a model file, without running it: {model, macs, params, unit, blocks (each
     with ``macs_share``), not_removable, notes}."""
+    from .llm.run import _params, is_decoder, model_file
+
+    path = model_file(path)  # an export folder: its model file
     model = load_model(path)
+    if is_decoder(model):  # decoder layers with their KV cache (MACs depend on the sequence: not counted)
+        from .graph.decoder import find_decoder_layers
+
+        rep = find_decoder_layers(model)
+        blocks = [dict(layer.to_json(), macs_share=None) for layer in rep.layers]
+        return {"model": os.fspath(path), "macs": None, "params": _params(model), "unit": "decoder layer",
+                "blocks": blocks, "not_removable": [], "notes": list(rep.notes)}
     cost = count_cost(model, input_shapes or {})
     report = find_blocks(model, macs_per_node=cost.macs_per_node, unit=unit)
     total = cost.total_macs

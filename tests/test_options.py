@@ -23,6 +23,8 @@ SAMPLES = {
     "std": (["--std", "2"], (2.0,)),
     "layout": (["--layout", "NHWC"], "NHWC"),
     "strict": (["--strict"], True),
+    "seq_len": (["--seq-len", "64"], 64),
+    "tokenizer": (["--tokenizer", "t.json"], "t.json"),
     "batch_size": (["--batch-size", "5"], 5),
     "holdout": (["--holdout", "0.3"], 0.3),
     "threads": (["--threads", "3"], 3),

@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="where to write the pruned model")
     groups = {"input data": p.add_argument_group("input data")}
     groups["input data"].add_argument("--calib", required=True, metavar="DIR",
-                                      help="calibration data: .npy/.npz files or images")
+                                      help="calibration data: .npy/.npz files or images; for a decoder LLM (KV cache), "
+                                      "text: .txt, .jsonl or a folder of them")
     add_arguments(p, GROUPS, groups)
     _add_debug(p)
 

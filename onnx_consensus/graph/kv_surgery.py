@@ -236,7 +236,8 @@ def _update(obj, kept: Sequence[int], n_layers: int) -> None:
 
 
 def prune_folder(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, layers: Iterable[int], *,
-                 model_name: str | None = None, check: bool = True) -> DecoderReport:
+                 model_name: str | None = None, check: bool = True,
+                 pruned: onnx.ModelProto | None = None) -> DecoderReport:
     """Remove decoder ``layers`` from the export folder ``src_dir`` (optimum or onnxruntime-genai) into the
     new folder ``dst_dir``: the model (weights as external data ``<model>.data`` when the input had external
     data, streamed from the input's file without loading it whole), the updated configs, and every other file
@@ -247,7 +248,9 @@ def prune_folder(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, layers:
     filename, else ``model.onnx``). check: the pruned model must load and run once in onnxruntime (prefill,
     zero-length past) before the rename. ``onnx.checker`` is not run: onnxruntime-genai exports use
     onnxruntime's own operators in the default domain (SimplifiedLayerNormalization), which it refuses.
-    Returns the report of the input model's layers.
+    pruned: the model to write when already computed (``remove_layers`` of the input with ``layers``,
+    possibly fine-tuned since); its weights may be in memory or external. Returns the report of the input
+    model's layers.
     """
     import tempfile
 
@@ -275,7 +278,12 @@ def prune_folder(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, layers:
     model, external = load_model_and_layout(src_model)  # external weights stay in their file, mapped on use
     report = find_decoder_layers(model)
     chosen = sorted(set(layers))
-    out = remove_layers(model, chosen, report=report)
+    if pruned is None:
+        out = remove_layers(model, chosen, report=report)
+    else:  # a copy: writing moves its tensors' bytes (and locations) into the new data file
+        out = onnx.ModelProto()
+        out.CopyFrom(pruned)
+    external = external or any(_is_external(t) for t in out.graph.initializer)
     kept = [i for i in range(report.cache.n_layers) if i not in chosen]
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst_dir)}.", dir=os.path.dirname(dst_dir))
     try:
@@ -323,6 +331,10 @@ def _inline_if_small(t: onnx.TensorProto, min_bytes: int = 1024) -> None:
         arr = external_array(t)
         if arr.nbytes < min_bytes:
             t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(arr), t.name))
+
+
+def _is_external(t: onnx.TensorProto) -> bool:
+    return t.data_location == onnx.TensorProto.EXTERNAL
 
 
 def _external_files(path: str) -> set[str]:

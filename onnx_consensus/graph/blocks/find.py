@@ -44,7 +44,9 @@ def find_blocks(model: onnx.ModelProto | gs.Graph, *, macs_per_node: dict[str, i
     kv = kv_cache(index)
     if kv:
         report.refusal = (f"the model carries a KV cache ({kv}): removing a layer would change its inputs and "
-                          f"outputs, so it is left alone; export it without the cache (no past/present tensors)")
+                          f"outputs, so it is left alone as a generic model; decoder LLMs whose caches are numbered "
+                          f"per layer (past_key_values.N.*/present.N.*) are pruned by whole layers on calibration "
+                          f"text (README: Decoder LLMs)")
         report.notes.append(report.refusal)
         return report
     found: list[Residual | NotRemovable] = []

@@ -1,0 +1,33 @@
+"""Decoder LLMs with a KV cache (optimum and onnxruntime-genai exports): depth pruning by whole decoder layers.
+
+    from onnx_consensus.llm import prune_decoder, load_text
+    outcome = prune_decoder("export_dir/", "corpus.txt", options)    # the same Options as every prune run
+
+Modules: ``text`` (calibration / held-out text -> token windows), ``perplexity`` (held-out perplexity and
+tokens/s in onnxruntime), ``scoring`` (layer scores: global on the final hidden state, local Block
+Influence), ``run`` (the schedule, the report, writing a folder or a model file). Layer detection and
+surgery live in ``graph.decoder`` and ``graph.kv_surgery``.
+"""
+from __future__ import annotations
+
+_EXPORTS = {
+    "load_text": "text",
+    "TextData": "text",
+    "find_tokenizer": "text",
+    "perplexity": "perplexity",
+    "throughput": "perplexity",
+    "score_layers": "scoring",
+    "prune_decoder": "run",
+    "write_decoder": "run",
+    "is_decoder": "run",
+    "DecoderOutcome": "run",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(name)

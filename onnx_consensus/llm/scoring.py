@@ -1,0 +1,166 @@
+"""Scores of decoder layers, for the removal schedule (low = the network barely changes without the layer).
+
+* global scope (the Consensus as published, adapted): the final hidden state F (the LM head's input: the
+  final norm's output, (batch, seq, hidden)) of the current model against F of the current model with the
+  candidate layer also removed. The "suffix from the block's entry" of ``scoring.py`` does not apply to
+  the fused Skip-norm form (removing a layer moves its closing norm's weight onto the previous norm), so
+  each candidate is removed from the graph with ``kv_surgery.remove_layers`` and the model run whole on the
+  windows: one onnxruntime session and one pass over the calibration windows per candidate per round.
+* local scope: each layer's entry against its exit (the residual stream before and after it) in one run of
+  the current model; with the ``cosine`` metric this is ShortGPT's Block Influence.
+
+Tokens are the samples: F (b, s, d) becomes (b*s, d), at most ``max_tokens`` rows drawn with a seeded
+generator (the same rows for both sides). Conditions for the Gaussian metrics: the current model's greedy
+next token (``metrics.features.make_conditions``). Candidates keep the original model's layer ids (their
+exit tensor names) and numbers through every round.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from threadpoolctl import threadpool_limits
+
+from ..consensus import BlockScore, consensus
+from ..errors import InputError
+from ..graph.decoder import DecoderReport, prefill_feed
+from ..graph.kv_surgery import remove_layers
+from ..metrics import get_metric
+from ..metrics.features import make_conditions
+from ..runtime import make_session
+from ..scoring import _score_one
+from .perplexity import logits_name
+
+SCOPES = ("global", "local")
+
+
+@dataclass
+class LayerRound:
+    """One scoring round: candidates (layer ids) in Consensus order, least important first."""
+
+    scope: str
+    feature: str | None
+    metrics: tuple[str, ...]
+    n_samples: int
+    blocks: list[BlockScore] = field(default_factory=list)
+    ort_seconds: float = 0.0
+    metric_seconds: float = 0.0
+
+    @property
+    def order(self) -> list[str]:
+        return [b.id for b in self.blocks]
+
+    def to_json(self) -> dict:
+        return {"scope": self.scope, "feature": self.feature, "metrics": list(self.metrics),
+                "n_samples": self.n_samples, "ort_seconds": round(self.ort_seconds, 3),
+                "metric_seconds": round(self.metric_seconds, 3), "order": self.order,
+                "blocks": [b.to_json() for b in self.blocks]}
+
+
+def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of ``model`` that also outputs the tensors ``names`` (declared without type; cheap: no graph
+    rebuild, external weights stay where they are)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    have = {o.name for o in out.graph.output}
+    for n in names:
+        if n not in have:
+            out.graph.output.append(onnx.helper.make_empty_tensor_value_info(n))
+            have.add(n)
+    return out
+
+
+def final_hidden(model: onnx.ModelProto) -> str:
+    """The final hidden state: the data input of the MatMul/Gemm producing the logits (the LM head), else
+    the logits themselves."""
+    name = logits_name(model)
+    weights = {t.name for t in model.graph.initializer}
+    weights |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    for n in model.graph.node:
+        if name in n.output and n.op_type in ("MatMul", "Gemm"):
+            data = [i for i in n.input[:2] if i not in weights]
+            if len(data) == 1:
+                return data[0]
+    return name
+
+
+def _tokens(a: np.ndarray) -> np.ndarray:
+    return a.reshape(-1, a.shape[-1])
+
+
+def _run(model: onnx.ModelProto, windows: np.ndarray, names: Sequence[str], batch_size: int,
+         threads: int | None) -> dict[str, np.ndarray]:
+    """``names`` of ``model`` over all windows, as token rows (n_windows * seq, d) float64 (logits: argmax)."""
+    sess = make_session(model, level="basic", threads=threads)
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for s in range(0, len(windows), batch_size):
+        outs = sess.run(list(names), prefill_feed(model, windows[s:s + batch_size]))
+        for n, v in zip(names, outs):
+            parts[n].append(_tokens(v))
+    return {n: np.concatenate(v) for n, v in parts.items()}
+
+
+def score_layers(model: onnx.ModelProto, report: DecoderReport, windows: np.ndarray, *,
+                 removed: Sequence[int] = (), candidates: Sequence[int] | None = None,
+                 metrics: Sequence[str] = ("cosine",), scope: str = "global", feature: str | None = None,
+                 seed: int = 0, pca_dim: int = 256, batch_size: int = 8, threads: int | None = None,
+                 max_tokens: int = 4096) -> LayerRound:
+    """Score the ``candidates`` (original layer numbers; default every layer not in ``removed``) of
+    ``model`` (the original, with residual sums exposed for the fused form; ``report`` its layers) with
+    ``removed`` already gone, on token ``windows`` (n, seq) int64. feature: the global scope's tensor
+    (default ``final_hidden``). Returns the round in Consensus order."""
+    if scope not in SCOPES:
+        raise InputError(f"--scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+    metrics = tuple(metrics)
+    specs = [get_metric(m) for m in metrics]
+    by_index = report.by_index()
+    removed = sorted(set(removed))
+    candidates = [i for i in (by_index if candidates is None else candidates) if i not in removed]
+    if not candidates:
+        return LayerRound(scope, feature, metrics, 0)
+    lg = logits_name(model)
+    if scope == "global":  # exposed before any removal: a removed last layer's norm output is handed on by name
+        feature = feature or final_hidden(model)
+        model = with_outputs(model, [feature])
+    current = remove_layers(model, removed, report=report) if removed else model
+    t0 = time.perf_counter()
+    pairs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    rng = np.random.default_rng(seed)
+    n_tok = windows.size
+    rows = np.sort(rng.choice(n_tok, max_tokens, replace=False)) if n_tok > max_tokens else np.arange(n_tok)
+    if scope == "global":
+        ref = _run(current, windows, [feature, lg], batch_size, threads)
+        x = ref[feature][rows]
+        predicted = ref[lg][rows].argmax(-1)
+        for i in candidates:
+            pruned = remove_layers(model, [*removed, i], report=report)
+            y = _run(pruned, windows, [feature], batch_size, threads)[feature][rows]
+            pairs[by_index[i].block.id] = (x, y)
+    else:
+        kept = [i for i in sorted(by_index) if i not in removed]
+        entry = {}
+        prev = by_index[min(by_index)].block.entry  # the embeddings: the first kept layer's entry
+        for i in kept:
+            entry[i] = prev
+            prev = by_index[i].block.exit
+        names = sorted({entry[i] for i in candidates} | {by_index[i].block.exit for i in candidates})
+        act = _run(with_outputs(current, [*names, lg]), windows, [*names, lg], batch_size, threads)
+        predicted = act[lg][rows].argmax(-1)
+        for i in candidates:
+            b = by_index[i].block
+            pairs[b.id] = (act[entry[i]][rows], act[b.exit][rows])
+    ort_seconds = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    first = next(iter(pairs.values()))[0]
+    conditions = make_conditions(predicted, first, seed=seed)
+    table = {}
+    with threadpool_limits(limits=1):
+        for bid, (a, b) in pairs.items():
+            table[bid] = _score_one(specs, a.astype(np.float64), b.astype(np.float64), conditions, seed, pca_dim)
+    positions = {by_index[i].block.id: i for i in candidates}
+    ranked = consensus(table, positions, metrics)
+    return LayerRound(scope, feature if scope == "global" else None, metrics, len(rows), ranked, ort_seconds,
+                      time.perf_counter() - t1)
