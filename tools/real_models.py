@@ -831,7 +831,10 @@ def table() -> str:
             continue
         r = json.loads(f.read_text())
         found = r.get("blocks_found", "?")
-        removed = ", ".join(f"`{x}`" for x in r.get("pruned_removed", [])) or f"none (exit {r.get('pruned_exit')})"
+        removed = ", ".join(f"`{x}`" for x in r.get("pruned_removed", []))
+        if r.get("pruned_exit"):
+            err = [ln for ln in r.get("pruned_stdout", "").splitlines() if "error" in ln.lower()][-1:] or [""]
+            removed = f"nothing written, exit {r['pruned_exit']}: {err[0].strip()}"
         mb, ma = r.get("macs_before"), r.get("pruned_macs")
         shape = "; ".join(f"{k} {'x'.join(map(str, v))}" for k, v in r["input_shapes"].items())
         macs = (f"{mb:,} -> {ma:,} ({100 * (ma - mb) / mb:+.2f}%)" if mb and ma else f"{mb:,}" if mb else "unknown")
