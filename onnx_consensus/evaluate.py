@@ -91,7 +91,8 @@ class Fidelity:
                 return f"top-1 agreement {self.agreement:.4f} < {COLLAPSE_AGREEMENT}"
             return None
         if self.cosine is not None and self.cosine < COLLAPSE_COSINE:
-            return f"{'embedding ' if self.kind == 'embedding' else 'output '}cosine {self.cosine:.4f} < {COLLAPSE_COSINE}"
+            what = "embedding" if self.kind == "embedding" else "output"
+            return f"{what} cosine {self.cosine:.4f} < {COLLAPSE_COSINE}"
         return None
 
 

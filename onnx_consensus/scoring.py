@@ -78,7 +78,8 @@ class Features:
     scope "global": ``before[b]`` is the current model's feature tensor (the same (n, d) array for every
     block), ``after[b]`` the feature of the model without block b. scope "local": ``before[b]`` is block b's
     entry, ``after[b]`` its exit, each (n, d_b). Rows are samples, float32, pooled by ``pool_features``.
-    predictions: (n,) argmax of the model's first output, None when it is not (n, classes).
+    predictions: (n,) argmax of the model's first output, None when it is not (n, classes) class scores
+    (``graph.heads.output_kinds``).
     feature: the feature tensor's name, comma-separated when several graph outputs (global scope), else
     None; feature_reason: why that feature (``graph.heads.choose_feature``). ort_seconds: time in onnxruntime.
     """
