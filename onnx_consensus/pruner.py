@@ -7,7 +7,8 @@ Targets: a number of blocks, a MACs-reduction fraction, or (no target) as many b
 model's fidelity to the original at or above ``min_agreement`` on a held-back part of the data that
 scoring never sees: top-1 agreement when the first output is class scores, else the mean cosine of the float
 outputs (``graph.heads.output_kinds``; ``criterion.task`` overrides). ``keep_per_stage`` keeps at least
-that many blocks in every run of same-shaped blocks. Every pruned model is built from the original graph, so block ids stay the original exit names.
+that many blocks in every run of same-shaped blocks. Every pruned model is built from the original graph,
+so block ids stay the original exit names.
 """
 from __future__ import annotations
 
