@@ -108,27 +108,33 @@ class PostLNEncoder(nn.Module):
                     "logits": {0: "batch"}}
 
     def __init__(self, vocab: int = 100, dim: int = 64, heads: int = 4, depth: int = 2, ff: int = 128,
-                 max_len: int = 64, num_classes: int = 4, use_mask: bool = True):
+                 max_len: int = 64, num_classes: int | None = 4, use_mask: bool = True):
         super().__init__()
         self.vocab, self.max_len, self.use_mask = vocab, max_len, use_mask
+        if num_classes is None:  # headless: the L2-normalised mean-pooled embedding, as sentence embedders do
+            self.output_names = ["embedding"]
         if not use_mask:  # input_ids only; mean pooling over every token
             self.input_names = ["input_ids"]
-            self.dynamic_axes = {"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch"}}
+        self.dynamic_axes = {**{k: v for k, v in self.dynamic_axes.items() if k in self.input_names},
+                             self.output_names[0]: {0: "batch"}}
         self.embed = nn.Embedding(vocab, dim)
         self.pos_embed = nn.Parameter(torch.randn(1, max_len, dim) * 0.02)
         layer = nn.TransformerEncoderLayer(dim, heads, ff, dropout=0.0, activation="gelu",
                                            batch_first=True, norm_first=False)
         self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
-        self.head = nn.Linear(dim, num_classes)
+        self.head = nn.Linear(dim, num_classes) if num_classes is not None else None
 
     def forward(self, input_ids: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         length = input_ids.shape[1]
         x = self.embed(input_ids) + self.pos_embed[:, :length]
         if padding_mask is None:
-            return self.head(self.encoder(x).mean(1))
-        x = self.encoder(x, src_key_padding_mask=padding_mask)
-        keep = (~padding_mask).unsqueeze(-1).to(x.dtype)
-        x = (x * keep).sum(1) / keep.sum(1).clamp(min=1.0)
+            x = self.encoder(x).mean(1)
+        else:
+            x = self.encoder(x, src_key_padding_mask=padding_mask)
+            keep = (~padding_mask).unsqueeze(-1).to(x.dtype)
+            x = (x * keep).sum(1) / keep.sum(1).clamp(min=1.0)
+        if self.head is None:
+            return x / x.norm(dim=-1, keepdim=True).clamp(min=1e-9)
         return self.head(x)
 
     def example_inputs(self, batch: int = 2, seq: int | None = 12) -> tuple[torch.Tensor, ...]:

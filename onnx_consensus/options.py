@@ -232,9 +232,9 @@ class TargetOptions(_Group):
     remove: int | None = option("--remove", "remove N blocks", default=None, type=int, metavar="N")
     target_flops: float | None = option("--target-flops", "remove blocks until at least the fraction F of MACs "
                                         "is gone (e.g. 0.5)", default=None, type=float, metavar="F")
-    min_agreement: float = option("--min-agreement", "with no target: keep removing while hold-out top-1 "
-                                  "agreement stays >= this (relative output error <= 1-this for "
-                                  "non-classifiers)", default=0.99, type=float)
+    min_agreement: float = option("--min-agreement", "with no target: keep removing while the hold-out fidelity "
+                                  "stays >= this: top-1 agreement when the model outputs class scores, else the "
+                                  "mean cosine of its float outputs (see --task)", default=0.99, type=float)
     keep_per_stage: int = option("--keep-per-stage", "keep at least K blocks in each run of same-shaped blocks",
                                  default=1, type=int, metavar="K")
     only: tuple[str, ...] = option("--only", "consider only these blocks", default=(), type=_csv, metavar="ID,...")
@@ -255,8 +255,13 @@ class CriterionOptions(_Group):
                         "exit", default="global", choices=("global", "local"))
     schedule: str = option("--schedule", "iterative: re-score after each removal; one-shot: score once",
                            default="iterative", choices=("iterative", "one-shot"))
-    feature: str | None = option("--feature", "feature tensor (default: the final classifier's input)",
-                                 default=None, metavar="TENSOR")
+    feature: str | None = option("--feature", "feature tensor (default: the classifier head's input when the "
+                                 "graph ends in one after the last block, else the graph's float outputs, "
+                                 "pooled)", default=None, metavar="TENSOR")
+    task: str | None = option("--task", "what the first output is: classify (class scores: top-1 agreement, "
+                              "feature = the last Gemm/MatMul/Conv's input), embed or generic (cosine, feature = "
+                              "the graph outputs) (default: judged from the graph)", default=None,
+                              choices=("classify", "embed", "generic"))
     pca_dim: int = option("--pca-dim", "principal-component cap for alignment metrics", default=256, type=int)
     seed: int = option("--seed", "seed for the hold-out split, random metric, k-means, fine-tuning", default=0,
                        type=int)

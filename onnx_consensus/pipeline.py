@@ -26,6 +26,7 @@ from .data import ImageOptions, load_calibration
 from .errors import FinetuneError, InputError, PruneFailed
 from .graph.blocks import find_blocks
 from .graph.flops import count_cost
+from .graph.heads import choose_feature, output_kinds
 from .graph.ir import load_model, load_model_and_layout
 from .graph.precision import float32_shadow, is_bfloat16
 from .graph.surgery import remove_blocks
@@ -360,9 +361,10 @@ def prune(model: onnx.ModelProto | str | os.PathLike, data, *, criterion: Criter
 
 
 def inspect(path: str | os.PathLike, *, unit: str = CriterionOptions.unit,
-            input_shapes: dict[str, tuple[int, ...]] | None = None) -> dict:
+            input_shapes: dict[str, tuple[int, ...]] | None = None, task: str | None = None) -> dict:
     """The removable blocks of a model file, without running it: {model, macs, params, unit, blocks (each
-    with ``macs_share``), not_removable, notes}."""
+    with ``macs_share``), not_removable, notes, feature (the global scope's feature tensors and why, or
+    None with the reason in ``notes``), outputs (each float output's kind)}."""
     from .llm.run import _params, is_decoder, model_file
 
     path = model_file(path)  # an export folder: its model file
@@ -382,6 +384,12 @@ def inspect(path: str | os.PathLike, *, unit: str = CriterionOptions.unit,
         d = b.to_json()
         d["macs_share"] = (b.macs / total) if (b.macs is not None and total) else None
         blocks.append(d)
+    notes = list(cost.notes) + list(report.notes)
+    try:
+        feature = choose_feature(model, report.blocks, task=task).to_json()
+    except InputError as exc:
+        feature = None
+        notes.append(f"no feature tensor: {exc}")
     return {"model": os.fspath(path), "macs": total, "params": cost.params, "unit": unit, "blocks": blocks,
-            "not_removable": [n.to_json() for n in report.not_removable],
-            "notes": list(cost.notes) + list(report.notes)}
+            "not_removable": [n.to_json() for n in report.not_removable], "notes": notes, "feature": feature,
+            "outputs": output_kinds(model, task)}

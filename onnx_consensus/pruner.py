@@ -4,9 +4,11 @@
   pruned model, repeat;
 - one-shot: score once, remove in that order.
 Targets: a number of blocks, a MACs-reduction fraction, or (no target) as many blocks as keep the pruned
-model's top-1 agreement with the original at or above ``min_agreement`` on a held-back part of the data
-that scoring never sees. ``keep_per_stage`` keeps at least that many blocks in every run of same-shaped
-blocks. Every pruned model is built from the original graph, so block ids stay the original exit names.
+model's fidelity to the original at or above ``min_agreement`` on a held-back part of the data that
+scoring never sees: top-1 agreement when the first output is class scores, else the mean cosine of the float
+outputs (``graph.heads.output_kinds``; ``criterion.task`` overrides). ``keep_per_stage`` keeps at least
+that many blocks in every run of same-shaped blocks. Every pruned model is built from the original graph,
+so block ids stay the original exit names.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from .errors import InputError, PruneFailed, TargetError
 from .evaluate import Fidelity, fidelity, reference_outputs
 from .graph.blocks import Block, BlockReport, find_blocks
 from .graph.flops import count_cost
+from .graph.heads import output_kinds
 from .graph.masks import token_masks
 from .graph.surgery import remove_blocks
 from .options import CriterionOptions, RunOptions, TargetOptions
@@ -52,6 +55,7 @@ class PruneResult:
     params_before: int = 0
     params_after: int = 0
     stop_reason: str = ""
+    collapse: str | None = None
     holdout_samples: int = 0
     score_samples: int = 0
 
@@ -124,10 +128,13 @@ def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = 
     result.score_samples, result.holdout_samples = len(score_idx), len(hold_idx)
     hold_labels = None if labels is None else np.asarray(labels)[hold_idx]
     score_labels = None if labels is None else np.asarray(labels)[score_idx]
-    reference = reference_outputs(model, data, hold_idx, batch_size=run.batch_size, threads=run.threads)
+    kinds = output_kinds(model, criterion.task) or None  # fidelity per float output, in its own terms
+    reference = reference_outputs(model, data, hold_idx, batch_size=run.batch_size, threads=run.threads,
+                                  names=list(kinds) if kinds else None)
 
     def check(m: onnx.ModelProto) -> Fidelity:
-        return fidelity(m, reference, data, hold_idx, labels=hold_labels, batch_size=run.batch_size, threads=run.threads)
+        return fidelity(m, reference, data, hold_idx, labels=hold_labels, batch_size=run.batch_size,
+                        threads=run.threads, kinds=kinds)
 
     allowed = set(target.only or originals) - set(target.exclude)
     total = cost.total_macs
@@ -162,7 +169,8 @@ def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = 
                     rnd = score_blocks(current, data, blocks=eligible, metrics=criterion.metrics, scope=criterion.scope,
                                        feature=criterion.feature, indices=score_idx, labels=score_labels,
                                        batch_size=run.batch_size, seed=criterion.seed, pca_dim=criterion.pca_dim,
-                                       threads=run.threads, progress=run.progress, token_mask=token_mask)
+                                       threads=run.threads, progress=run.progress, token_mask=token_mask,
+                                       task=criterion.task)
                     result.rounds.append(rnd)
                     order = rnd.order
                 eligible_ids = {b.id for b in eligible}
@@ -173,7 +181,7 @@ def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = 
                 fid = check(candidate) if auto else None
                 if auto and not fid.meets(target.min_agreement):
                     result.stop_reason = (f"removing {pick_id} would bring hold-out fidelity below the budget "
-                                          f"({_fid_text(fid)} < {target.min_agreement:g})")
+                                          f"({fid.budget_text(target.min_agreement)})")
                     break
                 removed.append(originals[pick_id])
                 result.removals.append(Removal(originals[pick_id], round_no, fid))
@@ -198,11 +206,14 @@ def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = 
     after = count_cost(current, run.input_shapes or None)
     result.macs_after, result.params_after = after.total_macs, after.params
     result.fidelity = check(current)
+    if (target.plan or not auto) and result.removals:  # an explicit target may wreck the model: say so plainly
+        collapsed = result.fidelity.collapse()
+        if collapsed:
+            result.collapse = (f"the pruned model's outputs collapsed ({collapsed} on the hold-out): fine-tune it "
+                               "(--finetune-epochs N; distillation from the original when there are no labels) or "
+                               "remove fewer blocks")
+            log.info("%s", result.collapse)  # the summary says it (report "collapse")
     return result
-
-
-def _fid_text(f: Fidelity) -> str:
-    return f"agreement {f.agreement:.4f}" if f.agreement is not None else f"relative error {f.rel_error:.4f}"
 
 
 def _macs_fraction(removed: Sequence[Block], total: int | None) -> float:

@@ -64,11 +64,40 @@ def build_report(result: PruneResult, *, options: Mapping, input_path: str | Non
         "params": {"before": result.params_before, "after": result.params_after,
                    "ratio": _ratio(result.params_after, result.params_before)},
         "fidelity": result.fidelity.to_json() if result.fidelity else None,
+        "feature": _feature(result),
+        "collapse": result.collapse,
         "samples": {"scoring": result.score_samples, "holdout": result.holdout_samples},
         "rounds": rounds,
         "latency": dict(latency) if latency else None,
         "finetune": dict(finetune) if finetune else None,
     }
+
+
+def _feature(result: PruneResult) -> dict | None:
+    """The first round's feature tensor(s) and why (global scope), or None."""
+    for rnd in result.rounds:
+        if rnd.feature:
+            return {"tensor": rnd.feature, "reason": rnd.feature_reason}
+    return None
+
+
+def _fidelity_lines(fid: Mapping) -> list[str]:
+    """Fidelity in each output's own terms: agreement for class scores, cosine and relative error for all."""
+    outs = fid.get("outputs") or []
+    head = f"Fidelity on {fid['n']} hold-out samples: "
+    if not outs:  # a report from before per-output fidelity
+        agree = fid.get("agreement")
+        return [head + (f"top-1 agreement {agree:.4f}, " if agree is not None else "")
+                + f"mean relative output error {fid['rel_error']:.4f}"]
+
+    def terms(o: Mapping) -> str:
+        what = {"class scores": "class scores", "embedding": "embedding"}.get(o["kind"], "output")
+        agree = f"top-1 agreement {o['agreement']:.4f}, " if o.get("agreement") is not None else ""
+        return f"{agree}{what} cosine {o['cosine']:.4f}, mean relative error {o['rel_error']:.4f}"
+
+    if len(outs) == 1:
+        return [head + terms(outs[0])]
+    return [head.rstrip()] + [f"  {o['name']} ({o['kind']}): {terms(o)}" for o in outs]
 
 
 def provenance(report: Mapping) -> dict:
@@ -122,10 +151,13 @@ def summary_table(report: Mapping) -> str:
     lines.append("")
     for r in rows:
         lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
-    if fid:
-        agree = fid.get("agreement")
+    feature = report.get("feature")
+    if feature:
         lines.append("")
-        lines.append(f"Fidelity on {fid['n']} hold-out samples: "
-                     + (f"top-1 agreement {agree:.4f}, " if agree is not None else "")
-                     + f"mean relative output error {fid['rel_error']:.4f}")
+        lines.append(f"Feature tensor: {feature['tensor']} ({feature['reason']})")
+    if fid:
+        lines.append("")
+        lines.extend(_fidelity_lines(fid))
+    if report.get("collapse"):
+        lines.append(f"Warning: {report['collapse']}")
     return "\n".join(lines)

@@ -20,7 +20,8 @@ from threadpoolctl import threadpool_limits
 
 from .consensus import BlockScore, consensus
 from .graph.blocks import Block, find_blocks
-from .graph.instrument import expose, find_feature_tensor, suffix_model
+from .graph.heads import CLASS_SCORES, choose_feature, output_kinds, pool_output
+from .graph.instrument import expose, suffix_model
 from .graph.masks import TokenMask, token_masks
 from .graph.weights import initializer_bytes, weightless
 from .metrics import DEFAULT_METRICS, get_metric, score
@@ -42,13 +43,15 @@ class ScoreRound:
     blocks: list[BlockScore] = field(default_factory=list)
     ort_seconds: float = 0.0
     metric_seconds: float = 0.0
+    feature_reason: str | None = None
 
     @property
     def order(self) -> list[str]:
         return [b.id for b in self.blocks]
 
     def to_json(self) -> dict:
-        return {"scope": self.scope, "feature": self.feature, "metrics": list(self.metrics),
+        return {"scope": self.scope, "feature": self.feature, "feature_reason": self.feature_reason,
+                "metrics": list(self.metrics),
                 "n_samples": self.n_samples, "ort_seconds": round(self.ort_seconds, 3),
                 "metric_seconds": round(self.metric_seconds, 3), "order": self.order,
                 "blocks": [b.to_json() for b in self.blocks]}
@@ -75,8 +78,10 @@ class Features:
     scope "global": ``before[b]`` is the current model's feature tensor (the same (n, d) array for every
     block), ``after[b]`` the feature of the model without block b. scope "local": ``before[b]`` is block b's
     entry, ``after[b]`` its exit, each (n, d_b). Rows are samples, float32, pooled by ``pool_features``.
-    predictions: (n,) argmax of the model's first output, None when it is not (n, classes).
-    feature: the feature tensor's name (global scope), else None. ort_seconds: time spent in onnxruntime.
+    predictions: (n,) argmax of the model's first output, None when it is not (n, classes) class scores
+    (``graph.heads.output_kinds``).
+    feature: the feature tensor's name, comma-separated when several graph outputs (global scope), else
+    None; feature_reason: why that feature (``graph.heads.choose_feature``). ort_seconds: time in onnxruntime.
     """
 
     scope: str
@@ -85,6 +90,7 @@ class Features:
     predictions: np.ndarray | None
     feature: str | None
     ort_seconds: float
+    feature_reason: str | None = None
 
     def pair(self, block_id: str) -> tuple[np.ndarray, np.ndarray]:
         """(X, Y) for one block, each (n, d)."""
@@ -102,8 +108,12 @@ def _predictions(out: np.ndarray) -> np.ndarray | None:
 def collect_features(model: onnx.ModelProto, data, blocks: Sequence[Block], *, scope: str = "global",
                      feature: str | None = None, indices=None, batch_size: int = 64,
                      threads: int | None = None, progress: bool = False, share_weights: bool | None = None,
-                     token_mask: Sequence[str] = ()) -> Features:
+                     token_mask: Sequence[str] = (), task: str | None = None) -> Features:
     """Run the calibration data once and return the pooled ``Features`` of every block in ``blocks``.
+
+    The global scope's feature: ``feature`` when named, else ``graph.heads.choose_feature`` (the classifier
+    head's input, or the graph's float outputs, pooled by ``graph.heads.pool_output`` and concatenated);
+    ``task`` (classify | embed | generic) overrides that choice.
 
     Token tensors are averaged over the tokens a mask input keeps (``graph.masks.token_masks``;
     ``token_mask``: overrides ``NAME:keep|pad``). share_weights: give every session one shared copy of the
@@ -124,16 +134,20 @@ def collect_features(model: onnx.ModelProto, data, blocks: Sequence[Block], *, s
     graph_model = weightless(model) if shared else model
     try:
         sessions = {}
+        choice = None
+        # the Gaussian metrics' conditions: the predicted class only when the first output is class scores
+        classes = next(iter(output_kinds(graph_model, task).values()), None) == CLASS_SCORES
         if scope == "global":
-            feature = feature or find_feature_tensor(graph_model)
+            choice = choose_feature(graph_model, blocks, task=task, feature=feature)
+            feats = list(choice.tensors)
             graph_inputs = {i.name for i in model.graph.input}
             cut: set[str] = set()
             for b in blocks:  # one suffix model at a time: only its session is kept
-                s = suffix_model(graph_model, b, [feature])
+                s = suffix_model(graph_model, b, feats)
                 cut.update(s.inputs)
                 if not s.passthrough:
                     sessions[b.id] = session(s.model, "all")
-            needed = [feature, output0] + sorted(cut - graph_inputs)
+            needed = list(dict.fromkeys(feats + [output0] + sorted(cut - graph_inputs)))
         else:
             needed = [output0] + [n for b in blocks for n in (b.entry, b.exit)]
         full = session(expose(graph_model, needed), "basic")
@@ -154,20 +168,26 @@ def collect_features(model: onnx.ModelProto, data, blocks: Sequence[Block], *, s
     def pool(act: np.ndarray, feeds: dict[str, np.ndarray]) -> np.ndarray:
         return pool_features(act, _mask_for(feeds, act, masks)).astype(np.float32)
 
+    def pool_feature(acts: Sequence[np.ndarray], feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """The global feature: one tensor pooled as before, or graph outputs pooled and concatenated."""
+        if choice.head or feature:
+            return pool(acts[0], feeds)
+        return np.concatenate([pool_output(a, _mask_for(feeds, a, masks)) for a in acts], axis=1).astype(np.float32)
+
     for feeds in batches:
         t0 = time.perf_counter()
         values = dict(zip(full_names, full.run(None, feeds)))
         values.update(feeds)
         if scope == "global":
-            outs = {bid: sess.run(None, {i.name: values[i.name] for i in sess.get_inputs()})[0]
+            outs = {bid: sess.run(feats, {i.name: values[i.name] for i in sess.get_inputs()})
                     for bid, sess in sessions.items()}
         t_ort += time.perf_counter() - t0
-        p = _predictions(values[output0])
+        p = _predictions(values[output0]) if classes else None
         preds.append(p)
         if scope == "global":
-            X.append(pool(values[feature], feeds))
+            X.append(pool_feature([values[f] for f in feats], feeds))
             for b in blocks:
-                Ys[b.id].append(pool(outs.get(b.id, values[feature]), feeds))
+                Ys[b.id].append(pool_feature(outs.get(b.id, [values[f] for f in feats]), feeds))
         else:
             for b in blocks:
                 X[b.id].append(pool(values[b.entry], feeds))
@@ -177,7 +197,7 @@ def collect_features(model: onnx.ModelProto, data, blocks: Sequence[Block], *, s
     after = {k: cat(v) for k, v in Ys.items()}
     if scope == "global":
         x = cat(X)
-        return Features(scope, {b.id: x for b in blocks}, after, predictions, feature, t_ort)
+        return Features(scope, {b.id: x for b in blocks}, after, predictions, choice.name, t_ort, choice.reason)
     return Features(scope, {k: cat(v) for k, v in X.items()}, after, predictions, None, t_ort)
 
 
@@ -185,18 +205,20 @@ def score_blocks(model: onnx.ModelProto, data, *, blocks: Sequence[Block] | None
                  metrics: Sequence[str] = DEFAULT_METRICS, scope: str = "global", feature: str | None = None,
                  indices=None, labels: np.ndarray | None = None, batch_size: int = 64, seed: int = 0,
                  pca_dim: int = 256, threads: int | None = None, progress: bool = False,
-                 token_mask: Sequence[str] = ()) -> ScoreRound:
+                 token_mask: Sequence[str] = (), task: str | None = None) -> ScoreRound:
     """Score ``blocks`` (default: all removable blocks of ``model``) with each metric and order them by
     the Consensus. ``data`` is a CalibrationData; ``indices`` the samples to use (default all); ``labels``
     (n,) class ids for the Gaussian metrics' conditions (default: the model's predicted class);
-    ``token_mask``: token-mask overrides ``NAME:keep|pad`` (see ``graph.masks``)."""
+    ``token_mask``: token-mask overrides ``NAME:keep|pad`` (see ``graph.masks``); ``task``: classify | embed |
+    generic, overriding the choice of the feature tensor (``graph.heads.choose_feature``)."""
     metrics = tuple(metrics)
     specs = [get_metric(m) for m in metrics]
     blocks = list(find_blocks(model).blocks if blocks is None else blocks)
     if not blocks:
         return ScoreRound(scope, feature, metrics, 0)
     feats = collect_features(model, data, blocks, scope=scope, feature=feature, indices=indices,
-                             batch_size=batch_size, threads=threads, progress=progress, token_mask=token_mask)
+                             batch_size=batch_size, threads=threads, progress=progress, token_mask=token_mask,
+                             task=task)
     t0 = time.perf_counter()
     # conditions (classes or clusters) come from the model's feature (global) or the first block's entry
     conditions = make_conditions(feats.predictions, feats.before[blocks[0].id], labels=labels, seed=seed)
@@ -206,7 +228,7 @@ def score_blocks(model: onnx.ModelProto, data, *, blocks: Sequence[Block] | None
             table[b.id] = _score_one(specs, *feats.pair(b.id), conditions, seed, pca_dim)
     ranked = consensus(table, {b.id: b.position for b in blocks}, metrics)
     return ScoreRound(scope, feats.feature, metrics, feats.n_samples, ranked, feats.ort_seconds,
-                      time.perf_counter() - t0)
+                      time.perf_counter() - t0, feats.feature_reason)
 
 
 def _score_one(specs, x: np.ndarray, y: np.ndarray, conditions, seed: int, pca_dim: int) -> dict[str, float]:

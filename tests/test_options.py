@@ -45,6 +45,7 @@ SAMPLES = {
     "seed": (["--seed", "11"], 11),
     "unit": (["--unit", "layer"], "layer"),
     "token_mask": (["--token-mask", "mask:pad"], ("mask:pad",)),
+    "task": (["--task", "embed"], "embed"),
     "finetune_epochs": (["--finetune-epochs", "2"], 2),
     "lr": (["--lr", "0.1"], 0.1),
     "ft_batch_size": (["--ft-batch-size", "8"], 8),

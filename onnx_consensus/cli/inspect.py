@@ -8,8 +8,9 @@ from ..pipeline import inspect
 
 
 def cmd_inspect(args) -> int:
-    unit = CriterionOptions.from_args(args).unit
-    out = inspect(args.input, unit=unit, input_shapes=RunOptions.from_args(args).input_shapes)
+    criterion = CriterionOptions.from_args(args)
+    out = inspect(args.input, unit=criterion.unit, input_shapes=RunOptions.from_args(args).input_shapes,
+                  task=criterion.task)
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
@@ -25,6 +26,10 @@ def cmd_inspect(args) -> int:
         print("\nResidual merges seen but not removable:")
         for n in out["not_removable"]:
             print(f"  {n['merge']}: {n['reason']}")
+    if out["feature"]:
+        print(f"\nFeature tensor (global scope): {', '.join(out['feature']['tensors'])} ({out['feature']['reason']})")
+    if out["outputs"]:
+        print("Outputs: " + ", ".join(f"{name} ({kind})" for name, kind in out["outputs"].items()))
     for note in out["notes"]:
         print(f"\nNote: {note}")
     return 0

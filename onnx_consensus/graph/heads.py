@@ -1,0 +1,249 @@
+"""What a model's outputs are, and which tensor the global scope compares (the feature tensor).
+
+- ``output_kinds``: each float graph output's kind, which decides how fidelity is measured:
+  "class scores" (top-1 agreement, cosine, relative error), "embedding" or "generic" (cosine, relative error).
+- ``choose_feature``: the classifier's input when the graph ends in a classifier head after the last
+  candidate block, otherwise the graph's float outputs (pooled by ``pool_output``).
+
+How an output is judged class scores (``--task`` overrides the first output's kind): walking back from the
+output through shape-only ops (Reshape, Flatten, Squeeze, Unsqueeze, Transpose, Identity, Cast), a bias or
+scale by a constant (Add/Sub/Mul/Div with one constant operand) and Softmax/LogSoftmax, the walk reaches a
+Softmax/LogSoftmax or a Gemm/MatMul/Conv with a constant weight; and the output has rank 2 (N, classes) or 3
+(a sequence of class scores, e.g. CTC) with a last axis of at least 2 when known. Any other rank-2 float
+output is an "embedding" (e.g. MiniLM's L2-normalised mean-pooled sentence vector, made by a Div of two data
+tensors); the rest are "generic" (detection maps, boxes, states).
+
+When the graph "ends in a classifier head": the first output is class scores, the walk back from it
+reached a weighted node H (the head), H dominates the output (every data path from a graph input to the
+output goes through H; paths through Shape/Size, which carry no values, do not count), and H's data input
+is downstream of every candidate block's exit. Then the feature is H's data input, as the published method
+uses. In a post-LN encoder the last weighted node is inside the last layer's MLP, and the skip path goes
+around it: its input is no feature (removing the last MLP would score ~0 there).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from ..errors import InputError
+from .ir import GraphIndex, to_gs
+
+TASKS = ("classify", "embed", "generic")
+CLASS_SCORES = "class scores"
+KIND_OF_TASK = {"classify": CLASS_SCORES, "embed": "embedding", "generic": "generic"}
+HEAD_OPS = ("Gemm", "MatMul", "Conv")
+SCORE_OPS = ("Softmax", "LogSoftmax")
+SHAPE_ONLY_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Cast")
+AFFINE_OPS = ("Add", "Sub", "Mul", "Div")
+NO_VALUE_OPS = ("Shape", "Size")
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+GRID_MIN_DIM = 16
+
+
+@dataclass(frozen=True)
+class FeatureChoice:
+    """The global scope's feature: ``tensors`` (one, or the graph's float outputs), ``reason`` in words,
+    ``head`` True when it is a classifier head's input."""
+
+    tensors: tuple[str, ...]
+    reason: str
+    head: bool = False
+
+    @property
+    def name(self) -> str:
+        return ",".join(self.tensors)
+
+    def to_json(self) -> dict:
+        return {"tensors": list(self.tensors), "reason": self.reason, "classifier_input": self.head}
+
+
+def _check_task(task: str | None) -> None:
+    if task is not None and task not in TASKS:
+        raise InputError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
+
+
+def _float_outputs(graph: gs.Graph, index: GraphIndex) -> list[gs.Tensor]:
+    """Graph outputs of a float type that depend on an input (dtype unknown counts as float)."""
+    return [t for t in graph.outputs if _is_float(getattr(t, "dtype", None)) and index.is_data(t)]
+
+
+def _is_float(dtype) -> bool:
+    if dtype is None:
+        return True
+    if isinstance(dtype, int):
+        return dtype in FLOAT_TYPES
+    if getattr(dtype, "name", str(dtype)) == "bfloat16":
+        return True
+    try:
+        return bool(np.issubdtype(np.dtype(dtype), np.floating))
+    except TypeError:
+        return False
+
+
+def _constant(index: GraphIndex, t: gs.Tensor) -> bool:
+    return not index.is_data(t) and (isinstance(t, gs.Constant) or bool(t.name))
+
+
+def _weighted(index: GraphIndex, node: gs.Node) -> bool:
+    """A Gemm/MatMul/Conv with one data input and a constant operand (its learned weight)."""
+    ins = [t for t in node.inputs if t.name or isinstance(t, gs.Constant)]
+    return (node.op in HEAD_OPS and any(index.is_data(t) for t in ins)
+            and any(_constant(index, t) for t in ins[:2]))
+
+
+def _walk_back(index: GraphIndex, name: str) -> tuple[bool, gs.Node | None]:
+    """From tensor ``name`` back through shape-only, constant-affine and Softmax ops: (class-score
+    producer reached, the weighted head node reached or None)."""
+    scores = False
+    seen: set[str] = set()
+    while name not in seen:
+        seen.add(name)
+        node = index.producer.get(name)
+        if node is None:
+            return scores, None
+        if node.op in HEAD_OPS:
+            return (True, node) if _weighted(index, node) else (scores, None)
+        if node.op in SCORE_OPS:
+            scores = True
+            name = node.inputs[0].name
+        elif node.op in SHAPE_ONLY_OPS:
+            name = node.inputs[0].name
+        elif node.op in AFFINE_OPS:
+            data = [t for t in node.inputs if index.is_data(t)]
+            if len(data) != 1:
+                return scores, None
+            name = data[0].name
+        else:
+            return scores, None
+    return scores, None
+
+
+def _shape_ok(t: gs.Tensor) -> bool:
+    """Rank 2 or 3 (unknown rank passes), last axis >= 2 when static."""
+    shape = getattr(t, "shape", None)
+    if shape is None:
+        return True
+    if len(shape) not in (2, 3):
+        return False
+    last = shape[-1]
+    return not (isinstance(last, int) and 0 < last < 2)
+
+
+def _kinds(graph: gs.Graph, index: GraphIndex, task: str | None) -> dict[str, str]:
+    kinds = {}
+    for k, t in enumerate(_float_outputs(graph, index)):
+        if k == 0 and task is not None:
+            kinds[t.name] = KIND_OF_TASK[task]
+            continue
+        scores, _ = _walk_back(index, t.name)
+        shape = getattr(t, "shape", None)
+        if scores and _shape_ok(t):
+            kinds[t.name] = "class scores"
+        elif shape is not None and len(shape) == 2:
+            kinds[t.name] = "embedding"
+        else:
+            kinds[t.name] = "generic"
+    return kinds
+
+
+def output_kinds(model: onnx.ModelProto, task: str | None = None) -> dict[str, str]:
+    """{output name: kind} for the model's float outputs, in graph order ("class scores", "embedding",
+    "generic"). ``task`` (classify | embed | generic) sets the first float output's kind."""
+    _check_task(task)
+    graph = to_gs(model)
+    return _kinds(graph, GraphIndex(graph), task)
+
+
+def _dominates(index: GraphIndex, node: gs.Node, target: str) -> bool:
+    """True when every value path from a graph input to tensor ``target`` goes through ``node``."""
+    stack = [t.name for t in index.graph.inputs]
+    seen: set[int] = set()
+    reached = set(stack)
+    while stack:
+        name = stack.pop()
+        if name == target:
+            return False
+        for c in index.consumers(name):
+            if c is node or c.op in NO_VALUE_OPS or id(c) in seen:
+                continue
+            seen.add(id(c))
+            for t in c.outputs:
+                if t.name not in reached:
+                    reached.add(t.name)
+                    stack.append(t.name)
+    return True
+
+
+def choose_feature(model: onnx.ModelProto, blocks: Sequence = (), *, task: str | None = None,
+                   feature: str | None = None) -> FeatureChoice:
+    """The feature tensor(s) for the global scope, with the reason (see the module docstring).
+
+    blocks: the candidate blocks (their ``exit``), which the feature must be downstream of. task:
+    "classify" keeps the input of the last Gemm/MatMul/Conv upstream of the first output (the tool's
+    behaviour before the head test); "embed"/"generic" take the graph's float outputs. feature: a tensor
+    the user named (taken as is)."""
+    _check_task(task)
+    if feature:
+        return FeatureChoice((feature,), "named with --feature")
+    if task == "classify":
+        from .instrument import find_feature_tensor
+
+        return FeatureChoice((find_feature_tensor(model),), "--task classify: input of the last Gemm/MatMul/Conv",
+                             True)
+    graph = to_gs(model)
+    index = GraphIndex(graph)
+    kinds = _kinds(graph, index, task)
+    if not kinds:
+        raise InputError("the model has no float output to compare; name a feature tensor with --feature")
+    first = next(iter(kinds))
+    outputs = tuple(kinds)
+    what = "graph outputs" if len(outputs) > 1 else "graph output"
+    if task is not None:
+        return FeatureChoice(outputs, f"{what}, as --task {task} says")
+    if kinds[first] != CLASS_SCORES:
+        return FeatureChoice(outputs, f"{what}; no classifier head: {first} is not class scores ({kinds[first]})")
+    _, head = _walk_back(index, first)
+    if head is None:
+        return FeatureChoice(outputs, f"{what}; no classifier head: no weighted layer makes the class scores {first}")
+    x = next(t.name for t in head.inputs if index.is_data(t))
+    if not _dominates(index, head, first):
+        return FeatureChoice(outputs, f"{what}; {head.op} {head.name} is no classifier head: a skip path goes "
+                                      f"around it to {first}")
+    upstream, _ = index.ancestors(x)
+    missed = [b.exit for b in blocks if b.exit not in upstream]
+    if missed:
+        return FeatureChoice(outputs, f"{what}; the classifier head's input {x} is not downstream of block "
+                                      f"{missed[0]}")
+    return FeatureChoice((x,), f"input of the classifier head {head.op} {head.name}, which makes the class "
+                               f"scores {first}", True)
+
+
+def pool_output(a: np.ndarray, mask: np.ndarray | None = None, *, min_dim: int = GRID_MIN_DIM) -> np.ndarray:
+    """Pool a graph output (a feature of the global scope) to (N, d) float64.
+
+    As ``metrics.features.pool_features`` (tokens averaged over the kept tokens, spatial axes averaged),
+    except that a map (N, C, d1, d2, ...) with C < ``min_dim`` channels is averaged over a grid of cells
+    rather than whole: a one-channel detection map averaged to one number per sample says nothing of where
+    its mass is. g cells per spatial axis, g the smallest with C * g**k >= min_dim (k spatial axes); cell i
+    of an axis of size S spans [floor(i*S/g), ceil((i+1)*S/g)) as in adaptive average pooling, never
+    empty, so inputs of different sizes give the same d = C * g**k."""
+    from ..metrics.features import pool_features
+
+    a = np.asarray(a)
+    if a.ndim < 4 or a.shape[1] >= min_dim:
+        return pool_features(a, mask)
+    k = a.ndim - 2
+    g = 1
+    while a.shape[1] * g ** k < min_dim:
+        g += 1
+    cells = [a]
+    for axis in range(2, a.ndim):
+        size = a.shape[axis]
+        spans = [(i * size // g, max(i * size // g + 1, -(-(i + 1) * size // g))) for i in range(g)]
+        cells = [np.take(c, range(lo, hi), axis=axis) for c in cells for lo, hi in spans]
+    pooled = [c.mean(axis=tuple(range(2, a.ndim)), dtype=np.float64) for c in cells]  # each (N, C)
+    return np.concatenate(pooled, axis=1)
