@@ -210,8 +210,11 @@ def test_no_block_said_before_inference(corpus, name):
 
 # ------------------------------------------------------------------------------------------------ fidelity terms
 
+OCR = {n for n in PRUNABLE if rm.REGISTRY[n].kind.startswith("ocr")}
 FIDELITY_FAILS = {
-    **{n: F5 for n in PRUNABLE if n not in CLASSIFIERS},
+    **{n: F5 for n in ("ppocr_det",)},
+    "magika": ("fidelity per output kind (branch feature): magika's 214-class output, a softmax that tf2onnx wrote "
+               "as Exp/ReduceSum/Div, is judged an embedding: no top-1 agreement reported"),
     "ddddocr_ocr": F1, "ddddocr_det": F1, "zoo_resnet50": F1, "zoo_inception_v2": F2,
     "silero_vad": F10,
 }
@@ -220,20 +223,24 @@ FIDELITY_FAILS = {
 @pytest.mark.parametrize("name", params([n for n in PRUNABLE if n in WITH_BLOCKS or n in CLASSIFIERS],
                                         FIDELITY_FAILS))
 def test_fidelity_in_the_outputs_terms(runs, name):
-    """Classifiers: top-1 agreement. Everything else (detectors, OCR sequences, embeddings, VAD): cosine per float
-    output in the report, and no top-1 agreement printed (an argmax over embedding dimensions means nothing)."""
+    """Classifiers: top-1 agreement. OCR (CTC class scores per time step): cosine in the report; a top-1 agreement
+    per time step may be printed (an argmax over each step's classes is what the decoder takes). Everything else
+    (detectors, embeddings, VAD): cosine per float output, and no top-1 agreement printed (an argmax over
+    embedding dimensions means nothing)."""
     tag, extra = ("remove2", ("--remove", "2")) if name in WITH_BLOCKS else ("default", ())
     proc, out, report = runs(name, tag, *extra)
     assert proc.returncode == 0, _say(proc)
     fid = report["fidelity"]
     if name in CLASSIFIERS:
-        assert "agreement" in fid and "top-1 agreement" in proc.stdout
+        assert fid.get("agreement") is not None and "top-1 agreement" in proc.stdout, _say(proc)
+    elif name in OCR:
+        assert any("cos" in k for k in json.dumps(fid).split('"')), fid
     else:
         assert "top-1 agreement" not in proc.stdout, _say(proc)
         assert any("cos" in k for k in json.dumps(fid).split('"')), fid
 
 
-@pytest.mark.parametrize("name", params(["minilm"], {"minilm": F5}))
+@pytest.mark.parametrize("name", ["minilm"])
 def test_headless_feature_downstream_of_every_block(runs, name):
     """On the embedding model the scored feature must lie downstream of every candidate (the graph's output),
     not 'the input of the last MatMul' inside the last layer's MLP."""
