@@ -6,12 +6,14 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from .batching import per_sample
 from .runtime import make_session
 
 
 @dataclass
 class Fidelity:
-    """How close a model's first output stays to a reference's, over ``n`` samples.
+    """How close a model's first output stays to a reference's, over ``n`` samples (samples fed, never
+    output rows or time steps).
 
     agreement: share of samples with the same top-1 class (None when the output is not (N, classes)).
     rel_error: mean over samples of ||y - y_ref||_2 / ||y_ref||_2 on the first output.
@@ -37,10 +39,31 @@ class Fidelity:
 def reference_outputs(model: onnx.ModelProto, data, indices, *, batch_size: int = 64,
                       threads: int | None = None) -> list[np.ndarray]:
     """The first output of ``model`` on the samples ``indices``, one array per batch (batches may differ
-    in their non-batch shape, e.g. sequence length). Kept for comparisons: the hold-out set is small."""
+    in their non-batch shape, e.g. sequence length), each (samples, ...): the sample axis first (a time-major
+    (T, B, C) output becomes (B, T, C)), a fixed batch's padding dropped (``batching.per_sample``), so rows
+    are samples. Kept for comparisons: the hold-out set is small."""
     sess = make_session(model, level="all", threads=threads)
     name = sess.get_outputs()[0].name
-    return [sess.run([name], feeds)[0] for feeds in data.batches(batch_size, indices)]
+    fed = batch_rows(data)
+    return [per_sample(sess.run([name], feeds)[0], fed(feeds), n, name=f"output {name!r}")
+            for feeds, n in data.counted_batches(batch_size, indices)]
+
+
+def batch_rows(data):
+    """A function of a feed: how many samples it holds (the fixed batch, else the size of the first batched
+    input along its batch axis)."""
+    axes = getattr(data, "batch_axes", {})
+    fixed = getattr(data, "fixed_batch", None)
+
+    def rows(feeds) -> int:
+        if fixed:
+            return fixed
+        for k, v in feeds.items():
+            ax = axes.get(k, 0)
+            if ax is not None and np.ndim(v):
+                return v.shape[ax]
+        return 1
+    return rows
 
 
 def fidelity(model: onnx.ModelProto, reference: list[np.ndarray], data, indices, *,

@@ -18,7 +18,9 @@ import numpy as np
 import onnx
 from threadpoolctl import threadpool_limits
 
+from .batching import per_sample
 from .consensus import BlockScore, consensus
+from .evaluate import batch_rows
 from .graph.blocks import Block, find_blocks
 from .graph.instrument import expose, find_feature_tensor, suffix_model
 from .graph.masks import TokenMask, token_masks
@@ -144,17 +146,22 @@ def collect_features(model: onnx.ModelProto, data, blocks: Sequence[Block], *, s
     X: list | dict = [] if scope == "global" else {b.id: [] for b in blocks}
     Ys: dict[str, list] = {b.id: [] for b in blocks}
     preds: list = []
-    batches = data.batches(batch_size, indices)
+    batches = data.counted_batches(batch_size, indices)
+    rows_of = batch_rows(data)
     if progress:
         from tqdm import tqdm
 
         total = len(indices) if indices is not None else data.n_samples
-        batches = tqdm(batches, total=-(-total // batch_size), desc=f"scoring {len(blocks)} blocks", unit="batch", leave=False)
+        step = getattr(data, "fixed_batch", None) or batch_size
+        batches = tqdm(batches, total=-(-total // step), desc=f"scoring {len(blocks)} blocks", unit="batch", leave=False)
 
-    def pool(act: np.ndarray, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        return pool_features(act, _mask_for(feeds, act, masks)).astype(np.float32)
+    def pool(act: np.ndarray, feeds: dict[str, np.ndarray], name: str) -> np.ndarray:
+        """(n_real, d): the sample axis first (``batching.per_sample``), padding dropped, then pooled."""
+        fed = rows_of(feeds)
+        act = per_sample(act, fed, name=f"tensor {name!r}")
+        return pool_features(act, _mask_for(feeds, act, masks)).astype(np.float32)[:n_real]
 
-    for feeds in batches:
+    for feeds, n_real in batches:
         t0 = time.perf_counter()
         values = dict(zip(full_names, full.run(None, feeds)))
         values.update(feeds)
@@ -162,16 +169,16 @@ def collect_features(model: onnx.ModelProto, data, blocks: Sequence[Block], *, s
             outs = {bid: sess.run(None, {i.name: values[i.name] for i in sess.get_inputs()})[0]
                     for bid, sess in sessions.items()}
         t_ort += time.perf_counter() - t0
-        p = _predictions(values[output0])
+        p = _predictions(per_sample(values[output0], rows_of(feeds), n_real, name=f"output {output0!r}"))
         preds.append(p)
         if scope == "global":
-            X.append(pool(values[feature], feeds))
+            X.append(pool(values[feature], feeds, feature))
             for b in blocks:
-                Ys[b.id].append(pool(outs.get(b.id, values[feature]), feeds))
+                Ys[b.id].append(pool(outs.get(b.id, values[feature]), feeds, feature))
         else:
             for b in blocks:
-                X[b.id].append(pool(values[b.entry], feeds))
-                Ys[b.id].append(pool(values[b.exit], feeds))
+                X[b.id].append(pool(values[b.entry], feeds, b.entry))
+                Ys[b.id].append(pool(values[b.exit], feeds, b.exit))
     cat = np.concatenate
     predictions = None if any(p is None for p in preds) else cat(preds)
     after = {k: cat(v) for k, v in Ys.items()}
