@@ -335,3 +335,22 @@ def test_ir3_model_keeps_initializers_as_inputs(tmp_path):
     onnx.checker.check_model(out, full_check=True)
     assert {t.name for t in out.graph.initializer} <= {v.name for v in out.graph.input}
     assert interface(out) == interface(m)
+
+
+def test_schedule_returns_before_inference_without_blocks(tmp_path, monkeypatch):
+    """The API's schedule (``pruner.prune``) on a model with no block: no onnxruntime session, no error for
+    a block-count target."""
+    from onnx_consensus.options import TargetOptions
+    from onnx_consensus.pruner import prune as schedule
+
+    src = _plain(tmp_path, batch="N")
+    calib = _calib(tmp_path / "c", 12, width=4)
+    model = onnx.load(src)
+    data = load_calibration(str(calib), model)
+
+    def no_session(*a, **k):
+        raise AssertionError("onnxruntime session created")
+    monkeypatch.setattr(ort, "InferenceSession", no_session)
+    result = schedule(model, data, target=TargetOptions(remove=2))
+    assert result.removals == [] and result.stop_reason.startswith("no removable block")
+    assert result.fidelity is None
