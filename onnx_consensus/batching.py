@@ -66,18 +66,22 @@ def sample_axis(shape: Sequence[int], n_fed: int) -> int | None:
     return None
 
 
-def per_sample(a: np.ndarray, n_fed: int, n_real: int | None = None, *, name: str = "tensor") -> np.ndarray:
+def per_sample(a: np.ndarray, n_fed: int, n_real: int | None = None, *, name: str = "tensor",
+               strict: bool = True) -> np.ndarray:
     """``a`` (computed from a batch of ``n_fed`` samples) with its sample axis first, cut to the ``n_real``
     true samples (the rest is padding): (n_real, ...).
 
     The sample axis is ``sample_axis``; a tensor with no axis of size ``n_fed`` computed from one sample
     (e.g. (T x 1, D) rows of an LSTM output reshaped for a Gemm) is that one sample: (1, *a.shape). Raises
-    InputError when the samples cannot be told apart (rows of several samples mixed in one axis)."""
+    InputError when the samples cannot be told apart (rows of several samples mixed in one axis), or with
+    ``strict=False`` returns ``a`` as it is then (rows taken as they come, e.g. a detector's (num_dets, 6))."""
     a = np.asarray(a)
     n_real = n_fed if n_real is None else n_real
     ax = sample_axis(a.shape, n_fed) if a.ndim else None
     if ax is None:
         if n_fed != 1:
+            if not strict:
+                return a
             raise InputError(f"{name} has shape {tuple(a.shape)} for a batch of {n_fed} samples: no axis holds the "
                              "samples (rows of several samples mixed); rerun with --batch-size 1")
         return a[None]

@@ -45,7 +45,7 @@ def reference_outputs(model: onnx.ModelProto, data, indices, *, batch_size: int 
     sess = make_session(model, level="all", threads=threads)
     name = sess.get_outputs()[0].name
     fed = batch_rows(data)
-    return [per_sample(sess.run([name], feeds)[0], fed(feeds), n, name=f"output {name!r}")
+    return [per_sample(sess.run([name], feeds)[0], fed(feeds), n, name=f"output {name!r}", strict=False)
             for feeds, n in data.counted_batches(batch_size, indices)]
 
 

@@ -212,6 +212,12 @@ def run(model: onnx.ModelProto | Source | str | os.PathLike, data, options: Opti
     report_options = {"input": source.path, "calib": getattr(data, "source", None), **options.to_flags()}
     shapes = {} if options.run.input_shapes else calibration_shapes(interface(model)[0], data)
     if shapes:
+        try:
+            count_cost(model, shapes)
+        except InputError as exc:  # e.g. a dim the model writes as -1: MACs stay unknown, said why
+            _warn(warnings, f"MACs not counted at the calibration data's shapes: {exc}")
+            shapes = {}
+    if shapes:
         options = replace(options, run=replace(options.run, input_shapes=shapes))
         _warn(warnings, "MACs and latency at the calibration data's shapes (first sample): "
                         + ", ".join(f"{k}:{'x'.join(map(str, v)) or 'scalar'}" for k, v in shapes.items())

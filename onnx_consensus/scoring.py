@@ -20,6 +20,7 @@ from threadpoolctl import threadpool_limits
 
 from .batching import per_sample
 from .consensus import BlockScore, consensus
+from .errors import InputError
 from .evaluate import batch_rows
 from .graph.blocks import Block, find_blocks
 from .graph.instrument import expose, find_feature_tensor, suffix_model
@@ -158,8 +159,16 @@ def collect_features(model: onnx.ModelProto, data, blocks: Sequence[Block], *, s
     def pool(act: np.ndarray, feeds: dict[str, np.ndarray], name: str) -> np.ndarray:
         """(n_real, d): the sample axis first (``batching.per_sample``), padding dropped, then pooled."""
         fed = rows_of(feeds)
-        act = per_sample(act, fed, name=f"tensor {name!r}")
+        try:
+            act = per_sample(act, fed, name=f"tensor {name!r}")
+        except InputError as exc:  # rows of several samples mixed: taken as rows, as given
+            if name not in mixed:
+                mixed.add(name)
+                log.warning("%s; its rows are scored as samples", exc)
+            return pool_features(act, _mask_for(feeds, act, masks)).astype(np.float32)
         return pool_features(act, _mask_for(feeds, act, masks)).astype(np.float32)[:n_real]
+
+    mixed: set[str] = set()
 
     for feeds, n_real in batches:
         t0 = time.perf_counter()
@@ -169,7 +178,7 @@ def collect_features(model: onnx.ModelProto, data, blocks: Sequence[Block], *, s
             outs = {bid: sess.run(None, {i.name: values[i.name] for i in sess.get_inputs()})[0]
                     for bid, sess in sessions.items()}
         t_ort += time.perf_counter() - t0
-        p = _predictions(per_sample(values[output0], rows_of(feeds), n_real, name=f"output {output0!r}"))
+        p = _predictions(per_sample(values[output0], rows_of(feeds), n_real, strict=False))
         preds.append(p)
         if scope == "global":
             X.append(pool(values[feature], feeds, feature))
