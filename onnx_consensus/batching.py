@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import InputError
 
-__all__ = ["fixed_batch", "pad_batch", "sample_axis", "per_sample", "tile_feed", "calibration_shapes"]
+__all__ = ["fixed_batch", "pad_batch", "sample_axis", "per_sample", "tile_feed", "calibration_shapes", "counted_batches"]
 
 
 def fixed_batch(specs: Sequence) -> int | None:
@@ -122,3 +122,14 @@ def calibration_shapes(specs: Sequence, data) -> dict[str, tuple[int, ...]]:
     if feeds is None:
         return {}
     return {s.name: tuple(int(d) for d in np.shape(feeds[s.name])) for s in specs if s.name in feeds}
+
+
+def counted_batches(data, batch_size: int, indices=None):
+    """(feeds, n_real) batches of ``data``: its ``counted_batches`` (CalibrationData), or for any other object
+    with a ``batches(batch_size, indices)`` method, each batch with all its rows real (dim 0 of the first input)."""
+    if hasattr(data, "counted_batches"):
+        yield from data.counted_batches(batch_size, indices)
+        return
+    for feeds in data.batches(batch_size, indices):
+        first = next(iter(feeds.values()))
+        yield feeds, (len(first) if np.ndim(first) else 1)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from .batching import per_sample
+from .batching import counted_batches, per_sample
 from .runtime import make_session
 
 
@@ -46,7 +46,7 @@ def reference_outputs(model: onnx.ModelProto, data, indices, *, batch_size: int 
     name = sess.get_outputs()[0].name
     fed = batch_rows(data)
     return [per_sample(sess.run([name], feeds)[0], fed(feeds), n, name=f"output {name!r}", strict=False)
-            for feeds, n in data.counted_batches(batch_size, indices)]
+            for feeds, n in counted_batches(data, batch_size, indices)]
 
 
 def batch_rows(data):

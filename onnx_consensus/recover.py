@@ -12,6 +12,7 @@ from typing import NamedTuple
 import numpy as np
 import onnx
 
+from .batching import counted_batches
 from .errors import InputError
 from .evaluate import compare, reference_outputs
 
@@ -44,7 +45,7 @@ class _Epoch:
         perm = np.random.default_rng(self.seed).permutation(self.data.n_samples)
         fixed = getattr(self.data, "fixed_batch", None)
         offset = 0
-        for feeds, n in self.data.counted_batches(self.batch_size, perm):
+        for feeds, n in counted_batches(self.data, self.batch_size, perm):
             labels = self.data.labels_for(perm[offset:offset + n])
             offset += n
             if fixed and n < fixed and self.data.n_samples >= fixed:

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from threadpoolctl import threadpool_limits
 
-from .batching import per_sample
+from .batching import counted_batches, per_sample
 from .consensus import BlockScore, consensus
 from .errors import InputError
 from .evaluate import batch_rows
@@ -147,7 +147,7 @@ def collect_features(model: onnx.ModelProto, data, blocks: Sequence[Block], *, s
     X: list | dict = [] if scope == "global" else {b.id: [] for b in blocks}
     Ys: dict[str, list] = {b.id: [] for b in blocks}
     preds: list = []
-    batches = data.counted_batches(batch_size, indices)
+    batches = counted_batches(data, batch_size, indices)
     rows_of = batch_rows(data)
     if progress:
         from tqdm import tqdm
