@@ -37,6 +37,7 @@ from .options import (CriterionOptions, DataOptions, FinetuneConfig, Options, Ou
 from .pruner import PruneResult
 from .pruner import prune as schedule
 from .report import build_report, sha256_file, stamp
+from .runtime import resolve_providers, using_providers
 
 log = logging.getLogger("onnx_consensus")
 __all__ = ["Source", "Outcome", "Written", "open_model", "check_output", "run", "write", "prune", "inspect"]
@@ -167,9 +168,15 @@ def run(model: onnx.ModelProto | Source | str | os.PathLike, data, options: Opti
     """Prune ``model`` (a ModelProto, a Source or a path; never modified) scored on ``data`` (a
     CalibrationData, or a path loaded with ``options.data``), as ``options`` say. Raises InputError /
     TargetError / the failure of a run that failed midway (KeyboardInterrupt, an onnxruntime error),
-    unless ``options.output.keep_partial``: then the Outcome has status "partial"."""
-    t_start = time.perf_counter()
+    unless ``options.output.keep_partial``: then the Outcome has status "partial". Every onnxruntime
+    session of the run uses ``options.run.providers``."""
     options = options or Options()
+    with using_providers(resolve_providers(options.run.providers)):
+        return _run_on_providers(model, data, options)
+
+
+def _run_on_providers(model, data, options: Options) -> Outcome:
+    t_start = time.perf_counter()
     source = model if isinstance(model, Source) else (
         open_model(model) if isinstance(model, (str, os.PathLike)) else Source(model))
     ft = options.finetune
@@ -177,8 +184,10 @@ def run(model: onnx.ModelProto | Source | str | os.PathLike, data, options: Opti
     between = options.recovery.between
     if finetuning or between:
         from .recover import require_torch
+        from .tuning import check_config
 
         require_torch()
+        check_config(ft if finetuning else replace(ft or FinetuneConfig(), epochs=1))  # bad --device/--amp: now
     for m in options.criterion.metrics:
         get_metric(m)
     if options.run.batch_size < 1:
@@ -323,7 +332,7 @@ def _finetune(original: onnx.ModelProto, result: PruneResult, calib, options: Op
               warnings: list[str]) -> tuple[dict, int]:
     """Fine-tune ``result.model`` in place; on failure keep the pruned model (exit 4; 130 when interrupted
     with keep_partial)."""
-    from .recover import finetune_pruned
+    from .tuning import finetune_model
 
     rec = options.recovery
     train = _extra_data(rec.train, original, options.data)
@@ -335,10 +344,9 @@ def _finetune(original: onnx.ModelProto, result: PruneResult, calib, options: Op
     config = options.finetune
     info = {"mode": "supervised" if train.labels is not None else "distillation", "epochs": config.epochs,
             "train_samples": train.n_samples, "eval": getattr(eval_data, "source", None)}
-    try:
-        tuned, res, before, after, original_metric = finetune_pruned(
-            original, result.model, train, config=config, eval_data=eval_data, threads=options.run.threads,
-            progress=options.run.progress)
+    try:  # the same code as `onnx-cprune finetune`
+        tuned, info = finetune_model(result.model, train, config=config, teacher=original, eval_data=eval_data,
+                                     threads=options.run.threads, progress=options.run.progress)
     except FinetuneError as exc:
         info["error"] = str(exc)
         return info, exc.exit_code
@@ -353,9 +361,6 @@ def _finetune(original: onnx.ModelProto, result: PruneResult, calib, options: Op
         info["error"] = "fine-tuning interrupted (--keep-partial)"
         return info, 130
     result.model = tuned
-    info.update(metric_original=original_metric, metric_before=before, metric_after=after, best_epoch=res.best_epoch,
-                images_seen=res.images_seen, seconds=round(res.seconds, 2), history=res.history,
-                metric="accuracy" if (eval_data is not None and eval_data.labels is not None) else "agreement")
     return info, 0
 
 
@@ -425,4 +430,5 @@ def inspect(path: str | os.PathLike, *, unit: str = CriterionOptions.unit,
         d["macs_share"] = (b.macs / total) if (b.macs is not None and total) else None
         blocks.append(d)
     return {"model": os.fspath(path), "macs": total, "params": cost.params, "unit": unit, "blocks": blocks,
-            "not_removable": [n.to_json() for n in report.not_removable], "notes": list(report.notes)}
+            "not_removable": [n.to_json() for n in report.not_removable],
+            "notes": list(cost.notes) + list(report.notes)}

@@ -104,16 +104,28 @@ class Recovery(NamedTuple):
 
 
 def finetune_pruned(original: onnx.ModelProto, pruned: onnx.ModelProto, train_data, *, config,
-                    eval_data=None, threads: int | None = None, progress: bool = True) -> Recovery:
+                    eval_data=None, threads: int | None = None, progress: bool = True, dist=None) -> Recovery:
     """Fine-tune ``pruned`` on ``train_data``, distilling from ``original`` when ``train_data`` has no
-    labels; with ``eval_data`` the best epoch on it is returned."""
+    labels; with ``eval_data`` the best epoch on it is returned.
+
+    dist (``bridge.distributed.DistContext``, under torchrun): this process is one rank; it trains on its
+    shard with ``config.batch_size // world_size`` samples per step (the global batch stays
+    ``config.batch_size``), and only rank 0 evaluates (its metrics; None on the others)."""
     from .bridge import finetune
 
-    eval_fn = evaluator(original, eval_data, threads=threads) if eval_data is not None else None
+    main = dist is None or dist.is_main
+    eval_fn = evaluator(original, eval_data, threads=threads) if (eval_data is not None and main) else None
     before = eval_fn(pruned) if eval_fn else None
     teacher = None if train_data.labels is not None else original
-    model, result = finetune(pruned, training_batches(train_data, config.batch_size, config.seed),
-                             teacher=teacher, config=config, eval_fn=eval_fn, progress=progress)
+    if dist is None:
+        batches = training_batches(train_data, config.batch_size, config.seed)
+    else:
+        from .bridge.distributed import sharded_batches
+
+        batches = sharded_batches(train_data, config.batch_size // dist.world_size, dist, config.seed)
+    extra = {} if dist is None else {"dist": dist}
+    model, result = finetune(pruned, batches, teacher=teacher, config=config, eval_fn=eval_fn, progress=progress,
+                             **extra)
     # the bridge already evaluated the epoch it returns
     return Recovery(model, result, before, result.best_metric, eval_fn.original_metric if eval_fn else None)
 
