@@ -119,6 +119,10 @@ def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = 
     # Token masks are resolved (and any guess logged) once, then passed to every round as overrides.
     token_mask = tuple(f"{m.name}:{m.polarity}" for m in token_masks(model, criterion.token_mask).values())
     result = PruneResult(model=model, original_blocks=report, macs_before=cost.total_macs, params_before=cost.params)
+    if not report.blocks and not target.plan:  # nothing to score: no inference at all, whatever the target
+        result.stop_reason = f"no removable block: {report.refusal or 'none found'}"
+        result.macs_after, result.params_after = cost.total_macs, cost.params
+        return result
 
     if data.n_samples >= 10 and run.holdout > 0:
         score_idx, hold_idx = data.split(run.holdout, seed=criterion.seed)

@@ -12,6 +12,7 @@ from typing import NamedTuple
 import numpy as np
 import onnx
 
+from .batching import counted_batches
 from .errors import InputError
 from .evaluate import compare, reference_outputs
 
@@ -28,21 +29,29 @@ def require_torch() -> None:
 
 class _Epoch:
     """One epoch of (inputs by name, labels or None) batches in a seeded random order; len() is the
-    number of batches (so the bridge can lay a cosine schedule over the run)."""
+    number of batches (so the bridge can lay a cosine schedule over the run). A model with a fixed batch
+    gets batches of that size; a short last batch is left out (padding would count its last sample twice)."""
 
     def __init__(self, data, batch_size: int, seed: int):
         self.data, self.batch_size, self.seed = data, batch_size, seed
 
     def __len__(self) -> int:
+        fixed = getattr(self.data, "fixed_batch", None)
+        if fixed:  # a short (padded) last batch is dropped
+            return max(self.data.n_samples // fixed, 1)
         return -(-self.data.n_samples // self.batch_size)
 
     def __iter__(self):
         perm = np.random.default_rng(self.seed).permutation(self.data.n_samples)
+        fixed = getattr(self.data, "fixed_batch", None)
         offset = 0
-        for feeds in self.data.batches(self.batch_size, perm):
-            n = len(next(iter(feeds.values())))
+        for feeds, n in counted_batches(self.data, self.batch_size, perm):
             labels = self.data.labels_for(perm[offset:offset + n])
             offset += n
+            if fixed and n < fixed and self.data.n_samples >= fixed:
+                continue  # a model with a fixed batch: train on full batches only, never on the padding
+            if fixed and n < fixed and labels is not None:
+                labels = np.concatenate([labels, np.repeat(labels[-1:], fixed - n)])
             yield feeds, labels
 
 

@@ -121,8 +121,11 @@ def _fmt_int(v) -> str:
 def summary_table(report: Mapping) -> str:
     """A plain-text summary for the terminal."""
     macs, params, fid = report["macs"], report["params"], report.get("fidelity") or {}
-    lines = [f"Removed {len(report['removed'])} of {len(report['candidates'])} removable blocks "
-             f"({report['stop_reason']})"]
+    if not report["candidates"] and report["stop_reason"].startswith("no removable block"):
+        lines = [report["stop_reason"][0].upper() + report["stop_reason"][1:]]
+    else:
+        lines = [f"Removed {len(report['removed'])} of {len(report['candidates'])} removable blocks "
+                 f"({report['stop_reason']})"]
     for r in report["removed"]:
         share = f"{r['macs']:,} MACs" if r.get("macs") is not None else "MACs unknown"
         lines.append(f"  - {r['id']}  ({share})")
