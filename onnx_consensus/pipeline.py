@@ -31,11 +31,11 @@ from .graph.precision import float32_shadow, is_bfloat16
 from .graph.surgery import remove_blocks
 from .io import check_output_path, save_model_atomic
 from .metrics import get_metric
-from .options import (CriterionOptions, DataOptions, FinetuneConfig, Options, OutputOptions, RecoveryOptions,
+from .options import (BN_FREEZE_BELOW, CriterionOptions, DataOptions, FinetuneConfig, Options, OutputOptions, RecoveryOptions,
                       RunOptions, TargetOptions)
 from .pruner import PruneResult
 from .pruner import prune as schedule
-from .report import build_report, sha256_file, stamp
+from .report import build_report, not_improved_text, sha256_file, stamp
 
 log = logging.getLogger("onnx_consensus")
 __all__ = ["Source", "Outcome", "Written", "open_model", "check_output", "run", "write", "prune", "inspect"]
@@ -260,24 +260,45 @@ def _latency(model: onnx.ModelProto, pruned: onnx.ModelProto, sample, options: O
 
 def _finetune(original: onnx.ModelProto, result: PruneResult, calib, options: Options,
               warnings: list[str]) -> tuple[dict, int]:
-    """Fine-tune ``result.model`` in place; on failure keep the pruned model (exit 4; 130 when interrupted
-    with keep_partial)."""
-    from .recover import finetune_pruned
+    """Fine-tune ``result.model``; on failure keep the pruned model (exit 4; 130 when interrupted with
+    keep_partial).
+
+    The model kept is the best of {pruned, each epoch} on the ``--eval`` data, or on the hold-out without it
+    (the pruned model when no epoch beats it, said as a warning). Training on the calibration data (no
+    ``--train``) leaves the hold-out out. ``result.fidelity`` is then re-measured on the model kept, so the
+    summary and report describe the written model; the pre-fine-tune value stays in the info's
+    ``holdout_fidelity_pruned``."""
+    from .recover import evaluator, finetune_pruned
 
     rec = options.recovery
+    bs, threads = options.run.batch_size, options.run.threads
+    hold = result.holdout_indices
+    if hold is None:  # a PruneResult made elsewhere: the pruner's own split
+        hold = np.arange(calib.n_samples) if calib.n_samples < 10 or options.run.holdout <= 0 else \
+            calib.split(options.run.holdout, seed=options.criterion.seed)[1]
     train = _extra_data(rec.train, original, options.data)
+    train_idx = None
     if train is None:
         train = calib
-        _warn(warnings, f"fine-tuning on the calibration data ({calib.n_samples} samples): a few hundred samples "
-                        "will overfit; give more with --train DIR")
+        if len(hold) < calib.n_samples:  # a real split: the hold-out stays unseen by training
+            train_idx = np.setdiff1d(np.arange(calib.n_samples), hold)
+        n_train = calib.n_samples if train_idx is None else len(train_idx)
+        _warn(warnings, f"fine-tuning on {n_train} calibration samples"
+                        + (" (the hold-out left out)" if train_idx is not None else "")
+                        + ": a few hundred samples will overfit; give more with --train DIR")
+    n_train = train.n_samples if train_idx is None else len(train_idx)
     eval_data = _extra_data(rec.eval, original, options.data)
     config = options.finetune
     info = {"mode": "supervised" if train.labels is not None else "distillation", "epochs": config.epochs,
-            "train_samples": train.n_samples, "eval": getattr(eval_data, "source", None)}
+            "train_samples": n_train, "eval": getattr(eval_data, "source", None) if eval_data is not None
+            else "hold-out", "holdout_fidelity_pruned": result.fidelity.to_json() if result.fidelity else None}
     try:
+        holdout = evaluator(original, calib, indices=hold, batch_size=bs, threads=threads)
+        select = holdout if eval_data is None else evaluator(original, eval_data, batch_size=bs, threads=threads)
         tuned, res, before, after, original_metric = finetune_pruned(
-            original, result.model, train, config=config, eval_data=eval_data, threads=options.run.threads,
-            progress=options.run.progress)
+            original, result.model, train, config=config, eval_fn=select, threads=threads,
+            progress=options.run.progress, train_indices=train_idx, batch_size=bs)
+        fid = holdout.fidelity(tuned) if res.best_epoch > 0 else None
     except FinetuneError as exc:
         info["error"] = str(exc)
         return info, exc.exit_code
@@ -290,10 +311,20 @@ def _finetune(original: onnx.ModelProto, result: PruneResult, calib, options: Op
             raise
         info["error"] = "fine-tuning interrupted (--keep-partial)"
         return info, 130
-    result.model = tuned
+    tried = [h["metric"] for h in res.history if h.get("metric") is not None]
     info.update(metric_original=original_metric, metric_before=before, metric_after=after, best_epoch=res.best_epoch,
-                images_seen=res.images_seen, seconds=round(res.seconds, 2), history=res.history,
-                metric="accuracy" if (eval_data is not None and eval_data.labels is not None) else "agreement")
+                best_finetuned=max(tried) if tried else None, kept="fine-tuned" if res.best_epoch else "pruned",
+                eval_samples=select.n_samples, bn_stats=res.bn_stats, images_seen=res.images_seen,
+                seconds=round(res.seconds, 2), history=res.history, metric=select.metric)
+    if res.bn_stats:
+        info["bn_stats_reason"] = (f"--bn-stats {config.bn_stats}" if config.bn_stats else
+                                   f"{n_train} training samples {'<' if res.bn_stats == 'frozen' else '>='} "
+                                   f"{BN_FREEZE_BELOW}")
+    if res.best_epoch:
+        result.model = tuned
+        result.fidelity = fid
+    else:
+        _warn(warnings, not_improved_text(info))
     return info, 0
 
 
