@@ -57,7 +57,8 @@ class Outcome:
     """What a run produced.
 
     model: the model to write (the bfloat16 original with the removals for a bfloat16 input; fine-tuned
-        when fine-tuning succeeded); ``write`` says whether it is written at all.
+        when a fine-tuned epoch beat the pruned model on the eval data or the hold-out); ``write`` says
+        whether it is written at all.
     result: the schedule's PruneResult (its ``model`` is ``model``); the partial one after a failure.
     report: the JSON report (``report.build_report``) with ``seconds`` (and ``partial``/``error``).
     latency: {batch size: before/after ms} or None; finetune: the fine-tuning info or None.
