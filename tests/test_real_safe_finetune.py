@@ -27,7 +27,7 @@ def _cli(*args, cwd):
                           text=True, timeout=3600)
 
 
-def _mean_cosine(a: onnx.ModelProto | str, b: str, eval_dir: str) -> float:
+def _mean_cosine(a: str, b: str, eval_dir: str) -> float:
     """Mean over eval samples of the cosine between the flattened first outputs of two model files."""
     import onnxruntime as ort
 
