@@ -2,7 +2,7 @@
 ``common_det.onnx`` (fixed batch 1), calibration and evaluation folders made by
 ``python -m tools.real_models calib ddddocr_det`` (the corpus branch) under ``.cache/real-models/``.
 
-Marked ``real`` and ``slow`` (about 15 minutes on two shared cores): ``python -m pytest -m "real" tests/test_real_safe_finetune.py``.
+Marked ``real`` and ``slow`` (about 20 minutes on two busy shared cores): ``python -m pytest -m "real" tests/test_real_safe_finetune.py``.
 Skipped when the model or its data folders are not in the cache.
 """
 import json
@@ -55,18 +55,19 @@ def test_ddddocr_det_finetune_never_written_worse(tmp_path):
                  cwd=tmp_path)
     assert plain.returncode == 0, plain.stderr
     runs = {}
-    for mode in ("update", None):  # BN statistics re-estimated on 26 images / the default (frozen)
-        tag = mode or "default"
-        extra = ["--bn-stats", mode] if mode else []
+    for tag in ("default",):
         proc = _cli("prune", model, tmp_path / f"{tag}.onnx", "--plan", tmp_path / "p.json", "--finetune-epochs", "1",
-                    "--eval", ev, "--report", tmp_path / f"{tag}.json", *common, *extra, cwd=tmp_path)
+                    "--eval", ev, "--report", tmp_path / f"{tag}.json", *common, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr
         runs[tag] = (proc, json.loads((tmp_path / f"{tag}.json").read_text())["finetune"])
-    assert runs["default"][1]["bn_stats"] == "frozen" and runs["update"][1]["bn_stats"] == "updated"
-    for tag, (proc, ft) in runs.items():
-        assert ft["metric_after"] >= ft["metric_before"], tag
-        if ft["best_epoch"] == 0:
-            assert "the pruned model was written" in proc.stdout, tag
+    # the model's BatchNormalization is folded into its convolutions: the damage measured here (eval
+    # 1 - relative error 0.7662 pruned -> 0.4179 after one distillation epoch on 26 images) comes from the
+    # distillation itself, and the pruned model must be the one written
+    proc, ft = runs["default"]
+    assert ft["bn_stats"] is None
+    assert ft["metric_after"] >= ft["metric_before"]
+    if ft["best_epoch"] == 0:
+        assert "the pruned model was written" in proc.stdout
     # independent of the tool's own metric: never further from the original than plain pruning on the eval data
     pruned = _mean_cosine(model, str(tmp_path / "p.onnx"), ev)
     for tag in runs:
