@@ -31,7 +31,8 @@ from .graph.precision import float32_shadow, is_bfloat16
 from .graph.surgery import remove_blocks
 from .io import check_output_path, save_model_atomic
 from .metrics import get_metric
-from .options import (BN_FREEZE_BELOW, CriterionOptions, DataOptions, FinetuneConfig, Options, OutputOptions, RecoveryOptions,
+from .options import (BN_FREEZE_BELOW, CriterionOptions, DataOptions, FinetuneConfig, Options, OutputOptions,
+                      RecoveryOptions,
                       RunOptions, TargetOptions)
 from .pruner import PruneResult
 from .pruner import prune as schedule
