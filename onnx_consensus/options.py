@@ -196,8 +196,9 @@ class DataOptions(_Group):
 
 @dataclass
 class RunOptions(_Group):
-    """Batching and threads: ``batch_size`` samples per inference batch, ``holdout`` fraction of the data
-    kept back for the fidelity check, onnxruntime intra-op ``threads`` (None: its default),
+    """Batching, threads and providers: ``batch_size`` samples per inference batch, ``holdout`` fraction of the
+    data kept back for the fidelity check, onnxruntime intra-op ``threads`` (None: its default), ``providers``
+    (short names, ``runtime.resolve_providers``) for every onnxruntime session,
     ``input_shapes`` (input name -> shape) fixing dynamic non-batch dims for MAC counting."""
 
     GROUP: ClassVar[str] = "output"
@@ -206,6 +207,11 @@ class RunOptions(_Group):
                             default=0.2, type=float, group="input data")
     threads: int | None = option("--threads", "onnxruntime intra-op threads (default: all cores)", default=None,
                                  type=int)
+    providers: tuple[str, ...] = option(
+        "--providers", "onnxruntime execution providers for every session (scoring, fidelity, latency, teacher), "
+        "in order of preference: cpu, cuda, cuda:K, tensorrt, ... A provider this onnxruntime lacks is an error, "
+        "or a warning and a fallback when an installed one follows it (cuda,cpu); GPUs need pip install "
+        "'onnx-consensus[gpu]'", default=("cpu",), type=_csv, metavar="NAME,...")
     progress: bool = option("--quiet", "no progress bars, only the summary", short="-q", default=False,
                             negate=True, cli_default=True)
     input_shapes: dict[str, tuple[int, ...]] = option(
@@ -278,7 +284,8 @@ class FinetuneConfig(_Group):
                          default=1, type=int, metavar="E", cli_default=0)
     lr: float | None = option("--lr", "peak learning rate (default: 0.01 with BN nodes, 0.002 BN-folded)",
                               default=None, type=float)
-    batch_size: int = option("--ft-batch-size", "training batch size", default=64, type=int)
+    batch_size: int = option("--ft-batch-size", "training batch size (under torchrun the global batch, split "
+                                               "evenly over the processes)", default=64, type=int)
     optimizer: Literal["sgd", "adamw"] = option("--optimizer", "sgd (momentum 0.9) or adamw", default="sgd",
                                                 choices=("sgd", "adamw"))
     weight_decay: float | None = option("--weight-decay", "weight decay (default 0)", default=None, type=float)
@@ -288,7 +295,11 @@ class FinetuneConfig(_Group):
     feature: str | None = option("--feature", "", default=None, same_as="--feature")
     augment: bool = option("--augment", "random crop and flip for image inputs", default=False)
     seed: int = option("--seed", "", default=0, same_as="--seed")
-    device: str = option("--device", "cpu or cuda", default="cpu")
+    device: str = option("--device", "where the PyTorch bridge trains: cpu, cuda or cuda:K (under torchrun each "
+                         "rank takes cuda:LOCAL_RANK)", default="cpu")
+    amp: Literal["bf16", "fp16"] | None = option("--amp", "mixed precision for the bridge's forward pass: bf16 (CUDA "
+                                                 "with bf16 support, or CPU) or fp16 (CUDA, with loss scaling)",
+                                                 default=None, choices=("bf16", "fp16"))
     threads: int | None = option("--threads", "", default=None, same_as="--threads")
     max_steps: int | None = option("--ft-max-steps", "stop fine-tuning after this many optimiser steps",
                                    default=None, type=int)

@@ -37,6 +37,7 @@ from .options import (BN_FREEZE_BELOW, CriterionOptions, DataOptions, FinetuneCo
 from .pruner import PruneResult
 from .pruner import prune as schedule
 from .report import build_report, not_improved_text, sha256_file, stamp
+from .runtime import resolve_providers, using_providers
 
 log = logging.getLogger("onnx_consensus")
 __all__ = ["Source", "Outcome", "Written", "open_model", "check_output", "run", "write", "prune", "inspect"]
@@ -164,9 +165,15 @@ def run(model: onnx.ModelProto | Source | str | os.PathLike, data, options: Opti
     """Prune ``model`` (a ModelProto, a Source or a path; never modified) scored on ``data`` (a
     CalibrationData, or a path loaded with ``options.data``), as ``options`` say. Raises InputError /
     TargetError / the failure of a run that failed midway (KeyboardInterrupt, an onnxruntime error),
-    unless ``options.output.keep_partial``: then the Outcome has status "partial"."""
-    t_start = time.perf_counter()
+    unless ``options.output.keep_partial``: then the Outcome has status "partial". Every onnxruntime
+    session of the run uses ``options.run.providers``."""
     options = options or Options()
+    with using_providers(resolve_providers(options.run.providers)):
+        return _run_on_providers(model, data, options)
+
+
+def _run_on_providers(model, data, options: Options) -> Outcome:
+    t_start = time.perf_counter()
     source = model if isinstance(model, Source) else (
         open_model(model) if isinstance(model, (str, os.PathLike)) else Source(model))
     ft = options.finetune
@@ -174,8 +181,10 @@ def run(model: onnx.ModelProto | Source | str | os.PathLike, data, options: Opti
     between = options.recovery.between
     if finetuning or between:
         from .recover import require_torch
+        from .tuning import check_config
 
         require_torch()
+        check_config(ft if finetuning else replace(ft or FinetuneConfig(), epochs=1))  # bad --device/--amp: now
     for m in options.criterion.metrics:
         get_metric(m)
     if options.run.batch_size < 1:
@@ -263,14 +272,15 @@ def _latency(model: onnx.ModelProto, pruned: onnx.ModelProto, sample, options: O
 def _finetune(original: onnx.ModelProto, result: PruneResult, calib, options: Options,
               warnings: list[str]) -> tuple[dict, int]:
     """Fine-tune ``result.model``; on failure keep the pruned model (exit 4; 130 when interrupted with
-    keep_partial).
+    keep_partial). The same code as `onnx-cprune finetune` (``tuning.finetune_model``).
 
     The model kept is the best of {pruned, each epoch} on the ``--eval`` data, or on the hold-out without it
     (the pruned model when no epoch beats it, said as a warning). Training on the calibration data (no
     ``--train``) leaves the hold-out out. ``result.fidelity`` is then re-measured on the model kept, so the
     summary and report describe the written model; the pre-fine-tune value stays in the info's
     ``holdout_fidelity_pruned``."""
-    from .recover import evaluator, finetune_pruned
+    from .recover import evaluator
+    from .tuning import finetune_model
 
     rec = options.recovery
     bs, threads = options.run.batch_size, options.run.threads
@@ -297,10 +307,10 @@ def _finetune(original: onnx.ModelProto, result: PruneResult, calib, options: Op
     try:
         holdout = evaluator(original, calib, indices=hold, batch_size=bs, threads=threads)
         select = holdout if eval_data is None else evaluator(original, eval_data, batch_size=bs, threads=threads)
-        tuned, res, before, after, original_metric = finetune_pruned(
-            original, result.model, train, config=config, eval_fn=select, threads=threads,
-            progress=options.run.progress, train_indices=train_idx, batch_size=bs)
-        fid = holdout.fidelity(tuned) if res.best_epoch > 0 else None
+        tuned, ft_info = finetune_model(result.model, train, config=config, teacher=original, eval_fn=select,
+                                        threads=threads, progress=options.run.progress, train_indices=train_idx,
+                                        batch_size=bs)
+        fid = holdout.fidelity(tuned) if ft_info["best_epoch"] > 0 else None
     except FinetuneError as exc:
         info["error"] = str(exc)
         return info, exc.exit_code
@@ -313,16 +323,13 @@ def _finetune(original: onnx.ModelProto, result: PruneResult, calib, options: Op
             raise
         info["error"] = "fine-tuning interrupted (--keep-partial)"
         return info, 130
-    tried = [h["metric"] for h in res.history if h.get("metric") is not None]
-    info.update(metric_original=original_metric, metric_before=before, metric_after=after, best_epoch=res.best_epoch,
-                best_finetuned=max(tried) if tried else None, kept="fine-tuned" if res.best_epoch else "pruned",
-                eval_samples=select.n_samples, bn_stats=res.bn_stats, images_seen=res.images_seen,
-                seconds=round(res.seconds, 2), history=res.history, metric=select.metric)
-    if res.bn_stats:
+    ft_info.update(train_samples=n_train, eval=info["eval"], holdout_fidelity_pruned=info["holdout_fidelity_pruned"])
+    info = ft_info
+    if info["bn_stats"]:
         info["bn_stats_reason"] = (f"--bn-stats {config.bn_stats}" if config.bn_stats else
-                                   f"{n_train} training samples {'<' if res.bn_stats == 'frozen' else '>='} "
+                                   f"{n_train} training samples {'<' if info['bn_stats'] == 'frozen' else '>='} "
                                    f"{BN_FREEZE_BELOW}")
-    if res.best_epoch:
+    if info["best_epoch"]:
         result.model = tuned
         result.fidelity = fid
     else:
@@ -396,4 +403,5 @@ def inspect(path: str | os.PathLike, *, unit: str = CriterionOptions.unit,
         d["macs_share"] = (b.macs / total) if (b.macs is not None and total) else None
         blocks.append(d)
     return {"model": os.fspath(path), "macs": total, "params": cost.params, "unit": unit, "blocks": blocks,
-            "not_removable": [n.to_json() for n in report.not_removable], "notes": list(report.notes)}
+            "not_removable": [n.to_json() for n in report.not_removable],
+            "notes": list(cost.notes) + list(report.notes)}

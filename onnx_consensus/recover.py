@@ -117,7 +117,7 @@ class Recovery(NamedTuple):
 
 
 def finetune_pruned(original: onnx.ModelProto, pruned: onnx.ModelProto, train_data, *, config,
-                    eval_data=None, threads: int | None = None, progress: bool = True,
+                    eval_data=None, threads: int | None = None, progress: bool = True, dist=None,
                     eval_fn: Evaluator | None = None, train_indices=None, batch_size: int = 64) -> Recovery:
     """Fine-tune ``pruned`` on ``train_data`` (the samples ``train_indices``, default all), distilling from
     ``original`` when ``train_data`` has no labels.
@@ -125,15 +125,28 @@ def finetune_pruned(original: onnx.ModelProto, pruned: onnx.ModelProto, train_da
     With ``eval_data`` (or a ready ``eval_fn``, e.g. an Evaluator on the hold-out) the returned model is the
     best of {the pruned model (epoch 0), each fine-tuned epoch} on it, the pruned one on ties: fine-tuning
     never returns a model worse than it was given on that data. Without either, the last epoch's.
-    """
+
+    dist (``bridge.distributed.DistContext``, under torchrun): this process is one rank; it trains on its
+    shard with ``config.batch_size // world_size`` samples per step (the global batch stays
+    ``config.batch_size``), and only rank 0 evaluates (its metrics; None on the others)."""
     from .bridge import finetune
 
-    if eval_fn is None and eval_data is not None:
+    main = dist is None or dist.is_main
+    if not main:
+        eval_fn = None
+    elif eval_fn is None and eval_data is not None:
         eval_fn = evaluator(original, eval_data, threads=threads, batch_size=batch_size)
     before = eval_fn(pruned) if eval_fn else None
     teacher = None if train_data.labels is not None else original
-    model, result = finetune(pruned, training_batches(train_data, config.batch_size, config.seed, train_indices),
-                             teacher=teacher, config=config, eval_fn=eval_fn, progress=progress)
+    if dist is None:
+        batches = training_batches(train_data, config.batch_size, config.seed, train_indices)
+    else:
+        from .bridge.distributed import sharded_batches
+
+        batches = sharded_batches(train_data, config.batch_size // dist.world_size, dist, config.seed)
+    extra = {} if dist is None else {"dist": dist}
+    model, result = finetune(pruned, batches, teacher=teacher, config=config, eval_fn=eval_fn, progress=progress,
+                             **extra)
     after = result.best_metric  # the bridge already evaluated the epoch it returns
     if eval_fn is not None and not (after is not None and after > before):
         log.info("no fine-tuned epoch beat the pruned model (%s %.4f vs best %s): keeping the pruned model",

@@ -3,19 +3,31 @@ Where weights live (external data, stubs) is ``graph.weights``' business; sessio
 
 Instrumented models (extra graph outputs) run with basic optimisation so that fusions cannot swallow the
 exposed tensors; clean models (suffix models, benchmarks) run with all optimisations.
+
+Execution providers (``--providers cuda,cpu``): ``resolve_providers`` turns the user's names into
+onnxruntime's provider list, checked against the installed build; ``using_providers`` makes that list the
+one every session built here uses (scoring, fidelity, latency, the fine-tuning teacher, the write check)
+for the duration of a ``with`` block, so the option reaches every session without being passed through
+every function. Outside such a block sessions use the CPU provider.
 """
 from __future__ import annotations
 
+import contextvars
+import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
+from .errors import InputError
 from .graph.weights import STUB_LOCATION, external_array, has_external_tensors, is_external, make_stub
+
+log = logging.getLogger("onnx_consensus")
 
 LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -24,6 +36,108 @@ LEVELS = {
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
 
+
+# ------------------------------------------------------------------------------ execution providers
+
+PROVIDER_NAMES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "rocm": "ROCMExecutionProvider",
+    "migraphx": "MIGraphXExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+}
+"""Short names accepted by ``--providers`` (full onnxruntime names are accepted too)."""
+
+GPU_HINT = "pip install 'onnx-consensus[gpu]' (onnxruntime-gpu, in place of onnxruntime)"
+CPU = "CPUExecutionProvider"
+
+_PROVIDERS: contextvars.ContextVar[tuple] = contextvars.ContextVar("onnx_consensus_providers", default=(CPU,))
+
+
+def _provider_name(spec: str) -> tuple[str, dict[str, str]]:
+    """'cuda' -> ('CUDAExecutionProvider', {}); 'cuda:1' -> ('CUDAExecutionProvider', {'device_id': '1'})."""
+    name, _, index = spec.strip().partition(":")
+    full = PROVIDER_NAMES.get(name.lower(), name)
+    if not full.endswith("ExecutionProvider"):
+        raise InputError(f"unknown onnxruntime provider {spec!r}: use {', '.join(PROVIDER_NAMES)} or a full name "
+                         "such as CUDAExecutionProvider")
+    if index and not index.isdigit():
+        raise InputError(f"provider {spec!r}: the device index after ':' must be an integer")
+    return full, ({"device_id": index} if index else {})
+
+
+def resolve_providers(names: Sequence[str] | None, available: Sequence[str] | None = None,
+                      device_id: int | None = None) -> tuple:
+    """onnxruntime's provider list for the user's ``names`` (e.g. ('cuda', 'cpu'); None or empty: CPU).
+
+    A provider this onnxruntime build lacks (``available``: default ``ort.get_available_providers()``) is
+    dropped with a warning when a provider that is installed follows it in the list (``cuda,cpu``: fall back
+    to the CPU), and is an InputError otherwise (``cuda`` alone: the user asked for that device only).
+    ``device_id``: the device of providers given without an index (``cuda`` under torchrun: the rank's
+    LOCAL_RANK); ``cuda:k`` keeps k. Entries are names or (name, provider options) pairs."""
+    if not names:
+        return (CPU,)
+    available = list(ort.get_available_providers() if available is None else available)
+    wanted = [_provider_name(n) for n in names]
+    out, missing = [], []
+    for full, opts in wanted:
+        if full not in available:
+            missing.append(full)
+            continue
+        if device_id is not None and not opts and full != CPU:
+            opts = {"device_id": str(device_id)}
+        if full not in [o if isinstance(o, str) else o[0] for o in out]:
+            out.append((full, opts) if opts else full)
+    if missing:
+        hint = GPU_HINT if any(m in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for m in missing) else \
+            "install an onnxruntime build that has it"
+        if not out:
+            raise InputError(f"onnxruntime provider {', '.join(missing)} is not available in this onnxruntime "
+                             f"(available: {', '.join(available)}); {hint}, or add cpu to --providers to fall back")
+        log.warning("onnxruntime provider %s is not available (available: %s); falling back to %s. %s",
+                    ", ".join(missing), ", ".join(available), ", ".join(o if isinstance(o, str) else o[0]
+                                                                       for o in out), hint)
+    return tuple(out)
+
+
+@contextmanager
+def using_providers(providers: Sequence | None) -> Iterator[tuple]:
+    """``with using_providers(resolve_providers(["cuda", "cpu"])):`` every session built here inside the
+    block (in this thread / context) runs on those providers. None: leave the current setting."""
+    if providers is None:
+        yield current_providers()
+        return
+    token = _PROVIDERS.set(tuple(providers))
+    try:
+        yield tuple(providers)
+    finally:
+        _PROVIDERS.reset(token)
+
+
+def current_providers() -> tuple:
+    """The provider list sessions get now (``using_providers``), CPU by default."""
+    return _PROVIDERS.get()
+
+
+def provider_names(providers: Sequence | None = None) -> list[str]:
+    """Short names of a provider list (default: the current one), for reports: ['cuda', 'cpu']."""
+    short = {v: k for k, v in PROVIDER_NAMES.items()}
+    out = []
+    for p in current_providers() if providers is None else providers:
+        name, opts = (p, {}) if isinstance(p, str) else p
+        s = short.get(name, name)
+        out.append(f"{s}:{opts['device_id']}" if "device_id" in opts else s)
+    return out
+
+
+def _session(source, so: ort.SessionOptions) -> ort.InferenceSession:
+    return ort.InferenceSession(source, so, providers=list(current_providers()))
+
+
+# ------------------------------------------------------------------------------ sessions
 
 def session_options(level: str = "all", threads: int | None = None, *, spinning: bool = True) -> ort.SessionOptions:
     """Session options with the optimisation level named and intra-op threads pinned (None: ORT default).
@@ -41,7 +155,8 @@ def session_options(level: str = "all", threads: int | None = None, *, spinning:
 
 def make_session(model: onnx.ModelProto | str | os.PathLike, *, level: str = "all",
                  threads: int | None = None, spinning: bool = True) -> ort.InferenceSession:
-    """An InferenceSession on the CPU provider for a model proto or a path (paths work past 2 GB).
+    """An InferenceSession on the current providers (``using_providers``; CPU by default) for a model proto or
+    a path (paths work past 2 GB).
 
     A proto whose weights stay in external-data files (``graph.ir.load_model_and_layout``) gets them as
     memory-mapped arrays shared by every session of the process (``graph.weights.external_array``), with graph
@@ -50,7 +165,7 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, *, level: str = "al
         return _external_session(model, threads, spinning)
     so = session_options(level, threads, spinning=spinning)
     source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else model.SerializeToString()
-    return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
+    return _session(source, so)
 
 
 # ------------------------------------------------------------------------------ sessions over shared weights
@@ -96,7 +211,7 @@ def _session_over_values(model: onnx.ModelProto, value_of: Callable[[onnx.Tensor
     os.close(fd)
     try:
         onnx.save_model(stripped, path)
-        return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        return _session(path, so)
     finally:
         os.remove(path)
 

@@ -349,3 +349,47 @@ def test_kv_cache_name_fallback_is_logged(caplog):
     assert any("guessed from tensor names" in r.getMessage() for r in caplog.records)
     renamed = randomize_names(model, seed=1)  # the same graph without the names: its block is found
     assert len(find_blocks(renamed).blocks) == 1
+
+
+# ---------------------------------------------------------------- issue 12 failure 3: shapes ONNX leaves unknown
+
+def test_blocks_found_where_onnx_shape_inference_leaves_shapes_unknown():
+    """A Paddle-style Reshape to Shape(x)[0:2] + [-1] at opset 12: ONNX's inference gives the tokens no rank,
+    so main found 0 blocks ("shape unknown after shape inference"); onnxruntime's symbolic inference, the
+    fall-back detection shares with the MAC counter, finds both sub-blocks. A -1 batch changes nothing."""
+    from tests import shape_graphs as sg
+
+    for batch in ("N", -1):
+        report = find_blocks(sg.paddle_flatten(batch))
+        assert [b.id for b in report.blocks] == ["res1", "y"], report.not_removable
+        assert report.blocks[0].entry == "tok" and report.blocks[0].shape[2] == 8
+        assert not report.not_removable
+
+
+def test_minus_one_dims_do_not_split_shapes():
+    """A -1 dim (Paddle's batch) is dynamic like a symbolic one: a residual block on a -1-batch input matches."""
+    from onnx import TensorProto, helper
+
+    from tests import shape_graphs as sg
+
+    m = sg.paddle_flatten(-1, opset=17)  # ONNX alone resolves this one; the batch stays -1 at the input
+    assert m.graph.input[0].type.tensor_type.shape.dim[0].dim_value == -1
+    assert len(find_blocks(m).blocks) == 2
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 8])
+    w = helper.make_tensor("w", TensorProto.FLOAT, [8, 8], np.eye(8, dtype=np.float32).ravel())
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["x", "h"], ["y"])],
+                          "g", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 8])], [w])
+    report = find_blocks(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    assert [b.id for b in report.blocks] == ["y"] and report.blocks[0].shape == (None, 8)
+
+
+@pytest.mark.real
+def test_real_ppocr_rec_sub_blocks_found():
+    """ppocr_rec (Paddle, two pre-LN transformer layers behind a CNN): main found 0 of its 4 sub-blocks."""
+    import onnx
+
+    from tests import shape_graphs as sg
+
+    report = find_blocks(onnx.load(sg.real_model("ppocr_rec")))
+    assert len(report.blocks) == 4, report.not_removable
+    assert not any("shape unknown" in n.reason for n in report.not_removable)

@@ -254,3 +254,76 @@ def test_bench_spin_wait_flag(r20, capsys):
         assert main(["bench", str(r20[0]), str(r20[0]), "--batch-sizes", "1", "--runs", "2", "--warmup", "1",
                      "--json", *extra]) == 0
         assert {r["spinning"] for r in json.loads(capsys.readouterr().out)} == {want}
+
+
+# ---------------------------------------------------------------- issue 12: inspect and shapes (failures 4, 7, 8)
+
+
+def test_inspect_writes_nothing_in_the_working_directory(tmp_path, monkeypatch, capsys):
+    """Failure 8: symbolic shape inference that cannot complete left sym_shape_infer_temp.onnx in the cwd."""
+    from tests import shape_graphs as sg
+
+    model = tmp_path / "m.onnx"
+    onnx.save(sg.custom_op_matmul(), model)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    assert main(["inspect", str(model)]) == 0
+    assert "MACs unknown" in capsys.readouterr().out
+    assert os.listdir(cwd) == []
+
+
+def test_inspect_input_shape_for_minus_one_dims(tmp_path, capsys):
+    """Failure 4: --input-shape was refused for a dim written as -1 ("the model fixes it to -1")."""
+    from tests import shape_graphs as sg
+
+    model = tmp_path / "m.onnx"
+    onnx.save(sg.conv_minus_one(hw=(-1, -1)), model)
+    assert main(["inspect", str(model)]) == 0
+    assert "MACs unknown" in capsys.readouterr().out
+    assert main(["inspect", str(model), "--input-shape", "x:2x3x5x7"]) == 0
+    assert f"MACs {2 * 4 * 5 * 7 * 3 * 9:,}" in capsys.readouterr().out
+
+
+def test_inspect_macs_inside_if(tmp_path, capsys):
+    """Failure 7: MACs inside If were reported as 0; now the costlier branch, and inspect says so."""
+    from tests import shape_graphs as sg
+
+    model = tmp_path / "m.onnx"
+    onnx.save(sg.if_matmuls(), model)
+    assert main(["inspect", str(model)]) == 0
+    out = capsys.readouterr().out
+    assert "MACs 256" in out and "costlier branch" in out
+    assert main(["inspect", str(model), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["macs"] == 256 and any("If" in n for n in report["notes"])
+
+
+@pytest.mark.real
+def test_inspect_real_quantized_model_writes_nothing(tmp_path, monkeypatch, capsys):
+    """Failure 8 as found: inspect on ddddocr's quantized OCR model left a 13.5 MB <uuid>.data and
+    sym_shape_infer_temp.onnx in the working directory."""
+    from tests import shape_graphs as sg
+
+    path = sg.real_model("ddddocr_ocr_q")
+    monkeypatch.chdir(tmp_path)
+    assert main(["inspect", path]) == 0
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.real
+def test_inspect_real_silero_vad_macs_not_zero(capsys):
+    from tests import shape_graphs as sg
+
+    assert main(["inspect", sg.real_model("silero_vad")]) == 0
+    out = capsys.readouterr().out
+    assert "MACs 0" not in out and "MACs unknown" in out
+
+
+@pytest.mark.real
+def test_inspect_real_ppocr_cls_input_shape_with_minus_one_batch(capsys):
+    from tests import shape_graphs as sg
+
+    assert main(["inspect", sg.real_model("ppocr_cls"), "--input-shape", "x:1x3x48x192"]) == 0
+    out = capsys.readouterr().out
+    assert "MACs unknown" not in out and "MACs 0" not in out

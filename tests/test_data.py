@@ -363,7 +363,11 @@ def test_images_with_pillow(tmp_path):
     nhwc = make_model([("x", TensorProto.FLOAT, ["N", "H", "W", 3])])
     data = load_calibration(tmp_path, nhwc, image_options=ImageOptions(size=(4, 6), layout="NHWC"))
     assert next(data.batches(2))["x"].shape == (2, 4, 6, 3)
-    assert "ImageOptions.size" in err(tmp_path, nhwc, image_options=ImageOptions(layout="NHWC"))
+    # issue 12 failure 7: library errors name the CLI flag, not the Python API
+    msg = err(tmp_path, nhwc, image_options=ImageOptions(layout="NHWC"))
+    assert "--image-size" in msg and "ImageOptions" not in msg, msg
+    msg = err(tmp_path, nhwc, image_options=ImageOptions(layout="NHWC", size=(4, 6), channels=1))
+    assert "ImageOptions" not in msg and "channel" in msg, msg
 
 
 # ---------------------------------------------------------------- bfloat16 arrays

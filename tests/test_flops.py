@@ -1,6 +1,8 @@
 """MAC and parameter counts: CIFAR ResNets (three exports) and hand-built graphs for each formula."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 import pytest
@@ -242,3 +244,92 @@ def test_attention_macs_resolved_by_symbolic_inference():
     assert cost.macs_per_node["/blocks.0/attn/MatMul_output_0"] == 4 * 17 * 17 * 16
     assert cost.macs_per_node["/blocks.0/attn/MatMul_1_output_0"] == 4 * 17 * 17 * 16
     assert cost.total_macs is not None
+
+
+# ---------------------------------------------------------------- issue 12: shapes (failures 3, 4, 7, 8)
+
+from onnx_consensus.graph.ir import tensor_spec  # noqa: E402
+from onnx_consensus.graph.shapes import infer_shapes  # noqa: E402
+from tests import shape_graphs as sg  # noqa: E402
+
+
+def test_minus_one_dims_are_dynamic():
+    """Failure 4: Paddle writes a dynamic batch as -1. It reads as dynamic, takes the batch size (not -1:
+    main counted -6912 MACs), and --input-shape may set it."""
+    m = sg.conv_minus_one()
+    assert tensor_spec(m.graph.input[0]).shape == (None, 3, 8, 8)
+    per_sample = 4 * 8 * 8 * 3 * 9
+    assert count_cost(m).total_macs == per_sample
+    assert count_cost(m, batch_size=3).total_macs == 3 * per_sample
+    assert count_cost(m, {"x": (2, 3, 8, 8)}).total_macs == 2 * per_sample
+    with pytest.raises(InputError, match="fixes it to 8"):
+        count_cost(m, {"x": (2, 3, 5, 5)})
+    dyn = sg.conv_minus_one(hw=(-1, -1))
+    assert count_cost(dyn).total_macs is None
+    assert count_cost(dyn, {"x": (1, 3, 5, 7)}).total_macs == 4 * 5 * 7 * 3 * 9
+
+
+def test_symbolic_shape_inference_writes_nothing_in_the_working_directory(tmp_path, monkeypatch):
+    """Failure 8: onnxruntime's symbolic inference, when it cannot complete (an op of an unknown domain),
+    saves sym_shape_infer_temp.onnx (+ a .data file) in the working directory. Ours writes nothing."""
+    monkeypatch.chdir(tmp_path)
+    cost = count_cost(sg.custom_op_matmul())
+    assert cost.total_macs is None  # the custom op's output shape stays unknown
+    inferred = infer_shapes(sg.paddle_flatten())
+    assert inferred.steps == ("declared", "onnx", "symbolic")
+    assert os.listdir(tmp_path) == []
+
+
+def test_one_shape_inference_onnx_then_symbolic():
+    """Failure 3: ONNX's inference (opset 12) leaves the Reshape to Shape(x)[0:2] + [-1] without a rank;
+    symbolic inference fills it, and only it: tensors ONNX resolved keep ONNX's shape."""
+    m = sg.paddle_flatten()
+    onnx_only = infer_shapes(m, enough=lambda *_: True)
+    assert onnx_only.steps == ("declared", "onnx") and onnx_only.shapes["res1"] is None
+    full = infer_shapes(m)
+    assert len(full.shapes["res1"]) == 3 and full.shapes["res1"][2] == 8
+    assert full.shapes["shp"] == onnx_only.shapes["shp"] == (4,)
+    fixed = count_cost(m, {"x": (2, 8, 4, 4)})  # 2 MatMuls of (2, 16, 8) x (8, 8)
+    assert fixed.total_macs == 2 * (2 * 16 * 8 * 8)
+
+
+def test_if_counts_the_costlier_branch_and_says_so():
+    """Failure 7: MACs inside If were 0. The costlier branch is counted (x @ w @ w: 2 * 2*8*8)."""
+    cost = count_cost(sg.if_matmuls())
+    assert cost.total_macs == 2 * (2 * 8 * 8)
+    assert cost.macs_per_node["y"] == 256
+    assert any("If" in n and "costlier branch" in n for n in cost.notes)
+    assert count_cost(sg.if_matmuls(batch="N"), batch_size=3).total_macs == 2 * (3 * 8 * 8)
+    assert count_cost(sg.if_matmuls(batch="N"), {"x": (1, 8)}).total_macs == 128
+
+
+def test_if_with_unknown_shapes_is_unknown_not_zero():
+    m = sg.if_matmuls(batch="N")
+    m.graph.input[0].type.tensor_type.shape.dim[1].Clear()  # x (N, ?): MACs depend on a dynamic dim
+    m.graph.output[0].type.tensor_type.shape.dim[1].Clear()
+    assert count_cost(m).total_macs is None
+
+
+def test_loop_counts_one_iteration_and_says_so():
+    cost = count_cost(sg.loop_matmul())
+    assert cost.total_macs == 2 * 8 * 8
+    assert any("Loop" in n and "one iteration" in n for n in cost.notes)
+
+
+@pytest.mark.real
+def test_real_silero_vad_macs_inside_if():
+    """silero_vad: every Conv sits inside an If (main counted 0 MACs). Neither inference resolves the shapes
+    inside its branches (ONNX's loses the batch there, onnxruntime's symbolic inference stops on a branch
+    output without a type), so its MACs are unknown, with or without an input shape: never 0."""
+    m = onnx.load(sg.real_model("silero_vad"))
+    assert count_cost(m).total_macs is None
+    assert count_cost(m, {"input": (1, 512)}).total_macs is None
+
+
+@pytest.mark.real
+def test_real_ppocr_cls_minus_one_batch(tmp_path, monkeypatch):
+    m = onnx.load(sg.real_model("ppocr_cls"))
+    name = m.graph.input[0].name
+    monkeypatch.chdir(tmp_path)
+    assert count_cost(m, {name: (1, 3, 48, 192)}).total_macs > 0
+    assert os.listdir(tmp_path) == []

@@ -63,6 +63,8 @@ SAMPLES = {
     "keep_partial": (["--keep-partial"], True),
     "no_latency": (["--no-latency"], False),
     "latency_runs": (["--latency-runs", "4"], 4),
+    "providers": (["--providers", "cuda,cpu"], ("cuda", "cpu")),
+    "amp": (["--amp", "bf16"], "bf16"),
 }
 
 

@@ -23,23 +23,31 @@ Recipe (defaults when a FinetuneConfig field is None):
 
 Supervised cross-entropy when the batches carry labels; otherwise label-free distillation from the
 teacher: T^2 * KL(softmax(teacher/T) || softmax(student/T)) plus ``feature_mse`` times the MSE between
-student and teacher values of the ``feature`` tensor. The teacher runs in onnxruntime (one session).
+student and teacher values of the ``feature`` tensor. The teacher runs in onnxruntime (one session, on the
+providers of ``runtime.using_providers``).
+
+Devices: ``config.device`` (cpu, cuda, cuda:K; under torchrun the rank's device) and mixed precision
+``config.amp``: bf16 or fp16 autocast of the forward pass (weights, optimiser state and loss stay float32;
+fp16 with dynamic loss scaling), so the written-back weights are float32 as the graph's.
 """
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
 import onnx
 import torch
 import torch.nn.functional as F
 
-from ..errors import FinetuneError
+from ..errors import FinetuneError, InputError
 from ..options import FinetuneConfig  # noqa: F401  (defined with its command-line flags; re-exported)
 from .torch_graph import OnnxModule, to_torch, write_back
+
+if TYPE_CHECKING:
+    from .distributed import DistContext
 
 Batch = tuple[dict[str, np.ndarray], "np.ndarray | None"]
 
@@ -98,6 +106,35 @@ class _Teacher:
         return self.session.run(self.outputs, {k: feeds[k] for k in self.inputs})
 
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def training_device(config: FinetuneConfig) -> torch.device:
+    """The torch device ``config.device`` names, checked with ``config.amp`` against this machine:
+    InputError (one line) for an unknown device, CUDA missing or out of range, or a precision the device
+    cannot train in (fp16 needs CUDA; bf16 needs CPU or a CUDA device with bf16 support)."""
+    try:
+        dev = torch.device(config.device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"unknown --device {config.device!r}: use cpu, cuda or cuda:K") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {config.device!r}: the bridge trains on cpu or cuda")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {config.device}: CUDA is not available to this torch build "
+                             f"(torch {torch.__version__}); install a CUDA build of torch or use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"--device {config.device}: this machine has {torch.cuda.device_count()} GPU(s)")
+    if config.amp is not None:
+        if config.amp not in AMP_DTYPES:
+            raise InputError(f"--amp {config.amp!r}: use bf16 or fp16")
+        if config.amp == "fp16" and dev.type != "cuda":
+            raise InputError("--amp fp16 needs a CUDA device (--device cuda); on the CPU use --amp bf16")
+        if config.amp == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise InputError(f"--amp bf16: {torch.cuda.get_device_name(dev)} has no bfloat16 support; use --amp fp16")
+    return dev
+
+
 def finetune(
     student: onnx.ModelProto,
     train_batches: Callable[[], Iterable[Batch]],
@@ -106,6 +143,7 @@ def finetune(
     config: FinetuneConfig,
     eval_fn: Callable[[onnx.ModelProto], float] | None = None,
     progress: bool = True,
+    dist: "DistContext | None" = None,
 ) -> tuple[onnx.ModelProto, FinetuneResult]:
     """Fine-tune ``student`` and return (a copy of it holding the best weights, FinetuneResult).
 
@@ -113,26 +151,44 @@ def finetune(
     or None). The first graph output is taken as the logits (N, classes) [or (N, ..., classes)].
     eval_fn(model) -> metric (higher is better) is called after each epoch; the best epoch's weights are
     returned (without eval_fn, the last epoch's). Any failure raises FinetuneError (one line).
+
+    dist (bridge.distributed.DistContext): data-parallel training, this process being one rank.
+    train_batches then yields this rank's shard (``distributed.sharded_batches``); the student is wrapped
+    in DistributedDataParallel on ``dist.device`` (config.device is not used); eval_fn and the progress
+    bar run on rank 0 only. Every rank returns the trained model; only rank 0's best-epoch choice is
+    meaningful. A failure or interruption on any rank stops every rank at the same step (see
+    ``distributed``).
     """
+    if dist is None:
+        training_device(config)  # InputError before any work
     module = to_torch(student)  # UnsupportedOperatorError passes through unchanged
     old_threads = torch.get_num_threads()
+    finished = False
     try:
         if config.threads:
             torch.set_num_threads(config.threads)
-        return _finetune(module, student, train_batches, teacher, config, eval_fn, progress)
+        if dist is not None and not dist.is_main:
+            eval_fn, progress = None, False
+        out = _finetune(module, student, train_batches, teacher, config, eval_fn, progress, dist)
+        if dist is not None:
+            dist.vote()  # every rank finished (rank 0's last evaluation included)
+        finished = True
+        return out
     except FinetuneError:
         raise
     except Exception as exc:  # noqa: BLE001 - every failure becomes one FinetuneError line
         msg = " ".join(str(exc).split()) or type(exc).__name__
         raise FinetuneError(f"fine-tuning failed: {type(exc).__name__}: {msg[:300]}") from exc
     finally:
+        if dist is not None and not finished:
+            dist.abort()  # the other ranks stop at their next vote
         torch.set_num_threads(old_threads)
 
 
-def _finetune(module: OnnxModule, student, train_batches, teacher, config, eval_fn, progress):
+def _finetune(module: OnnxModule, student, train_batches, teacher, config, eval_fn, progress, dist=None):
     torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
-    device = torch.device(config.device)
+    rng = np.random.default_rng(config.seed if dist is None else [config.seed, dist.rank])
+    device = torch.device(config.device) if dist is None else dist.device
     module.to(device)
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
@@ -148,6 +204,11 @@ def _finetune(module: OnnxModule, student, train_batches, teacher, config, eval_
     logits_name = module.output_names[0]
     feature = config.feature if config.feature_mse > 0 else None
     want = [logits_name] + ([feature] if feature else [])
+    forward = module.forward_named if dist is None else dist.wrap(module, want)
+    amp = AMP_DTYPES.get(config.amp) if config.amp else None
+    if amp is torch.float16 and device.type != "cuda":
+        raise InputError("--amp fp16 needs a CUDA device (--device cuda); on the CPU use --amp bf16")
+    scaler = torch.amp.GradScaler(device.type) if amp is torch.float16 else None
     t_session: _Teacher | None = None
 
     result = FinetuneResult()
@@ -172,6 +233,8 @@ def _finetune(module: OnnxModule, student, train_batches, teacher, config, eval_
             bar = tqdm(it, desc=f"fine-tune epoch {epoch}/{config.epochs}", leave=False,
                        total=len(it) if hasattr(it, "__len__") else None)
             it = bar
+        if dist is not None:
+            it = dist.lockstep(it, lambda: config.max_steps is not None and step >= config.max_steps)
         for feeds, labels in it:
             if config.max_steps is not None and step >= config.max_steps:
                 break
@@ -185,33 +248,46 @@ def _finetune(module: OnnxModule, student, train_batches, teacher, config, eval_
                     raise FinetuneError("batches carry no labels and no teacher model was given")
                 if t_session is None:
                     t_session = _Teacher(teacher, feature, config.threads)
+                t_out = t_session(feeds)
             inputs = {k: torch.as_tensor(v).to(device) for k, v in feeds.items()}
             if total_steps:
                 for g in opt.param_groups:
                     g["lr"] = 0.5 * lr * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
-            out = module.forward_named(inputs, want)
-            logits = out[logits_name]
+            # ranks agree before DDP's forward (which may hold a collective) and again before backward's
+            # all-reduce: each vote raises on every rank if one failed or was interrupted since the last
+            if dist is not None and dist.vote():
+                break  # a rank ran out of batches: all end the epoch here
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                out = forward(inputs, want)
+            logits = out[logits_name].float()  # the loss in float32 whatever the forward's precision
             if mode == "supervised":
                 y = torch.as_tensor(labels).to(device).long()
                 loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
             else:
-                t_out = t_session(feeds)
                 t_logits = torch.as_tensor(t_out[0]).to(device)
                 c = logits.shape[-1]
                 loss = F.kl_div(F.log_softmax(logits.reshape(-1, c) / T, -1),
                                 F.log_softmax(t_logits.reshape(-1, c) / T, -1),
                                 reduction="batchmean", log_target=True) * (T * T)
                 if feature:
-                    loss = loss + config.feature_mse * F.mse_loss(out[feature],
+                    loss = loss + config.feature_mse * F.mse_loss(out[feature].float(),
                                                                   torch.as_tensor(t_out[1]).to(device))
             if not torch.isfinite(loss):
                 raise FinetuneError(f"non-finite loss at epoch {epoch}, step {step + 1}")
+            if dist is not None:
+                dist.vote()
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            if scaler is not None:
+                scaler.unscale_(opt)  # clip the true gradients
             clip = config.clip_grad_norm if config.clip_grad_norm is not None else 1.0
             if clip:
                 torch.nn.utils.clip_grad_norm_(params, clip)
-            opt.step()
+            if scaler is not None:
+                scaler.step(opt)  # skipped when the scaled gradients overflowed
+                scaler.update()
+            else:
+                opt.step()
             step += 1
             n = next(iter(feeds.values())).shape[0]
             images += n
@@ -220,6 +296,8 @@ def _finetune(module: OnnxModule, student, train_batches, teacher, config, eval_
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
         if bar is not None:
             bar.close()
+        if dist is not None:
+            dist.average_buffers(module)
         module.eval()
         written = write_back(module, student)
         metric = float(eval_fn(written)) if eval_fn is not None else None

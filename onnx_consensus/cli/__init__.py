@@ -1,4 +1,4 @@
-"""`onnx-cprune`: prune (default), inspect, bench. Parses arguments, calls the pipeline, prints.
+"""`onnx-cprune`: prune (default), finetune, inspect, bench. Parses arguments, calls the pipeline, prints.
 
 Exit codes (README, "Exit codes"): 0 done (also when there is no removable block); 1 an unexpected failure
 (an onnxruntime error; one line, --debug for the traceback); 2 bad usage or bad input; 3 target cannot be
@@ -33,6 +33,8 @@ def _handler(command: str):
 def _import_handler(command: str):
     if command == "prune":
         from .prune import cmd_prune as handler
+    elif command == "finetune":
+        from .finetune import cmd_finetune as handler
     elif command == "inspect":
         from .inspect import cmd_inspect as handler
     else:

@@ -5,12 +5,15 @@ import json
 
 from ..bench import compare_models
 from ..options import RunOptions
+from ..runtime import provider_names, resolve_providers, using_providers
 
 
 def cmd_bench(args) -> int:
-    rows = compare_models(args.models, batch_sizes=args.batch_sizes, runs=args.runs, warmup=args.warmup,
-                          threads=args.threads, spinning=True if args.spin_wait else None, data=args.data,
-                          eval_data=args.eval, input_shapes=RunOptions.from_args(args).input_shapes)
+    run = RunOptions.from_args(args)
+    with using_providers(resolve_providers(run.providers)) as providers:
+        rows = compare_models(args.models, batch_sizes=args.batch_sizes, runs=args.runs, warmup=args.warmup,
+                              threads=args.threads, spinning=True if args.spin_wait else None, data=args.data,
+                              eval_data=args.eval, input_shapes=run.input_shapes)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -22,7 +25,7 @@ def cmd_bench(args) -> int:
                   f"({r['eval_samples']} samples)")
     spin = "on" if rows[0]["spinning"] else "off"
     alternated = f"models alternated, intra-op spinning {spin}" if n_models > 1 else f"intra-op spinning {spin}"
-    print(f"onnxruntime CPU, {args.threads} intra-op thread(s), graph optimisation: all, "
+    print(f"onnxruntime {','.join(provider_names(providers))}, {args.threads} intra-op thread(s), graph optimisation: all, "
           f"{args.runs} timed runs after {args.warmup} warm-up, {alternated}")
     print(f"{'batch':>5}  {'p50 ms':>9}  {'p90 ms':>9}  {'ratio':>6}  {'MACs':>13}  {'params':>10}  model")
     for r in rows:

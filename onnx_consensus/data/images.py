@@ -80,27 +80,30 @@ def image_plan(spec: TensorSpec, opts: ImageOptions) -> ImagePlan:
     if channels not in (1, 3, 4):
         raise InputError(f"image channels must be 1, 3 or 4, got {channels} (model input {spec.name!r} {fmt_shape(spec.shape)}, layout {opts.layout})")
     if isinstance(c_dim, int) and c_dim != channels:
-        raise InputError(f"ImageOptions.channels={channels} but model input {spec.name!r} has {c_dim} channels ({opts.layout})")
+        raise InputError(f"images are read with {channels} channel(s) but model input {spec.name!r} has {c_dim} "
+                         f"channels ({opts.layout}; check --layout)")
     if opts.size is not None:
         if len(opts.size) != 2 or any(int(s) <= 0 for s in opts.size):
-            raise InputError(f"image size must be (H, W) with positive values, got {opts.size!r}")
+            raise InputError(f"--image-size must be HxW with positive values, got {opts.size!r}")
         height, width = int(opts.size[0]), int(opts.size[1])
         for got, want, what in ((height, h_dim, "height"), (width, w_dim, "width")):
             if isinstance(want, int) and got != want:
-                raise InputError(f"image {what} {got} does not match model input {spec.name!r} {fmt_shape(spec.shape)} ({opts.layout})")
+                raise InputError(f"--image-size: image {what} {got} does not match model input {spec.name!r} "
+                                 f"{fmt_shape(spec.shape)} ({opts.layout})")
     elif isinstance(h_dim, int) and isinstance(w_dim, int):
         height, width = h_dim, w_dim
     else:
         raise InputError(
-            f"model input {spec.name!r} has dynamic image size {fmt_shape(spec.shape)}; set ImageOptions.size=(H, W)"
+            f"model input {spec.name!r} has dynamic image size {fmt_shape(spec.shape)}: give the size to resize "
+            f"images to with --image-size HxW"
         )
     mean = np.asarray(opts.mean, dtype=np.float32).ravel()
     std = np.asarray(opts.std, dtype=np.float32).ravel()
     for arr, what in ((mean, "mean"), (std, "std")):
         if arr.size not in (1, channels):
-            raise InputError(f"image {what} must have 1 or {channels} values, got {arr.size}")
+            raise InputError(f"--{what} must have 1 or {channels} values, got {arr.size}")
     if np.any(std == 0):
-        raise InputError("image std must not contain zeros")
+        raise InputError("--std must not contain zeros")
     return ImagePlan(
         height, width, channels, opts.layout,
         np.broadcast_to(mean, (channels,)).copy(), np.broadcast_to(std, (channels,)).copy(),

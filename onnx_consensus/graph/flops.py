@@ -10,24 +10,26 @@ convolution and fully connected layers):
 * ``MatMul`` (and ``MatMulInteger`` / ``QLinearMatMul``): ``prod(broadcast batch dims) * M * N * K``
   with numpy broadcasting and numpy's 1-D promotion rules.
 
-Every other operator costs 0. Shapes come from ONNX shape inference run on a *weight-free* copy of the
+* ``If``: its costlier branch; ``Loop`` and ``Scan``: one iteration of the body (``ModelCost.notes``).
+
+Every other operator costs 0. Shapes come from ``shapes.infer_shapes`` (ONNX shape inference, then
+onnxruntime's symbolic shape inference where a count still lacks a shape) on a *weight-free* copy of the
 graph (large floating-point initializers are replaced by typed graph inputs carrying only their
 shape), so models larger than 2 GB and models with external data are handled without a second copy
 of their weights.
 """
 from __future__ import annotations
 
-import logging
 import re
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import TensorProto
 
 from ..errors import InputError
 from .ir import tensor_spec
-from .weights import FLOAT_TYPES, is_weight, numel as _numel
+from .shapes import all_graphs, infer_shapes, weight_free_copy
+from .weights import FLOAT_TYPES, numel as _numel
 
 __all__ = ["ModelCost", "count_cost", "parse_input_shape"]
 
@@ -47,11 +49,14 @@ class ModelCost:
             ``batch_size`` samples (per sample with the default ``batch_size=1``).
         params: number of elements (not bytes) of all floating-point initializers plus floating-point
             ``Constant`` node values with more than one element.
+        notes: how control-flow nodes were counted (``If``: the costlier branch; ``Loop``/``Scan``: one
+            iteration of the body), when the model has any with MACs.
     """
 
     macs_per_node: dict[str, int | None] = field(default_factory=dict)
     total_macs: int | None = 0
     params: int = 0
+    notes: list[str] = field(default_factory=list)
 
 
 def parse_input_shape(spec: str) -> tuple[str, tuple[int, ...]]:
@@ -107,93 +112,8 @@ def count_params(model: onnx.ModelProto) -> int:
     return total
 
 
-def _all_graphs(graph: onnx.GraphProto):
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _all_graphs(g)
-
-
-def _weight_free_copy(
-    model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]], batch_size: int
-) -> onnx.ModelProto:
-    """A copy of ``model`` for shape inference: its weights (``weights.is_weight``, the threshold of
-    ``weights.weightless``) become graph inputs with their type and shape only (no values), graph inputs
-    get their batch dim / dynamic dims fixed. Inputs rather than ``weightless``'s external-data stubs:
-    onnxruntime's symbolic shape inference, the fall-back below, reads initializer values and would try
-    to open the stubs' file."""
-    src = model.graph
-    init_names = {i.name for i in src.initializer}
-    g = onnx.GraphProto()
-    g.name = src.name
-    g.node.extend(src.node)  # Constant values are copied; they are small in practice
-    g.output.extend(src.output)
-    # value_info is left out: shapes recorded for another batch size would conflict with the fixed
-    # inputs. count_cost falls back to it for tensors that inference cannot reach.
-    g.sparse_initializer.extend(src.sparse_initializer)
-
-    known_inputs = {i.name for i in src.input if i.name not in init_names}
-    unknown = set(input_shapes) - known_inputs
-    if unknown:
-        raise InputError(
-            f"input shape given for {sorted(unknown)!r}, which is not a model input "
-            f"(inputs: {sorted(known_inputs)!r})"
-        )
-    for inp in src.input:
-        new = g.input.add()
-        new.CopyFrom(inp)
-        if inp.name in init_names or not new.type.HasField("tensor_type"):
-            continue
-        tt = new.type.tensor_type
-        if inp.name in input_shapes:
-            shape = tuple(int(d) for d in input_shapes[inp.name])
-            if tt.HasField("shape") and len(tt.shape.dim) != len(shape):
-                raise InputError(
-                    f"input shape for {inp.name!r} has rank {len(shape)} but the model input has rank "
-                    f"{len(tt.shape.dim)}"
-                )
-            if not tt.HasField("shape"):
-                tt.shape.SetInParent()
-                for _ in shape:
-                    tt.shape.dim.add()
-            for i, (dim, want) in enumerate(zip(tt.shape.dim, shape)):
-                if dim.HasField("dim_value") and dim.dim_value != want:
-                    raise InputError(
-                        f"input shape for {inp.name!r} sets dim {i} to {want} but the model fixes it to "
-                        f"{dim.dim_value}"
-                    )
-                dim.Clear()
-                dim.dim_value = want
-        elif tt.HasField("shape") and len(tt.shape.dim) > 0:
-            dim0 = tt.shape.dim[0]
-            if not dim0.HasField("dim_value"):
-                dim0.Clear()
-                dim0.dim_value = batch_size
-
-    declared = {i.name for i in g.input}
-    for init in src.initializer:
-        if is_weight(init):
-            if init.name in declared:
-                continue  # already declared as an input (IR < 4 style); its type is there
-            vi = onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
-            g.input.append(vi)
-        elif init.data_location == TensorProto.EXTERNAL:
-            # small tensor stored externally and not loaded: keep its type only
-            if init.name not in declared:
-                g.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-        else:
-            g.initializer.append(init)
-
-    m = onnx.ModelProto()
-    m.ir_version = model.ir_version
-    m.opset_import.extend(model.opset_import)
-    m.functions.extend(model.functions)
-    m.graph.CopyFrom(g)
-    return m
+_all_graphs = all_graphs
+_weight_free_copy = weight_free_copy  # the copy shape inference runs on (``shapes.weight_free_copy``)
 
 
 def _value_info_shapes(infos) -> list[tuple[int | None, ...] | None]:
@@ -205,17 +125,10 @@ def _value_info_shapes(infos) -> list[tuple[int | None, ...] | None]:
     return out
 
 
-def _shape_map(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...] | None]:
-    """Tensor name -> shape (None entries for unknown dims) for everything inference annotated."""
-    shapes: dict[str, tuple[int | None, ...] | None] = {}
-    g = model.graph
-    infos = [vi for vi in list(g.input) + list(g.value_info) + list(g.output) if vi.type.HasField("tensor_type")]
-    for vi, shape in zip(infos, _value_info_shapes(infos)):
-        if shape is not None or vi.name not in shapes:
-            shapes[vi.name] = shape
-    for init in g.initializer:
-        shapes[init.name] = tuple(int(d) for d in init.dims)
-    return shapes
+def _static(shapes) -> dict[str, tuple[int | None, ...] | None]:
+    """Shapes with symbolic dims as None."""
+    return {k: (None if v is None else tuple(d if isinstance(d, int) else None for d in v))
+            for k, v in shapes.items()}
 
 
 def _known(shape) -> bool:
@@ -235,8 +148,10 @@ def _input_shape(node, idx, shapes):
     return shapes.get(node.input[idx])
 
 
-def _node_macs(node: onnx.NodeProto, shapes) -> int | None:
+def _node_macs(node: onnx.NodeProto, shapes, found: dict[str, int] | None = None) -> int | None:
     op = node.op_type if node.domain in ("", "ai.onnx") else None
+    if op in ("If", "Loop", "Scan"):
+        return _control_flow_macs(node, shapes, {} if found is None else found)
     if op in _CONV_OPS:
         w = _input_shape(node, _CONV_OPS[op], shapes)
         out = shapes.get(node.output[0]) if node.output else None
@@ -276,19 +191,40 @@ def _node_macs(node: onnx.NodeProto, shapes) -> int | None:
     return 0
 
 
-def _symbolic_shapes(shaped: onnx.ModelProto) -> dict[str, tuple[int | None, ...] | None]:
-    """Shapes from onnxruntime's symbolic shape inference (sympy), which resolves what ONNX's inference
-    leaves unknown, e.g. an attention head size computed by Div from Shape. Best effort: {} on failure."""
-    try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+def _graph_macs(graph: onnx.GraphProto, shapes, found: dict[str, int], key=None) -> int | None:
+    """MACs of ``graph``'s nodes (None if any is unknown); with ``key``, each node's MACs are stored in
+    ``key`` as well. found counts the control-flow nodes met: {"If": n, "Loop": n, "Scan": n}."""
+    total: int | None = 0
+    for node in graph.node:
+        value = _node_macs(node, shapes, found)
+        if key is not None:
+            key[node.output[0] if node.output else node.name] = value
+        total = None if value is None or total is None else total + value
+    return total
 
-        inferred = SymbolicShapeInference.infer_shapes(shaped, auto_merge=True)
-    except Exception as exc:  # missing sympy, unsupported op: MACs stay unknown where they were
-        logging.getLogger("onnx_consensus").debug("symbolic shape inference failed: %s", exc)
-        return {}
-    if inferred is None:
-        return {}
-    return {k: v for k, v in _shape_map(inferred).items() if v is not None and _known(v)}
+
+def _control_flow_macs(node: onnx.NodeProto, shapes, found: dict[str, int]) -> int | None:
+    """If: the costlier branch (an upper bound on what one run executes). Loop, Scan: one iteration of the
+    body (the trip count is data-dependent in general). None when a branch or body has unknown MACs."""
+    bodies = [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
+    costs = [_graph_macs(g, shapes, found) for g in bodies]
+    if not costs:
+        return 0
+    if any(c is None for c in costs):
+        return None
+    if any(c > 0 for c in costs):
+        found[node.op_type] = found.get(node.op_type, 0) + 1
+    return max(costs)
+
+
+def _notes(found: dict[str, int]) -> list[str]:
+    notes = []
+    if found.get("If"):
+        notes.append(f"MACs of {found['If']} If node(s) count the costlier branch")
+    for op in ("Loop", "Scan"):
+        if found.get(op):
+            notes.append(f"MACs of {found[op]} {op} node(s) count one iteration of the body")
+    return notes
 
 
 def count_cost(
@@ -298,10 +234,16 @@ def count_cost(
 ) -> ModelCost:
     """Count MACs and parameters of ``model``.
 
+    Shapes come from ``shapes.infer_shapes``: ONNX shape inference, then onnxruntime's symbolic shape
+    inference when a count still lacks a shape. Control-flow nodes are counted from their subgraphs: an
+    ``If`` as its costlier branch, a ``Loop`` or ``Scan`` as one iteration of its body (``ModelCost.notes``
+    says when either happened).
+
     Args:
         model: the model (not modified; external data need not be loaded).
         input_shapes: full shapes for graph inputs whose non-batch dims are dynamic,
-            e.g. ``{"input_ids": (1, 128)}``; these override ``batch_size`` for that input.
+            e.g. ``{"input_ids": (1, 128)}``; these override ``batch_size`` for that input. A dim the
+            model writes as ``-1`` is dynamic like a symbolic one.
         batch_size: value given to a dynamic leading (batch) dim of every other graph input.
 
     Returns:
@@ -310,23 +252,13 @@ def count_cost(
     """
     if batch_size < 1:
         raise InputError(f"batch size must be >= 1, got {batch_size}")
-    shaped = _weight_free_copy(model, dict(input_shapes or {}), int(batch_size))
-    try:
-        shaped = onnx.shape_inference.infer_shapes(shaped, strict_mode=False, data_prop=True)
-    except Exception as exc:  # inference is best effort: fall back to the declared shapes
-        logging.getLogger("onnx_consensus").warning("shape inference failed (%s); MACs may be unknown", exc)
-    shapes = {vi.name: s for vi, s in zip(model.graph.value_info, _value_info_shapes(model.graph.value_info))}
-    shapes.update(_shape_map(shaped))
-    if any(_node_macs(n, shapes) is None for n in model.graph.node):
-        shapes.update(_symbolic_shapes(shaped))
+
+    def enough(_, shapes) -> bool:
+        return _graph_macs(model.graph, _static(shapes), {}) is not None
+
+    inferred = infer_shapes(model, dict(input_shapes or {}), int(batch_size), enough=enough)
+    shapes = _static(inferred.shapes)
     macs: dict[str, int | None] = {}
-    total: int | None = 0
-    for node in model.graph.node:
-        key = node.output[0] if node.output else node.name
-        value = _node_macs(node, shapes)
-        macs[key] = value
-        if value is None:
-            total = None
-        elif total is not None:
-            total += value
-    return ModelCost(macs_per_node=macs, total_macs=total, params=count_params(model))
+    found: dict[str, int] = {}
+    total = _graph_macs(model.graph, shapes, found, key=macs)
+    return ModelCost(macs_per_node=macs, total_macs=total, params=count_params(model), notes=_notes(found))

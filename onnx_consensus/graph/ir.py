@@ -14,7 +14,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..errors import InputError
-from .weights import absolute_locations, weightless
+from .weights import absolute_locations
 
 MODEL_FIELDS = ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string")
 
@@ -65,7 +65,8 @@ class TensorSpec:
         name: tensor name.
         dtype: numpy dtype of the elements (an ml_dtypes type for bfloat16 and the float8 types); None when
             the element type is undeclared, the value is not a tensor, or the type has no numpy counterpart.
-        shape: one entry per dim: an int for a static dim, a str (symbolic name) or None for a dynamic one;
+        shape: one entry per dim: an int (> 0) for a static dim, a str (symbolic name) or None for a dynamic
+            one (a missing value, and ``-1`` or ``0`` written as a dim value, as Paddle writes a dynamic batch);
             the whole shape is None when none is declared (rank unknown). For model inputs dim 0 is taken
             to be the batch dim.
     """
@@ -89,36 +90,46 @@ def tensor_spec(vi: onnx.ValueInfoProto) -> TensorSpec:
             dtype = None
     shape = None
     if tt.HasField("shape"):
-        shape = tuple(int(d.dim_value) if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)
+        shape = tuple(int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or None)
+                      for d in tt.shape.dim)
     return TensorSpec(vi.name, dtype, shape)
 
 
-def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """ONNX shape inference (data propagation on) of a weightless copy of ``model``: its value_info holds
-    the inferred shapes; its large float initializers are stubs (see ``weightless``)."""
-    stub = weightless(model)
-    try:
-        return onnx.shape_inference.infer_shapes(stub, strict_mode=False, data_prop=True)
-    except Exception:
-        return onnx.shape_inference.infer_shapes(stub, strict_mode=False)
+def infer_shapes(model: onnx.ModelProto, *, symbolic: bool = False):
+    """Shapes of ``model``'s tensors (``shapes.infer_shapes`` on a weight-free copy): ONNX shape inference, then,
+    with ``symbolic``, onnxruntime's symbolic shape inference where ONNX's leaves a node output's rank unknown.
+    Returns ``shapes.InferredShapes``."""
+    from .shapes import infer_shapes as _infer
+
+    return _infer(model, enough=None if symbolic else (lambda m, s: True))
 
 
-def to_gs(model: onnx.ModelProto, *, infer: bool = True) -> gs.Graph:
+def to_gs(model: onnx.ModelProto, *, infer: bool = True, symbolic: bool = False) -> gs.Graph:
     """Import into onnx-graphsurgeon, topologically sorted. Initializers stay lazy references to the
-    model's tensors (no copy); tensors get dtypes and shapes from shape inference on a weightless copy."""
+    model's tensors (no copy); tensors get dtypes and shapes from shape inference on a weight-free copy
+    (``infer_shapes``; ``symbolic`` as there: block detection asks for it). Graph inputs keep their declared
+    shapes (a ``-1`` dim stays -1 in the IR, so the exported interface is unchanged; ``shape_of`` reads it as
+    dynamic)."""
     graph = gs.import_onnx(model)
     if infer:
-        inferred = infer_shapes(model)
-        known = {v.name: v for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
+        inferred = infer_shapes(model, symbolic=symbolic)
+        known = {v.name: v for g in _graphs(inferred.model.graph) for v in list(g.value_info) + list(g.output)}
         inputs = {t.name for t in graph.inputs}
         for t in graph.tensors().values():
             if isinstance(t, gs.Variable) and t.name in known and t.name not in inputs:
                 spec = tensor_spec(known[t.name])
                 if spec.dtype is not None:
                     t.dtype = spec.dtype
-                if spec.shape is not None:
-                    t.shape = list(spec.shape)
+                shape = inferred.shapes.get(t.name, spec.shape)
+                if shape is not None:
+                    t.shape = list(shape)
     return graph.toposort()
+
+
+def _graphs(graph: onnx.GraphProto):
+    from .shapes import all_graphs
+
+    return all_graphs(graph)
 
 
 def from_gs(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
@@ -251,7 +262,10 @@ def _all_nodes(graph: gs.Graph):
 
 
 def shape_of(t: gs.Tensor) -> tuple | None:
-    return None if t.shape is None else tuple(t.shape)
+    """``t``'s shape, a non-positive int dim (``-1``, as Paddle writes a dynamic batch) read as None (dynamic)."""
+    if t.shape is None:
+        return None
+    return tuple(None if isinstance(d, (int, np.integer)) and d <= 0 else d for d in t.shape)
 
 
 def dtype_of(t: gs.Tensor) -> str | None:

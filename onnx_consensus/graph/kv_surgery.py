@@ -251,7 +251,7 @@ def prune_folder(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, layers:
     """
     import tempfile
 
-    from ..io import _write_tensor
+    from .weights import write_external
     from .decoder import dummy_feed
     from .ir import load_model_and_layout
 
@@ -290,7 +290,7 @@ def prune_folder(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, layers:
             with open(os.path.join(tmp, f"{model_name}.data"), "wb") as f:
                 for t in out.graph.initializer:
                     _inline_if_small(t)
-                    _write_tensor(t, f, f"{model_name}.data")
+                write_external(out, f, f"{model_name}.data")
                 empty = f.tell() == 0
             if empty:
                 os.remove(os.path.join(tmp, f"{model_name}.data"))
@@ -317,7 +317,7 @@ def prune_folder(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, layers:
 def _inline_if_small(t: onnx.TensorProto, min_bytes: int = 1024) -> None:
     """Bring a small external tensor inline: onnxruntime reads shape inputs (Unsqueeze axes, Reshape
     shapes) only from inline data."""
-    from ..runtime import external_array, is_external
+    from .weights import external_array, is_external
 
     if is_external(t):
         arr = external_array(t)

@@ -26,10 +26,12 @@ def find_blocks(model: onnx.ModelProto | gs.Graph, *, macs_per_node: dict[str, i
     follows it (the exit of one is the entry of the other) into one whole-layer candidate; blocks that do
     not pair (a ResNet's) stay as they are.
     Models whose interface carries a KV cache are refused (``report.refusal``), with no candidates.
+    Shapes come from ONNX shape inference, then onnxruntime's symbolic shape inference where ONNX's leaves a
+    tensor's rank unknown (``shapes.infer_shapes``); ``-1`` dims count as dynamic, like symbolic ones.
     """
     if unit not in UNITS:
         raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
-    graph = model if isinstance(model, gs.Graph) else to_gs(model)
+    graph = model if isinstance(model, gs.Graph) else to_gs(model, symbolic=True)
     if macs_per_node is None and isinstance(model, onnx.ModelProto):
         try:
             from ..flops import count_cost
