@@ -136,8 +136,9 @@ def summary_table(report: Mapping) -> str:
             notes.append(f"Fine-tuned model written: epoch {ft['best_epoch']} of {ft['epochs']}, the best on the "
                          f"{'hold-out' if where == 'hold-out' else 'evaluation data'}.")
     if ft and ft.get("bn_stats"):
-        notes.append(f"BatchNormalization running statistics {ft['bn_stats']} during fine-tuning "
-                     f"({ft.get('bn_stats_reason', '')}; --bn-stats freeze|update).")
+        reason = ft.get("bn_stats_reason") or ""
+        hint = "" if reason.startswith("--bn-stats") else "; --bn-stats freeze|update"
+        notes.append(f"BatchNormalization running statistics {ft['bn_stats']} during fine-tuning ({reason}{hint}).")
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines.append("")
     for r in rows:
