@@ -33,11 +33,12 @@ from .graph.precision import float32_shadow, is_bfloat16
 from .graph.surgery import remove_blocks
 from .io import check_output_path, save_model_atomic
 from .metrics import get_metric
-from .options import (CriterionOptions, DataOptions, FinetuneConfig, Options, OutputOptions, RecoveryOptions,
+from .options import (BN_FREEZE_BELOW, CriterionOptions, DataOptions, FinetuneConfig, Options, OutputOptions,
+                      RecoveryOptions,
                       RunOptions, TargetOptions)
 from .pruner import PruneResult
 from .pruner import prune as schedule
-from .report import build_report, sha256_file, stamp
+from .report import build_report, not_improved_text, sha256_file, stamp
 from .runtime import resolve_providers, using_providers
 
 log = logging.getLogger("onnx_consensus")
@@ -60,7 +61,8 @@ class Outcome:
     """What a run produced.
 
     model: the model to write (the bfloat16 original with the removals for a bfloat16 input; fine-tuned
-        when fine-tuning succeeded); ``write`` says whether it is written at all.
+        when a fine-tuned epoch beat the pruned model on the eval data or the hold-out); ``write`` says
+        whether it is written at all.
     result: the schedule's PruneResult (its ``model`` is ``model``); the partial one after a failure.
     report: the JSON report (``report.build_report``) with ``seconds`` (and ``partial``/``error``).
     latency: {batch size: before/after ms} or None; finetune: the fine-tuning info or None.
@@ -336,23 +338,46 @@ def _latency(model: onnx.ModelProto, pruned: onnx.ModelProto, sample, options: O
 
 def _finetune(original: onnx.ModelProto, result: PruneResult, calib, options: Options,
               warnings: list[str]) -> tuple[dict, int]:
-    """Fine-tune ``result.model`` in place; on failure keep the pruned model (exit 4; 130 when interrupted
-    with keep_partial)."""
+    """Fine-tune ``result.model``; on failure keep the pruned model (exit 4; 130 when interrupted with
+    keep_partial). The same code as `onnx-cprune finetune` (``tuning.finetune_model``).
+
+    The model kept is the best of {pruned, each epoch} on the ``--eval`` data, or on the hold-out without it
+    (the pruned model when no epoch beats it, said as a warning). Training on the calibration data (no
+    ``--train``) leaves the hold-out out. ``result.fidelity`` is then re-measured on the model kept, so the
+    summary and report describe the written model; the pre-fine-tune value stays in the info's
+    ``holdout_fidelity_pruned``."""
+    from .recover import evaluator
     from .tuning import finetune_model
 
     rec = options.recovery
+    bs, threads = options.run.batch_size, options.run.threads
+    hold = result.holdout_indices
+    if hold is None:  # a PruneResult made elsewhere: the pruner's own split
+        hold = np.arange(calib.n_samples) if calib.n_samples < 10 or options.run.holdout <= 0 else \
+            calib.split(options.run.holdout, seed=options.criterion.seed)[1]
     train = _extra_data(rec.train, original, options.data)
+    train_idx = None
     if train is None:
         train = calib
-        _warn(warnings, f"fine-tuning on the calibration data ({calib.n_samples} samples): a few hundred samples "
-                        "will overfit; give more with --train DIR")
+        if len(hold) < calib.n_samples:  # a real split: the hold-out stays unseen by training
+            train_idx = np.setdiff1d(np.arange(calib.n_samples), hold)
+        n_train = calib.n_samples if train_idx is None else len(train_idx)
+        _warn(warnings, f"fine-tuning on {n_train} calibration samples"
+                        + (" (the hold-out left out)" if train_idx is not None else "")
+                        + ": a few hundred samples will overfit; give more with --train DIR")
+    n_train = train.n_samples if train_idx is None else len(train_idx)
     eval_data = _extra_data(rec.eval, original, options.data)
     config = options.finetune
     info = {"mode": "supervised" if train.labels is not None else "distillation", "epochs": config.epochs,
-            "train_samples": train.n_samples, "eval": getattr(eval_data, "source", None)}
-    try:  # the same code as `onnx-cprune finetune`
-        tuned, info = finetune_model(result.model, train, config=config, teacher=original, eval_data=eval_data,
-                                     threads=options.run.threads, progress=options.run.progress)
+            "train_samples": n_train, "eval": getattr(eval_data, "source", None) if eval_data is not None
+            else "hold-out", "holdout_fidelity_pruned": result.fidelity.to_json() if result.fidelity else None}
+    try:
+        holdout = evaluator(original, calib, indices=hold, batch_size=bs, threads=threads)
+        select = holdout if eval_data is None else evaluator(original, eval_data, batch_size=bs, threads=threads)
+        tuned, ft_info = finetune_model(result.model, train, config=config, teacher=original, eval_fn=select,
+                                        threads=threads, progress=options.run.progress, train_indices=train_idx,
+                                        batch_size=bs)
+        fid = holdout.fidelity(tuned) if ft_info["best_epoch"] > 0 else None
     except FinetuneError as exc:
         info["error"] = str(exc)
         return info, exc.exit_code
@@ -366,7 +391,17 @@ def _finetune(original: onnx.ModelProto, result: PruneResult, calib, options: Op
             raise
         info["error"] = "fine-tuning interrupted (--keep-partial)"
         return info, 130
-    result.model = tuned
+    ft_info.update(train_samples=n_train, eval=info["eval"], holdout_fidelity_pruned=info["holdout_fidelity_pruned"])
+    info = ft_info
+    if info["bn_stats"]:
+        info["bn_stats_reason"] = (f"--bn-stats {config.bn_stats}" if config.bn_stats else
+                                   f"{n_train} training samples {'<' if info['bn_stats'] == 'frozen' else '>='} "
+                                   f"{BN_FREEZE_BELOW}")
+    if info["best_epoch"]:
+        result.model = tuned
+        result.fidelity = fid
+    else:
+        _warn(warnings, not_improved_text(info))
     return info, 0
 
 
