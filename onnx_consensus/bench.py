@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from .batching import calibration_shapes, fixed_batch, tile_feed
+from .errors import InputError
 from .runtime import make_session
 
 OPT_LEVEL = "all"
@@ -33,23 +35,36 @@ class Latency:
 
 
 def random_feed(model: onnx.ModelProto, batch_size: int, sample: dict[str, np.ndarray] | None = None,
-                seed: int = 0) -> dict[str, np.ndarray]:
-    """A feed of ``batch_size`` samples: tiled from ``sample`` (one real batch) when given, else random
-    data of each input's static shape (dynamic non-batch dims need a sample)."""
+                seed: int = 0, *, axes: dict[str, int | None] | None = None,
+                input_shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, np.ndarray]:
+    """A feed of ``batch_size`` samples: tiled from ``sample`` (one real batch) along each input's batch axis
+    (``axes``, default 0; None: fed as given) when given, else random data of each input's static shape, or
+    of ``input_shapes[name]`` (its batch dim replaced). Raises InputError for an input with dynamic non-batch
+    dims and no shape for it (a 1 there would time a 1x1 image)."""
     if sample is not None:
-        out = {}
-        for k, v in sample.items():
-            reps = -(-batch_size // len(v))
-            out[k] = np.concatenate([v] * reps)[:batch_size]
-        return out
+        return tile_feed(sample, batch_size, axes or {})
     rng = np.random.default_rng(seed)
     from .graph.ir import interface
 
     feed = {}
+    missing = []
     for spec in interface(model)[0]:
-        shape = [batch_size] + [d if isinstance(d, int) and d > 0 else 1 for d in spec.shape[1:]]
+        given = (input_shapes or {}).get(spec.name)
+        if given is not None:
+            shape = [batch_size, *given[1:]] if len(given) else []
+        elif spec.shape is None or any(not (isinstance(d, int) and d > 0) for d in spec.shape[1:]):
+            dims = "rank unknown" if spec.shape is None else ", ".join(
+                f"dim {k} ({d if d else '?'})" for k, d in enumerate(spec.shape)
+                if k and not (isinstance(d, int) and d > 0))
+            missing.append(f"{spec.name!r}: {dims}")
+            continue
+        else:
+            shape = [batch_size, *spec.shape[1:]] if len(spec.shape) else []
         dt = np.dtype(spec.dtype)
         feed[spec.name] = (rng.integers(0, 2, shape) if dt.kind in "iub" else rng.standard_normal(shape)).astype(dt)
+    if missing:
+        raise InputError("dynamic non-batch dims in model input(s) " + "; ".join(missing)
+                         + ": give --data DIR (real inputs) or --input-shape NAME:1x3x224x224 to time it")
     return feed
 
 
@@ -87,16 +102,36 @@ def compare_models(paths: Sequence[str], *, batch_sizes: Sequence[int] = (1, 32)
     from .graph.flops import count_cost
     from .graph.ir import load_model
 
+    from .graph.ir import interface
+
     models = [load_model(p) for p in paths]
-    costs = [count_cost(m, input_shapes or {}) for m in models]
-    sample = None
+    sample, axes = None, {}
     if data:
         from .data import load_calibration
 
-        sample = next(load_calibration(data, models[0]).batches(max(batch_sizes)))
+        calib = load_calibration(data, models[0])
+        sample, axes = next(calib.batches(max(batch_sizes))), calib.batch_axes
+        if not input_shapes:
+            input_shapes = calibration_shapes(interface(models[0])[0], calib)
+            if input_shapes:
+                import logging
+
+                logging.getLogger("onnx_consensus").warning(
+                    "MACs at the data's shapes (first sample): %s",
+                    ", ".join(f"{k}:{'x'.join(map(str, v)) or 'scalar'}" for k, v in input_shapes.items()))
+    else:
+        random_feed(models[0], 1, input_shapes=input_shapes)  # refuses dynamic dims it cannot fill, up front
+    costs = [count_cost(m, input_shapes or {}) for m in models]
+    fixed = fixed_batch(interface(models[0])[0])
+    if fixed and set(batch_sizes) != {fixed}:
+        import logging
+
+        logging.getLogger("onnx_consensus").warning("the model has a fixed batch of %d: timed at batch %d only",
+                                                    fixed, fixed)
+        batch_sizes = [fixed]
     rows = []
     for bs in batch_sizes:
-        feed = random_feed(models[0], bs, sample)
+        feed = random_feed(models[0], bs, sample, axes=axes, input_shapes=input_shapes)
         lats = measure_latency(models, feed, runs=runs, warmup=warmup, threads=threads, spinning=spinning)
         for path, lat, cost in zip(paths, lats, costs):
             rows.append({"model": path, "batch_size": bs, "median_ms": lat.median_ms, "p90_ms": lat.p90_ms,

@@ -1,6 +1,21 @@
 """One small hierarchy of errors; the CLI turns each into one line and an exit code."""
 
 
+def first_lines(exc: BaseException, limit: int = 400) -> str:
+    """The message of ``exc`` on one line: its first line, and the next one too when the first does not say
+    what is wrong by itself (onnxruntime puts "index: 0 Got: 64 Expected: 1" on the second line of
+    "Got invalid dimensions for input ..."); lines joined by "; ", cut at ``limit`` characters."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    keep = lines[:1]
+    if len(lines) > 1 and (lines[0].rstrip().endswith((":", "indices")) or "Got:" in lines[1]
+                           or "Expected" in lines[1]):
+        keep.append(lines[1])
+    text = "; ".join(keep)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class ConsensusError(Exception):
     """Base class. ``exit_code`` is what the CLI exits with."""
 
@@ -36,7 +51,7 @@ class PruneFailed(ConsensusError):
     cause's: 130 for an interrupt, a ConsensusError's own code, else 1."""
 
     def __init__(self, partial, cause: BaseException):
-        first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        first = first_lines(cause)
         super().__init__(f"{type(cause).__name__}: {first}" if first else type(cause).__name__)
         self.partial = partial
         self.__cause__ = cause

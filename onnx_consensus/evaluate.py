@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
+from .batching import counted_batches, per_sample
 from .runtime import make_session
 
 CLASS_SCORES = "class scores"
@@ -33,7 +34,8 @@ class OutputFidelity:
 
 @dataclass
 class Fidelity:
-    """How close a model's outputs stay to a reference's, over ``n`` samples.
+    """How close a model's outputs stay to a reference's, over ``n`` samples (samples fed, never output
+    rows or time steps).
 
     agreement: share of samples with the same top-1 class on the first output, when it is class scores
         (judged from the graph, ``graph.heads.output_kinds``; from the shape (N, classes) when no kinds are
@@ -100,13 +102,36 @@ def reference_outputs(model: onnx.ModelProto, data, indices, *, batch_size: int 
                       threads: int | None = None, names: Sequence[str] | None = None) -> list:
     """The outputs of ``model`` on the samples ``indices``, one entry per batch (batches may differ in
     their non-batch shape, e.g. sequence length): the first output's array when ``names`` is None, else
-    {name: array} for ``names``. Kept for comparisons: the hold-out set is small."""
+    {name: array} for ``names``. Each array is (samples, ...): the sample axis first (a time-major (T, B, C)
+    output becomes (B, T, C)), a fixed batch's padding dropped (``batching.per_sample``), so rows are
+    samples. Kept for comparisons: the hold-out set is small."""
     sess = make_session(model, level="all", threads=threads)
-    if names is None:
-        name = sess.get_outputs()[0].name
-        return [sess.run([name], feeds)[0] for feeds in data.batches(batch_size, indices)]
-    names = list(names)
-    return [dict(zip(names, sess.run(names, feeds))) for feeds in data.batches(batch_size, indices)]
+    single = names is None
+    names = [sess.get_outputs()[0].name] if single else list(names)
+    fed = batch_rows(data)
+    out = []
+    for feeds, n in counted_batches(data, batch_size, indices):
+        values = {nm: per_sample(v, fed(feeds), n, name=f"output {nm!r}", strict=False)
+                  for nm, v in zip(names, sess.run(names, feeds))}
+        out.append(values[names[0]] if single else values)
+    return out
+
+
+def batch_rows(data):
+    """A function of a feed: how many samples it holds (the fixed batch, else the size of the first batched
+    input along its batch axis)."""
+    axes = getattr(data, "batch_axes", {})
+    fixed = getattr(data, "fixed_batch", None)
+
+    def rows(feeds) -> int:
+        if fixed:
+            return fixed
+        for k, v in feeds.items():
+            ax = axes.get(k, 0)
+            if ax is not None and np.ndim(v):
+                return v.shape[ax]
+        return 1
+    return rows
 
 
 def fidelity(model: onnx.ModelProto, reference: list, data, indices, *, labels: np.ndarray | None = None,

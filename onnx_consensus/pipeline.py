@@ -21,22 +21,24 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import onnx
 
+from .batching import calibration_shapes
 from .bench import measure_latency, random_feed
 from .data import ImageOptions, load_calibration
 from .errors import FinetuneError, InputError, PruneFailed
 from .graph.blocks import find_blocks
 from .graph.flops import count_cost
 from .graph.heads import choose_feature, output_kinds
-from .graph.ir import load_model, load_model_and_layout
+from .graph.ir import interface, load_model, load_model_and_layout
 from .graph.precision import float32_shadow, is_bfloat16
 from .graph.surgery import remove_blocks
 from .io import check_output_path, save_model_atomic
 from .metrics import get_metric
-from .options import (CriterionOptions, DataOptions, FinetuneConfig, Options, OutputOptions, RecoveryOptions,
+from .options import (BN_FREEZE_BELOW, CriterionOptions, DataOptions, FinetuneConfig, Options, OutputOptions,
+                      RecoveryOptions,
                       RunOptions, TargetOptions)
 from .pruner import PruneResult
 from .pruner import prune as schedule
-from .report import build_report, sha256_file, stamp
+from .report import build_report, not_improved_text, sha256_file, stamp
 from .runtime import resolve_providers, using_providers
 
 log = logging.getLogger("onnx_consensus")
@@ -59,7 +61,8 @@ class Outcome:
     """What a run produced.
 
     model: the model to write (the bfloat16 original with the removals for a bfloat16 input; fine-tuned
-        when fine-tuning succeeded); ``write`` says whether it is written at all.
+        when a fine-tuned epoch beat the pruned model on the eval data or the hold-out); ``write`` says
+        whether it is written at all.
     result: the schedule's PruneResult (its ``model`` is ``model``); the partial one after a failure.
     report: the JSON report (``report.build_report``) with ``seconds`` (and ``partial``/``error``).
     latency: {batch size: before/after ms} or None; finetune: the fine-tuning info or None.
@@ -126,8 +129,12 @@ class _AsFloat32:
         return getattr(self._data, name)
 
     def batches(self, *args, **kwargs):
-        for feeds in self._data.batches(*args, **kwargs):
-            yield {k: v.astype(np.float32) if v.dtype.name == "bfloat16" else v for k, v in feeds.items()}
+        for feeds, _ in self.counted_batches(*args, **kwargs):
+            yield feeds
+
+    def counted_batches(self, *args, **kwargs):
+        for feeds, n in self._data.counted_batches(*args, **kwargs):
+            yield {k: v.astype(np.float32) if v.dtype.name == "bfloat16" else v for k, v in feeds.items()}, n
 
 
 def _calibration(data, model: onnx.ModelProto, opts: DataOptions):
@@ -203,7 +210,16 @@ def _run_on_providers(model, data, options: Options) -> Outcome:
         _warn(warnings, "bfloat16 model: onnxruntime's CPU provider cannot run it, so a float32 copy is scored and "
                         "pruned; the output is written in bfloat16 (checked by onnx.checker only; no latency)")
         model = float32_shadow(original)
+    nothing = _no_removable_block(source, model, options)
+    if nothing is not None:  # said before any data is read or any inference runs
+        return nothing
     data = _calibration(data, original, options.data)
+    fixed = getattr(data, "fixed_batch", None)
+    if fixed:
+        _warn(warnings, f"the model has a fixed batch of {fixed}: inference runs {fixed} sample(s) at a time"
+                        + (" (a short last batch is padded, the padding ignored)" if fixed > 1 else "")
+                        + (f"; --batch-size {options.run.batch_size} is not used" if options.run.batch_size != fixed
+                           else ""))
     hook = None
     if between:
         from .recover import between_removals
@@ -211,6 +227,18 @@ def _run_on_providers(model, data, options: Options) -> Outcome:
         train = _extra_data(options.recovery.train, model, options.data) or data
         hook = between_removals(model, train, config=replace(ft or FinetuneConfig(), epochs=1), steps=between)
     report_options = {"input": source.path, "calib": getattr(data, "source", None), **options.to_flags()}
+    shapes = {} if options.run.input_shapes else calibration_shapes(interface(model)[0], data)
+    if shapes:
+        try:
+            count_cost(model, shapes)
+        except InputError as exc:  # e.g. a dim the model writes as -1: MACs stay unknown, said why
+            _warn(warnings, f"MACs not counted at the calibration data's shapes: {exc}")
+            shapes = {}
+    if shapes:
+        options = replace(options, run=replace(options.run, input_shapes=shapes))
+        _warn(warnings, "MACs and latency at the calibration data's shapes (first sample): "
+                        + ", ".join(f"{k}:{'x'.join(map(str, v)) or 'scalar'}" for k, v in shapes.items())
+                        + " (--input-shape NAME:1x3x224x224 to choose others)")
 
     def report_of(result, **kw) -> dict:
         return build_report(result, options=report_options, input_path=source.path, input_sha256=source.sha256, **kw)
@@ -221,7 +249,7 @@ def _run_on_providers(model, data, options: Options) -> Outcome:
             return result.model
         return remove_blocks(original, [r.block for r in result.removals]) if result.removals else original
 
-    check_feed = None if bfloat16 else {k: v[:1] for k, v in next(data.batches(1)).items()}
+    check_feed = None if bfloat16 else next(data.batches(1))
     failure = None
     try:
         result = schedule(model, data, criterion=options.criterion, target=options.target, run=options.run,
@@ -243,7 +271,8 @@ def _run_on_providers(model, data, options: Options) -> Outcome:
     result.model = on_original(result)
     latency = None
     if result.removals and options.output.latency and not bfloat16:
-        latency = _latency(model, result.model, next(data.batches(options.run.batch_size)), options)
+        latency = _latency(model, result.model, next(data.batches(options.run.batch_size)), options,
+                           fixed=fixed, axes=getattr(data, "batch_axes", {}))
     finetune_info, exit_code, status = None, 0, "done" if result.removals else "nothing removed"
     if finetuning and result.removals:
         finetune_info, exit_code = _finetune(model, result, data, options, warnings)
@@ -259,11 +288,45 @@ def _run_on_providers(model, data, options: Options) -> Outcome:
 _run = run  # ``prune`` has a keyword named ``run``
 
 
-def _latency(model: onnx.ModelProto, pruned: onnx.ModelProto, sample, options: Options) -> dict:
-    """onnxruntime latency of the original and the pruned model, alternated, at batch 1 and the run's."""
+def _no_removable_block(source: Source, model: onnx.ModelProto, options: Options) -> Outcome | None:
+    """The run's Outcome when ``model`` has no removable block (README's exit codes: 0, nothing written
+    unless --force-write), found before any data is loaded or any inference runs; None otherwise."""
+    if options.target.plan:
+        return None  # a plan names blocks: the schedule checks them
+    from .pruner import PruneResult, check_prunable
+
+    check_prunable(model)
+    cost = count_cost(model, options.run.input_shapes or None)
+    found = find_blocks(model, macs_per_node=cost.macs_per_node, unit=options.criterion.unit)
+    if found.blocks:
+        return None
+    if found.refusal:
+        why = found.refusal
+    elif found.not_removable:
+        reasons = sorted({n.reason for n in found.not_removable})
+        why = (f"{len(found.not_removable)} residual merge(s) seen, none removable: " + "; ".join(reasons[:3])
+               + ("; ..." if len(reasons) > 3 else ""))
+    else:
+        why = "no residual merge in the graph"
+    result = PruneResult(model=source.model, original_blocks=found, macs_before=cost.total_macs,
+                         macs_after=cost.total_macs, params_before=cost.params, params_after=cost.params,
+                         stop_reason=f"no removable block: {why}")
+    log.info("no removable block: %s", why)
+    report = build_report(result, options={"input": source.path, **options.to_flags()}, input_path=source.path,
+                          input_sha256=source.sha256)
+    report["seconds"] = 0.0
+    return Outcome(source.model, result, report, options, status="nothing removed",
+                   write=options.output.force_write, check_feed=None, external=source.external)
+
+
+def _latency(model: onnx.ModelProto, pruned: onnx.ModelProto, sample, options: Options, *,
+             fixed: int | None = None, axes: dict | None = None) -> dict:
+    """onnxruntime latency of the original and the pruned model, alternated, at batch 1 and the run's (only
+    at the model's fixed batch, when it has one); inputs tiled from ``sample`` (a calibration batch) along
+    their batch ``axes``."""
     latency = {}
-    for bs in sorted({1, options.run.batch_size}):
-        feed = random_feed(model, bs, sample)
+    for bs in ([fixed] if fixed else sorted({1, options.run.batch_size})):
+        feed = random_feed(model, bs, sample, axes=axes)
         before, after = measure_latency([model, pruned], feed, runs=options.output.latency_runs,
                                         threads=options.run.threads or os.cpu_count())
         latency[str(bs)] = {"before_ms": before.median_ms, "after_ms": after.median_ms,
@@ -275,36 +338,70 @@ def _latency(model: onnx.ModelProto, pruned: onnx.ModelProto, sample, options: O
 
 def _finetune(original: onnx.ModelProto, result: PruneResult, calib, options: Options,
               warnings: list[str]) -> tuple[dict, int]:
-    """Fine-tune ``result.model`` in place; on failure keep the pruned model (exit 4; 130 when interrupted
-    with keep_partial)."""
+    """Fine-tune ``result.model``; on failure keep the pruned model (exit 4; 130 when interrupted with
+    keep_partial). The same code as `onnx-cprune finetune` (``tuning.finetune_model``).
+
+    The model kept is the best of {pruned, each epoch} on the ``--eval`` data, or on the hold-out without it
+    (the pruned model when no epoch beats it, said as a warning). Training on the calibration data (no
+    ``--train``) leaves the hold-out out. ``result.fidelity`` is then re-measured on the model kept, so the
+    summary and report describe the written model; the pre-fine-tune value stays in the info's
+    ``holdout_fidelity_pruned``."""
+    from .recover import evaluator
     from .tuning import finetune_model
 
     rec = options.recovery
+    bs, threads = options.run.batch_size, options.run.threads
+    hold = result.holdout_indices
+    if hold is None:  # a PruneResult made elsewhere: the pruner's own split
+        hold = np.arange(calib.n_samples) if calib.n_samples < 10 or options.run.holdout <= 0 else \
+            calib.split(options.run.holdout, seed=options.criterion.seed)[1]
     train = _extra_data(rec.train, original, options.data)
+    train_idx = None
     if train is None:
         train = calib
-        _warn(warnings, f"fine-tuning on the calibration data ({calib.n_samples} samples): a few hundred samples "
-                        "will overfit; give more with --train DIR")
+        if len(hold) < calib.n_samples:  # a real split: the hold-out stays unseen by training
+            train_idx = np.setdiff1d(np.arange(calib.n_samples), hold)
+        n_train = calib.n_samples if train_idx is None else len(train_idx)
+        _warn(warnings, f"fine-tuning on {n_train} calibration samples"
+                        + (" (the hold-out left out)" if train_idx is not None else "")
+                        + ": a few hundred samples will overfit; give more with --train DIR")
+    n_train = train.n_samples if train_idx is None else len(train_idx)
     eval_data = _extra_data(rec.eval, original, options.data)
     config = options.finetune
     info = {"mode": "supervised" if train.labels is not None else "distillation", "epochs": config.epochs,
-            "train_samples": train.n_samples, "eval": getattr(eval_data, "source", None)}
-    try:  # the same code as `onnx-cprune finetune`
-        tuned, info = finetune_model(result.model, train, config=config, teacher=original, eval_data=eval_data,
-                                     threads=options.run.threads, progress=options.run.progress)
+            "train_samples": n_train, "eval": getattr(eval_data, "source", None) if eval_data is not None
+            else "hold-out", "holdout_fidelity_pruned": result.fidelity.to_json() if result.fidelity else None}
+    try:
+        holdout = evaluator(original, calib, indices=hold, batch_size=bs, threads=threads)
+        select = holdout if eval_data is None else evaluator(original, eval_data, batch_size=bs, threads=threads)
+        tuned, ft_info = finetune_model(result.model, train, config=config, teacher=original, eval_fn=select,
+                                        threads=threads, progress=options.run.progress, train_indices=train_idx,
+                                        batch_size=bs)
+        fid = holdout.fidelity(tuned) if ft_info["best_epoch"] > 0 else None
     except FinetuneError as exc:
         info["error"] = str(exc)
         return info, exc.exit_code
     except Exception as exc:  # e.g. onnxruntime failing on the teacher or the evaluation midway
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        info["error"] = f"fine-tuning failed: {type(exc).__name__}: {first}"
+        from .errors import first_lines
+
+        info["error"] = f"fine-tuning failed: {type(exc).__name__}: {first_lines(exc)}"
         return info, FinetuneError.exit_code
     except KeyboardInterrupt:
         if not options.output.keep_partial:
             raise
         info["error"] = "fine-tuning interrupted (--keep-partial)"
         return info, 130
-    result.model = tuned
+    ft_info.update(train_samples=n_train, eval=info["eval"], holdout_fidelity_pruned=info["holdout_fidelity_pruned"])
+    info = ft_info
+    if info["bn_stats"]:
+        info["bn_stats_reason"] = (f"--bn-stats {config.bn_stats}" if config.bn_stats else
+                                   f"{n_train} training samples {'<' if info['bn_stats'] == 'frozen' else '>='} "
+                                   f"{BN_FREEZE_BELOW}")
+    if info["best_epoch"]:
+        result.model = tuned
+        result.fidelity = fid
+    else:
+        _warn(warnings, not_improved_text(info))
     return info, 0
 
 

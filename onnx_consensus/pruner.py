@@ -58,6 +58,10 @@ class PruneResult:
     collapse: str | None = None
     holdout_samples: int = 0
     score_samples: int = 0
+    # the calibration samples (indices) of the fidelity check and of scoring; the same array when the data
+    # is too small to split
+    holdout_indices: np.ndarray | None = None
+    score_indices: np.ndarray | None = None
 
     @property
     def removed_ids(self) -> list[str]:
@@ -119,6 +123,10 @@ def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = 
     # Token masks are resolved (and any guess logged) once, then passed to every round as overrides.
     token_mask = tuple(f"{m.name}:{m.polarity}" for m in token_masks(model, criterion.token_mask).values())
     result = PruneResult(model=model, original_blocks=report, macs_before=cost.total_macs, params_before=cost.params)
+    if not report.blocks and not target.plan:  # nothing to score: no inference at all, whatever the target
+        result.stop_reason = f"no removable block: {report.refusal or 'none found'}"
+        result.macs_after, result.params_after = cost.total_macs, cost.params
+        return result
 
     if data.n_samples >= 10 and run.holdout > 0:
         score_idx, hold_idx = data.split(run.holdout, seed=criterion.seed)
@@ -126,6 +134,7 @@ def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = 
         score_idx = hold_idx = np.arange(data.n_samples)
         log.warning("fewer than 10 calibration samples: scoring and the fidelity check use the same samples")
     result.score_samples, result.holdout_samples = len(score_idx), len(hold_idx)
+    result.score_indices, result.holdout_indices = score_idx, hold_idx
     hold_labels = None if labels is None else np.asarray(labels)[hold_idx]
     score_labels = None if labels is None else np.asarray(labels)[score_idx]
     kinds = output_kinds(model, criterion.task) or None  # fidelity per float output, in its own terms

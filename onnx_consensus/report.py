@@ -81,10 +81,10 @@ def _feature(result: PruneResult) -> dict | None:
     return None
 
 
-def _fidelity_lines(fid: Mapping) -> list[str]:
+def _fidelity_lines(fid: Mapping, tuned: bool = False) -> list[str]:
     """Fidelity in each output's own terms: agreement for class scores, cosine and relative error for all."""
     outs = fid.get("outputs") or []
-    head = f"Fidelity on {fid['n']} hold-out samples: "
+    head = f"Fidelity{' of the fine-tuned model' if tuned else ''} on {fid['n']} hold-out samples: "
     if not outs:  # a report from before per-output fidelity
         agree = fid.get("agreement")
         return [head + (f"top-1 agreement {agree:.4f}, " if agree is not None else "")
@@ -118,11 +118,23 @@ def _fmt_int(v) -> str:
     return "unknown" if v is None else f"{v:,}"
 
 
+def not_improved_text(info: dict) -> str:
+    """The plain statement that fine-tuning was not kept, from the fine-tuning info."""
+    where = "the hold-out" if info["eval"] == "hold-out" else info["eval"]
+    best = info.get("best_finetuned")
+    return (f"fine-tuning did not improve the {info['metric']} on {where} ({info['eval_samples']} samples): "
+            f"pruned {info['metric_before']:.4f}, best fine-tuned epoch "
+            + ("n/a" if best is None else f"{best:.4f}") + ": the pruned model was written")
+
+
 def summary_table(report: Mapping) -> str:
     """A plain-text summary for the terminal."""
     macs, params, fid = report["macs"], report["params"], report.get("fidelity") or {}
-    lines = [f"Removed {len(report['removed'])} of {len(report['candidates'])} removable blocks "
-             f"({report['stop_reason']})"]
+    if not report["candidates"] and report["stop_reason"].startswith("no removable block"):
+        lines = [report["stop_reason"][0].upper() + report["stop_reason"][1:]]
+    else:
+        lines = [f"Removed {len(report['removed'])} of {len(report['candidates'])} removable blocks "
+                 f"({report['stop_reason']})"]
     for r in report["removed"]:
         share = f"{r['macs']:,} MACs" if r.get("macs") is not None else "MACs unknown"
         lines.append(f"  - {r['id']}  ({share})")
@@ -142,11 +154,23 @@ def summary_table(report: Mapping) -> str:
         rows.append(("accuracy (hold-out)", f"{fid['reference_accuracy']:.4f}", f"{fid['accuracy']:.4f}",
                      f"{(fid['accuracy'] - fid['reference_accuracy']) * 100:+.2f} pp"))
     ft = report.get("finetune")
+    notes = []
     if ft and ft.get("metric_after") is not None:
+        where = "hold-out" if ft.get("eval") == "hold-out" else "eval"
         if ft.get("metric_original") is not None:
-            rows.append((f"eval {ft['metric']}: original", "", f"{ft['metric_original']:.4f}", ""))
-        rows.append((f"eval {ft['metric']}: pruned -> fine-tuned", f"{ft['metric_before']:.4f}",
+            rows.append((f"{where} {ft['metric']}: original", "", f"{ft['metric_original']:.4f}", ""))
+        rows.append((f"{where} {ft['metric']}: pruned -> fine-tuned", f"{ft['metric_before']:.4f}",
                      f"{ft['metric_after']:.4f}", f"{(ft['metric_after'] - ft['metric_before']) * 100:+.2f} pp"))
+        if ft.get("best_epoch") == 0:
+            text = not_improved_text(ft)
+            notes.append(text[0].upper() + text[1:] + ".")
+        else:
+            notes.append(f"Fine-tuned model written: epoch {ft['best_epoch']} of {ft['epochs']}, the best on the "
+                         f"{'hold-out' if where == 'hold-out' else 'evaluation data'}.")
+    if ft and ft.get("bn_stats"):
+        reason = ft.get("bn_stats_reason") or ""
+        hint = "" if reason.startswith("--bn-stats") else "; --bn-stats freeze|update"
+        notes.append(f"BatchNormalization running statistics {ft['bn_stats']} during fine-tuning ({reason}{hint}).")
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines.append("")
     for r in rows:
@@ -155,9 +179,13 @@ def summary_table(report: Mapping) -> str:
     if feature:
         lines.append("")
         lines.append(f"Feature tensor: {feature['tensor']} ({feature['reason']})")
-    if fid:
+    if notes:
         lines.append("")
-        lines.extend(_fidelity_lines(fid))
+        lines.extend(notes)
+    if fid:
+        tuned = bool(ft and ft.get("best_epoch"))
+        lines.append("")
+        lines.extend(_fidelity_lines(fid, tuned))
     if report.get("collapse"):
         lines.append(f"Warning: {report['collapse']}")
     return "\n".join(lines)

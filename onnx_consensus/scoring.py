@@ -18,7 +18,10 @@ import numpy as np
 import onnx
 from threadpoolctl import threadpool_limits
 
+from .batching import counted_batches, per_sample
 from .consensus import BlockScore, consensus
+from .errors import InputError
+from .evaluate import batch_rows
 from .graph.blocks import Block, find_blocks
 from .graph.heads import CLASS_SCORES, choose_feature, output_kinds, pool_output
 from .graph.instrument import expose, suffix_model
@@ -158,23 +161,43 @@ def collect_features(model: onnx.ModelProto, data, blocks: Sequence[Block], *, s
     X: list | dict = [] if scope == "global" else {b.id: [] for b in blocks}
     Ys: dict[str, list] = {b.id: [] for b in blocks}
     preds: list = []
-    batches = data.batches(batch_size, indices)
+    batches = counted_batches(data, batch_size, indices)
+    rows_of = batch_rows(data)
     if progress:
         from tqdm import tqdm
 
         total = len(indices) if indices is not None else data.n_samples
-        batches = tqdm(batches, total=-(-total // batch_size), desc=f"scoring {len(blocks)} blocks", unit="batch", leave=False)
+        step = getattr(data, "fixed_batch", None) or batch_size
+        batches = tqdm(batches, total=-(-total // step), desc=f"scoring {len(blocks)} blocks", unit="batch", leave=False)
 
-    def pool(act: np.ndarray, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        return pool_features(act, _mask_for(feeds, act, masks)).astype(np.float32)
+    def pool(act: np.ndarray, feeds: dict[str, np.ndarray], name: str) -> np.ndarray:
+        """(n_real, d): the sample axis first (``batching.per_sample``), padding dropped, then pooled."""
+        fed = rows_of(feeds)
+        try:
+            act = per_sample(act, fed, name=f"tensor {name!r}")
+        except InputError as exc:  # rows of several samples mixed: taken as rows, as given
+            if name not in mixed:
+                mixed.add(name)
+                log.warning("%s; its rows are scored as samples", exc)
+            return pool_features(act, _mask_for(feeds, act, masks)).astype(np.float32)
+        return pool_features(act, _mask_for(feeds, act, masks)).astype(np.float32)[:n_real]
+
+    mixed: set[str] = set()
 
     def pool_feature(acts: Sequence[np.ndarray], feeds: dict[str, np.ndarray]) -> np.ndarray:
         """The global feature: one tensor pooled as before, or graph outputs pooled and concatenated."""
         if choice.head or feature:
-            return pool(acts[0], feeds)
-        return np.concatenate([pool_output(a, _mask_for(feeds, a, masks)) for a in acts], axis=1).astype(np.float32)
+            return pool(acts[0], feeds, feats[0])
+        fed, n_real = rows_of(feeds), n_now[0]
+        parts = []
+        for name, a in zip(feats, acts):
+            a = per_sample(a, fed, n_real, name=f"output {name!r}", strict=False)
+            parts.append(pool_output(a, _mask_for(feeds, a, masks)))
+        return np.concatenate(parts, axis=1).astype(np.float32)
 
-    for feeds in batches:
+    n_now = [0]
+    for feeds, n_real in batches:
+        n_now[0] = n_real
         t0 = time.perf_counter()
         values = dict(zip(full_names, full.run(None, feeds)))
         values.update(feeds)
@@ -182,7 +205,7 @@ def collect_features(model: onnx.ModelProto, data, blocks: Sequence[Block], *, s
             outs = {bid: sess.run(feats, {i.name: values[i.name] for i in sess.get_inputs()})
                     for bid, sess in sessions.items()}
         t_ort += time.perf_counter() - t0
-        p = _predictions(values[output0]) if classes else None
+        p = _predictions(per_sample(values[output0], rows_of(feeds), n_real, strict=False)) if classes else None
         preds.append(p)
         if scope == "global":
             X.append(pool_feature([values[f] for f in feats], feeds))
@@ -190,8 +213,8 @@ def collect_features(model: onnx.ModelProto, data, blocks: Sequence[Block], *, s
                 Ys[b.id].append(pool_feature(outs.get(b.id, [values[f] for f in feats]), feeds))
         else:
             for b in blocks:
-                X[b.id].append(pool(values[b.entry], feeds))
-                Ys[b.id].append(pool(values[b.exit], feeds))
+                X[b.id].append(pool(values[b.entry], feeds, b.entry))
+                Ys[b.id].append(pool(values[b.exit], feeds, b.exit))
     cat = np.concatenate
     predictions = None if any(p is None for p in preds) else cat(preds)
     after = {k: cat(v) for k, v in Ys.items()}

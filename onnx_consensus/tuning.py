@@ -35,12 +35,14 @@ def check_config(config, *, world_size: int = 1) -> None:
 
 def finetune_model(student: onnx.ModelProto, train, *, config, teacher: onnx.ModelProto | None = None,
                    eval_data=None, threads: int | None = None, progress: bool = True,
-                   dist=None) -> tuple[onnx.ModelProto, dict]:
+                   dist=None, eval_fn=None, train_indices=None, batch_size: int = 64) -> tuple[onnx.ModelProto, dict]:
     """Fine-tune ``student`` on ``train`` (CalibrationData): supervised when it has labels, else by
     distillation from ``teacher``; the best epoch on ``eval_data`` (accuracy with labels, else top-1
     agreement with ``teacher``) is returned. Returns (the fine-tuned model: same graph, names and
     interface as ``student``, new weights; the report entry: mode, epochs, samples, metric name, metric of
-    the teacher / before / after, best epoch, images, seconds, per-epoch history). Raises InputError for
+    the teacher / before / after, best epoch (0: no epoch beat ``student`` on the evaluation data, which is
+    returned), images, seconds, per-epoch history, bn_stats). ``eval_fn``: a ready ``recover.Evaluator``
+    instead of ``eval_data`` (e.g. on a hold-out); ``train_indices``: train on these samples only. Raises InputError for
     data the run cannot use, FinetuneError when training fails."""
     mode = "supervised" if train.labels is not None else "distillation"
     if mode == "distillation" and teacher is None:
@@ -63,8 +65,15 @@ def finetune_model(student: onnx.ModelProto, train, *, config, teacher: onnx.Mod
     # with labels and no teacher the evaluator's reference is the student itself: accuracy needs none
     reference = teacher if teacher is not None else student
     tuned, res, before, after, original_metric = finetune_pruned(
-        reference, student, train, config=config, eval_data=eval_data, threads=threads, progress=progress, dist=dist)
+        reference, student, train, config=config, eval_data=eval_data, threads=threads, progress=progress, dist=dist,
+        eval_fn=eval_fn, train_indices=train_indices, batch_size=batch_size)
+    tried = [h["metric"] for h in res.history if h.get("metric") is not None]
     info.update(metric_original=original_metric if teacher is not None else None, metric_before=before,
                 metric_after=after, best_epoch=res.best_epoch, images_seen=res.images_seen * world,
-                seconds=round(res.seconds, 2), history=res.history, metric=metric or "agreement")
+                seconds=round(res.seconds, 2), history=res.history,
+                metric=getattr(eval_fn, "metric", None) or metric or "agreement",
+                best_finetuned=max(tried) if tried else None, kept="fine-tuned" if res.best_epoch else "pruned",
+                bn_stats=res.bn_stats)
+    if eval_fn is not None or eval_data is not None:
+        info["eval_samples"] = eval_fn.n_samples if eval_fn is not None else eval_data.n_samples
     return tuned, info

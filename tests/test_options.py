@@ -57,6 +57,7 @@ SAMPLES = {
     "device": (["--device", "cuda"], "cuda"),
     "ft_max_steps": (["--ft-max-steps", "6"], 6),
     "clip_grad_norm": (["--clip-grad-norm", "0"], 0.0),
+    "bn_stats": (["--bn-stats", "update"], "update"),
     "train": (["--train", "t/"], "t/"),
     "eval": (["--eval", "e/"], "e/"),
     "finetune_between": (["--finetune-between", "3"], 3),

@@ -102,14 +102,24 @@ class _ShardEpoch:
         self.data, self.indices, self.batch_size = data, indices, batch_size
 
     def __len__(self) -> int:
+        fixed = getattr(self.data, "fixed_batch", None)
+        if fixed:  # a short (padded) last batch is dropped
+            return max(len(self.indices) // fixed, 1)
         return -(-len(self.indices) // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
+        from ..batching import counted_batches
+
+        fixed = getattr(self.data, "fixed_batch", None)
         offset = 0
-        for feeds in self.data.batches(self.batch_size, self.indices):
-            n = len(next(iter(feeds.values())))
+        for feeds, n in counted_batches(self.data, self.batch_size, self.indices):
             labels = self.data.labels_for(self.indices[offset:offset + n])
             offset += n
+            if fixed and n < fixed:  # a model with a fixed batch: train on full batches, never on padding
+                if len(self.indices) >= fixed:
+                    continue
+                if labels is not None:
+                    labels = np.concatenate([labels, np.repeat(labels[-1:], fixed - n)])
             yield feeds, labels
 
 

@@ -14,6 +14,10 @@ Recipe (defaults when a FinetuneConfig field is None):
   logits that start far from the teacher's) diverged to a non-finite loss within 5 steps without it;
   supervised runs without it were unstable on short budgets (one epoch of 2,000 images: +34 pp unclipped
   vs +53 pp clipped) though slightly better on longer ones (5,000 images: 85.5% vs 82.1%).
+* BatchNormalization running statistics frozen (BN normalises with its stored statistics in train mode,
+  its scale and shift still trained) when there are fewer than ``options.BN_FREEZE_BELOW`` (1000) training
+  samples, re-estimated from the batches otherwise (``bn_stats`` overrides): re-estimating them from a few
+  dozen samples alone ruined a BN detector (see ``options.BN_FREEZE_BELOW``).
 * weight decay 0: a regulariser for long training; over one to a few epochs it only shrinks weights
   that are already trained (and in a folded graph shrinks the implicit BN scales).
 
@@ -50,11 +54,13 @@ Batch = tuple[dict[str, np.ndarray], "np.ndarray | None"]
 
 @dataclass
 class FinetuneResult:
-    """history: one dict per epoch (epoch, loss, metric, seconds, images, lr); best_epoch is 1-based;
-    best_metric is None without eval_fn."""
+    """history: one dict per epoch (epoch, loss, metric, seconds, images, lr); best_epoch is 1-based
+    (``recover.finetune_pruned`` sets 0 when the pruned model itself is kept); best_metric is None without
+    eval_fn."""
 
     history: list[dict] = field(default_factory=list)
     best_epoch: int = 0
+    bn_stats: str | None = None  # "frozen" / "updated" (None: no BatchNormalization node)
     best_metric: float | None = None
     images_seen: int = 0
     seconds: float = 0.0
@@ -213,8 +219,10 @@ def _finetune(module: OnnxModule, student, train_batches, teacher, config, eval_
     T = config.temperature
     for epoch in range(1, config.epochs + 1):
         it = train_batches()
-        if epoch == 1 and hasattr(it, "__len__"):
-            total_steps = min(len(it) * config.epochs, config.max_steps or len(it) * config.epochs)
+        if epoch == 1:
+            if hasattr(it, "__len__"):
+                total_steps = min(len(it) * config.epochs, config.max_steps or len(it) * config.epochs)
+            _set_bn_stats(module, student, config, it, result)
         module.train()
         t0 = time.perf_counter()
         losses, images = [], 0
@@ -306,3 +314,16 @@ def _finetune(module: OnnxModule, student, train_batches, teacher, config, eval_
     if best_model is None:  # no step was taken (empty data or max_steps=0)
         best_model = write_back(module, student)
     return best_model, result
+
+
+def _set_bn_stats(module: OnnxModule, student: onnx.ModelProto, config: FinetuneConfig, epoch, result) -> None:
+    """Freeze or not the BatchNormalization running statistics (``config.freezes_bn``) for the whole run,
+    from the number of training samples: the epoch's ``n_samples`` when it has one, else len() batches of
+    ``config.batch_size`` (an upper bound), else unknown (frozen unless ``bn_stats="update"``)."""
+    if not any(n.op_type == "BatchNormalization" for n in student.graph.node):
+        return
+    n = getattr(epoch, "n_samples", None)
+    if n is None and hasattr(epoch, "__len__"):
+        n = len(epoch) * config.batch_size
+    module.bn_stats_frozen = config.freezes_bn(n)
+    result.bn_stats = "frozen" if module.bn_stats_frozen else "updated"

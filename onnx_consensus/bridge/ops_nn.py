@@ -120,11 +120,12 @@ def _conv_transpose(ctx, x, w, b=None):
 def _batch_norm(ctx, x, scale, bias, mean, var, *_):
     """x (N, C, *S); scale/bias/mean/var (C,). eval: stored statistics; train: batch statistics with
     the running statistics updated in place like torch.nn.BatchNorm (unbiased variance, torch momentum
-    = 1 - ONNX momentum)."""
+    = 1 - ONNX momentum); train with the module's ``bn_stats_frozen``: stored statistics (scale and
+    bias still get gradients)."""
     eps = ctx.attr("epsilon", 1e-5)
     momentum = 1.0 - ctx.attr("momentum", 0.9)
     spatial = ctx.attr("spatial", 1)
-    training = ctx.training
+    training = ctx.training and not getattr(ctx.module, "bn_stats_frozen", False)
     xin, sh = x, None
     if not spatial and x.dim() > 2:  # opset < 9 per-activation statistics of shape (C, *S)
         sh = x.shape

@@ -60,6 +60,8 @@ class OnnxModule(nn.Module):
         inits = {t.name: t for t in graph.initializer}
         self.input_names: list[str] = [i.name for i in graph.input if i.name not in inits]
         self.output_names: list[str] = [o.name for o in graph.output]
+        # True: BatchNormalization uses its stored statistics in train mode too (fine-tuning on little data)
+        self.bn_stats_frozen = False
 
         const_values: dict[str, np.ndarray] = {}
         for name, t in inits.items():

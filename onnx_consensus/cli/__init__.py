@@ -74,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # an unexpected failure still gets one line; --debug shows the traceback
         if getattr(args, "debug", False):
             raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"onnx-cprune: error: {type(exc).__name__}: {first} (rerun with --debug for details)", file=sys.stderr)
+        from ..errors import first_lines
+
+        hint = ""
+        if "invalid dimensions for input" in str(exc):
+            hint = "; the model may fix a dim the data does not have (check the inputs' shapes with `inspect`)"
+        print(f"onnx-cprune: error: {type(exc).__name__}: {first_lines(exc)}{hint} (rerun with --debug for details)",
+              file=sys.stderr)
         return 1

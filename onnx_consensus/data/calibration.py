@@ -28,6 +28,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import onnx
 
+from ..batching import fixed_batch, pad_batch
 from ..errors import InputError
 from ..graph.ir import TensorSpec, interface
 from .formats import ArrayHeader, Corrupt, fmt_shape, is_float, is_int, npy_headers, npz_headers, read_arrays
@@ -61,6 +62,7 @@ class _DataFile:
     batched: bool  # arrays have a leading batch dim (else the file is one sample)
     arrays: dict[str, ArrayHeader]  # model input name -> header (empty for images)
     sample_shapes: tuple[tuple[int, ...], ...]  # per model input, in spec order
+    axes: tuple[int | None, ...] = ()  # per model input: its batch axis in the arrays (None: rank 0); () all 0
 
 
 def _check_dtype(path: str, key: str, dtype: np.dtype, spec: TensorSpec) -> None:
@@ -99,7 +101,7 @@ def _sample_layout(path: str, key: str, shape: tuple[int, ...], spec: TensorSpec
             f"is {fmt_shape(spec.shape)}: expected rank {rank} (a batch) or {rank - 1} (one sample)"
         )
     for i, (got, want) in enumerate(zip(sample, spec.shape[1:])):
-        if isinstance(want, int) and got != want:
+        if isinstance(want, int) and want > 0 and got != want:
             raise InputError(
                 f"{path}: {label} has shape {fmt_shape(shape)} but model input {spec.name!r} is "
                 f"{fmt_shape(spec.shape)}: dim {i + 1} is {got}, expected {want}"
@@ -128,19 +130,82 @@ def _index_array_file(path: str, kind: str, specs: list[TensorSpec]) -> _DataFil
             keys = {s.name: s.name for s in specs}
         for name, key in keys.items():
             arrays[name] = headers[key]
-    layouts = []
     for spec in specs:
-        h = arrays[spec.name]
-        _check_dtype(path, keys[spec.name], h.dtype, spec)
-        layouts.append(_sample_layout(path, keys[spec.name], h.shape, spec))
-    batched = {b for b, _, _ in layouts}
+        _check_dtype(path, keys[spec.name], arrays[spec.name].dtype, spec)
+    roles = _roles(specs)
+    layouts = {}
+    for spec in specs:
+        if roles[spec.name] == "batch0":
+            layouts[spec.name] = _sample_layout(path, keys[spec.name], arrays[spec.name].shape, spec)
+    batched = {b for b, _, _ in layouts.values()}
     if len(batched) > 1:
         raise InputError(f"{path}: mixes batched arrays and single-sample arrays")
-    counts = {n for _, n, _ in layouts}
+    counts = {n for _, n, _ in layouts.values()}
     if len(counts) > 1:
-        detail = ", ".join(f"{s.name}: {n}" for s, (_, n, _) in zip(specs, layouts))
+        detail = ", ".join(f"{name}: {n}" for name, (_, n, _) in layouts.items())
         raise InputError(f"{path}: arrays have different batch sizes ({detail})")
-    return _DataFile(path, kind, counts.pop(), batched.pop(), arrays, tuple(s for _, _, s in layouts))
+    n, is_batched = counts.pop(), batched.pop()
+    axes = {name: 0 for name in layouts}
+    for spec in specs:
+        key, shape = keys[spec.name], arrays[spec.name].shape
+        if roles[spec.name] == "scalar":
+            if len(shape) != 0:
+                raise InputError(f"{path}: array {key or spec.name!r} has shape {fmt_shape(shape)} but model input "
+                                 f"{spec.name!r} is a scalar (rank 0); save it as a 0-d array")
+            layouts[spec.name], axes[spec.name] = (is_batched, n, ()), None
+        elif roles[spec.name] == "inner":
+            ax, sample = _inner_layout(path, key, shape, spec, n, is_batched)
+            layouts[spec.name], axes[spec.name] = (is_batched, n, sample), ax
+    return _DataFile(path, kind, n, is_batched, arrays, tuple(layouts[s.name][2] for s in specs),
+                     tuple(axes[s.name] for s in specs))
+
+
+def _static(d) -> bool:
+    return isinstance(d, int) and d > 0
+
+
+def _roles(specs: list[TensorSpec]) -> dict[str, str]:
+    """How each model input is batched: "scalar" (rank 0: no batch, fed as given), "inner" (dim 0 is static
+    while the model's batch is dynamic: a state (layers, B, hidden) batched along a later axis), else "batch0"."""
+    dynamic_batch = any(s.shape is None or (len(s.shape) and not _static(s.shape[0])) for s in specs)
+    roles = {}
+    for s in specs:
+        if s.shape is not None and len(s.shape) == 0:
+            roles[s.name] = "scalar"
+        elif dynamic_batch and s.shape is not None and _static(s.shape[0]):
+            roles[s.name] = "inner"
+        else:
+            roles[s.name] = "batch0"
+    if all(r != "batch0" for r in roles.values()):  # no input to tell the batch by: dim 0 everywhere
+        roles = {name: "scalar" if r == "scalar" else "batch0" for name, r in roles.items()}
+    return roles
+
+
+def _inner_layout(path: str, key: str, shape: tuple[int, ...], spec: TensorSpec, n: int,
+                  batched: bool) -> tuple[int, tuple[int, ...]]:
+    """(batch axis, sample shape) of an array for an input whose batch axis is not 0: the one dynamic axis
+    of the input whose size is the file's sample count ``n`` (single-sample files: the one dynamic axis)."""
+    label = f"array {key!r}" if key else "array"
+    rank = len(spec.shape)
+    dynamic = [k for k in range(1, rank) if not _static(spec.shape[k])]
+    if batched and len(shape) == rank:
+        cands = [k for k in dynamic if shape[k] == n]
+    elif not batched and len(shape) == rank - 1:
+        cands = dynamic
+    else:
+        cands = []
+    if len(cands) != 1:
+        raise InputError(f"{path}: {label} has shape {fmt_shape(shape)}; model input {spec.name!r} is "
+                         f"{fmt_shape(spec.shape)} with a static dim 0, and no single dynamic axis holds the file's "
+                         f"{n} sample(s): give it with its batch along one dynamic axis")
+    ax = cands[0]
+    sample = tuple(shape[:ax]) + tuple(shape[ax + 1:]) if batched else tuple(shape)
+    want = tuple(spec.shape[:ax]) + tuple(spec.shape[ax + 1:])
+    for i, (got, w) in enumerate(zip(sample, want)):
+        if _static(w) and got != w:
+            raise InputError(f"{path}: {label} has shape {fmt_shape(shape)} but model input {spec.name!r} is "
+                             f"{fmt_shape(spec.shape)}: a dim is {got}, expected {w}")
+    return ax, sample
 
 
 def _index_image_file(path: str, plan: ImagePlan) -> _DataFile:
@@ -203,7 +268,11 @@ class _Reader:
         if f.kind == "image":
             return {self._specs[0].name: load_image(f.path, self._plan)[None]}
         arrays = read_arrays(f.path, f.arrays)
-        return arrays if f.batched else {name: arr[None] for name, arr in arrays.items()}
+        if f.batched:
+            return arrays
+        axes = dict(zip((s.name for s in self._specs), f.axes or (0,) * len(self._specs)))
+        return {name: arr if axes.get(name, 0) is None else np.expand_dims(arr, axes.get(name, 0))
+                for name, arr in arrays.items()}
 
     def close(self) -> None:
         self._arrays = {}
@@ -257,8 +326,17 @@ class CalibrationData:
         self._files = files
         self._starts = np.cumsum([0] + [f.n for f in files])[:-1].astype(np.int64)  # first sample of each file
         self._image_plan = image_plan
+        self.fixed_batch = fixed_batch(self.specs)
         group_ids: dict[tuple, int] = {}
-        self._group = np.array([group_ids.setdefault(f.sample_shapes, len(group_ids)) for f in files], dtype=np.int64)
+        # a batch never mixes sample shapes or batch axes, nor files with a rank-0 input (its value is per file)
+        keys = [(f.sample_shapes, f.axes, f.path if None in f.axes else None) for f in files]
+        self._group = np.array([group_ids.setdefault(k, len(group_ids)) for k in keys], dtype=np.int64)
+
+    @property
+    def batch_axes(self) -> dict[str, int | None]:
+        """Input name -> the axis of its batch in the fed arrays (0 for most; None for a rank-0 input)."""
+        axes = self._files[0].axes if self._files and self._files[0].axes else (0,) * len(self.specs)
+        return {s.name: ax for s, ax in zip(self.specs, axes)}
 
     def __len__(self) -> int:
         return self.n_samples
@@ -292,16 +370,38 @@ class CalibrationData:
         return idx
 
     def batches(self, batch_size: int, indices: Sequence[int] | None = None) -> Iterator[dict[str, np.ndarray]]:
-        """Yield ``{input name: array (B, *sample shape) in the model dtype}`` with ``1 <= B <= batch_size``.
+        """Yield ``{input name: array (B, *sample shape) in the model dtype}`` with ``1 <= B <= batch_size``
+        (the batch along each input's ``batch_axes`` entry; a rank-0 input as given).
 
         Samples come in the order of ``indices`` (default: all samples in sorted file order). A batch
         is cut short where the next sample's non-batch shape differs (variable sequence lengths), so
         every array in a batch is rectangular. Reads lazily: one batch plus at most one open file
         (memory-mapped where possible) are in memory. Raises InputError naming the file for NaN/Inf
         in float data, out-of-range integers or an unreadable file.
+
+        A model with a fixed batch (``fixed_batch``) gets exactly that many samples per batch whatever
+        ``batch_size`` says, a short batch padded by repeating its last sample: use ``counted_batches`` to
+        know how many rows are real.
         """
+        for feeds, _ in self.counted_batches(batch_size, indices):
+            yield feeds
+
+    def counted_batches(self, batch_size: int,
+                        indices: Sequence[int] | None = None) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+        """``batches`` with the number of real samples of each batch: (feeds, n_real). The first n_real
+        samples are real, the rest (only with a fixed batch) repeat the last real one."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise InputError(f"batch size must be a positive integer, got {batch_size!r}")
+        fixed = self.fixed_batch
+        if fixed:
+            batch_size = fixed
+        axes = self.batch_axes
+        for feeds, n in self._raw_batches(batch_size, indices):
+            if fixed and n < fixed:
+                feeds = pad_batch(feeds, fixed, axes)
+            yield feeds, n
+
+    def _raw_batches(self, batch_size: int, indices) -> Iterator[tuple[dict[str, np.ndarray], int]]:
         order = self._check_indices(indices)
         if order.size == 0:
             return
@@ -315,15 +415,21 @@ class CalibrationData:
                 change = np.flatnonzero(groups[pos:end] != groups[pos])
                 if change.size:
                     end = pos + int(change[0])
-                yield self._assemble(fis[pos:end], rows[pos:end], reader)
+                yield self._assemble(fis[pos:end], rows[pos:end], reader), end - pos
                 pos = end
         finally:
             reader.close()
 
     def _assemble(self, fis: np.ndarray, rows: np.ndarray, reader: _Reader) -> dict[str, np.ndarray]:
         n = len(fis)
-        shapes = self._files[int(fis[0])].sample_shapes
-        out = {s.name: np.empty((n, *shape), dtype=s.dtype) for s, shape in zip(self.specs, shapes)}
+        first_file = self._files[int(fis[0])]
+        shapes = first_file.sample_shapes
+        axes = dict(zip((s.name for s in self.specs), first_file.axes or (0,) * len(self.specs)))
+        out = {}
+        for s, shape in zip(self.specs, shapes):
+            ax = axes[s.name]
+            full = () if ax is None else (*shape[:ax], n, *shape[ax:])
+            out[s.name] = np.empty(full, dtype=s.dtype)
         # visit each file once, in order of first appearance
         _, first = np.unique(fis, return_index=True)
         for fi in fis[np.sort(first)]:
@@ -334,12 +440,19 @@ class CalibrationData:
             contiguous = r.size and r[-1] - r[0] == r.size - 1 and (r.size == 1 or np.all(np.diff(r) == 1))
             for spec in self.specs:
                 src = arrays[spec.name]
-                chunk = src[int(r[0]): int(r[-1]) + 1] if contiguous else src[r]
+                ax = axes[spec.name]
+                if ax is None:  # rank 0: one value per file, and a batch never spans two such files
+                    out[spec.name] = _convert(np.asarray(src), spec, f.path)
+                    continue
+                if contiguous:
+                    chunk = src[(slice(None),) * ax + (slice(int(r[0]), int(r[-1]) + 1),)]
+                else:
+                    chunk = np.take(src, r, axis=ax)
                 converted = _convert(chunk, spec, f.path)
                 if mask.all():
                     out[spec.name] = converted
                 else:
-                    out[spec.name][mask] = converted
+                    out[spec.name][(slice(None),) * ax + (mask,)] = converted
         return out
 
     def labels_for(self, indices) -> np.ndarray | None:
@@ -423,9 +536,8 @@ def load_calibration(
     specs = model_input_specs(model)
     if not specs:
         raise InputError("the model has no inputs to feed")
-    for s in specs:
-        if s.shape is not None and len(s.shape) == 0:
-            raise InputError(f"model input {s.name!r} is a scalar (rank 0); calibration batches need a batch dim")
+    if all(s.shape is not None and len(s.shape) == 0 for s in specs):
+        raise InputError("every model input is a scalar (rank 0): there is no batch to calibrate on")
     if max_samples is not None and max_samples < 1:
         raise InputError(f"max_samples must be >= 1, got {max_samples}")
     if not os.path.exists(source):

@@ -150,6 +150,13 @@ def from_gs(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     out.metadata_props.extend(like.metadata_props)
     del out.functions[:]
     out.functions.extend(like.functions)
+    if out.ir_version < 4:  # IR 3 (old caffe2 / zoo exports): every initializer must also be a graph input
+        declared = {v.name: v for v in like.graph.input}
+        listed = {v.name for v in out.graph.input}
+        for t in out.graph.initializer:
+            if t.name not in listed:
+                out.graph.input.append(declared.get(t.name) or onnx.helper.make_tensor_value_info(
+                    t.name, t.data_type, list(t.dims)))
     return out
 
 
