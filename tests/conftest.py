@@ -52,6 +52,8 @@ if _CPU_TABLE:
         start = _cpu_now()
         yield
         _cpu_rows.append((_cpu_now() - start, item.nodeid))
+        with open(_CPU_TABLE + ".part", "a") as f:  # progress of a long run, in run order
+            f.write(f"{_cpu_rows[-1][0]:9.2f}  {item.nodeid}\n")
 
     def pytest_sessionfinish(session, exitstatus):
         rows = sorted(_cpu_rows, reverse=True)
@@ -60,3 +62,4 @@ if _CPU_TABLE:
         lines += [f"{in_tests:9.2f}  TOTAL in {len(rows)} tests",
                   f"{_cpu_now():9.2f}  TOTAL session (imports and collection included)"]
         Path(_CPU_TABLE).write_text("\n".join(lines) + "\n")
+        Path(_CPU_TABLE + ".part").unlink(missing_ok=True)
