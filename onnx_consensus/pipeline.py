@@ -30,7 +30,7 @@ from .graph.ir import load_model, load_model_and_layout
 from .graph.precision import float32_shadow, is_bfloat16
 from .graph.surgery import remove_blocks
 from .io import check_output_path, save_model_atomic
-from .metrics import get_metric
+from .metrics.presets import check_names
 from .options import (CriterionOptions, DataOptions, FinetuneConfig, Options, OutputOptions, RecoveryOptions,
                       RunOptions, TargetOptions)
 from .pruner import PruneResult
@@ -174,8 +174,7 @@ def run(model: onnx.ModelProto | Source | str | os.PathLike, data, options: Opti
         from .recover import require_torch
 
         require_torch()
-    for m in options.criterion.metrics:
-        get_metric(m)
+    check_names(options.criterion.metrics)
     if options.run.batch_size < 1:
         raise InputError("--batch-size must be >= 1")
     warnings: list[str] = []
