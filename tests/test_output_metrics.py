@@ -135,3 +135,34 @@ def test_output_kl_without_class_scores_is_an_input_error(tmp_path):
     assert score_blocks(model, data, metrics=["output"]).metrics == ("output_mse", "output_cosine")
     with pytest.raises(InputError):
         score_blocks(model, data, metrics=["output_kl"])
+
+
+def test_rescore_top(mlp):
+    model, data, _ = mlp
+    kw = dict(criterion=CriterionOptions(metrics=("output_kl",)), target=TargetOptions(remove=3),
+              run=RunOptions(batch_size=8))
+    full = prune(model, data, **kw)
+    kw["criterion"] = CriterionOptions(metrics=("output_kl",), rescore_top=10)  # K >= candidates: the same
+    assert prune(model, data, **kw).removed_ids == full.removed_ids
+    kw["criterion"] = CriterionOptions(metrics=("output_kl",), rescore_top=2)
+    top2 = prune(model, data, **kw)
+    assert [len(r.blocks) for r in top2.rounds] == [6, 2, 2]
+    assert top2.removed_ids[0] == full.removed_ids[0]
+    assert top2.removed_ids[1] in full.rounds[0].order[:2]
+    with pytest.raises(InputError):
+        prune(model, data, criterion=CriterionOptions(rescore_top=0), target=TargetOptions(remove=1))
+
+
+def test_cli_bad_weights_one_line(mlp, tmp_path):
+    import subprocess
+    import sys
+
+    model, _, x = mlp
+    onnx.save(model, tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", x)
+    for extra in (["--weights", "cka"], ["--metrics", "cka", "--weights", "linear_1=2"], ["--metrics", "nope+paper"]):
+        r = subprocess.run([sys.executable, "-m", "onnx_consensus.cli", str(tmp_path / "m.onnx"), str(tmp_path / "o.onnx"),
+                            "--calib", str(tmp_path / "x.npy"), "--remove", "1", "-q", *extra],
+                           capture_output=True, text=True)
+        last = r.stderr.strip().splitlines()[-1]
+        assert r.returncode != 0 and any(w in last for w in ("--weights", "nope")), (extra, r.stderr)
