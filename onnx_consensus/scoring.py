@@ -154,8 +154,11 @@ def collect_features(model: onnx.ModelProto, data, blocks: Sequence[Block], *, s
     output0 = model.graph.output[0].name
     output_metrics = tuple(output_metrics)
     if output_metrics and scope != "global":
-        raise InputError(f"output-level metrics ({', '.join(output_metrics)}) need --scope global")
+        raise InputError(f"output-level metrics ({', '.join(output_metrics)}) need --scope global; with --scope "
+                         "local choose representation metrics, e.g. --metrics paper")
     outs = float_outputs(model) if output_metrics else []
+    if output_metrics and not outs:
+        raise InputError("output-level metrics need a floating-point graph output; choose e.g. --metrics paper")
     deps: dict[str, list[str]] = {}  # block id -> the graph outputs its suffix computes
     t_ort = 0.0
     shared = SharedWeights(model) if (share_weights if share_weights is not None
