@@ -61,7 +61,8 @@ def test_token_rows_and_several_outputs():
 
 def test_presets():
     assert resolve_metrics(["paper"]) == PAPER_METRICS
-    assert resolve_metrics(["paper+output"]) == PAPER_METRICS + ("output_kl", "output_agreement")
+    assert resolve_metrics(["paper+output"]) == PAPER_METRICS + ("output_kl",)
+    assert resolve_metrics(["output+output_agreement"]) == ("output_kl", "output_agreement")
     assert resolve_metrics(["output"], class_scores=False) == ("output_mse", "output_cosine")
     assert resolve_metrics(["cka+output_kl", "cka"]) == ("cka", "output_kl")
     with pytest.raises(InputError):

@@ -1,8 +1,8 @@
 """Named criteria for ``--metrics``: presets and ``+`` combinations, resolved to metric names per model.
 
 - ``paper``: the eight metrics of the published Consensus, in its order (``options.PAPER_METRICS``);
-- ``output``: the output-level scores that fit the model: ``output_kl`` + ``output_agreement`` when it has a
-  class-score output, else ``output_mse`` + ``output_cosine`` (``metrics.output``);
+- ``output``: the output-level score that fits the model: ``output_kl`` when it has a class-score output,
+  else ``output_mse`` + ``output_cosine`` (``metrics.output``);
 - ``paper+output``: both, one rank sum; any item may join names and presets with ``+`` (``cka+output_kl``).
 Duplicates are dropped, first occurrence kept.
 """
@@ -44,7 +44,7 @@ def resolve_metrics(metrics: Sequence[str], class_scores: bool = True) -> tuple[
         if t == "paper":
             names = PAPER_METRICS
         elif t == "output":
-            names = ("output_kl", "output_agreement") if class_scores else ("output_mse", "output_cosine")
+            names = ("output_kl",) if class_scores else ("output_mse", "output_cosine")
         else:
             names = (t,)
         out.extend(n for n in names if n not in out)
