@@ -46,6 +46,8 @@ def main(argv=None) -> int:
     ap.add_argument("--remove", type=int, default=10)
     ap.add_argument("--max-samples", type=int, default=128)
     ap.add_argument("--table", action="store_true")
+    ap.add_argument("--full", default=None, help="take the full run of the (single) criterion from this "
+                    "tools/bench_criteria.py result JSON (same model, calibration, samples, removals)")
     args = ap.parse_args(argv)
     key = hashlib.sha1(json.dumps([MODEL, CALIB, args.remove, args.max_samples]).encode()).hexdigest()[:10]
     cache = ROOT / ".cache" / "rescore" / key
@@ -57,6 +59,10 @@ def main(argv=None) -> int:
         full = None
         for k in ks:
             p = cache / f"{crit.replace('+', '_')}_{k or 'all'}.json"
+            if not p.exists() and k is None and args.full:
+                f = json.loads(Path(args.full).read_text())
+                p.write_text(json.dumps({"metrics": crit, "k": None, "order": f["order"][:args.remove],
+                                         "seconds": f["prune_seconds"], "scored": None}, indent=1))
             if not p.exists():
                 if args.table:
                     continue
@@ -72,7 +78,7 @@ def main(argv=None) -> int:
             changed = sum(a != b for a, b in zip(r["order"], full["order"]))
             final = set(r["order"]) != set(full["order"])
             saved = 1 - r["seconds"] / full["seconds"]
-            lines.append(f"| {crit} | {k or 'all'} | {r['scored']} | {changed} / {len(full['order'])} | "
+            lines.append(f"| {crit} | {k or 'all'} | {r['scored'] or ''} | {changed} / {len(full['order'])} | "
                          f"{'yes' if final else 'no'} | {r['seconds']:.0f} | {saved:.0%} |")
     print("\n".join(lines))
     return 0
