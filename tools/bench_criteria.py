@@ -35,7 +35,7 @@ CRITERIA = {
     "output_kl": (("output_kl",), {}, 0),
     "paper+output_kl+output_agreement": (("paper+output_kl+output_agreement",), {}, 0),
     "output_kl+output_agreement": (("output_kl+output_agreement",), {}, 0),
-    "paper+output_kl (kl x8)": (("paper+output_kl",), {"output_kl": 8.0}, 0),
+    "paper+output_kl+output_agreement (kl x8)": (("paper+output_kl+output_agreement",), {"output_kl": 8.0}, 0),
     "cka": (("cka",), {}, 0),
     "linear_1": (("linear_1",), {}, 0),
     "linear_0": (("linear_0",), {}, 0),
