@@ -26,7 +26,8 @@ DEFAULT_METRICS = PAPER_METRICS
 """The metrics ``score_blocks`` combines when given none (the published eight)."""
 DEFAULT_CRITERION = ("output",)
 """The default of ``--metrics`` (names or presets, ``metrics.presets``): the output-level scores against the
-original model (``output_kl`` for classifiers, ``output_mse`` + ``output_cosine`` otherwise), chosen on the criterion benchmark (docs/BENCHMARKS.md, issue 13); ``--metrics paper`` is the
+original model (``output_kl`` for classifiers, ``output_mse`` + ``output_cosine`` otherwise), chosen on the
+criterion benchmark (docs/BENCHMARKS.md, issue 13); ``--metrics paper`` is the
 published Consensus."""
 
 FINETUNE_GROUP = "fine-tuning (needs torch: pip install 'onnx-consensus[torch]')"

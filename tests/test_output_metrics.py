@@ -162,7 +162,8 @@ def test_cli_bad_weights_one_line(mlp, tmp_path):
     onnx.save(model, tmp_path / "m.onnx")
     np.save(tmp_path / "x.npy", x)
     for extra in (["--weights", "cka"], ["--metrics", "cka", "--weights", "linear_1=2"], ["--metrics", "nope+paper"]):
-        r = subprocess.run([sys.executable, "-m", "onnx_consensus.cli", str(tmp_path / "m.onnx"), str(tmp_path / "o.onnx"),
+        r = subprocess.run([sys.executable, "-m", "onnx_consensus.cli", str(tmp_path / "m.onnx"),
+                            str(tmp_path / "o.onnx"),
                             "--calib", str(tmp_path / "x.npy"), "--remove", "1", "-q", *extra],
                            capture_output=True, text=True)
         last = r.stderr.strip().splitlines()[-1]
