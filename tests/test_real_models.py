@@ -141,7 +141,7 @@ def test_registry_count_matches_independent_count(corpus, name):
     assert len(merges) == rm.REGISTRY[name].true_blocks, merges
 
 
-@pytest.mark.parametrize("name", params(list(rm.REGISTRY), {"ppocr_rec": F3, "magika": F6}))
+@pytest.mark.parametrize("name", list(rm.REGISTRY))
 def test_detection_matches_true_count(corpus, name, tmp_path, monkeypatch):
     from onnx_consensus import find_blocks
 
@@ -155,9 +155,6 @@ def test_detection_matches_true_count(corpus, name, tmp_path, monkeypatch):
 
 DEFAULT_FAILS = {
     "ddddocr_ocr": F1, "ddddocr_det": F1, "zoo_resnet50": F1,
-    "zoo_inception_v2": F2,
-    "silero_vad": F10 + " ('sr' is a scalar: exit 2)",
-    "magika": F6 + " (2 false blocks: 'Removed 0 of 2 removable blocks' instead of 'no removable block')",
 }
 
 
@@ -176,8 +173,7 @@ def test_default_run(runs, corpus, name):
 
 
 REMOVE2_FAILS = {
-    "ddddocr_ocr": F1, "ddddocr_det": F1, "zoo_resnet50": F1,
-    "ppocr_rec": F3 + " (0 blocks found: --remove 2 cannot be met)",
+    "ddddocr_ocr": F1, "zoo_resnet50": F1,
 }
 
 
@@ -195,8 +191,7 @@ def test_remove_two(runs, corpus, name):
 NO_BLOCK = [n for n in PRUNABLE if rm.REGISTRY[n].true_blocks == 0]
 
 
-@pytest.mark.parametrize("name", params(NO_BLOCK, {
-    "zoo_inception_v2": F2, "silero_vad": F10 + " ('sr' is a scalar: exit 2)", "magika": F6}))
+@pytest.mark.parametrize("name", NO_BLOCK)
 def test_no_block_said_before_inference(corpus, name):
     """A model with no removable block: `--remove 2` says so plainly and exits 0 (README's exit codes), before
     any inference (so a fixed batch or an odd input cannot get in the way)."""
@@ -209,30 +204,32 @@ def test_no_block_said_before_inference(corpus, name):
 
 # ------------------------------------------------------------------------------------------------ fidelity terms
 
+OCR = {n for n in PRUNABLE if rm.REGISTRY[n].kind.startswith("ocr")}
 FIDELITY_FAILS = {
-    **{n: F5 for n in PRUNABLE if n not in CLASSIFIERS},
-    "ddddocr_ocr": F1, "ddddocr_det": F1, "zoo_resnet50": F1, "zoo_inception_v2": F2,
-    "silero_vad": F10, "ppocr_rec": F3,
+    "ddddocr_ocr": F1, "zoo_resnet50": F1,
 }
 
 
-@pytest.mark.parametrize("name", params([n for n in PRUNABLE if n in WITH_BLOCKS or n in CLASSIFIERS],
-                                        FIDELITY_FAILS))
+@pytest.mark.parametrize("name", params(WITH_BLOCKS, FIDELITY_FAILS))  # a model with no block: nothing measured
 def test_fidelity_in_the_outputs_terms(runs, name):
-    """Classifiers: top-1 agreement. Everything else (detectors, OCR sequences, embeddings, VAD): cosine per float
-    output in the report, and no top-1 agreement printed (an argmax over embedding dimensions means nothing)."""
+    """Classifiers: top-1 agreement. OCR (CTC class scores per time step): cosine in the report; a top-1 agreement
+    per time step may be printed (an argmax over each step's classes is what the decoder takes). Everything else
+    (detectors, embeddings, VAD): cosine per float output, and no top-1 agreement printed (an argmax over
+    embedding dimensions means nothing)."""
     tag, extra = ("remove2", ("--remove", "2")) if name in WITH_BLOCKS else ("default", ())
     proc, out, report = runs(name, tag, *extra)
     assert proc.returncode == 0, _say(proc)
     fid = report["fidelity"]
     if name in CLASSIFIERS:
-        assert "agreement" in fid and "top-1 agreement" in proc.stdout
+        assert fid.get("agreement") is not None and "top-1 agreement" in proc.stdout, _say(proc)
+    elif name in OCR:
+        assert any("cos" in k for k in json.dumps(fid).split('"')), fid
     else:
         assert "top-1 agreement" not in proc.stdout, _say(proc)
         assert any("cos" in k for k in json.dumps(fid).split('"')), fid
 
 
-@pytest.mark.parametrize("name", params(["minilm"], {"minilm": F5}))
+@pytest.mark.parametrize("name", ["minilm"])
 def test_headless_feature_downstream_of_every_block(runs, name):
     """On the embedding model the scored feature must lie downstream of every candidate (the graph's output),
     not 'the input of the last MatMul' inside the last layer's MLP."""
@@ -243,7 +240,7 @@ def test_headless_feature_downstream_of_every_block(runs, name):
 
 
 @pytest.mark.parametrize("name", params(["ppocr_rec", "ddddocr_ocr", "ppocr_det", "minilm"], {
-    "ppocr_rec": F3, "ddddocr_ocr": F1, "ddddocr_det": F1}))
+    "ddddocr_ocr": F1, "ddddocr_det": F1}))
 def test_holdout_count_is_samples(runs, name):
     """'Fidelity on N hold-out samples' counts samples, not samples x time steps (a fifth of the samples)."""
     proc, out, report = runs(name, "remove2", "--remove", "2")
@@ -291,7 +288,7 @@ def _closeness(name: str, original: Path, candidate: Path, eval_dir: Path) -> fl
 
 DISTILL_FAILS = {
     "ddddocr_ocr": F1 + "; then " + F9 + ": no LSTM in the bridge",
-    "ddddocr_det": F1, "zoo_resnet50": F1, "ppocr_rec": F3,
+    "ddddocr_det": F1, "zoo_resnet50": F1,
 }
 
 
@@ -331,7 +328,6 @@ def test_fidelity_after_finetune_is_the_written_models(runs, corpus):
 # ------------------------------------------------------------------------------------------------ one test per failure
 
 
-@pytest.mark.xfail(strict=True, reason=F4)
 def test_input_shape_accepted_for_minus_one_dims(corpus):
     path, _, _ = corpus("ppocr_cls")  # input x: (-1, 3, ?, ?)
     proc = cli("inspect", path, "--input-shape", "x:1x3x48x192")
@@ -339,7 +335,6 @@ def test_input_shape_accepted_for_minus_one_dims(corpus):
     assert "MACs unknown" not in proc.stdout and "MACs 0" not in proc.stdout, _say(proc)
 
 
-@pytest.mark.xfail(strict=True, reason=F8)
 def test_inspect_writes_nothing_in_the_working_directory(corpus, tmp_path):
     path, _, _ = corpus("ddddocr_ocr_q")  # ddddocr's default OCR model: dynamically quantized
     proc = cli("inspect", path, cwd=tmp_path)
@@ -347,7 +342,6 @@ def test_inspect_writes_nothing_in_the_working_directory(corpus, tmp_path):
     assert sorted(os.listdir(tmp_path)) == []
 
 
-@pytest.mark.xfail(strict=True, reason=F7 + ": inspect says 'MACs 0' for a model whose convolutions sit inside If")
 def test_inspect_macs_inside_if_not_zero(corpus):
     path, _, _ = corpus("silero_vad")
     proc = cli("inspect", path)
@@ -363,7 +357,6 @@ def test_quantized_model_refused_in_one_line(corpus, tmp_path):
     assert not (tmp_path / "o.onnx").exists()
 
 
-@pytest.mark.xfail(strict=True, reason=F7 + ": an image-size error names the Python API (ImageOptions.size)")
 def test_image_folder_on_dynamic_hw_names_the_cli_option(corpus, tmp_path):
     from PIL import Image
 
@@ -375,17 +368,33 @@ def test_image_folder_on_dynamic_hw_names_the_cli_option(corpus, tmp_path):
     assert "--image-size" in proc.stderr and "ImageOptions" not in proc.stderr, _say(proc)
 
 
-@pytest.mark.xfail(strict=True, reason=F7 + ": the budget stop for a non-classifier says 'relative error x < 0.99'")
 def test_budget_stop_message_for_non_classifier(runs):
+    """The budget stop names the measure it compared, in the right direction: never 'relative error x < 0.99'
+    (the stop when a relative error exceeds 1 - budget); for a non-classifier the no-target budget is the mean
+    cosine (issue 12: 'cosine 0.93 < 0.99')."""
     proc, out, report = runs("ppocr_det", "default")
     assert proc.returncode == 0, _say(proc)
     stop = report["stop_reason"]
-    assert "< 0.99" not in stop or "agreement" in stop, stop
+    if "below the budget" in stop:
+        assert "relative error" not in stop or "> 0.01" in stop, stop
+        assert "cosine" in stop or "agreement" in stop or "relative error" in stop, stop
 
 
-@pytest.mark.xfail(strict=True, reason=F10 + ": bench without data silently uses 1 for every dynamic dim")
 def test_bench_refuses_dynamic_dims_without_data(corpus):
     path, _, _ = corpus("ppocr_cls")
     proc = cli("bench", path, "--batch-sizes", "1", "--json")
     assert proc.returncode == 2, _say(proc)
     assert "dynamic" in proc.stderr.lower(), _say(proc)
+
+
+def test_surgery_keeps_initializer_inputs_of_ir3_models(corpus):
+    from onnx_consensus import find_blocks
+    from onnx_consensus.graph.surgery import remove_blocks
+
+    path, _, _ = corpus("zoo_resnet50")  # ir_version 3: every initializer is listed in graph.input
+    model = onnx.load(str(path))
+    assert model.ir_version < 4
+    blocks = find_blocks(model).blocks[-2:]
+    out = remove_blocks(model, blocks)
+    onnx.checker.check_model(out, full_check=True)
+    assert _interface(out) == _interface(model)

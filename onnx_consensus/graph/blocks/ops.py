@@ -6,7 +6,10 @@ MERGE_OPS = ("Add", "Sum")
 # Ops that carry learned weights when one of their operands is an initializer, a Constant or computed from
 # constants only: a residual branch needs one of them (the `x + 0.044715*x^3` inside a tanh-GELU has none).
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "DeformConv", "Gemm", "MatMul", "Einsum", "LSTM", "GRU", "RNN",
-                "Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention", "QAttention")
+                "Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention", "QAttention",
+                # quantized variants (a dynamically quantized model's Conv is a ConvInteger on int8 weights)
+                "ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "QGemm", "MatMulNBits",
+                "DynamicQuantizeLSTM")
 # Single-op normalisations (a post-LN layer's norm after the merge).
 NORM_OPS = ("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization")
 # Ops of a decomposed normalisation (ReduceMean/Sub/Pow/Sqrt/Div, RMS: Pow/ReduceMean/Add/Sqrt/Reciprocal/Mul).
