@@ -1,4 +1,9 @@
-"""Fixtures shared by the CLI-level tests."""
+"""Fixtures shared by the CLI-level tests, and the opt-in CPU-time table (ONNXC_TEST_CPU)."""
+import os
+import resource
+import time
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -24,3 +29,37 @@ def _one_blas_thread():
     """Small matrices: BLAS threads only contend for the two (possibly shared) cores."""
     with threadpool_limits(1):
         yield
+
+
+# --- opt-in CPU-time table: ONNXC_TEST_CPU=path python -m pytest -p no:cacheprovider -----------------------
+# Wall-clock durations (--durations) are useless on a shared machine; CPU seconds are not. Per test: this
+# process's CPU (all its threads, time.process_time) plus the CPU of children that ended and were waited for
+# during the test (subprocess CLI runs, spawned ranks; resource.getrusage(RUSAGE_CHILDREN)). Setup, call and
+# teardown are included, so a module-scoped fixture is charged to the first test that uses it.
+_CPU_TABLE = os.environ.get("ONNXC_TEST_CPU")
+_cpu_rows: list[tuple[float, str]] = []
+
+
+def _cpu_now() -> float:
+    """Seconds of CPU used so far by this process and its waited-for children."""
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + kids.ru_utime + kids.ru_stime
+
+
+if _CPU_TABLE:
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_protocol(item, nextitem):
+        start = _cpu_now()
+        yield
+        _cpu_rows.append((_cpu_now() - start, item.nodeid))
+        with open(_CPU_TABLE + ".part", "a") as f:  # progress of a long run, in run order
+            f.write(f"{_cpu_rows[-1][0]:9.2f}  {item.nodeid}\n")
+
+    def pytest_sessionfinish(session, exitstatus):
+        rows = sorted(_cpu_rows, reverse=True)
+        in_tests = sum(s for s, _ in rows)
+        lines = [f"{s:9.2f}  {n}" for s, n in rows]
+        lines += [f"{in_tests:9.2f}  TOTAL in {len(rows)} tests",
+                  f"{_cpu_now():9.2f}  TOTAL session (imports and collection included)"]
+        Path(_CPU_TABLE).write_text("\n".join(lines) + "\n")
+        Path(_CPU_TABLE + ".part").unlink(missing_ok=True)

@@ -57,7 +57,7 @@ def test_zeroed_late_stage_blocks_are_the_ones_removed(calib):
     late = [b for b in blocks if b.stage == 2][1:]
     for b in late:
         zero_branch(model, b)
-    data = load_calibration(calib, model)
+    data = load_calibration(calib, model, max_samples=40)  # 4 rounds of 8 metrics: a zeroed block is exact at any n
     res = prune(model, data, target=TargetOptions(remove=len(late)), run=RunOptions(batch_size=40))
     assert set(res.removed_ids) == {b.id for b in late}
     x = np.load(calib / "x.npy")[:4]
