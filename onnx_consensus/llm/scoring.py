@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -31,33 +30,10 @@ from ..graph.kv_surgery import remove_layers
 from ..metrics import get_metric
 from ..metrics.features import make_conditions
 from ..runtime import make_session
-from ..scoring import _score_one
+from ..scoring import ScoreRound, _score_one
 from .perplexity import logits_name
 
 SCOPES = ("global", "local")
-
-
-@dataclass
-class LayerRound:
-    """One scoring round: candidates (layer ids) in Consensus order, least important first."""
-
-    scope: str
-    feature: str | None
-    metrics: tuple[str, ...]
-    n_samples: int
-    blocks: list[BlockScore] = field(default_factory=list)
-    ort_seconds: float = 0.0
-    metric_seconds: float = 0.0
-
-    @property
-    def order(self) -> list[str]:
-        return [b.id for b in self.blocks]
-
-    def to_json(self) -> dict:
-        return {"scope": self.scope, "feature": self.feature, "metrics": list(self.metrics),
-                "n_samples": self.n_samples, "ort_seconds": round(self.ort_seconds, 3),
-                "metric_seconds": round(self.metric_seconds, 3), "order": self.order,
-                "blocks": [b.to_json() for b in self.blocks]}
 
 
 def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
@@ -107,7 +83,7 @@ def score_layers(model: onnx.ModelProto, report: DecoderReport, windows: np.ndar
                  removed: Sequence[int] = (), candidates: Sequence[int] | None = None,
                  metrics: Sequence[str] = ("cosine",), scope: str = "global", feature: str | None = None,
                  seed: int = 0, pca_dim: int = 256, batch_size: int = 8, threads: int | None = None,
-                 max_tokens: int = 4096) -> LayerRound:
+                 max_tokens: int = 4096) -> ScoreRound:
     """Score the ``candidates`` (original layer numbers; default every layer not in ``removed``) of
     ``model`` (the original, with residual sums exposed for the fused form; ``report`` its layers) with
     ``removed`` already gone, on token ``windows`` (n, seq) int64. feature: the global scope's tensor
@@ -120,7 +96,7 @@ def score_layers(model: onnx.ModelProto, report: DecoderReport, windows: np.ndar
     removed = sorted(set(removed))
     candidates = [i for i in (by_index if candidates is None else candidates) if i not in removed]
     if not candidates:
-        return LayerRound(scope, feature, metrics, 0)
+        return ScoreRound(scope, feature, metrics, 0)
     lg = logits_name(model)
     if scope == "global":  # exposed before any removal: a removed last layer's norm output is handed on by name
         feature = feature or final_hidden(model)
@@ -162,5 +138,5 @@ def score_layers(model: onnx.ModelProto, report: DecoderReport, windows: np.ndar
             table[bid] = _score_one(specs, a.astype(np.float64), b.astype(np.float64), conditions, seed, pca_dim)
     positions = {by_index[i].block.id: i for i in candidates}
     ranked = consensus(table, positions, metrics)
-    return LayerRound(scope, feature if scope == "global" else None, metrics, len(rows), ranked, ort_seconds,
+    return ScoreRound(scope, feature if scope == "global" else None, metrics, len(rows), ranked, ort_seconds,
                       time.perf_counter() - t1)
