@@ -235,6 +235,15 @@ def _update(obj, kept: Sequence[int], n_layers: int) -> None:
             _update(v, kept, n_layers)
 
 
+def decoder_filename(folder: str | os.PathLike) -> str:
+    """The model file name of an export folder: genai_config.json's decoder filename, else model.onnx."""
+    cfg = os.path.join(os.fspath(folder), "genai_config.json")
+    if os.path.exists(cfg):
+        with open(cfg, encoding="utf-8") as f:
+            return json.load(f).get("model", {}).get("decoder", {}).get("filename", "model.onnx")
+    return "model.onnx"
+
+
 def prune_folder(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, layers: Iterable[int], *,
                  model_name: str | None = None, check: bool = True,
                  pruned: onnx.ModelProto | None = None) -> DecoderReport:
@@ -266,11 +275,7 @@ def prune_folder(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, layers:
     if not os.path.isdir(os.path.dirname(dst_dir)):
         raise InputError(f"output's parent folder does not exist: {os.path.dirname(dst_dir)}")
     if model_name is None:
-        model_name = "model.onnx"
-        gcfg = os.path.join(src_dir, "genai_config.json")
-        if os.path.exists(gcfg):
-            with open(gcfg, encoding="utf-8") as f:
-                model_name = json.load(f).get("model", {}).get("decoder", {}).get("filename", model_name)
+        model_name = decoder_filename(src_dir)
     src_model = os.path.join(src_dir, model_name)
     if not os.path.exists(src_model):
         raise InputError(f"no model {model_name} in {src_dir}")

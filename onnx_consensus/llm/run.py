@@ -69,11 +69,9 @@ def model_file(path: str | os.PathLike) -> str:
         if not os.path.isfile(path):
             raise InputError(f"model not found: {path}")
         return path
-    name = "model.onnx"
-    cfg = os.path.join(path, "genai_config.json")
-    if os.path.exists(cfg):
-        with open(cfg, encoding="utf-8") as f:
-            name = json.load(f).get("model", {}).get("decoder", {}).get("filename", name)
+    from ..graph.kv_surgery import decoder_filename
+
+    name = decoder_filename(path)
     found = os.path.join(path, name)
     if not os.path.isfile(found):
         raise InputError(f"no {name} in the folder {path}")
