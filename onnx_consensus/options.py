@@ -18,9 +18,17 @@ from typing import Any, ClassVar, Literal
 
 from .errors import InputError
 
-DEFAULT_METRICS = ("cka", "gaussian_stochastic_0", "gaussian_stochastic_1", "gaussian_stochastic_2",
-                   "permutation", "linear_0", "linear_1", "wasserstein")
-"""The eight metrics of the published Consensus (their registry is ``onnx_consensus.metrics``)."""
+PAPER_METRICS = ("cka", "gaussian_stochastic_0", "gaussian_stochastic_1", "gaussian_stochastic_2",
+                 "permutation", "linear_0", "linear_1", "wasserstein")
+"""The eight metrics of the published Consensus, in its order (``--metrics paper``; their registry is
+``onnx_consensus.metrics``)."""
+DEFAULT_METRICS = PAPER_METRICS
+"""The metrics ``score_blocks`` combines when given none (the published eight)."""
+DEFAULT_CRITERION = ("output",)
+"""The default of ``--metrics`` (names or presets, ``metrics.presets``): the output-level scores against the
+original model (``output_kl`` for classifiers, ``output_mse`` + ``output_cosine`` otherwise), chosen on the
+criterion benchmark (docs/BENCHMARKS.md, issue 13); ``--metrics paper`` is the
+published Consensus."""
 
 FINETUNE_GROUP = "fine-tuning (needs torch: pip install 'onnx-consensus[torch]')"
 GROUP_TITLES = ("input data", "target", "criterion", FINETUNE_GROUP, "output")
@@ -33,6 +41,20 @@ GROUP_TITLES = ("input data", "target", "criterion", FINETUNE_GROUP, "output")
 
 def _csv(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def _weights(value: str) -> dict[str, float]:
+    out = {}
+    for item in _csv(value):
+        name, sep, w = item.partition("=")
+        try:
+            weight = float(w)
+        except ValueError:
+            weight = float("nan")
+        if not sep or not name.strip() or not (weight >= 0) or weight == float("inf"):
+            raise argparse.ArgumentTypeError(f"expected metric=weight,... with finite weights >= 0, got {item!r}")
+        out[name.strip()] = weight
+    return out
 
 
 def _floats(value: str) -> tuple[float, ...]:
@@ -249,8 +271,17 @@ class CriterionOptions(_Group):
     """How blocks are ranked: metric names (the Consensus when several), scope, schedule, feature tensor."""
 
     GROUP: ClassVar[str] = "criterion"
-    metrics: tuple[str, ...] = option("--metrics", "comma-separated metric names (default: the eight of the "
-                                      "Consensus)", default=DEFAULT_METRICS, type=_csv, show_default=False)
+    metrics: tuple[str, ...] = option("--metrics", "comma-separated metric names or presets, one rank sum: "
+                                      "paper (the published eight), output (output-level scores vs the original "
+                                      "model), paper+output, or names joined by + (default: "
+                                      + "+".join(DEFAULT_CRITERION) + ")", default=DEFAULT_CRITERION, type=_csv,
+                                      show_default=False)
+    weights: dict[str, float] = option("--weights", "weighted rank sum: metric=weight,... (metrics not named "
+                                       "weigh 1)", default_factory=dict, type=_weights, metavar="M=W,...",
+                                       show_default=False)
+    rescore_top: int | None = option("--rescore-top", "iterative schedule: after the first round re-score only "
+                                     "the K best candidates of the previous round (default: all)", default=None,
+                                     type=int, metavar="K")
     scope: str = option("--scope", "global: feature tensor with vs without the block; local: block entry vs "
                         "exit", default="global", choices=("global", "local"))
     schedule: str = option("--schedule", "iterative: re-score after each removal; one-shot: score once",

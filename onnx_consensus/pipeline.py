@@ -32,7 +32,7 @@ from .graph.ir import interface, load_model, load_model_and_layout
 from .graph.precision import float32_shadow, is_bfloat16
 from .graph.surgery import remove_blocks
 from .io import check_output_path, save_model_atomic
-from .metrics import get_metric
+from .metrics.presets import check_names
 from .options import (BN_FREEZE_BELOW, CriterionOptions, DataOptions, FinetuneConfig, Options, OutputOptions,
                       RecoveryOptions,
                       RunOptions, TargetOptions)
@@ -141,25 +141,30 @@ def _calibration(data, model: onnx.ModelProto, opts: DataOptions):
     """``data`` as CalibrationData for ``model`` as given (loaded when a path, with ``opts``); data for
     bfloat16 inputs is cast to float32 for the shadow, the same whether the API or the command loaded it."""
     if isinstance(data, (str, os.PathLike)):
-        kw = {"layout": opts.layout}
-        if opts.image_size:
-            kw["size"] = opts.image_size
-        if opts.mean:
-            kw["mean"] = opts.mean
-        if opts.std:
-            kw["std"] = opts.std
-        data = load_calibration(data, model, labels=opts.labels, image_options=ImageOptions(**kw),
+        data = load_calibration(data, model, labels=opts.labels, image_options=_image_options(opts),
                                 strict=opts.strict, max_samples=opts.max_samples)
     if any(getattr(s.dtype, "name", str(s.dtype)) == "bfloat16" for s in getattr(data, "specs", ())):
         return _AsFloat32(data)
     return data
 
 
+def _image_options(opts: DataOptions) -> ImageOptions:
+    kw = {"layout": opts.layout}
+    if opts.image_size:
+        kw["size"] = opts.image_size
+    if opts.mean:
+        kw["mean"] = opts.mean
+    if opts.std:
+        kw["std"] = opts.std
+    return ImageOptions(**kw)
+
+
 def _extra_data(path, model: onnx.ModelProto, opts: DataOptions):
-    """Training / evaluation data: a path (loaded with ``opts.strict`` only) or CalibrationData."""
+    """Training / evaluation data: a path (loaded with ``opts.strict`` and the image options of the
+    calibration data, for image folders) or CalibrationData."""
     if path is None or not isinstance(path, (str, os.PathLike)):
         return path
-    return load_calibration(path, model, strict=opts.strict)
+    return load_calibration(path, model, image_options=_image_options(opts), strict=opts.strict)
 
 
 def _warn(warnings: list[str], message: str) -> None:
@@ -191,8 +196,7 @@ def _run_on_providers(model, data, options: Options) -> Outcome:
 
         require_torch()
         check_config(ft if finetuning else replace(ft or FinetuneConfig(), epochs=1))  # bad --device/--amp: now
-    for m in options.criterion.metrics:
-        get_metric(m)
+    check_names(options.criterion.metrics)
     if options.run.batch_size < 1:
         raise InputError("--batch-size must be >= 1")
     warnings: list[str] = []

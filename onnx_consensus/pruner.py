@@ -27,7 +27,8 @@ from .graph.heads import output_kinds
 from .graph.masks import token_masks
 from .graph.surgery import remove_blocks
 from .options import CriterionOptions, RunOptions, TargetOptions
-from .scoring import SCOPES, ScoreRound, score_blocks
+from .metrics import get_metric, resolve_metrics
+from .scoring import SCOPES, ScoreRound, has_class_scores, original_outputs, score_blocks
 
 __all__ = ["CriterionOptions", "TargetOptions", "RunOptions", "PruneResult", "Removal", "prune", "check_prunable"]
 log = logging.getLogger("onnx_consensus")
@@ -86,6 +87,8 @@ def _validate(criterion: CriterionOptions, target: TargetOptions, blocks: dict[s
         raise InputError(f"--scope must be one of {', '.join(SCOPES)}, got {criterion.scope!r}")
     if criterion.schedule not in SCHEDULES:
         raise InputError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {criterion.schedule!r}")
+    if criterion.rescore_top is not None and criterion.rescore_top < 1:
+        raise InputError("--rescore-top must be >= 1")
     if target.remove is not None and target.remove < 0:
         raise InputError("--remove must be >= 0")
     if target.target_flops is not None and not 0 < target.target_flops < 1:
@@ -140,6 +143,11 @@ def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = 
     kinds = output_kinds(model, criterion.task) or None  # fidelity per float output, in its own terms
     reference = reference_outputs(model, data, hold_idx, batch_size=run.batch_size, threads=run.threads,
                                   names=list(kinds) if kinds else None)
+    metrics = resolve_metrics(criterion.metrics, has_class_scores(model, criterion.task))
+    # Output-level metrics compare with the ORIGINAL model's outputs, computed once here for every round.
+    score_reference = None
+    if any(get_metric(m).output for m in metrics) and not target.plan:
+        score_reference = original_outputs(model, data, score_idx, batch_size=run.batch_size, threads=run.threads)
 
     def check(m: onnx.ModelProto) -> Fidelity:
         return fidelity(m, reference, data, hold_idx, labels=hold_labels, batch_size=run.batch_size,
@@ -175,13 +183,21 @@ def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = 
                     result.stop_reason = "no eligible block left"
                     break
                 if criterion.schedule == "iterative" or not order:
-                    rnd = score_blocks(current, data, blocks=eligible, metrics=criterion.metrics, scope=criterion.scope,
+                    scored = eligible
+                    if criterion.rescore_top is not None and order:
+                        # re-score only the K best of the previous order; the others keep their places behind
+                        ids = {b.id for b in eligible}
+                        top = [i for i in order if i in ids][:criterion.rescore_top]
+                        scored = [current_blocks[i] for i in top] or eligible
+                    rnd = score_blocks(current, data, blocks=scored, metrics=metrics, scope=criterion.scope,
                                        feature=criterion.feature, indices=score_idx, labels=score_labels,
                                        batch_size=run.batch_size, seed=criterion.seed, pca_dim=criterion.pca_dim,
                                        threads=run.threads, progress=run.progress, token_mask=token_mask,
-                                       task=criterion.task)
+                                       task=criterion.task, weights=criterion.weights,
+                                       reference=score_reference)
                     result.rounds.append(rnd)
-                    order = rnd.order
+                    rescored = set(rnd.order)
+                    order = rnd.order + [i for i in order if i not in rescored]
                 eligible_ids = {b.id for b in eligible}
                 pick_id = next(i for i in order if i in eligible_ids)
                 # Remove from the current model (its blocks keep their original ids), so weights fine-tuned

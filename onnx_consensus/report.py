@@ -182,6 +182,11 @@ def summary_table(report: Mapping) -> str:
     if notes:
         lines.append("")
         lines.extend(notes)
+    if ft and ft.get("metric_after") is not None and ft.get("metric_original") is not None and macs.get("ratio"):
+        gap = (ft["metric_after"] - ft["metric_original"]) * 100
+        lines.append("")
+        lines.append(f"The written model: eval {ft['metric']} {ft['metric_after']:.2%} against the original's "
+                     f"{ft['metric_original']:.2%} ({gap:+.2f} pp) with {1 - macs['ratio']:.1%} fewer MACs")
     if fid:
         tuned = bool(ft and ft.get("best_epoch"))
         lines.append("")

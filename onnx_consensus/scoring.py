@@ -21,14 +21,16 @@ from threadpoolctl import threadpool_limits
 from .batching import counted_batches, per_sample
 from .consensus import BlockScore, consensus
 from .errors import InputError
-from .evaluate import batch_rows
+from .evaluate import batch_rows, reference_outputs
 from .graph.blocks import Block, find_blocks
 from .graph.heads import CLASS_SCORES, choose_feature, output_kinds, pool_output
 from .graph.instrument import expose, suffix_model
+from .graph.ir import GraphIndex, to_gs
 from .graph.masks import TokenMask, token_masks
 from .graph.weights import initializer_bytes, weightless
-from .metrics import DEFAULT_METRICS, get_metric, score
+from .metrics import DEFAULT_METRICS, get_metric, resolve_metrics, score
 from .metrics.features import make_conditions, pca_cap, pool_features
+from .metrics.output import OutputAccumulator, output_rows
 from .runtime import SHARE_WEIGHTS_BYTES, SharedWeights, make_session
 
 log = logging.getLogger("onnx_consensus")
@@ -85,6 +87,9 @@ class Features:
     (``graph.heads.output_kinds``).
     feature: the feature tensor's name, comma-separated when several graph outputs (global scope), else
     None; feature_reason: why that feature (``graph.heads.choose_feature``). ort_seconds: time in onnxruntime.
+    outputs: block id -> {output metric: score} (``metrics.output``), the graph outputs without the block vs
+    the reference outputs (the original model's when given, else the current model's); empty when no output
+    metric was asked for.
     """
 
     scope: str
@@ -94,6 +99,7 @@ class Features:
     feature: str | None
     ort_seconds: float
     feature_reason: str | None = None
+    outputs: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def pair(self, block_id: str) -> tuple[np.ndarray, np.ndarray]:
         """(X, Y) for one block, each (n, d)."""
@@ -104,6 +110,25 @@ class Features:
         return len(next(iter(self.after.values()))) if self.after else 0
 
 
+def float_outputs(model: onnx.ModelProto) -> list[str]:
+    """Names of the graph's floating-point outputs, the ones the output metrics compare."""
+    return list(output_kinds(model))
+
+
+def has_class_scores(model: onnx.ModelProto, task: str | None = None) -> bool:
+    """Whether a float graph output holds class scores (``graph.heads.output_kinds``)."""
+    return CLASS_SCORES in output_kinds(model, task).values()
+
+
+def original_outputs(model: onnx.ModelProto, data, indices=None, *, batch_size: int = 64,
+                     threads: int | None = None) -> list[dict[str, np.ndarray]]:
+    """The float graph outputs of ``model`` on ``data`` (the samples ``indices``), one {name: (samples, ...)}
+    per batch of ``batching.counted_batches`` (padding dropped, sample axis first): the reference the output
+    metrics compare with. Computed once per prune run on the original model, so every round is anchored to it."""
+    return reference_outputs(model, data, indices, batch_size=batch_size, threads=threads,
+                             names=float_outputs(model))
+
+
 def _predictions(out: np.ndarray) -> np.ndarray | None:
     return np.argmax(out, axis=-1) if out.ndim == 2 and out.shape[1] > 1 else None
 
@@ -111,12 +136,17 @@ def _predictions(out: np.ndarray) -> np.ndarray | None:
 def collect_features(model: onnx.ModelProto, data, blocks: Sequence[Block], *, scope: str = "global",
                      feature: str | None = None, indices=None, batch_size: int = 64,
                      threads: int | None = None, progress: bool = False, share_weights: bool | None = None,
-                     token_mask: Sequence[str] = (), task: str | None = None) -> Features:
+                     token_mask: Sequence[str] = (), task: str | None = None, output_metrics: Sequence[str] = (),
+                     reference: list[dict[str, np.ndarray]] | None = None) -> Features:
     """Run the calibration data once and return the pooled ``Features`` of every block in ``blocks``.
 
     The global scope's feature: ``feature`` when named, else ``graph.heads.choose_feature`` (the classifier
     head's input, or the graph's float outputs, pooled by ``graph.heads.pool_output`` and concatenated);
     ``task`` (classify | embed | generic) overrides that choice.
+
+    output_metrics (global scope): also run each suffix to the float graph outputs it changes and score them
+    against ``reference`` (``original_outputs`` on the same data, indices and batch size; None: the current
+    model's outputs) with these output-level metrics (``Features.outputs``).
 
     Token tensors are averaged over the tokens a mask input keeps (``graph.masks.token_masks``;
     ``token_mask``: overrides ``NAME:keep|pad``). share_weights: give every session one shared copy of the
@@ -126,6 +156,11 @@ def collect_features(model: onnx.ModelProto, data, blocks: Sequence[Block], *, s
         raise ValueError(f"scope must be one of {SCOPES}")
     masks = token_masks(model, token_mask)
     output0 = model.graph.output[0].name
+    output_metrics = tuple(output_metrics)
+    if output_metrics and scope != "global":
+        raise InputError(f"output-level metrics ({', '.join(output_metrics)}) need --scope global; with --scope "
+                         "local choose representation metrics, e.g. --metrics paper")
+    deps: dict[str, list[str]] = {}  # block id -> the graph outputs its suffix computes (besides the feature)
     t_ort = 0.0
     shared = SharedWeights(model) if (share_weights if share_weights is not None
                                       else initializer_bytes(model) > SHARE_WEIGHTS_BYTES) else None
@@ -135,22 +170,30 @@ def collect_features(model: onnx.ModelProto, data, blocks: Sequence[Block], *, s
 
     # With shared weights, all graph work happens on a weightless copy: suffix models cost no weights.
     graph_model = weightless(model) if shared else model
+    kinds = output_kinds(graph_model, task)
+    outs = list(kinds) if output_metrics else []
+    if output_metrics and not outs:
+        if shared:
+            shared.close()
+        raise InputError("output-level metrics need a floating-point graph output; choose e.g. --metrics paper")
     try:
         sessions = {}
         choice = None
         # the Gaussian metrics' conditions: the predicted class only when the first output is class scores
-        classes = next(iter(output_kinds(graph_model, task).values()), None) == CLASS_SCORES
+        classes = next(iter(kinds.values()), None) == CLASS_SCORES
         if scope == "global":
             choice = choose_feature(graph_model, blocks, task=task, feature=feature)
             feats = list(choice.tensors)
             graph_inputs = {i.name for i in model.graph.input}
             cut: set[str] = set()
+            index = GraphIndex(to_gs(graph_model)) if outs else None
             for b in blocks:  # one suffix model at a time: only its session is kept
-                s = suffix_model(graph_model, b, feats)
+                deps[b.id] = [o for o in _dependent_outputs(index, b, outs) if o not in feats]
+                s = suffix_model(graph_model, b, feats + deps[b.id])
                 cut.update(s.inputs)
                 if not s.passthrough:
                     sessions[b.id] = session(s.model, "all")
-            needed = list(dict.fromkeys(feats + [output0] + sorted(cut - graph_inputs)))
+            needed = list(dict.fromkeys(feats + [output0] + outs + sorted(cut - graph_inputs)))
         else:
             needed = [output0] + [n for b in blocks for n in (b.entry, b.exit)]
         full = session(expose(graph_model, needed), "basic")
@@ -161,6 +204,7 @@ def collect_features(model: onnx.ModelProto, data, blocks: Sequence[Block], *, s
     X: list | dict = [] if scope == "global" else {b.id: [] for b in blocks}
     Ys: dict[str, list] = {b.id: [] for b in blocks}
     preds: list = []
+    accs = {b.id: OutputAccumulator(output_metrics) for b in blocks} if output_metrics else {}
     batches = counted_batches(data, batch_size, indices)
     rows_of = batch_rows(data)
     if progress:
@@ -196,21 +240,30 @@ def collect_features(model: onnx.ModelProto, data, blocks: Sequence[Block], *, s
         return np.concatenate(parts, axis=1).astype(np.float32)
 
     n_now = [0]
-    for feeds, n_real in batches:
+    for k, (feeds, n_real) in enumerate(batches):
         n_now[0] = n_real
         t0 = time.perf_counter()
         values = dict(zip(full_names, full.run(None, feeds)))
         values.update(feeds)
         if scope == "global":
-            outs = {bid: sess.run(feats, {i.name: values[i.name] for i in sess.get_inputs()})
+            runs = {bid: dict(zip(feats + deps[bid], sess.run(feats + deps[bid],
+                                                              {i.name: values[i.name] for i in sess.get_inputs()})))
                     for bid, sess in sessions.items()}
         t_ort += time.perf_counter() - t0
+        if accs:
+            if reference is not None and k >= len(reference):
+                raise InputError("the reference outputs cover fewer batches than the data")
+            fed = rows_of(feeds)
+            ref = (reference[k] if reference is not None else
+                   {o: per_sample(values[o], fed, n_real, name=f"output {o!r}", strict=False) for o in outs})
+            _accumulate(accs, blocks, runs, values, ref, outs, feeds, masks, kinds, fed, n_real)
         p = _predictions(per_sample(values[output0], rows_of(feeds), n_real, strict=False)) if classes else None
         preds.append(p)
         if scope == "global":
             X.append(pool_feature([values[f] for f in feats], feeds))
             for b in blocks:
-                Ys[b.id].append(pool_feature(outs.get(b.id, [values[f] for f in feats]), feeds))
+                got = runs.get(b.id, values)
+                Ys[b.id].append(pool_feature([got[f] for f in feats], feeds))
         else:
             for b in blocks:
                 X[b.id].append(pool(values[b.entry], feeds, b.entry))
@@ -220,36 +273,78 @@ def collect_features(model: onnx.ModelProto, data, blocks: Sequence[Block], *, s
     after = {k: cat(v) for k, v in Ys.items()}
     if scope == "global":
         x = cat(X)
-        return Features(scope, {b.id: x for b in blocks}, after, predictions, choice.name, t_ort, choice.reason)
+        return Features(scope, {b.id: x for b in blocks}, after, predictions, choice.name, t_ort, choice.reason,
+                        {bid: acc.scores() for bid, acc in accs.items()})
     return Features(scope, {k: cat(v) for k, v in X.items()}, after, predictions, None, t_ort)
+
+
+def _dependent_outputs(index: GraphIndex | None, block: Block, outs: Sequence[str]) -> list[str]:
+    """The graph outputs among ``outs`` downstream of ``block``'s exit (the others equal the full model's)."""
+    if not outs:
+        return []
+    down = index.descendants(block.exit)
+    return [o for o in outs if o in index.producer and id(index.producer[o]) in down]
+
+
+def _accumulate(accs, blocks, runs, values, ref, outs, feeds, masks, kinds, fed: int, n_real: int) -> None:
+    """One batch of output scores: each block's suffix outputs (or the full model's, for outputs that do not
+    depend on it) against the reference outputs (samples first, padding dropped), on the rows
+    ``metrics.output.output_rows`` keeps (kept tokens of token outputs)."""
+    for o in outs:
+        r = ref[o]
+        full = per_sample(values[o], fed, n_real, name=f"output {o!r}", strict=False)
+        if r.shape != full.shape:
+            raise InputError(f"output {o}: reference shape {r.shape} differs from the model's {full.shape}")
+        keep = _mask_for(feeds, values[o], masks)
+        if keep is not None:
+            keep = keep[:n_real]
+        ref_rows = output_rows(r, keep)
+        cls = kinds.get(o) == CLASS_SCORES
+        for b in blocks:
+            got = runs.get(b.id)
+            arr = (per_sample(got[o], fed, n_real, name=f"output {o!r}", strict=False)
+                   if got is not None and o in got else full)
+            accs[b.id].add(o, ref_rows, output_rows(arr, keep), cls)
 
 
 def score_blocks(model: onnx.ModelProto, data, *, blocks: Sequence[Block] | None = None,
                  metrics: Sequence[str] = DEFAULT_METRICS, scope: str = "global", feature: str | None = None,
                  indices=None, labels: np.ndarray | None = None, batch_size: int = 64, seed: int = 0,
                  pca_dim: int = 256, threads: int | None = None, progress: bool = False,
-                 token_mask: Sequence[str] = (), task: str | None = None) -> ScoreRound:
+                 token_mask: Sequence[str] = (), task: str | None = None, weights: dict[str, float] | None = None,
+                 reference: list[dict[str, np.ndarray]] | None = None) -> ScoreRound:
     """Score ``blocks`` (default: all removable blocks of ``model``) with each metric and order them by
     the Consensus. ``data`` is a CalibrationData; ``indices`` the samples to use (default all); ``labels``
     (n,) class ids for the Gaussian metrics' conditions (default: the model's predicted class);
     ``token_mask``: token-mask overrides ``NAME:keep|pad`` (see ``graph.masks``); ``task``: classify | embed |
-    generic, overriding the choice of the feature tensor (``graph.heads.choose_feature``)."""
-    metrics = tuple(metrics)
+    generic, overriding the choice of the feature tensor (``graph.heads.choose_feature``) and the kind of the
+    first output. ``metrics``: names or presets (``metrics.presets``: paper, output, a+b); ``weights``: the
+    weighted rank sum's weights. ``reference``: for the output-level metrics, the ORIGINAL model's outputs
+    (``original_outputs`` on the same ``indices`` and ``batch_size``); None compares with ``model``'s own
+    outputs (the same in round 1)."""
+    metrics = resolve_metrics(metrics, has_class_scores(model, task))
     specs = [get_metric(m) for m in metrics]
+    out_specs = [s for s in specs if s.output]
+    specs = [s for s in specs if not s.output]
     blocks = list(find_blocks(model).blocks if blocks is None else blocks)
     if not blocks:
         return ScoreRound(scope, feature, metrics, 0)
     feats = collect_features(model, data, blocks, scope=scope, feature=feature, indices=indices,
                              batch_size=batch_size, threads=threads, progress=progress, token_mask=token_mask,
-                             task=task)
+                             task=task, output_metrics=[s.name for s in out_specs], reference=reference)
     t0 = time.perf_counter()
     # conditions (classes or clusters) come from the model's feature (global) or the first block's entry
     conditions = make_conditions(feats.predictions, feats.before[blocks[0].id], labels=labels, seed=seed)
     table: dict[str, dict[str, float]] = {}
     with threadpool_limits(limits=1):  # small dense problems: one BLAS thread avoids spin-wait overhead
         for b in blocks:
-            table[b.id] = _score_one(specs, *feats.pair(b.id), conditions, seed, pca_dim)
-    ranked = consensus(table, {b.id: b.position for b in blocks}, metrics)
+            table[b.id] = _score_one(specs, *feats.pair(b.id), conditions, seed, pca_dim) if specs else {}
+            for s in out_specs:
+                if s.name not in feats.outputs[b.id]:
+                    raise InputError(f"{s.name} needs a class-score output; this model has none: use output_mse / "
+                                     "output_cosine (or --task classify if its first output is class scores)")
+                table[b.id][s.name] = feats.outputs[b.id][s.name]
+    ranked = consensus(table, {b.id: b.position for b in blocks}, metrics, weights)
     return ScoreRound(scope, feats.feature, metrics, feats.n_samples, ranked, feats.ort_seconds,
                       time.perf_counter() - t0, feats.feature_reason)
 

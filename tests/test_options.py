@@ -38,6 +38,8 @@ SAMPLES = {
     "exclude": (["--exclude", "c"], ("c",)),
     "plan": (["--plan", "PLAN"], ("b1", "b2")),
     "metrics": (["--metrics", "cka,wasserstein"], ("cka", "wasserstein")),
+    "weights": (["--weights", "cka=2,wasserstein=0.5"], {"cka": 2.0, "wasserstein": 0.5}),
+    "rescore_top": (["--rescore-top", "4"], 4),
     "scope": (["--scope", "local"], "local"),
     "schedule": (["--schedule", "one-shot"], "one-shot"),
     "feature": (["--feature", "f"], "f"),

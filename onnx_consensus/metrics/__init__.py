@@ -5,8 +5,9 @@
 
 Importing this package registers every built-in metric.
 """
-from . import baselines, cka, gaussian, linear, permutation, wasserstein  # noqa: F401  (registration)
-from ..options import DEFAULT_METRICS  # noqa: F401  (defined once, with the --metrics option)
+from . import baselines, cka, gaussian, linear, output, permutation, wasserstein  # noqa: F401  (registration)
+from ..options import DEFAULT_METRICS, PAPER_METRICS  # noqa: F401  (defined once, with the --metrics option)
+from .presets import resolve_metrics
 from .registry import MetricSpec, available_metrics, get_metric, register_metric, score
 
-__all__ = ["DEFAULT_METRICS", "MetricSpec", "available_metrics", "get_metric", "register_metric", "score"]
+__all__ = ["DEFAULT_METRICS", "PAPER_METRICS", "resolve_metrics", "MetricSpec", "available_metrics", "get_metric", "register_metric", "score"]

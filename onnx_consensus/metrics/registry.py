@@ -19,19 +19,22 @@ MetricFn = Callable[..., float]
 @dataclass(frozen=True)
 class MetricSpec:
     """A registered metric. ``alignment`` marks the metrics whose cost is cubic in d (the caller caps d
-    with ``features.pca_cap`` before calling them)."""
+    with ``features.pca_cap`` before calling them). ``output`` marks the output-level scores
+    (``metrics.output``): in a prune run X is the ORIGINAL model's graph outputs, Y the outputs without the
+    candidate, streamed by the scorer rather than passed as feature matrices."""
 
     name: str
     fn: MetricFn
     alignment: bool
     description: str
+    output: bool = False
 
 
 _REGISTRY: dict[str, MetricSpec] = {}
 
 
 def register_metric(name: str, alignment: bool = False, *, description: str | None = None,
-                    replace: bool = False) -> Callable[[MetricFn], MetricFn]:
+                    replace: bool = False, output: bool = False) -> Callable[[MetricFn], MetricFn]:
     """Decorator registering ``fn(X, Y, labels=None, *, seed=0) -> float`` under ``name``.
 
     description: defaults to the first line of the function's docstring. Registering a taken name
@@ -43,7 +46,7 @@ def register_metric(name: str, alignment: bool = False, *, description: str | No
         if name in _REGISTRY and not replace:
             raise ValueError(f"metric {name!r} is already registered")
         doc = description if description is not None else (fn.__doc__ or "").strip().split("\n")[0]
-        _REGISTRY[name] = MetricSpec(name, fn, bool(alignment), doc)
+        _REGISTRY[name] = MetricSpec(name, fn, bool(alignment), doc, bool(output))
         return fn
 
     return decorate

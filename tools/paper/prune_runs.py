@@ -30,10 +30,8 @@ def published_order(model, depth: int) -> list[str]:
 
 
 def metrics_of(criterion: str) -> tuple[tuple[str, ...], int]:
-    from onnx_consensus.metrics import DEFAULT_METRICS
-
     if criterion == "consensus":
-        return DEFAULT_METRICS, 0
+        return ("paper",), 0
     if criterion.startswith("random"):
         return ("random",), int(criterion[len("random"):])
     return (criterion,), 0
