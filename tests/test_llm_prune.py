@@ -266,3 +266,47 @@ def test_is_decoder_needs_a_cache_shaped_interface():
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(f"x{i}", f, [1, 2, 3, 4]) for i in range(2)],
                           [helper.make_tensor_value_info(f"y{i}", f, [1, 2, 3, 4]) for i in range(2)])
     assert not is_decoder(helper.make_model(g))
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_output_kl_of_layers_is_against_the_original_logits(form, monkeypatch):
+    """Global scope, output_kl: the mean KL of the next-token softmax of the ORIGINAL model vs the model
+    without the layer (and the layers removed before), recomputed here by hand; with a tiny reference cap
+    the same formula holds on the subset of rows kept. The local scope refuses output metrics."""
+    from onnx_consensus.llm import scoring as llm_scoring
+    from onnx_consensus.llm.perplexity import logits_name
+
+    model = synthetic_decoder(form)
+    work = expose_residual_sums(model) if form == FUSED else model
+    report = find_decoder_layers(work)
+    ids = np.random.default_rng(1).integers(0, V, (4, 5))
+    lg = logits_name(work)
+
+    def logits(layers):
+        m = remove_layers(work, layers, report=report) if layers else work
+        a = make_session(m).run([lg], prefill_feed(m, ids))[0]
+        return a.reshape(-1, a.shape[-1]).astype(np.float64)
+
+    def kl(p_logits, q_logits):
+        lp = p_logits - np.log(np.exp(p_logits - p_logits.max(1, keepdims=True)).sum(1, keepdims=True)) \
+            - p_logits.max(1, keepdims=True)
+        lq = q_logits - np.log(np.exp(q_logits - q_logits.max(1, keepdims=True)).sum(1, keepdims=True)) \
+            - q_logits.max(1, keepdims=True)
+        return float((np.exp(lp) * (lp - lq)).sum(1).mean())
+
+    for cap_rows in (None, 7):  # every row, then 7 of the 20 token rows (the reference's memory cap)
+        if cap_rows:
+            monkeypatch.setattr(llm_scoring, "OUTPUT_REF_VALUES", cap_rows * V)
+        ref = llm_scoring.original_logits(work, ids, seed=0)
+        rows = llm_scoring.output_rows_of(np.arange(ids.size), V, 0)
+        assert ref.shape == (len(rows), V) and len(rows) == (cap_rows or ids.size)
+        r = score_layers(work, report, ids, removed=[1], metrics=("output_kl",), scope="global", reference=ref)
+        orig = logits([])[rows]
+        for b in r.blocks:
+            i = report.by_id()[b.id].index
+            assert math.isclose(b.scores["output_kl"], kl(orig, logits([1, i])[rows]), rel_tol=1e-4, abs_tol=1e-7)
+        # against the current (pruned) model instead, the scores differ: the reference is the original's
+        cur = score_layers(work, report, ids, removed=[1], metrics=("output_kl",), scope="global")
+        assert [b.scores["output_kl"] for b in cur.blocks] != [b.scores["output_kl"] for b in r.blocks]
+    with pytest.raises(InputError, match="global"):
+        score_layers(work, report, ids, metrics=("output_kl",), scope="local")

@@ -44,6 +44,8 @@ def main(argv=None) -> None:
     p.add_argument("--model", default="llama")
     p.add_argument("--out", type=Path)
     p.add_argument("--skip", nargs="*", default=[], help="parts to skip: quality, distill, speed, memory")
+    p.add_argument("--criteria", nargs="*", default=None,
+                   help="quality: only these criteria (consensus, block_influence, output_kl, random_0..2)")
     p.add_argument("--repeats", type=int, default=3, help="tokens/s: best of this many runs")
     p.add_argument("--render", nargs="+", type=Path, help="print the markdown tables of these result files")
     a = p.parse_args(argv)
@@ -62,15 +64,18 @@ def main(argv=None) -> None:
     res["calib_windows"], res["heldout_windows"] = calib.n_samples, held.n_samples
     res["ppl_original"] = perplexity(model, held.windows, threads=1)
     print("original ppl", res["ppl_original"], flush=True)
-    criteria = {"consensus": dict(metrics=CriterionOptions.metrics, scope="global", seed=0),
-                "block_influence": dict(metrics=("cosine",), scope="local", seed=0)}
+    criteria = {"consensus": dict(metrics=("paper",), scope="global", seed=0),
+                "block_influence": dict(metrics=("cosine",), scope="local", seed=0),
+                "output_kl": dict(metrics=("output_kl",), scope="global", seed=0)}
     criteria.update({f"random_{s}": dict(metrics=("random",), scope="local", seed=s) for s in range(3)})
+    if a.criteria:
+        criteria = {k: v for k, v in criteria.items() if k in a.criteria}
     orders = {}
     if "quality" not in a.skip:
         rows = []
         # the cheap criteria first, the Consensus (one pass per remaining layer per round) last; distillation
         # after all of them; results saved after every row
-        for name in [*[c for c in criteria if c != "consensus"], "consensus"]:
+        for name in [*[c for c in criteria if c != "consensus"], *[c for c in criteria if c == "consensus"]]:
             kw = criteria[name]
             t = time.perf_counter()
             o = Options(target=TargetOptions(remove=4), criterion=CriterionOptions(**kw),

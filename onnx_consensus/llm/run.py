@@ -32,10 +32,11 @@ from ..graph.decoder import (FUSED, DecoderReport, cache_names, dummy_feed, expo
                              find_decoder_layers, prefill_feed)
 from ..graph.ir import load_model_and_layout
 from ..graph.kv_surgery import prune_folder, remove_layers
+from ..metrics import get_metric, resolve_metrics
 from ..options import Options
 from ..report import METADATA_KEY, sha256_file
 from .perplexity import perplexity, throughput
-from .scoring import score_layers
+from .scoring import original_logits, score_layers
 from .text import TextData, find_tokenizer, load_text
 
 log = logging.getLogger("onnx_consensus")
@@ -193,7 +194,11 @@ def prune_decoder(model_path: str | os.PathLike, text, options: Options | None =
         stop = "plan replayed"
     else:
         kw = dict(metrics=crit.metrics, scope=crit.scope, seed=crit.seed, pca_dim=crit.pca_dim,
-                  batch_size=min(run.batch_size, 16), threads=run.threads)
+                  batch_size=min(run.batch_size, 16), threads=run.threads, weights=crit.weights)
+        if any(get_metric(m).output for m in resolve_metrics(crit.metrics, True)) and crit.scope == "global":
+            # every round is anchored to the ORIGINAL model's logits (a bounded (rows, vocab) array)
+            kw["reference"] = original_logits(work, score_windows, seed=crit.seed, batch_size=kw["batch_size"],
+                                              threads=run.threads)
         while len(removed) < target.remove:
             cands = sorted(allowed - set(removed))
             r = score_layers(work, report, score_windows, removed=removed, candidates=cands, **kw)

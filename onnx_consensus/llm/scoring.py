@@ -10,7 +10,11 @@
   the current model; with the ``cosine`` metric this is ShortGPT's Block Influence.
 
 Tokens are the samples: F (b, s, d) becomes (b*s, d), at most ``max_tokens`` rows drawn with a seeded
-generator (the same rows for both sides). Conditions for the Gaussian metrics: the current model's greedy
+generator (the same rows for both sides, kept batch by batch: memory is bounded by the rows, not the windows).
+Output-level metrics (``metrics.output``: ``output_kl``, ``output_agreement``, ``output_mse``, ``output_cosine``)
+compare the next-token logits of the model without the layer with the ORIGINAL model's (``original_logits``,
+computed once per run) on at most ``OUTPUT_REF_VALUES / vocab`` of those rows, so the reference stays a bounded
+(rows, vocab) float32 array whatever the vocabulary (global scope only). Conditions for the Gaussian metrics: the current model's greedy
 next token (``metrics.features.make_conditions``). Candidates keep the original model's layer ids (their
 exit tensor names) and numbers through every round.
 """
@@ -27,13 +31,16 @@ from ..consensus import BlockScore, consensus
 from ..errors import InputError
 from ..graph.decoder import DecoderReport, prefill_feed
 from ..graph.kv_surgery import remove_layers
-from ..metrics import get_metric
+from ..metrics import get_metric, resolve_metrics
 from ..metrics.features import make_conditions
+from ..metrics.output import OutputAccumulator
 from ..runtime import make_session
 from ..scoring import ScoreRound, _score_one
 from .perplexity import logits_name
 
 SCOPES = ("global", "local")
+OUTPUT_REF_VALUES = 1 << 25
+"""At most this many reference logits (float32: 128 MB) are kept for the output-level metrics."""
 
 
 def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
@@ -67,31 +74,74 @@ def _tokens(a: np.ndarray) -> np.ndarray:
     return a.reshape(-1, a.shape[-1])
 
 
+def token_rows(n_tokens: int, max_tokens: int, seed: int) -> np.ndarray:
+    """The token rows scored: all ``n_tokens`` when at most ``max_tokens``, else a seeded sorted sample."""
+    if n_tokens <= max_tokens:
+        return np.arange(n_tokens)
+    return np.sort(np.random.default_rng(seed).choice(n_tokens, max_tokens, replace=False))
+
+
+def output_rows_of(rows: np.ndarray, vocab: int, seed: int) -> np.ndarray:
+    """The subset of ``rows`` the output-level metrics use: at most ``OUTPUT_REF_VALUES // vocab`` (>= 1)."""
+    cap = max(1, OUTPUT_REF_VALUES // max(int(vocab), 1))
+    if len(rows) <= cap:
+        return rows
+    return np.sort(np.random.default_rng(seed + 1).choice(rows, cap, replace=False))
+
+
 def _run(model: onnx.ModelProto, windows: np.ndarray, names: Sequence[str], batch_size: int,
-         threads: int | None) -> dict[str, np.ndarray]:
-    """``names`` of ``model`` over all windows, as token rows (n_windows * seq, d) float64 (logits: argmax)."""
+         threads: int | None, rows: Sequence[np.ndarray | None] | np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """``names`` of ``model`` over all windows, as token rows (n_windows * seq, d). ``rows``: the token rows to
+    keep (sorted indices into the n_windows * seq tokens), one array for all names or one per name (None:
+    every row); only those are kept, batch by batch."""
     sess = make_session(model, level="basic", threads=threads)
+    per_name = list(rows) if isinstance(rows, (list, tuple)) else [rows] * len(names)
     parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    start = 0
     for s in range(0, len(windows), batch_size):
         outs = sess.run(list(names), prefill_feed(model, windows[s:s + batch_size]))
-        for n, v in zip(names, outs):
-            parts[n].append(_tokens(v))
+        for n, v, keep in zip(names, outs, per_name):
+            t = _tokens(v)
+            if keep is not None:
+                lo, hi = np.searchsorted(keep, [start, start + len(t)])
+                t = t[keep[lo:hi] - start]
+            parts[n].append(t)
+        start += int(np.prod(windows[s:s + batch_size].shape))
     return {n: np.concatenate(v) for n, v in parts.items()}
+
+
+def original_logits(model: onnx.ModelProto, windows: np.ndarray, *, seed: int = 0, max_tokens: int = 4096,
+                    batch_size: int = 8, threads: int | None = None) -> np.ndarray:
+    """The ORIGINAL model's next-token logits on the rows the output-level metrics use (``token_rows`` then
+    ``output_rows_of``): (rows, vocab) float32, computed once per run and compared with every round."""
+    lg = logits_name(model)
+    rows = token_rows(windows.size, max_tokens, seed)
+    probe = _run(model, windows[:1], [lg], 1, threads, rows=np.arange(1))[lg]
+    out_rows = output_rows_of(rows, probe.shape[-1], seed)
+    return _run(model, windows, [lg], batch_size, threads, rows=out_rows)[lg].astype(np.float32)
 
 
 def score_layers(model: onnx.ModelProto, report: DecoderReport, windows: np.ndarray, *,
                  removed: Sequence[int] = (), candidates: Sequence[int] | None = None,
                  metrics: Sequence[str] = ("cosine",), scope: str = "global", feature: str | None = None,
                  seed: int = 0, pca_dim: int = 256, batch_size: int = 8, threads: int | None = None,
-                 max_tokens: int = 4096) -> ScoreRound:
+                 max_tokens: int = 4096, weights: dict[str, float] | None = None,
+                 reference: np.ndarray | None = None) -> ScoreRound:
     """Score the ``candidates`` (original layer numbers; default every layer not in ``removed``) of
     ``model`` (the original, with residual sums exposed for the fused form; ``report`` its layers) with
     ``removed`` already gone, on token ``windows`` (n, seq) int64. feature: the global scope's tensor
-    (default ``final_hidden``). Returns the round in Consensus order."""
+    (default ``final_hidden``). ``metrics``: names or presets (``metrics.presets``; the logits are class
+    scores); ``weights``: the weighted rank sum's. ``reference``: for the output-level metrics, the original
+    model's logits (``original_logits`` with the same windows, seed and max_tokens; None: the current
+    model's, the same in round 1). Returns the round in Consensus order."""
     if scope not in SCOPES:
         raise InputError(f"--scope must be one of {', '.join(SCOPES)}, got {scope!r}")
-    metrics = tuple(metrics)
+    metrics = resolve_metrics(metrics, True)
     specs = [get_metric(m) for m in metrics]
+    out_specs = [sp for sp in specs if sp.output]
+    specs = [sp for sp in specs if not sp.output]
+    if out_specs and scope != "global":
+        raise InputError(f"output-level metrics ({', '.join(sp.name for sp in out_specs)}) need --scope global")
     by_index = report.by_index()
     removed = sorted(set(removed))
     candidates = [i for i in (by_index if candidates is None else candidates) if i not in removed]
@@ -104,17 +154,27 @@ def score_layers(model: onnx.ModelProto, report: DecoderReport, windows: np.ndar
     current = remove_layers(model, removed, report=report) if removed else model
     t0 = time.perf_counter()
     pairs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    rng = np.random.default_rng(seed)
-    n_tok = windows.size
-    rows = np.sort(rng.choice(n_tok, max_tokens, replace=False)) if n_tok > max_tokens else np.arange(n_tok)
+    outputs: dict[str, dict[str, float]] = {}
+    rows = token_rows(windows.size, max_tokens, seed)
     if scope == "global":
-        ref = _run(current, windows, [feature, lg], batch_size, threads)
-        x = ref[feature][rows]
-        predicted = ref[lg][rows].argmax(-1)
+        ref = _run(current, windows, [feature, lg], batch_size, threads, rows=rows)
+        x = ref[feature]
+        predicted = ref[lg].argmax(-1)
+        out_rows = output_rows_of(rows, ref[lg].shape[-1], seed) if out_specs else None
+        if out_specs and reference is None:
+            reference = ref[lg][np.searchsorted(rows, out_rows)]
+        if out_specs and len(reference) != len(out_rows):
+            raise InputError(f"the reference logits have {len(reference)} rows, the scored windows {len(out_rows)}")
+        del ref
         for i in candidates:
             pruned = remove_layers(model, [*removed, i], report=report)
-            y = _run(pruned, windows, [feature], batch_size, threads)[feature][rows]
-            pairs[by_index[i].block.id] = (x, y)
+            names = [feature, lg] if out_specs else [feature]
+            got = _run(pruned, windows, names, batch_size, threads, rows=[rows, out_rows][:len(names)])
+            pairs[by_index[i].block.id] = (x, got[feature])
+            if out_specs:
+                acc = OutputAccumulator([sp.name for sp in out_specs])
+                acc.add(lg, reference.astype(np.float64), got[lg].astype(np.float64), True)
+                outputs[by_index[i].block.id] = acc.scores()
     else:
         kept = [i for i in sorted(by_index) if i not in removed]
         entry = {}
@@ -123,11 +183,11 @@ def score_layers(model: onnx.ModelProto, report: DecoderReport, windows: np.ndar
             entry[i] = prev
             prev = by_index[i].block.exit
         names = sorted({entry[i] for i in candidates} | {by_index[i].block.exit for i in candidates})
-        act = _run(with_outputs(current, [*names, lg]), windows, [*names, lg], batch_size, threads)
-        predicted = act[lg][rows].argmax(-1)
+        act = _run(with_outputs(current, [*names, lg]), windows, [*names, lg], batch_size, threads, rows=rows)
+        predicted = act[lg].argmax(-1)
         for i in candidates:
             b = by_index[i].block
-            pairs[b.id] = (act[entry[i]][rows], act[b.exit][rows])
+            pairs[b.id] = (act[entry[i]], act[b.exit])
     ort_seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
     first = next(iter(pairs.values()))[0]
@@ -135,8 +195,10 @@ def score_layers(model: onnx.ModelProto, report: DecoderReport, windows: np.ndar
     table = {}
     with threadpool_limits(limits=1):
         for bid, (a, b) in pairs.items():
-            table[bid] = _score_one(specs, a.astype(np.float64), b.astype(np.float64), conditions, seed, pca_dim)
+            table[bid] = (_score_one(specs, a.astype(np.float64), b.astype(np.float64), conditions, seed, pca_dim)
+                          if specs else {})
+            table[bid].update(outputs.get(bid, {}))
     positions = {by_index[i].block.id: i for i in candidates}
-    ranked = consensus(table, positions, metrics)
+    ranked = consensus(table, positions, metrics, weights)
     return ScoreRound(scope, feature if scope == "global" else None, metrics, len(rows), ranked, ort_seconds,
                       time.perf_counter() - t1)
