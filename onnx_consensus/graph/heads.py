@@ -245,6 +245,30 @@ def output_kinds(model: onnx.ModelProto, task: str | None = None) -> dict[str, s
     return _kinds(graph, GraphIndex(graph), task)
 
 
+def _score_form(index: GraphIndex, name: str) -> str:
+    """"probabilities" when the last value op before tensor ``name`` (past shape-only ops and a clamp by a
+    constant) is a Softmax or a written-out one, "log-probabilities" for a LogSoftmax (or written-out), else "logits"."""
+    node = _producer_through(index, name, SHAPE_ONLY_OPS)
+    if node is None:
+        return "logits"
+    if node.op == "Softmax":
+        return "probabilities"
+    if node.op == "LogSoftmax":
+        return "log-probabilities"
+    if _decomposed_softmax(index, node) is not None:
+        return "probabilities" if node.op in ("Div", "Mul") else "log-probabilities"
+    return "logits"
+
+
+def score_forms(model: onnx.ModelProto, kinds: dict[str, str] | None = None) -> dict[str, str]:
+    """{output name: "probabilities" | "log-probabilities" | "logits"} for the class-score outputs of
+    ``kinds`` (default ``output_kinds(model)``): what a distillation loss must undo before tempering."""
+    graph = to_gs(model)
+    index = GraphIndex(graph)
+    kinds = _kinds(graph, index, None) if kinds is None else kinds
+    return {name: _score_form(index, name) for name, kind in kinds.items() if kind == CLASS_SCORES}
+
+
 def _dominates(index: GraphIndex, node: gs.Node, target: str) -> bool:
     """True when every value path from a graph input to tensor ``target`` goes through ``node``."""
     stack = [t.name for t in index.graph.inputs]
