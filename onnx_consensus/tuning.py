@@ -41,7 +41,7 @@ def finetune_model(student: onnx.ModelProto, train, *, config, teacher: onnx.Mod
     agreement with ``teacher``) is returned. Returns (the fine-tuned model: same graph, names and
     interface as ``student``, new weights; the report entry: mode, epochs, samples, metric name, metric of
     the teacher / before / after, best epoch (0: no epoch beat ``student`` on the evaluation data, which is
-    returned), images, seconds, per-epoch history, bn_stats). ``eval_fn``: a ready ``recover.Evaluator``
+    returned), images, seconds, per-epoch history, bn_stats, the distillation loss of each output). ``eval_fn``: a ready ``recover.Evaluator``
     instead of ``eval_data`` (e.g. on a hold-out); ``train_indices``: train on these samples only. Raises InputError for
     data the run cannot use, FinetuneError when training fails."""
     mode = "supervised" if train.labels is not None else "distillation"
@@ -73,7 +73,7 @@ def finetune_model(student: onnx.ModelProto, train, *, config, teacher: onnx.Mod
                 seconds=round(res.seconds, 2), history=res.history,
                 metric=getattr(eval_fn, "metric", None) or metric or "agreement",
                 best_finetuned=max(tried) if tried else None, kept="fine-tuned" if res.best_epoch else "pruned",
-                bn_stats=res.bn_stats)
+                bn_stats=res.bn_stats, losses=[spec.to_json() for spec in getattr(res, "losses", [])])
     if eval_fn is not None or eval_data is not None:
         info["eval_samples"] = eval_fn.n_samples if eval_fn is not None else eval_data.n_samples
     return tuned, info

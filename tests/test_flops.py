@@ -316,14 +316,71 @@ def test_loop_counts_one_iteration_and_says_so():
     assert any("Loop" in n and "one iteration" in n for n in cost.notes)
 
 
+def _shape_conditioned_if(batch="N") -> onnx.ModelProto:
+    """y = If(Shape(x)[0] == 1, then: x @ w, else: x @ w @ w), x (batch, 8): the condition follows from x's shape."""
+    from onnx import TensorProto, helper
+
+    m = sg.if_matmuls(batch=batch)
+    nodes = [helper.make_node("Shape", ["x"], ["sx"]),
+             helper.make_node("Constant", [], ["zero"], value=helper.make_tensor("z", TensorProto.INT64, [], [0])),
+             helper.make_node("Gather", ["sx", "zero"], ["n"], axis=0),
+             helper.make_node("Constant", [], ["one"], value=helper.make_tensor("o", TensorProto.INT64, [], [1])),
+             helper.make_node("Equal", ["n", "one"], ["c"])]
+    nodes += list(m.graph.node)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    del m.graph.input[1]  # c is computed now
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def test_inlined_if_takes_the_branch_its_shape_condition_selects():
+    """The MAC count's fallback for If branches whose shapes stay unknown (silero_vad): If nodes are inlined,
+    the branch chosen by a condition that follows from the shapes (batch 1 -> then: 64 MACs; batch 3 -> else:
+    2 * 3*8*8), else the given branch, and said undecided."""
+    from onnx_consensus.graph.flops import _inline_ifs
+
+    m = _shape_conditioned_if()
+    one, decided = _inline_ifs(m, "else_branch", {"x": (1, 8)}, 1)
+    assert decided and not any(n.op_type == "If" for n in one.graph.node)
+    assert count_cost(one, {"x": (1, 8)}).total_macs == 64
+    three, decided = _inline_ifs(m, "then_branch", {"x": (3, 8)}, 1)
+    assert decided and count_cost(three, {"x": (3, 8)}).total_macs == 2 * 3 * 8 * 8
+    valued, decided = _inline_ifs(sg.if_matmuls(batch="N"), "then_branch", {"x": (3, 8)}, 1)  # c is an input
+    assert not decided and count_cost(valued, {"x": (3, 8)}).total_macs == 3 * 8 * 8
+
+
 @pytest.mark.real
 def test_real_silero_vad_macs_inside_if():
-    """silero_vad: every Conv sits inside an If (main counted 0 MACs). Neither inference resolves the shapes
-    inside its branches (ONNX's loses the batch there, onnxruntime's symbolic inference stops on a branch
-    output without a type), so its MACs are unknown, with or without an input shape: never 0."""
+    """silero_vad: every Conv sits inside an If (main counted 0 MACs), behind an If on the sample rate and
+    nested Ifs on the batch size. Neither inference resolves the shapes inside its branches (ONNX's loses the
+    batch there, onnxruntime's symbolic inference stops on a branch output without a type), so without input
+    shapes its MACs are unknown, never 0; with them the Ifs are inlined (the nested ones by their shape
+    conditions) and the count equals a recount from the Conv shapes onnxruntime produces at 16 kHz (576
+    samples: 512 + 64 of context)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from onnx_consensus.graph.flops import _inline_ifs
+
     m = onnx.load(sg.real_model("silero_vad"))
     assert count_cost(m).total_macs is None
-    assert count_cost(m, {"input": (1, 512)}).total_macs is None
+    shapes = {"input": (1, 576), "state": (2, 1, 128)}
+    cost = count_cost(m, shapes)
+    assert any("then branch" in n and "depends on input values" in n for n in cost.notes), cost.notes
+    flat, _ = _inline_ifs(m, "then_branch", shapes, 1)  # then: sr == 16000
+    convs = [n for n in flat.graph.node if n.op_type == "Conv"]
+    names = list(dict.fromkeys(t for n in convs for t in (n.output[0], n.input[1])))
+    have = {o.name for o in flat.graph.output}
+    flat.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in names if t not in have)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(flat.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    vals = dict(zip(names, sess.run(names, {"input": np.zeros((1, 576), np.float32),
+                                            "state": np.zeros((2, 1, 128), np.float32),
+                                            "sr": np.array(16000, np.int64)})))
+    recount = sum(vals[n.output[0]].size * int(np.prod(vals[n.input[1]].shape[1:])) for n in convs)
+    assert cost.total_macs == recount == 548_480
 
 
 @pytest.mark.real

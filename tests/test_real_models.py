@@ -153,9 +153,7 @@ def test_detection_matches_true_count(corpus, name, tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------------------ runs
 
-DEFAULT_FAILS = {
-    "zoo_resnet50": F1 + " (not re-run since the fix reached main)",
-}
+DEFAULT_FAILS: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("name", params(PRUNABLE, DEFAULT_FAILS))
@@ -172,9 +170,7 @@ def test_default_run(runs, corpus, name):
         assert not out.exists()
 
 
-REMOVE2_FAILS = {
-    "ddddocr_ocr": F1 + " (not re-run since the fix reached main)",
-}
+REMOVE2_FAILS: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("name", params(WITH_BLOCKS, REMOVE2_FAILS))
@@ -205,9 +201,7 @@ def test_no_block_said_before_inference(corpus, name):
 # ------------------------------------------------------------------------------------------------ fidelity terms
 
 OCR = {n for n in PRUNABLE if rm.REGISTRY[n].kind.startswith("ocr")}
-FIDELITY_FAILS = {
-    "ddddocr_ocr": F1 + " (not re-run since the fix reached main)",
-}
+FIDELITY_FAILS: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("name", params(WITH_BLOCKS, FIDELITY_FAILS))  # a model with no block: nothing measured
@@ -239,8 +233,7 @@ def test_headless_feature_downstream_of_every_block(runs, name):
     assert feature == "sentence_embedding", feature
 
 
-@pytest.mark.parametrize("name", params(["ppocr_rec", "ddddocr_ocr", "ppocr_det", "minilm"], {
-    "ddddocr_ocr": F1 + " (not re-run since the fix reached main)"}))
+@pytest.mark.parametrize("name", ["ppocr_rec", "ddddocr_ocr", "ppocr_det", "minilm"])
 def test_holdout_count_is_samples(runs, name):
     """'Fidelity on N hold-out samples' counts samples, not samples x time steps (a fifth of the samples)."""
     proc, out, report = runs(name, "remove2", "--remove", "2")
@@ -348,6 +341,17 @@ def test_inspect_macs_inside_if_not_zero(corpus):
     proc = cli("inspect", path)
     assert proc.returncode == 0, _say(proc)
     assert "MACs 0" not in proc.stdout, _say(proc)
+
+
+def test_written_out_softmax_is_class_scores(corpus):
+    """magika's 214-class head is a softmax that jax2tf/tf2onnx wrote as Max/Sub/Exp/ReduceSum/Div: class scores
+    (it was judged an "embedding", so no top-1 agreement); silero's (N, 1) speech probability is generic."""
+    from onnx_consensus.graph.heads import output_kinds
+
+    path, _, _ = corpus("magika")
+    assert output_kinds(onnx.load(str(path))) == {"target_label": "class scores"}
+    path, _, _ = corpus("silero_vad")
+    assert output_kinds(onnx.load(str(path)))["output"] == "generic"
 
 
 def test_quantized_model_refused_in_one_line(corpus, tmp_path):

@@ -759,11 +759,12 @@ def bench(name: str, remove: int = 2, n: int = 16, finetune_epochs: int = 0, ext
     if finetune_epochs:
         runs.append(("distilled", ("--finetune-epochs", str(finetune_epochs), "--eval", str(ev))))
     for tag, more in runs:
+        cal_run = _without_labels(cal, work / "calib_nolabels") if tag == "distilled" else cal
         out, rep = work / f"{tag}.onnx", work / f"{tag}.json"
         for p in (out, rep):
             if p.exists():
                 p.unlink()
-        cmd = [sys.executable, "-m", "onnx_consensus.cli", "prune", str(path), str(out), "--calib", str(cal),
+        cmd = [sys.executable, "-m", "onnx_consensus.cli", "prune", str(path), str(out), "--calib", str(cal_run),
                "--remove", str(remove), "--threads", "1", "--no-latency", "--report", str(rep), *extra, *more]
         row[f"{tag}_command"] = " ".join(["onnx-cprune"] + [os.path.relpath(c, REPO) if c.startswith(str(REPO))
                                                              else c for c in cmd[3:]])
@@ -778,6 +779,11 @@ def bench(name: str, remove: int = 2, n: int = 16, finetune_epochs: int = 0, ext
         if report:
             row["blocks_found"] = len(report["candidates"])
             row[f"{tag}_removed"] = report["removed_ids"]
+            ft = report.get("finetune") or {}
+            if ft:
+                row[f"{tag}_finetune"] = {k: ft.get(k) for k in ("mode", "kept", "best_epoch", "metric",
+                                                                 "metric_before", "metric_after", "losses",
+                                                                 "bn_stats", "seconds", "train_samples")}
         if not out.is_file():
             continue
         pm = onnx.load(str(out))
@@ -794,6 +800,18 @@ def bench(name: str, remove: int = 2, n: int = 16, finetune_epochs: int = 0, ext
             row["latency_ms_before"], row["latency_ms_after"] = lat[0].median_ms, lat[1].median_ms
     (work / "row.json").write_text(json.dumps(row, indent=1, default=str))
     return row
+
+
+def _without_labels(folder: Path, dest: Path) -> Path:
+    """``folder`` as a calibration folder without labels.npy (links to its other files), so that the
+    fine-tuning run distils from the original model even where the data has true labels (ppocr_cls)."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for f in Path(folder).iterdir():
+        if f.name != "labels.npy":
+            os.symlink(f.resolve(), dest / f.name)
+    return dest
 
 
 def _terms_text(t: dict | None, acc: tuple | None = None) -> str:
@@ -816,7 +834,7 @@ def _terms_text(t: dict | None, acc: tuple | None = None) -> str:
 def table() -> str:
     """The markdown rows of docs/BENCHMARKS.md "Third-party models" from the bench/row.json files."""
     lines = ["| model | blocks found / independent count | removed | MACs per sample (at) | latency b1, ms "
-             "(loaded) | fidelity, pruned | after 1 distillation epoch |",
+             "(loaded) | fidelity, pruned | after 1 distillation epoch (what was written) |",
              "|---|---|---|---|---|---|---|"]
     for name in REGISTRY:
         f = REGISTRY[name].folder / "bench" / "row.json"
@@ -847,6 +865,12 @@ def table() -> str:
               else "not run")
         if "distilled_exit" in r and r["distilled_exit"] != 0:
             di = f"exit {r['distilled_exit']}"
+        elif r.get("distilled_finetune") or (REGISTRY[name].folder / "bench" / "distilled.json").is_file():
+            ft = r.get("distilled_finetune") or json.loads(
+                (REGISTRY[name].folder / "bench" / "distilled.json").read_text()).get("finetune") or {}
+            losses = sorted({x["loss"].replace("_", " ") for x in ft.get("losses") or []})
+            di += (f"; {ft.get('mode')}" + (f" ({', '.join(losses)})" if losses else "") +
+                   (", pruned model kept: the epoch did not beat it" if ft.get("kept") == "pruned" else ""))
         lines.append(f"| `{name}` | {found} / {r['true_blocks']} | {removed} | {macs} ({shape}) | {lat} | {pr} | "
                      f"{di} |")
     return "\n".join(lines)

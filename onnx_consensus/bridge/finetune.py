@@ -21,10 +21,12 @@ Recipe (defaults when a FinetuneConfig field is None):
 * weight decay 0: a regulariser for long training; over one to a few epochs it only shrinks weights
   that are already trained (and in a folded graph shrinks the implicit BN scales).
 
-Supervised cross-entropy when the batches carry labels; otherwise label-free distillation from the
-teacher: T^2 * KL(softmax(teacher/T) || softmax(student/T)) plus ``feature_mse`` times the MSE between
-student and teacher values of the ``feature`` tensor. The teacher runs in onnxruntime (one session, on the
-providers of ``runtime.using_providers``).
+Supervised cross-entropy on the first output when the batches carry labels (an output that is already
+a softmax is taken by its log); otherwise label-free distillation from the teacher on every float output,
+the loss chosen by the output's kind and summed (``bridge.losses``: T^2-scaled KL for class scores, 1 -
+cosine for embeddings, variance-normalised MSE for detection maps, boxes and other values), plus
+``feature_mse`` times the MSE between student and teacher values of the ``feature`` tensor. The teacher
+runs in onnxruntime (one session, on the providers of ``runtime.using_providers``).
 
 Devices: ``config.device`` (cpu, cuda, cuda:K; under torchrun the rank's device) and mixed precision
 ``config.amp``: bf16 or fp16 autocast of the forward pass (weights, optimiser state and loss stay float32;
@@ -44,6 +46,7 @@ import torch.nn.functional as F
 
 from ..errors import FinetuneError, InputError
 from ..options import FinetuneConfig  # noqa: F401  (defined with its command-line flags; re-exported)
+from .losses import CLASS_SCORES, OutputLoss, as_logits, distillation_loss, plan
 from .torch_graph import OnnxModule, to_torch, write_back
 
 if TYPE_CHECKING:
@@ -65,6 +68,7 @@ class FinetuneResult:
     images_seen: int = 0
     seconds: float = 0.0
     mode: str = "supervised"
+    losses: list[OutputLoss] = field(default_factory=list)  # distillation: the loss of each output
 
 
 def default_lr(model: onnx.ModelProto, optimizer: str) -> float:
@@ -89,21 +93,24 @@ def _augment(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 class _Teacher:
-    def __init__(self, model: onnx.ModelProto, feature: str | None, threads: int | None):
+    """The original model in onnxruntime: ``teacher(feeds) -> {name: array}`` for ``outputs`` (graph outputs
+    or, like a feature tensor, any tensor of it)."""
+
+    def __init__(self, model: onnx.ModelProto, outputs: list[str], threads: int | None):
         from ..runtime import make_session
 
         m = onnx.ModelProto()
         m.CopyFrom(model)
-        self.outputs = [m.graph.output[0].name]
-        if feature is not None:
-            if feature not in {o.name for o in m.graph.output}:
-                m.graph.output.append(onnx.helper.make_empty_tensor_value_info(feature))
-            self.outputs.append(feature)
+        have = {o.name for o in m.graph.output}
+        for name in outputs:
+            if name not in have:
+                m.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+        self.outputs = list(outputs)
         self.session = make_session(m, level="all", threads=threads)
         self.inputs = [i.name for i in self.session.get_inputs()]
 
-    def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self.session.run(self.outputs, {k: feeds[k] for k in self.inputs})
+    def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.outputs, self.session.run(self.outputs, {k: feeds[k] for k in self.inputs})))
 
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -144,6 +151,7 @@ def finetune(
     eval_fn: Callable[[onnx.ModelProto], float] | None = None,
     progress: bool = True,
     dist: "DistContext | None" = None,
+    distill_outputs: list[str] | None = None,
 ) -> tuple[onnx.ModelProto, FinetuneResult]:
     """Fine-tune ``student`` and return (a copy of it holding the best weights, FinetuneResult).
 
@@ -158,6 +166,10 @@ def finetune(
     bar run on rank 0 only. Every rank returns the trained model; only rank 0's best-epoch choice is
     meaningful. A failure or interruption on any rank stops every rank at the same step (see
     ``distributed``).
+
+    Distillation (``teacher`` given, batches without labels) compares every float output of the teacher
+    with the student's, each with the loss of its kind (``bridge.losses``), summed; ``distill_outputs``
+    restricts it to these outputs (a decoder LLM: its logits, not its KV caches).
     """
     if dist is None:
         training_device(config)  # InputError before any work
@@ -169,7 +181,7 @@ def finetune(
             torch.set_num_threads(config.threads)
         if dist is not None and not dist.is_main:
             eval_fn, progress = None, False
-        out = _finetune(module, student, train_batches, teacher, config, eval_fn, progress, dist)
+        out = _finetune(module, student, train_batches, teacher, config, eval_fn, progress, dist, distill_outputs)
         if dist is not None:
             dist.vote()  # every rank finished (rank 0's last evaluation included)
         finished = True
@@ -185,7 +197,8 @@ def finetune(
         torch.set_num_threads(old_threads)
 
 
-def _finetune(module: OnnxModule, student, train_batches, teacher, config, eval_fn, progress, dist=None):
+def _finetune(module: OnnxModule, student, train_batches, teacher, config, eval_fn, progress, dist=None,
+              distill_outputs=None):
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed if dist is None else [config.seed, dist.rank])
     device = torch.device(config.device) if dist is None else dist.device
@@ -203,7 +216,16 @@ def _finetune(module: OnnxModule, student, train_batches, teacher, config, eval_
         raise FinetuneError(f"unknown optimizer {config.optimizer!r} (sgd or adamw)")
     logits_name = module.output_names[0]
     feature = config.feature if config.feature_mse > 0 else None
-    want = [logits_name] + ([feature] if feature else [])
+    # what the forward computes: the first output (supervised) or every float output (distillation); the
+    # same list on every rank, so DDP sees the same used parameters
+    specs = plan(teacher, outputs=distill_outputs) if teacher is not None else []
+    if teacher is not None and not specs:
+        raise FinetuneError("the teacher has no float output to distil")
+    want = list(dict.fromkeys([logits_name] + [spec.name for spec in specs] + ([feature] if feature else [])))
+    # supervised: the first output, read by its log when it is already a softmax
+    first = next(iter(specs or plan(student)), None)
+    logits_form = first.form if first is not None and first.name == logits_name and first.kind == CLASS_SCORES \
+        else "logits"
     forward = module.forward_named if dist is None else dist.wrap(module, want)
     amp = AMP_DTYPES.get(config.amp) if config.amp else None
     if amp is torch.float16 and device.type != "cuda":
@@ -211,7 +233,7 @@ def _finetune(module: OnnxModule, student, train_batches, teacher, config, eval_
     scaler = torch.amp.GradScaler(device.type) if amp is torch.float16 else None
     t_session: _Teacher | None = None
 
-    result = FinetuneResult()
+    result = FinetuneResult(losses=specs)
     best_model: onnx.ModelProto | None = None
     total_steps: int | None = config.max_steps
     step = 0
@@ -247,7 +269,8 @@ def _finetune(module: OnnxModule, student, train_batches, teacher, config, eval_
                 if teacher is None:
                     raise FinetuneError("batches carry no labels and no teacher model was given")
                 if t_session is None:
-                    t_session = _Teacher(teacher, feature, config.threads)
+                    t_session = _Teacher(teacher, [spec.name for spec in specs] + ([feature] if feature else []),
+                                         config.threads)
                 t_out = t_session(feeds)
             inputs = {k: torch.as_tensor(v).to(device) for k, v in feeds.items()}
             if total_steps:
@@ -259,19 +282,15 @@ def _finetune(module: OnnxModule, student, train_batches, teacher, config, eval_
                 break  # a rank ran out of batches: all end the epoch here
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 out = forward(inputs, want)
-            logits = out[logits_name].float()  # the loss in float32 whatever the forward's precision
             if mode == "supervised":
+                logits = as_logits(out[logits_name].float(), logits_form)  # the loss in float32
                 y = torch.as_tensor(labels).to(device).long()
                 loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
             else:
-                t_logits = torch.as_tensor(t_out[0]).to(device)
-                c = logits.shape[-1]
-                loss = F.kl_div(F.log_softmax(logits.reshape(-1, c) / T, -1),
-                                F.log_softmax(t_logits.reshape(-1, c) / T, -1),
-                                reduction="batchmean", log_target=True) * (T * T)
+                t_vals = {k: torch.as_tensor(v).to(device) for k, v in t_out.items()}
+                loss = distillation_loss(specs, out, t_vals, T)
                 if feature:
-                    loss = loss + config.feature_mse * F.mse_loss(out[feature].float(),
-                                                                  torch.as_tensor(t_out[1]).to(device))
+                    loss = loss + config.feature_mse * F.mse_loss(out[feature].float(), t_vals[feature].float())
             if not torch.isfinite(loss):
                 raise FinetuneError(f"non-finite loss at epoch {epoch}, step {step + 1}")
             if dist is not None:

@@ -10,7 +10,8 @@ convolution and fully connected layers):
 * ``MatMul`` (and ``MatMulInteger`` / ``QLinearMatMul``): ``prod(broadcast batch dims) * M * N * K``
   with numpy broadcasting and numpy's 1-D promotion rules.
 
-* ``If``: its costlier branch; ``Loop`` and ``Scan``: one iteration of the body (``ModelCost.notes``).
+* ``If``: its costlier branch (the branch a constant condition selects, when shapes inside the branches are
+  only known once a branch is inlined); ``Loop`` and ``Scan``: one iteration of the body (``ModelCost.notes``).
 
 Every other operator costs 0. Shapes come from ``shapes.infer_shapes`` (ONNX shape inference, then
 onnxruntime's symbolic shape inference where a count still lacks a shape) on a *weight-free* copy of the
@@ -20,6 +21,7 @@ of their weights.
 """
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 
@@ -32,8 +34,10 @@ from .shapes import all_graphs, infer_shapes, weight_free_copy
 from .weights import FLOAT_TYPES, numel as _numel
 
 __all__ = ["ModelCost", "count_cost", "parse_input_shape"]
+log = logging.getLogger("onnx_consensus")
 
 _CONV_OPS = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3}  # op -> index of the weight input
+MAX_IF_DEPTH = 8  # nesting levels of If inlined by the MAC count's fallback
 _MATMUL_OPS = {"MatMul": (0, 1), "MatMulInteger": (0, 1), "QLinearMatMul": (0, 3)}  # op -> (A, B)
 
 
@@ -261,4 +265,150 @@ def count_cost(
     macs: dict[str, int | None] = {}
     found: dict[str, int] = {}
     total = _graph_macs(model.graph, shapes, found, key=macs)
-    return ModelCost(macs_per_node=macs, total_macs=total, params=count_params(model), notes=_notes(found))
+    notes = _notes(found)
+    if total is None and any(n.op_type == "If" for n in model.graph.node):
+        total, macs, notes = _cost_of_inlined_ifs(model, input_shapes, batch_size, macs, notes)
+    return ModelCost(macs_per_node=macs, total_macs=total, params=count_params(model), notes=notes)
+
+
+_FOLD_OPS = {
+    "Equal": np.equal, "Greater": np.greater, "Less": np.less, "GreaterOrEqual": np.greater_equal,
+    "LessOrEqual": np.less_equal, "And": np.logical_and, "Or": np.logical_or, "Add": np.add, "Sub": np.subtract,
+    "Mul": np.multiply,
+}
+
+
+def _fold(model: onnx.ModelProto, name: str, shapes, producers, depth: int = 0):
+    """The value of tensor ``name`` when it follows from constants and static shapes alone (Shape, Size,
+    Gather, Squeeze/Unsqueeze/Reshape, Cast, Not, comparisons, Concat, a few arithmetic ops), else None.
+    Enough for the conditions exporters write around a batch or length of 1."""
+    from onnx import numpy_helper
+
+    if depth > 32 or not name:
+        return None
+    for init in model.graph.initializer:
+        if init.name == name:
+            return numpy_helper.to_array(init)
+    node = producers.get(name)
+    if node is None:
+        return None
+    op = node.op_type
+    if op == "Constant":
+        a = next((a for a in node.attribute if a.name == "value"), None)
+        return numpy_helper.to_array(a.t) if a is not None else None
+    if op in ("Shape", "Size"):
+        shape = shapes.get(node.input[0])
+        if not _known(shape):
+            return None
+        if op == "Size":
+            return np.array(_numel(shape), np.int64)
+        start, end = _attr(node, "start", 0), _attr(node, "end", None)
+        return np.array(shape, np.int64)[start:end]
+    ins = [_fold(model, i, shapes, producers, depth + 1) if i else None for i in node.input]
+    if op not in ("Squeeze", "Unsqueeze") and any(v is None for v in ins[:2 if op == "Gather" else len(ins)]):
+        return None
+    try:
+        if op in _FOLD_OPS:
+            return _FOLD_OPS[op](ins[0], ins[1])
+        if op == "Not":
+            return np.logical_not(ins[0])
+        if op == "Cast":
+            return ins[0].astype(onnx.helper.tensor_dtype_to_np_dtype(_attr(node, "to", 1)))
+        if op == "Gather":
+            return np.take(ins[0], ins[1], axis=_attr(node, "axis", 0))
+        if op in ("Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten"):
+            if ins[0] is None:
+                return None
+            if op == "Identity":
+                return ins[0]
+            if op == "Reshape":
+                return ins[0].reshape(ins[1])
+            if op == "Squeeze":
+                return np.squeeze(ins[0]) if ins[0].size == 1 else None
+            return ins[0].reshape(-1) if ins[0].size == 1 else None
+        if op == "Concat":
+            return np.concatenate([np.atleast_1d(v) for v in ins], axis=_attr(node, "axis", 0))
+    except (ValueError, TypeError, IndexError):
+        return None
+    return None
+
+
+def _inline_ifs(model: onnx.ModelProto, branch: str, input_shapes, batch_size: int) -> tuple[onnx.ModelProto, bool]:
+    """A copy of ``model`` whose If nodes (nested ones too) are replaced by the nodes of one branch each: the
+    branch the condition selects when it follows from constants and the shapes (``_fold``; shapes inferred
+    again after each level), else ``branch`` ("then_branch" / "else_branch"). The branch outputs are renamed
+    to the If's outputs by Identity nodes; inner names are unique across scopes (as exporters write them),
+    so outer-scope reads need no renaming. Returns (the copy, whether every condition was decided)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    decided = True
+    for _ in range(MAX_IF_DEPTH):  # an If inside a branch becomes a main-graph If once its branch is inlined
+        if not any(n.op_type == "If" for n in out.graph.node):
+            break
+        shapes = _static(infer_shapes(out, dict(input_shapes or {}), batch_size).shapes)
+        producers = {o: n for n in out.graph.node for o in n.output}
+        nodes = []
+        for node in out.graph.node:
+            if node.op_type != "If":
+                nodes.append(node)
+                continue
+            cond = _fold(out, node.input[0], shapes, producers)
+            if cond is None or np.size(cond) != 1:
+                decided = False
+                pick = branch
+            else:
+                pick = "then_branch" if bool(np.asarray(cond).reshape(-1)[0]) else "else_branch"
+            body = next(a.g for a in node.attribute if a.name == pick)
+            nodes.extend(body.node)
+            out.graph.initializer.extend(body.initializer)
+            nodes.extend(onnx.helper.make_node("Identity", [o.name], [name], name=f"{name}__inlined")
+                         for o, name in zip(body.output, node.output))
+        del out.graph.node[:]
+        out.graph.node.extend(nodes)
+    return out, decided
+
+
+def _cost_of_inlined_ifs(model, input_shapes, batch_size, macs, notes):
+    """MACs when shapes inside the If branches stay unknown in the model as it is (inference does not bind a
+    branch's tensors to the outer inputs' sizes): the If nodes inlined (``_inline_ifs``), counted as a plain
+    graph; when a condition depends on input values, both choices are counted and the costlier kept. Returns
+    (total, per-node MACs of the original main graph, notes); the input unchanged when inlining does not help."""
+    variants, decided, unknown = {}, True, []
+    for branch in ("then_branch", "else_branch"):
+        try:
+            flat, known = _inline_ifs(model, branch, input_shapes, batch_size)
+            cost = count_cost(flat, input_shapes, batch_size)
+        except Exception as exc:  # noqa: BLE001 - a fallback: any failure leaves that variant uncounted
+            log.debug("MACs with If branches inlined (%s): %s", branch, exc)
+            cost, known = None, False
+        decided = decided and known
+        if cost is None or cost.total_macs is None:
+            unknown.append(branch)
+        else:
+            variants[branch] = cost
+        if known:
+            break  # every condition followed from the shapes: there is one variant
+    if not variants:
+        return None, macs, notes
+    branch = max(variants, key=lambda b: variants[b].total_macs)
+    chosen = variants[branch]
+    per_node = dict(macs)
+    inner = sum(v or 0 for k, v in chosen.macs_per_node.items() if k not in macs)
+    for node in model.graph.node:
+        key = node.output[0] if node.output else node.name
+        if per_node.get(key) is None and node.op_type != "If":
+            per_node[key] = chosen.macs_per_node.get(key)
+    ifs = [n for n in model.graph.node if n.op_type == "If"]
+    for node in ifs:  # the inlined branches' MACs, on the (first) If that held them
+        per_node[node.output[0]] = inner if node is ifs[0] else 0
+    count = len(ifs)
+    if decided:
+        why = f"MACs of {count} If node(s) count the branch their condition selects at these shapes"
+    elif unknown:
+        why = (f"MACs of {count} If node(s) count the {branch.replace('_', ' ')} where the condition depends on "
+               f"input values: the other branch's MACs are unknown at these shapes")
+    else:
+        other = variants["else_branch" if branch == "then_branch" else "then_branch"].total_macs
+        why = (f"MACs of {count} If node(s) count the costlier branch where the condition depends on input "
+               f"values ({branch.replace('_', ' ')}: {chosen.total_macs:,} MACs, the other {other:,})")
+    return chosen.total_macs, per_node, [n for n in notes if not n.startswith("MACs of")] + [why]

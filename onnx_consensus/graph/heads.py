@@ -9,9 +9,14 @@ How an output is judged class scores (``--task`` overrides the first output's ki
 output through shape-only ops (Reshape, Flatten, Squeeze, Unsqueeze, Transpose, Identity, Cast), a bias or
 scale by a constant (Add/Sub/Mul/Div with one constant operand) and Softmax/LogSoftmax, the walk reaches a
 Softmax/LogSoftmax or a Gemm/MatMul/Conv with a constant weight; and the output has rank 2 (N, classes) or 3
-(a sequence of class scores, e.g. CTC) with a last axis of at least 2 when known. Any other rank-2 float
-output is an "embedding" (e.g. MiniLM's L2-normalised mean-pooled sentence vector, made by a Div of two data
-tensors); the rest are "generic" (detection maps, boxes, states).
+(a sequence of class scores, e.g. CTC) with a last axis of at least 2 when known. A softmax written out by
+the exporter counts as Softmax (``_decomposed_softmax``): tf2onnx / jax2tf write ``Exp(z) / ReduceSum(Exp(z))``
+(magika), ``Exp(z) * Reciprocal(ReduceSum(Exp(z)))`` is the same, and log-softmax as ``z - Log(ReduceSum(Exp(z)))``
+or ``z - ReduceLogSumExp(z)``; z may be ``x - ReduceMax(x)`` (the stabilising shift, possibly clamped by a
+constant Max as jax writes it), and the sum may be reshaped or broadcast (Reshape, Unsqueeze, Expand) back.
+Any other rank-2 float output with more than one column is an "embedding" (e.g. MiniLM's L2-normalised
+mean-pooled sentence vector, made by a Div of two data tensors); the rest are "generic" (detection maps,
+boxes, states, and (N, 1) scores such as a sigmoid probability: a cosine of one number is only its sign).
 
 When the graph "ends in a classifier head": the first output is class scores, the walk back from it
 reached a weighted node H (the head), H dominates the output (every data path from a graph input to the
@@ -95,6 +100,84 @@ def _weighted(index: GraphIndex, node: gs.Node) -> bool:
             and any(_constant(index, t) for t in ins[:2]))
 
 
+BROADCAST_OPS = SHAPE_ONLY_OPS + ("Expand",)
+
+
+def _producer_through(index: GraphIndex, name: str, ops: tuple[str, ...] = BROADCAST_OPS) -> gs.Node | None:
+    """The first producer upstream of tensor ``name`` that is not a shape-only / broadcast op (following
+    their data input 0); also through Max/Min with a constant operand (jax clamps a row max by -inf).
+    None at a graph input or a constant."""
+    seen: set[str] = set()
+    while name not in seen:
+        seen.add(name)
+        node = index.producer.get(name)
+        if node is None:
+            return None
+        if node.op in ops and node.inputs:
+            name = node.inputs[0].name
+        elif node.op in ("Max", "Min") and len(node.inputs) == 2:
+            data = [t for t in node.inputs if index.is_data(t)]
+            if len(data) != 1:
+                return node
+            name = data[0].name
+        else:
+            return node
+    return None
+
+
+def _unshifted(index: GraphIndex, name: str) -> str:
+    """``x`` when tensor ``name`` is ``x - ReduceMax(x)`` (the max possibly reshaped, broadcast or clamped by a
+    constant), else ``name``: the shift softmax is invariant to."""
+    node = index.producer.get(name)
+    if node is not None and node.op == "Sub" and len(node.inputs) == 2:
+        x, m = node.inputs
+        red = _producer_through(index, m.name)
+        if red is not None and red.op == "ReduceMax" and red.inputs and red.inputs[0].name == x.name:
+            return x.name
+    return name
+
+
+def _sum_of_exp(index: GraphIndex, name: str) -> str | None:
+    """The summed tensor's name when tensor ``name`` is ReduceSum(e) (possibly reshaped or broadcast back),
+    else None; the caller checks that e is the Exp it started from."""
+    red = _producer_through(index, name)
+    if red is None or red.op != "ReduceSum" or not red.inputs:
+        return None
+    return red.inputs[0].name
+
+
+def _decomposed_softmax(index: GraphIndex, node: gs.Node) -> str | None:
+    """The logits tensor when ``node`` ends a softmax or log-softmax written out in elementwise ops (see the
+    module docstring), else None."""
+    if len(node.inputs) != 2:
+        return None
+    a, b = node.inputs
+    if node.op in ("Div", "Mul"):
+        exp = index.producer.get(a.name)
+        if exp is None or exp.op != "Exp":
+            return None
+        if node.op == "Mul":  # e * Reciprocal(sum e)
+            rec = _producer_through(index, b.name)
+            if rec is None or rec.op != "Reciprocal":
+                return None
+            b = rec.inputs[0]
+        if _sum_of_exp(index, b.name) == a.name:
+            return _unshifted(index, exp.inputs[0].name)
+        return None
+    if node.op == "Sub":  # z - log(sum(exp(z))) or z - ReduceLogSumExp(z)
+        lse = _producer_through(index, b.name)
+        if lse is None:
+            return None
+        if lse.op == "ReduceLogSumExp" and lse.inputs and lse.inputs[0].name == a.name:
+            return _unshifted(index, a.name)
+        if lse.op == "Log":
+            e = _sum_of_exp(index, lse.inputs[0].name)
+            exp = index.producer.get(e) if e is not None else None
+            if exp is not None and exp.op == "Exp" and exp.inputs[0].name == a.name:
+                return _unshifted(index, a.name)
+    return None
+
+
 def _walk_back(index: GraphIndex, name: str) -> tuple[bool, gs.Node | None]:
     """From tensor ``name`` back through shape-only, constant-affine and Softmax ops: (class-score
     producer reached, the weighted head node reached or None)."""
@@ -107,7 +190,11 @@ def _walk_back(index: GraphIndex, name: str) -> tuple[bool, gs.Node | None]:
             return scores, None
         if node.op in HEAD_OPS:
             return (True, node) if _weighted(index, node) else (scores, None)
-        if node.op in SCORE_OPS:
+        logits = _decomposed_softmax(index, node) if node.op in ("Div", "Mul", "Sub") else None
+        if logits is not None:
+            scores = True
+            name = logits
+        elif node.op in SCORE_OPS:
             scores = True
             name = node.inputs[0].name
         elif node.op in SHAPE_ONLY_OPS:
@@ -143,7 +230,7 @@ def _kinds(graph: gs.Graph, index: GraphIndex, task: str | None) -> dict[str, st
         shape = getattr(t, "shape", None)
         if scores and _shape_ok(t):
             kinds[t.name] = "class scores"
-        elif shape is not None and len(shape) == 2:
+        elif shape is not None and len(shape) == 2 and not (isinstance(shape[-1], int) and 0 < shape[-1] < 2):
             kinds[t.name] = "embedding"
         else:
             kinds[t.name] = "generic"
@@ -156,6 +243,30 @@ def output_kinds(model: onnx.ModelProto, task: str | None = None) -> dict[str, s
     _check_task(task)
     graph = to_gs(model)
     return _kinds(graph, GraphIndex(graph), task)
+
+
+def _score_form(index: GraphIndex, name: str) -> str:
+    """"probabilities" when the last value op before tensor ``name`` (past shape-only ops and a clamp by a
+    constant) is a Softmax or a written-out one, "log-probabilities" for a LogSoftmax (or written-out), else "logits"."""
+    node = _producer_through(index, name, SHAPE_ONLY_OPS)
+    if node is None:
+        return "logits"
+    if node.op == "Softmax":
+        return "probabilities"
+    if node.op == "LogSoftmax":
+        return "log-probabilities"
+    if _decomposed_softmax(index, node) is not None:
+        return "probabilities" if node.op in ("Div", "Mul") else "log-probabilities"
+    return "logits"
+
+
+def score_forms(model: onnx.ModelProto, kinds: dict[str, str] | None = None) -> dict[str, str]:
+    """{output name: "probabilities" | "log-probabilities" | "logits"} for the class-score outputs of
+    ``kinds`` (default ``output_kinds(model)``): what a distillation loss must undo before tempering."""
+    graph = to_gs(model)
+    index = GraphIndex(graph)
+    kinds = _kinds(graph, index, None) if kinds is None else kinds
+    return {name: _score_form(index, name) for name, kind in kinds.items() if kind == CLASS_SCORES}
 
 
 def _dominates(index: GraphIndex, node: gs.Node, target: str) -> bool:

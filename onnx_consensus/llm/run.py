@@ -329,7 +329,7 @@ def distill(original: onnx.ModelProto, pruned: onnx.ModelProto, train_windows: n
         cfg = replace(config, lr=1e-4)
     before = -eval_fn(pruned)
     tuned, res = finetune(pruned, lambda: _Epoch(), teacher=original, config=cfg, eval_fn=eval_fn,
-                          progress=progress)
+                          progress=progress, distill_outputs=[original.graph.output[0].name])  # logits, not KV
     after = -eval_fn(tuned)
     kept = "fine-tuned"
     if after > before:  # no epoch helped: the pruned model as it was
