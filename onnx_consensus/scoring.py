@@ -23,7 +23,7 @@ from .consensus import BlockScore, consensus
 from .errors import InputError
 from .evaluate import batch_rows, reference_outputs
 from .graph.blocks import Block, find_blocks
-from .graph.heads import CLASS_SCORES, choose_feature, output_kinds, pool_output
+from .graph.heads import CLASS_SCORES, choose_feature, output_kinds, pool_output, score_forms
 from .graph.instrument import expose, suffix_model
 from .graph.ir import GraphIndex, to_gs
 from .graph.masks import TokenMask, token_masks
@@ -172,6 +172,9 @@ def collect_features(model: onnx.ModelProto, data, blocks: Sequence[Block], *, s
     graph_model = weightless(model) if shared else model
     kinds = output_kinds(graph_model, task)
     outs = list(kinds) if output_metrics else []
+    # class scores written as probabilities (a Softmax output) are compared as their log: the softmax of
+    # probabilities would flatten both distributions (``graph.heads.score_forms``)
+    as_log = {o for o, f in score_forms(graph_model, kinds).items() if f == "probabilities"} if outs else set()
     if output_metrics and not outs:
         if shared:
             shared.close()
@@ -256,7 +259,7 @@ def collect_features(model: onnx.ModelProto, data, blocks: Sequence[Block], *, s
             fed = rows_of(feeds)
             ref = (reference[k] if reference is not None else
                    {o: per_sample(values[o], fed, n_real, name=f"output {o!r}", strict=False) for o in outs})
-            _accumulate(accs, blocks, runs, values, ref, outs, feeds, masks, kinds, fed, n_real)
+            _accumulate(accs, blocks, runs, values, ref, outs, feeds, masks, kinds, fed, n_real, as_log)
         p = _predictions(per_sample(values[output0], rows_of(feeds), n_real, strict=False)) if classes else None
         preds.append(p)
         if scope == "global":
@@ -286,10 +289,17 @@ def _dependent_outputs(index: GraphIndex | None, block: Block, outs: Sequence[st
     return [o for o in outs if o in index.producer and id(index.producer[o]) in down]
 
 
-def _accumulate(accs, blocks, runs, values, ref, outs, feeds, masks, kinds, fed: int, n_real: int) -> None:
+def _accumulate(accs, blocks, runs, values, ref, outs, feeds, masks, kinds, fed: int, n_real: int,
+                as_log: set[str] = frozenset()) -> None:
     """One batch of output scores: each block's suffix outputs (or the full model's, for outputs that do not
     depend on it) against the reference outputs (samples first, padding dropped), on the rows
-    ``metrics.output.output_rows`` keeps (kept tokens of token outputs)."""
+    ``metrics.output.output_rows`` keeps (kept tokens of token outputs). Outputs in ``as_log`` (probabilities)
+    are compared as log-probabilities."""
+
+    def rows(a: np.ndarray, keep, log: bool) -> np.ndarray:
+        r = output_rows(a, keep)
+        return np.log(np.clip(r, 1e-30, None)) if log else r
+
     for o in outs:
         r = ref[o]
         full = per_sample(values[o], fed, n_real, name=f"output {o!r}", strict=False)
@@ -298,13 +308,14 @@ def _accumulate(accs, blocks, runs, values, ref, outs, feeds, masks, kinds, fed:
         keep = _mask_for(feeds, values[o], masks)
         if keep is not None:
             keep = keep[:n_real]
-        ref_rows = output_rows(r, keep)
         cls = kinds.get(o) == CLASS_SCORES
+        log = cls and o in as_log
+        ref_rows = rows(r, keep, log)
         for b in blocks:
             got = runs.get(b.id)
             arr = (per_sample(got[o], fed, n_real, name=f"output {o!r}", strict=False)
                    if got is not None and o in got else full)
-            accs[b.id].add(o, ref_rows, output_rows(arr, keep), cls)
+            accs[b.id].add(o, ref_rows, rows(arr, keep, log), cls)
 
 
 def score_blocks(model: onnx.ModelProto, data, *, blocks: Sequence[Block] | None = None,

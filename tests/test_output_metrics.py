@@ -168,3 +168,25 @@ def test_cli_bad_weights_one_line(mlp, tmp_path):
                            capture_output=True, text=True)
         last = r.stderr.strip().splitlines()[-1]
         assert r.returncode != 0 and any(w in last for w in ("--weights", "nope")), (extra, r.stderr)
+
+
+def test_softmax_output_is_compared_as_probabilities(tmp_path):
+    """A model whose output is a Softmax (probabilities): output_kl is KL(p_original || p_without_block), the
+    same value as for the logits model without the Softmax, not the KL of softmax(probabilities)."""
+    from onnx import helper
+
+    logits_model = residual_mlp(4)
+    probs_model = onnx.ModelProto()
+    probs_model.CopyFrom(logits_model)
+    g = probs_model.graph
+    g.node[-1].output[0] = "z"
+    g.node.append(helper.make_node("Softmax", ["z"], ["probs"], axis=-1))
+    g.output[0].name = "probs"
+    x = np.random.default_rng(5).standard_normal((24, 16)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    by_logits = score_blocks(logits_model, load_calibration(tmp_path, logits_model), metrics=["output_kl"])
+    by_probs = score_blocks(probs_model, load_calibration(tmp_path, probs_model), metrics=["output_kl"])
+    want = {b.id: b.scores["output_kl"] for b in by_logits.blocks}
+    assert max(want.values()) > 1e-3
+    for b in by_probs.blocks:
+        assert b.scores["output_kl"] == pytest.approx(want[b.id], rel=1e-3, abs=1e-6)
