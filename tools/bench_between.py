@@ -93,8 +93,8 @@ def run_unit(args, criterion: str) -> dict:
         return tuned
 
     t0 = time.perf_counter()
-    res = prune(model, calib, criterion=CriterionOptions(metrics=(criterion,)), target=TargetOptions(remove=max(LEVELS)),
-                run=RunOptions(threads=1), between=hook)
+    res = prune(model, calib, criterion=CriterionOptions(metrics=(criterion,)),
+                target=TargetOptions(remove=max(LEVELS)), run=RunOptions(threads=1), between=hook)
     seconds = time.perf_counter() - t0
     last = res.model  # the pruner calls the hook after every removal but the last
     levels[str(max(LEVELS))] = {"removed": 100 * acc(last), "tuned": 100 * acc(timed_tune(last))}
@@ -116,7 +116,8 @@ def table(args) -> str:
     for c, r in rows.items():
         cells = [f"{r['accuracy'][str(L)][k]:.2f}" for L in LEVELS for k in ("removed", "tuned")]
         name = "Consensus (`paper`)" if c == "paper" else f"`{c}`"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['prune_seconds']:.0f} ({r['finetune_seconds']:.0f}) |")
+        seconds = f"{r['prune_seconds']:.0f} ({r['finetune_seconds']:.0f})"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {seconds} |")
     if "paper" in rows:
         lines.append("")
         for L in LEVELS:
