@@ -53,11 +53,19 @@ def test_quick_start_command(in_readme_dir):
     cmd = steps[-1]
     assert cmd[0] == "onnx-cprune"
     exe = installed_entry_point("onnx-cprune")
-    argv = ([exe] if exe else CLI) + cmd[1:] + ["--max-samples", "64", "--schedule", "one-shot", "--no-latency"]
-    if "--finetune-epochs" in cmd:  # the README's epochs over 6,000 images: a few steps here
+    args = list(cmd[1:])
+    for flag in ("--train", "--eval"):  # the README's 6,000 / 2,000 images: the first 64 of each here
+        if flag in args:
+            i = args.index(flag) + 1
+            args[i] = _first_images(in_readme_dir / args[i], in_readme_dir / f"small{flag[1:]}", 64)
+    argv = ([exe] if exe else CLI) + args + ["--max-samples", "64", "--schedule", "one-shot", "--no-latency"]
+    if "--finetune-epochs" in cmd:  # the README's epochs: a few steps here
         argv += ["--ft-max-steps", "2"]
     p = subprocess.run(argv, capture_output=True, text=True, env=env_with_root(), cwd=in_readme_dir)
     assert p.returncode == 0, p.stderr
+    if "--finetune-epochs" in cmd and "--eval" in cmd:  # the summary line README's quick start quotes
+        assert re.search(r"The written model: eval accuracy \d+\.\d+% against the original's \d+\.\d+% "
+                         r"\([+-]\d+\.\d+ pp\) with 37\.5% fewer MACs", p.stdout + p.stderr), p.stdout
     out, report_path = cmd[2], cmd[cmd.index("--report") + 1]
     onnx.checker.check_model(str(in_readme_dir / out), full_check=True)
     report = json.loads((in_readme_dir / report_path).read_text())
@@ -66,6 +74,20 @@ def test_quick_start_command(in_readme_dir):
     assert report["macs"]["before"] == MACS_BEFORE
     assert report["macs"]["after"] == MACS_BEFORE - removed * BLOCK_MACS == 78_561_920  # README's table row
     assert "78,561,920 (-37.52%)" in open(README, encoding="utf-8").read()
+
+
+def _first_images(src, dst, n: int) -> str:
+    """A folder with the first ``n`` images of the image folder ``src`` (symlinked) and their labels.npy."""
+    import numpy as np
+
+    os.makedirs(dst)
+    names = sorted(f for f in os.listdir(src) if f.endswith(".png"))[:n]
+    for f in names:
+        os.symlink(os.path.join(src, f), os.path.join(dst, f))
+    labels = os.path.join(src, "labels.npy")
+    if os.path.exists(labels):
+        np.save(os.path.join(dst, "labels.npy"), np.load(labels)[:n])
+    return str(dst)
 
 
 def test_python_api_snippet(in_readme_dir, monkeypatch):
