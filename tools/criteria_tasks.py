@@ -190,6 +190,9 @@ def first_outputs(model, batches: list[dict], threads: int = 1) -> list[np.ndarr
     sess = make_session(model, threads=threads)
     names = {i.name for i in sess.get_inputs()}
     first = sess.get_outputs()[0].name
+    if len(names) == 1:  # one-input models: the batch's one array, whatever its key
+        only = next(iter(names))
+        return [sess.run([first], {only: next(iter(f.values()))})[0] for f in batches]
     return [sess.run([first], {k: v for k, v in f.items() if k in names})[0] for f in batches]
 
 
