@@ -202,6 +202,49 @@ def oracle_order(task: Task, model, data, depth: int, smooth: bool = False) -> l
     return [b.id for b in removed]
 
 
+def shared_scorer(args, task: Task, original):
+    """A drop-in for ``pruner.score_blocks`` that computes, for each scored state (the current model's nodes
+    and the candidates), the raw scores of EVERY deterministic metric of the benchmark at once (the eight,
+    and the output-level scores that fit the model, against the original model's outputs), caches them on
+    disk under the config hash, and orders the candidates for the asked metrics and weights with the tool's
+    own ``consensus``. The raw scores are the ones a run with only the asked metrics computes (same features,
+    conditions, PCA cap and reference outputs), so the orders are too; criteria whose paths share a state
+    (every first round, and common prefixes) compute it once. ``random`` goes to the tool unchanged."""
+    from onnx_consensus import scoring
+    from onnx_consensus.consensus import consensus
+    from onnx_consensus.metrics import resolve_metrics
+
+    every = resolve_metrics(("paper", "output_kl", "output_agreement") if task.class_scores
+                            else ("paper", "output_mse", "output_cosine"), task.class_scores)
+    folder = cache_dir(args) / task.name / "scores"
+    refs: dict = {}
+
+    def score(model, data, *, blocks=None, metrics=(), weights=None, reference=None, **kw):
+        if blocks is None or not set(metrics) <= set(every):
+            return scoring.score_blocks(model, data, blocks=blocks, metrics=metrics, weights=weights,
+                                        reference=reference, **kw)
+        state = [sorted(o for n in model.graph.node for o in n.output), [b.id for b in blocks], kw.get("seed", 0)]
+        path = folder / (hashlib.sha1(json.dumps(state).encode()).hexdigest()[:16] + ".json")
+        if path.exists():
+            tab = json.loads(path.read_text())
+        else:
+            if reference is None:
+                key = tuple(np.asarray(kw["indices"]).tolist())
+                if key not in refs:
+                    refs[key] = scoring.original_outputs(original, data, kw["indices"], batch_size=kw["batch_size"],
+                                                         threads=kw.get("threads"))
+                reference = refs[key]
+            rnd = scoring.score_blocks(model, data, blocks=blocks, metrics=every, reference=reference, **kw)
+            tab = {"scores": {b.id: b.scores for b in rnd.blocks}, "feature": rnd.feature,
+                   "n_samples": rnd.n_samples, "reason": rnd.feature_reason, "scope": rnd.scope}
+            write_json(path, tab)
+        ranked = consensus({b.id: {m: tab["scores"][b.id][m] for m in metrics} for b in blocks},
+                           {b.id: b.position for b in blocks}, metrics, weights)
+        return scoring.ScoreRound(tab["scope"], tab["feature"], tuple(metrics), tab["n_samples"], ranked,
+                                  feature_reason=tab["reason"])
+    return score
+
+
 def run_unit(args, task: Task, criterion: str) -> dict:
     from onnx_consensus.graph.blocks import find_blocks
     from onnx_consensus.graph.surgery import remove_blocks
@@ -217,8 +260,15 @@ def run_unit(args, task: Task, criterion: str) -> dict:
         if metrics is None:
             order = oracle_order(task, model, data, depth, smooth=criterion != "oracle")
         else:
-            res = prune(model, data, criterion=CriterionOptions(metrics=metrics, weights=weights, seed=seed),
-                        target=TargetOptions(remove=depth), run=RunOptions(threads=1))
+            from onnx_consensus import pruner
+
+            saved = pruner.score_blocks
+            pruner.score_blocks = shared_scorer(args, task, model)
+            try:
+                res = prune(model, data, criterion=CriterionOptions(metrics=metrics, weights=weights, seed=seed),
+                            target=TargetOptions(remove=depth), run=RunOptions(threads=1))
+            finally:
+                pruner.score_blocks = saved
             order = res.removed_ids
             extra = {"score_samples": res.score_samples, "candidates_scored": sum(len(r.blocks) for r in res.rounds)}
     with Meter() as eval_meter:
