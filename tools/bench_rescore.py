@@ -6,7 +6,8 @@ often the iterative schedule's choices change, and the work saved.
 
 The full run (every eligible candidate re-scored after each removal) is the criterion's unit of
 tools/bench_criteria.py (same model, calibration samples, depth); run that first. For each model and K, one
-iterative run to the model's deepest level with ``rescore_top=K``. Reported per K: the (model, level) runs whose
+iterative run to the model's deepest level with ``rescore_top=K`` (scored through the benchmark's shared
+scorer, so its first round, the same for every K, is the full run's cached one). Reported per K: the (model, level) runs whose
 removed set differs from the full run's at that level ("picks changed", the issue's < 5 % bar), the rounds whose
 pick differs, the candidates scored and the CPU seconds of the pruning runs, against the full runs'. Cached as
 JSON under .cache/rescore/<benchmark config hash>/ (resumable, written atomically).
@@ -39,10 +40,17 @@ def run(args, model: str, k: int) -> dict:
     metrics, weights, seed, _ = bc.CRITERIA[args.criterion]
     weights = weights(task) if callable(weights) else weights
     onnx_model, data = bc.load(task, args)
-    with bc.Meter() as m:
-        res = prune(onnx_model, data, criterion=CriterionOptions(metrics=metrics, weights=weights, seed=seed,
-                                                                 rescore_top=k),
-                    target=TargetOptions(remove=max(task.levels)), run=RunOptions(threads=1))
+    from onnx_consensus import pruner
+
+    saved = pruner.score_blocks
+    pruner.score_blocks = bc.shared_scorer(args, task, onnx_model)  # the first round is the full run's
+    try:
+        with bc.Meter() as m:
+            res = prune(onnx_model, data, criterion=CriterionOptions(metrics=metrics, weights=weights, seed=seed,
+                                                                     rescore_top=k),
+                        target=TargetOptions(remove=max(task.levels)), run=RunOptions(threads=1))
+    finally:
+        pruner.score_blocks = saved
     return {"model": model, "criterion": args.criterion, "k": k, "order": res.removed_ids,
             "candidates_scored": sum(len(r.blocks) for r in res.rounds), "prune": m.record()}
 
