@@ -23,7 +23,8 @@ Results are JSON under .cache/criteria/<config hash>/ (resumable: finished units
 atomically; a changed config does not reuse stale results). Each unit records its CPU seconds (this process,
 ``time.process_time``), wall seconds and the machine's load average while it ran: on a shared machine wall
 time is an upper bound, CPU seconds are the comparable figure. Run two shards in parallel on two cores
-(``--shard 0/2`` and ``--shard 1/2``).
+(``--shard 0/2`` and ``--shard 1/2``), or two unsharded workers: a unit being computed is locked
+(``.lock`` beside its result, holding the worker's pid), so workers on one list share it unit by unit.
 """
 from __future__ import annotations
 
@@ -302,6 +303,33 @@ def run_finetune(args, task: Task, removed: list[str]) -> dict:
             "images_seen": info.get("images_seen"), "finetune": m.record(), "eval": e.record()}
 
 
+def claim(path: Path) -> bool:
+    """Take the unit whose result goes to ``path`` for this process: False when it is done or another live
+    process holds its lock (``path``.lock, holding the pid), so several unsharded workers share one list."""
+    if path.exists():
+        return False
+    lock = path.with_suffix(".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            os.kill(int(lock.read_text() or 0), 0)
+            return False  # held by a live process
+        except (ProcessLookupError, ValueError):
+            lock.unlink(missing_ok=True)  # stale: its process died
+            return claim(path)
+        except FileNotFoundError:
+            return claim(path)
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    return not path.exists()
+
+
+def release(path: Path) -> None:
+    path.with_suffix(".lock").unlink(missing_ok=True)
+
+
 def units(args) -> list[tuple[str, str]]:
     models = args.models.split(",")
     out = [(m, c) for c in args.criteria.split(",") for m in models if applies(c, TASKS[m])]
@@ -455,19 +483,25 @@ def main(argv=None) -> int:
     if args.finetune:
         for m, removed in ft_jobs(args):
             p = ft_file(args, m, removed)
-            if p.exists():
+            if not claim(p):
                 continue
-            r = run_finetune(args, TASKS[m], removed)
-            write_json(p, r)
+            try:
+                r = run_finetune(args, TASKS[m], removed)
+                write_json(p, r)
+            finally:
+                release(p)
             print(f"finetune {m} -{len(removed)}: {r['measure']:.2f} ({r['finetune']['cpu_seconds']:.0f} cpu s)",
                   flush=True)
         return 0
     for m, c in units(args):
         p = cache_file(args, m, c)
-        if p.exists():
+        if not claim(p):
             continue
-        r = run_unit(args, TASKS[m], c)
-        write_json(p, r)
+        try:
+            r = run_unit(args, TASKS[m], c)
+            write_json(p, r)
+        finally:
+            release(p)
         print(f"{m} {c}: {r['measure']} (prune {r['prune']['cpu_seconds']:.0f} cpu s, "
               f"{r['prune']['wall_seconds']:.0f} wall s, load {r['prune']['loadavg']})", flush=True)
     return 0
