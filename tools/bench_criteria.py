@@ -136,6 +136,28 @@ class Meter:
         return {"cpu_seconds": round(self.cpu, 1), "wall_seconds": round(self.wall, 1), "loadavg": self.load}
 
 
+def test_set(kind: str, n: int):
+    """The first ``n`` Fashion-MNIST test images as model input (``kind``: cifar | vit) and their labels
+    (kept for callers of the earlier version of this tool)."""
+    from tools.fmnist import load_fmnist, to_cifar_input
+    from tools.train_vit import to_vit_input
+
+    x, y = load_fmnist("test")
+    x, y = x[:n], y[:n]
+    return (to_cifar_input(x) if kind == "cifar" else to_vit_input(x)), y
+
+
+def accuracy(model, x, y, batch: int = 250) -> float:
+    """Top-1 accuracy (%) of a one-input classifier (ModelProto or path) on x (N, ...) with labels y (N,)."""
+    from onnx_consensus.runtime import make_session
+
+    sess = make_session(model, threads=1)
+    name = sess.get_inputs()[0].name
+    hits = sum(int((sess.run(None, {name: x[i:i + batch]})[0].argmax(1) == y[i:i + batch]).sum())
+               for i in range(0, len(x), batch))
+    return 100.0 * hits / len(x)
+
+
 _TEST: dict[str, tuple] = {}
 
 
