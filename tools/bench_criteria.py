@@ -404,7 +404,8 @@ def collect(args, finetuned: bool) -> tuple[dict, list, dict]:
     rnd = [rows.pop(k) for k in RANDOM if k in rows]
     if rnd:
         cols = set.intersection(*(set(r) for r in rnd))
-        rows["random (mean of 3)"] = {k: float(np.mean([r[k] for r in rnd])) for k in cols}
+        rows[f"random (mean of {len(rnd)} seed{'s' if len(rnd) > 1 else ''})"] = {
+            k: float(np.mean([r[k] for r in rnd])) for k in cols}
     cols = [(m, str(L)) for m, t in TASKS.items() for L in t.levels]
     return rows, cols, originals
 
