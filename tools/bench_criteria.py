@@ -402,10 +402,10 @@ def collect(args, finetuned: bool) -> tuple[dict, list, dict]:
                 else:
                     rows.setdefault(c, {})[(m, str(L))] = r["measure"][str(L)]
     rnd = [rows.pop(k) for k in RANDOM if k in rows]
-    if rnd:
-        cols = set.intersection(*(set(r) for r in rnd))
-        rows[f"random (mean of {len(rnd)} seed{'s' if len(rnd) > 1 else ''})"] = {
-            k: float(np.mean([r[k] for r in rnd])) for k in cols}
+    if rnd:  # per column, the mean over the seeds measured there
+        cols = set.union(*(set(r) for r in rnd))
+        rows[f"random (mean of up to {len(rnd)} seeds)"] = {
+            k: float(np.mean([r[k] for r in rnd if k in r])) for k in cols}
     cols = [(m, str(L)) for m, t in TASKS.items() for L in t.levels]
     return rows, cols, originals
 
