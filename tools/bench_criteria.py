@@ -411,15 +411,21 @@ def collect(args, finetuned: bool) -> tuple[dict, list, dict]:
 
 
 def rank_table(rows: dict, cols: list) -> dict[str, dict]:
-    """Per column, each criterion's rank among the criteria measured there (1 = best; ties share the mean
-    rank; the oracle is not ranked), and its regret (oracle minus the criterion's measure)."""
+    """Per column, each criterion's rank (1 = best; ties share the mean rank; the oracles are not ranked) and
+    its regret (the oracle's measure minus the criterion's). Ranks are taken among the criteria measured in
+    every column (the "complete" ones); a criterion measured in only some columns (one that applies only to
+    some models, or not finished) is ranked against the complete ones alone, so it shifts no one's rank."""
+    ranked = [c for c in rows if c not in ORACLES]
+    complete = [c for c in ranked if all(col in rows[c] for col in cols)]
     out: dict[str, dict] = {c: {"ranks": {}, "regret": {}} for c in rows}
     for col in cols:
-        have = [c for c in rows if col in rows[c] and c not in ORACLES]
-        vals = {c: round(rows[c][col], 6) for c in have}
-        for c in have:
-            out[c]["ranks"][col] = 1 + sum(v > vals[c] for v in vals.values()) + \
-                (sum(v == vals[c] for v in vals.values()) - 1) / 2
+        for c in ranked:
+            if col not in rows[c]:
+                continue
+            field = set(complete) | {c}
+            vals = [round(rows[o][col], 6) for o in field]
+            mine = round(rows[c][col], 6)
+            out[c]["ranks"][col] = 1 + sum(v > mine for v in vals) + (sum(v == mine for v in vals) - 1) / 2
         for c in rows:
             if c != "oracle" and col in rows[c] and col in rows.get("oracle", {}):
                 out[c]["regret"][col] = rows["oracle"][col] - rows[c][col]
