@@ -414,7 +414,8 @@ def rank_table(rows: dict, cols: list) -> dict[str, dict]:
     """Per column, each criterion's rank (1 = best; ties share the mean rank; the oracles are not ranked) and
     its regret (the oracle's measure minus the criterion's). Ranks are taken among the criteria measured in
     every column (the "complete" ones); a criterion measured in only some columns (one that applies only to
-    some models, or not finished) is ranked against the complete ones alone, so it shifts no one's rank."""
+    some models, or not finished) is ranked against the complete ones alone, so it shifts no one's rank. With no
+    complete criterion at all (a partial run), every column ranks the criteria measured in it."""
     ranked = [c for c in rows if c not in ORACLES]
     complete = [c for c in ranked if all(col in rows[c] for col in cols)]
     out: dict[str, dict] = {c: {"ranks": {}, "regret": {}} for c in rows}
@@ -422,7 +423,8 @@ def rank_table(rows: dict, cols: list) -> dict[str, dict]:
         for c in ranked:
             if col not in rows[c]:
                 continue
-            field = set(complete) | {c}
+            # no complete row yet (a partial run): rank among every criterion measured in this column
+            field = set(complete) | {c} if complete else {o for o in ranked if col in rows[o]}
             vals = [round(rows[o][col], 6) for o in field]
             mine = round(rows[c][col], 6)
             out[c]["ranks"][col] = 1 + sum(v > mine for v in vals) + (sum(v == mine for v in vals) - 1) / 2
