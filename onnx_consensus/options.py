@@ -275,7 +275,8 @@ class CriterionOptions(_Group):
     metrics: tuple[str, ...] = option("--metrics", "comma-separated metric names or presets, one rank sum: "
                                       "paper (the published eight), output (output-level scores vs the original "
                                       "model), paper+output, or names joined by + (default: "
-                                      + "+".join(DEFAULT_CRITERION) + ")", default=DEFAULT_CRITERION, type=_csv,
+                                      + "+".join(DEFAULT_CRITERION) + ", the best without fine-tuning on the "
+                                      "criterion benchmark; with --finetune-epochs, paper ranked about equal)", default=DEFAULT_CRITERION, type=_csv,
                                       show_default=False)
     weights: dict[str, float] = option("--weights", "weighted rank sum: metric=weight,... (metrics not named "
                                        "weigh 1)", default_factory=dict, type=_weights, metavar="M=W,...",
