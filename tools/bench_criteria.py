@@ -404,7 +404,7 @@ def collect(args, finetuned: bool) -> tuple[dict, list, dict]:
     rnd = [rows.pop(k) for k in RANDOM if k in rows]
     if rnd:  # per column, the mean over the seeds measured there
         cols = set.union(*(set(r) for r in rnd))
-        rows[f"random (mean of up to {len(rnd)} seeds)"] = {
+        rows[f"random (mean of up to {len(rnd)} seeds)" if len(rnd) > 1 else "random (seed 0)"] = {
             k: float(np.mean([r[k] for r in rnd if k in r])) for k in cols}
     cols = [(m, str(L)) for m, t in TASKS.items() for L in t.levels]
     return rows, cols, originals
