@@ -1,9 +1,9 @@
-"""Distillation loss per output kind (bridge.losses): KL on class scores (probabilities read by their log),
-1 - cosine on embeddings, variance-normalised MSE on everything else, summed over the float outputs.
+"""Distillation loss per output kind (bridge.losses): KL on class scores (probabilities read by their
+log), 1 - cosine on embeddings, variance-normalised MSE on everything else, summed over the float outputs.
 
 The model: a residual MLP body (4 blocks h + Relu(h W)) with three heads: ``scores`` = Softmax(h H) (N, 10),
-class scores; ``embedding`` = h E / ||h E|| (N, 8), L2-normalised as MiniLM's; ``value`` = Reshape(h R + 5) (N, 2, 2, 3), a
-regression map with an offset (generic). Two blocks are removed, then one distillation epoch must bring
+class scores; ``embedding`` = h E / ||h E|| (N, 8), L2-normalised as MiniLM's; ``value`` =
+Reshape(h R + 5) (N, 2, 2, 3), a regression map with an offset (generic). Two blocks are removed, then one distillation epoch must bring
 every output closer to the teacher's, measured with onnxruntime on held-out inputs.
 """
 from __future__ import annotations
@@ -45,7 +45,8 @@ def three_heads(seed: int = 0, outputs=("scores", "embedding", "value")) -> onnx
               numpy_helper.from_array(np.array([1], np.int64), "axis1")]
     nodes += [helper.make_node("MatMul", [x, "H"], ["logits"]), helper.make_node("Softmax", ["logits"], ["scores"]),
               helper.make_node("MatMul", [x, "E"], ["e0"]), helper.make_node("Mul", ["e0", "e0"], ["e1"]),
-              helper.make_node("ReduceSum", ["e1", "axis1"], ["e2"], keepdims=1), helper.make_node("Sqrt", ["e2"], ["e3"]),
+              helper.make_node("ReduceSum", ["e1", "axis1"], ["e2"], keepdims=1),
+              helper.make_node("Sqrt", ["e2"], ["e3"]),
               helper.make_node("Div", ["e0", "e3"], ["embedding"]),
               helper.make_node("MatMul", [x, "R"], ["v0"]), helper.make_node("Add", ["v0", "five"], ["v1"]),
               helper.make_node("Reshape", ["v1", "shape4"], ["value"])]
@@ -63,7 +64,8 @@ def three_heads(seed: int = 0, outputs=("scores", "embedding", "value")) -> onnx
 def test_loss_chosen_per_output_kind():
     specs = {s.name: s for s in L.plan(three_heads())}
     assert [(s.kind, s.loss, s.form) for s in specs.values()] == [
-        ("class scores", "kl", "probabilities"), ("embedding", "cosine", "logits"), ("generic", "relative_mse", "logits")]
+        ("class scores", "kl", "probabilities"), ("embedding", "cosine", "logits"),
+        ("generic", "relative_mse", "logits")]
     assert [s.name for s in L.plan(three_heads(), outputs=["value"])] == ["value"]
 
 
@@ -123,7 +125,8 @@ def _distances(model, teacher, x) -> dict[str, float]:
         d["value_mse"] = float(((a["value"] - b["value"]) ** 2).mean())
     if "embedding" in a:
         ea, eb = a["embedding"], b["embedding"]
-        d["embedding_1-cos"] = float(1 - ((ea * eb).sum(1) / np.linalg.norm(ea, axis=1) / np.linalg.norm(eb, axis=1)).mean())
+        cos = (ea * eb).sum(1) / np.linalg.norm(ea, axis=1) / np.linalg.norm(eb, axis=1)
+        d["embedding_1-cos"] = float(1 - cos.mean())
     if "scores" in a:
         pa, pb = a["scores"].astype(np.float64), b["scores"].astype(np.float64)
         d["scores_kl"] = float((pb * (np.log(pb) - np.log(pa))).sum(1).mean())

@@ -279,11 +279,7 @@ def _closeness(name: str, original: Path, candidate: Path, eval_dir: Path) -> fl
     return float(np.mean(vals))
 
 
-DISTILL_FAILS = {
-    "ddddocr_ocr": F1 + " and LSTM in the bridge (" + F9 + "): both fixed on main, not re-run by the deadline",
-    "ddddocr_det": F1 + " (not re-run since the fix reached main)",
-    "zoo_resnet50": F1 + " (not re-run since the fix reached main; its constant weights are not trainable either)",
-}
+DISTILL_FAILS: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("name", params(WITH_BLOCKS, DISTILL_FAILS))

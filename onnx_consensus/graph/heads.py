@@ -247,7 +247,8 @@ def output_kinds(model: onnx.ModelProto, task: str | None = None) -> dict[str, s
 
 def _score_form(index: GraphIndex, name: str) -> str:
     """"probabilities" when the last value op before tensor ``name`` (past shape-only ops and a clamp by a
-    constant) is a Softmax or a written-out one, "log-probabilities" for a LogSoftmax (or written-out), else "logits"."""
+    constant) is a Softmax or a written-out one, "log-probabilities" for a LogSoftmax (or written-out), else
+    "logits"."""
     node = _producer_through(index, name, SHAPE_ONLY_OPS)
     if node is None:
         return "logits"
