@@ -21,26 +21,29 @@ def _randomize_bn(net: nn.Module) -> None:
                 m.bias.uniform_(-0.1, 0.1)
 
 
-def export_case(name: str, out_dir: str) -> tuple[onnx.ModelProto, "callable"]:
-    """Export one named test model; returns (model, make_inputs(batch, seq) -> dict name -> ndarray)."""
+def export_case(name: str) -> tuple[onnx.ModelProto, "callable"]:
+    """Export one named test model; returns (model, make_inputs(batch, seq) -> dict name -> ndarray).
+
+    Exports are cached under .cache/test-models (the dynamo exporter takes seconds): the ResNet-20 forms are
+    the suite's own (tests.helpers.resnet_onnx_path builds the same network, seed and BN statistics), the
+    others as ``bridge-NAME.onnx``."""
+    from tests.helpers import CACHE, resnet_onnx_path
+
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
-    path = os.path.join(out_dir, f"{name}.onnx")
     if name.startswith("resnet20"):
-        from models.cifar_resnet import export_onnx, resnet
-
-        form = name.split("-")[1]
-        net = resnet(20)
-        _randomize_bn(net)
-        opset = {"folded": 17, "bn": 13, "dynamo": 18}[form]
-        export_onnx(net, path, opset=opset, fold_bn=form == "folded", dynamo=form == "dynamo")
-        return onnx.load(path), _image_inputs("input", (3, 32, 32))
+        return onnx.load(resnet_onnx_path(20, name.split("-")[1], 0)), _image_inputs("input", (3, 32, 32))
+    os.makedirs(CACHE, exist_ok=True)
+    path = os.path.join(CACHE, f"bridge-{name}.onnx")
+    tmp = path + f".{os.getpid()}.tmp"
     if name.startswith("mobilenet"):
         from models.mobilenet_v2 import export_onnx, mobilenet_v2
 
-        net = mobilenet_v2(width_mult=0.25, stages=4)
-        _randomize_bn(net)
-        export_onnx(net, path, opset=17, fold_bn=name.endswith("folded"))
+        if not os.path.exists(path):
+            net = mobilenet_v2(width_mult=0.25, stages=4)
+            _randomize_bn(net)
+            export_onnx(net, tmp, opset=17, fold_bn=name.endswith("folded"))
+            os.replace(tmp, path)
         return onnx.load(path), _image_inputs("input", (3, 32, 32))
     from models import tiny_transformers as tt
 
@@ -53,7 +56,9 @@ def export_case(name: str, out_dir: str) -> tuple[onnx.ModelProto, "callable"]:
         net = tt.PreLNDecoder(vocab=50, dim=32, heads=4, depth=2, max_len=32)
     else:
         raise KeyError(name)
-    tt.export_onnx(net, path, dynamo=dynamo)
+    if not os.path.exists(path):
+        tt.export_onnx(net, tmp, dynamo=dynamo)
+        os.replace(tmp, path)
 
     def make(batch: int, seq: int | None = None) -> dict[str, np.ndarray]:
         g = torch.Generator().manual_seed(batch * 100 + (seq or 0))
