@@ -24,9 +24,10 @@ def _randomize_bn(net: nn.Module) -> None:
 def export_case(name: str) -> tuple[onnx.ModelProto, "callable"]:
     """Export one named test model; returns (model, make_inputs(batch, seq) -> dict name -> ndarray).
 
-    Exports are cached under .cache/test-models (the dynamo exporter takes seconds): the ResNet-20 forms are
-    the suite's own (tests.helpers.resnet_onnx_path builds the same network, seed and BN statistics), the
-    others as ``bridge-NAME.onnx``."""
+    Exports are cached under .cache/test-models (the dynamo exporter takes seconds) and shared with the other
+    suites where the model is the same: the ResNet-20 forms are tests.helpers.resnet_onnx_path's (same
+    network, seed and BN statistics), the encoder and decoder test_transformers' 2-layer ``tx_onnx``; the
+    others are ``bridge-NAME.onnx``."""
     from tests.helpers import CACHE, resnet_onnx_path
 
     warnings.filterwarnings("ignore")
@@ -48,24 +49,27 @@ def export_case(name: str) -> tuple[onnx.ModelProto, "callable"]:
     from models import tiny_transformers as tt
 
     dynamo = name.endswith("dynamo")
-    if name.startswith("vit"):
+    if name.startswith(("encoder", "decoder")):  # test_transformers' 2-layer models: one export for both suites
+        from tests.test_transformers import _net, tx_onnx
+
+        kind = "post" if name.startswith("encoder") else "dec"
+        model = tx_onnx(kind, 2, "dynamo" if dynamo else "classic")
+        net = _net(kind, 2, None)
+    elif name.startswith("vit"):  # with layer scale, unlike test_transformers' ViT
         net = tt.TinyViT(patch=7, dim=32, depth=2, heads=4)
-    elif name.startswith("encoder"):
-        net = tt.PostLNEncoder(vocab=50, dim=32, heads=4, depth=2, ff=64, max_len=32)
-    elif name.startswith("decoder"):
-        net = tt.PreLNDecoder(vocab=50, dim=32, heads=4, depth=2, max_len=32)
+        if not os.path.exists(path):
+            tt.export_onnx(net, tmp, dynamo=dynamo)
+            os.replace(tmp, path)
+        model = onnx.load(path)
     else:
         raise KeyError(name)
-    if not os.path.exists(path):
-        tt.export_onnx(net, tmp, dynamo=dynamo)
-        os.replace(tmp, path)
 
     def make(batch: int, seq: int | None = None) -> dict[str, np.ndarray]:
         g = torch.Generator().manual_seed(batch * 100 + (seq or 0))
         torch.manual_seed(int(torch.randint(0, 10**6, (1,), generator=g)))
         return {n: a.numpy() for n, a in zip(net.input_names, net.example_inputs(batch, seq))}
 
-    return onnx.load(path), make
+    return model, make
 
 
 def _image_inputs(name: str, shape: tuple[int, ...]):
