@@ -70,7 +70,8 @@ def test_quick_start_command(in_readme_dir):
 
 def test_python_api_snippet(in_readme_dir, monkeypatch):
     """The Python API snippet, executed as written; the test shrinks its budget by wrapping two functions
-    the snippet imports: load_calibration keeps 64 samples, prune defaults to the one-shot schedule.
+    the snippet imports: load_calibration keeps 64 samples, prune defaults to the one-shot schedule and no
+    latency measurement.
     What its comments promise is checked (the count printed, the file written)."""
     import onnx_consensus as oc
 
@@ -85,6 +86,7 @@ def test_python_api_snippet(in_readme_dir, monkeypatch):
 
     def one_shot_prune(*a, **kw):
         kw.setdefault("criterion", oc.CriterionOptions(schedule="one-shot"))
+        kw.setdefault("output", oc.OutputOptions(latency=False))
         return real_prune(*a, **kw)
 
     monkeypatch.setattr(oc, "load_calibration", small_load)
