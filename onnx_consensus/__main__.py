@@ -1,7 +1,7 @@
 """`python -m onnx_consensus ...` is `onnx-cprune ...`."""
 import sys
 
-from .cli import main
+from .cli import main, settle
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(settle(main()))

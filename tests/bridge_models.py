@@ -21,46 +21,55 @@ def _randomize_bn(net: nn.Module) -> None:
                 m.bias.uniform_(-0.1, 0.1)
 
 
-def export_case(name: str, out_dir: str) -> tuple[onnx.ModelProto, "callable"]:
-    """Export one named test model; returns (model, make_inputs(batch, seq) -> dict name -> ndarray)."""
+def export_case(name: str) -> tuple[onnx.ModelProto, "callable"]:
+    """Export one named test model; returns (model, make_inputs(batch, seq) -> dict name -> ndarray).
+
+    Exports are cached under .cache/test-models (the dynamo exporter takes seconds) and shared with the other
+    suites where the model is the same: the ResNet-20 forms are tests.helpers.resnet_onnx_path's (same
+    network, seed and BN statistics), the encoder and decoder test_transformers' 2-layer ``tx_onnx``; the
+    others are ``bridge-NAME.onnx``."""
+    from tests.helpers import CACHE, resnet_onnx_path
+
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
-    path = os.path.join(out_dir, f"{name}.onnx")
     if name.startswith("resnet20"):
-        from models.cifar_resnet import export_onnx, resnet
-
-        form = name.split("-")[1]
-        net = resnet(20)
-        _randomize_bn(net)
-        opset = {"folded": 17, "bn": 13, "dynamo": 18}[form]
-        export_onnx(net, path, opset=opset, fold_bn=form == "folded", dynamo=form == "dynamo")
-        return onnx.load(path), _image_inputs("input", (3, 32, 32))
+        return onnx.load(resnet_onnx_path(20, name.split("-")[1], 0)), _image_inputs("input", (3, 32, 32))
+    os.makedirs(CACHE, exist_ok=True)
+    path = os.path.join(CACHE, f"bridge-{name}.onnx")
+    tmp = path + f".{os.getpid()}.tmp"
     if name.startswith("mobilenet"):
         from models.mobilenet_v2 import export_onnx, mobilenet_v2
 
-        net = mobilenet_v2(width_mult=0.25, stages=4)
-        _randomize_bn(net)
-        export_onnx(net, path, opset=17, fold_bn=name.endswith("folded"))
+        if not os.path.exists(path):
+            net = mobilenet_v2(width_mult=0.25, stages=4)
+            _randomize_bn(net)
+            export_onnx(net, tmp, opset=17, fold_bn=name.endswith("folded"))
+            os.replace(tmp, path)
         return onnx.load(path), _image_inputs("input", (3, 32, 32))
     from models import tiny_transformers as tt
 
     dynamo = name.endswith("dynamo")
-    if name.startswith("vit"):
+    if name.startswith(("encoder", "decoder")):  # test_transformers' 2-layer models: one export for both suites
+        from tests.test_transformers import _net, tx_onnx
+
+        kind = "post" if name.startswith("encoder") else "dec"
+        model = tx_onnx(kind, 2, "dynamo" if dynamo else "classic")
+        net = _net(kind, 2, None)
+    elif name.startswith("vit"):  # with layer scale, unlike test_transformers' ViT
         net = tt.TinyViT(patch=7, dim=32, depth=2, heads=4)
-    elif name.startswith("encoder"):
-        net = tt.PostLNEncoder(vocab=50, dim=32, heads=4, depth=2, ff=64, max_len=32)
-    elif name.startswith("decoder"):
-        net = tt.PreLNDecoder(vocab=50, dim=32, heads=4, depth=2, max_len=32)
+        if not os.path.exists(path):
+            tt.export_onnx(net, tmp, dynamo=dynamo)
+            os.replace(tmp, path)
+        model = onnx.load(path)
     else:
         raise KeyError(name)
-    tt.export_onnx(net, path, dynamo=dynamo)
 
     def make(batch: int, seq: int | None = None) -> dict[str, np.ndarray]:
         g = torch.Generator().manual_seed(batch * 100 + (seq or 0))
         torch.manual_seed(int(torch.randint(0, 10**6, (1,), generator=g)))
         return {n: a.numpy() for n, a in zip(net.input_names, net.example_inputs(batch, seq))}
 
-    return onnx.load(path), make
+    return model, make
 
 
 def _image_inputs(name: str, shape: tuple[int, ...]):

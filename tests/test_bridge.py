@@ -40,8 +40,7 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bridge")
+def models():
     cache: dict[str, tuple] = {}
 
     def get(name: str):
@@ -51,7 +50,7 @@ def models(tmp_path_factory):
             elif name == "old8":
                 cache[name] = (old_opset8_model(), old_inputs((3, 6, 6)))
             else:
-                cache[name] = export_case(name, str(out))
+                cache[name] = export_case(name)
         return cache[name]
 
     return get

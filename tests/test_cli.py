@@ -19,11 +19,17 @@ SHIPPED = os.path.join(ROOT, "models", "resnet56_fmnist.onnx")
 CALIB = os.path.join(ROOT, "examples", "fmnist_calib")
 
 
-def test_shipped_model_end_to_end(tmp_path):
+@pytest.mark.parametrize("schedule", [pytest.param("one-shot", id="smoke"),
+                                      pytest.param("iterative", id="full", marks=pytest.mark.slow)])
+def test_shipped_model_end_to_end(tmp_path, schedule):
+    """Two removals from the shipped ResNet-56. smoke (default run): one-shot, no latency (one scoring round,
+    half the CPU); full (``-m slow``): the default iterative schedule (two rounds) and a latency measurement.
+    The same assertions, but for the rounds' sizes."""
     out, rep = tmp_path / "pruned.onnx", tmp_path / "report.json"
     before = sha256_file(SHIPPED)
-    code = main([SHIPPED, str(out), "--calib", CALIB, "--remove", "2", "--max-samples", "64",
-                 "--report", str(rep), "-q", "--latency-runs", "3"])
+    timing = ["--latency-runs", "3"] if schedule == "iterative" else ["--no-latency"]
+    code = main([SHIPPED, str(out), "--calib", CALIB, "--remove", "2", "--max-samples", "64", "--schedule", schedule,
+                 "--report", str(rep), "-q", *timing])
     assert code == 0
     assert sha256_file(SHIPPED) == before
     pruned, original = onnx.load(out), onnx.load(SHIPPED)
@@ -44,7 +50,7 @@ def test_shipped_model_end_to_end(tmp_path):
     assert fid["agreement"] == pytest.approx(np.mean(p_pruned == p_original), abs=1e-6)
     assert fid["accuracy"] == pytest.approx(np.mean(p_pruned == labels), abs=1e-6)
     assert fid["reference_accuracy"] == pytest.approx(np.mean(p_original == labels), abs=1e-6)
-    assert [len(r["blocks"]) for r in report["rounds"]] == [25, 24]
+    assert [len(r["blocks"]) for r in report["rounds"]] == ([25, 24] if schedule == "iterative" else [25])
     first = report["rounds"][0]["blocks"][0]
     # the default criterion (--metrics output) on a classifier: output_kl
     assert set(first["scores"]) == set(first["ranks"]) == {"output_kl"}

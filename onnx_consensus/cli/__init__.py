@@ -12,11 +12,20 @@ import sys
 
 from ..errors import ConsensusError
 
-__all__ = ["main"]
+__all__ = ["main", "settle"]
 
 
 def _terminate(signum, frame):
     raise KeyboardInterrupt
+
+
+def settle(code: int) -> int:
+    """``code``, with SIGINT and SIGTERM ignored from now on: the job is done and its exit code stands. A
+    signal landing during the interpreter's shutdown would otherwise kill a run that wrote its output (Python
+    puts the default handlers back while it finalises)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return code
 
 
 def _handler(command: str):
@@ -43,11 +52,12 @@ def _import_handler(command: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    # SIGTERM is an interrupt from the first moment: the imports below take a while on a busy machine
-    signal.signal(signal.SIGTERM, _terminate)
-    argv = list(sys.argv[1:] if argv is None else argv)
     args = None
     try:
+        # SIGTERM is an interrupt from the first moment (inside the try, so that one landing right after the
+        # handler is installed still gets exit 130): the imports below take a while on a busy machine
+        signal.signal(signal.SIGTERM, _terminate)
+        argv = list(sys.argv[1:] if argv is None else argv)
         import logging
 
         from .parser import COMMANDS, build_parser
