@@ -8,17 +8,11 @@ nothing is written. Exit codes as `prune`: 2 bad input, 4 fine-tuning failed (no
 """
 from __future__ import annotations
 
-import json
-import os
 import sys
 from dataclasses import replace
 
-from .. import pipeline
-from ..errors import InputError
+from .. import finetune_job
 from ..options import DataOptions, FinetuneConfig, OutputOptions, RunOptions
-
-FINETUNE_METADATA_KEY = "onnx_consensus.finetune"
-
 
 def _config(args) -> FinetuneConfig:
     """The FinetuneConfig of the flags; ``--finetune-epochs`` defaults to the dataclass's (1) here, not to
@@ -27,18 +21,6 @@ def _config(args) -> FinetuneConfig:
     if not hasattr(args, "finetune_epochs"):
         config = replace(config, epochs=FinetuneConfig.epochs)
     return config
-
-
-def _check_teacher(student, teacher) -> None:
-    """The teacher must take the student's inputs (by name) and give its first output's class count."""
-    s_in = {i.name for i in student.graph.input} - {t.name for t in student.graph.initializer}
-    t_in = {i.name for i in teacher.graph.input} - {t.name for t in teacher.graph.initializer}
-    if s_in != t_in:
-        raise InputError(f"--teacher takes inputs {sorted(t_in)} but the model takes {sorted(s_in)}: "
-                         "the teacher must be the model the input was pruned from")
-    if teacher.graph.output[0].name != student.graph.output[0].name:
-        raise InputError(f"--teacher's first output is {teacher.graph.output[0].name!r}, the model's is "
-                         f"{student.graph.output[0].name!r}: the teacher must be the model the input was pruned from")
 
 
 def _metric(v) -> str:
@@ -60,66 +42,12 @@ def _summary(info: dict, source_path: str, out_path: str) -> str:
     return "\n".join(lines)
 
 
-def _write(model, out_path: str, info: dict, report_path: str | None, check_feed, external: bool, threads) -> None:
-    """Rank 0 (or the only process): stamp, write the model atomically (checked), then the report."""
-    from ..io import save_model_atomic
-
-    keep = [p for p in model.metadata_props if p.key != FINETUNE_METADATA_KEY]
-    del model.metadata_props[:]
-    model.metadata_props.extend(keep)
-    compact = {k: info[k] for k in ("mode", "epochs", "train_samples", "metric", "metric_before", "metric_after",
-                                    "best_epoch", "processes")}
-    model.metadata_props.add(key=FINETUNE_METADATA_KEY, value=json.dumps(compact, sort_keys=True))
-    try:
-        save_model_atomic(model, out_path, check_feed, threads=threads, external_data=external)
-    except OSError as exc:
-        raise InputError(f"cannot write {out_path}: {exc.strerror or exc}") from None
-    if report_path:
-        pipeline._write_report({**info, "output": out_path}, report_path)
-
-
 def cmd_finetune(args) -> int:
-    from ..recover import require_torch
-
-    require_torch()
-    from ..bridge.distributed import joined
-    from ..graph.precision import is_bfloat16
-    from ..runtime import provider_names, resolve_providers, using_providers
-    from ..tuning import finetune_model
-
-    config = _config(args)
-    run = RunOptions.from_args(args)
-    data_opts = DataOptions.from_args(args)
     report_path = OutputOptions.from_args(args).report
-    source = pipeline.open_model(args.input)
-    out_path = pipeline.check_output(args.output, source)
-    if is_bfloat16(source.model):
-        raise InputError("fine-tuning a bfloat16 model is not supported: convert it to float32 first")
-    teacher = None
-    if args.teacher:
-        if os.path.abspath(args.teacher) == out_path:
-            raise InputError("the output path is the teacher model; choose another path")
-        teacher = pipeline.open_model(args.teacher).model
-        _check_teacher(source.model, teacher)
-    train = pipeline._calibration(args.train, source.model, data_opts)
-    eval_data = None if args.eval is None else pipeline._calibration(
-        args.eval, source.model, replace(data_opts, labels=None, max_samples=None))
-    check_feed = {k: v[:1] for k, v in next(train.batches(1)).items()}
-    with joined(config.device) as ctx:
-        main = ctx is None or ctx.is_main
-        cuda_rank = ctx is not None and ctx.device.type == "cuda"
-        providers = resolve_providers(run.providers, device_id=ctx.device.index if cuda_rank else None)
-        with using_providers(providers):
-            model, info = finetune_model(source.model, train, config=config, teacher=teacher, eval_data=eval_data,
-                                         threads=run.threads, progress=run.progress and main, dist=ctx)
-            info.update(input=source.path, input_sha256=source.sha256, teacher=args.teacher,
-                        device=str(ctx.device) if ctx is not None else config.device, amp=config.amp,
-                        providers=provider_names(providers), options=config.to_flags())
-            write_args = (model, out_path, info, report_path, check_feed, source.external, run.threads)
-            if ctx is None:
-                _write(*write_args)
-            else:
-                ctx.main_only(_write, *write_args)
+    info, main, out_path = finetune_job.run(args.input, args.output, args.train, config=_config(args),
+                                            run=RunOptions.from_args(args), data=DataOptions.from_args(args),
+                                            eval_path=args.eval, teacher_path=args.teacher,
+                                            report_path=report_path)
     if main:
         print(_summary(info, args.input, out_path))
         if report_path:
