@@ -99,12 +99,9 @@ class _Teacher:
     def __init__(self, model: onnx.ModelProto, outputs: list[str], threads: int | None):
         from ..runtime import make_session
 
-        m = onnx.ModelProto()
-        m.CopyFrom(model)
-        have = {o.name for o in m.graph.output}
-        for name in outputs:
-            if name not in have:
-                m.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+        from ..graph.instrument import with_outputs
+
+        m = with_outputs(model, outputs)
         self.outputs = list(outputs)
         self.session = make_session(m, level="all", threads=threads)
         self.inputs = [i.name for i in self.session.get_inputs()]

@@ -102,3 +102,16 @@ def find_feature_tensor(model: onnx.ModelProto) -> str:
                 if index.is_data(t):
                     return t.name
     raise InputError("no classifier (Gemm/MatMul/Conv) found before the first output; name a feature tensor with --feature")
+
+
+def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of ``model`` that also outputs the tensors ``names`` (declared without type; cheap: no graph
+    rebuild, external weights stay where they are)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    have = {o.name for o in out.graph.output}
+    for n in names:
+        if n not in have:
+            out.graph.output.append(onnx.helper.make_empty_tensor_value_info(n))
+            have.add(n)
+    return out

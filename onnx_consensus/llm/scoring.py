@@ -30,6 +30,7 @@ from threadpoolctl import threadpool_limits
 from ..consensus import BlockScore, consensus
 from ..errors import InputError
 from ..graph.decoder import DecoderReport, prefill_feed
+from ..graph.instrument import with_outputs  # noqa: F401  (re-exported: tests and callers import it here)
 from ..graph.kv_surgery import remove_layers
 from ..metrics import get_metric, resolve_metrics
 from ..metrics.features import make_conditions
@@ -41,19 +42,6 @@ from .perplexity import logits_name
 SCOPES = ("global", "local")
 OUTPUT_REF_VALUES = 1 << 25
 """At most this many reference logits (float32: 128 MB) are kept for the output-level metrics."""
-
-
-def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    """A copy of ``model`` that also outputs the tensors ``names`` (declared without type; cheap: no graph
-    rebuild, external weights stay where they are)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    have = {o.name for o in out.graph.output}
-    for n in names:
-        if n not in have:
-            out.graph.output.append(onnx.helper.make_empty_tensor_value_info(n))
-            have.add(n)
-    return out
 
 
 def final_hidden(model: onnx.ModelProto) -> str:
