@@ -34,8 +34,7 @@ from .graph.surgery import remove_blocks
 from .io import check_output_path, save_model_atomic
 from .metrics.presets import check_names
 from .options import (BN_FREEZE_BELOW, CriterionOptions, DataOptions, FinetuneConfig, Options, OutputOptions,
-                      RecoveryOptions,
-                      RunOptions, TargetOptions)
+                      RecoveryOptions, RunOptions, TargetOptions, default_criterion)
 from .pruner import PruneResult
 from .pruner import prune as schedule
 from .report import build_report, not_improved_text, sha256_file, stamp
@@ -197,6 +196,12 @@ def _run_on_providers(model, data, options: Options) -> Outcome:
         require_torch()
         check_config(ft if finetuning else replace(ft or FinetuneConfig(), epochs=1))  # bad --device/--amp: now
     check_names(options.criterion.metrics)
+    criterion = {"metrics": list(options.criterion.metrics or ()), "default": None}
+    if options.criterion.metrics is None:  # --metrics not given: the benchmark's best for this condition
+        tuned = finetuning or bool(between)
+        options = replace(options, criterion=replace(options.criterion, metrics=default_criterion(tuned)))
+        criterion = {"metrics": list(options.criterion.metrics),
+                     "default": "with fine-tuning" if tuned else "without fine-tuning"}
     if options.run.batch_size < 1:
         raise InputError("--batch-size must be >= 1")
     warnings: list[str] = []
@@ -245,7 +250,8 @@ def _run_on_providers(model, data, options: Options) -> Outcome:
                         + " (--input-shape NAME:1x3x224x224 to choose others)")
 
     def report_of(result, **kw) -> dict:
-        return build_report(result, options=report_options, input_path=source.path, input_sha256=source.sha256, **kw)
+        return build_report(result, options=report_options, input_path=source.path, input_sha256=source.sha256,
+                            criterion=criterion, **kw)
 
     def on_original(result: PruneResult) -> onnx.ModelProto:
         """The pruned model to write: for a bfloat16 input, the removals applied to the bfloat16 original."""

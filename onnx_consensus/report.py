@@ -28,9 +28,11 @@ def _ratio(after, before):
 
 def build_report(result: PruneResult, *, options: Mapping, input_path: str | None = None,
                  input_sha256: str | None = None, latency: Mapping | None = None,
-                 finetune: Mapping | None = None) -> dict:
+                 finetune: Mapping | None = None, criterion: Mapping | None = None) -> dict:
     """A JSON-able report: provenance, the removed blocks in order, MACs/params before and after,
-    fidelity, the per-round scores of every candidate, and optional latency and fine-tuning results."""
+    fidelity, the per-round scores of every candidate, and optional latency and fine-tuning results.
+    ``criterion``: {"metrics": the --metrics used, "default": None when given, else which default
+    ("with fine-tuning" / "without fine-tuning")}."""
     removed = []
     for r in result.removals:
         entry = r.block.to_json()
@@ -70,6 +72,7 @@ def build_report(result: PruneResult, *, options: Mapping, input_path: str | Non
         "rounds": rounds,
         "latency": dict(latency) if latency else None,
         "finetune": dict(finetune) if finetune else None,
+        "criterion": dict(criterion) if criterion else None,
     }
 
 
@@ -138,6 +141,11 @@ def summary_table(report: Mapping) -> str:
     for r in report["removed"]:
         share = f"{r['macs']:,} MACs" if r.get("macs") is not None else "MACs unknown"
         lines.append(f"  - {r['id']}  ({share})")
+    crit = report.get("criterion")
+    if crit and report["removed"] and not report["options"].get("plan"):
+        name = "+".join(crit["metrics"])
+        lines.append(f"Ranked by --metrics {name}" + (f" (the default {crit['default']}; --metrics paper is the "
+                                                      "published Consensus)" if crit.get("default") else ""))
     rows = [("", "before", "after", "change")]
 
     def change(ratio):

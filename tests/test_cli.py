@@ -52,8 +52,9 @@ def test_shipped_model_end_to_end(tmp_path, schedule):
     assert fid["reference_accuracy"] == pytest.approx(np.mean(p_original == labels), abs=1e-6)
     assert [len(r["blocks"]) for r in report["rounds"]] == ([25, 24] if schedule == "iterative" else [25])
     first = report["rounds"][0]["blocks"][0]
-    # the default criterion (--metrics output) on a classifier: output_kl
+    # the default criterion without fine-tuning (--metrics output) on a classifier: output_kl
     assert set(first["scores"]) == set(first["ranks"]) == {"output_kl"}
+    assert report["criterion"] == {"metrics": ["output"], "default": "without fine-tuning"}
     meta = {p.key: p.value for p in pruned.metadata_props}
     assert json.loads(meta[METADATA_KEY])["removed_ids"] == report["removed_ids"]
     x = np.load(os.path.join(CALIB, "calib.npy"))[:3]
@@ -71,6 +72,7 @@ def test_console_script_subprocess(tmp_path, r20):
                         "-q", "--no-latency"], capture_output=True, text=True, cwd=tmp_path, env=env_with_root())
     assert p.returncode == 0, p.stderr
     assert "Removed 1 of 7" in p.stdout and out.exists()
+    assert "Ranked by --metrics cka\n" in p.stdout  # given, so no word about defaults
     onnx.checker.check_model(str(out), full_check=True)
 
 

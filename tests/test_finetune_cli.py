@@ -9,6 +9,7 @@ from onnx_consensus.cli import main
 from onnx_consensus.errors import FinetuneError
 from onnx_consensus.graph.blocks import find_blocks
 from onnx_consensus.graph.surgery import remove_blocks
+from onnx_consensus.options import PAPER_METRICS
 from tests.helpers import resnet_onnx, run
 
 
@@ -34,11 +35,20 @@ def test_finetune_modes(tmp_path, setup, kind):
     src, labelled, unlabelled = setup
     calib = labelled if kind == "lab" else unlabelled
     out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
-    code = main([str(src), str(out), "--calib", str(calib), "--remove", "2", "--metrics", "cka", "-q",
+    criterion = ["--metrics", "cka"] if kind == "lab" else []  # unlab: the default with fine-tuning
+    code = main([str(src), str(out), "--calib", str(calib), "--remove", "2", *criterion, "-q",
                  "--no-latency", "--finetune-epochs", "1", "--ft-batch-size", "16", "--eval", str(labelled),
                  "--report", str(rep)])
     assert code == 0
-    ft = json.loads(rep.read_text())["finetune"]
+    report = json.loads(rep.read_text())
+    if kind == "lab":
+        assert report["criterion"] == {"metrics": ["cka"], "default": None}
+        assert set(report["rounds"][0]["blocks"][0]["ranks"]) == {"cka"}
+    else:  # --finetune-epochs without --metrics: paper+output, the eight and output_kl in one rank sum
+        assert report["criterion"] == {"metrics": ["paper+output"], "default": "with fine-tuning"}
+        assert report["options"]["metrics"] == ["paper+output"]
+        assert set(report["rounds"][0]["blocks"][0]["ranks"]) == set(PAPER_METRICS) | {"output_kl"}
+    ft = report["finetune"]
     assert ft["mode"] == ("supervised" if kind == "lab" else "distillation")
     assert ft["metric"] == "accuracy"
     assert ft["metric_original"] == 1.0  # labels are the original model's own predictions

@@ -67,6 +67,19 @@ def test_presets():
     assert resolve_metrics(["cka+output_kl", "cka"]) == ("cka", "output_kl")
     with pytest.raises(InputError):
         resolve_metrics(["papr"])
+    with pytest.raises(InputError, match="no metric given"):
+        resolve_metrics([])
+
+
+def test_default_criterion_by_condition():
+    """--metrics not given (None): output without fine-tuning, paper+output when the pruned model is fine-tuned;
+    the API's pruner, which does not know, takes the no-fine-tuning default."""
+    from onnx_consensus.options import CriterionOptions, default_criterion
+    assert CriterionOptions().metrics is None
+    assert resolve_metrics(None) == ("output_kl",)
+    assert resolve_metrics(None, class_scores=False) == ("output_mse", "output_cosine")
+    assert resolve_metrics(default_criterion(False)) == ("output_kl",)
+    assert resolve_metrics(default_criterion(True)) == PAPER_METRICS + ("output_kl",)
 
 
 def test_weighted_rank_sum_and_ties():

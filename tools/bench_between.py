@@ -35,9 +35,10 @@ MODEL = "models/resnet56_fmnist.onnx"
 CALIB, TRAIN, TEST = "examples/fmnist_calib", "examples/fmnist_train", "examples/fmnist_test"
 MEAN, STD = (0.286,), (0.353,)  # the PNGs' normalisation, as the calibration .npy was made
 LEVELS = (5, 10)
-# the published Consensus first, then its eight members, then the output KL against the original model
+# the published Consensus first, then its eight members, the output KL against the original model, and the
+# fine-tuned condition's default (paper+output)
 CRITERIA = ("paper", "output_kl", "cka", "linear_1", "linear_0", "permutation", "gaussian_stochastic_0",
-            "gaussian_stochastic_1", "gaussian_stochastic_2", "wasserstein")
+            "gaussian_stochastic_1", "gaussian_stochastic_2", "wasserstein", "paper+output")
 MEMBERS = ("cka", "gaussian_stochastic_0", "gaussian_stochastic_1", "gaussian_stochastic_2", "permutation",
            "linear_0", "linear_1", "wasserstein")
 

@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -33,7 +33,7 @@ from ..graph.decoder import (FUSED, DecoderReport, cache_names, dummy_feed, expo
 from ..graph.ir import load_model_and_layout
 from ..graph.kv_surgery import prune_folder, remove_layers
 from ..metrics import get_metric, resolve_metrics
-from ..options import Options
+from ..options import DEFAULT_CRITERION, Options
 from ..report import METADATA_KEY, sha256_file
 from .perplexity import perplexity, throughput
 from .scoring import original_logits, score_layers
@@ -149,6 +149,10 @@ def prune_decoder(model_path: str | os.PathLike, text, options: Options | None =
     Raises InputError (bad input or options), TargetError (the target cannot be met)."""
     t_start = time.perf_counter()
     options = options or Options()
+    if options.criterion.metrics is None:
+        # --metrics not given: ``output`` also when fine-tuning follows (the decoder columns of the criterion
+        # benchmark favour it after distillation too, and paper+output scores ~6x longer on the tiny Llama)
+        options = replace(options, criterion=replace(options.criterion, metrics=DEFAULT_CRITERION))
     crit, target, run = options.criterion, options.target, options.run
     source = os.path.abspath(os.fspath(model_path))
     path = model_file(source)
