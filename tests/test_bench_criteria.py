@@ -21,6 +21,17 @@ def test_ranks_ties_partial_rows_and_regret():
     assert "oracle" not in [c for c in t if t[c]["ranks"]]
 
 
+def test_best_share_of_column_resamples():
+    cols = [("a", "1"), ("b", "1")]
+    # y beats x in every column: best in every resample; z partial: not a candidate
+    dominated = {"x": {cols[0]: 1.0, cols[1]: 1.0}, "y": {cols[0]: 2.0, cols[1]: 2.0}, "z": {cols[0]: 9.0}}
+    assert bc.best_share(dominated, cols, n=50) == {"x": 0.0, "y": 1.0}
+    # each best in one column: a resample is AA (x), BB (y) or mixed (tie, split): 1/4 + 1/2 * 1/2 = 1/2 each
+    split = {"x": {cols[0]: 2.0, cols[1]: 1.0}, "y": {cols[0]: 1.0, cols[1]: 2.0}}
+    share = bc.best_share(split, cols, n=4000)
+    assert abs(share["x"] - 0.5) < 0.03 and abs(share["x"] + share["y"] - 1.0) < 1e-9
+
+
 def test_task_measures_closed_forms():
     z = np.array([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0]])
     acc, ll = task_measure("label_acc", [z], [{}], [np.array([0, 0, 0])])

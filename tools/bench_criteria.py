@@ -470,6 +470,24 @@ def summary(rows: dict, cols: list) -> dict:
                 "columns": len(v["ranks"])} for c, v in ranks.items()}
 
 
+def best_share(rows: dict, cols: list, n: int = 2000, seed: int = 0) -> dict[str, float]:
+    """How sure the "best mean rank" call is: over ``n`` resamples of the columns (with replacement), the share
+    in which each complete criterion has the best mean rank (ties split). Columns are the unit resampled (model x
+    level), so it says how much the call rests on a few columns, not on test-sample noise."""
+    ranks = rank_table(rows, cols)
+    full = [c for c in rows if c not in ORACLES and len(ranks[c]["ranks"]) == len(cols)]
+    if not full:
+        return {}
+    table = np.array([[ranks[c]["ranks"][col] for col in cols] for c in full])  # (criteria, columns)
+    rng = np.random.default_rng(seed)
+    wins = np.zeros(len(full))
+    for _ in range(n):
+        mean = table[:, rng.integers(0, len(cols), len(cols))].mean(1)
+        best = np.isclose(mean, mean.min())
+        wins += best / best.sum()
+    return {c: float(w / n) for c, w in zip(full, wins)}
+
+
 def cost(args) -> str:
     """Total CPU and wall seconds of the cached units, and the load averages seen."""
     cpu = wall = 0.0
@@ -505,7 +523,11 @@ def main(argv=None) -> int:
             rows, cols, originals = collect(args, ft)
             if rows:
                 print(markdown(rows, cols, originals, title) + "\n")
+                share = sorted(best_share(rows, cols).items(), key=lambda kv: -kv[1])
+                print(f"Best mean rank over 2,000 resamples of the {len(cols)} columns: "
+                      + ", ".join(f"{c} {v:.0%}" for c, v in share if v >= 0.01) + "\n")
                 out["finetuned" if ft else "no_finetune"] = summary(rows, cols)
+                out["best_share_finetuned" if ft else "best_share_no_finetune"] = dict(share)
         print(cost(args))
         if args.json:
             write_json(Path(args.json), out)
