@@ -193,3 +193,16 @@ def residual_mlp(blocks: int = 6, width: int = 16, *, seed: int = 0, opset: int 
     g = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", elem, ["N", width])],
                           [helper.make_tensor_value_info("logits", elem, ["N", 10])], inits)
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def genai_generate(og, folder, max_length: int, prompt=(5, 17, 300, 42)) -> list[int]:
+    """Greedy generation in onnxruntime-genai (module ``og``) from the export ``folder``: the token ids,
+    prompt included, ``max_length`` long unless the model stops early."""
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=max_length, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.array([list(prompt)], np.int32))
+    while not gen.is_done():
+        gen.generate_next_token()
+    return list(gen.get_sequence(0))

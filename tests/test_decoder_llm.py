@@ -22,6 +22,7 @@ from onnx_consensus.errors import InputError, TargetError
 from onnx_consensus.graph.decoder import (FUSED, PLAIN, cache_names, dummy_feed, expose_residual_sums,
                                           find_decoder_layers)
 from onnx_consensus.graph.kv_surgery import expected_interface, prune_folder, remove_layers, update_configs
+from tests.helpers import genai_generate
 
 D, V, L = 8, 11, 4  # hidden size, vocabulary, layers of the synthetic decoders
 
@@ -392,20 +393,9 @@ def test_pruned_genai_folder_generates_in_onnxruntime_genai(tmp_path, name, drop
     _built(name, drop)
     out = tmp_path / "out"
     prune_folder(os.path.join(LLM, name, "genai"), out, drop)
-
-    def generate(folder):
-        model = og.Model(str(folder))
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=20, do_sample=False)
-        gen = og.Generator(model, params)
-        gen.append_tokens(np.array([[5, 17, 300, 42]], np.int32))
-        while not gen.is_done():
-            gen.generate_next_token()
-        return list(gen.get_sequence(0))
-
-    got = generate(out)
+    got = genai_generate(og, out, 20)
     assert len(got) == 20
-    assert got == generate(os.path.join(LLM, f"{name}_drop{'-'.join(map(str, drop))}", "genai"))
+    assert got == genai_generate(og, os.path.join(LLM, f"{name}_drop{'-'.join(map(str, drop))}", "genai"), 20)
     # the same tokens as the greedy loop of onnxruntime on the pruned optimum export
     prune_folder(os.path.join(LLM, name, "optimum"), tmp_path / "opt", drop)
     assert got == greedy_onnxruntime(str(tmp_path / "opt" / "model.onnx"), [5, 17, 300, 42], 16)

@@ -19,6 +19,7 @@ from onnx_consensus.llm.perplexity import log_likelihood, perplexity
 from onnx_consensus.llm.scoring import final_hidden, score_layers
 from onnx_consensus.llm.text import load_text
 from onnx_consensus.runtime import make_session
+from tests.helpers import genai_generate
 from tests.test_decoder_llm import LLM, V, _built, greedy_onnxruntime, synthetic_decoder
 
 FORMS = [PLAIN, FUSED]
@@ -197,14 +198,7 @@ def test_cli_prunes_the_genai_export_and_it_generates_in_onnxruntime_genai(tmp_p
                  "--threads", "1"]) == 0
     assert "Interface change: 6 -> 4 KV-cache layers" in capsys.readouterr().out
     assert json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["num_hidden_layers"] == 4
-    model = og.Model(str(out))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=16, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(np.array([[5, 17, 300, 42]], np.int32))
-    while not gen.is_done():
-        gen.generate_next_token()
-    assert len(gen.get_sequence(0)) == 16
+    assert len(genai_generate(og, out, 16)) == 16
     # fine-tuning the fused export: one line naming the operators the bridge cannot train, exit 4
     code = main([os.path.join(LLM, "llama", "genai"), str(tmp_path / "gen2"), "--calib",
                  os.path.join(LLM, "text", "calib.txt"), "--remove", "1", "--metrics", "cosine", "--scope", "local",
