@@ -2,6 +2,7 @@
 import os
 
 import numpy as np
+import pytest
 
 from tools import bench_criteria as bc
 from tools.criteria_tasks import task_measure
@@ -57,3 +58,20 @@ def test_claim_locks_a_unit_for_one_live_process(tmp_path):
     bc.release(p)
     p.write_text("{}")
     assert not bc.claim(p)  # done units are never claimed
+
+
+def test_run_claimed_skips_done_and_held_units_and_releases_on_failure(tmp_path):
+    done, held, todo, bad = (tmp_path / f"{n}.json" for n in ("done", "held", "todo", "bad"))
+    done.write_text("{}")
+    held.with_suffix(".lock").write_text(str(os.getpid()))  # a live worker holds it
+
+    def boom():
+        raise RuntimeError("unit failed")
+    jobs = iter([(done, lambda: {"x": 0}), (held, lambda: {"x": 1}), (todo, lambda: {"x": 2}), (bad, boom)])
+    results = bc.run_claimed(jobs)
+    assert next(results) == {"x": 2}
+    assert todo.read_text().replace(" ", "").replace("\n", "") == '{"x":2}' and not todo.with_suffix(".lock").exists()
+    with pytest.raises(RuntimeError, match="unit failed"):
+        next(results)
+    assert not bad.exists() and not bad.with_suffix(".lock").exists()  # released, nothing half-written
+    assert done.read_text() == "{}" and held.with_suffix(".lock").exists()

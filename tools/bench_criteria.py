@@ -34,6 +34,8 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -352,6 +354,20 @@ def release(path: Path) -> None:
     path.with_suffix(".lock").unlink(missing_ok=True)
 
 
+def run_claimed(jobs) -> Iterator[dict]:
+    """Compute and write each (result path, compute) job this process can claim (``claim``), skipping the
+    finished and the ones another live worker holds; yields the results computed here."""
+    for path, compute in jobs:
+        if not claim(path):
+            continue
+        try:
+            result = compute()
+            write_json(path, result)
+        finally:
+            release(path)
+        yield result
+
+
 def units(args) -> list[tuple[str, str]]:
     models = args.models.split(",")
     out = [(m, c) for c in args.criteria.split(",") for m in models if applies(c, TASKS[m])]
@@ -534,28 +550,14 @@ def main(argv=None) -> int:
         return 0
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.finetune:
-        for m, removed in ft_jobs(args):
-            p = ft_file(args, m, removed)
-            if not claim(p):
-                continue
-            try:
-                r = run_finetune(args, TASKS[m], removed)
-                write_json(p, r)
-            finally:
-                release(p)
-            print(f"finetune {m} -{len(removed)}: {r['measure']:.2f} ({r['finetune']['cpu_seconds']:.0f} cpu s)",
-                  flush=True)
+        jobs = ((ft_file(args, m, removed), partial(run_finetune, args, TASKS[m], removed))
+                for m, removed in ft_jobs(args))
+        for r in run_claimed(jobs):
+            print(f"finetune {r['model']} -{len(r['removed'])}: {r['measure']:.2f} "
+                  f"({r['finetune']['cpu_seconds']:.0f} cpu s)", flush=True)
         return 0
-    for m, c in units(args):
-        p = cache_file(args, m, c)
-        if not claim(p):
-            continue
-        try:
-            r = run_unit(args, TASKS[m], c)
-            write_json(p, r)
-        finally:
-            release(p)
-        print(f"{m} {c}: {r['measure']} (prune {r['prune']['cpu_seconds']:.0f} cpu s, "
+    for r in run_claimed((cache_file(args, m, c), partial(run_unit, args, TASKS[m], c)) for m, c in units(args)):
+        print(f"{r['model']} {r['criterion']}: {r['measure']} (prune {r['prune']['cpu_seconds']:.0f} cpu s, "
               f"{r['prune']['wall_seconds']:.0f} wall s, load {r['prune']['loadavg']})", flush=True)
     return 0
 
