@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -59,7 +61,6 @@ def cache_file(args, criterion: str) -> Path:
 def run_unit(args, criterion: str) -> dict:
     """One iterative run of ``criterion`` to max(LEVELS) removals with ``args.steps`` fine-tuning steps after
     each removal; {order, accuracy: {level: {removed, tuned}} (percent), original, seconds}."""
-    import numpy as np
     import onnx
 
     from onnx_consensus.data import ImageOptions, load_calibration
@@ -104,27 +105,76 @@ def run_unit(args, criterion: str) -> dict:
             "score_samples": res.score_samples, "steps": args.steps, "batch": args.batch}
 
 
+# bench_between criterion -> the tools/bench_criteria unit with the same --metrics on this classifier
+CRITERIA_UNIT = {"output_kl": "output"}
+
+
+def no_finetune(args, criteria) -> dict[str, dict[str, float]]:
+    """Top-1 (%) on the same test images after the first L removals of each criterion's order WITHOUT training
+    between removals: the orders ``tools/bench_criteria.py`` cached for resnet56 (same model, the same first
+    ``--max-samples`` calibration images and schedule). {criterion: {level: top-1}}; criteria it has not run
+    are left out. Cached beside the units (keyed by the orders)."""
+    import onnx
+
+    from onnx_consensus.data import ImageOptions, load_calibration
+    from onnx_consensus.graph.blocks import find_blocks
+    from onnx_consensus.graph.surgery import remove_blocks
+    from onnx_consensus.recover import evaluator
+    from tools import bench_criteria as bc
+
+    ns = argparse.Namespace(max_samples=args.max_samples)
+    orders = {}
+    for c in criteria:
+        p = bc.cache_file(ns, "resnet56", CRITERIA_UNIT.get(c, c))
+        if p.exists():
+            orders[c] = json.loads(p.read_text())["order"]
+    cache = cache_file(args, "_no_finetune")
+    cached = json.loads(cache.read_text()) if cache.exists() else {}
+    if all(c in cached and cached[c]["order"] == o[:max(LEVELS)] for c, o in orders.items()):
+        return {c: cached[c]["top1"] for c in orders}
+    model = onnx.load(ROOT / MODEL)
+    test = load_calibration(ROOT / TEST, model, image_options=ImageOptions(mean=MEAN, std=STD))
+    acc = evaluator(model, test, indices=np.arange(min(args.test_images, test.n_samples)), threads=1)
+    blocks = find_blocks(model).by_id()
+    out = {c: {"order": o[:max(LEVELS)], "top1": {str(L): 100 * acc(remove_blocks(model, [blocks[i] for i in o[:L]]))
+                                                   for L in LEVELS}} for c, o in orders.items()}
+    tmp = cache.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(out, indent=1))
+    os.replace(tmp, cache)
+    return {c: v["top1"] for c, v in out.items()}
+
+
 def table(args) -> str:
-    """Markdown: one row per cached criterion, test top-1 at each level (removed / tuned)."""
+    """Markdown: one row per cached criterion, test top-1 at each level without training between removals
+    (``no_finetune``), right after the L-th removal and after the steps that follow it."""
     rows = {c: json.loads(cache_file(args, c).read_text()) for c in CRITERIA if cache_file(args, c).exists()}
     if not rows:
         return "(no cached results)"
+    plain = no_finetune(args, list(rows))
     original = next(iter(rows.values()))["original"]
-    head = ("| criterion | " + " | ".join(f"{L} removed | {L} + {args.steps} steps" for L in LEVELS)
-            + " | run seconds (fine-tuning) |")
-    lines = [head, "|---|" + "---:|" * (2 * len(LEVELS) + 1),
-             f"| original | {original:.2f} |" + " |" * (2 * len(LEVELS))]
+    head = ("| criterion | " + " | ".join(f"{L}, no fine-tuning | {L} removed | {L} + {args.steps} steps"
+                                         for L in LEVELS) + " | run seconds (fine-tuning) |")
+    lines = [head, "|---|" + "---:|" * (3 * len(LEVELS) + 1),
+             f"| original | {original:.2f} |" + " |" * (3 * len(LEVELS))]
     for c, r in rows.items():
-        cells = [f"{r['accuracy'][str(L)][k]:.2f}" for L in LEVELS for k in ("removed", "tuned")]
+        cells = [f"{plain[c][str(L)]:.2f}" if c in plain else "" for L in LEVELS]
+        cells = [x for i, L in enumerate(LEVELS)
+                 for x in (cells[i], *(f"{r['accuracy'][str(L)][k]:.2f}" for k in ("removed", "tuned")))]
         name = "Consensus (`paper`)" if c == "paper" else f"`{c}`"
         seconds = f"{r['prune_seconds']:.0f} ({r['finetune_seconds']:.0f})"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {seconds} |")
+
+    def top1(c: str, L: int, k: str) -> float | None:
+        return plain.get(c, {}).get(str(L)) if k == "no fine-tuning" else rows[c]["accuracy"][str(L)][k]
+
     if "paper" in rows:
         lines.append("")
         for L in LEVELS:
-            for k in ("removed", "tuned"):
-                p = rows["paper"]["accuracy"][str(L)][k]
-                members = {c: rows[c]["accuracy"][str(L)][k] for c in MEMBERS if c in rows}
+            for k in ("no fine-tuning", "removed", "tuned"):
+                p = top1("paper", L, k)
+                members = {c: top1(c, L, k) for c in MEMBERS if c in rows and top1(c, L, k) is not None}
+                if p is None:
+                    continue
                 if not members:
                     continue
                 beaten = [c for c, a in members.items() if p > a]
