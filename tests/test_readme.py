@@ -65,8 +65,8 @@ def _shrink_png_sets(folder, n: int = 256) -> None:
 
 def test_quick_start_command(in_readme_dir):
     """The quick start's `onnx-cprune` command, run by the installed entry point (else `python -m`), with
-    `--max-samples 64 --schedule one-shot --no-latency` (and `--ft-max-steps 2` when it fine-tunes) appended,
-    and its PNG training and test sets cut to their first 256 images: the README's 10 iterative rounds on 512
+    `--max-samples 32 --schedule one-shot --no-latency` (and `--ft-max-steps 2` when it fine-tunes) appended,
+    and its PNG training and test sets cut to their first 64 images: the README's 10 iterative rounds on 128
     images and its fine-tuning take minutes on 2 cores. Which 10 blocks go depends on that; the MACs do not
     (all blocks are equal)."""
     _shrink_png_sets(in_readme_dir)
@@ -82,7 +82,7 @@ def test_quick_start_command(in_readme_dir):
         if flag in args:
             i = args.index(flag) + 1
             args[i] = _first_images(in_readme_dir / args[i], in_readme_dir / f"small{flag[1:]}", 64)
-    argv = ([exe] if exe else CLI) + args + ["--max-samples", "64", "--schedule", "one-shot", "--no-latency"]
+    argv = ([exe] if exe else CLI) + args + ["--max-samples", "32", "--schedule", "one-shot", "--no-latency"]
     if "--finetune-epochs" in cmd:  # the README's epochs: a few steps here
         argv += ["--ft-max-steps", "2"]
     p = subprocess.run(argv, capture_output=True, text=True, env=env_with_root(), cwd=in_readme_dir)
