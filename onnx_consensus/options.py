@@ -28,14 +28,14 @@ DEFAULT_CRITERION = ("output",)
 """The default of ``--metrics`` (names or presets, ``metrics.presets``) when nothing is fine-tuned: the
 output-level scores against the original model (``output_kl`` for classifiers, ``output_mse`` +
 ``output_cosine`` otherwise). Chosen on the criterion benchmark (``tools/bench_criteria.py``; docs/BENCHMARKS.md,
-"Choosing the criterion"): the best mean rank without fine-tuning over six models and 13 cut levels (4.35 of 13
-criteria, against 4.96 for the best single paper metric and 6.77 for the published Consensus). Decoder LLMs
+"Choosing the criterion"): the best mean rank without fine-tuning over six models and 13 cut levels (4.00 of 13
+criteria, against 5.04 for the best single paper metric and 6.85 for the published Consensus). Decoder LLMs
 use it in both conditions (``llm.run``). ``--metrics paper`` is the published Consensus."""
 FINETUNED_CRITERION = ("paper+output",)
 """The default of ``--metrics`` when the pruned model is fine-tuned (``--finetune-epochs`` or
 ``--finetune-between``): the published eight plus the output-level scores, one rank sum. The best mean rank
-after the benchmark's distillation budget (4.27 of 13, against 5.46 for the best single metric, 5.65 for
-``paper`` and 6.73 for ``output``)."""
+after the benchmark's distillation budget (4.19 of 13, against 5.38 for the best single metric, 5.50 for
+``paper`` and 6.31 for ``output``)."""
 
 
 def default_criterion(finetuned: bool) -> tuple[str, ...]:
