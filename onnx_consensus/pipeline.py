@@ -196,12 +196,12 @@ def _run_on_providers(model, data, options: Options) -> Outcome:
         require_torch()
         check_config(ft if finetuning else replace(ft or FinetuneConfig(), epochs=1))  # bad --device/--amp: now
     check_names(options.criterion.metrics)
-    criterion = {"metrics": list(options.criterion.metrics or ()), "default": None}
-    if options.criterion.metrics is None:  # --metrics not given: the benchmark's best for this condition
+    default_for = None  # which default --metrics took, when not given: the benchmark's best for this condition
+    if options.criterion.metrics is None:
         tuned = finetuning or bool(between)
+        default_for = "with fine-tuning" if tuned else "without fine-tuning"
         options = replace(options, criterion=replace(options.criterion, metrics=default_criterion(tuned)))
-        criterion = {"metrics": list(options.criterion.metrics),
-                     "default": "with fine-tuning" if tuned else "without fine-tuning"}
+    criterion = {"metrics": list(options.criterion.metrics), "default": default_for}
     if options.run.batch_size < 1:
         raise InputError("--batch-size must be >= 1")
     warnings: list[str] = []

@@ -450,9 +450,14 @@ def rank_table(rows: dict, cols: list) -> dict[str, dict]:
     return out
 
 
+def complete(rows: dict, cols: list, ranks: dict) -> list[str]:
+    """The ranked criteria (not the oracles) measured in every column."""
+    return [c for c in rows if c not in ORACLES and len(ranks[c]["ranks"]) == len(cols)]
+
+
 def markdown(rows: dict, cols: list, originals: dict, title: str) -> str:
     ranks = rank_table(rows, cols)
-    full = [c for c in rows if c not in ORACLES and len(ranks[c]["ranks"]) == len(cols)]
+    full = complete(rows, cols, ranks)
 
     def mean_rank(c):
         r = ranks.get(c, {}).get("ranks", {})
@@ -491,7 +496,7 @@ def best_share(rows: dict, cols: list, n: int = 2000, seed: int = 0) -> dict[str
     in which each complete criterion has the best mean rank (ties split). Columns are the unit resampled (model x
     level), so it says how much the call rests on a few columns, not on test-sample noise."""
     ranks = rank_table(rows, cols)
-    full = [c for c in rows if c not in ORACLES and len(ranks[c]["ranks"]) == len(cols)]
+    full = complete(rows, cols, ranks)
     if not full:
         return {}
     table = np.array([[ranks[c]["ranks"][col] for col in cols] for c in full])  # (criteria, columns)
