@@ -55,6 +55,7 @@ def run(input_path: str, output_path: str, train_path, *, config: FinetuneConfig
     prints."""
     from .bridge.distributed import joined
     from .graph.precision import is_bfloat16
+    from .graph.quant import finetune_refusal, quantized_ops
     from .recover import require_torch
     from .runtime import provider_names, resolve_providers, using_providers
     from .tuning import finetune_model
@@ -64,6 +65,8 @@ def run(input_path: str, output_path: str, train_path, *, config: FinetuneConfig
     out_path = pipeline.check_output(output_path, source)
     if is_bfloat16(source.model):
         raise InputError("fine-tuning a bfloat16 model is not supported: convert it to float32 first")
+    if quantized_ops(source.model):
+        raise InputError(finetune_refusal(quantized_ops(source.model)))
     teacher = None
     if teacher_path:
         if os.path.abspath(teacher_path) == out_path:

@@ -30,6 +30,7 @@ from .graph.flops import count_cost
 from .graph.heads import choose_feature, output_kinds
 from .graph.ir import interface, load_model, load_model_and_layout
 from .graph.precision import float32_shadow, is_bfloat16
+from .graph.quant import finetune_refusal, quantized_ops
 from .graph.surgery import remove_blocks
 from .io import check_output_path, save_model_atomic
 from .metrics.presets import check_names
@@ -219,6 +220,8 @@ def _run_on_providers(model, data, options: Options) -> Outcome:
         _warn(warnings, "bfloat16 model: onnxruntime's CPU provider cannot run it, so a float32 copy is scored and "
                         "pruned; the output is written in bfloat16 (checked by onnx.checker only; no latency)")
         model = float32_shadow(original)
+    if (finetuning or between) and quantized_ops(original):
+        raise InputError(finetune_refusal(quantized_ops(original)))
     nothing = _no_removable_block(source, model, options)
     if nothing is not None:  # said before any data is read or any inference runs
         return nothing
@@ -303,9 +306,8 @@ def _no_removable_block(source: Source, model: onnx.ModelProto, options: Options
     unless --force-write), found before any data is loaded or any inference runs; None otherwise."""
     if options.target.plan:
         return None  # a plan names blocks: the schedule checks them
-    from .pruner import PruneResult, check_prunable
+    from .pruner import PruneResult
 
-    check_prunable(model)
     cost = count_cost(model, options.run.input_shapes or None)
     found = find_blocks(model, macs_per_node=cost.macs_per_node, unit=options.criterion.unit)
     if found.blocks:
@@ -472,17 +474,13 @@ def inspect(path: str | os.PathLike, *, unit: str = CriterionOptions.unit,
     """The removable blocks of a model file, without running it: {model, macs, params, unit, blocks (each
     with ``macs_share``), not_removable, notes, feature (the global scope's feature tensors and why, or
     None with the reason in ``notes``), outputs (each float output's kind)}."""
-    from .llm.run import _params, is_decoder, model_file
+    from .llm.inspect import inspect_decoder
+    from .llm.run import is_decoder, model_file
 
     path = model_file(path)  # an export folder: its model file
     model = load_model(path)
-    if is_decoder(model):  # decoder layers with their KV cache (MACs depend on the sequence: not counted)
-        from .graph.decoder import find_decoder_layers
-
-        rep = find_decoder_layers(model)
-        blocks = [dict(layer.to_json(), macs_share=None) for layer in rep.layers]
-        return {"model": os.fspath(path), "macs": None, "params": _params(model), "unit": "decoder layer",
-                "blocks": blocks, "not_removable": [], "notes": list(rep.notes)}
+    if is_decoder(model):
+        return inspect_decoder(path, model)
     cost = count_cost(model, input_shapes or {})
     report = find_blocks(model, macs_per_node=cost.macs_per_node, unit=unit)
     total = cost.total_macs
@@ -497,6 +495,8 @@ def inspect(path: str | os.PathLike, *, unit: str = CriterionOptions.unit,
     except InputError as exc:
         feature = None
         notes.append(f"no feature tensor: {exc}")
-    return {"model": os.fspath(path), "macs": total, "params": cost.params, "unit": unit, "blocks": blocks,
+    return {"model": os.fspath(path), "macs": total, "params": cost.params, "weight_bytes": cost.weight_bytes,
+            "unit": unit, "blocks": blocks,
             "not_removable": [n.to_json() for n in report.not_removable], "notes": notes, "feature": feature,
             "outputs": output_kinds(model, task)}
+

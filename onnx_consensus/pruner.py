@@ -30,7 +30,7 @@ from .options import CriterionOptions, RunOptions, TargetOptions
 from .metrics import get_metric, resolve_metrics
 from .scoring import SCOPES, ScoreRound, has_class_scores, original_outputs, score_blocks
 
-__all__ = ["CriterionOptions", "TargetOptions", "RunOptions", "PruneResult", "Removal", "prune", "check_prunable"]
+__all__ = ["CriterionOptions", "TargetOptions", "RunOptions", "PruneResult", "Removal", "prune"]
 log = logging.getLogger("onnx_consensus")
 SCHEDULES = ("iterative", "one-shot")
 
@@ -69,19 +69,6 @@ class PruneResult:
         return [r.block.id for r in self.removals]
 
 
-QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulNBits", "MatMulInteger",
-                 "ConvInteger", "QAttention", "QGemm", "QOrderedMatMul")
-
-
-def check_prunable(model: onnx.ModelProto) -> None:
-    """Refuse graphs the tool cannot prune faithfully (InputError): quantized graphs, whose blocks mix
-    integer and float arithmetic with scales tied across the skip path."""
-    quantized = sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS or n.op_type.startswith("QLinear")})
-    if quantized:
-        raise InputError(f"quantized graph ({', '.join(quantized)}) is not supported: prune the float model, "
-                         "then quantize it")
-
-
 def _validate(criterion: CriterionOptions, target: TargetOptions, blocks: dict[str, Block]) -> None:
     if criterion.scope not in SCOPES:
         raise InputError(f"--scope must be one of {', '.join(SCOPES)}, got {criterion.scope!r}")
@@ -115,7 +102,6 @@ def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = 
     ``__cause__`` is the failure.
     """
     criterion, target, run = criterion or CriterionOptions(), target or TargetOptions(), run or RunOptions()
-    check_prunable(model)
     labels = data.labels if labels is None else labels
     cost = count_cost(model, run.input_shapes or None)
     report = find_blocks(model, macs_per_node=cost.macs_per_node, unit=criterion.unit)

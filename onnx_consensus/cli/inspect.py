@@ -15,8 +15,9 @@ def cmd_inspect(args) -> int:
         print(json.dumps(out, indent=2))
         return 0
     blocks, total = out["blocks"], out["macs"]
-    print(f"{args.input}: {len(blocks)} removable block(s); MACs {total:,}" if total is not None
-          else f"{args.input}: {len(blocks)} removable block(s); MACs unknown (use --input-shape)")
+    size = f"; {out['params']:,} parameters, {out['weight_bytes']:,} bytes of weights as stored"
+    print((f"{args.input}: {len(blocks)} removable block(s); MACs {total:,}" if total is not None
+           else f"{args.input}: {len(blocks)} removable block(s); MACs unknown (use --input-shape)") + size)
     print(f"{'#':>3}  {'stage':>5}  {'nodes':>5}  {'MACs':>12}  {'share':>6}  id (entry -> exit)")
     for k, d in enumerate(blocks):
         macs = f"{d['macs']:,}" if d["macs"] is not None else "unknown"
@@ -26,9 +27,9 @@ def cmd_inspect(args) -> int:
         print("\nResidual merges seen but not removable:")
         for n in out["not_removable"]:
             print(f"  {n['merge']}: {n['reason']}")
-    if out["feature"]:
+    if out.get("feature"):
         print(f"\nFeature tensor (global scope): {', '.join(out['feature']['tensors'])} ({out['feature']['reason']})")
-    if out["outputs"]:
+    if out.get("outputs"):
         print("Outputs: " + ", ".join(f"{name} ({kind})" for name, kind in out["outputs"].items()))
     for note in out["notes"]:
         print(f"\nNote: {note}")

@@ -30,6 +30,7 @@ import onnx_graphsurgeon as gs
 from ..errors import InputError
 from .blocks import Block
 from .ir import GraphIndex, dtype_of, node_key, shape_of, to_gs
+from .kv_dims import symbolic_cache_dims
 
 PLAIN, FUSED = "plain", "fused"
 SKIP_NORMS = ("SkipSimplifiedLayerNormalization", "SkipLayerNormalization")
@@ -400,15 +401,18 @@ def expose_residual_sums(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def prefill_feed(model: onnx.ModelProto, input_ids: np.ndarray, *, past: int = 0) -> dict[str, np.ndarray]:
+def prefill_feed(model: onnx.ModelProto, input_ids: np.ndarray, *, past: int = 0,
+                 config: dict[str, int] | None = None) -> dict[str, np.ndarray]:
     """The inputs of a decoder export for ``input_ids`` (batch, seq) int64, as a prefill after ``past``
     cached positions: attention_mask of ones (batch, past + seq), position_ids past..past+seq-1 (when the
     model takes them), cache inputs zero-filled (batch, kv_heads, past, head_dim) in their declared dtype
     (past=0: the zero-length cache used for scoring). Symbolic cache dims are read by position: 0 batch,
-    2 past length. Raises InputError for an input it cannot fill."""
+    2 past length; a symbolic head count or head size from the graph (``kv_dims.cache_dims``; ``config``:
+    ``kv_dims.genai_dims`` of the folder). Raises InputError for an input it cannot fill."""
     input_ids = np.asarray(input_ids)
     batch, seq = input_ids.shape
     inits = {i.name for i in model.graph.initializer}
+    sized = symbolic_cache_dims(model, config)
     feed = {}
     for vi in model.graph.input:
         if vi.name in inits:
@@ -424,17 +428,16 @@ def prefill_feed(model: onnx.ModelProto, input_ids: np.ndarray, *, past: int = 0
         elif "position_ids" in name:
             feed[name] = np.tile(np.arange(past, past + seq), (batch, 1)).astype(dtype)
         elif len(dims) == 4:
-            shape = [batch if i == 0 else past if i == 2 else d for i, d in enumerate(dims)]
-            if any(d is None for d in shape):
-                raise InputError(f"cannot size cache input {name}: dims {dims}")
-            feed[name] = np.zeros(shape, dtype)
+            heads, head = sized.get(name, (dims[1], dims[3]))
+            feed[name] = np.zeros((batch, heads, past, head), dtype)
         else:
             raise InputError(f"cannot build a value for input {name}")
     return feed
 
 
 def dummy_feed(model: onnx.ModelProto, *, batch: int = 1, seq: int = 4, past: int = 0, seed: int = 0,
-               vocab: int | None = None) -> dict[str, np.ndarray]:
+               vocab: int | None = None, config: dict[str, int] | None = None) -> dict[str, np.ndarray]:
     """``prefill_feed`` of random token ids in [0, vocab) (default [0, 2)), shape (batch, seq)."""
     ids = np.random.default_rng(seed).integers(0, vocab or 2, (batch, seq))
-    return prefill_feed(model, ids, past=past)
+    return prefill_feed(model, ids, past=past, config=config)
+

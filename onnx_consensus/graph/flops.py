@@ -9,6 +9,7 @@ convolution and fully connected layers):
 * ``Gemm``: ``M * N * K`` (``transA`` / ``transB`` honoured)
 * ``MatMul`` (and ``MatMulInteger`` / ``QLinearMatMul``): ``prod(broadcast batch dims) * M * N * K``
   with numpy broadcasting and numpy's 1-D promotion rules.
+* com.microsoft ``MatMulNBits`` / ``QGemm``: ``quant.quantized_macs`` (other ops of that domain cost 0).
 
 * ``If``: its costlier branch (the branch a constant condition selects, when shapes inside the branches are
   only known once a branch is inlined); ``Loop`` and ``Scan``: one iteration of the body (``ModelCost.notes``).
@@ -31,6 +32,7 @@ import onnx
 from ..errors import InputError
 from .ir import tensor_spec
 from .shapes import all_graphs, infer_shapes, weight_free_copy
+from .quant import model_bytes, quantized_macs, weight_roles
 from .weights import FLOAT_TYPES, numel as _numel
 
 __all__ = ["ModelCost", "count_cost", "parse_input_shape"]
@@ -52,7 +54,8 @@ class ModelCost:
         total_macs: sum of ``macs_per_node`` (``None`` if any entry is ``None``). Per batch of
             ``batch_size`` samples (per sample with the default ``batch_size=1``).
         params: number of elements (not bytes) of all floating-point initializers plus floating-point
-            ``Constant`` node values with more than one element.
+            ``Constant`` node values with more than one element; quantized weights by their values.
+        weight_bytes: bytes of the main graph's initializers as stored (int8: 1 per value, int4: 1/2).
         notes: how control-flow nodes were counted (``If``: the costlier branch; ``Loop``/``Scan``: one
             iteration of the body), when the model has any with MACs.
     """
@@ -61,6 +64,7 @@ class ModelCost:
     total_macs: int | None = 0
     params: int = 0
     notes: list[str] = field(default_factory=list)
+    weight_bytes: int = 0
 
 
 def parse_input_shape(spec: str) -> tuple[str, tuple[int, ...]]:
@@ -89,12 +93,16 @@ def parse_input_shape(spec: str) -> tuple[str, tuple[int, ...]]:
 
 def count_params(model: onnx.ModelProto) -> int:
     """Number of elements of all float initializers (dense and sparse) and float Constant tensors
-    with more than one element, in the main graph and all subgraphs. Uses only ``dims``, so it works
-    on models loaded without their external data."""
+    with more than one element, in the main graph and all subgraphs; a quantized weight counts its values
+    (an int4 ``MatMulNBits`` weight N x K), its scales and zero points none (``quant.weight_roles``). Uses
+    only ``dims``, so it works on models loaded without their external data."""
     total = 0
     for graph in _all_graphs(model.graph):
+        roles = weight_roles(graph.node, {t.name: t for t in graph.initializer})
         for init in graph.initializer:
-            if init.data_type in FLOAT_TYPES:
+            if init.name in roles:  # a quantized weight (its values) or a scale / zero point (none)
+                total += roles[init.name] or 0
+            elif init.data_type in FLOAT_TYPES:
                 total += _numel(init.dims)
         for sp in graph.sparse_initializer:
             if sp.values.data_type in FLOAT_TYPES:
@@ -153,6 +161,8 @@ def _input_shape(node, idx, shapes):
 
 
 def _node_macs(node: onnx.NodeProto, shapes, found: dict[str, int] | None = None) -> int | None:
+    if node.domain == "com.microsoft":
+        return quantized_macs(node, shapes)
     op = node.op_type if node.domain in ("", "ai.onnx") else None
     if op in ("If", "Loop", "Scan"):
         return _control_flow_macs(node, shapes, {} if found is None else found)
@@ -268,7 +278,8 @@ def count_cost(
     notes = _notes(found)
     if total is None and any(n.op_type == "If" for n in model.graph.node):
         total, macs, notes = _cost_of_inlined_ifs(model, input_shapes, batch_size, macs, notes)
-    return ModelCost(macs_per_node=macs, total_macs=total, params=count_params(model), notes=notes)
+    return ModelCost(macs_per_node=macs, total_macs=total, params=count_params(model), notes=notes,
+                     weight_bytes=model_bytes(model))
 
 
 _FOLD_OPS = {

@@ -30,6 +30,7 @@ import onnx
 from ..errors import FinetuneError, InputError, TargetError
 from ..graph.decoder import (FUSED, DecoderReport, cache_names, dummy_feed, expose_residual_sums,
                              find_decoder_layers, prefill_feed)
+from ..graph.flops import count_params
 from ..graph.ir import load_model_and_layout
 from ..graph.kv_surgery import prune_folder, remove_layers
 from ..metrics import get_metric, resolve_metrics
@@ -136,12 +137,6 @@ def interface_change(model: onnx.ModelProto, report: DecoderReport, removed) -> 
             "renamed": renamed, "layers_before": cache.n_layers, "layers_after": len(kept)}
 
 
-def _params(model: onnx.ModelProto) -> int:
-    """Elements of the floating-point initializers (external ones counted from their declared dims)."""
-    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
-    return int(sum(int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type in floats))
-
-
 def prune_decoder(model_path: str | os.PathLike, text, options: Options | None = None, *,
                   progress=None) -> DecoderOutcome:
     """Prune the decoder at ``model_path`` (an export folder or a model file; never modified) on the
@@ -240,7 +235,7 @@ def prune_decoder(model_path: str | os.PathLike, text, options: Options | None =
     if options.finetune is not None and options.finetune.epochs > 0 and removed:
         ft_info = _finetune(outcome, model, score_windows, hold_windows if len(hold_windows) else score_windows,
                             options, quality)
-    params_before, params_after = _params(model), _params(outcome.model)
+    params_before, params_after = count_params(model), count_params(outcome.model)
     outcome.report = {
         "tool": "onnx-consensus", "kind": "decoder", "input": source, "model_file": path,
         "input_sha256": sha256_file(path), "form": original_report.form,

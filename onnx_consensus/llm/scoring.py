@@ -45,13 +45,13 @@ OUTPUT_REF_VALUES = 1 << 25
 
 
 def final_hidden(model: onnx.ModelProto) -> str:
-    """The final hidden state: the data input of the MatMul/Gemm producing the logits (the LM head), else
-    the logits themselves."""
+    """The final hidden state: the data input of the MatMul/Gemm (or int4 ``MatMulNBits``) producing the
+    logits (the LM head), else the logits themselves."""
     name = logits_name(model)
     weights = {t.name for t in model.graph.initializer}
     weights |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
     for n in model.graph.node:
-        if name in n.output and n.op_type in ("MatMul", "Gemm"):
+        if name in n.output and n.op_type in ("MatMul", "Gemm", "MatMulNBits"):
             data = [i for i in n.input[:2] if i not in weights]
             if len(data) == 1:
                 return data[0]
