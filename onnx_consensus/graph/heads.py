@@ -36,11 +36,12 @@ import onnx_graphsurgeon as gs
 
 from ..errors import InputError
 from .ir import GraphIndex, to_gs
+from .quant import QDQ_OPS, QUANT_HEAD_OPS, float_source, is_runtime_scale
 
 TASKS = ("classify", "embed", "generic")
 CLASS_SCORES = "class scores"
 KIND_OF_TASK = {"classify": CLASS_SCORES, "embed": "embedding", "generic": "generic"}
-HEAD_OPS = ("Gemm", "MatMul", "Conv")
+HEAD_OPS = ("Gemm", "MatMul", "Conv") + QUANT_HEAD_OPS
 SCORE_OPS = ("Softmax", "LogSoftmax")
 SHAPE_ONLY_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Cast")
 AFFINE_OPS = ("Add", "Sub", "Mul", "Div")
@@ -197,10 +198,10 @@ def _walk_back(index: GraphIndex, name: str) -> tuple[bool, gs.Node | None]:
         elif node.op in SCORE_OPS:
             scores = True
             name = node.inputs[0].name
-        elif node.op in SHAPE_ONLY_OPS:
+        elif node.op in SHAPE_ONLY_OPS + QDQ_OPS:
             name = node.inputs[0].name
         elif node.op in AFFINE_OPS:
-            data = [t for t in node.inputs if index.is_data(t)]
+            data = [t for t in node.inputs if not is_runtime_scale(index, t)]
             if len(data) != 1:
                 return scores, None
             name = data[0].name
@@ -284,7 +285,7 @@ def _dominates(index: GraphIndex, node: gs.Node, target: str) -> bool:
                 continue
             seen.add(id(c))
             for t in c.outputs:
-                if t.name not in reached:
+                if t.name not in reached and not is_runtime_scale(index, t):  # a scale carries no values
                     reached.add(t.name)
                     stack.append(t.name)
     return True
@@ -321,7 +322,7 @@ def choose_feature(model: onnx.ModelProto, blocks: Sequence = (), *, task: str |
     _, head = _walk_back(index, first)
     if head is None:
         return FeatureChoice(outputs, f"{what}; no classifier head: no weighted layer makes the class scores {first}")
-    x = next(t.name for t in head.inputs if index.is_data(t))
+    x = float_source(index, next(t.name for t in head.inputs if index.is_data(t)))
     if not _dominates(index, head, first):
         return FeatureChoice(outputs, f"{what}; {head.op} {head.name} is no classifier head: a skip path goes "
                                       f"around it to {first}")

@@ -21,8 +21,9 @@ from collections.abc import Iterable
 import onnx
 from onnx import TensorProto
 
-__all__ = ["QUANTIZED_OPS", "is_quantized", "finetune_refusal", "quantized_ops", "weight_roles", "stored_bytes", "model_bytes",
-           "quantized_macs", "requantized_pairs"]
+__all__ = ["QUANTIZED_OPS", "QUANT_HEAD_OPS", "QDQ_OPS", "is_quantized", "is_runtime_scale", "float_source",
+           "finetune_refusal", "quantized_ops", "weight_roles", "stored_bytes", "model_bytes",
+           "quantized_macs", "drop_requantization"]
 
 # Op type -> (weight input slots, quantization-parameter input slots). A weight slot counts only when it is an
 # initializer (the other operand of MatMulInteger is the activation).
@@ -50,6 +51,37 @@ def quantized_ops(model: onnx.ModelProto) -> list[str]:
 
 def is_quantized(model: onnx.ModelProto) -> bool:
     return bool(quantized_ops(model))
+
+
+#: Weighted ops of quantized graphs that can make class scores (a classifier head).
+QUANT_HEAD_OPS = ("MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv", "QGemm", "MatMulNBits")
+#: Activation (de)quantization: value-preserving up to rounding on the way from a head to the graph output.
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
+
+
+def is_runtime_scale(index, t, depth: int = 0) -> bool:
+    """Whether tensor ``t`` (gs, with ``index`` a GraphIndex) is a scale computed at run time: output 1 or 2
+    (scale, zero point) of a ``DynamicQuantizeLinear``, possibly cast or multiplied by constants or other such
+    scales (``quantize_dynamic`` rescales an integer matmul's output by x_scale * w_scale)."""
+    if not index.is_data(t):
+        return True
+    node = index.producer.get(t.name)
+    if node is None or depth > 6:
+        return False
+    if node.op == "DynamicQuantizeLinear":
+        return t is not node.outputs[0]
+    if node.op in ("Mul", "Cast", "Reshape", "Unsqueeze"):
+        return all(is_runtime_scale(index, i, depth + 1) for i in node.inputs[:2 if node.op == "Mul" else 1])
+    return False
+
+
+def float_source(index, name: str) -> str:
+    """The float tensor an activation was quantized from: back through ``DynamicQuantizeLinear`` /
+    ``QuantizeLinear`` (and a ``DequantizeLinear`` before them) to its input; ``name`` when it is float."""
+    node = index.producer.get(name)
+    if node is not None and node.op in ("DynamicQuantizeLinear", "QuantizeLinear") and node.inputs:
+        return node.inputs[0].name
+    return name
 
 
 def finetune_refusal(ops: Iterable[str]) -> str:
@@ -127,18 +159,31 @@ def quantized_macs(node: onnx.NodeProto, shapes: dict) -> int | None:
     return 0
 
 
-def requantized_pairs(graph) -> list:
-    """``DequantizeLinear -> QuantizeLinear -> DequantizeLinear`` chains in an onnx-graphsurgeon graph, as
-    (dq_in, q, dq_out) nodes: what a removed block leaves when its entry (a dequantized tensor) takes the
-    place of its exit (a float tensor that was quantized again)."""
-    out = []
-    for q in graph.nodes:
-        if q.op != "QuantizeLinear" or not q.inputs or not q.inputs[0].inputs:
+def drop_requantization(graph, entries: Iterable[str]) -> int:
+    """Remove the re-quantization a block removal leaves in a QDQ graph (onnx-graphsurgeon ``graph``, in place).
+
+    A removed block's exit was a float tensor quantized for the next block (``Q_exit -> DQ_exit``); once its
+    entry (the dequantized ``DQ_entry`` output) replaces the exit, the chain reads ``DQ_entry -> Q_exit ->
+    DQ_exit``: the entry's values rounded a second time on the exit's scale. Every read of such a ``DQ_exit``
+    output becomes a read of the ``DQ_entry`` output, so the next block gets the entry exactly as the removed
+    block did, with the entry's own scale and zero point (the dead ``Q_exit``/``DQ_exit`` go at cleanup).
+    Only chains starting at one of ``entries`` are touched, never a graph output. Returns the number dropped."""
+    entries = set(entries)
+    outputs = {t.name for t in graph.outputs}
+    dropped = 0
+    for q in list(graph.nodes):
+        if q.op != "QuantizeLinear" or not q.inputs or q.inputs[0].name not in entries:
             continue
-        dq_in = q.inputs[0].inputs[0]
-        if dq_in.op != "DequantizeLinear":
+        src = q.inputs[0]
+        if not src.inputs or src.inputs[0].op != "DequantizeLinear":
             continue
-        for dq_out in list(q.outputs[0].outputs):
-            if dq_out.op == "DequantizeLinear":
-                out.append((dq_in, q, dq_out))
-    return out
+        for dq in list(q.outputs[0].outputs):
+            out = dq.outputs[0]
+            if dq.op != "DequantizeLinear" or out.name in outputs or out.dtype != src.dtype:
+                continue
+            for consumer in list(out.outputs):
+                for k, t in enumerate(consumer.inputs):
+                    if t is out:
+                        consumer.inputs[k] = src
+            dropped += 1
+    return dropped

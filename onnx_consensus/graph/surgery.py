@@ -12,19 +12,22 @@ import onnx_graphsurgeon as gs
 from ..errors import InputError
 from .blocks import Block
 from .ir import from_gs, interface, to_gs
+from .quant import drop_requantization
 
 
 def remove_blocks(model: onnx.ModelProto, blocks: Iterable[Block]) -> onnx.ModelProto:
     """A copy of ``model`` without ``blocks``; the input model is not modified.
 
     Each exit's consumers read the (already rewired) entry instead; an exit that is a graph output becomes
-    ``Identity(entry)`` under the same name, so the interface (names, dtypes, shapes) is unchanged.
+    ``Identity(entry)`` under the same name, so the interface (names, dtypes, shapes) is unchanged. In a QDQ
+    graph the exit's re-quantization goes too (``quant.drop_requantization``).
     """
     blocks = sorted(blocks, key=lambda b: b.position)
     if not blocks:
         return _copy(model)
     graph = to_gs(model)
-    rewire(graph, blocks)
+    subst = rewire(graph, blocks)
+    drop_requantization(graph, set(subst.values()))  # QDQ graphs: the entry's own scale and zero point
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     out = from_gs(graph, like=model)
     _restore_interface(out, model)
