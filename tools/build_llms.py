@@ -285,6 +285,83 @@ def export_genai(hf: Path) -> Path:
     return out
 
 
+# ---------------------------------------------------------------- tiny exports for the default tests
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=128, rms_norm_eps=1e-5, initializer_range=0.3, tie_word_embeddings=False)
+TINY_VOCAB = 256
+TINY_PRECISIONS = ("fp32", "int4")
+
+
+def _tiny_tokenizer(out: Path) -> None:
+    """A word-level tokenizer of TINY_VOCAB ids (``<s>`` = 0, then ``w0``..``w254``), saved with save_pretrained."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<s>": 0, **{f"w{i}": i + 1 for i in range(TINY_VOCAB - 1)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<s>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<s>", pad_token="<s>",
+                            unk_token="<s>").save_pretrained(out)
+
+
+def build_tiny(out: Path, precisions=TINY_PRECISIONS) -> Path:
+    """Random-weight (seed 0, ``initializer_range`` 0.3 so that greedy tokens vary) LlamaForCausalLM of the TINY
+    config (4 layers, hidden 64, GQA 4/2 heads, head size 16, vocab 256) and its exports by the onnxruntime-genai
+    builder, in-process (seconds): ``out/llama/{hf,genai_<precision>}`` and, for each layer i, the model with
+    layer i deleted in PyTorch before export, ``out/llama_drop<i>/{hf,genai_<precision>}``. ``out/build_info.json``
+    records the versions and the PyTorch parameter count. Idempotent: done when build_info.json exists."""
+    if (out / "build_info.json").exists():
+        return out
+    import contextlib
+    import io
+
+    import onnxruntime_genai
+    import torch
+    import transformers
+    from onnxruntime_genai.models.builder import create_model, parse_extra_options
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=TINY_VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=0, **TINY)
+    model = LlamaForCausalLM(cfg).eval()
+    n = cfg.num_hidden_layers
+    variants = {"llama": model}
+    for i in range(n):
+        variants[f"llama_drop{i}"] = _without_layers(model, (i,))
+    for name, m in variants.items():
+        hf = out / name / "hf"
+        m.save_pretrained(hf, safe_serialization=True)
+        _tiny_tokenizer(hf)
+        for precision in precisions:
+            dst = out / name / f"genai_{precision}"
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                extra = parse_extra_options(None, str(hf), str(dst), precision, "cpu", str(out / "work"), None)
+                create_model(None, str(hf), str(dst), precision, "cpu", str(out / "work"), **extra)
+    shutil.rmtree(out / "work", ignore_errors=True)
+    info = {"onnxruntime_genai": onnxruntime_genai.__version__, "transformers": transformers.__version__,
+            "torch_params": sum(p.numel() for p in model.parameters()), "config": TINY, "vocab": TINY_VOCAB}
+    (out / "build_info.json").write_text(json.dumps(info, indent=1))
+    return out
+
+
+def _without_layers(model, layers: tuple[int, ...]):
+    """A deep copy of a *ForCausalLM with decoder ``layers`` deleted (caches renumbered, config updated)."""
+    import copy
+
+    import torch
+
+    m = copy.deepcopy(model)
+    keep = [i for i in range(m.config.num_hidden_layers) if i not in layers]
+    m.model.layers = torch.nn.ModuleList(m.model.layers[i] for i in keep)
+    for new, layer in enumerate(m.model.layers):
+        layer.self_attn.layer_idx = new
+    m.config.num_hidden_layers = len(keep)
+    if getattr(m.config, "layer_types", None):
+        m.config.layer_types = [m.config.layer_types[i] for i in keep]
+    return m
+
+
 def _run(cmd: list[str]) -> None:
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"),
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
@@ -312,8 +389,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--only", choices=sorted(CONFIGS), action="append")
     p.add_argument("--minutes", type=float, default=10.0, help="training wall time of the llama model")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--tiny", metavar="DIR", help="only the tiny random-weight Llama and its genai builder exports "
+                                                  "(fp32, int4; every single-layer deletion) into DIR (seconds)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if a.tiny:
+        print(build_tiny(Path(a.tiny)))
+        return
     for path in build_all(a.only or sorted(CONFIGS), a.minutes, a.threads):
         print(path)
 
