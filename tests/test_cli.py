@@ -197,7 +197,8 @@ def test_bad_input_one_line_exit_2(tmp_path, r20, capsys, kind):
     assert sha256_file(r20[0]) == before
 
 
-def test_quantized_graph_refused(tmp_path, capsys):
+def test_quantized_graph_pruned_but_not_finetuned(tmp_path, capsys):
+    """A QDQ graph is pruned like a float one; fine-tuning it is refused in one line naming what to do instead."""
     from onnx import helper, numpy_helper
     m = tiny_residual_graph()
     g = m.graph
@@ -211,10 +212,14 @@ def test_quantized_graph_refused(tmp_path, capsys):
     onnx.save(m, src)
     calib = tmp_path / "c"
     calib.mkdir()
-    np.save(calib / "x.npy", np.ones((12, 4), np.float32))
-    assert main([str(src), str(out), "--calib", str(calib), "-q"]) == 2
+    np.save(calib / "x.npy", np.random.default_rng(0).standard_normal((12, 4)).astype(np.float32))
+    assert main([str(src), str(out), "--calib", str(calib), "-q", "--finetune-epochs", "1"]) == 2
     err = capsys.readouterr().err
-    assert "quantized graph (DequantizeLinear, QuantizeLinear)" in err and not out.exists()
+    assert "quantized graph (DequantizeLinear, QuantizeLinear)" in err and "prune the float model" in err
+    assert "\n" not in err.strip() and not out.exists()
+    assert main([str(src), str(out), "--calib", str(calib), "-q", "--remove", "1", "--keep-per-stage", "0",
+                 "--no-latency"]) == 0
+    onnx.checker.check_model(onnx.load(str(out)))
 
 
 def test_bench_json_with_eval(tmp_path, r20, capsys):
