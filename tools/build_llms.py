@@ -18,11 +18,17 @@ Exports of each model (and of each reference with layers deleted in PyTorch, ``R
 * ``optimum/model.onnx``: optimum-onnx, task ``text-generation-with-past`` (inputs input_ids, attention_mask,
   position_ids, past_key_values.N.key/value; outputs logits, present.N.key/value; decomposed attention);
 * ``genai/model.onnx``: the onnxruntime-genai model builder, fp32, cpu (GroupQueryAttention,
-  SkipSimplifiedLayerNormalization; genai_config.json beside it).
+  SkipSimplifiedLayerNormalization; genai_config.json beside it); ``genai_int4/``: the same with ``-p int4``
+  (MatMulNBits). The builder of onnxruntime-genai 0.18 needs transformers 5.x, optimum-onnx 0.1.0 needs
+  transformers < 4.58: the two exports come from two environments (extras ``llm`` and ``llm-optimum``).
+
+``--tiny DIR`` builds only a random-weight 4-layer Llama, its single-layer deletions and their genai exports
+(fp32, int4), in-process, in seconds: the default tests' fixture (tests/test_genai_builder.py).
 
 Layout under ``.cache/llm/``: ``text/``, ``tokenizer/``, ``<model>/hf``, ``<model>/optimum``, ``<model>/genai``,
-``<model>_drop<i>-<j>/{hf,optimum,genai}``. Every step writes to a temporary folder renamed when complete, and
-is skipped when its folder exists, so the script is idempotent and rerunnable::
+``<model>/genai_int4``, ``<model>_drop<i>-<j>/{hf,optimum,genai,genai_int4}``. Every step writes to a temporary
+folder renamed when complete, and is skipped when its folder exists (an exporter that is not installed is
+skipped with a log line), so the script is idempotent and rerunnable, once per environment::
 
     python -m tools.build_llms            # everything
     python -m tools.build_llms --only qwen2
@@ -270,15 +276,16 @@ def export_optimum(hf: Path) -> Path:
     return out
 
 
-def export_genai(hf: Path) -> Path:
-    """``genai/model.onnx`` + genai_config.json: the onnxruntime-genai builder, fp32, cpu."""
-    out = hf.parent / "genai"
+def export_genai(hf: Path, precision: str = "fp32") -> Path:
+    """``genai/model.onnx`` (fp32) or ``genai_int4/model.onnx`` (int4: MatMulNBits) + genai_config.json: the
+    onnxruntime-genai builder, cpu."""
+    out = hf.parent / ("genai" if precision == "fp32" else f"genai_{precision}")
     if out.exists():
         return out
     with _atomic_dir(out) as tmp:
         work = hf.parent / "genai_work"
         _run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(tmp),
-              "-p", "fp32", "-e", "cpu", "-c", str(work)])
+              "-p", precision, "-e", "cpu", "-c", str(work)])
         shutil.rmtree(work, ignore_errors=True)
         if not (tmp / "genai_config.json").exists():
             raise RuntimeError(f"the genai builder wrote no genai_config.json in {tmp}")
@@ -371,6 +378,18 @@ def _run(cmd: list[str]) -> None:
         raise RuntimeError(f"{cmd[2]} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
 
 
+def _installed(what: str, module: str) -> bool:
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        found = False
+    if not found:
+        log.info("%s not installed: its exports are skipped in this environment", what)
+    return found
+
+
 def build_all(names: list[str], minutes: float, threads: int) -> list[Path]:
     done = []
     for name in names:
@@ -378,8 +397,10 @@ def build_all(names: list[str], minutes: float, threads: int) -> list[Path]:
         refs = [delete_layers(name, layers) for layers in REFERENCES[name]]
         for h in [hf, *refs]:
             t = time.time()
-            done.append(export_optimum(h))
-            done.append(export_genai(h))
+            if _installed("optimum", "optimum.exporters.onnx"):
+                done.append(export_optimum(h))
+            if _installed("onnxruntime-genai", "onnxruntime_genai"):
+                done.extend(export_genai(h, p) for p in ("fp32", "int4"))
             log.info("exports of %s ready (%.0f s)", h.parent.name, time.time() - t)
     return done
 
