@@ -148,6 +148,7 @@ def test_dynamic_vit_inspected_and_pruned_like_the_float_model(dyn_vit, tmp_path
     f, q = inspect(VIT), inspect(dyn_vit)
     assert [b["id"] for b in q["blocks"]] == [b["id"] for b in f["blocks"]] and len(q["blocks"]) == 12
     assert q["macs"] == f["macs"]  # MatMulInteger / ConvInteger counted as MatMul / Conv
+    assert q["params"] == f["params"]  # the run-time scales (x_scale * w_scale) are no parameters
     assert q["feature"]["tensors"] == f["feature"]["tensors"]  # the MatMulInteger head's float input
     assert q["weight_bytes"] < 0.35 * f["weight_bytes"]
     agree_q, agree_f = _prune_like_float(dyn_vit, VIT, VIT_CALIB, tmp_path, "--metrics", "cosine", "--scope", "local")
@@ -158,6 +159,19 @@ def test_dynamic_vit_inspected_and_pruned_like_the_float_model(dyn_vit, tmp_path
 def test_dynamic_vit_default_criterion(dyn_vit, tmp_path):
     agree_q, agree_f = _prune_like_float(dyn_vit, VIT, VIT_CALIB, tmp_path)
     assert abs(agree_q - agree_f) <= 0.05 and agree_q >= 0.8
+
+
+def test_qoperator_merges_reported_not_removable(tmp_path):
+    """quantize_static in QOperator format writes the merges as QLinearAdd on three scales: inspect lists them
+    as not removable with what to do instead (QDQ), and counts the float model's parameters."""
+    out = str(tmp_path / "qop.onnx")
+    x = np.asarray(np.load(f"{R56_CALIB}/calib.npy", mmap_mode="r")[:32], np.float32)
+    quantization.quantize_static(R56, out, _Reader(onnx.load(R56).graph.input[0].name, x),
+                                 quant_format=quantization.QuantFormat.QOperator)
+    q = inspect(out)
+    assert q["blocks"] == [] and q["params"] == inspect(R56)["params"]
+    reasons = [n["reason"] for n in q["not_removable"]]
+    assert len(reasons) == 25 and all("QLinearAdd" in r and "QDQ" in r for r in reasons)  # the float blocks
 
 
 def test_finetuning_a_quantized_model_refused_in_one_line(dyn_vit, tmp_path, capsys):

@@ -32,9 +32,9 @@ _ROLES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "QuantizeLinear": ((), (1, 2)),
     "ConvInteger": ((1,), (2, 3)),
     "MatMulInteger": ((0, 1), (2, 3)),
-    "QLinearConv": ((3,), (1, 2, 4, 5, 6, 7)),
+    "QLinearConv": ((3, 8), (1, 2, 4, 5, 6, 7)),  # 8: the int32 bias
     "QLinearMatMul": ((0, 3), (1, 2, 4, 5, 6, 7)),
-    "QGemm": ((0, 3), (1, 2, 4, 5, 7, 8)),
+    "QGemm": ((0, 3, 6), (1, 2, 4, 5, 7, 8)),  # 6: the bias
     "MatMulNBits": ((1,), (2, 3)),
     "GatherBlockQuantized": ((0,), (2, 3)),
 }
@@ -109,8 +109,14 @@ def weight_roles(nodes: Iterable[onnx.NodeProto], initializers: dict[str, Tensor
     """Initializer name -> number of weight values it stores (a quantized weight), or None (a quantization
     parameter: scale or zero point). Initializers of neither kind are absent."""
     roles: dict[str, int | None] = {}
+    nodes = list(nodes)
+    runtime_scales = {n.output[1] for n in nodes if n.op_type == "DynamicQuantizeLinear" and len(n.output) > 1}
     for node in nodes:
+        if node.op_type == "Mul" and runtime_scales & set(node.input):  # quantize_dynamic: x_scale * w_scale
+            roles.update((i, None) for i in node.input if i in initializers)
         spec = _ROLES.get(node.op_type)
+        if spec is None and node.op_type.startswith("QLinear"):  # QLinearAdd, QLinearGlobalAveragePool, ...
+            spec = ((), tuple(range(len(node.input))))
         if spec is None:
             continue
         weights, qparams = spec

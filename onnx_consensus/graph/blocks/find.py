@@ -11,7 +11,7 @@ from .norms import Norms
 from .ops import MERGE_OPS
 from .post_merge import MergeContext
 from .records import BlockReport, NotRemovable
-from .refusals import fused_merge, fused_notes, kv_cache, subgraph_blocks
+from .refusals import fused_merge, fused_notes, kv_cache, quantized_merge, subgraph_blocks
 from .units import UNITS, assign_stages, innermost, pair_layers
 
 
@@ -51,7 +51,7 @@ def find_blocks(model: onnx.ModelProto | gs.Graph, *, macs_per_node: dict[str, i
         return report
     found: list[Residual | NotRemovable] = []
     for node in index.nodes:
-        fused = fused_merge(node)
+        fused = fused_merge(node) or quantized_merge(index, node)
         if fused is not None:
             found.append(fused)
         elif node.op in MERGE_OPS:

@@ -96,6 +96,21 @@ def fused_merge(node) -> NotRemovable | None:
         f"into a plain norm, which is not done: prune the unoptimised export, then optimise")
 
 
+def quantized_merge(index: GraphIndex, node) -> NotRemovable | None:
+    """A residual ``QLinearAdd`` (QOperator quantization: one operand computed from the other): seen, not
+    removable, since its operands and its output are int8 tensors on three different scales."""
+    if node.op != "QLinearAdd" or len(node.inputs) < 4:
+        return None
+    a, b = node.inputs[0].name, node.inputs[3].name
+    if a not in index.ancestors(b)[0] and b not in index.ancestors(a)[0]:
+        return None
+    return NotRemovable(
+        node_key(node), (a, b),
+        "QLinearAdd (QOperator quantization): the merge adds int8 tensors quantized on their own scales, so its "
+        "entry cannot stand in for its exit; quantize in QDQ format (quant_format=QuantFormat.QDQ) to prune, or "
+        "prune the float model, then quantize")
+
+
 def fused_notes(index: GraphIndex) -> list[str]:
     """One note per kind of fused transformer op in the graph."""
     counts: dict[str, int] = {}
