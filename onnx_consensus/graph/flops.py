@@ -9,7 +9,7 @@ convolution and fully connected layers):
 * ``Gemm``: ``M * N * K`` (``transA`` / ``transB`` honoured)
 * ``MatMul`` (and ``MatMulInteger`` / ``QLinearMatMul``): ``prod(broadcast batch dims) * M * N * K``
   with numpy broadcasting and numpy's 1-D promotion rules.
-* com.microsoft ``MatMulNBits`` / ``QGemm``: ``quant.quantized_macs`` (other ops of that domain cost 0).
+* com.microsoft ``MatMulNBits`` / ``QGemm``: ``quant.quantized_macs``.
 
 * ``If``: its costlier branch (the branch a constant condition selects, when shapes inside the branches are
   only known once a branch is inlined); ``Loop`` and ``Scan``: one iteration of the body (``ModelCost.notes``).
@@ -32,7 +32,7 @@ import onnx
 from ..errors import InputError
 from .ir import tensor_spec
 from .shapes import all_graphs, infer_shapes, weight_free_copy
-from .quant import model_bytes, quantized_macs, weight_roles
+from .quant import QUANT_MAC_OPS, model_bytes, quantized_macs, weight_roles
 from .weights import FLOAT_TYPES, numel as _numel
 
 __all__ = ["ModelCost", "count_cost", "parse_input_shape"]
@@ -161,7 +161,7 @@ def _input_shape(node, idx, shapes):
 
 
 def _node_macs(node: onnx.NodeProto, shapes, found: dict[str, int] | None = None) -> int | None:
-    if node.domain == "com.microsoft":
+    if node.domain == "com.microsoft" and node.op_type in QUANT_MAC_OPS:
         return quantized_macs(node, shapes)
     op = node.op_type if node.domain in ("", "ai.onnx") else None
     if op in ("If", "Loop", "Scan"):

@@ -15,15 +15,16 @@ count as bytes, not as parameters.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import onnx
 from onnx import TensorProto
 
-__all__ = ["QUANTIZED_OPS", "QUANT_HEAD_OPS", "QDQ_OPS", "is_quantized", "is_runtime_scale", "float_source",
+from .weights import numel
+
+__all__ = ["QUANTIZED_OPS", "QUANT_HEAD_OPS", "QDQ_OPS", "is_runtime_scale", "float_source",
            "finetune_refusal", "quantized_ops", "weight_roles", "stored_bytes", "model_bytes",
-           "quantized_macs", "drop_requantization"]
+           "QUANT_MAC_OPS", "quantized_macs", "drop_requantization"]
 
 # Op type -> (weight input slots, quantization-parameter input slots). A weight slot counts only when it is an
 # initializer (the other operand of MatMulInteger is the activation).
@@ -47,10 +48,6 @@ _SUB_BYTE = {getattr(TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1", "I
 def quantized_ops(model: onnx.ModelProto) -> list[str]:
     """The quantized op types in ``model``'s main graph, sorted (empty for a float graph)."""
     return sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS or n.op_type.startswith("QLinear")})
-
-
-def is_quantized(model: onnx.ModelProto) -> bool:
-    return bool(quantized_ops(model))
 
 
 #: Weighted ops of quantized graphs that can make class scores (a classifier head).
@@ -101,10 +98,6 @@ def _bits(t: TensorProto) -> int:
     return onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize * 8
 
 
-def _numel(dims) -> int:
-    return int(math.prod(int(d) for d in dims))
-
-
 def weight_roles(nodes: Iterable[onnx.NodeProto], initializers: dict[str, TensorProto]) -> dict[str, int | None]:
     """Initializer name -> number of weight values it stores (a quantized weight), or None (a quantization
     parameter: scale or zero point). Initializers of neither kind are absent."""
@@ -127,7 +120,7 @@ def weight_roles(nodes: Iterable[onnx.NodeProto], initializers: dict[str, Tensor
             t = initializers.get(node.input[slot]) if slot < len(node.input) else None
             if t is None:
                 continue
-            n = _numel(t.dims)
+            n = numel(t.dims)
             if node.op_type == "MatMulNBits":
                 n = int(_attr(node, "N", 0)) * int(_attr(node, "K", 0)) or n * 8 // int(_attr(node, "bits", 4))
             elif node.op_type in _PACKED and t.data_type == TensorProto.UINT8:
@@ -136,11 +129,10 @@ def weight_roles(nodes: Iterable[onnx.NodeProto], initializers: dict[str, Tensor
     return roles
 
 
-def stored_bytes(t: TensorProto, values: int | None = None, bits: int | None = None) -> int:
-    """Bytes ``t`` takes as stored: its elements x stored bits (int4: half a byte), rounded up. ``values`` and
-    ``bits``: a packed tensor's value count and bits per value instead."""
-    n = _numel(t.dims) if values is None else values
-    return (n * (bits or _bits(t)) + 7) // 8
+def stored_bytes(t: TensorProto) -> int:
+    """Bytes ``t`` takes as stored: its elements x stored bits (int4: half a byte), rounded up (a uint8 tensor
+    packing 4-bit values: its bytes)."""
+    return (numel(t.dims) * _bits(t) + 7) // 8
 
 
 def model_bytes(model: onnx.ModelProto) -> int:
@@ -148,14 +140,18 @@ def model_bytes(model: onnx.ModelProto) -> int:
     return sum(stored_bytes(t) for t in model.graph.initializer)
 
 
+#: com.microsoft ops whose MACs ``quantized_macs`` counts.
+QUANT_MAC_OPS = ("MatMulNBits", "QGemm")
+
+
 def quantized_macs(node: onnx.NodeProto, shapes: dict) -> int | None:
     """MACs of a com.microsoft quantized matmul (``MatMulNBits``: prod(A[:-1]) x N x K; ``QGemm``: M x N x K);
-    0 for other ops of that domain this module knows; None when a shape is unknown."""
+    0 for other ops; None when a shape is unknown."""
     if node.op_type == "MatMulNBits":
         a = shapes.get(node.input[0])
         if a is None or any(d is None for d in a):
             return None
-        return _numel(a[:-1]) * int(_attr(node, "N", 0)) * int(_attr(node, "K", 0))
+        return numel(a[:-1]) * int(_attr(node, "N", 0)) * int(_attr(node, "K", 0))
     if node.op_type == "QGemm":
         a, b = shapes.get(node.input[0]), shapes.get(node.input[3])
         if a is None or b is None or any(d is None for d in (*a, *b)):
