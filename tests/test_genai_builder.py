@@ -121,3 +121,12 @@ def test_inspect_cli_prints_the_int4_parameters(tiny, capsys):
     info = json.loads((tiny / "build_info.json").read_text())
     assert "4 removable block(s); MACs " + f"{_per_token_macs(info):,}" in out
     assert "MACs per token" in out and "error" not in out
+
+
+def test_finetuning_the_int4_export_refused_in_one_line(tiny, calib, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main([str(tiny / "llama" / "genai_int4"), str(out), "--calib", str(calib), "--seq-len", "32", "--remove",
+                 "1", "--finetune-epochs", "1", "--no-latency", "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "quantized graph (MatMulNBits)" in err and "prune the float model" in err
+    assert not out.exists()

@@ -32,6 +32,7 @@ from ..graph.decoder import (FUSED, DecoderReport, cache_names, dummy_feed, expo
                              find_decoder_layers, prefill_feed)
 from ..graph.flops import count_params
 from ..graph.ir import load_model_and_layout
+from ..graph.quant import finetune_refusal, quantized_ops
 from ..graph.kv_surgery import prune_folder, remove_layers
 from ..metrics import get_metric, resolve_metrics
 from ..options import DEFAULT_CRITERION, Options
@@ -153,6 +154,8 @@ def prune_decoder(model_path: str | os.PathLike, text, options: Options | None =
     path = model_file(source)
     folder = os.path.isdir(source)
     model, external = load_model_and_layout(path)
+    if options.finetune is not None and options.finetune.epochs > 0 and quantized_ops(model):
+        raise InputError(finetune_refusal(quantized_ops(model)))
     original_report = find_decoder_layers(model)
     work = expose_residual_sums(model) if original_report.form == FUSED else model
     report = find_decoder_layers(work) if work is not model else original_report
