@@ -304,3 +304,17 @@ def test_output_kl_of_layers_is_against_the_original_logits(form, monkeypatch):
         assert [b.scores["output_kl"] for b in cur.blocks] != [b.scores["output_kl"] for b in r.blocks]
     with pytest.raises(InputError, match="global"):
         score_layers(work, report, ids, metrics=("output_kl",), scope="local")
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_inspect_decoder_macs_per_token(form, tmp_path, capsys):
+    """inspect on a decoder export: its layers and MACs per token (batch 1, one token, an empty cache): per layer
+    the six D x D projections and q.k, p.v over the one position; the LM head D x V."""
+    path = tmp_path / "m.onnx"
+    onnx.save_model(synthetic_decoder(form), str(path))
+    assert main(["inspect", str(path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    d = 8
+    assert out["unit"] == "decoder layer" and len(out["blocks"]) == 4
+    assert out["macs"] == 4 * (6 * d * d + 2 * d) + d * V
+    assert [b["macs"] for b in out["blocks"]] == [6 * d * d + 2 * d] * 4
