@@ -401,18 +401,17 @@ def expose_residual_sums(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def prefill_feed(model: onnx.ModelProto, input_ids: np.ndarray, *, past: int = 0,
-                 config: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+def prefill_feed(model: onnx.ModelProto, input_ids: np.ndarray, *, past: int = 0) -> dict[str, np.ndarray]:
     """The inputs of a decoder export for ``input_ids`` (batch, seq) int64, as a prefill after ``past``
     cached positions: attention_mask of ones (batch, past + seq), position_ids past..past+seq-1 (when the
     model takes them), cache inputs zero-filled (batch, kv_heads, past, head_dim) in their declared dtype
     (past=0: the zero-length cache used for scoring). Symbolic cache dims are read by position: 0 batch,
-    2 past length; a symbolic head count or head size from the graph (``kv_dims.cache_dims``; ``config``:
-    ``kv_dims.genai_dims`` of the folder). Raises InputError for an input it cannot fill."""
+    2 past length; a symbolic head count or head size from the graph (``kv_dims.symbolic_cache_dims``).
+    Raises InputError for an input it cannot fill."""
     input_ids = np.asarray(input_ids)
     batch, seq = input_ids.shape
     inits = {i.name for i in model.graph.initializer}
-    sized = symbolic_cache_dims(model, config)
+    sized = symbolic_cache_dims(model)
     feed = {}
     for vi in model.graph.input:
         if vi.name in inits:
@@ -436,8 +435,7 @@ def prefill_feed(model: onnx.ModelProto, input_ids: np.ndarray, *, past: int = 0
 
 
 def dummy_feed(model: onnx.ModelProto, *, batch: int = 1, seq: int = 4, past: int = 0, seed: int = 0,
-               vocab: int | None = None, config: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+               vocab: int | None = None) -> dict[str, np.ndarray]:
     """``prefill_feed`` of random token ids in [0, vocab) (default [0, 2)), shape (batch, seq)."""
     ids = np.random.default_rng(seed).integers(0, vocab or 2, (batch, seq))
-    return prefill_feed(model, ids, past=past, config=config)
-
+    return prefill_feed(model, ids, past=past)

@@ -31,8 +31,8 @@ import onnx
 
 from ..errors import InputError
 from .ir import tensor_spec
-from .shapes import all_graphs, infer_shapes, weight_free_copy
 from .quant import QUANT_MAC_OPS, model_bytes, quantized_macs, weight_roles
+from .shapes import all_graphs, infer_shapes, weight_free_copy
 from .weights import FLOAT_TYPES, numel as _numel
 
 __all__ = ["ModelCost", "count_cost", "parse_input_shape"]
