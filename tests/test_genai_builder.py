@@ -130,3 +130,23 @@ def test_finetuning_the_int4_export_refused_in_one_line(tiny, calib, tmp_path, c
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "quantized graph (MatMulNBits)" in err and "prune the float model" in err
     assert not out.exists()
+
+
+def test_tied_int4_embeddings_gather_block_quantized(tiny, calib, tmp_path, capsys):
+    """With tied embeddings the int4 export reads its embeddings through GatherBlockQuantized from the LM head's
+    packed weight: inspected (the MACs per token of the untied export, parameters without the second copy of
+    the embeddings), pruned, and the folder generates like the export of the PyTorch model with that layer gone."""
+    og = pytest.importorskip("onnxruntime_genai")
+    src = tiny / "llama_tied" / "genai_int4"
+    model = onnx.load(str(src / "model.onnx"), load_external_data=False)
+    assert any(n.op_type == "GatherBlockQuantized" for n in model.graph.node)
+    info = json.loads((tiny / "build_info.json").read_text())
+    out = inspect(src)
+    assert out["macs"] == _per_token_macs(info)
+    assert out["params"] == inspect(tiny / "llama" / "genai_int4")["params"] - 64 * 256  # one embedding matrix
+    dst, rep = tmp_path / "out", tmp_path / "r.json"
+    assert main([str(src), str(dst), "--calib", str(calib), "--seq-len", "32", "--remove", "1", "--no-latency",
+                 "-q", "--report", str(rep)]) == 0, capsys.readouterr().err
+    (layer,) = [x["index"] for x in json.loads(rep.read_text())["removed"]]
+    got = genai_generate(og, dst, 20, prompt=PROMPT)
+    assert got == genai_generate(og, tiny / f"llama_tied_drop{layer}" / "genai_int4", 20, prompt=PROMPT)

@@ -316,8 +316,10 @@ def build_tiny(out: Path, precisions=TINY_PRECISIONS) -> Path:
     """Random-weight (seed 0, ``initializer_range`` 0.3 so that greedy tokens vary) LlamaForCausalLM of the TINY
     config (4 layers, hidden 64, GQA 4/2 heads, head size 16, vocab 256) and its exports by the onnxruntime-genai
     builder, in-process (seconds): ``out/llama/{hf,genai_<precision>}`` and, for each layer i, the model with
-    layer i deleted in PyTorch before export, ``out/llama_drop<i>/{hf,genai_<precision>}``. ``out/build_info.json``
-    records the versions and the PyTorch parameter count. Idempotent: done when build_info.json exists."""
+    layer i deleted in PyTorch before export, ``out/llama_drop<i>/{hf,genai_<precision>}``; the same with tied
+    embeddings, int4 only (the builder then quantizes the embeddings too: ``GatherBlockQuantized``), as
+    ``out/llama_tied[_drop<i>]/{hf,genai_int4}``. ``out/build_info.json`` records the versions and the PyTorch
+    parameter count of the untied model. Idempotent: done when build_info.json exists."""
     if (out / "build_info.json").exists():
         return out
     import contextlib
@@ -329,18 +331,21 @@ def build_tiny(out: Path, precisions=TINY_PRECISIONS) -> Path:
     from onnxruntime_genai.models.builder import create_model, parse_extra_options
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=TINY_VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=0, **TINY)
-    model = LlamaForCausalLM(cfg).eval()
-    n = cfg.num_hidden_layers
-    variants = {"llama": model}
-    for i in range(n):
-        variants[f"llama_drop{i}"] = _without_layers(model, (i,))
-    for name, m in variants.items():
+    variants = {}
+    for name, tied in (("llama", False), ("llama_tied", True)):  # tied: int4 embeddings as GatherBlockQuantized
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=TINY_VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                          **{**TINY, "tie_word_embeddings": tied})
+        model = LlamaForCausalLM(cfg).eval()
+        variants[name] = (model, ("int4",) if tied else precisions)
+        for i in range(cfg.num_hidden_layers):
+            variants[f"{name}_drop{i}"] = (_without_layers(model, (i,)), variants[name][1])
+    model = variants["llama"][0]
+    for name, (m, kinds) in variants.items():
         hf = out / name / "hf"
         m.save_pretrained(hf, safe_serialization=True)
         _tiny_tokenizer(hf)
-        for precision in precisions:
+        for precision in kinds:
             dst = out / name / f"genai_{precision}"
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 extra = parse_extra_options(None, str(hf), str(dst), precision, "cpu", str(out / "work"), None)

@@ -24,7 +24,7 @@ from .weights import numel
 
 __all__ = ["QUANTIZED_OPS", "QUANT_HEAD_OPS", "QDQ_OPS", "is_runtime_scale", "float_source",
            "finetune_refusal", "quantized_ops", "weight_roles", "stored_bytes", "model_bytes",
-           "QUANT_MAC_OPS", "quantized_macs", "drop_requantization"]
+           "QUANT_MAC_OPS", "quantized_macs", "drop_requantization", "infer_gather_block_quantized"]
 
 # Op type -> (weight input slots, quantization-parameter input slots). A weight slot counts only when it is an
 # initializer (the other operand of MatMulInteger is the activation).
@@ -138,6 +138,19 @@ def stored_bytes(t: TensorProto) -> int:
 def model_bytes(model: onnx.ModelProto) -> int:
     """Bytes of the main graph's initializers as stored (a uint8-packed int4 weight: its bytes)."""
     return sum(stored_bytes(t) for t in model.graph.initializer)
+
+
+def infer_gather_block_quantized(sym, node) -> None:
+    """Shape rule for ``GatherBlockQuantized`` in onnxruntime's SymbolicShapeInference (``sym``; its own rule
+    takes the uint8-packed data's last dim, half the real one at 4 bits, and then fails on the MatMulNBits
+    that reads the result): indices' shape + the data's remaining dims, the last one unpacked."""
+    data, idx = sym._get_shape(node, 0), sym._get_shape(node, 1)
+    axis = int(_attr(node, "gather_axis", 0)) % len(data)
+    dims = list(data[:axis]) + list(idx) + list(data[axis + 1:])
+    if sym.known_vi_[node.input[0]].type.tensor_type.elem_type == TensorProto.UINT8 and isinstance(dims[-1], int):
+        dims[-1] = dims[-1] * 8 // int(_attr(node, "bits", 4))
+    elem = sym.known_vi_[node.input[2]].type.tensor_type.elem_type  # the scales' type: the output's
+    sym.known_vi_[node.output[0]].CopyFrom(onnx.helper.make_tensor_value_info(node.output[0], elem, dims))
 
 
 #: com.microsoft ops whose MACs ``quantized_macs`` counts.

@@ -22,6 +22,7 @@ a symbolic name and a missing value are all dynamic (``ir.tensor_spec`` reads th
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import logging
 import os
@@ -35,6 +36,7 @@ import onnx
 from onnx import TensorProto
 
 from ..errors import InputError
+from .quant import infer_gather_block_quantized
 from .weights import is_weight
 
 __all__ = ["InferredShapes", "ShapeMap", "infer_shapes", "weight_free_copy", "ranks_known", "all_graphs"]
@@ -263,6 +265,7 @@ def _symbolic_inference(model: onnx.ModelProto, shapes: ShapeMap) -> onnx.ModelP
     sym = None
     try:
         sym = cls(2**31 - 1, True, False, 0)  # int_max, auto_merge, guess_output_rank, verbose
+        sym.dispatcher_["GatherBlockQuantized"] = functools.partial(infer_gather_block_quantized, sym)
         step = sym._infer_impl
         sym._preprocess(model)
         while sym.run_:
