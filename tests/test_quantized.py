@@ -110,7 +110,8 @@ def test_qdq_removal_keeps_each_tensor_on_its_own_scale(qdq):
     x = _images(R56_CALIB)
     fpruned = remove_blocks(float_model, [fblocks[i] for i in pick])
     top_q, top_f = _top1(pruned, x), _top1(fpruned, x)
-    agree_q, agree_f = (top_q == _original_top1(qdq, R56_CALIB)).mean(), (top_f == _original_top1(R56, R56_CALIB)).mean()
+    agree_q = (top_q == _original_top1(qdq, R56_CALIB)).mean()
+    agree_f = (top_f == _original_top1(R56, R56_CALIB)).mean()
     assert abs(agree_q - agree_f) <= 0.05 and (top_q == top_f).mean() >= 0.95
 
 
@@ -216,7 +217,8 @@ def test_int4_and_packed_gather_weights_counted_by_values():
     nodes = [helper.make_node("DequantizeLinear", ["w4", "s"], ["w"]),
              helper.make_node("GatherBlockQuantized", ["emb", "ids", "es"], ["e"], domain="com.microsoft", bits=4,
                               block_size=16)]
-    scales = [numpy_helper.from_array(np.ones(6, np.float32), "s"), numpy_helper.from_array(np.ones((10, 1), np.float32), "es")]
+    scales = [numpy_helper.from_array(np.ones(6, np.float32), "s"),
+              numpy_helper.from_array(np.ones((10, 1), np.float32), "es")]
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [2])],
                           [helper.make_tensor_value_info("w", TensorProto.FLOAT, [8, 6]),
                            helper.make_tensor_value_info("e", TensorProto.FLOAT, [2, 16])], [w4, emb, *scales])

@@ -42,12 +42,14 @@ _ROLES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
 #: Ops that make a graph quantized (QLinear* ops are too, by prefix).
 QUANTIZED_OPS = tuple(_ROLES) + ("DynamicQuantizeLinear", "QAttention", "QOrderedMatMul", "DynamicQuantizeLSTM")
 _PACKED = ("MatMulNBits", "GatherBlockQuantized")  # uint8 storage holding ``bits``-bit values
-_SUB_BYTE = {getattr(TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2") if hasattr(TensorProto, n)}
+_SUB_BYTE = {getattr(TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2")
+             if hasattr(TensorProto, n)}
 
 
 def quantized_ops(model: onnx.ModelProto) -> list[str]:
     """The quantized op types in ``model``'s main graph, sorted (empty for a float graph)."""
-    return sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS or n.op_type.startswith("QLinear")})
+    return sorted({n.op_type for n in model.graph.node
+                   if n.op_type in QUANTIZED_OPS or n.op_type.startswith("QLinear")})
 
 
 #: Weighted ops of quantized graphs that can make class scores (a classifier head).
