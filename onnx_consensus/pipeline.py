@@ -322,6 +322,7 @@ def _no_removable_block(source: Source, model: onnx.ModelProto, options: Options
         why = "no residual merge in the graph"
     result = PruneResult(model=source.model, original_blocks=found, macs_before=cost.total_macs,
                          macs_after=cost.total_macs, params_before=cost.params, params_after=cost.params,
+                         weight_bytes_before=cost.weight_bytes, weight_bytes_after=cost.weight_bytes,
                          stop_reason=f"no removable block: {why}")
     log.info("no removable block: %s", why)
     report = build_report(result, options={"input": source.path, **options.to_flags()}, input_path=source.path,

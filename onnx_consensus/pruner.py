@@ -55,6 +55,8 @@ class PruneResult:
     macs_after: int | None = None
     params_before: int = 0
     params_after: int = 0
+    weight_bytes_before: int = 0  # initializers as stored (int8: 1 byte a value, int4: 1/2)
+    weight_bytes_after: int = 0
     stop_reason: str = ""
     collapse: str | None = None
     holdout_samples: int = 0
@@ -111,7 +113,8 @@ def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = 
     _validate(criterion, target, originals)
     # Token masks are resolved (and any guess logged) once, then passed to every round as overrides.
     token_mask = tuple(f"{m.name}:{m.polarity}" for m in token_masks(model, criterion.token_mask).values())
-    result = PruneResult(model=model, original_blocks=report, macs_before=cost.total_macs, params_before=cost.params)
+    result = PruneResult(model=model, original_blocks=report, macs_before=cost.total_macs, params_before=cost.params,
+                         weight_bytes_before=cost.weight_bytes, weight_bytes_after=cost.weight_bytes)
     if not report.blocks and not target.plan:  # nothing to score: no inference at all, whatever the target
         result.stop_reason = f"no removable block: {report.refusal or 'none found'}"
         result.macs_after, result.params_after = cost.total_macs, cost.params
@@ -216,6 +219,7 @@ def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = 
     result.model = current
     after = count_cost(current, run.input_shapes or None)
     result.macs_after, result.params_after = after.total_macs, after.params
+    result.weight_bytes_after = after.weight_bytes
     result.fidelity = check(current)
     if (target.plan or not auto) and result.removals:  # an explicit target may wreck the model: say so plainly
         collapsed = result.fidelity.collapse()

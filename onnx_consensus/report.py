@@ -65,6 +65,8 @@ def build_report(result: PruneResult, *, options: Mapping, input_path: str | Non
                  "ratio": _ratio(result.macs_after, result.macs_before)},
         "params": {"before": result.params_before, "after": result.params_after,
                    "ratio": _ratio(result.params_after, result.params_before)},
+        "weight_bytes": {"before": result.weight_bytes_before, "after": result.weight_bytes_after,
+                         "ratio": _ratio(result.weight_bytes_after, result.weight_bytes_before)},
         "fidelity": result.fidelity.to_json() if result.fidelity else None,
         "feature": _feature(result),
         "collapse": result.collapse,
@@ -153,6 +155,9 @@ def summary_table(report: Mapping) -> str:
 
     rows.append(("MACs", _fmt_int(macs["before"]), _fmt_int(macs["after"]), change(macs["ratio"])))
     rows.append(("parameters", _fmt_int(params["before"]), _fmt_int(params["after"]), change(params["ratio"])))
+    wb = report.get("weight_bytes")
+    if wb and wb["before"]:
+        rows.append(("weights, bytes as stored", _fmt_int(wb["before"]), _fmt_int(wb["after"]), change(wb["ratio"])))
     lat = report.get("latency")
     if lat:
         for bs, v in lat.items():

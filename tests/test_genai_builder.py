@@ -108,7 +108,9 @@ def test_cli_prunes_and_the_folder_generates_like_the_reference(tiny, calib, tmp
     code = main([str(src), str(out), "--calib", str(calib), "--seq-len", "32", "--unit", "layer", "--remove", "1",
                  "--no-latency", "-q", "--report", str(rep)])
     assert code == 0, capsys.readouterr().err
-    (layer,) = [x["index"] for x in json.loads(rep.read_text())["removed"]]
+    report = json.loads(rep.read_text())
+    (layer,) = [x["index"] for x in report["removed"]]
+    assert report["weight_bytes"]["before"] == inspect(src)["weight_bytes"] > report["weight_bytes"]["after"]
     got = genai_generate(og, out, 20, prompt=PROMPT)
     assert len(got) == 20
     assert got == genai_generate(og, tiny / f"llama_drop{layer}" / f"genai_{precision}", 20, prompt=PROMPT)

@@ -124,7 +124,10 @@ def _prune_like_float(src: str, float_src: str, calib: str, tmp_path, *extra: st
     onnx.checker.check_model(str(out), full_check=True)
     written = onnx.load(str(out))
     assert interface(written) == interface(onnx.load(src))
-    removed = json.loads(rep.read_text())["removed_ids"]
+    report = json.loads(rep.read_text())
+    removed = report["removed_ids"]
+    size = report["weight_bytes"]  # as stored: the quantized weights' bytes, not float32's
+    assert size["before"] == inspect(src)["weight_bytes"] and size["after"] == model_bytes(written) < size["before"]
     float_model = onnx.load(float_src)
     fpruned = remove_blocks(float_model, [b for b in find_blocks(float_model, macs_per_node={}).blocks
                                           if b.id in removed])

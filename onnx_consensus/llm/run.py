@@ -32,7 +32,7 @@ from ..graph.decoder import (FUSED, DecoderReport, cache_names, dummy_feed, expo
                              find_decoder_layers, prefill_feed)
 from ..graph.flops import count_params
 from ..graph.ir import load_model_and_layout
-from ..graph.quant import finetune_refusal, quantized_ops
+from ..graph.quant import finetune_refusal, model_bytes, quantized_ops
 from ..graph.kv_surgery import prune_folder, remove_layers
 from ..metrics import get_metric, resolve_metrics
 from ..options import DEFAULT_CRITERION, Options
@@ -254,6 +254,7 @@ def prune_decoder(model_path: str | os.PathLike, text, options: Options | None =
         "perplexity": quality,
         "params": {"before": params_before, "after": params_after,
                    "ratio": params_after / params_before if params_before else None},
+        "weight_bytes": {"before": model_bytes(model), "after": model_bytes(outcome.model)},
         "throughput": speed,
         "rounds": [r.to_json() for r in rounds],
         "finetune": ft_info,
@@ -400,6 +401,9 @@ def summary(report: dict) -> str:
     lines.append("")
     lines.append(f"parameters        {p['before']:>12,} -> {p['after']:,}"
                  + (f" ({(p['ratio'] - 1) * 100:+.2f}%)" if p.get("ratio") else ""))
+    if report.get("weight_bytes"):
+        b = report["weight_bytes"]
+        lines.append(f"bytes as stored   {b['before']:>12,} -> {b['after']:,}")
     for k, v in (report.get("perplexity") or {}).items():
         if "before" in v:
             lines.append(f"perplexity ({k}, {v['windows']} windows)  {v['before']:.2f} -> {v['after']:.2f}")
