@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 
 from .errors import InputError
-from .graph.weights import set_location, write_external
+from .graph.weights import relocate, write_external
 from .runtime import make_session
 
 TWO_GB = 2**31 - 1
@@ -149,8 +149,7 @@ def _save_external(model, path, check_feed, threads, checker: bool = True) -> st
         if check_feed is not None:
             sess = make_session(model, level="basic", threads=threads)
             sess.run(None, {i.name: check_feed[i.name] for i in sess.get_inputs()})
-        for t in out.graph.initializer:
-            set_location(t, data_name)
+        relocate(out, data_name)
         onnx.save_model(out, tmp)
         os.replace(tmp_data, os.path.join(folder, data_name))
         os.replace(tmp, path)

@@ -31,6 +31,7 @@ from .graph.heads import choose_feature, output_kinds
 from .graph.ir import interface, load_model, load_model_and_layout
 from .graph.precision import float32_shadow, is_bfloat16
 from .graph.surgery import remove_blocks
+from .graph.weights import all_tensors
 from .io import check_output_path, save_model_atomic
 from .metrics.presets import check_names
 from .options import (BN_FREEZE_BELOW, CriterionOptions, DataOptions, FinetuneConfig, Options, OutputOptions,
@@ -110,7 +111,7 @@ def check_output(out_path: str | os.PathLike, source: Source) -> str:
     path = check_output_path(out_path, source.path)
     data_out = path + ".data"
     if source.external and os.path.exists(data_out):
-        for t in source.model.graph.initializer:
+        for t in all_tensors(source.model):
             for entry in t.external_data:
                 if entry.key == "location" and os.path.exists(entry.value) and os.path.samefile(entry.value, data_out):
                     raise InputError(f"the output's weights would go to {data_out}, which holds the input's "

@@ -37,6 +37,7 @@ from .blocks import Block
 from .decoder import FUSED, SKIP_NORMS, DecoderLayer, DecoderReport, find_decoder_layers
 from .ir import from_gs, node_key, to_gs
 from .surgery import rewire
+from .weights import all_tensors
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +289,7 @@ def prune_folder(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, layers:
     else:  # a copy: writing moves its tensors' bytes (and locations) into the new data file
         out = onnx.ModelProto()
         out.CopyFrom(pruned)
-    external = external or any(_is_external(t) for t in out.graph.initializer)
+    external = external or any(_is_external(t) for t in all_tensors(out))
     kept = [i for i in range(report.cache.n_layers) if i not in chosen]
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst_dir)}.", dir=os.path.dirname(dst_dir))
     try:
@@ -301,7 +302,7 @@ def prune_folder(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, layers:
         path = os.path.join(tmp, model_name)
         if external:  # weights streamed tensor by tensor from the input's data file (4 KiB aligned)
             with open(os.path.join(tmp, f"{model_name}.data"), "wb") as f:
-                for t in out.graph.initializer:
+                for t in all_tensors(out):
                     _inline_if_small(t)
                 write_external(out, f, f"{model_name}.data")
                 empty = f.tell() == 0
@@ -345,4 +346,4 @@ def _is_external(t: onnx.TensorProto) -> bool:
 def _external_files(path: str) -> set[str]:
     """Names of the external data files ``path``'s initializers point to (relative to its folder)."""
     m = onnx.load(path, load_external_data=False)
-    return {e.value for t in m.graph.initializer for e in t.external_data if e.key == "location"}
+    return {e.value for t in all_tensors(m) for e in t.external_data if e.key == "location"}
