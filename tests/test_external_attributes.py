@@ -59,16 +59,28 @@ def save_attributes_external(model, path):
                     location="model.onnx_data", size_threshold=16, convert_attribute=True)
 
 
+def _attribute_tensors(graph):
+    """The tensors of ``graph``'s node attributes, subgraphs included (walked here, independently of the
+    package's ``weights.other_tensors``)."""
+    for n in graph.node:
+        for a in n.attribute:
+            if a.HasField("t"):
+                yield a.t
+            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                yield from g.initializer
+                yield from _attribute_tensors(g)
+
+
 def _external_attributes(path) -> int:
     m = onnx.load(path, load_external_data=False)
-    return sum(1 for t in weights.other_tensors(m) if t.data_location == onnx.TensorProto.EXTERNAL)
+    return sum(1 for t in _attribute_tensors(m.graph) if t.data_location == onnx.TensorProto.EXTERNAL)
 
 
-@pytest.mark.parametrize("inline_max", [weights.INLINE_MAX_BYTES, 0])
+@pytest.mark.parametrize("inline_max", [2**20, 0])
 def test_external_attribute_tensors_inspect_prune_write(tmp_path, monkeypatch, capsys, inline_max):
     """inline_max 0: attribute tensors stay in the data file after loading (sessions read them inline, the
     writer streams them into the output's data file), as a Constant over INLINE_MAX_BYTES would."""
-    monkeypatch.setattr(weights, "INLINE_MAX_BYTES", inline_max)
+    monkeypatch.setattr(weights, "INLINE_MAX_BYTES", inline_max, raising=False)
     model = constants_model()
     src_dir, out_dir = tmp_path / "in", tmp_path / "out"
     src_dir.mkdir()
@@ -90,7 +102,8 @@ def test_external_attribute_tensors_inspect_prune_write(tmp_path, monkeypatch, c
     assert sorted(os.listdir(out_dir)) == ["p.onnx", "p.onnx.data"] and temporaries(out_dir) == []
     onnx.checker.check_model(str(out), full_check=True)
     written = onnx.load(out, load_external_data=False)
-    locations = {e.value for t in weights.all_tensors(written) for e in t.external_data if e.key == "location"}
+    tensors = list(written.graph.initializer) + list(_attribute_tensors(written.graph))
+    locations = {e.value for t in tensors for e in t.external_data if e.key == "location"}
     assert locations == {"p.onnx.data"}
     import json
 
@@ -106,7 +119,7 @@ def test_loaded_attribute_tensors_are_inline_and_confined(tmp_path):
     folder in a subgraph's Constant is refused like an initializer's."""
     save_attributes_external(constants_model(), tmp_path / "model.onnx")
     m = load_model(tmp_path / "model.onnx")
-    assert not any(weights.is_external(t) for t in weights.other_tensors(m))
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in _attribute_tensors(m.graph))
     raw = onnx.load(tmp_path / "model.onnx", load_external_data=False)
     branch = next(n for n in raw.graph.node if n.op_type == "If").attribute[0].g
     for e in branch.node[0].attribute[0].t.external_data:
