@@ -13,8 +13,9 @@ import os
 #: Share of physical RAM one tensor (declared, or computed by ConstantOfShape/Expand/Tile) or one decoded
 #: data file may take.
 MEMORY_FRACTION = 0.5
-#: Deepest nesting of If/Loop/Scan bodies accepted (real exports nest 1-3 levels).
-MAX_SUBGRAPH_DEPTH = 32
+#: Deepest nesting of If/Loop/Scan bodies accepted (real exports nest 1-3 levels; protobuf itself parses
+#: about 33, its message depth limit of 100 over graph -> node -> attribute).
+MAX_SUBGRAPH_DEPTH = 16
 _FALLBACK_RAM = 8 * 2**30  # where the platform does not say how much RAM there is
 
 

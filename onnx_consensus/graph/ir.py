@@ -14,6 +14,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..errors import ConsensusError, InputError
+from .sanity import check_model
 from .weights import absolute_locations, all_tensors
 
 MODEL_FIELDS = ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string")
@@ -48,6 +49,7 @@ def load_model_and_layout(path: str | os.PathLike, *,
         external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in all_tensors(model))
         if external and load_external_data:
             absolute_locations(model, os.path.dirname(os.path.abspath(path)))
+        check_model(model)
     except ConsensusError as exc:
         raise type(exc)(f"cannot read {path}: {exc}") from None
     except Exception as exc:  # protobuf DecodeError, missing external data, ...
