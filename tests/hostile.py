@@ -32,17 +32,26 @@ def _append(model, nodes, inits=(), output=None):
 # ------------------------------------------------------------------ graphs (each takes a size parameter k >= 1)
 
 def cycle(model, k):
-    """The first node reads the output of the k-th node after it."""
+    """Node i (the k-th, modulo the count) reads the output of a node downstream of it (or its own)."""
     nodes = model.graph.node
-    j = min(k, len(nodes) - 1)
-    nodes[0].input[0] = nodes[j].output[0]
+    i = k % len(nodes)
+    downstream, frontier = [], {nodes[i].output[0]}
+    for n in nodes[i + 1:]:
+        if frontier & set(n.input):
+            downstream.append(n)
+            frontier |= set(n.output)
+    last = downstream[-1] if downstream else nodes[i]
+    if nodes[i].input:
+        nodes[i].input[0] = last.output[0]
+    else:
+        nodes[i].input.append(last.output[0])
     return model
 
 
 def duplicate_output(model, k):
-    """Node k produces the tensor node 0 produces."""
+    """Node k (modulo the count, never 0) produces the tensor node 0 produces."""
     nodes = model.graph.node
-    nodes[min(k, len(nodes) - 1)].output[0] = nodes[0].output[0]
+    nodes[1 + k % (len(nodes) - 1)].output[0] = nodes[0].output[0]
     return model
 
 
@@ -80,13 +89,17 @@ def constant_of_shape(model, k):
 
 
 def expand(model, k):
-    shape = numpy_helper.from_array(np.array([HUGE // WIDTH * k, WIDTH], np.int64), "big_shape")
-    return _append(model, [helper.make_node("Expand", ["x", "big_shape"], ["big"])], [shape], "big")
+    shape = numpy_helper.from_array(np.array([HUGE * k, 1], np.int64), "big_shape")
+    x = model.graph.input[0].name
+    return _append(model, [helper.make_node("Expand", [x, "big_shape"], ["big"])], [shape], "big")
 
 
 def tile(model, k):
-    reps = helper.make_node("Constant", [], ["reps"], value=numpy_helper.from_array(np.array([HUGE, k], np.int64)))
-    return _append(model, [reps, helper.make_node("Tile", ["x", "reps"], ["big"])], (), "big")
+    x = model.graph.input[0]
+    rank = len(x.type.tensor_type.shape.dim) or 2
+    reps = helper.make_node("Constant", [], ["reps"],
+                            value=numpy_helper.from_array(np.array([HUGE * k] + [1] * (rank - 1), np.int64)))
+    return _append(model, [reps, helper.make_node("Tile", [x.name, "reps"], ["big"])], (), "big")
 
 
 def huge_attribute_tensor(model, k):
@@ -98,7 +111,10 @@ def huge_attribute_tensor(model, k):
 def short_tensor(model, k):
     """An initializer whose raw data is k bytes short of its dims."""
     t = model.graph.initializer[0]
-    t.raw_data = t.raw_data[: max(len(t.raw_data) - k, 0)]
+    t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t), t.name))  # raw_data, whatever it was
+    t.raw_data = t.raw_data[: max(len(t.raw_data) - k, 0)] if len(t.raw_data) else b""
+    if not t.dims or int(np.prod(t.dims)) == 0:
+        t.dims.append(k)
     return model
 
 
@@ -137,3 +153,63 @@ def png_header(path, width, height):
     ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
     with open(path, "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+# ------------------------------------------------------------------ external data (model saved in folder d)
+
+def _repoint(path, location=None, *, offset=None, length=None):
+    m = onnx.load(path, load_external_data=False)
+    t = next(t for t in m.graph.initializer if t.data_location == TensorProto.EXTERNAL)
+    for e in t.external_data:
+        if e.key == "location" and location is not None:
+            e.value = location
+        elif e.key == "offset" and offset is not None:
+            e.value = str(offset)
+        elif e.key == "length" and length is not None:
+            e.value = str(length)
+    onnx.save(m, path)
+
+
+def parent_escape(path, secret, k):
+    _repoint(path, "/".join([".."] * k) + "/" + secret.name if k > 1 else "../" + secret.name)
+
+
+def absolute_location(path, secret, k):
+    _repoint(path, str(secret))
+
+
+def symlink_out(path, secret, k):
+    import os
+
+    os.symlink(secret, path.parent / f"link{k}.bin")
+    _repoint(path, f"link{k}.bin")
+
+
+def fifo(path, secret, k):
+    import os
+
+    os.mkfifo(path.parent / f"fifo{k}.bin")
+    _repoint(path, f"fifo{k}.bin")
+
+
+def device(path, secret, k):
+    import os
+
+    os.symlink("/dev/zero", path.parent / f"zero{k}.bin")
+    _repoint(path, f"zero{k}.bin")
+
+
+def offset_beyond(path, secret, k):
+    _repoint(path, offset=10**6 * k)
+
+
+def length_beyond(path, secret, k):
+    _repoint(path, length=10**9 * k)
+
+
+def negative_offset(path, secret, k):
+    _repoint(path, offset=-k)
+
+
+EXTERNAL_CASES = {f.__name__: f for f in (parent_escape, absolute_location, symlink_out, fifo, device, offset_beyond,
+                                          length_beyond, negative_offset)}
