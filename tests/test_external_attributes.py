@@ -131,3 +131,30 @@ def test_loaded_attribute_tensors_are_inline_and_confined(tmp_path):
     os.replace(tmp_path / "model.onnx_data", tmp_path / "sub" / "model.onnx_data")
     code = main(["inspect", str(tmp_path / "sub" / "model.onnx")])
     assert code == 2
+
+
+def test_decoder_folder_with_external_constants(tmp_path):
+    """An optimum-like export folder whose Constant nodes keep their tensors in the data file (every
+    initializer of the synthetic decoder turned into a Constant): the pruned folder equals the decoder built
+    without the layer."""
+    from onnx_consensus.graph.decoder import dummy_feed
+    from onnx_consensus.graph.kv_surgery import prune_folder
+    from tests.test_decoder_llm import V, _session, synthetic_decoder
+
+    model = synthetic_decoder("plain")
+    g = model.graph
+    consts = [helper.make_node("Constant", [], [t.name], value=t) for t in g.initializer]
+    del g.initializer[:]
+    for n in reversed(consts):
+        g.node.insert(0, n)
+    src = tmp_path / "src"
+    src.mkdir()
+    onnx.save_model(model, str(src / "model.onnx"), save_as_external_data=True, location="model.onnx_data",
+                    size_threshold=0, convert_attribute=True)
+    assert _external_attributes(src / "model.onnx") == len(consts)
+    prune_folder(src, tmp_path / "out", [2])
+    pruned = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    ref = _session(synthetic_decoder("plain", [0, 1, 3]))
+    feed = dummy_feed(pruned, batch=1, seq=3, vocab=V)
+    for a, b in zip(_session(pruned).run(None, feed), ref.run(None, feed)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
