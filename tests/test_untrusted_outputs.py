@@ -166,3 +166,29 @@ def test_calibration_symlinks_out_of_the_folder(tmp_path, capsys):
     os.remove(calib / "b.npy")
     os.mkfifo(calib / "c.npy")  # a FIFO would block the header read forever
     assert main(argv) == 2 and "not a regular file" in capsys.readouterr().err
+
+
+def test_decoder_text_and_tokenizer_links_out_of_their_folders(tmp_path):
+    """Text folders and the tokenizer found beside a model follow the data folders' rule; a --tokenizer the
+    user names is read wherever it is."""
+    from onnx_consensus.errors import UnsafePathError
+    from onnx_consensus.llm.text import find_tokenizer, load_text
+    from tests.test_llm_prune import _tokenizer
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    tok = _tokenizer(elsewhere / "tokenizer.json")
+    (elsewhere / "b.txt").write_text("w6 w7 w8 w9")
+    model_dir, text = tmp_path / "m", tmp_path / "t"
+    model_dir.mkdir()
+    text.mkdir()
+    os.symlink(tok, model_dir / "tokenizer.json")
+    with pytest.raises(UnsafePathError, match="--follow-symlinks or --tokenizer"):
+        find_tokenizer(model_dir / "model.onnx")
+    assert find_tokenizer(model_dir / "model.onnx", follow_symlinks=True) == os.path.realpath(tok)
+    assert find_tokenizer(model_dir / "model.onnx", given=tok) == str(tok)
+    (text / "a.txt").write_text("w1 w2 w3 w4")
+    os.symlink(elsewhere / "b.txt", text / "b.txt")
+    with pytest.raises(UnsafePathError, match="b.txt"):
+        load_text(text, tok, seq_len=4)
+    assert load_text(text, tok, seq_len=4, follow_symlinks=True).n_samples == 2
