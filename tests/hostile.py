@@ -78,6 +78,8 @@ def deep_nesting(model, k):
 
 def huge_declared_input(model, k):
     dim = model.graph.input[0].type.tensor_type.shape.dim
+    if not len(dim):
+        dim.add()
     dim[0].ClearField("dim_param")
     dim[0].dim_value = HUGE * k
     return model
@@ -199,12 +201,18 @@ def device(path, secret, k):
     _repoint(path, f"zero{k}.bin")
 
 
+def _data_size(path) -> int:
+    import os
+
+    return os.path.getsize(path.parent / "model.data")
+
+
 def offset_beyond(path, secret, k):
-    _repoint(path, offset=10**6 * k)
+    _repoint(path, offset=_data_size(path) + k)
 
 
 def length_beyond(path, secret, k):
-    _repoint(path, length=10**9 * k)
+    _repoint(path, length=_data_size(path) + k)
 
 
 def negative_offset(path, secret, k):
