@@ -20,10 +20,10 @@ from tests.helpers import residual_mlp, run, temporaries
 WIDTH = 16
 
 
-def constants_model() -> onnx.ModelProto:
+def constants_model(with_if: bool = True) -> onnx.ModelProto:
     """residual_mlp(4) with: block 1's weight a Constant node, a 16-float Constant scale on the input (the
-    128-byte rotary ``inv_freq`` of optimum's exports, in small), and an If whose branches hold a Constant
-    bias (a subgraph tensor)."""
+    128-byte rotary ``inv_freq`` of optimum's exports, in small), and (``with_if``) an If whose branches hold
+    a Constant bias (a subgraph tensor)."""
     m = residual_mlp(4, WIDTH)
     g = m.graph
     w1 = next(t for t in g.initializer if t.name == "w1")
@@ -38,15 +38,16 @@ def constants_model() -> onnx.ModelProto:
     for n in g.node:
         if n.input and n.input[0] == "x":
             n.input[0] = "xs"
-        if n.output[0] == "logits":
+        if n.output[0] == "logits" and with_if:
             n.output[0] = "pre"
     g.node.insert(0, helper.make_node("Constant", [], ["w1"], value=w1))
     g.node.insert(0, helper.make_node("Mul", ["x", "s"], ["xs"]))
     g.node.insert(0, helper.make_node("Constant", [], ["s"], value=scale))
-    g.initializer.append(numpy_helper.from_array(np.array(True), "cond"))
-    g.node.append(helper.make_node("If", ["cond"], ["bias"], then_branch=branch("bt", bias),
-                                   else_branch=branch("be", -bias)))
-    g.node.append(helper.make_node("Add", ["pre", "bias"], ["logits"]))
+    if with_if:
+        g.initializer.append(numpy_helper.from_array(np.array(True), "cond"))
+        g.node.append(helper.make_node("If", ["cond"], ["bias"], then_branch=branch("bt", bias),
+                                       else_branch=branch("be", -bias)))
+        g.node.append(helper.make_node("Add", ["pre", "bias"], ["logits"]))
     onnx.checker.check_model(m, full_check=True)
     return m
 
@@ -158,3 +159,20 @@ def test_decoder_folder_with_external_constants(tmp_path):
     feed = dummy_feed(pruned, batch=1, seq=3, vocab=V)
     for a, b in zip(_session(pruned).run(None, feed), ref.run(None, feed)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_bridge_reads_external_attribute_tensors(tmp_path, monkeypatch):
+    """Constant tensors kept in the data file after loading (over INLINE_MAX_BYTES) feed the PyTorch bridge
+    from their mapped file: its forward pass equals onnxruntime's on the original model."""
+    torch = pytest.importorskip("torch")
+    from onnx_consensus.bridge import to_torch
+
+    monkeypatch.setattr(weights, "INLINE_MAX_BYTES", 0, raising=False)
+    model = constants_model(with_if=False)  # the bridge has no If
+    save_attributes_external(model, tmp_path / "model.onnx")
+    loaded = load_model(tmp_path / "model.onnx")
+    x = np.random.default_rng(1).standard_normal((4, WIDTH)).astype(np.float32)
+    with torch.no_grad():
+        got = to_torch(loaded)(torch.from_numpy(x))
+    got = got[0] if isinstance(got, (tuple, list)) else got
+    np.testing.assert_allclose(got.numpy(), run(model, {"x": x})[0], rtol=1e-5, atol=1e-5)
