@@ -308,11 +308,8 @@ def prune_folder(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, layers:
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst_dir)}.", dir=os.path.dirname(dst_dir))
     try:
         os.chmod(tmp, default_mode(0o777))  # mkdtemp's 0700 would survive the rename
-        for name in os.listdir(src_dir):
-            if name == model_name or name in data_files or name in ("genai_config.json", "config.json") \
-                    or os.path.isdir(os.path.join(src_dir, name)):
-                continue
-            shutil.copyfile(_side_file(src_dir, name, follow_symlinks), os.path.join(tmp, name))
+        _copy_side_files(src_dir, tmp, {model_name, "genai_config.json", "config.json"} | data_files,
+                         follow_symlinks)
         path = os.path.join(tmp, model_name)
         if external:  # weights streamed tensor by tensor from the input's data file (4 KiB aligned)
             with open(os.path.join(tmp, f"{model_name}.data"), "wb") as f:
@@ -340,6 +337,14 @@ def prune_folder(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, layers:
     log.info("removed decoder layers %s of %d (%s form) into %s", chosen, report.cache.n_layers, report.form,
              dst_dir)
     return report
+
+
+def _copy_side_files(src_dir: str, dst_dir: str, skip: set[str], follow_symlinks: bool) -> None:
+    """Copy the files of ``src_dir`` not in ``skip`` (tokenizer, generation config, ...) into ``dst_dir``; each
+    must be a regular file inside ``src_dir`` (``_side_file``). Folders are not copied."""
+    for name in os.listdir(src_dir):
+        if name not in skip and not os.path.isdir(os.path.join(src_dir, name)):
+            shutil.copyfile(_side_file(src_dir, name, follow_symlinks), os.path.join(dst_dir, name))
 
 
 def _inline_if_small(t: onnx.TensorProto, min_bytes: int = 1024) -> None:
