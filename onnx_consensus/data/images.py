@@ -115,8 +115,12 @@ def _open_bounded(Image, path: str):
     """``Image.open(path)`` (lazy: the header only), refused (ResourceLimitError) when the image has more pixels
     than Pillow's decompression-bomb limit ``Image.MAX_IMAGE_PIXELS`` (which Pillow itself only warns about
     up to twice that)."""
+    import warnings
+
     try:
-        im = Image.open(path)
+        with warnings.catch_warnings():  # the size is checked below: refused, not warned about
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
     except Image.DecompressionBombError as exc:
         raise ResourceLimitError(f"{path}: {exc}") from None
     limit = Image.MAX_IMAGE_PIXELS
