@@ -36,7 +36,7 @@ def load_model_and_layout(path: str | os.PathLike, *,
     ``runtime.make_session``), so a model of several GB costs its graph in memory, not its weights. The graph
     is then checked against the limits for untrusted models (``sanity.check_model``: cycles, tensors produced
     twice, nesting depth, allocations over the memory budget). ``load_external_data=False`` leaves the
-    locations as they are and checks nothing."""
+    locations as they are and checks none of them (the graph checks still run)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise InputError(f"model file not found: {path}")
