@@ -176,3 +176,17 @@ def test_bridge_reads_external_attribute_tensors(tmp_path, monkeypatch):
         got = to_torch(loaded)(torch.from_numpy(x))
     got = got[0] if isinstance(got, (tuple, list)) else got
     np.testing.assert_allclose(got.numpy(), run(model, {"x": x})[0], rtol=1e-5, atol=1e-5)
+
+
+def test_external_attribute_tensors_over_the_budget_refused(tmp_path, monkeypatch):
+    """A Constant kept in the data file is read whole into each session: over the memory budget it is refused
+    at load (here with the budget cut to 512 bytes: block 1's 1 KB weight is over it)."""
+    from onnx_consensus.errors import ResourceLimitError
+    from onnx_consensus.graph import sanity
+
+    monkeypatch.setattr(weights, "INLINE_MAX_BYTES", 0, raising=False)
+    save_attributes_external(constants_model(with_if=False), tmp_path / "model.onnx")
+    sanity.check_model(load_model(tmp_path / "model.onnx"))  # within the default budget
+    monkeypatch.setattr(sanity, "memory_budget", lambda: 512)
+    with pytest.raises(ResourceLimitError, match="external tensor 'w1'"):
+        load_model(tmp_path / "model.onnx")

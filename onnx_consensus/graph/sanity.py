@@ -16,7 +16,7 @@ from onnx import TensorProto, numpy_helper
 
 from ..errors import ResourceLimitError
 from ..limits import MAX_SUBGRAPH_DEPTH, fmt_bytes, memory_budget
-from .weights import all_tensors, is_external, stored_nbytes
+from .weights import all_tensors, is_external, other_tensors, stored_nbytes
 
 #: Constant shape / repeats tensors longer than this are not read (no real shape has more dims).
 _MAX_SHAPE_LEN = 64
@@ -185,8 +185,12 @@ def _prod(values: np.ndarray) -> int:
 
 
 def _check_tensors(model: onnx.ModelProto, budget: int) -> None:
-    """Inline tensors: their declared size within the budget and their data as long as their dims say; sparse
-    tensors' dense size within the budget."""
+    """Inline tensors: their declared size within the budget and their data as long as their dims say; external
+    tensors outside the main graph's initializers (read whole into each session, ``runtime``) within the budget;
+    sparse tensors' dense size within the budget."""
+    for t in other_tensors(model):
+        if t.data_location == TensorProto.EXTERNAL and t.data_type != TensorProto.STRING:
+            _over(t.name, "external tensor", stored_nbytes(t), budget)
     for t in all_tensors(model):
         if t.data_location == TensorProto.EXTERNAL:
             continue  # checked against its file by weights.absolute_locations; mapped, not loaded
