@@ -62,3 +62,13 @@ class PruneFailed(ConsensusError):
         if isinstance(cause, KeyboardInterrupt):
             return 130
         return cause.exit_code if isinstance(cause, ConsensusError) else 1
+
+
+class UnsafePathError(InputError):
+    """A file named inside a model or a data folder (external data, a tokenizer beside the model, a calibration
+    file) lies outside the folder it must stay in, or is not a regular file (exit 2, nothing read)."""
+
+
+class ResourceLimitError(InputError):
+    """A model or data file would make the tool allocate more than the memory budget, nest subgraphs deeper
+    than the limit, or hold a malformed graph (cycles, a tensor produced twice) (exit 2, nothing run)."""

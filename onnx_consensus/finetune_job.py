@@ -44,7 +44,7 @@ def _write(model, out_path: str, info: dict, report_path: str | None, check_feed
     except OSError as exc:
         raise InputError(f"cannot write {out_path}: {exc.strerror or exc}") from None
     if report_path:
-        pipeline._write_report({**info, "output": out_path}, report_path)
+        pipeline.write_report({**info, "output": out_path}, report_path)
 
 
 def run(input_path: str, output_path: str, train_path, *, config: FinetuneConfig, run: RunOptions,

@@ -228,6 +228,10 @@ class DataOptions(_Group):
     layout: Literal["NCHW", "NHWC"] = option("--layout", "image tensor layout", default="NCHW",
                                              choices=("NCHW", "NHWC"))
     strict: bool = option("--strict", "fail on a corrupt data file instead of skipping it", default=False)
+    follow_symlinks: bool = option("--follow-symlinks", "read files of the calibration, training and evaluation "
+                                   "folders (and the tokenizer and configs beside a decoder export) that are "
+                                   "symbolic links to places outside their folder (refused by default)",
+                                   default=False)
     seq_len: int = option("--seq-len", "decoder LLMs: tokens per calibration window of the text", default=128,
                           type=int)
     tokenizer: str | None = option("--tokenizer", "decoder LLMs: tokenizer.json for the text (default: the one "

@@ -32,7 +32,8 @@ from .graph.ir import interface, load_model, load_model_and_layout
 from .graph.precision import float32_shadow, is_bfloat16
 from .graph.quant import finetune_refusal, quantized_ops
 from .graph.surgery import remove_blocks
-from .io import check_output_path, save_model_atomic
+from .graph.weights import all_tensors
+from .io import check_output_path, save_model_atomic, write_json_atomic
 from .metrics.presets import check_names
 from .options import (BN_FREEZE_BELOW, CriterionOptions, DataOptions, FinetuneConfig, Options, OutputOptions,
                       RecoveryOptions, RunOptions, TargetOptions, default_criterion)
@@ -42,7 +43,8 @@ from .report import build_report, not_improved_text, sha256_file, stamp
 from .runtime import resolve_providers, using_providers
 
 log = logging.getLogger("onnx_consensus")
-__all__ = ["Source", "Outcome", "Written", "open_model", "check_output", "run", "write", "prune", "inspect"]
+__all__ = ["Source", "Outcome", "Written", "open_model", "check_output", "run", "write", "write_report", "prune",
+           "inspect"]
 
 
 @dataclass
@@ -111,7 +113,7 @@ def check_output(out_path: str | os.PathLike, source: Source) -> str:
     path = check_output_path(out_path, source.path)
     data_out = path + ".data"
     if source.external and os.path.exists(data_out):
-        for t in source.model.graph.initializer:
+        for t in all_tensors(source.model):
             for entry in t.external_data:
                 if entry.key == "location" and os.path.exists(entry.value) and os.path.samefile(entry.value, data_out):
                     raise InputError(f"the output's weights would go to {data_out}, which holds the input's "
@@ -142,7 +144,8 @@ def _calibration(data, model: onnx.ModelProto, opts: DataOptions):
     bfloat16 inputs is cast to float32 for the shadow, the same whether the API or the command loaded it."""
     if isinstance(data, (str, os.PathLike)):
         data = load_calibration(data, model, labels=opts.labels, image_options=_image_options(opts),
-                                strict=opts.strict, max_samples=opts.max_samples)
+                                strict=opts.strict, max_samples=opts.max_samples,
+                                follow_symlinks=opts.follow_symlinks)
     if any(getattr(s.dtype, "name", str(s.dtype)) == "bfloat16" for s in getattr(data, "specs", ())):
         return _AsFloat32(data)
     return data
@@ -164,7 +167,8 @@ def _extra_data(path, model: onnx.ModelProto, opts: DataOptions):
     calibration data, for image folders) or CalibrationData."""
     if path is None or not isinstance(path, (str, os.PathLike)):
         return path
-    return load_calibration(path, model, image_options=_image_options(opts), strict=opts.strict)
+    return load_calibration(path, model, image_options=_image_options(opts), strict=opts.strict,
+                            follow_symlinks=opts.follow_symlinks)
 
 
 def _warn(warnings: list[str], message: str) -> None:
@@ -435,18 +439,13 @@ def write(outcome: Outcome, out_path: str | os.PathLike) -> Written:
             raise InputError(f"cannot write {out_path}: {exc.strerror or exc}") from None
         written.model = report["output"] = out_path
     if outcome.options.output.report:
-        written.report = _write_report(report, outcome.options.output.report)
+        written.report = write_report(report, outcome.options.output.report)
     return written
 
 
-def _write_report(report: dict, path: str) -> str:
-    import json
-
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=2, default=_jsonable)
-    os.replace(tmp, path)
-    return path
+def write_report(report: dict, path: str) -> str:
+    """Write the JSON report to ``path`` (atomic: ``io.write_json_atomic``). Returns the path."""
+    return write_json_atomic(path, report, default=_jsonable)
 
 
 def _jsonable(o):

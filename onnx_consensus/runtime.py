@@ -25,7 +25,8 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from .errors import InputError
-from .graph.weights import STUB_LOCATION, external_array, has_external_tensors, is_external, make_stub
+from .graph.weights import (STUB_LOCATION, all_tensors, external_array, has_external_tensors, inline_external,
+                            is_external, make_stub)
 
 log = logging.getLogger("onnx_consensus")
 
@@ -192,8 +193,9 @@ def _session_over_values(model: onnx.ModelProto, value_of: Callable[[onnx.Tensor
                          folder: str, *, threads: int | None, spinning: bool = True) -> ort.InferenceSession:
     """A session whose initializers come from ``value_of(tensor)`` (OrtValues given through
     ``add_initializer``, no copy) where it returns one; those tensors are stubbed out of the proto, which is
-    saved in ``folder`` and loaded from there. Graph optimisation off and no prepacking: both would make
-    per-session copies of the weights."""
+    saved in ``folder`` and loaded from there. Other external tensors (node attributes, subgraph
+    initializers, which ``add_initializer`` cannot supply) are read inline into the session's copy. Graph
+    optimisation off and no prepacking: both would make per-session copies of the weights."""
     so = session_options("disable", threads, spinning=spinning)
     so.add_session_config_entry("session.disable_prepacking", "1")
     stripped = onnx.ModelProto()
@@ -204,6 +206,9 @@ def _session_over_values(model: onnx.ModelProto, value_of: Callable[[onnx.Tensor
             continue  # stays inline
         make_stub(t)
         so.add_initializer(t.name, value)
+    for t in all_tensors(stripped):
+        if is_external(t) and not any(e.key == "location" and e.value == STUB_LOCATION for e in t.external_data):
+            inline_external(t)
     stub = os.path.join(folder, STUB_LOCATION)
     if not os.path.exists(stub):
         open(stub, "wb").close()

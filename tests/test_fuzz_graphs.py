@@ -1,8 +1,10 @@
 """Property tests on random residual networks (tests/graphgen.py): detection against the generator's ground
 truth, pruning any subset of candidates, exactness of removing zeroed blocks, and the input file untouched.
 
-Default run: derandomized (repeatable), 330 examples in total (30-120 per property; every required
-generator feature has a share >= 10%, test_generator_feature_shares). ``-m slow``: 2,000 more, random.
+Default run: derandomized (repeatable), 370 examples in total (30-120 per property; every required
+generator feature has a share >= 10%, test_generator_feature_shares). ``-m slow``: 2,000 more, random, and
+10,000 hostile files (section 6: tests/hostile.py's graphs, external data and data files, each refused in one
+line within 30 s with nothing written).
 Regression tests for bugs the fuzzer found are plain functions at the end of the file.
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_consensus.graph.blocks import find_blocks
 from onnx_consensus.graph.ir import interface
 from onnx_consensus.graph.surgery import remove_blocks
+from tests import hostile
 from tests.graphgen import BATCH, GenGraph, residual_nets
 from tests.helpers import zero_branch
 
@@ -378,3 +381,121 @@ def test_post_merge_relu_output_batch_dim_named_differently():
 def test_loose_output_shapes(gen, data):
     check_detection(gen)
     check_prune_subset(gen, _subset_picker(data))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6. Hostile files (issue 22): refused in one line, in bounded time, nothing written anywhere
+# ---------------------------------------------------------------------------------------------------------
+
+HOSTILE_GRAPH = sorted(hostile.GRAPH_CASES)
+HOSTILE_EXTERNAL = sorted(hostile.EXTERNAL_CASES)
+HOSTILE_DATA = ["pickled_npz", "compressed_bomb", "png_warned", "png_refused"]
+HOSTILE_SECONDS = 30
+
+
+def _tree(root: str) -> dict[str, tuple]:
+    """Every entry under ``root``: (kind, size, mtime) of files, links and folders (links not followed)."""
+    out = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = os.path.join(folder, name)
+            st_ = os.lstat(p)
+            out[os.path.relpath(p, root)] = (st_.st_mode, st_.st_size if not os.path.isdir(p) else 0, st_.st_mtime_ns)
+    return out
+
+
+def _hostile_files(tmp: str, kind: str, k: int, gen) -> tuple[str, str]:
+    """Build the hostile case under ``tmp``: (model path, calibration path)."""
+    from pathlib import Path
+
+    root = Path(tmp)
+    (root / "in").mkdir()
+    (root / "out").mkdir()
+    secret = root / "secret.bin"
+    secret.write_bytes(b"secret" * 10**5)
+    model_path = root / "in" / "model.onnx"
+    calib = root / "calib.npy"
+    if kind in HOSTILE_GRAPH:
+        onnx.save(hostile.GRAPH_CASES[kind](_copy(gen.model), k), model_path)
+    elif kind in HOSTILE_EXTERNAL:
+        onnx.save_model(_copy(gen.model), model_path, save_as_external_data=True, location="model.data",
+                        size_threshold=0)
+        hostile.EXTERNAL_CASES[kind](model_path, secret, k)
+    else:
+        onnx.save(hostile.base_model(), model_path)
+        calib = root / "calib"
+        calib.mkdir()
+        if kind == "pickled_npz":
+            hostile.pickled_npz(calib / "a.npz", k)
+        elif kind == "compressed_bomb":
+            hostile.compressed_bomb(calib / "a.npz", (2 + k) * 2**20)
+        else:
+            side = 10_000 if kind == "png_warned" else 14_000 * k
+            hostile.png_header(calib / "a.png", side, side)
+    if not calib.exists():
+        np.save(calib, np.zeros((8, hostile.WIDTH), np.float32))
+    return str(model_path), str(calib)
+
+
+def check_hostile(kind: str, k: int, gen) -> None:
+    import contextlib
+    import io
+    import signal
+    import time
+    from unittest import mock
+
+    from onnx_consensus.cli import main
+    from onnx_consensus.data import formats
+
+    def hang(*_):
+        raise TimeoutError(f"{kind} (k={k}) ran over {HOSTILE_SECONDS} s")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_path, calib = _hostile_files(tmp, kind, k, gen)
+        before = _tree(tmp)
+        out = os.path.join(tmp, "out")
+        runs = [[model_path, os.path.join(out, "p.onnx"), "--calib", calib, "--remove", "1", "-q", "--no-latency",
+                 "--report", os.path.join(out, "r.json")]]
+        if kind not in HOSTILE_DATA:
+            runs.append(["inspect", model_path])
+        old = signal.signal(signal.SIGALRM, hang)
+        try:
+            for argv in runs:
+                err = io.StringIO()
+                signal.alarm(HOSTILE_SECONDS)
+                t0 = time.perf_counter()
+                with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()), \
+                        mock.patch.object(formats, "memory_budget", lambda: 2 * 2**20, create=True):
+                    code = main(argv)
+                signal.alarm(0)
+                msg = err.getvalue().strip()
+                ctx = f"\n{kind} k={k} {argv[0]}: {msg}\n" + (gen.describe() if gen is not None else "")
+                assert code == 2, f"exit {code}{ctx}"
+                assert msg.startswith("onnx-cprune: error:") and len(msg.splitlines()) == 1, ctx
+                assert time.perf_counter() - t0 < HOSTILE_SECONDS, ctx
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, old)
+        assert _tree(tmp) == before, f"files changed: {set(_tree(tmp).items()) ^ set(before.items())}"
+        assert os.listdir(out) == []
+
+
+@st.composite
+def hostile_cases(draw):
+    kind = draw(st.sampled_from(HOSTILE_GRAPH + HOSTILE_EXTERNAL + HOSTILE_DATA), label="kind")
+    k = draw(st.integers(1, 4), label="k")
+    gen = draw(residual_nets(max_blocks=3)) if kind not in HOSTILE_DATA else None
+    return kind, k, gen
+
+
+@_settings(40)
+@given(hostile_cases())
+def test_hostile_files_refused(case):
+    check_hostile(*case)
+
+
+@pytest.mark.slow
+@_settings(10_000, slow=True)
+@given(hostile_cases())
+def test_hostile_files_refused_slow(case):
+    check_hostile(*case)

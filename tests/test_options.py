@@ -23,6 +23,7 @@ SAMPLES = {
     "std": (["--std", "2"], (2.0,)),
     "layout": (["--layout", "NHWC"], "NHWC"),
     "strict": (["--strict"], True),
+    "follow_symlinks": (["--follow-symlinks"], True),
     "seq_len": (["--seq-len", "64"], 64),
     "tokenizer": (["--tokenizer", "t.json"], "t.json"),
     "batch_size": (["--batch-size", "5"], 5),

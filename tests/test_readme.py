@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import re
 import shlex
 import subprocess
@@ -44,7 +45,8 @@ def in_readme_dir(tmp_path, monkeypatch):
 
 def _shrink_png_sets(folder, n: int = 256) -> None:
     """Replace ``folder``/examples (a link to the repository's) by a folder of links in which each PNG set
-    (``*.png`` + ``labels.npy``) keeps its first ``n`` images and labels: the quick start's 6,000 training
+    (``*.png`` + ``labels.npy``) keeps copies of its first ``n`` images and labels (copies: links out of a data
+    folder are read only with --follow-symlinks): the quick start's 6,000 training
     and 2,000 test images take a minute to read, train on and evaluate on 2 cores."""
     import numpy as np
 
@@ -59,7 +61,7 @@ def _shrink_png_sets(folder, n: int = 256) -> None:
             continue
         (dst / name).mkdir()
         for f in pngs[:n]:
-            os.symlink(os.path.join(src, name, f), dst / name / f)
+            shutil.copyfile(os.path.join(src, name, f), dst / name / f)
         np.save(dst / name / "labels.npy", np.load(os.path.join(src, name, "labels.npy"))[:n])
 
 
@@ -101,13 +103,13 @@ def test_quick_start_command(in_readme_dir):
 
 
 def _first_images(src, dst, n: int) -> str:
-    """A folder with the first ``n`` images of the image folder ``src`` (symlinked) and their labels.npy."""
+    """A folder with the first ``n`` images of the image folder ``src`` (copied) and their labels.npy."""
     import numpy as np
 
     os.makedirs(dst)
     names = sorted(f for f in os.listdir(src) if f.endswith(".png"))[:n]
     for f in names:
-        os.symlink(os.path.join(src, f), os.path.join(dst, f))
+        shutil.copyfile(os.path.join(src, f), os.path.join(dst, f))
     labels = os.path.join(src, "labels.npy")
     if os.path.exists(labels):
         np.save(os.path.join(dst, "labels.npy"), np.load(labels)[:n])

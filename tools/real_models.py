@@ -803,14 +803,15 @@ def bench(name: str, remove: int = 2, n: int = 16, finetune_epochs: int = 0, ext
 
 
 def _without_labels(folder: Path, dest: Path) -> Path:
-    """``folder`` as a calibration folder without labels.npy (links to its other files), so that the
-    fine-tuning run distils from the original model even where the data has true labels (ppocr_cls)."""
+    """``folder`` as a calibration folder without labels.npy (copies of its other files: symbolic links out of
+    a data folder are read only with --follow-symlinks), so that the fine-tuning run distils from the original
+    model even where the data has true labels (ppocr_cls)."""
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
     for f in Path(folder).iterdir():
         if f.name != "labels.npy":
-            os.symlink(f.resolve(), dest / f.name)
+            shutil.copyfile(f, dest / f.name)
     return dest
 
 

@@ -18,9 +18,10 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 import torch
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from ..errors import UnsupportedOperatorError
+from ..graph.weights import tensor_array
 
 Converter = Callable[..., Any]
 
@@ -78,14 +79,15 @@ def opset_versions(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def parse_attributes(node: onnx.NodeProto) -> dict[str, Any]:
-    """Attribute name -> Python value (bytes decoded to str; tensors to numpy arrays)."""
+    """Attribute name -> Python value (bytes decoded to str; tensors to numpy arrays, external ones read from
+    their checked, mapped file: ``graph.weights.tensor_array``)."""
     out: dict[str, Any] = {}
     for a in node.attribute:
         v = helper.get_attribute_value(a)
         if isinstance(v, bytes):
             v = v.decode("utf-8")
         elif isinstance(v, onnx.TensorProto):
-            v = numpy_helper.to_array(v)
+            v = np.array(tensor_array(v))
         elif isinstance(v, list) and v and isinstance(v[0], bytes):
             v = [s.decode("utf-8") for s in v]
         out[a.name] = v

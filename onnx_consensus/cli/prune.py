@@ -61,7 +61,7 @@ def _prune_decoder(args, options: Options) -> int:
     written = write_decoder(outcome, out)
     print(f"\nWrote {written}" if written else "\nNo layer removed: nothing written (use --force-write).")
     if options.output.report:
-        from ..pipeline import _write_report
+        from ..pipeline import write_report
 
-        print(f"Wrote report {_write_report(outcome.report, options.output.report)}")
+        print(f"Wrote report {write_report(outcome.report, options.output.report)}")
     return outcome.exit_code

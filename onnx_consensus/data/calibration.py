@@ -31,6 +31,7 @@ import onnx
 from ..batching import fixed_batch, pad_batch
 from ..errors import InputError
 from ..graph.ir import TensorSpec, interface
+from ..paths import confined_file
 from .formats import ArrayHeader, Corrupt, fmt_shape, is_float, is_int, npy_headers, npz_headers, read_arrays
 from .images import IMAGE_EXTENSIONS, ImageOptions, ImagePlan, image_plan, import_pil, load_image, verify_image
 
@@ -213,8 +214,9 @@ def _index_image_file(path: str, plan: ImagePlan) -> _DataFile:
     return _DataFile(path, "image", 1, False, {}, (plan.sample_shape,))
 
 
-def _list_files(path: str, labels_path: str | None) -> list[tuple[str, str]]:
-    """[(file path, kind)] in sorted name order."""
+def _list_files(path: str, labels_path: str | None, follow_symlinks: bool = False) -> list[tuple[str, str]]:
+    """[(file path, kind)] in sorted name order. In a folder, every data file must be a regular file inside it
+    (``paths.confined_file``: symbolic links out of it only with ``follow_symlinks``; UnsafePathError)."""
     def kind_of(name: str) -> str | None:
         low = name.lower()
         if low.endswith(".npy"):
@@ -230,16 +232,23 @@ def _list_files(path: str, labels_path: str | None) -> list[tuple[str, str]]:
         out = []
         for name in sorted(os.listdir(path)):
             full = os.path.join(path, name)
-            if name.startswith(".") or not os.path.isfile(full) or name == _LABELS_FILE or os.path.abspath(full) in skip:
-                continue
             k = kind_of(name)
-            if k is not None:
-                out.append((full, k))
+            if name.startswith(".") or os.path.isdir(full) or name == _LABELS_FILE or os.path.abspath(full) in skip \
+                    or k is None:
+                continue
+            out.append((confined_data_file(path, name, follow_symlinks), k))
         return out
     k = kind_of(path)
     if k is None:
         raise InputError(f"{path}: not a calibration data file (expected {', '.join(DATA_EXTENSIONS)} or a directory)")
     return [(path, k)]
+
+
+def confined_data_file(folder: str, name: str, follow_symlinks: bool = False) -> str:
+    """The real path of data file ``name`` of ``folder`` (``paths.confined_file``; UnsafePathError naming it and
+    ``--follow-symlinks`` when it links out of the folder)."""
+    return confined_file(folder, name, what=f"data file {os.path.join(folder, name)}",
+                         follow_symlinks=follow_symlinks, hint="pass --follow-symlinks to read it")
 
 
 class _Reader:
@@ -510,6 +519,7 @@ def load_calibration(
     image_options: ImageOptions | None = None,
     strict: bool = False,
     max_samples: int | None = None,
+    follow_symlinks: bool = False,
 ) -> CalibrationData:
     """Index calibration data at ``path`` (a directory or one file) for ``model``'s inputs.
 
@@ -523,6 +533,8 @@ def load_calibration(
         image_options: preprocessing for image files.
         strict: raise on an unreadable file instead of skipping it with a warning.
         max_samples: keep only the first ``max_samples`` samples (sorted file order).
+        follow_symlinks: read files of the directory (``labels.npy`` too) that are symbolic links to places
+            outside it; refused otherwise (UnsafePathError), as are devices and FIFOs.
 
     Raises:
         InputError: one line naming the file and the problem.
@@ -543,10 +555,10 @@ def load_calibration(
     if not os.path.exists(source):
         raise InputError(f"calibration data path does not exist: {source}")
     labels_path = labels
-    if labels_path is None and os.path.isdir(source) and os.path.isfile(os.path.join(source, _LABELS_FILE)):
-        labels_path = os.path.join(source, _LABELS_FILE)
+    if labels_path is None and os.path.isdir(source) and os.path.lexists(os.path.join(source, _LABELS_FILE)):
+        labels_path = confined_data_file(source, _LABELS_FILE, follow_symlinks)
 
-    listing = _list_files(source, labels_path)
+    listing = _list_files(source, labels_path, follow_symlinks)
     if not listing:
         raise InputError(f"{source}: no data files ({', '.join(DATA_EXTENSIONS)})")
     kinds = {k for _, k in listing}

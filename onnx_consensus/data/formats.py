@@ -1,7 +1,9 @@
 """Array file formats: ``.npy`` / ``.npz`` headers read without the data, memory-mapped reading, dtypes.
 
 Only headers are read when data is indexed; ``.npy`` files and uncompressed (stored) ``.npz`` members are
-later memory-mapped, a compressed ``.npz`` member is decompressed whole when its file is read.
+later memory-mapped, a compressed ``.npz`` member is decompressed whole when its file is read: its declared size
+is checked against ``limits.memory_budget()`` first (a compression bomb is refused before a byte is inflated).
+Arrays of Python objects are refused outright (reading them would unpickle: run code from the file).
 
 bfloat16: NumPy has no bfloat16 type, so an ml_dtypes bfloat16 array is saved (``np.save``, ``np.savez``)
 with the descriptor ``'<V2'`` (two raw bytes) and loads back as raw bytes. A 2-byte void array without
@@ -17,6 +19,9 @@ import zipfile
 from dataclasses import dataclass
 
 import numpy as np
+
+from ..errors import InputError, ResourceLimitError
+from ..limits import fmt_bytes, memory_budget
 
 
 class Corrupt(Exception):
@@ -102,7 +107,7 @@ def npy_headers(path: str) -> dict[str, ArrayHeader]:
     except Exception as exc:  # noqa: BLE001 - any failure to parse means the file is unreadable
         raise Corrupt(f"not a readable .npy file ({exc})") from exc
     if dtype.hasobject:
-        raise Corrupt("holds Python objects (pickled arrays are not supported)")
+        raise InputError(f"{path}: holds Python objects (a pickle, which could run code when read); refusing it")
     if size < offset + nbytes(shape, dtype):
         raise Corrupt(f"truncated: header says {shape} {dtype} but the file has only {size - offset} data bytes")
     return {"": ArrayHeader(shape, dtype, fortran, offset)}
@@ -122,9 +127,16 @@ def npz_headers(path: str) -> dict[str, ArrayHeader]:
                     shape, fortran, dtype = _read_npy_header(member)
                     header_len = member.tell()
                 if dtype.hasobject:
-                    raise Corrupt(f"array {key!r} holds Python objects (pickled arrays are not supported)")
+                    raise InputError(f"{path}: array {key!r} holds Python objects (a pickle, which could run code "
+                                     "when read); refusing it")
                 if info.file_size < header_len + nbytes(shape, dtype):
                     raise Corrupt(f"array {key!r} is truncated")
+                if info.compress_type != zipfile.ZIP_STORED and \
+                        max(nbytes(shape, dtype), info.file_size) > memory_budget():
+                    raise ResourceLimitError(
+                        f"{path}: compressed array {key!r} would inflate to "
+                        f"{fmt_bytes(max(nbytes(shape, dtype), info.file_size))}, over the memory budget of "
+                        f"{fmt_bytes(memory_budget())}; store it uncompressed (np.savez) or split it")
                 offset = None
                 if info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 0x1:
                     raw.seek(info.header_offset)
@@ -134,7 +146,7 @@ def npz_headers(path: str) -> dict[str, ArrayHeader]:
                         raise Corrupt("bad zip local header")
                     offset = info.header_offset + 30 + name_len + extra_len + header_len
                 out[key] = ArrayHeader(shape, dtype, fortran, offset, info.filename)
-    except Corrupt:
+    except (Corrupt, InputError):
         raise
     except Exception as exc:  # noqa: BLE001
         raise Corrupt(f"not a readable .npz file ({exc})") from exc

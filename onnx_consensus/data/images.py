@@ -10,7 +10,7 @@ from typing import Literal
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, ResourceLimitError
 from ..graph.ir import TensorSpec
 from .formats import Corrupt, fmt_shape, is_float, is_int
 
@@ -111,11 +111,31 @@ def image_plan(spec: TensorSpec, opts: ImageOptions) -> ImagePlan:
     )
 
 
+def _open_bounded(Image, path: str):
+    """``Image.open(path)`` (lazy: the header only), refused (ResourceLimitError) when the image has more pixels
+    than Pillow's decompression-bomb limit ``Image.MAX_IMAGE_PIXELS`` (which Pillow itself only warns about
+    up to twice that)."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # the size is checked below: refused, not warned about
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except Image.DecompressionBombError as exc:
+        raise ResourceLimitError(f"{path}: {exc}") from None
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and im.size[0] * im.size[1] > limit:
+        im.close()
+        raise ResourceLimitError(f"{path}: image of {im.size[0]}x{im.size[1]} pixels, over Pillow's limit of "
+                                 f"{limit:,} pixels (a decompression bomb?); refusing it")
+    return im
+
+
 def load_image(path: str, plan: ImagePlan) -> np.ndarray:
     """Decode one image into a sample of ``plan.sample_shape`` (float32, or uint8 if not normalised)."""
     Image = import_pil()
     mode = {1: "L", 3: "RGB", 4: "RGBA"}[plan.channels]
-    with Image.open(path) as im:
+    with _open_bounded(Image, path) as im:
         im = im.convert(mode)
         if im.size != (plan.width, plan.height):
             im = im.resize((plan.width, plan.height), Image.BILINEAR)
@@ -130,10 +150,13 @@ def load_image(path: str, plan: ImagePlan) -> np.ndarray:
 
 
 def verify_image(path: str) -> None:
-    """Check that ``path`` decodes as an image (header and structure); raises Corrupt otherwise."""
+    """Check that ``path`` decodes as an image (header and structure); raises Corrupt otherwise, and
+    ResourceLimitError for an image beyond Pillow's pixel limit."""
     Image = import_pil()
     try:
-        with Image.open(path) as im:
+        with _open_bounded(Image, path) as im:
             im.verify()
+    except ResourceLimitError:
+        raise
     except Exception as exc:  # noqa: BLE001
         raise Corrupt(f"not a readable image ({exc})") from exc

@@ -13,8 +13,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..errors import InputError
-from .weights import absolute_locations
+from ..errors import ConsensusError, InputError
+from .sanity import check_model
+from .weights import absolute_locations, all_tensors
 
 MODEL_FIELDS = ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string")
 
@@ -30,9 +31,12 @@ def load_model_and_layout(path: str | os.PathLike, *,
     ``load_model``.
 
     External data is not read into the proto: each external tensor's location is made absolute (checked to
-    exist and be long enough; ``weights.absolute_locations``), and readers map it from the file when they need
-    it (``weights.external_array``, sessions through ``runtime.make_session``), so a model of several GB costs its graph in memory, not its
-    weights. ``load_external_data=False`` leaves the locations as they are and checks nothing."""
+    be a regular file inside the model's folder, long enough for the tensor; ``weights.absolute_locations``),
+    and readers map it from the file when they need it (``weights.external_array``, sessions through
+    ``runtime.make_session``), so a model of several GB costs its graph in memory, not its weights. The graph
+    is then checked against the limits for untrusted models (``sanity.check_model``: cycles, tensors produced
+    twice, nesting depth, allocations over the memory budget). ``load_external_data=False`` leaves the
+    locations as they are and checks none of them (the graph checks still run)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise InputError(f"model file not found: {path}")
@@ -42,9 +46,12 @@ def load_model_and_layout(path: str | os.PathLike, *,
         raise InputError(f"model file is empty: {path}")
     try:
         model = onnx.load(path, load_external_data=False)
-        external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+        external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in all_tensors(model))
         if external and load_external_data:
             absolute_locations(model, os.path.dirname(os.path.abspath(path)))
+        check_model(model)
+    except ConsensusError as exc:
+        raise type(exc)(f"cannot read {path}: {exc}") from None
     except Exception as exc:  # protobuf DecodeError, missing external data, ...
         raise InputError(f"cannot read {path} as an ONNX model: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     if not model.graph.node or not model.opset_import:

@@ -37,6 +37,7 @@ from .blocks import Block
 from .decoder import FUSED, SKIP_NORMS, DecoderLayer, DecoderReport, find_decoder_layers
 from .ir import from_gs, node_key, to_gs
 from .surgery import rewire
+from .weights import all_tensors
 
 log = logging.getLogger(__name__)
 
@@ -195,28 +196,35 @@ LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
 
 def update_configs(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, kept: Sequence[int],
-                   n_layers: int) -> list[str]:
+                   n_layers: int, *, follow_symlinks: bool = False) -> list[str]:
     """Write ``genai_config.json`` / ``config.json`` of ``src_dir`` into ``dst_dir`` for a model keeping
     layers ``kept`` (original numbers) of ``n_layers``: layer counts become ``len(kept)``, per-layer lists
     (``layer_types``, any list of length ``n_layers`` under a key naming layers) keep the kept entries,
     ``max_window_layers`` (Qwen2: layers below it use full attention) counts the kept layers below it.
-    Returns the files written. Each is written through a temporary file and renamed."""
+    Returns the files written. Each is read from a regular file inside ``src_dir`` (``_side_file``) and written
+    through a temporary file and renamed (``io.write_text_atomic``)."""
+    from ..io import write_text_atomic
+
     written = []
     for name in ("genai_config.json", "config.json"):
-        src = os.path.join(src_dir, name)
-        if not os.path.exists(src):
+        if not os.path.lexists(os.path.join(src_dir, name)):
             continue
-        with open(src, encoding="utf-8") as f:
+        with open(_side_file(src_dir, name, follow_symlinks), encoding="utf-8") as f:
             cfg = json.load(f)
         _update(cfg, kept, n_layers)
         dst = os.path.join(dst_dir, name)
-        tmp = dst + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(cfg, f, indent=4)
-            f.write("\n")
-        os.replace(tmp, dst)
+        write_text_atomic(dst, json.dumps(cfg, indent=4) + "\n")
         written.append(dst)
     return written
+
+
+def _side_file(folder: str | os.PathLike, name: str, follow_symlinks: bool = False) -> str:
+    """The real path of file ``name`` of export folder ``folder``: a regular file inside it (UnsafePathError
+    otherwise; a symbolic link out of it only with ``follow_symlinks``)."""
+    from ..paths import confined_file
+
+    return confined_file(folder, name, what=f"{name} of the export folder {folder}", follow_symlinks=follow_symlinks,
+                         hint="pass --follow-symlinks to read it")
 
 
 def _update(obj, kept: Sequence[int], n_layers: int) -> None:
@@ -235,18 +243,21 @@ def _update(obj, kept: Sequence[int], n_layers: int) -> None:
             _update(v, kept, n_layers)
 
 
-def decoder_filename(folder: str | os.PathLike) -> str:
-    """The model file name of an export folder: genai_config.json's decoder filename, else model.onnx."""
-    cfg = os.path.join(os.fspath(folder), "genai_config.json")
-    if os.path.exists(cfg):
-        with open(cfg, encoding="utf-8") as f:
-            return json.load(f).get("model", {}).get("decoder", {}).get("filename", "model.onnx")
+def decoder_filename(folder: str | os.PathLike, *, follow_symlinks: bool = False) -> str:
+    """The model file name of an export folder: genai_config.json's decoder filename, else model.onnx (a name,
+    checked to be inside the folder where it is opened)."""
+    if os.path.lexists(os.path.join(os.fspath(folder), "genai_config.json")):
+        with open(_side_file(folder, "genai_config.json", follow_symlinks), encoding="utf-8") as f:
+            name = json.load(f).get("model", {}).get("decoder", {}).get("filename", "model.onnx")
+        if not isinstance(name, str):
+            raise InputError(f"genai_config.json of {folder}: the decoder filename is not a string")
+        return name
     return "model.onnx"
 
 
 def prune_folder(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, layers: Iterable[int], *,
                  model_name: str | None = None, check: bool = True,
-                 pruned: onnx.ModelProto | None = None) -> DecoderReport:
+                 pruned: onnx.ModelProto | None = None, follow_symlinks: bool = False) -> DecoderReport:
     """Remove decoder ``layers`` from the export folder ``src_dir`` (optimum or onnxruntime-genai) into the
     new folder ``dst_dir``: the model (weights as external data ``<model>.data`` when the input had external
     data, streamed from the input's file without loading it whole), the updated configs, and every other file
@@ -259,7 +270,8 @@ def prune_folder(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, layers:
     onnxruntime's own operators in the default domain (SimplifiedLayerNormalization), which it refuses.
     pruned: the model to write when already computed (``remove_layers`` of the input with ``layers``,
     possibly fine-tuned since); its weights may be in memory or external. Returns the report of the input
-    model's layers.
+    model's layers. Every file read from ``src_dir`` must be a regular file inside it (``_side_file``; a
+    symbolic link out of it only with ``follow_symlinks``), and the new folder gets the mode ``mkdir`` gives.
     """
     import tempfile
 
@@ -275,10 +287,11 @@ def prune_folder(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, layers:
     if not os.path.isdir(os.path.dirname(dst_dir)):
         raise InputError(f"output's parent folder does not exist: {os.path.dirname(dst_dir)}")
     if model_name is None:
-        model_name = decoder_filename(src_dir)
-    src_model = os.path.join(src_dir, model_name)
-    if not os.path.exists(src_model):
+        model_name = decoder_filename(src_dir, follow_symlinks=follow_symlinks)
+    if not os.path.lexists(os.path.join(src_dir, model_name)):
         raise InputError(f"no model {model_name} in {src_dir}")
+    _side_file(src_dir, model_name, follow_symlinks)
+    src_model = os.path.normpath(os.path.join(src_dir, model_name))
     data_files = _external_files(src_model)
     model, external = load_model_and_layout(src_model)  # external weights stay in their file, mapped on use
     report = find_decoder_layers(model)
@@ -288,20 +301,19 @@ def prune_folder(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, layers:
     else:  # a copy: writing moves its tensors' bytes (and locations) into the new data file
         out = onnx.ModelProto()
         out.CopyFrom(pruned)
-    external = external or any(_is_external(t) for t in out.graph.initializer)
+    external = external or any(_is_external(t) for t in all_tensors(out))
     kept = [i for i in range(report.cache.n_layers) if i not in chosen]
+    from ..io import default_mode
+
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst_dir)}.", dir=os.path.dirname(dst_dir))
     try:
-        for name in os.listdir(src_dir):
-            if name == model_name or name in data_files or name in ("genai_config.json", "config.json"):
-                continue
-            s = os.path.join(src_dir, name)
-            if os.path.isfile(s):
-                shutil.copyfile(s, os.path.join(tmp, name))
+        os.chmod(tmp, default_mode(0o777))  # mkdtemp's 0700 would survive the rename
+        _copy_side_files(src_dir, tmp, {model_name, "genai_config.json", "config.json"} | data_files,
+                         follow_symlinks)
         path = os.path.join(tmp, model_name)
         if external:  # weights streamed tensor by tensor from the input's data file (4 KiB aligned)
             with open(os.path.join(tmp, f"{model_name}.data"), "wb") as f:
-                for t in out.graph.initializer:
+                for t in all_tensors(out):
                     _inline_if_small(t)
                 write_external(out, f, f"{model_name}.data")
                 empty = f.tell() == 0
@@ -315,7 +327,7 @@ def prune_folder(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, layers:
             so.intra_op_num_threads = 1
             sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
             sess.run(None, dummy_feed(out, seq=3))
-        update_configs(src_dir, tmp, kept, report.cache.n_layers)
+        update_configs(src_dir, tmp, kept, report.cache.n_layers, follow_symlinks=follow_symlinks)
         if os.path.isdir(dst_dir):
             os.rmdir(dst_dir)
         os.rename(tmp, dst_dir)
@@ -325,6 +337,14 @@ def prune_folder(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, layers:
     log.info("removed decoder layers %s of %d (%s form) into %s", chosen, report.cache.n_layers, report.form,
              dst_dir)
     return report
+
+
+def _copy_side_files(src_dir: str, dst_dir: str, skip: set[str], follow_symlinks: bool) -> None:
+    """Copy the files of ``src_dir`` not in ``skip`` (tokenizer, generation config, ...) into ``dst_dir``; each
+    must be a regular file inside ``src_dir`` (``_side_file``). Folders are not copied."""
+    for name in os.listdir(src_dir):
+        if name not in skip and not os.path.isdir(os.path.join(src_dir, name)):
+            shutil.copyfile(_side_file(src_dir, name, follow_symlinks), os.path.join(dst_dir, name))
 
 
 def _inline_if_small(t: onnx.TensorProto, min_bytes: int = 1024) -> None:
@@ -345,4 +365,4 @@ def _is_external(t: onnx.TensorProto) -> bool:
 def _external_files(path: str) -> set[str]:
     """Names of the external data files ``path``'s initializers point to (relative to its folder)."""
     m = onnx.load(path, load_external_data=False)
-    return {e.value for t in m.graph.initializer for e in t.external_data if e.key == "location"}
+    return {e.value for t in all_tensors(m) for e in t.external_data if e.key == "location"}

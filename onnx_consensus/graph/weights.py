@@ -1,8 +1,12 @@
 """Initializer bytes wherever they live: external-data tensors, weight stubs, weight-free copies, writing.
 
 A model loaded by ``ir.load_model_and_layout`` keeps external-data tensors in their files: each tensor's
-location is made absolute (``absolute_locations``) and readers map the bytes when they need them
-(``external_array``: one read-only memory map per tensor, shared by the whole process). A *stub* is a
+location is checked (confined to the model's folder, ``paths.confined_file``; offset and length within the file)
+and made absolute (``absolute_locations``), and readers map the bytes when they need them (``external_array``:
+one read-only memory map per tensor, shared by the whole process). External tensors are found wherever a model
+holds tensors (``all_tensors``: initializers, node attributes such as a ``Constant``'s value, subgraphs,
+functions); the ones outside the main graph's initializers are brought inline at load when small
+(``INLINE_MAX_BYTES``), so every reader sees them as ordinary tensors. A *stub* is a
 tensor whose name, dtype and dims are kept but whose data is dropped (marked as external data at
 ``STUB_LOCATION``, a file that is never read); a *weight-free copy* (``weightless``) stubs every float
 initializer of at least ``STUB_MIN_ELEMENTS`` elements, so shape inference and graph surgery cost memory
@@ -15,16 +19,21 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 from typing import BinaryIO
 
 import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from ..errors import InputError
+from ..paths import confined_file
+
 __all__ = [
-    "FLOAT_TYPES", "STUB_LOCATION", "STUB_MIN_ELEMENTS", "is_external", "has_external_tensors",
+    "FLOAT_TYPES", "STUB_LOCATION", "STUB_MIN_ELEMENTS", "INLINE_MAX_BYTES", "all_tensors", "other_tensors",
+    "is_external", "has_external_tensors", "inline_external",
     "absolute_locations", "external_array", "tensor_array", "numel", "tensor_nbytes", "initializer_bytes",
-    "is_weight", "make_stub", "weightless", "write_external", "set_location",
+    "is_weight", "make_stub", "weightless", "write_external", "set_location", "relocate", "stored_nbytes",
 ]
 
 #: ONNX element types that are floating point: the types of learned weights, counted as parameters and
@@ -44,6 +53,11 @@ STUB_LOCATION = "shared-initializers.bin"  # external-data location of stubbed w
 #: Float initializers with at least this many elements are weights (stubbed in weight-free copies); smaller
 #: ones and non-float ones (shapes, axes, scalars) keep their values, which shape inference may need.
 STUB_MIN_ELEMENTS = 1024
+#: External tensors outside the main graph's initializers (node attributes, subgraph initializers) up to this
+#: size are read inline at load (optimum keeps even a 128-byte ``Constant`` in its data file past 2 GB).
+INLINE_MAX_BYTES = 2**20
+#: ONNX types stored two elements per byte (their external data is half as long as numpy's view of them).
+_PACKED = frozenset(getattr(TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(TensorProto, n))
 
 _DATA_FIELDS = ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data",
                 "string_data")
@@ -61,6 +75,12 @@ def _np_dtype(t: TensorProto) -> np.dtype:
 def tensor_nbytes(t: TensorProto) -> int:
     """Bytes of ``t``'s values as numpy holds them (dims x item size), whether inline or external."""
     return numel(t.dims) * _np_dtype(t).itemsize
+
+
+def stored_nbytes(t: TensorProto) -> int:
+    """Bytes ``t``'s values take in a file (4-bit types packed two to a byte)."""
+    n = numel(t.dims)
+    return (n + 1) // 2 if t.data_type in _PACKED else n * _np_dtype(t).itemsize
 
 
 def initializer_bytes(model: onnx.ModelProto) -> int:
@@ -81,31 +101,102 @@ def is_external(t: TensorProto) -> bool:
     return t.data_location == TensorProto.EXTERNAL and not t.HasField("raw_data")
 
 
+def _beyond_initializers(graph: onnx.GraphProto, functions=()) -> Iterator[TensorProto]:
+    """The tensors of ``graph`` (and of ``functions``' nodes) other than its own initializers: sparse
+    initializers, node attributes, and every tensor of nested subgraphs (walked with a stack, not recursion)."""
+    stack: list = []
+    for sp in graph.sparse_initializer:
+        yield sp.values
+        yield sp.indices
+    yield from _node_tensors(graph.node, stack)
+    for fn in functions:
+        yield from _node_tensors(fn.node, stack)
+    while stack:
+        g = stack.pop()
+        yield from g.initializer
+        for sp in g.sparse_initializer:
+            yield sp.values
+            yield sp.indices
+        yield from _node_tensors(g.node, stack)
+
+
+def _node_tensors(nodes, stack: list) -> Iterator[TensorProto]:
+    for n in nodes:
+        for a in n.attribute:
+            if a.HasField("t"):
+                yield a.t
+            yield from a.tensors
+            for sp in ([a.sparse_tensor] if a.HasField("sparse_tensor") else []) + list(a.sparse_tensors):
+                yield sp.values
+                yield sp.indices
+            if a.HasField("g"):
+                stack.append(a.g)
+            stack.extend(a.graphs)
+
+
+def other_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
+    """Every TensorProto of ``model`` except the main graph's initializers: node attributes (a ``Constant``'s
+    value), subgraphs' initializers and attributes, sparse tensors, local functions' attributes."""
+    return _beyond_initializers(model.graph, model.functions)
+
+
+def all_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
+    """Every TensorProto of ``model``: the main graph's initializers, then ``other_tensors``."""
+    yield from model.graph.initializer
+    yield from other_tensors(model)
+
+
 def has_external_tensors(model: onnx.ModelProto) -> bool:
-    return any(is_external(t) for t in model.graph.initializer)
+    """Whether any tensor of ``model`` (``all_tensors``) keeps its bytes in a file."""
+    return any(is_external(t) for t in all_tensors(model))
 
 
 def _external_info(t: TensorProto) -> dict[str, str]:
     return {e.key: e.value for e in t.external_data}
 
 
-def absolute_locations(model: onnx.ModelProto, base: str) -> None:
-    """Make every external tensor's location an absolute path (relative ones are taken from folder
-    ``base``), in place. Raises ValueError when a data file is missing or too short for a tensor."""
+def _checked_span(t: TensorProto, info: dict[str, str], size: int, loc: str) -> None:
+    """InputError unless ``t``'s offset and length are non-negative integers within the file's ``size``."""
+    try:
+        offset = int(info.get("offset", 0))
+        length = int(info["length"]) if "length" in info else None
+    except ValueError:
+        raise InputError(f"external data of tensor {t.name!r}: offset or length is not an integer") from None
+    need = stored_nbytes(t)
+    if offset < 0 or (length is not None and length < 0):
+        raise InputError(f"external data of tensor {t.name!r}: negative offset or length")
+    if length is not None and length < need:
+        raise InputError(f"external data of tensor {t.name!r}: length {length} is shorter than its "
+                         f"{need} bytes (dims {list(t.dims)})")
+    if offset + max(need, length or 0) > size:
+        raise InputError(f"external data file {loc} is too short for tensor {t.name!r} (needs bytes up to "
+                         f"{offset + max(need, length or 0)}, has {size})")
+
+
+def absolute_locations(model: onnx.ModelProto, base: str, *, inline_max: int | None = None) -> None:
+    """Check every external tensor of ``model`` (``all_tensors``) and make its location absolute, in place.
+
+    Each location must name a regular file inside folder ``base`` (``paths.confined_file``: no absolute path,
+    no ``..`` escape, no symbolic link out of it, no device or FIFO; UnsafePathError), and the tensor's offset
+    and length must lie within that file (InputError): all checked before a byte is read. Tensors outside the
+    main graph's initializers of at most ``inline_max`` bytes (default ``INLINE_MAX_BYTES``) are then read
+    inline (``inline_external``)."""
+    inline_max = INLINE_MAX_BYTES if inline_max is None else inline_max
     sizes: dict[str, int] = {}
-    for t in model.graph.initializer:
+    for t in all_tensors(model):
         if t.data_location != TensorProto.EXTERNAL:
             continue
+        if t.data_type == TensorProto.STRING:
+            raise InputError(f"external data of tensor {t.name!r}: string tensors cannot be external")
         info = _external_info(t)
-        loc = os.path.normpath(os.path.join(base, info.get("location", "")))
+        loc = confined_file(base, info.get("location", ""), what=f"external data of tensor {t.name!r}")
         if loc not in sizes:
-            if not os.path.isfile(loc):
-                raise ValueError(f"external data file {loc} (tensor {t.name}) not found")
             sizes[loc] = os.path.getsize(loc)
-        need = int(info.get("offset", 0)) + int(info.get("length", tensor_nbytes(t)))
-        if need > sizes[loc]:
-            raise ValueError(f"external data file {loc} is too short for tensor {t.name}")
+        _checked_span(t, info, sizes[loc], loc)
         set_location(t, loc)
+    for t in other_tensors(model):
+        if is_external(t) and stored_nbytes(t) <= inline_max:
+            inline_external(t)
 
 
 _MAPS: dict[tuple, np.ndarray] = {}
@@ -126,6 +217,18 @@ def external_array(t: TensorProto) -> np.ndarray:
         _MAPS[key] = np.memmap(info["location"], dtype=dtype, mode="r", offset=key[1], shape=shape) if shape else \
             np.fromfile(info["location"], dtype=dtype, count=1, offset=key[1]).reshape(())
     return _MAPS[key]
+
+
+def inline_external(t: TensorProto) -> None:
+    """Bring external tensor ``t``'s bytes into the proto (``raw_data``), in place."""
+    info = _external_info(t)
+    offset, count = int(info.get("offset", 0)), stored_nbytes(t)
+    with open(info["location"], "rb") as f:
+        f.seek(offset)
+        data = f.read(count)
+    _clear_data(t)
+    t.data_location = TensorProto.DEFAULT
+    t.raw_data = data
 
 
 def tensor_array(t: TensorProto) -> np.ndarray:
@@ -183,12 +286,24 @@ def set_location(t: TensorProto, location: str) -> None:
 
 def write_external(model: onnx.ModelProto, f: BinaryIO, location: str, *, min_bytes: int = 1024,
                    align: int = 4096) -> None:
-    """Move the main graph's initializer bytes to the end of open file ``f``, tensor by tensor, and point
-    the tensors (in place) at ``location`` with their offsets. Memory-mapped external tensors are copied
-    from their files, never decoded whole; inline tensors under ``min_bytes`` stay inline; every tensor
-    starts at a multiple of ``align`` bytes, so onnxruntime can map it."""
+    """Move the main graph's initializer bytes, and every other external tensor's (node attributes,
+    subgraphs: ``all_tensors``), to the end of open file ``f``, tensor by tensor, and point the tensors (in
+    place) at ``location`` with their offsets. Memory-mapped external tensors are copied from their files,
+    never decoded whole; inline initializers under ``min_bytes`` and inline tensors outside the main graph's
+    initializers stay inline; every tensor starts at a multiple of ``align`` bytes, so onnxruntime can map
+    it."""
     for t in model.graph.initializer:
         _write_tensor(t, f, location, min_bytes, align)
+    for t in list(other_tensors(model)):
+        if is_external(t):
+            _write_tensor(t, f, location, min_bytes, align)
+
+
+def relocate(model: onnx.ModelProto, location: str) -> None:
+    """Point every external tensor of ``model`` (``all_tensors``) at file ``location``, in place."""
+    for t in all_tensors(model):
+        if is_external(t):
+            set_location(t, location)
 
 
 def _write_tensor(t: TensorProto, f: BinaryIO, location: str, min_bytes: int, align: int) -> None:

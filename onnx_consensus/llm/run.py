@@ -36,6 +36,7 @@ from ..graph.quant import finetune_refusal, model_bytes, quantized_ops
 from ..graph.kv_surgery import prune_folder, remove_layers
 from ..metrics import get_metric, resolve_metrics
 from ..options import DEFAULT_CRITERION, Options
+from ..paths import confined_file
 from ..report import METADATA_KEY, sha256_file
 from .perplexity import perplexity, throughput
 from .scoring import original_logits, score_layers
@@ -65,8 +66,9 @@ def is_decoder(model: onnx.ModelProto) -> bool:
     return True
 
 
-def model_file(path: str | os.PathLike) -> str:
-    """The ONNX file of an export folder (genai_config's decoder filename, else model.onnx), or ``path``."""
+def model_file(path: str | os.PathLike, *, follow_symlinks: bool = False) -> str:
+    """The ONNX file of an export folder (genai_config's decoder filename, else model.onnx: a regular file inside
+    the folder, ``paths.confined_file``), or ``path``."""
     path = os.path.abspath(os.fspath(path))
     if not os.path.isdir(path):
         if not os.path.isfile(path):
@@ -74,11 +76,12 @@ def model_file(path: str | os.PathLike) -> str:
         return path
     from ..graph.kv_surgery import decoder_filename
 
-    name = decoder_filename(path)
-    found = os.path.join(path, name)
-    if not os.path.isfile(found):
+    name = decoder_filename(path, follow_symlinks=follow_symlinks)
+    if not os.path.lexists(os.path.join(path, name)):
         raise InputError(f"no {name} in the folder {path}")
-    return found
+    confined_file(path, name, what="the decoder model of the export folder", follow_symlinks=follow_symlinks,
+                  hint="pass --follow-symlinks to read it")
+    return os.path.normpath(os.path.join(path, name))  # its external data is beside it, as onnx looks for it
 
 
 @dataclass
@@ -151,7 +154,7 @@ def prune_decoder(model_path: str | os.PathLike, text, options: Options | None =
         options = replace(options, criterion=replace(options.criterion, metrics=DEFAULT_CRITERION))
     crit, target, run = options.criterion, options.target, options.run
     source = os.path.abspath(os.fspath(model_path))
-    path = model_file(source)
+    path = model_file(source, follow_symlinks=options.data.follow_symlinks)
     folder = os.path.isdir(source)
     model, external = load_model_and_layout(path)
     if options.finetune is not None and options.finetune.epochs > 0 and quantized_ops(model):
@@ -165,8 +168,9 @@ def prune_decoder(model_path: str | os.PathLike, text, options: Options | None =
     else:
         if text is None:
             raise InputError("decoder LLMs need calibration text: --calib corpus.txt (or a folder of .txt/.jsonl)")
-        tok = find_tokenizer(source, options.data.tokenizer)
-        data = load_text(text, tok, seq_len=options.data.seq_len, max_samples=options.data.max_samples)
+        tok = find_tokenizer(source, options.data.tokenizer, follow_symlinks=options.data.follow_symlinks)
+        data = load_text(text, tok, seq_len=options.data.seq_len, max_samples=options.data.max_samples,
+                         follow_symlinks=options.data.follow_symlinks)
     score_windows, hold_windows = data.split(run.holdout, crit.seed)
     warnings: list[str] = []
     if target.target_flops is not None:
@@ -223,7 +227,8 @@ def prune_decoder(model_path: str | os.PathLike, text, options: Options | None =
                               "after": perplexity(pruned, hold_windows, threads=run.threads)}
     eval_data = None
     if options.recovery.eval:
-        eval_data = load_text(options.recovery.eval, data.tokenizer, seq_len=data.seq_len)
+        eval_data = load_text(options.recovery.eval, data.tokenizer, seq_len=data.seq_len,
+                              follow_symlinks=options.data.follow_symlinks)
         quality["eval"] = {"text": eval_data.source, "windows": eval_data.n_samples,
                            "before": perplexity(model, eval_data.windows, threads=run.threads),
                            "after": perplexity(pruned, eval_data.windows, threads=run.threads)}
@@ -372,7 +377,8 @@ def write_decoder(outcome: DecoderOutcome, out_path: str | os.PathLike) -> str |
     unknown = _unknown_to_onnx(outcome.model)
     checks = ["onnxruntime prefill run"]
     if outcome.folder:
-        prune_folder(outcome.source, out_path, outcome.removed, pruned=outcome.model)
+        prune_folder(outcome.source, out_path, outcome.removed, pruned=outcome.model,
+                     follow_symlinks=outcome.options.data.follow_symlinks)
         checks.append("onnx.checker not run on export folders (onnxruntime operators in the default domain)"
                       if unknown else "onnx.checker not run on export folders")
     else:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InputError
+from ..paths import confined_file
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 
@@ -52,9 +53,12 @@ class TextData:
         return self.windows[keep], self.windows[hold]
 
 
-def find_tokenizer(model_path: str | os.PathLike, given: str | os.PathLike | None = None) -> str:
+def find_tokenizer(model_path: str | os.PathLike, given: str | os.PathLike | None = None, *,
+                   follow_symlinks: bool = False) -> str:
     """The tokenizer.json to use: ``given`` (a file, or a folder holding tokenizer.json), else the one beside
-    the model (in the model's folder, or in the folder given as the model). InputError when there is none."""
+    the model (in the model's folder, or in the folder given as the model), which must be a regular file inside
+    that folder (a symbolic link out of it only with ``follow_symlinks``; UnsafePathError). InputError when
+    there is none."""
     if given is not None:
         p = os.fspath(given)
         p = os.path.join(p, "tokenizer.json") if os.path.isdir(p) else p
@@ -64,15 +68,20 @@ def find_tokenizer(model_path: str | os.PathLike, given: str | os.PathLike | Non
     folder = os.fspath(model_path)
     folder = folder if os.path.isdir(folder) else os.path.dirname(os.path.abspath(folder))
     p = os.path.join(folder, "tokenizer.json")
-    if not os.path.isfile(p):
+    if not os.path.lexists(p):
         raise InputError(f"no tokenizer.json beside the model (in {folder}): give one with --tokenizer")
-    return p
+    return confined_file(folder, "tokenizer.json", what="the tokenizer beside the model",
+                         follow_symlinks=follow_symlinks, hint="pass --follow-symlinks or --tokenizer FILE")
 
 
-def _documents(path: str) -> list[str]:
-    """The documents of a text source (see the module docstring)."""
+def _documents(path: str, follow_symlinks: bool = False) -> list[str]:
+    """The documents of a text source (see the module docstring); a folder's files must be regular files inside
+    it (symbolic links out of it only with ``follow_symlinks``)."""
     if os.path.isdir(path):
-        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(TEXT_SUFFIXES))
+        files = [confined_file(path, f, what=f"text file {os.path.join(path, f)}", follow_symlinks=follow_symlinks,
+                               hint="pass --follow-symlinks to read it")
+                 for f in sorted(os.listdir(path)) if f.endswith(TEXT_SUFFIXES) and not f.startswith(".")
+                 and not os.path.isdir(os.path.join(path, f))]
         if not files:
             raise InputError(f"no .txt or .jsonl files in {path}")
     elif os.path.isfile(path):
@@ -106,9 +115,10 @@ def _documents(path: str) -> list[str]:
 
 
 def load_text(path: str | os.PathLike, tokenizer: str | os.PathLike, *, seq_len: int = 128,
-              max_samples: int | None = None) -> TextData:
+              max_samples: int | None = None, follow_symlinks: bool = False) -> TextData:
     """Token windows (n, seq_len) of the text at ``path`` tokenised with ``tokenizer`` (a tokenizer.json).
-    max_samples: keep the first that many windows. InputError when the text gives no full window."""
+    max_samples: keep the first that many windows. follow_symlinks: read files of a text folder that link out
+    of it. InputError when the text gives no full window."""
     if seq_len < 2:
         raise InputError("--seq-len must be >= 2")
     try:
@@ -121,7 +131,7 @@ def load_text(path: str | os.PathLike, tokenizer: str | os.PathLike, *, seq_len:
         raise InputError(f"cannot load tokenizer {tokenizer}: {exc}") from None
     path = os.fspath(path)
     ids: list[int] = []
-    for doc in _documents(path):
+    for doc in _documents(path, follow_symlinks):
         ids.extend(tok.encode(doc).ids)
     n = len(ids) // seq_len
     if max_samples is not None:
