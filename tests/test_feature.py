@@ -114,8 +114,8 @@ def _map_model() -> onnx.ModelProto:
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def test_map_output_is_generic_and_pooled_on_a_grid():
-    assert output_kinds(_map_model()) == {"p": "generic"}
+def test_map_output_is_a_text_map_and_pooled_on_a_grid():
+    assert output_kinds(_map_model()) == {"p": "text map"}  # a Sigmoid-made one-channel map (kinds.text)
     rng = np.random.default_rng(0)
     a = rng.standard_normal((3, 1, 9, 10))
     got = pool_output(a)  # 1 channel: 4 x 4 cells, adaptive-average-pool spans
