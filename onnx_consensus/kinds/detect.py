@@ -15,7 +15,7 @@ Scores outside [0, 1] in a YOLO layout are taken as logits (a sigmoid applied).
 Recognised from the graph (``recognise_detectors``): a rank-3 output whose nearest upstream nodes hold a
 Concat, a Sigmoid/Softmax (the score branch) and decode arithmetic (a Mul/Add/Sub/Div by a constant tensor:
 grid and stride; or the DFL Softmax + Conv); then the layout from the shape ([N, K, A] with K < A: yolov8;
-[N, A, K], K >= 6: yolov5, or yolov10 when K == 6 and a TopK selects the queries). Two rank-3 outputs with
+[N, A, K], K >= 6: yolov5, or yolov10 when K == 6 and a TopK selects the queries or A == 300). Two rank-3 outputs with
 the same anchor axis, one of last size 4, pair as boxes + scores when the scores output is Softmax/Sigmoid
 made or the names say box / score / logit. ``--task detect`` also takes those layouts from the shapes alone.
 
@@ -269,7 +269,7 @@ def _yolo_layout(ctx: RecogniseContext, name: str, graph_said: set[str]) -> Head
     if known1 and d1 >= 5 and (not known2 or d1 < d2):
         return Head("yolov8", (name,), _sigmoid_classes(ctx, name), "graph" if graph_said else "shape")
     if known2 and d2 >= 6 and (not known1 or d2 < d1):
-        kind = "yolov10" if d2 == 6 and "topk" in graph_said else "yolov5"
+        kind = "yolov10" if d2 == 6 and ("topk" in graph_said or d1 == 300) else "yolov5"
         return Head(kind, (name,), (), "graph" if graph_said else "shape")
     return None
 
@@ -294,7 +294,9 @@ def _pairs(ctx: RecogniseContext, by_shape: bool) -> list[Head]:
     rank3 = [n for n in ctx.free if ctx.shape(n) is not None and len(ctx.shape(n)) == 3]
     for b in [n for n in rank3 if ctx.shape(n)[2] == 4]:
         for s in rank3:
-            if s == b or ctx.shape(s)[1] != ctx.shape(b)[1] or any(b in h.outputs or s in h.outputs for h in heads):
+            da, db = ctx.shape(s)[1], ctx.shape(b)[1]
+            differ = isinstance(da, int) and isinstance(db, int) and da != db  # a symbolic anchor count may match
+            if s == b or differ or any(b in h.outputs or s in h.outputs for h in heads):
                 continue
             made = producer_through(ctx.index, s, SHAPE_ONLY_OPS)
             probs = made is not None and made.op in ("Softmax", "Sigmoid")

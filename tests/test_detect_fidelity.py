@@ -1,0 +1,145 @@
+"""Detector outputs are judged by the detections kept (issue 20, item 1), not by a tensor cosine.
+
+The tiny detectors of ``tests/detectors.py`` have a block ("evidence") whose removal kills the class scores
+while the pixel boxes do not move: the old measure (cosine over the output tensor) passes that model at
+>= 0.99, the new one (detections kept, matched at IoU 0.5 with the same class) rejects it, warns of a
+collapse under --remove and names the detections kept in the summary; the default run (budget 0.99) never
+removes that block.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from onnx_consensus import find_blocks, pipeline
+from onnx_consensus.evaluate import compare
+from onnx_consensus.graph.heads import output_kinds
+from onnx_consensus.graph.surgery import remove_blocks
+from onnx_consensus.kinds import output_plan
+from onnx_consensus.kinds.detect import CONF, iou_matrix, match, nms, to_xyxy
+from onnx_consensus.options import TargetOptions
+from onnx_consensus.report import summary_table
+from tests import detectors
+from tests.helpers import run
+
+LAYOUTS = {"yolov8": {"output0": "yolov8"}, "yolov5": {"output0": "yolov5"},
+           "boxes": {"boxes": "boxes", "scores": "scores"}}
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def detector(request):
+    model = detectors.build(request.param)
+    return request.param, model
+
+
+def _outputs(model: onnx.ModelProto, x: np.ndarray) -> dict[str, np.ndarray]:
+    names = [o.name for o in model.graph.output]
+    return dict(zip(names, run(model, {"images": x})))
+
+
+def test_each_layout_is_recognised_from_the_graph(detector):
+    layout, model = detector
+    assert output_kinds(model) == LAYOUTS[layout]
+
+
+def test_old_cosine_passes_a_model_the_detections_measure_rejects(detector):
+    layout, model = detector
+    x = detectors.images()
+    ref = _outputs(model, x)
+    pruned = remove_blocks(model, [b for b in find_blocks(model).blocks if b.id == detectors.evidence_block(model)])
+    out = _outputs(pruned, x)
+    if layout == "boxes":
+        # separate outputs: the old mean cosine (0.79) already saw this one; a variant whose scores are the
+        # original's scaled by 0.2 (what a block feeding a score normaliser can do) has cosine 1.0 on both
+        assert compare([out], [ref], kinds={n: "generic" for n in ref}).cosine < 0.9
+        out = {"boxes": ref["boxes"], "scores": ref["scores"] * 0.2}
+    old = compare([out], [ref], kinds={n: "generic" for n in ref})  # the kinds before issue 20
+    assert old.cosine >= 0.99 and min(o.cosine for o in old.outputs) >= 0.99
+    assert old.measure[0] != "detections kept"
+    new = compare([out], [ref], kinds=output_plan(model))
+    name, value = new.measure
+    assert name == "detections kept" and value < 0.5
+    assert not new.meets(0.99)
+    assert "detections kept" in new.collapse()
+    same = compare([ref], [ref], kinds=output_plan(model))
+    assert same.measure == ("detections kept", 1.0) and same.heads[0].details["original_detections"] > 20
+
+
+def _calib(tmp_path, n=50):
+    np.save(tmp_path / "x.npy", detectors.images(n))
+    return str(tmp_path)
+
+
+def test_remove_n_warns_and_summary_names_detections(tmp_path):
+    model = detectors.build("yolov8")
+    bad = detectors.evidence_block(model)
+    outcome = pipeline.prune(model, _calib(tmp_path), target=TargetOptions(remove=1, only=(bad,)))
+    assert outcome.removed_ids == [bad]
+    assert outcome.result.collapse and "detections kept" in outcome.result.collapse
+    text = summary_table(outcome.report)
+    assert "detections kept 0." in text and "cosine" not in text.split("Fidelity")[1]
+    assert outcome.report["fidelity"]["measure"]["name"] == "detections kept"
+
+
+def test_default_run_keeps_the_block_that_holds_the_detections(tmp_path):
+    model = detectors.build("yolov8")
+    bad = detectors.evidence_block(model)
+    outcome = pipeline.prune(model, _calib(tmp_path))
+    assert bad not in outcome.removed_ids
+    rounds = outcome.report["rounds"]
+    assert rounds[0]["metrics"] == ["output_fidelity"]
+    scores = {b["id"]: b["scores"]["output_fidelity"] for b in rounds[0]["blocks"]}
+    assert scores[bad] > 0.5 > scores[next(i for i in scores if i != bad)]  # ranked by the detections
+    if outcome.result.fidelity is not None and outcome.removed_ids:
+        assert outcome.result.fidelity.measure[1] >= 0.99
+
+
+def _identity_model(shapes: dict[str, list]) -> onnx.ModelProto:
+    nodes = [helper.make_node("Identity", ["x"], [n]) for n in shapes]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                          [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in shapes.items()])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("shape,kind", [(["N", 84, 8400], "yolov8"), (["N", 25200, 85], "yolov5"),
+                                        (["N", 300, 6], "yolov10")])
+def test_task_detect_reads_the_layout_from_the_shape(shape, kind):
+    model = _identity_model({"out": shape})
+    assert output_kinds(model) == {"out": "generic"}  # no graph evidence: not guessed without --task
+    assert output_kinds(model, "detect") == {"out": kind}
+
+
+def test_nms_closed_case():
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [0, 0, 10, 10], [20, 20, 30, 30]], float)
+    scores = np.array([0.9, 0.8, 0.7, 0.6])
+    classes = np.array([0, 0, 1, 0])
+    # box 1 overlaps box 0 by IoU 81/119 = 0.68: suppressed at 0.45, kept at 0.7; box 2 is another class
+    assert iou_matrix(boxes[:1], boxes[1:2])[0, 0] == pytest.approx(81 / 119)
+    assert nms(boxes, scores, classes, 0.45).tolist() == [0, 2, 3]
+    assert nms(boxes, scores, classes, 0.7).tolist() == [0, 1, 2, 3]
+
+
+def test_matching_closed_case():
+    ref = (np.array([[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]], float), np.array([0.9, 0.8, 0.7]),
+           np.array([0, 1, 0]))
+    # the first moved by 1 pixel (IoU 81/119 >= 0.5), the second has changed class, the third moved too far
+    out = (np.array([[1, 1, 11, 11], [20, 20, 30, 30], [46, 46, 56, 56]], float), np.array([0.6, 0.8, 0.7]),
+           np.array([0, 2, 0]))
+    hit, deltas = match(ref, out)
+    assert hit == 1 and deltas == [pytest.approx(-0.3)]
+    assert match(ref, (np.zeros((0, 4)), np.zeros(0), np.zeros(0, int))) == (0, [])
+
+
+def test_box_formats():
+    np.testing.assert_allclose(to_xyxy(np.array([[10.0, 20.0, 4.0, 6.0]]), "cxcywh"), [[8, 17, 12, 23]])
+
+
+def test_no_original_detection_is_kept_by_definition_and_said():
+    model = detectors.build("yolov8")
+    ref = _outputs(model, detectors.images(4))
+    ref["output0"][:, 4:] = CONF / 10  # no class probability reaches the threshold
+    fid = compare([ref], [ref], kinds=output_plan(model))
+    assert fid.measure == ("detections kept", 1.0)
+    assert "detects nothing" in fid.heads[0].text
