@@ -113,7 +113,8 @@ class Fidelity:
             custom = self.heads[0] if self.heads[0].kind == "custom" else None
             for h in [custom] if custom else self.heads:
                 if h.collapsed():
-                    return f"{h.measure} {h.value:.4f} < {h.collapse}"
+                    what = "top-1 agreement" if h.measure == "agreement" else h.measure
+                    return f"{what} {h.value:.4f} < {h.collapse}"
             return None
         if self.agreement is not None:
             if self.agreement < COLLAPSE_AGREEMENT:

@@ -151,7 +151,7 @@ class EmbeddingMeasure(Measure):
 
     def result(self) -> HeadResult:
         cos = self.cos / max(self.n, 1)
-        return HeadResult(self.head.kind, self.head.outputs, "cosine", max(cos, 0.0), 1.0 - cos,
+        return HeadResult(self.head.kind, self.head.outputs, "embedding cosine", max(cos, 0.0), 1.0 - cos,
                           f"embedding cosine {cos:.4f}", 0.9, None, {"cosine": cos})
 
 
