@@ -44,7 +44,8 @@ def recognise_class_scores(ctx: RecogniseContext) -> list[Head]:
             continue
         siblings = [o for o in explicit - {name} if name not in ctx.index.ancestors(o)[0]]
         if name not in explicit and (siblings or REGRESSION_NAMES.search(name)):
-            continue  # boxes / landmarks from a Gemm: values, not class scores
+            heads.append(Head("generic", (name,), (), "graph"))  # boxes / landmarks from a Gemm: values
+            continue
         heads.append(class_head(ctx, name, "graph"))
     return heads
 
