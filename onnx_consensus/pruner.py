@@ -157,12 +157,7 @@ def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = 
                                   names=plan.outputs or None)
     kinds = plan if plan.outputs else None  # fidelity per head, in the task's own terms
     auto = target.remove is None and target.target_flops is None
-    if plan.outputs:
-        floats = set(plan.outputs)
-        result.notes = blind_spots(plan, reference, budget=target.min_agreement if auto and not target.plan else None,
-                                   non_float=[o.name for o in model.graph.output if o.name not in floats])
-        for note in result.notes:
-            log.warning("%s", note)
+    result.notes = _blind_notes(model, plan, reference, target.min_agreement if auto and not target.plan else None)
     # Output-level metrics compare with the ORIGINAL model's outputs, computed once here for every round.
     score_reference = None
     if any(get_metric(m).output for m in metrics) and not target.plan:
@@ -257,6 +252,18 @@ def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = 
                                "remove fewer blocks")
             log.info("%s", result.collapse)  # the summary says it (report "collapse")
     return result
+
+
+def _blind_notes(model: onnx.ModelProto, plan, reference: list, budget: float | None) -> list[str]:
+    """``kinds.blind_spots`` on the hold-out reference (the budget only when it is used), each logged."""
+    if not plan.outputs:
+        return []
+    floats = set(plan.outputs)
+    notes = blind_spots(plan, reference, budget=budget,
+                        non_float=[o.name for o in model.graph.output if o.name not in floats])
+    for note in notes:
+        log.warning("%s", note)
+    return notes
 
 
 def _macs_fraction(removed: Sequence[Block], total: int | None) -> float:
