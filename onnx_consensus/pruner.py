@@ -58,6 +58,7 @@ class PruneResult:
     stop_reason: str = ""
     collapse: str | None = None
     notes: list[str] = field(default_factory=list)  # where the fidelity measure is blind on this data
+    output_plan: dict | None = None  # how the outputs are judged (kinds.OutputPlan.to_json)
     holdout_samples: int = 0
     score_samples: int = 0
     # the calibration samples (indices) of the fidelity check and of scoring; the same array when the data
@@ -138,7 +139,8 @@ def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = 
     check_feature_used(criterion.feature, metrics)
     # Token masks are resolved (and any guess logged) once, then passed to every round as overrides.
     token_mask = tuple(f"{m.name}:{m.polarity}" for m in token_masks(model, criterion.token_mask).values())
-    result = PruneResult(model=model, original_blocks=report, macs_before=cost.total_macs, params_before=cost.params)
+    result = PruneResult(model=model, original_blocks=report, macs_before=cost.total_macs, params_before=cost.params,
+                         output_plan=plan.to_json())
     if not report.blocks and not target.plan:  # nothing to score: no inference at all, whatever the target
         result.stop_reason = f"no removable block: {report.refusal or 'none found'}"
         result.macs_after, result.params_after = cost.total_macs, cost.params

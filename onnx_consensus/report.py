@@ -69,6 +69,7 @@ def build_report(result: PruneResult, *, options: Mapping, input_path: str | Non
         "feature": _feature(result),
         "collapse": result.collapse,
         "fidelity_notes": list(getattr(result, "notes", [])),
+        "output_plan": getattr(result, "output_plan", None),
         "samples": {"scoring": result.score_samples, "holdout": result.holdout_samples},
         "rounds": rounds,
         "latency": dict(latency) if latency else None,
