@@ -143,11 +143,10 @@ class _Group:
             name = dest(m["same_as"] or m["flag"])
             if hasattr(ns, name):
                 value = getattr(ns, name)
-                if m["same_as"] is None:
-                    if m["negate"]:
-                        value = not value
-                    if m["convert"] is not None:
-                        value = m["convert"](value)
+                if m["same_as"] is None and m["negate"]:
+                    value = not value
+                if m["convert"] is not None:
+                    value = m["convert"](value)
                 kw[f.name] = value
             elif m["cli_default"] is not MISSING:
                 kw[f.name] = m["cli_default"]
@@ -361,6 +360,9 @@ class FinetuneConfig(_Group):
     feature_mse: float = option("--feature-mse", "weight of the feature-tensor MSE in distillation", default=0.0,
                                 type=float, show_default=False)
     feature: str | None = option("--feature", "", default=None, same_as="--feature")
+    # what the outputs are, for the distillation loss of each (the prune run's --task / --output-kind)
+    task: str | None = option("--task", "", default=None, same_as="--task")
+    output_kind: tuple[str, ...] = option("--output-kind", "", default=(), same_as="--output-kind", convert=tuple)
     augment: bool = option("--augment", "random crop and flip for image inputs", default=False)
     seed: int = option("--seed", "", default=0, same_as="--seed")
     device: str = option("--device", "where the PyTorch bridge trains: cpu, cuda or cuda:K (under torchrun each "

@@ -378,7 +378,7 @@ def _finetune(original: onnx.ModelProto, result: PruneResult, calib, options: Op
                         + ": a few hundred samples will overfit; give more with --train DIR")
     n_train = train.n_samples if train_idx is None else len(train_idx)
     eval_data = _extra_data(rec.eval, original, options.data)
-    config = options.finetune
+    config = replace(options.finetune, task=options.criterion.task, output_kind=options.criterion.output_kind)
     info = {"mode": "supervised" if train.labels is not None else "distillation", "epochs": config.epochs,
             "train_samples": n_train, "eval": getattr(eval_data, "source", None) if eval_data is not None
             else "hold-out", "holdout_fidelity_pruned": result.fidelity.to_json() if result.fidelity else None}

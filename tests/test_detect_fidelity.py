@@ -143,3 +143,21 @@ def test_no_original_detection_is_kept_by_definition_and_said():
     fid = compare([ref], [ref], kinds=output_plan(model))
     assert fid.measure == ("detections kept", 1.0)
     assert "detects nothing" in fid.heads[0].text
+
+
+def test_distillation_loss_plan_for_detectors():
+    torch = pytest.importorskip("torch")
+    from onnx_consensus.bridge import losses as L
+
+    model = detectors.build("yolov8")
+    (spec,) = L.plan(model)
+    assert (spec.name, spec.kind, spec.loss) == ("output0", "yolov8", "detection")
+    assert [s.loss for s in L.plan(model, overrides=("output0=generic",))] == ["channel_mse"]
+    pair = {s.name: s.loss for s in L.plan(detectors.build("boxes"))}
+    assert pair == {"boxes": "channel_mse", "scores": "bce"}
+    ref = torch.tensor(_outputs(model, detectors.images(8))["output0"])
+    lost = ref.clone()
+    lost[:, 4:] = 0.01  # every class probability gone
+    moved = ref.clone()
+    moved[:, :4] += 2.0  # every box two pixels off
+    assert float(L.output_loss(spec, lost, ref, 1.0)) > float(L.output_loss(spec, moved, ref, 1.0))

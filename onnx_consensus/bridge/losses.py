@@ -67,14 +67,16 @@ def _loss_for(head, output: str, forms: Mapping[str, str]) -> OutputLoss:
 
 
 def plan(model: onnx.ModelProto, kinds: Mapping[str, str] | None = None,
-         outputs: Sequence[str] | None = None) -> list[OutputLoss]:
+         outputs: Sequence[str] | None = None, *, task: str | None = None,
+         overrides: Sequence[str] = ()) -> list[OutputLoss]:
     """One OutputLoss per float output of ``model`` (the teacher: the student has the same interface), in graph
-    order. ``kinds``: {output: kind} to use instead of the graph's (``kinds.output_plan``); ``outputs``: only
-    these outputs (e.g. a decoder's logits, not its KV caches)."""
+    order. ``kinds``: {output: kind} to use instead of the graph's (``kinds.output_plan`` with ``task`` and
+    the --output-kind ``overrides``); ``outputs``: only these outputs (e.g. a decoder's logits, not its KV
+    caches)."""
     from ..graph.heads import score_forms
     from ..kinds import output_plan, plan_from_kinds
 
-    oplan = plan_from_kinds(kinds) if kinds is not None else output_plan(model)
+    oplan = plan_from_kinds(kinds) if kinds is not None else output_plan(model, task, tuple(overrides))
     forms = score_forms(model, oplan.kinds)
     by_name = {o: _loss_for(h, o, forms) for h in oplan.heads for o in h.outputs}
     names = list(oplan.kinds) if outputs is None else list(outputs)
