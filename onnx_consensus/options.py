@@ -313,7 +313,7 @@ class CriterionOptions(_Group):
                               choices=("detect", "segment", "ocr", "classify", "embed", "generic"))
     output_kind: tuple[str, ...] = option(
         "--output-kind", "what one output is, overriding the graph (repeatable): NAME=KIND[:ARGS] with KIND yolov8[:C] "
-        "/ yolov5[:C] / yolov10 / boxes[:xyxy|cxcywh] with scores[:probs|sigmoid|logits] / db[:THRESHOLD] / "
+        "/ yolov5[:C] / yolov10 / yolox_raw[:HxW] / boxes[:xyxy|cxcywh] with scores[:probs|sigmoid|logits] / db[:THRESHOLD] / "
         "ctc[:BLANK] / class / embed / generic", default=(), append=True, metavar="NAME=KIND[:ARGS]",
         convert=tuple, show_default=False)
     fidelity: str | None = option("--fidelity", "your own fidelity measure, module:function(original_outputs, "

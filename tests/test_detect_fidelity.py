@@ -161,3 +161,22 @@ def test_distillation_loss_plan_for_detectors():
     moved = ref.clone()
     moved[:, :4] += 2.0  # every box two pixels off
     assert float(L.output_loss(spec, lost, ref, 1.0)) > float(L.output_loss(spec, moved, ref, 1.0))
+
+
+def test_raw_yolox_is_decoded_on_its_grid():
+    from onnx_consensus.errors import InputError
+    from onnx_consensus.kinds import Head
+    from onnx_consensus.kinds.detect import detections, yolox_grid
+
+    grid, stride = yolox_grid(3549)  # 52^2 + 26^2 + 13^2 cells: a 416 x 416 input
+    assert len(grid) == 3549 and stride[0, 0] == 8 and stride[-1, 0] == 32 and grid[-1].tolist() == [12, 12]
+    raw = np.zeros((1, 3549, 6))
+    raw[0, 54, :2] = 0.5  # stride 8, cell x 2, y 1 (index 1 * 52 + 2): centre (2.5, 1.5) * 8, size exp(0) * 8
+    raw[0, 54, 4:] = [0.9, 0.8]
+    head = Head("yolox_raw", ("output",))
+    (boxes, conf, cls), _ = detections(head, {"output": raw}, 0)
+    np.testing.assert_allclose(boxes, [[16, 8, 24, 16]])
+    assert conf.tolist() == [pytest.approx(0.72)] and cls.tolist() == [0]
+    with pytest.raises(InputError, match="yolox_raw:HxW"):
+        yolox_grid(3550)
+    assert output_kinds(detectors.build("yolov5"), overrides=("output0=yolox_raw:16",)) == {"output0": "yolox_raw"}

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 CLASS_SCORES = "class scores"
-DETECTION_KINDS = ("yolov8", "yolov5", "yolov10")
+DETECTION_KINDS = ("yolov8", "yolov5", "yolov10", "yolox_raw")
 TINY = 1e-30  # probabilities are clamped here before their log (float32 keeps it: min normal ~1.2e-38)
 
 
@@ -150,7 +150,7 @@ def detection(student: torch.Tensor, teacher: torch.Tensor, kind: str, classes: 
     axis = 1 if kind == "yolov8" else -1
     k = student.shape[axis]
     first = 4
-    score_end = (5 if kind == "yolov10" else 4 + (1 if kind == "yolov5" else 0) + (classes or k))
+    score_end = (5 if kind == "yolov10" else 4 + (1 if kind in ("yolov5", "yolox_raw") else 0) + (classes or k))
     score_end = min(score_end, k)
     part = lambda x, a, b: x.narrow(axis, a, b - a)  # noqa: E731
     loss = channel_mse(part(student, 0, first), part(teacher, 0, first), axis) + \

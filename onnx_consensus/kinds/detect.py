@@ -6,14 +6,18 @@ Layouts (reference.md, "Output layouts people deploy"):
 - ``yolov5`` (also YOLOv7, YOLOX decoded): [N, A, 5 + C]: cx, cy, w, h, objectness, class probabilities;
   confidence = objectness x class probability.
 - ``yolov10``: [N, Q, 6]: x1, y1, x2, y2, score, class id, after the model's own NMS-free selection.
+- ``yolox_raw`` (only by --output-kind: the graph does not say the boxes are raw): YOLOX with
+  decode_in_inference off, [N, A, 5 + C] of cell offsets and log sizes, decoded here with the stride-8/16/32
+  grid of the input (``size`` HxW; default the square input the anchor count fits).
 - ``boxes`` + ``scores`` (SSD-like, DETR-like): boxes [N, A, 4] and scores [N, A, C]; box ``format`` xyxy
   or cxcywh; score ``form``: probs (as given), sigmoid (of logits), logits (softmax, the last class dropped
   as "no object", as DETR does). Defaults: a Softmax/Sigmoid-made scores output is probs with xyxy boxes,
   else logits with cxcywh boxes (DETR).
 Scores outside [0, 1] in a YOLO layout are taken as logits (a sigmoid applied).
 
-Recognised from the graph (``recognise_detectors``): a rank-3 output whose nearest upstream nodes hold a
-Concat, a Sigmoid/Softmax (the score branch) and decode arithmetic (a Mul/Add/Sub/Div by a constant tensor:
+Recognised from the graph (``recognise_detectors``): a rank-3 output made (past shape-only ops) by a Concat
+(or a ScatterND slice assignment) whose nearest upstream nodes hold a Sigmoid/Softmax (the score branch) and
+decode arithmetic (a Mul/Add/Sub/Div by a constant tensor:
 grid and stride; or the DFL Softmax + Conv); then the layout from the shape ([N, K, A] with K < A: yolov8;
 [N, A, K], K >= 6: yolov5, or yolov10 when K == 6 and a TopK selects the queries or A == 300). Two rank-3 outputs with
 the same anchor axis, one of last size 4, pair as boxes + scores when the scores output is Softmax/Sigmoid
@@ -143,6 +147,12 @@ def candidates(head: Head, arrays: dict, k: int) -> tuple[np.ndarray, np.ndarray
         c = head.arg("classes") or x.shape[1] - 5
         scores = _sigmoid_if_logits(x[:, 4:5]) * _sigmoid_if_logits(x[:, 5:5 + c])
         boxes = to_xyxy(x[:, :4], "cxcywh")
+    elif kind == "yolox_raw":
+        grid, stride = yolox_grid(len(x), head.arg("size"))
+        c = x.shape[1] - 5
+        scores = _sigmoid_if_logits(x[:, 4:5]) * _sigmoid_if_logits(x[:, 5:5 + c])
+        xy, wh = (x[:, :2] + grid) * stride, np.exp(np.clip(x[:, 2:4], None, 30)) * stride
+        boxes = np.concatenate([xy - wh / 2, xy + wh / 2], axis=1)
     elif kind == "yolov10":
         return to_xyxy(x[:, :4], "xyxy"), x[:, 4], np.rint(x[:, 5]).astype(np.int64)
     else:  # boxes + scores
@@ -158,6 +168,31 @@ def candidates(head: Head, arrays: dict, k: int) -> tuple[np.ndarray, np.ndarray
     cls = scores.argmax(axis=1) if scores.shape[1] else np.zeros(len(scores), np.int64)
     conf = scores.max(axis=1) if scores.shape[1] else np.zeros(len(scores))
     return boxes, conf, cls
+
+
+YOLOX_STRIDES = (8, 16, 32)
+
+
+def yolox_grid(anchors: int, size: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The (A, 2) cell offsets (x, y) and (A, 1) strides of a raw YOLOX output (decode_in_inference off):
+    one cell per stride-8/16/32 position of an input of ``size`` (H, W); default: the square input the anchor
+    count fits. InputError when the count fits no such input."""
+    from ..errors import InputError
+
+    if size is None:
+        side = int(round((anchors * 1024 / 21) ** 0.5))
+        size = (side, side)
+    grids, strides = [], []
+    for s in YOLOX_STRIDES:
+        h, w = size[0] // s, size[1] // s
+        ys, xs = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        grids.append(np.stack((xs, ys), -1).reshape(-1, 2))
+        strides.append(np.full((h * w, 1), float(s)))
+    grid = np.concatenate(grids)
+    if len(grid) != anchors:
+        raise InputError(f"a raw YOLOX output of {anchors} anchors fits no square input at strides 8/16/32: give the "
+                         "input size, --output-kind NAME=yolox_raw:HxW")
+    return grid.astype(np.float64), np.concatenate(strides)
 
 
 def detections(head: Head, arrays: dict, k: int) -> tuple[tuple, float]:
@@ -222,6 +257,15 @@ for _name, _label, _parse, _aliases in (
         ("yolov5", "detections (YOLOv5/v7/YOLOX layout [N, A, 5+C])", _int_arg, ("yolov7", "yolox")),
         ("yolov10", "detections (YOLOv10 layout [N, Q, 6])", None, ())):
     register_kind(KindSpec(_name, _label, "detect", DetectionMeasure, "detection", _parse), aliases=_aliases)
+def _size_arg(text: str) -> tuple:
+    if not text:
+        return ()
+    h, _, w = text.partition("x")
+    return (("size", (int(h), int(w or h))),)
+
+
+register_kind(KindSpec("yolox_raw", "detections (raw YOLOX [N, A, 5+C], decoded here)", "detect", DetectionMeasure,
+                       "detection", _size_arg), aliases=("yolox-raw",))
 register_kind(KindSpec("boxes", "detections (separate boxes and scores)", "detect", DetectionMeasure, "detection",
                        _boxes_arg, outputs=2), aliases=("ssd", "detr"))
 register_kind(KindSpec("scores", "detection scores (with a boxes output)", "detect", DetectionMeasure, "detection",
@@ -300,6 +344,9 @@ def _pairs(ctx: RecogniseContext, by_shape: bool) -> list[Head]:
                 continue
             made = producer_through(ctx.index, s, SHAPE_ONLY_OPS)
             probs = made is not None and made.op in ("Softmax", "Sigmoid")
+            box_made = producer_through(ctx.index, b, SHAPE_ONLY_OPS)
+            if box_made is not None and box_made.op in ("Softmax", "LogSoftmax"):
+                continue  # a distribution, not boxes
             named = BOX_NAMES.search(b) and SCORE_NAMES.search(s)
             if probs or named or by_shape:
                 args = (("format", "xyxy"), ("form", "probs")) if probs else (("format", "cxcywh"), ("form", "logits"))
@@ -315,6 +362,9 @@ def detector_heads(ctx: RecogniseContext, by_shape: bool = False) -> list[Head]:
     for name in ctx.free:
         if name in paired:
             continue
+        final = producer_through(ctx.index, name, SHAPE_ONLY_OPS)
+        if not by_shape and (final is None or final.op not in ("Concat", "ScatterND")):
+            continue  # the exporters end the head in the Concat (or slice assignment) of boxes and scores
         said = _evidence(ctx.index, name)
         if by_shape or {"score", "concat", "decode"} <= said or {"topk", "concat"} <= said:
             head = _yolo_layout(ctx, name, said if not by_shape or {"score", "concat"} <= said else set())
