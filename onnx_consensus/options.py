@@ -312,9 +312,9 @@ class CriterionOptions(_Group):
                               "fidelity) (default: judged from the graph)", default=None,
                               choices=("detect", "segment", "ocr", "classify", "embed", "generic"))
     output_kind: tuple[str, ...] = option(
-        "--output-kind", "what one output is, overriding the graph (repeatable): NAME=KIND[:ARGS] with KIND yolov8[:C] "
-        "/ yolov5[:C] / yolov10 / yolox_raw[:HxW] / boxes[:xyxy|cxcywh] with scores[:probs|sigmoid|logits] / db[:THRESHOLD] / "
-        "ctc[:BLANK] / class / embed / generic", default=(), append=True, metavar="NAME=KIND[:ARGS]",
+        "--output-kind", "what one output is, overriding the graph (repeatable): NAME=KIND[:ARGS] with KIND "
+        "yolov8[:C] / yolov5[:C] / yolov10 / yolox_raw[:HxW] / boxes[:xyxy|cxcywh] with scores[:probs|sigmoid|logits] "
+        "/ db[:THRESHOLD] / ctc[:BLANK] / class / embed / generic", default=(), append=True, metavar="NAME=KIND[:ARGS]",
         convert=tuple, show_default=False)
     fidelity: str | None = option("--fidelity", "your own fidelity measure, module:function(original_outputs, "
                                   "pruned_outputs) -> float in [0, 1] (dicts of arrays by output name), used for "

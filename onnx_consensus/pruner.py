@@ -6,9 +6,9 @@
 Targets: a number of blocks, a MACs-reduction fraction, or (no target) as many blocks as keep the pruned
 model's fidelity to the original at or above ``min_agreement`` on a held-back part of the data that
 scoring never sees, in the task's own terms (the output plan, ``kinds.output_plan``: detections kept, top-1
-agreement, mask IoU, ...; ``criterion.task`` / ``output_kind`` / ``fidelity`` override). ``keep_per_stage`` keeps at least
-that many blocks in every run of same-shaped blocks. Every pruned model is built from the original graph,
-so block ids stay the original exit names.
+agreement, mask IoU, ...; ``criterion.task`` / ``output_kind`` / ``fidelity`` override).
+``keep_per_stage`` keeps at least that many blocks in every run of same-shaped blocks. Every pruned model is
+built from the original graph, so block ids stay the original exit names.
 """
 from __future__ import annotations
 

@@ -34,7 +34,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=200)
     args = ap.parse_args()
     x = detectors.images(args.samples, seed=1)
-    print("| layout | block removed | old: output cosine (passes 0.99?) | new: detections kept | compare() time (both measures) |")
+    print("| layout | block removed | old: output cosine (passes 0.99?) | new: detections kept "
+          "| compare() time (both measures) |")
     print("|---|---|---:|---:|---:|")
     for layout in ("yolov8", "yolov5", "boxes"):
         model = detectors.build(layout)
