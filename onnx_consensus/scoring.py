@@ -189,7 +189,8 @@ def collect_features(model: onnx.ModelProto, data, blocks: Sequence[Block], *, s
         # the Gaussian metrics' conditions: the predicted class only when the first output is class scores
         classes = next(iter(kinds.values()), None) == CLASS_SCORES
         if scope == "global":
-            choice = choose_feature(graph_model, blocks, task=task, feature=feature)
+            choice = choose_feature(graph_model, blocks, task=task, feature=feature,
+                                    kinds=plan.kinds if plan is not None else None)
             feats = list(choice.tensors)
             graph_inputs = {i.name for i in model.graph.input}
             cut: set[str] = set()

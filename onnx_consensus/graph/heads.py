@@ -282,13 +282,14 @@ def _dominates(index: GraphIndex, node: gs.Node, target: str) -> bool:
 
 
 def choose_feature(model: onnx.ModelProto, blocks: Sequence = (), *, task: str | None = None,
-                   feature: str | None = None) -> FeatureChoice:
+                   feature: str | None = None, kinds: dict[str, str] | None = None) -> FeatureChoice:
     """The feature tensor(s) for the global scope, with the reason (see the module docstring).
 
     blocks: the candidate blocks (their ``exit``), which the feature must be downstream of. task:
     "classify" keeps the input of the last Gemm/MatMul/Conv upstream of the first output (the tool's
     behaviour before the head test); "embed"/"generic" take the graph's float outputs. feature: a tensor
-    the user named (taken as is)."""
+    the user named (taken as is). kinds: the outputs' kinds when already known (the output plan's, with the
+    user's --output-kind), else recognised here."""
     _check_task(task)
     if feature:
         return FeatureChoice((feature,), "named with --feature")
@@ -299,7 +300,7 @@ def choose_feature(model: onnx.ModelProto, blocks: Sequence = (), *, task: str |
                              True)
     graph = to_gs(model)
     index = GraphIndex(graph)
-    kinds = _kinds(graph, index, task)
+    kinds = _kinds(graph, index, task) if kinds is None else kinds
     if not kinds:
         raise InputError("the model has no float output to compare; name a feature tensor with --feature")
     first = next(iter(kinds))
