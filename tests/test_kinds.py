@@ -305,3 +305,26 @@ def test_feature_is_refused_when_only_output_metrics_would_read_it(tmp_path):
                     run=RunOptions(batch_size=16))
     assert named.rounds[0].feature == "h1" != default.rounds[0].feature
     assert [b.scores for b in named.rounds[0].blocks] != [b.scores for b in default.rounds[0].blocks]
+
+
+def test_finetune_names_an_embedding_cosine_and_samples(tmp_path, capsys):
+    """`finetune` on an embedding model: its measure is the embedding cosine (never "agreement"), and what it
+    counts are samples (the data may be audio or text, not images)."""
+    pytest.importorskip("torch")
+    from onnx_consensus.graph.surgery import remove_blocks
+
+    model = residual_mlp(3)
+    del model.graph.node[-1]  # no head: the output is the last block's exit h2, an (N, 16) embedding
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("h2", TensorProto.FLOAT, ["N", 16]))
+    assert output_kinds(model) == {"h2": "embedding"}
+    onnx.save(model, tmp_path / "t.onnx")
+    onnx.save(remove_blocks(model, find_blocks(model).blocks[:1]), tmp_path / "s.onnx")
+    data = tmp_path / "data"
+    data.mkdir()
+    np.save(data / "x.npy", np.random.default_rng(0).standard_normal((24, 16)).astype(np.float32))
+    code = main(["finetune", str(tmp_path / "s.onnx"), str(tmp_path / "o.onnx"), "--teacher", str(tmp_path / "t.onnx"),
+                 "--train", str(data), "--eval", str(data), "--ft-batch-size", "8", "-q"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "embedding cosine on" in out and "agreement" not in out
+    assert "samples seen" in out and "images" not in out
