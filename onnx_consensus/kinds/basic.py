@@ -20,12 +20,11 @@ from .registry import Head, KindSpec, RecogniseContext, register_kind, register_
 CLASS_SCORES = "class scores"
 REGRESSION_NAMES = re.compile(r"box|bbox|landmark|loc|kps|keypoint|coord|offset|regress", re.I)
 
-register_kind(KindSpec(CLASS_SCORES, "class scores", "classify", ClassMeasure, "kl", collapse=0.5),
+register_kind(KindSpec(CLASS_SCORES, "class scores", "classify", ClassMeasure, "kl"),
               aliases=("class", "classify", "classes"))
-register_kind(KindSpec("embedding", "embedding", "embed", EmbeddingMeasure, "cosine", collapse=0.9),
+register_kind(KindSpec("embedding", "embedding", "embed", EmbeddingMeasure, "cosine"),
               aliases=("embed",))
-register_kind(KindSpec("generic", "values (regression, states)", "generic", ChannelMeasure, "channel_mse",
-                       collapse=0.5), aliases=("regression",))
+register_kind(KindSpec("generic", "values (regression, states)", "generic", ChannelMeasure, "channel_mse"), aliases=("regression",))
 KIND_OF_TASK = {"classify": CLASS_SCORES, "embed": "embedding", "generic": "generic"}
 
 

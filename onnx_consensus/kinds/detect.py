@@ -29,7 +29,8 @@ class-aware NMS at IoU ``NMS_IOU`` (0.7 for yolov8 as Ultralytics, 0.45 for the 
 unmatched pruned detection of the same class with IoU >= ``MATCH_IOU`` (0.5). value: detections kept =
 matched / original detections over the data (1.0 when the original detects nothing on any sample: said in
 the text); damage: (1 - kept) + mean over samples of |change of the top confidence| (continuous, so blocks
-that all keep every detection are still ordered).
+that all keep every detection are still ordered). Under an explicit target, more than a tenth of the
+original's detections lost (kept < ``COLLAPSE``, 0.9) is warned about as a collapse.
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ NMS_IOU = {"yolov8": 0.7}
 DEFAULT_NMS_IOU = 0.45
 MAX_DET = 300
 PRE_NMS = 3000
+COLLAPSE = 0.9  # more than a tenth of the original's detections lost is said as a collapse (issue 20's bar)
 EVIDENCE_DEPTH = 12
 BOX_NAMES = re.compile(r"box|loc|bbox", re.I)
 SCORE_NAMES = re.compile(r"score|logit|conf|cls|class|prob", re.I)
@@ -248,7 +250,7 @@ class DetectionMeasure(Measure):
         else:
             text = (f"detections kept 1.00 by definition: the original detects nothing (confidence >= {CONF}) on "
                     f"these {self.n} samples; top-confidence change {top:.3f}")
-        return HeadResult(self.head.kind, self.head.outputs, "detections kept", kept, (1.0 - kept) + top, text, 0.5,
+        return HeadResult(self.head.kind, self.head.outputs, "detections kept", kept, (1.0 - kept) + top, text, COLLAPSE,
                           None if self.total else "the original model detects nothing on these samples", details)
 
 
@@ -257,6 +259,8 @@ for _name, _label, _parse, _aliases in (
         ("yolov5", "detections (YOLOv5/v7/YOLOX layout [N, A, 5+C])", _int_arg, ("yolov7", "yolox")),
         ("yolov10", "detections (YOLOv10 layout [N, Q, 6])", None, ())):
     register_kind(KindSpec(_name, _label, "detect", DetectionMeasure, "detection", _parse), aliases=_aliases)
+
+
 def _size_arg(text: str) -> tuple:
     if not text:
         return ()

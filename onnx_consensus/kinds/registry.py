@@ -4,7 +4,7 @@ Two registries, both by name (``KINDS``, ``RECOGNISERS``):
 
 - a kind (``register_kind``): its user-facing label, the ``Measure`` that compares the pruned model's
   outputs with the original's (``kinds.measures``), the distillation loss (``bridge.losses``), how its
-  ``--output-kind NAME=KIND:ARGS`` arguments are read, and the value under which the outputs "collapsed";
+  ``--output-kind NAME=KIND:ARGS`` arguments are read;
 - a recogniser (``register_recogniser``, with a priority): reads the graph and the shapes and claims
   outputs as ``Head``s (one or more outputs measured together, e.g. SSD boxes + scores). Recognisers run
   in priority order (lowest first); each output is claimed once. ``recognise(..., skip=("name",))``
@@ -44,8 +44,8 @@ class Head:
 class KindSpec:
     """A registered kind: ``label`` in words, ``measure`` (Head -> a ``kinds.measures.Measure``), ``loss``
     (the distillation loss's name, ``bridge.losses``), ``parse`` (the ARGS text of --output-kind -> args
-    pairs), ``outputs`` (how many graph outputs one head has), ``collapse`` (a fidelity below it is a
-    collapse), ``family`` (the --task it belongs to)."""
+    pairs), ``outputs`` (how many graph outputs one head has), ``family`` (the --task it belongs to); the
+    level under which the outputs "collapsed" is the measure's (``HeadResult.collapse``)."""
 
     name: str
     label: str
@@ -54,7 +54,6 @@ class KindSpec:
     loss: str
     parse: Callable[[str], tuple] | None = None
     outputs: int = 1
-    collapse: float = 0.5
 
 
 KINDS: dict[str, KindSpec] = {}
