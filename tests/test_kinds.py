@@ -323,7 +323,7 @@ def test_finetune_names_an_embedding_cosine_and_samples(tmp_path, capsys):
     data.mkdir()
     np.save(data / "x.npy", np.random.default_rng(0).standard_normal((24, 16)).astype(np.float32))
     code = main(["finetune", str(tmp_path / "s.onnx"), str(tmp_path / "o.onnx"), "--teacher", str(tmp_path / "t.onnx"),
-                 "--train", str(data), "--eval", str(data), "--ft-batch-size", "8", "-q"])
+                 "--train", str(data), "--eval", str(data), "--ft-batch-size", "8", "--ft-max-steps", "1", "-q"])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "embedding cosine on" in out and "agreement" not in out
