@@ -180,3 +180,24 @@ def test_raw_yolox_is_decoded_on_its_grid():
     with pytest.raises(InputError, match="yolox_raw:HxW"):
         yolox_grid(3550)
     assert output_kinds(detectors.build("yolov5"), overrides=("output0=yolox_raw:16",)) == {"output0": "yolox_raw"}
+
+
+def test_ranking_score_is_the_budgets_measure_streamed(tmp_path):
+    """output_fidelity, streamed batch by batch in scoring, equals the damage compare() gives on the same
+    samples: one measure for ranking and budget."""
+    from onnx_consensus import load_calibration
+    from onnx_consensus.scoring import original_outputs, score_blocks
+
+    model = detectors.build("yolov8")
+    data = load_calibration(_calib(tmp_path, 40), model)
+    plan = output_plan(model)
+    ref = original_outputs(model, data, batch_size=16)  # 3 batches
+    rnd = score_blocks(model, data, metrics=["output"], batch_size=16, reference=ref, plan=plan)
+    assert rnd.metrics == ("output_fidelity",)
+    x = detectors.images(40)
+    want = _outputs(model, x)
+    for b in find_blocks(model).blocks:
+        got = _outputs(remove_blocks(model, [b]), x)
+        damage = compare([got], [want], kinds=plan).heads[0].damage
+        # float32 noise of the suffix run (cached activations) against a full run: 1e-6 of a confidence
+        assert next(s for s in rnd.blocks if s.id == b.id).scores["output_fidelity"] == pytest.approx(damage, abs=1e-6)
