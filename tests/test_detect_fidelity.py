@@ -201,3 +201,19 @@ def test_ranking_score_is_the_budgets_measure_streamed(tmp_path):
         damage = compare([got], [want], kinds=plan).heads[0].damage
         # float32 noise of the suffix run (cached activations) against a full run: 1e-6 of a confidence
         assert next(s for s in rnd.blocks if s.id == b.id).scores["output_fidelity"] == pytest.approx(damage, abs=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["yolov8", "yolov5"])
+def test_unrecognised_detector_tensor_is_still_judged_per_channel(layout):
+    """With the detector recogniser off, the tensor is "generic": standardised per channel (channels first for
+    the YOLOv8 Concat along axis 1, as the graph says), the pixel channels no longer hide the lost scores."""
+    model = detectors.build(layout)
+    plan = output_plan(model, skip=("detector",))
+    assert plan.kinds == {"output0": "generic"}
+    x = detectors.images()
+    ref = _outputs(model, x)
+    out = _outputs(remove_blocks(model, [b for b in find_blocks(model).blocks
+                                         if b.id == detectors.evidence_block(model)]), x)
+    fid = compare([out], [ref], kinds=plan)
+    assert fid.cosine >= 0.99  # the old measure passes it
+    assert fid.measure[0] == "standardised fidelity" and fid.measure[1] < 0.9 and not fid.meets(0.99)

@@ -47,6 +47,7 @@ class OutputLoss:
     loss: str
     form: str = "logits"
     classes: int = 0
+    axis: int | None = None  # channel_mse: the channel axis when the graph says (kinds.basic.generic_head)
 
     def to_json(self) -> dict:
         return {"output": self.name, "kind": self.kind, "loss": self.loss, "form": self.form}
@@ -63,7 +64,8 @@ def _loss_for(head, output: str, forms: Mapping[str, str]) -> OutputLoss:
         return OutputLoss(output, "scores", "kl" if logits else "bce", "logits" if logits else "probabilities")
     if kind in (CLASS_SCORES, "ctc"):
         return OutputLoss(output, kind, "kl", forms.get(output, "logits"))
-    return OutputLoss(output, kind, {"embedding": "cosine", "text map": "bce"}.get(kind, "channel_mse"))
+    return OutputLoss(output, kind, {"embedding": "cosine", "text map": "bce"}.get(kind, "channel_mse"),
+                      axis=head.arg("channel_axis"))
 
 
 def plan(model: onnx.ModelProto, kinds: Mapping[str, str] | None = None,
@@ -167,7 +169,7 @@ def output_loss(spec: OutputLoss, student: torch.Tensor, teacher: torch.Tensor, 
     if spec.loss == "cosine":
         return cosine(student, teacher)
     if spec.loss == "channel_mse":
-        return channel_mse(student, teacher)
+        return channel_mse(student, teacher, spec.axis)
     if spec.loss == "bce":
         return bce(student, teacher)
     if spec.loss == "detection":

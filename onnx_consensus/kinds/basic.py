@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 
 from ..errors import InputError
-from ..graph.heads import class_shape_ok, score_form, walk_back
+from ..graph.heads import SHAPE_ONLY_OPS, class_shape_ok, producer_through, score_form, walk_back
 from .measures import ChannelMeasure, ClassMeasure, EmbeddingMeasure
 from .registry import Head, KindSpec, RecogniseContext, register_kind, register_recogniser
 
@@ -26,6 +26,18 @@ register_kind(KindSpec("embedding", "embedding", "embed", EmbeddingMeasure, "cos
               aliases=("embed",))
 register_kind(KindSpec("generic", "values (regression, states)", "generic", ChannelMeasure, "channel_mse"), aliases=("regression",))
 KIND_OF_TASK = {"classify": CLASS_SCORES, "embed": "embedding", "generic": "generic"}
+
+
+def generic_head(ctx: RecogniseContext, name: str, source: str) -> Head:
+    """A "generic" head; a rank-3 output made (past reshapes) by a Conv or a Concat along axis 1 is (N, C, L)
+    channels first (a 1-D conv map, a detector tensor no recogniser claimed): its channel axis is 1, else the
+    measure's default (``measures.channel_axis``)."""
+    shape = ctx.shape(name)
+    if shape is not None and len(shape) == 3:
+        node = producer_through(ctx.index, name, tuple(o for o in SHAPE_ONLY_OPS if o != "Transpose"))
+        if node is not None and (node.op == "Conv" or (node.op == "Concat" and node.attrs.get("axis") in (1, -2))):
+            return Head("generic", (name,), (("channel_axis", 1),), source)
+    return Head("generic", (name,), (), source)
 
 
 def class_head(ctx: RecogniseContext, name: str, source: str) -> Head:
@@ -43,7 +55,7 @@ def recognise_class_scores(ctx: RecogniseContext) -> list[Head]:
             continue
         siblings = [o for o in explicit - {name} if name not in ctx.index.ancestors(o)[0]]
         if name not in explicit and (siblings or REGRESSION_NAMES.search(name)):
-            heads.append(Head("generic", (name,), (), "graph"))  # boxes / landmarks from a Gemm: values
+            heads.append(generic_head(ctx, name, "graph"))  # boxes / landmarks from a Gemm: values
             continue
         heads.append(class_head(ctx, name, "graph"))
     return heads
@@ -71,6 +83,8 @@ def task_heads(ctx: RecogniseContext) -> list[Head]:
     first = ctx.free[0]
     if task == "classify":
         return [class_head(ctx, first, "--task")]
+    if task == "generic":
+        return [generic_head(ctx, first, "--task")]
     if task in KIND_OF_TASK:
         return [Head(KIND_OF_TASK[task], (first,), (), "--task")]
     from .detect import detector_heads

@@ -16,8 +16,9 @@ The basic kinds:
   err = mean over channels c of SSE_c / (count_c * var_c), var_c the ORIGINAL's variance of channel c over
   the data (every axis but the channel axis), so a channel in pixels weighs like one in probabilities and
   rescaling a channel's units changes nothing; value exp(-err) (1 - value ~ the share of the original's
-  per-channel variance the pruned model gets wrong when small), damage err. Channel axis: the last for rank
-  2 and 3, axis 1 for rank 4 and more (NCHW maps), none for rank 0-1.
+  per-channel variance the pruned model gets wrong when small), damage err. Channel axis: the head's
+  ``channel_axis`` when the graph says (a channels-first (N, C, L) tensor, ``basic.generic_head``), else the
+  last for rank 2 and 3, axis 1 for rank 4 and more (NCHW maps), none for rank 0-1.
 - a user's function (``--fidelity module:function``): called per batch with ({name: original}, {name:
   pruned}) and averaged weighted by samples; damage 1 - value.
 """
@@ -177,7 +178,7 @@ class ChannelMeasure(Measure):
         self.add_arrays(r, o)
 
     def add_arrays(self, r: np.ndarray, o: np.ndarray) -> None:
-        ax = channel_axis(r.ndim)
+        ax = self.head.arg("channel_axis", channel_axis(r.ndim)) if r.ndim >= 2 else None
         if ax is None:
             r, o = r.reshape(-1, 1), o.reshape(-1, 1)
         else:

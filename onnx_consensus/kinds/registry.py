@@ -126,8 +126,9 @@ def parse_override(spec: str, outputs: Sequence[str]) -> tuple[str, KindSpec, tu
     return name, ks, parsed
 
 
-def _override_heads(overrides: Sequence[str], outputs: Sequence[str]) -> list[Head]:
+def _override_heads(overrides: Sequence[str], ctx: RecogniseContext) -> list[Head]:
     """Heads from --output-kind specs; "boxes" and "scores" pair up into one boxes+scores head."""
+    outputs = list(ctx.outputs)
     heads: list[Head] = []
     pending: dict[str, tuple[str, tuple]] = {}
     seen: set[str] = set()
@@ -139,6 +140,10 @@ def _override_heads(overrides: Sequence[str], outputs: Sequence[str]) -> list[He
         if ks.name in ("boxes", "scores"):
             pending[ks.name] = (name, args)
             continue
+        if ks.name == "generic" and not args:  # the channel axis read from the graph still applies
+            from .basic import generic_head
+
+            args = generic_head(ctx, name, "--output-kind").args
         heads.append(Head(ks.name, (name,), args, "--output-kind"))
     if pending:
         if set(pending) != {"boxes", "scores"}:
@@ -168,7 +173,7 @@ def recognise(graph, index, float_outputs: Sequence, *, task: str | None = None,
         raise InputError(f"unknown output-kind recogniser(s) {', '.join(unknown)}; known: {', '.join(RECOGNISERS)}")
     names = [t.name for t in float_outputs]
     ctx = RecogniseContext(graph, index, {t.name: t for t in float_outputs}, task, list(names))
-    heads = _override_heads(overrides, names)
+    heads = _override_heads(overrides, ctx)
     _claim(ctx, heads)
     if task is not None:
         from .basic import task_heads
@@ -182,7 +187,9 @@ def recognise(graph, index, float_outputs: Sequence, *, task: str | None = None,
         found = fn(ctx)
         _claim(ctx, found)
         heads += found
-    heads += [Head("generic", (n,), (), "default") for n in ctx.free]
+    from .basic import generic_head
+
+    heads += [generic_head(ctx, n, "default") for n in ctx.free]
     order = {n: i for i, n in enumerate(names)}
     return sorted(heads, key=lambda h: order[h.outputs[0]])
 
