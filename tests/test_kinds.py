@@ -328,3 +328,16 @@ def test_finetune_names_an_embedding_cosine_and_samples(tmp_path, capsys):
     assert code == 0, out
     assert "embedding cosine on" in out and "agreement" not in out
     assert "samples seen" in out and "images" not in out
+
+
+def test_few_original_detections_are_said():
+    from onnx_consensus.kinds import blind_spots
+    from tests import detectors
+    from tests.helpers import run
+
+    model = detectors.build("yolov8")
+    ref = [dict(zip(["output0"], run(model, {"images": detectors.images(10)})))]
+    notes = blind_spots(output_plan(model), ref, budget=0.99)
+    assert any("original detections on the hold-out" in n for n in notes)
+    assert any("only 10 hold-out samples" in n for n in notes)
+    assert not any("detections on the hold-out" in n for n in blind_spots(output_plan(model), ref))  # no budget
