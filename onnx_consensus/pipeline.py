@@ -34,6 +34,7 @@ from .graph.quant import finetune_refusal, quantized_ops
 from .graph.surgery import remove_blocks
 from .graph.weights import all_tensors
 from .io import check_output_path, save_model_atomic, write_json_atomic
+from .kinds import output_plan
 from .metrics.presets import check_names
 from .options import (BN_FREEZE_BELOW, CriterionOptions, DataOptions, FinetuneConfig, Options, OutputOptions,
                       RecoveryOptions, RunOptions, TargetOptions, default_criterion)
@@ -268,8 +269,11 @@ def _run_on_providers(model, data, options: Options) -> Outcome:
 
     check_feed = None if bfloat16 else next(data.batches(1))
     failure = None
+    scoring = options.criterion
+    if scoring.feature and finetuning and ft.feature_mse > 0 and _output_only(scoring.metrics):
+        scoring = replace(scoring, feature=None)  # --feature is the fine-tuning's feature MSE tensor, not scored
     try:
-        result = schedule(model, data, criterion=options.criterion, target=options.target, run=options.run,
+        result = schedule(model, data, criterion=scoring, target=options.target, run=options.run,
                           between=hook)
     except PruneFailed as exc:
         failure = exc
@@ -303,6 +307,14 @@ def _run_on_providers(model, data, options: Options) -> Outcome:
 
 
 _run = run  # ``prune`` has a keyword named ``run``
+
+
+def _output_only(metrics) -> bool:
+    """Every criterion of ``metrics`` (names or presets) compares the graph outputs only."""
+    from .metrics import get_metric
+    from .metrics.presets import split_names
+
+    return all(t == "output" or (t != "paper" and get_metric(t).output) for t in split_names(metrics))
 
 
 def _no_removable_block(source: Source, model: onnx.ModelProto, options: Options) -> Outcome | None:
@@ -384,13 +396,16 @@ def _finetune(original: onnx.ModelProto, result: PruneResult, calib, options: Op
                         + ": a few hundred samples will overfit; give more with --train DIR")
     n_train = train.n_samples if train_idx is None else len(train_idx)
     eval_data = _extra_data(rec.eval, original, options.data)
-    config = options.finetune
+    config = replace(options.finetune, task=options.criterion.task, output_kind=options.criterion.output_kind)
     info = {"mode": "supervised" if train.labels is not None else "distillation", "epochs": config.epochs,
             "train_samples": n_train, "eval": getattr(eval_data, "source", None) if eval_data is not None
             else "hold-out", "holdout_fidelity_pruned": result.fidelity.to_json() if result.fidelity else None}
     try:
-        holdout = evaluator(original, calib, indices=hold, batch_size=bs, threads=threads)
-        select = holdout if eval_data is None else evaluator(original, eval_data, batch_size=bs, threads=threads)
+        c = options.criterion
+        plan = output_plan(original, c.task, c.output_kind, c.fidelity)  # the pruner's measure, here too
+        holdout = evaluator(original, calib, indices=hold, batch_size=bs, threads=threads, plan=plan)
+        select = holdout if eval_data is None else evaluator(original, eval_data, batch_size=bs, threads=threads,
+                                                             plan=plan)
         tuned, ft_info = finetune_model(result.model, train, config=config, teacher=original, eval_fn=select,
                                         threads=threads, progress=options.run.progress, train_indices=train_idx,
                                         batch_size=bs)
@@ -470,10 +485,12 @@ def prune(model: onnx.ModelProto | str | os.PathLike, data, *, criterion: Criter
 
 
 def inspect(path: str | os.PathLike, *, unit: str = CriterionOptions.unit,
-            input_shapes: dict[str, tuple[int, ...]] | None = None, task: str | None = None) -> dict:
+            input_shapes: dict[str, tuple[int, ...]] | None = None, task: str | None = None,
+            output_kind: tuple[str, ...] = ()) -> dict:
     """The removable blocks of a model file, without running it: {model, macs, params, unit, blocks (each
     with ``macs_share``), not_removable, notes, feature (the global scope's feature tensors and why, or
-    None with the reason in ``notes``), outputs (each float output's kind)}."""
+    None with the reason in ``notes``), outputs (each float output's kind), finetune_refuses (why fine-tuning
+    will be refused, e.g. a quantized graph, else None; also the first note)}."""
     from .llm.inspect import inspect_decoder
     from .llm.run import is_decoder, model_file
 
@@ -490,6 +507,10 @@ def inspect(path: str | os.PathLike, *, unit: str = CriterionOptions.unit,
         d["macs_share"] = (b.macs / total) if (b.macs is not None and total) else None
         blocks.append(d)
     notes = list(cost.notes) + list(report.notes)
+    refused = None
+    if quantized_ops(model):  # prune works on it; say here what fine-tuning will do, with the same line
+        refused = finetune_refusal(quantized_ops(model))
+        notes.insert(0, f"prune removes blocks from this model; {refused}")
     try:
         feature = choose_feature(model, report.blocks, task=task).to_json()
     except InputError as exc:
@@ -498,5 +519,5 @@ def inspect(path: str | os.PathLike, *, unit: str = CriterionOptions.unit,
     return {"model": os.fspath(path), "macs": total, "params": cost.params, "weight_bytes": cost.weight_bytes,
             "unit": unit, "blocks": blocks,
             "not_removable": [n.to_json() for n in report.not_removable], "notes": notes, "feature": feature,
-            "outputs": output_kinds(model, task)}
+            "outputs": output_kinds(model, task, output_kind), "finetune_refuses": refused}
 
