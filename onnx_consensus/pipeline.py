@@ -32,6 +32,7 @@ from .graph.ir import interface, load_model, load_model_and_layout
 from .graph.precision import float32_shadow, is_bfloat16
 from .graph.surgery import remove_blocks
 from .io import check_output_path, save_model_atomic
+from .memory import fit_memory
 from .metrics.presets import check_names
 from .options import (BN_FREEZE_BELOW, CriterionOptions, DataOptions, FinetuneConfig, Options, OutputOptions,
                       RecoveryOptions, RunOptions, TargetOptions, default_criterion)
@@ -229,6 +230,10 @@ def _run_on_providers(model, data, options: Options) -> Outcome:
                         + (" (a short last batch is padded, the padding ignored)" if fixed > 1 else "")
                         + (f"; --batch-size {options.run.batch_size} is not used" if options.run.batch_size != fixed
                            else ""))
+    batch, note = fit_memory(model, data, options.run, options.criterion)  # before any inference
+    if note:
+        _warn(warnings, note)
+        options = replace(options, run=replace(options.run, batch_size=batch))
     hook = None
     if between:
         from .recover import between_removals
@@ -290,12 +295,28 @@ def _run_on_providers(model, data, options: Options) -> Outcome:
             status = "finetune interrupted" if exit_code == 130 else "finetune failed"
     report = report_of(result, latency=latency, finetune=finetune_info)
     report["seconds"] = round(time.perf_counter() - t_start, 2)
+    keep = bool(result.removals) and not _too_small(result, options, warnings)
+    if result.removals and not keep:
+        status = "saves too little"
+    report["small_saving"] = result.small_saving
     return Outcome(result.model, result, report, options, latency=latency, finetune=finetune_info,
-                   exit_code=exit_code, status=status, write=bool(result.removals) or options.output.force_write,
+                   exit_code=exit_code, status=status, write=keep or options.output.force_write,
                    check_feed=check_feed, external=source.external, warnings=warnings)
 
 
 _run = run  # ``prune`` has a keyword named ``run``
+
+
+def _too_small(result: PruneResult, options: Options, warnings: list[str]) -> bool:
+    """Whether removals that save almost no MACs (``pruner.saving_note``) are left unwritten: yes with no
+    target (the run chose them), else (``--remove``, ``--target-flops``, ``--plan``) a warning only."""
+    if not result.small_saving:
+        return False
+    t = options.target
+    if t.remove is None and t.target_flops is None and not t.plan:
+        return True
+    _warn(warnings, f"{result.small_saving}; remove other blocks (see `onnx-cprune inspect`) to save compute")
+    return False
 
 
 def _no_removable_block(source: Source, model: onnx.ModelProto, options: Options) -> Outcome | None:
