@@ -37,6 +37,11 @@ RUNTIME_FACTOR = 1.5
 """onnxruntime's own overhead on the activations the graph says are alive (layout copies of Conv inputs and
 weights, NCHWc padding of channels, per-thread buffers), measured on the ResNet-56 and the text detector
 (``tools/bench_memory.py``)."""
+RUNTIME_BYTES = 100 * 2**20
+"""What the process keeps once inference has started, whatever the model: onnxruntime's kernels and thread
+pools, and the heap the allocator keeps after the first runs (measured: about 100 MB on the ResNet-56)."""
+SESSION_BYTES = 4 * 2**20
+"""One onnxruntime session's own structures (graph, kernels), besides its weights."""
 OUTPUT_COPIES = 3
 """Output rows held per batch while scoring one candidate: the reference's, the full model's and the
 candidate's (``scoring._BatchOutputs``)."""
@@ -194,7 +199,9 @@ def estimate_memory(model: onnx.ModelProto, sample_shapes: Mapping[str, Sequence
     per_batch = max(scoring_peak, held_cut + run_peak) * RUNTIME_FACTOR + OUTPUT_COPIES * out_bytes
     w = initializer_bytes(model)
     shared = w > SHARE_WEIGHTS_BYTES if shared_weights is None else shared_weights
-    sessions_weights = w * (2 if shared else 2 + n_candidates)
+    sessions = 2 + n_candidates  # the instrumented model, the reference / fidelity model, one suffix each
+    # each session holds its weights twice at most (the initializers and the kernels' packed copies)
+    sessions_weights = (2 * w if shared else 2 * w * sessions) + SESSION_BYTES * sessions + RUNTIME_BYTES
     held = (2 * n_holdout + n_score) * out_bytes / rows  # the references, and the pruned model's hold-out outputs
     fixed = int(sessions_weights + held + data_bytes)
     return MemoryEstimate(current_rss() if base is None else int(base), fixed, int(np.ceil(per_batch / rows)),
@@ -214,9 +221,10 @@ def fit_batch(estimate: MemoryEstimate, budget: int, wanted: int) -> int | None:
     return None
 
 
-def fit_memory(model: onnx.ModelProto, data, run, criterion) -> tuple[int, str | None]:
+def fit_memory(model: onnx.ModelProto, data, run, criterion) -> tuple[int, str | None, dict | None]:
     """The batch a prune run of ``model`` on ``data`` (CalibrationData) uses to stay within ``run.max_memory``
-    bytes (None: ``default_budget``), and a one-line note when it differs from ``run.batch_size``. Estimated
+    bytes (None: ``default_budget``), a one-line note when it differs from ``run.batch_size``, and the
+    report's record ({budget, batch, estimated_peak} in bytes; None when there is no budget). Estimated
     before any inference (``estimate_memory``; the data's first sample gives the shapes; ``run.holdout`` and
     ``criterion.seed`` the hold-out split, ``criterion.unit`` the candidates). Raises InputError when even
     batch 1 (or the model's fixed batch) does not fit."""
@@ -225,10 +233,10 @@ def fit_memory(model: onnx.ModelProto, data, run, criterion) -> tuple[int, str |
     batch_size = run.batch_size
     budget = run.max_memory if run.max_memory is not None else default_budget()
     if budget is None or not hasattr(data, "split"):
-        return batch_size, None
+        return batch_size, None, None
     sample = next(iter(data.batches(1)), None)
     if sample is None:
-        return batch_size, None
+        return batch_size, None, None
     holdout, seed, unit = run.holdout, criterion.seed, criterion.unit
     fixed = getattr(data, "fixed_batch", None)
     rows = fixed or 1
@@ -240,13 +248,15 @@ def fit_memory(model: onnx.ModelProto, data, run, criterion) -> tuple[int, str |
                           n_holdout=n_hold, data_bytes=sum(np.asarray(v).nbytes for v in sample.values()) * n // rows)
     smallest = fixed or 1
     if est.peak(smallest) > budget:
-        raise InputError(f"not enough memory: even batch {smallest} needs an estimated {format_size(est.peak(smallest))}, "
-                         f"more than --max-memory {format_size(budget)} (use fewer samples with --max-samples, "
-                         "smaller inputs, or raise --max-memory)")
-    if fixed:
-        return batch_size, None
-    batch = fit_batch(est, budget, batch_size)
-    if batch == batch_size:
-        return batch, None
+        what = (f"--max-memory {format_size(budget)}" if run.max_memory is not None else
+                f"the default budget {format_size(budget)} ({BUDGET_SHARE:.0%} of the available memory; --max-memory)")
+        raise InputError(f"not enough memory: even batch {smallest} needs an estimated "
+                         f"{format_size(est.peak(smallest))}, more than {what} (use fewer samples with --max-samples "
+                         "or smaller inputs)")
+    want = min(batch_size, n)  # a batch larger than the data runs at the data's size
+    batch = want if fixed else fit_batch(est, budget, want)
+    info = {"budget": budget, "batch": fixed or batch, "estimated_peak": est.peak(fixed or batch)}
+    if batch == want:
+        return batch_size, None, info
     return batch, (f"batch {batch_size} -> {batch} to fit {format_size(budget)} (estimated peak "
-                   f"{format_size(est.peak(batch))}; --max-memory to change)")
+                   f"{format_size(est.peak(batch))}; --max-memory to change)"), info

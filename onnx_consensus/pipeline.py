@@ -230,7 +230,7 @@ def _run_on_providers(model, data, options: Options) -> Outcome:
                         + (" (a short last batch is padded, the padding ignored)" if fixed > 1 else "")
                         + (f"; --batch-size {options.run.batch_size} is not used" if options.run.batch_size != fixed
                            else ""))
-    batch, note = fit_memory(model, data, options.run, options.criterion)  # before any inference
+    batch, note, memory = fit_memory(model, data, options.run, options.criterion)  # before any inference
     if note:
         _warn(warnings, note)
         options = replace(options, run=replace(options.run, batch_size=batch))
@@ -298,7 +298,7 @@ def _run_on_providers(model, data, options: Options) -> Outcome:
     keep = bool(result.removals) and not _too_small(result, options, warnings)
     if result.removals and not keep:
         status = "saves too little"
-    report["small_saving"] = result.small_saving
+    report.update(small_saving=result.small_saving, memory=memory)
     return Outcome(result.model, result, report, options, latency=latency, finetune=finetune_info,
                    exit_code=exit_code, status=status, write=keep or options.output.force_write,
                    check_feed=check_feed, external=source.external, warnings=warnings)

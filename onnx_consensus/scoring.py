@@ -245,8 +245,10 @@ def collect_features(model: onnx.ModelProto, data, blocks: Sequence[Block], *, s
         return np.concatenate(parts, axis=1).astype(np.float32)
 
     n_now = [0]
+    values = batch_ref = None
     for k, (feeds, n_real) in enumerate(batches):
         n_now[0] = n_real
+        values = batch_ref = None  # the previous batch's tensors go before this batch's run
         t0 = time.perf_counter()
         values = dict(zip(full_names, full.run(None, feeds)))
         values.update(feeds)

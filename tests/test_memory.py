@@ -122,10 +122,10 @@ model = onnx.load(cfg["model"])
 data = load_calibration(cfg["calib"], model)
 blocks = find_blocks(model, macs_per_node={}).blocks
 idx = list(range(data.n_samples))
-ref = original_outputs(model, data, idx, batch_size=cfg["batch"], threads=1)
-base = current_rss()
+base = current_rss()  # before any inference, as a prune run estimates
 est = estimate_memory(model, {"x": (1, 3, cfg["size"], cfg["size"])}, cut=[b.entry for b in blocks],
-                      n_candidates=len(blocks), base=base)
+                      n_candidates=len(blocks), n_score=len(idx), base=base)
+ref = original_outputs(model, data, idx, batch_size=cfg["batch"], threads=1)
 collect_features(model, data, blocks, batch_size=cfg["batch"], threads=1, output_metrics=["output_kl"],
                  reference=ref)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
