@@ -66,7 +66,8 @@ class Outcome:
     result: the schedule's PruneResult (its ``model`` is ``model``); the partial one after a failure.
     report: the JSON report (``report.build_report``) with ``seconds`` (and ``partial``/``error``).
     latency: {batch size: before/after ms} or None; finetune: the fine-tuning info or None.
-    exit_code / status: 0 "done" or "nothing removed"; 4 "finetune failed"; 130 "finetune interrupted";
+    exit_code / status: 0 "done", "nothing removed" or "saves too little" (with no target, removals under
+        ``pruner.MIN_MACS_SAVING`` of the MACs: not written); 4 "finetune failed"; 130 "finetune interrupted";
         the failure's code with "partial" (then ``failure`` is the PruneFailed).
     check_feed: one sample for the written model's onnxruntime check (None for bfloat16, which it cannot run).
     warnings: what the run warned about (also logged).
