@@ -97,27 +97,38 @@ def _measured_run(model: str, calib: str, max_memory: str | None, work: str) -> 
             "exit": os.waitstatus_to_exitcode(status), "memory": mem, "stderr": err.strip().splitlines()[-1:]}
 
 
-def runs(det_samples, resnet_samples, max_memory) -> None:
-    from tools.real_models import fetch
-
-    work = tempfile.mkdtemp(prefix="bench-memory-")
-    det = str(fetch("ppocr_det"))
-    pages = _det_pages(max(det_samples), os.path.join(work, "pages"))
+def prepare(work: str, det_samples, resnet_samples) -> list[tuple[str, str, str, int]]:
+    """The runs' data folders under ``work``: (label, model, folder, samples) per run."""
     import numpy as np
 
-    cases = []
-    for n in det_samples:
-        d = os.path.join(work, f"det{n}")
-        os.makedirs(d)
-        np.save(os.path.join(d, "pages.npy"), np.load(os.path.join(pages, "pages.npy"))[:n])
-        cases.append(("ppocr_det 3x736x736", det, d, n))
+    from tools.real_models import fetch
+
+    det = str(fetch("ppocr_det"))
+    pages = np.load(os.path.join(_det_pages(max(det_samples), os.path.join(work, "pages")), "pages.npy"))
     calib = np.load(os.path.join(HERE, "examples", "fmnist_calib", "calib.npy"))
-    for n in resnet_samples:
-        d = os.path.join(work, f"r56_{n}")
-        os.makedirs(d)
-        np.save(os.path.join(d, "calib.npy"), calib[:n])
-        cases.append(("resnet56_fmnist 3x32x32", os.path.join(HERE, "models", "resnet56_fmnist.onnx"), d, n))
-    print(f"| model | samples | --max-memory | batch | estimated peak (MB) | peak RSS (MB) | wall (s) |")
+    cases = []
+    for label, model, arrays, counts in (("ppocr_det 3x736x736", det, pages, det_samples),
+                                         ("resnet56_fmnist 3x32x32", os.path.join(HERE, "models",
+                                                                                   "resnet56_fmnist.onnx"),
+                                          calib, resnet_samples)):
+        for n in counts:
+            d = os.path.join(work, f"{label.split()[0]}_{n}")
+            os.makedirs(d)
+            np.save(os.path.join(d, "x.npy"), arrays[:n])
+            cases.append((label, model, d, n))
+    return cases
+
+
+def runs(det_samples, resnet_samples, max_memory) -> None:
+    work = tempfile.mkdtemp(prefix="bench-memory-")
+    # The data is made in a child: Linux carries a process's RSS at fork into its children's peak (ru_maxrss
+    # survives exec), so this parent must stay small.
+    p = subprocess.run([sys.executable, "-m", "tools.bench_memory", "prepare", work, json.dumps(det_samples),
+                        json.dumps(resnet_samples)], cwd=HERE, capture_output=True, text=True)
+    if p.returncode:
+        sys.exit(p.stderr)
+    cases = json.loads(p.stdout.strip().splitlines()[-1])
+    print("| model | samples | --max-memory | batch | estimated peak (MB) | peak RSS (MB) | wall (s) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, model, d, n in cases:
         r = _measured_run(model, d, max_memory, d)
@@ -128,6 +139,9 @@ def runs(det_samples, resnet_samples, max_memory) -> None:
 
 
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "prepare":
+        print(json.dumps(prepare(sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4]))))
+        return
     if len(sys.argv) > 1 and sys.argv[1] == "runs":
         ap = argparse.ArgumentParser(prog="python -m tools.bench_memory runs")
         ap.add_argument("--det-samples", default="16,32,64")
