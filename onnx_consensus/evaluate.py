@@ -133,7 +133,7 @@ def reference_outputs(model: onnx.ModelProto, data, indices, *, batch_size: int 
     {name: array} for ``names``. Each array is (samples, ...): the sample axis first (a time-major (T, B, C)
     output becomes (B, T, C)), a fixed batch's padding dropped (``batching.per_sample``), so rows are
     samples. Kept for comparisons: the hold-out set is small."""
-    sess = make_session(model, level="all", threads=threads)
+    sess = make_session(model, level="all", threads=threads, arena=False)  # memory freed after each run
     single = names is None
     names = [sess.get_outputs()[0].name] if single else list(names)
     fed = batch_rows(data)

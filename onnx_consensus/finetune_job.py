@@ -10,6 +10,8 @@ import json
 import os
 from dataclasses import replace
 
+import numpy as np
+
 from . import pipeline
 from .errors import InputError
 from .options import DataOptions, FinetuneConfig, RunOptions
@@ -76,7 +78,8 @@ def run(input_path: str, output_path: str, train_path, *, config: FinetuneConfig
     train = pipeline._calibration(train_path, source.model, data)
     eval_data = None if eval_path is None else pipeline._calibration(
         eval_path, source.model, replace(data, labels=None, max_samples=None))
-    check_feed = {k: v[:1] for k, v in next(train.batches(1)).items()}
+    axes = getattr(train, "batch_axes", {})  # a 0-d input (a sample rate) or a state batched on axis 1: as fed
+    check_feed = {k: v[:1] if np.ndim(v) and axes.get(k, 0) == 0 else v for k, v in next(train.batches(1)).items()}
     with joined(config.device) as ctx:
         main = ctx is None or ctx.is_main
         cuda_rank = ctx is not None and ctx.device.type == "cuda"

@@ -92,6 +92,12 @@ def _input_shapes(specs: list[str]) -> dict[str, tuple[int, ...]]:
     return dict(parse_input_shape(s) for s in specs)
 
 
+def _size(text: str) -> int:
+    from .memory import parse_size
+
+    return parse_size(text)
+
+
 def plan_ids(path: str) -> tuple[str, ...]:
     """The removed block ids, in order, of a report written by ``--report``."""
     try:
@@ -239,7 +245,8 @@ class DataOptions(_Group):
 
 @dataclass
 class RunOptions(_Group):
-    """Batching, threads and providers: ``batch_size`` samples per inference batch, ``holdout`` fraction of the
+    """Batching, threads and providers: ``batch_size`` samples per inference batch (lowered to fit
+    ``max_memory`` bytes, ``memory.fit_memory``; None: a share of the available memory), ``holdout`` fraction of the
     data kept back for the fidelity check, onnxruntime intra-op ``threads`` (None: its default), ``providers``
     (short names, ``runtime.resolve_providers``) for every onnxruntime session,
     ``input_shapes`` (input name -> shape) fixing dynamic non-batch dims for MAC counting."""
@@ -257,6 +264,11 @@ class RunOptions(_Group):
         "'onnx-consensus[gpu]'", default=("cpu",), type=_csv, metavar="NAME,...")
     progress: bool = option("--quiet", "no progress bars, only the summary", short="-q", default=False,
                             negate=True, cli_default=True)
+    max_memory: int | None = option(
+        "--max-memory", "memory budget (6G, 512M; bytes in the API): the inference batch is lowered to fit the "
+        "peak estimated from the graph before any inference, and a run that cannot fit even at batch 1 is refused "
+        "(default: 60%% of the memory available at the start)", default=None, metavar="SIZE", convert=_size,
+        group="input data", show_default=False)
     input_shapes: dict[str, tuple[int, ...]] = option(
         "--input-shape", "fix an input's dynamic dimensions for MAC counting (repeatable)",
         default_factory=dict, metavar="NAME:1x3x224x224", append=True, convert=_input_shapes)

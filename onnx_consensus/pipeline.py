@@ -35,6 +35,7 @@ from .graph.surgery import remove_blocks
 from .graph.weights import all_tensors
 from .io import check_output_path, save_model_atomic, write_json_atomic
 from .kinds import output_plan
+from .memory import fit_memory
 from .metrics.presets import check_names
 from .options import (BN_FREEZE_BELOW, CriterionOptions, DataOptions, FinetuneConfig, Options, OutputOptions,
                       RecoveryOptions, RunOptions, TargetOptions, default_criterion)
@@ -69,7 +70,8 @@ class Outcome:
     result: the schedule's PruneResult (its ``model`` is ``model``); the partial one after a failure.
     report: the JSON report (``report.build_report``) with ``seconds`` (and ``partial``/``error``).
     latency: {batch size: before/after ms} or None; finetune: the fine-tuning info or None.
-    exit_code / status: 0 "done" or "nothing removed"; 4 "finetune failed"; 130 "finetune interrupted";
+    exit_code / status: 0 "done", "nothing removed" or "saves too little" (with no target, removals under
+        ``pruner.MIN_MACS_SAVING`` of the MACs: not written); 4 "finetune failed"; 130 "finetune interrupted";
         the failure's code with "partial" (then ``failure`` is the PruneFailed).
     check_feed: one sample for the written model's onnxruntime check (None for bfloat16, which it cannot run).
     warnings: what the run warned about (also logged).
@@ -237,6 +239,10 @@ def _run_on_providers(model, data, options: Options) -> Outcome:
                         + (" (a short last batch is padded, the padding ignored)" if fixed > 1 else "")
                         + (f"; --batch-size {options.run.batch_size} is not used" if options.run.batch_size != fixed
                            else ""))
+    batch, note, memory = fit_memory(model, data, options.run, options.criterion)  # before any inference
+    if note:
+        _warn(warnings, note)
+        options = replace(options, run=replace(options.run, batch_size=batch))
     hook = None
     if between:
         from .recover import between_removals
@@ -301,8 +307,12 @@ def _run_on_providers(model, data, options: Options) -> Outcome:
             status = "finetune interrupted" if exit_code == 130 else "finetune failed"
     report = report_of(result, latency=latency, finetune=finetune_info)
     report["seconds"] = round(time.perf_counter() - t_start, 2)
+    keep = bool(result.removals) and not _too_small(result, options, warnings)
+    if result.removals and not keep:
+        status = "saves too little"
+    report.update(small_saving=result.small_saving, memory=memory)
     return Outcome(result.model, result, report, options, latency=latency, finetune=finetune_info,
-                   exit_code=exit_code, status=status, write=bool(result.removals) or options.output.force_write,
+                   exit_code=exit_code, status=status, write=keep or options.output.force_write,
                    check_feed=check_feed, external=source.external, warnings=warnings)
 
 
@@ -315,6 +325,18 @@ def _output_only(metrics) -> bool:
     from .metrics.presets import split_names
 
     return all(t == "output" or (t != "paper" and get_metric(t).output) for t in split_names(metrics))
+
+
+def _too_small(result: PruneResult, options: Options, warnings: list[str]) -> bool:
+    """Whether removals that save almost no MACs (``pruner.saving_note``) are left unwritten: yes with no
+    target (the run chose them), else (``--remove``, ``--target-flops``, ``--plan``) a warning only."""
+    if not result.small_saving:
+        return False
+    t = options.target
+    if t.remove is None and t.target_flops is None and not t.plan:
+        return True
+    _warn(warnings, f"{result.small_saving}; remove other blocks (see `onnx-cprune inspect`) to save compute")
+    return False
 
 
 def _no_removable_block(source: Source, model: onnx.ModelProto, options: Options) -> Outcome | None:

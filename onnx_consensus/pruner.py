@@ -8,7 +8,9 @@ model's fidelity to the original at or above ``min_agreement`` on a held-back pa
 scoring never sees, in the task's own terms (the output plan, ``kinds.output_plan``: detections kept, top-1
 agreement, mask IoU, ...; ``criterion.task`` / ``output_kind`` / ``fidelity`` override).
 ``keep_per_stage`` keeps at least that many blocks in every run of same-shaped blocks. Every pruned model is
-built from the original graph, so block ids stay the original exit names.
+built from the original graph, so block ids stay the original exit names. With no target the blocks go in
+the cost-aware order (``cost_aware_order``: damage per unit of compute saved), and removals that save less
+than ``MIN_MACS_SAVING`` of the MACs are flagged (``PruneResult.small_saving``: the run does not write them).
 """
 from __future__ import annotations
 
@@ -67,6 +69,8 @@ class PruneResult:
     # is too small to split
     holdout_indices: np.ndarray | None = None
     score_indices: np.ndarray | None = None
+    # set when the removals save under MIN_MACS_SAVING of the MACs: the sentence that says so
+    small_saving: str | None = None
 
     @property
     def removed_ids(self) -> list[str]:
@@ -80,6 +84,41 @@ def check_feature_used(feature: str | None, metrics) -> None:
         raise InputError(f"--feature {feature} is read only by representation metrics (paper, cka, cosine, ...); "
                          f"--metrics {'+'.join(metrics)} compares the graph outputs and would ignore it: add one "
                          "(e.g. --metrics paper+output) or drop --feature")
+
+
+MIN_MACS_SAVING = 0.01
+"""Removals saving less than this fraction of the MACs are not worth a model: with no target the run does not
+write them (unless --force-write), with a target it warns."""
+
+
+def cost_aware_order(order: Sequence[str], macs: dict[str, int | None], total: int | None) -> list[str]:
+    """The criterion's ``order`` (least important first) re-ranked by damage per unit of compute saved.
+
+    The Consensus combines ranks only, so damage is a rank too: block i at position p_i (1 = least damage)
+    gets the key p_i / s_i, s_i its share of the model's MACs (``macs[i] / total``); the smallest key goes
+    first, ties and blocks of equal cost keep the criterion's order (so a network whose blocks all cost the
+    same, such as the CIFAR ResNets, is pruned exactly as the criterion says). A block that saves no MACs goes
+    last. When a block's MACs or the total are unknown the order is returned as it is."""
+    if not total or any(macs.get(i) is None for i in order):
+        return list(order)
+
+    def key(item):
+        p, i = item
+        share = macs[i] / total
+        return ((p + 1) / share if share > 0 else float("inf"), p)
+    return [i for _, i in sorted(enumerate(order), key=key)]
+
+
+def saving_note(removed: Sequence[Block], total: int | None) -> str | None:
+    """A sentence when ``removed`` save less than ``MIN_MACS_SAVING`` of ``total`` MACs, else None (also when
+    nothing was removed or the MACs are unknown)."""
+    if not removed or not total or any(b.macs is None for b in removed):
+        return None
+    got = _macs_fraction(removed, total)
+    if got >= MIN_MACS_SAVING:
+        return None
+    return (f"the {len(removed)} removed block(s) save only {got:.2%} of the MACs (< {MIN_MACS_SAVING:.0%}): "
+            "they cost almost no compute")
 
 
 def _validate(criterion: CriterionOptions, target: TargetOptions, blocks: dict[str, Block]) -> None:
@@ -203,7 +242,8 @@ def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = 
                     rescored = set(rnd.order)
                     order = rnd.order + [i for i in order if i not in rescored]
                 eligible_ids = {b.id for b in eligible}
-                pick_id = next(i for i in order if i in eligible_ids)
+                ranked = cost_aware_order(order, {i: originals[i].macs for i in order}, total) if auto else order
+                pick_id = next(i for i in ranked if i in eligible_ids)
                 # Remove from the current model (its blocks keep their original ids), so weights fine-tuned
                 # between removals carry over.
                 candidate = remove_blocks(current, [current_blocks[pick_id]])
@@ -232,6 +272,7 @@ def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = 
                           f"({got:.1%} of MACs) with keep-per-stage={target.keep_per_stage} and the "
                           f"--only/--exclude choices")
     result.model = current
+    result.small_saving = saving_note(removed, total)
     after = count_cost(current, run.input_shapes or None)
     result.macs_after, result.params_after = after.total_macs, after.params
     result.weight_bytes_after = after.weight_bytes

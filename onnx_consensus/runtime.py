@@ -140,12 +140,17 @@ def _session(source, so: ort.SessionOptions) -> ort.InferenceSession:
 
 # ------------------------------------------------------------------------------ sessions
 
-def session_options(level: str = "all", threads: int | None = None, *, spinning: bool = True) -> ort.SessionOptions:
+def session_options(level: str = "all", threads: int | None = None, *, spinning: bool = True,
+                    arena: bool = True) -> ort.SessionOptions:
     """Session options with the optimisation level named and intra-op threads pinned (None: ORT default).
-    ``spinning=False``: the intra-op threads sleep as soon as a run ends instead of spin-waiting for the next."""
+    ``spinning=False``: the intra-op threads sleep as soon as a run ends instead of spin-waiting for the next.
+    ``arena=False``: no CPU memory arena, so a run's intermediate tensors go back to the system when it ends;
+    an arena keeps its peak for the life of the session (and grows by powers of two), which multiplies
+    memory by the number of live sessions (the scorer holds one per candidate)."""
     so = ort.SessionOptions()
     if not spinning:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.enable_cpu_mem_arena = bool(arena)
     so.graph_optimization_level = LEVELS[level]
     so.log_severity_level = 3
     if threads:
@@ -155,16 +160,17 @@ def session_options(level: str = "all", threads: int | None = None, *, spinning:
 
 
 def make_session(model: onnx.ModelProto | str | os.PathLike, *, level: str = "all",
-                 threads: int | None = None, spinning: bool = True) -> ort.InferenceSession:
+                 threads: int | None = None, spinning: bool = True, arena: bool = True) -> ort.InferenceSession:
     """An InferenceSession on the current providers (``using_providers``; CPU by default) for a model proto or
     a path (paths work past 2 GB).
 
     A proto whose weights stay in external-data files (``graph.ir.load_model_and_layout``) gets them as
     memory-mapped arrays shared by every session of the process (``graph.weights.external_array``), with graph
-    optimisation off and no weight prepacking, so no session holds a copy of them."""
+    optimisation off and no weight prepacking, so no session holds a copy of them. ``arena``: as
+    ``session_options`` (off for the scorer's and the evaluation's sessions, on for latency)."""
     if not isinstance(model, (str, os.PathLike)) and has_external_tensors(model):
-        return _external_session(model, threads, spinning)
-    so = session_options(level, threads, spinning=spinning)
+        return _external_session(model, threads, spinning, arena)
+    so = session_options(level, threads, spinning=spinning, arena=arena)
     source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else model.SerializeToString()
     return _session(source, so)
 
@@ -183,20 +189,22 @@ def _external_value(t: onnx.TensorProto) -> ort.OrtValue:
     return _VALUES[id(arr)][1]
 
 
-def _external_session(model: onnx.ModelProto, threads: int | None, spinning: bool = True) -> ort.InferenceSession:
+def _external_session(model: onnx.ModelProto, threads: int | None, spinning: bool = True,
+                      arena: bool = True) -> ort.InferenceSession:
     with tempfile.TemporaryDirectory(prefix="onnx-consensus-") as d:
         return _session_over_values(model, lambda t: _external_value(t) if is_external(t) else None, d,
-                                    threads=threads, spinning=spinning)
+                                    threads=threads, spinning=spinning, arena=arena)
 
 
 def _session_over_values(model: onnx.ModelProto, value_of: Callable[[onnx.TensorProto], "ort.OrtValue | None"],
-                         folder: str, *, threads: int | None, spinning: bool = True) -> ort.InferenceSession:
+                         folder: str, *, threads: int | None, spinning: bool = True,
+                         arena: bool = True) -> ort.InferenceSession:
     """A session whose initializers come from ``value_of(tensor)`` (OrtValues given through
     ``add_initializer``, no copy) where it returns one; those tensors are stubbed out of the proto, which is
     saved in ``folder`` and loaded from there. Other external tensors (node attributes, subgraph
     initializers, which ``add_initializer`` cannot supply) are read inline into the session's copy. Graph
     optimisation off and no prepacking: both would make per-session copies of the weights."""
-    so = session_options("disable", threads, spinning=spinning)
+    so = session_options("disable", threads, spinning=spinning, arena=arena)
     so.add_session_config_entry("session.disable_prepacking", "1")
     stripped = onnx.ModelProto()
     stripped.CopyFrom(model)
@@ -251,7 +259,9 @@ class SharedWeights:
     def close(self) -> None:
         self._dir.cleanup()
 
-    def session(self, model: onnx.ModelProto, *, threads: int | None = None, **_) -> ort.InferenceSession:
+    def session(self, model: onnx.ModelProto, *, threads: int | None = None, arena: bool = True,
+                **_) -> ort.InferenceSession:
         """A session for ``model`` (whose initializers are, by name, those of the shared model; others stay
         inline)."""
-        return _session_over_values(model, lambda t: self._values.get(t.name), self._dir.name, threads=threads)
+        return _session_over_values(model, lambda t: self._values.get(t.name), self._dir.name, threads=threads,
+                                    arena=arena)

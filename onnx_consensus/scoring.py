@@ -169,8 +169,10 @@ def collect_features(model: onnx.ModelProto, data, blocks: Sequence[Block], *, s
     shared = SharedWeights(model) if (share_weights if share_weights is not None
                                       else initializer_bytes(model) > SHARE_WEIGHTS_BYTES) else None
 
-    def session(m: onnx.ModelProto, level: str):
-        return shared.session(m, level=level, threads=threads) if shared else make_session(m, level=level, threads=threads)
+    def session(m: onnx.ModelProto, level: str):  # no arena: a run's tensors are freed when it ends
+        if shared:
+            return shared.session(m, level=level, threads=threads, arena=False)
+        return make_session(m, level=level, threads=threads, arena=False)
 
     # With shared weights, all graph work happens on a weightless copy: suffix models cost no weights.
     graph_model = weightless(model) if shared else model
@@ -248,34 +250,41 @@ def collect_features(model: onnx.ModelProto, data, blocks: Sequence[Block], *, s
         return np.concatenate(parts, axis=1).astype(np.float32)
 
     n_now = [0]
+    values = batch_ref = None
     for k, (feeds, n_real) in enumerate(batches):
         n_now[0] = n_real
+        values = batch_ref = None  # the previous batch's tensors go before this batch's run
         t0 = time.perf_counter()
         values = dict(zip(full_names, full.run(None, feeds)))
         values.update(feeds)
-        if scope == "global":
-            runs = {bid: dict(zip(feats + deps[bid], sess.run(feats + deps[bid],
-                                                              {i.name: values[i.name] for i in sess.get_inputs()})))
-                    for bid, sess in sessions.items()}
         t_ort += time.perf_counter() - t0
+        fed = rows_of(feeds)
+        batch_ref = None
         if accs:
             if reference is not None and k >= len(reference):
                 raise InputError("the reference outputs cover fewer batches than the data")
-            fed = rows_of(feeds)
             ref = (reference[k] if reference is not None else
                    {o: per_sample(values[o], fed, n_real, name=f"output {o!r}", strict=False) for o in outs})
-            _accumulate(accs, blocks, runs, values, ref, outs, feeds, masks, kinds, fed, n_real, as_log)
-        p = _predictions(per_sample(values[output0], rows_of(feeds), n_real, strict=False)) if classes else None
+            batch_ref = _BatchOutputs(ref, values, outs, feeds, masks, kinds, fed, n_real, as_log)
+        p = _predictions(per_sample(values[output0], fed, n_real, strict=False)) if classes else None
         preds.append(p)
-        if scope == "global":
-            X.append(pool_feature([values[f] for f in feats], feeds))
-            for b in blocks:
-                got = runs.get(b.id, values)
-                Ys[b.id].append(pool_feature([got[f] for f in feats], feeds))
-        else:
+        if scope == "local":
             for b in blocks:
                 X[b.id].append(pool(values[b.entry], feeds, b.entry))
                 Ys[b.id].append(pool(values[b.exit], feeds, b.exit))
+            continue
+        X.append(pool_feature([values[f] for f in feats], feeds))
+        for b in blocks:  # one candidate at a time: only its suffix's outputs are held
+            got = None
+            if b.id in sessions:
+                sess, names = sessions[b.id], feats + deps[b.id]
+                t0 = time.perf_counter()
+                got = dict(zip(names, sess.run(names, {i.name: values[i.name] for i in sess.get_inputs()})))
+                t_ort += time.perf_counter() - t0
+            Ys[b.id].append(pool_feature([(got or values)[f] for f in feats], feeds))
+            if batch_ref is not None:
+                batch_ref.accumulate(accs[b.id], got)
+            del got
     cat = np.concatenate
     predictions = None if any(p is None for p in preds) else cat(preds)
     after = {k: cat(v) for k, v in Ys.items()}
@@ -294,37 +303,48 @@ def _dependent_outputs(index: GraphIndex | None, block: Block, outs: Sequence[st
     return [o for o in outs if o in index.producer and id(index.producer[o]) in down]
 
 
-def _accumulate(accs, blocks, runs, values, ref, outs, feeds, masks, kinds, fed: int, n_real: int,
-                as_log: set[str] = frozenset()) -> None:
-    """One batch of output scores: each block's suffix outputs (or the full model's, for outputs that do not
-    depend on it) against the reference outputs (samples first, padding dropped), on the rows
-    ``metrics.output.output_rows`` keeps (kept tokens of token outputs). Outputs in ``as_log`` (probabilities)
-    are compared as log-probabilities."""
+class _BatchOutputs:
+    """One batch's reference rows per float output (samples first, padding dropped, the rows
+    ``metrics.output.output_rows`` keeps: kept tokens of token outputs), made once per batch, and the full
+    model's rows (for the outputs a candidate does not change), made when first needed. Outputs in
+    ``as_log`` (probabilities) are compared as log-probabilities."""
 
-    def rows(a: np.ndarray, keep, log: bool) -> np.ndarray:
-        r = output_rows(a, keep)
-        return np.log(np.clip(r, 1e-30, None)) if log else r
+    def __init__(self, ref, values, outs, feeds, masks, kinds, fed: int, n_real: int, as_log=frozenset()):
+        self.values, self.fed, self.n_real = values, fed, n_real
+        self.outs, self._full, self.ref_arrays = list(outs), {}, ref
+        self.keep, self.cls, self.log, self.ref = {}, {}, {}, {}
+        for o in self.outs:
+            full = self._samples(values[o], o)
+            if ref[o].shape != full.shape:
+                raise InputError(f"output {o}: reference shape {ref[o].shape} differs from the model's {full.shape}")
+            keep = _mask_for(feeds, values[o], masks)
+            self.keep[o] = keep[:n_real] if keep is not None else None
+            self.cls[o] = kinds.get(o) == CLASS_SCORES
+            self.log[o] = self.cls[o] and o in as_log
+            self.ref[o] = self._rows(ref[o], o)
 
-    arrays: dict[str, dict[str, np.ndarray]] = {b.id: {} for b in blocks}  # per block: {output: samples first}
-    for o in outs:
-        r = ref[o]
-        full = per_sample(values[o], fed, n_real, name=f"output {o!r}", strict=False)
-        if r.shape != full.shape:
-            raise InputError(f"output {o}: reference shape {r.shape} differs from the model's {full.shape}")
-        keep = _mask_for(feeds, values[o], masks)
-        if keep is not None:
-            keep = keep[:n_real]
-        cls = kinds.get(o) == CLASS_SCORES
-        log = cls and o in as_log
-        ref_rows = rows(r, keep, log)
-        for b in blocks:
-            got = runs.get(b.id)
-            arr = (per_sample(got[o], fed, n_real, name=f"output {o!r}", strict=False)
-                   if got is not None and o in got else full)
-            accs[b.id].add(o, ref_rows, rows(arr, keep, log), cls)
-            arrays[b.id][o] = arr
-    for b in blocks:
-        accs[b.id].add_batch(ref, arrays[b.id])
+    def _samples(self, a: np.ndarray, o: str) -> np.ndarray:
+        return per_sample(a, self.fed, self.n_real, name=f"output {o!r}", strict=False)
+
+    def _rows(self, a: np.ndarray, o: str) -> np.ndarray:
+        r = output_rows(a, self.keep[o])
+        return np.log(np.clip(r, 1e-30, None)) if self.log[o] else r
+
+    def accumulate(self, acc: OutputAccumulator, got: dict[str, np.ndarray] | None) -> None:
+        """Add one candidate's batch to ``acc``: its suffix's outputs ``got`` (None: the full model's)."""
+        arrays = {}
+        for o in self.outs:
+            if got is not None and o in got:
+                arr = self._samples(got[o], o)
+                rows = self._rows(arr, o)
+            else:
+                if o not in self._full:
+                    full = self._samples(self.values[o], o)
+                    self._full[o] = (full, self._rows(full, o))
+                arr, rows = self._full[o]
+            acc.add(o, self.ref[o], rows, self.cls[o])
+            arrays[o] = arr
+        acc.add_batch(self.ref_arrays, arrays)  # every output at once, for the per-kind measures
 
 
 def score_blocks(model: onnx.ModelProto, data, *, blocks: Sequence[Block] | None = None,

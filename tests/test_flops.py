@@ -356,8 +356,8 @@ def test_real_silero_vad_macs_inside_if():
     nested Ifs on the batch size. Neither inference resolves the shapes inside its branches (ONNX's loses the
     batch there, onnxruntime's symbolic inference stops on a branch output without a type), so without input
     shapes its MACs are unknown, never 0; with them the Ifs are inlined (the nested ones by their shape
-    conditions) and the count equals a recount from the Conv shapes onnxruntime produces at 16 kHz (576
-    samples: 512 + 64 of context)."""
+    conditions) and the count equals a recount from the Conv and LSTM shapes onnxruntime produces at 16 kHz
+    (576 samples: 512 + 64 of context)."""
     import numpy as np
     import onnxruntime as ort
 
@@ -370,7 +370,9 @@ def test_real_silero_vad_macs_inside_if():
     assert any("then branch" in n and "depends on input values" in n for n in cost.notes), cost.notes
     flat, _ = _inline_ifs(m, "then_branch", shapes, 1)  # then: sr == 16000
     convs = [n for n in flat.graph.node if n.op_type == "Conv"]
-    names = list(dict.fromkeys(t for n in convs for t in (n.output[0], n.input[1])))
+    lstms = [n for n in flat.graph.node if n.op_type == "LSTM"]
+    names = list(dict.fromkeys([t for n in convs for t in (n.output[0], n.input[1])]
+                               + [t for n in lstms for t in n.input[:3]]))
     have = {o.name for o in flat.graph.output}
     flat.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in names if t not in have)
     so = ort.SessionOptions()
@@ -380,7 +382,12 @@ def test_real_silero_vad_macs_inside_if():
                                             "state": np.zeros((2, 1, 128), np.float32),
                                             "sr": np.array(16000, np.int64)})))
     recount = sum(vals[n.output[0]].size * int(np.prod(vals[n.input[1]].shape[1:])) for n in convs)
-    assert cost.total_macs == recount == 548_480
+    assert recount == 548_480
+    # the decoder's LSTM: steps x batch x (W + R) elements, X (T, N, input)
+    lstm = sum(int(np.prod(vals[n.input[0]].shape[:2])) * (vals[n.input[1]].size + vals[n.input[2]].size)
+               for n in lstms)
+    assert len(lstms) == 1 and lstm == 1 * 1 * (512 * 128 + 512 * 128)
+    assert cost.total_macs == recount + lstm
 
 
 @pytest.mark.real
@@ -390,3 +397,25 @@ def test_real_ppocr_cls_minus_one_batch(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert count_cost(m, {name: (1, 3, 48, 192)}).total_macs > 0
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("op,gates", [("LSTM", 4), ("GRU", 3), ("RNN", 1)])
+@pytest.mark.parametrize("layout", [0, 1])
+@pytest.mark.parametrize("direction", ["forward", "bidirectional"])
+def test_recurrent_macs_closed_form(op, gates, layout, direction):
+    """T steps x N samples x every gate's input and recurrent products: T * N * D * G * H * (I + H); the
+    sequence length comes from --input-shape when the model leaves it symbolic."""
+    T, N, I, H = 7, 3, 5, 6
+    D = 2 if direction == "bidirectional" else 1
+    x_shape = ["T", "N", I] if layout == 0 else ["N", "T", I]
+    attrs = {"hidden_size": H, "direction": direction}
+    if layout:
+        attrs["layout"] = 1
+    node = helper.make_node(op, ["x", "W", "R"], ["y"], **attrs)
+    g = helper.make_graph([node], "rnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          initializer=[init("W", (D, gates * H, I)), init("R", (D, gates * H, H))])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 14)])
+    assert count_cost(model).total_macs is None  # dim 1 unknown (dim 0 counts as a batch of 1): never 0
+    shape = (T, N, I) if layout == 0 else (N, T, I)
+    assert count_cost(model, {"x": shape}).total_macs == T * N * D * gates * H * (I + H)

@@ -28,6 +28,7 @@ SAMPLES = {
     "tokenizer": (["--tokenizer", "t.json"], "t.json"),
     "batch_size": (["--batch-size", "5"], 5),
     "holdout": (["--holdout", "0.3"], 0.3),
+    "max_memory": (["--max-memory", "1.5G"], int(1.5 * 2**30)),
     "threads": (["--threads", "3"], 3),
     "quiet": (["-q"], False),
     "input_shape": (["--input-shape", "x:1x2", "--input-shape", "y:3"], {"x": (1, 2), "y": (3,)}),

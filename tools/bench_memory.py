@@ -1,6 +1,14 @@
-"""Peak memory of a global-scope scoring round on a large model, with and without shared weights.
+"""Peak memory of pruning runs: against the samples and the input size, and on a large model with and without
+shared weights.
 
+    python -m tools.bench_memory runs [--det-samples 16,32,64] [--resnet-samples 64,256,512] [--max-memory 6G]
     python -m tools.bench_memory [--blocks 16] [--width 4096]
+
+``runs``: `onnx-cprune --remove 1 --threads 1 --no-latency` on the rapidocr text detector (``ppocr_det`` of
+``tools.real_models``, fetched) at its native 736x736 input (document pages rendered as ``tools.real_models``
+does, resized to 736x736) and on models/resnet56_fmnist.onnx (examples/fmnist_calib), each run its own process;
+prints the batch the run chose, its estimated peak (the report's ``memory``) and the measured peak RSS
+(``os.wait4``'s ru_maxrss of that process), and the wall time.
 
 Builds a residual MLP (``blocks`` blocks of x + Relu(x W_k), W_k (width x width) float32: 64 MB each at
 width 4096) and scores it with `cka` on 64 random samples, once with every suffix session holding its own
@@ -56,7 +64,93 @@ def child(cfg: dict) -> dict:
             "rss_after_load_mb": rss_model}
 
 
+def _det_pages(n: int, folder: str, size: int = 736) -> str:
+    """n rendered document pages at size x size, preprocessed as ``tools.real_models._ppocr_det_inputs``."""
+    import numpy as np
+
+    from tools import real_inputs as ri
+    from tools.real_models import _bgr_chw
+
+    rng = np.random.default_rng(7)
+    xs = [(_bgr_chw(ri.render_page((size, size), rng, n_lines=16)) / 255.0 - 0.5) / 0.5 for _ in range(n)]
+    os.makedirs(folder, exist_ok=True)
+    np.save(os.path.join(folder, "pages.npy"), np.stack(xs).astype(np.float32))
+    return folder
+
+
+def _measured_run(model: str, calib: str, max_memory: str | None, work: str) -> dict:
+    """One `onnx-cprune --remove 1` run in its own process: its peak RSS (MB), wall seconds, exit code, and
+    the report's memory record."""
+    import time
+
+    report = os.path.join(work, "report.json")
+    cmd = [sys.executable, "-m", "onnx_consensus", model, os.path.join(work, "out.onnx"), "--calib", calib,
+           "--remove", "1", "--threads", "1", "--no-latency", "-q", "--report", report]
+    if max_memory:
+        cmd += ["--max-memory", max_memory]
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err = p.stderr.read()
+    _, status, usage = os.wait4(p.pid, 0)
+    mem = json.load(open(report)).get("memory") if os.path.exists(report) else None
+    return {"peak_mb": usage.ru_maxrss / 1024, "seconds": time.perf_counter() - t0,
+            "exit": os.waitstatus_to_exitcode(status), "memory": mem, "stderr": err.strip().splitlines()[-1:]}
+
+
+def prepare(work: str, det_samples, resnet_samples) -> list[tuple[str, str, str, int]]:
+    """The runs' data folders under ``work``: (label, model, folder, samples) per run."""
+    import numpy as np
+
+    from tools.real_models import fetch
+
+    det = str(fetch("ppocr_det"))
+    pages = np.load(os.path.join(_det_pages(max(det_samples), os.path.join(work, "pages")), "pages.npy"))
+    calib = np.load(os.path.join(HERE, "examples", "fmnist_calib", "calib.npy"))
+    cases = []
+    for label, model, arrays, counts in (("ppocr_det 3x736x736", det, pages, det_samples),
+                                         ("resnet56_fmnist 3x32x32", os.path.join(HERE, "models",
+                                                                                   "resnet56_fmnist.onnx"),
+                                          calib, resnet_samples)):
+        for n in counts:
+            d = os.path.join(work, f"{label.split()[0]}_{n}")
+            os.makedirs(d)
+            np.save(os.path.join(d, "x.npy"), arrays[:n])
+            cases.append((label, model, d, n))
+    return cases
+
+
+def runs(det_samples, resnet_samples, max_memory) -> None:
+    work = tempfile.mkdtemp(prefix="bench-memory-")
+    # The data is made in a child: Linux carries a process's RSS at fork into its children's peak (ru_maxrss
+    # survives exec), so this parent must stay small.
+    p = subprocess.run([sys.executable, "-m", "tools.bench_memory", "prepare", work, json.dumps(det_samples),
+                        json.dumps(resnet_samples)], cwd=HERE, capture_output=True, text=True)
+    if p.returncode:
+        sys.exit(p.stderr)
+    cases = json.loads(p.stdout.strip().splitlines()[-1])
+    print("| model | samples | --max-memory | batch | estimated peak (MB) | peak RSS (MB) | wall (s) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, model, d, n in cases:
+        r = _measured_run(model, d, max_memory, d)
+        mem = r["memory"] or {}
+        est = f"{mem['estimated_peak'] / 2**20:,.0f}" if mem else "-"
+        print(f"| {name} | {n} | {max_memory or 'default'} | {mem.get('batch', '-')} | {est} | {r['peak_mb']:,.0f} | "
+              f"{r['seconds']:.0f} |" + ("" if r["exit"] == 0 else f" exit {r['exit']}: {r['stderr']}"), flush=True)
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "prepare":
+        print(json.dumps(prepare(sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4]))))
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "runs":
+        ap = argparse.ArgumentParser(prog="python -m tools.bench_memory runs")
+        ap.add_argument("--det-samples", default="16,32,64")
+        ap.add_argument("--resnet-samples", default="64,256,512")
+        ap.add_argument("--max-memory", default="6G")
+        a = ap.parse_args(sys.argv[2:])
+        ints = (lambda s: [int(v) for v in s.split(",") if v])  # noqa: E731
+        runs(ints(a.det_samples), ints(a.resnet_samples), a.max_memory or None)
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--blocks", type=int, default=16)
     ap.add_argument("--width", type=int, default=4096)

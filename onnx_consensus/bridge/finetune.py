@@ -290,7 +290,8 @@ def _finetune(module: OnnxModule, student, train_batches, teacher, config, eval_
                 if feature:
                     loss = loss + config.feature_mse * F.mse_loss(out[feature].float(), t_vals[feature].float())
             if not torch.isfinite(loss):
-                raise FinetuneError(f"non-finite loss at epoch {epoch}, step {step + 1}")
+                where = _nonfinite_source(module, inputs, want, t_out if mode == "distillation" else None)
+                raise FinetuneError(f"non-finite loss at epoch {epoch}, step {step + 1}: {where}")
             if dist is not None:
                 dist.vote()
             opt.zero_grad(set_to_none=True)
@@ -298,8 +299,10 @@ def _finetune(module: OnnxModule, student, train_batches, teacher, config, eval_
             if scaler is not None:
                 scaler.unscale_(opt)  # clip the true gradients
             clip = config.clip_grad_norm if config.clip_grad_norm is not None else 1.0
-            if clip:
-                torch.nn.utils.clip_grad_norm_(params, clip)
+            norm = torch.nn.utils.clip_grad_norm_(params, clip or float("inf"))  # no clip: the norm only
+            if scaler is None and not torch.isfinite(norm):  # fp16's scaler skips such steps by itself
+                raise FinetuneError(f"non-finite gradient at epoch {epoch}, step {step + 1}: "
+                                    f"{module.first_nonfinite_grad() or 'a gradient overflowed'}")
             if scaler is not None:
                 scaler.step(opt)  # skipped when the scaled gradients overflowed
                 scaler.update()
@@ -318,6 +321,10 @@ def _finetune(module: OnnxModule, student, train_batches, teacher, config, eval_
         module.eval()
         written = write_back(module, student)
         metric = float(eval_fn(written)) if eval_fn is not None else None
+        if metric is not None and not math.isfinite(metric):  # a NaN fidelity is a failed fine-tune
+            where = module.first_nonfinite(inputs, want) if losses else None
+            raise FinetuneError(f"fine-tuning diverged in epoch {epoch}: the evaluation is {metric}"
+                                + (f"; first non-finite: {where}" if where else ""))
         seconds = time.perf_counter() - t0
         result.history.append({"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
                                "metric": metric, "seconds": seconds, "images": images,
@@ -331,6 +338,19 @@ def _finetune(module: OnnxModule, student, train_batches, teacher, config, eval_
     if best_model is None:  # no step was taken (empty data or max_steps=0)
         best_model = write_back(module, student)
     return best_model, result
+
+
+def _nonfinite_source(module: OnnxModule, inputs, want, teacher: dict | None) -> str:
+    """Why a loss is not finite, in one phrase: the first non-finite tensor of the student's forward pass
+    (``OnnxModule.first_nonfinite``), else a non-finite teacher output, else the loss itself."""
+    where = module.first_nonfinite(inputs, want)
+    if where:
+        return f"first non-finite {where}"
+    for name, value in (teacher or {}).items():
+        arr = np.asarray(value)
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            return f"the teacher's output {name!r} is not finite"
+    return "every tensor of the forward pass is finite: the loss itself overflowed"
 
 
 def _set_bn_stats(module: OnnxModule, student: onnx.ModelProto, config: FinetuneConfig, epoch, result) -> None:

@@ -222,7 +222,8 @@ class OnnxModule(nn.Module):
             env[n] = bufs[k]
         return env
 
-    def _run(self, env: dict[str, Any], outputs: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    def _run(self, env: dict[str, Any], outputs: tuple[str, ...], check=None) -> dict[str, torch.Tensor]:
+        """Run the plan for ``outputs``; ``check(ctx, name, value)`` (optional) sees every node output."""
         for fn, ctx, ins, outs, single, free in self._plan(outputs):
             try:
                 res = fn(ctx, *[env[n] if n else None for n in ins])
@@ -237,6 +238,10 @@ class OnnxModule(nn.Module):
                 for n, r in zip(outs, res):
                     if n:
                         env[n] = r
+            if check is not None:
+                for n in outs:
+                    if n:
+                        check(ctx, n, env[n])
             for n in free:
                 del env[n]
         return {o: env[o] for o in outputs}
@@ -259,9 +264,55 @@ class OnnxModule(nn.Module):
             env[k] = v if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v))
         return self._run(env, tuple(outputs) if outputs else tuple(self.output_names))
 
+    def first_nonfinite(self, inputs: dict[str, Any], outputs: list[str] | None = None) -> str | None:
+        """Where a forward pass on ``inputs`` first goes non-finite (NaN or inf), in the graph's order: a weight,
+        an input, or a node's float output, as "tensor 'x' (Div node 'n')"; None when all are finite."""
+        params = self.weights._parameters
+        for n, k in self._param_items:
+            if _nonfinite(params[k]):
+                return f"weight {n!r} (read by {self._reader(n)})"
+        env = self._constants()
+        for k, v in inputs.items():
+            env[k] = v if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v))
+            if _nonfinite(env[k]):
+                return f"input {k!r}"
+
+        def check(ctx, name, value):
+            if _nonfinite(value):
+                raise _Found(f"tensor {name!r} ({ctx.op_type} node {ctx.name!r})")
+        try:
+            with torch.no_grad():
+                self._run(env, tuple(outputs) if outputs else tuple(self.output_names), check)
+        except _Found as found:
+            return str(found)
+        return None
+
+    def first_nonfinite_grad(self) -> str | None:
+        """The first weight (graph order) whose gradient holds NaN or inf, with the node that reads it."""
+        params = self.weights._parameters
+        for n, k in self._param_items:
+            g = params[k].grad
+            if _nonfinite(g):
+                return f"the gradient of weight {n!r} (read by {self._reader(n)})"
+        return None
+
+    def _reader(self, name: str) -> str:
+        for _, ctx, ins, *_ in self._steps:
+            if name in ins:
+                return f"{ctx.op_type} node {ctx.name!r}"
+        return "no node"
+
     def extra_repr(self) -> str:
         return (f"nodes={len(self._steps)}, inputs={self.input_names}, outputs={self.output_names}, "
                 f"trainable={len(self._param_items)}")
+
+
+class _Found(Exception):
+    """Stops ``OnnxModule.first_nonfinite`` at the first non-finite tensor."""
+
+
+def _nonfinite(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
 
 
 def to_torch(model: onnx.ModelProto) -> OnnxModule:

@@ -32,6 +32,8 @@ def cmd_prune(args) -> int:
     written = pipeline.write(outcome, out_path)
     if written.model:
         print(f"\nWrote {out_path}")
+    elif outcome.result.removals:
+        print(f"\nNothing written: {outcome.result.small_saving} (use --force-write to write the model anyway).")
     else:
         print("\nNo block removed: nothing written (use --force-write to write the model anyway).")
     if written.report:

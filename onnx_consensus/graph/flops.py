@@ -10,6 +10,9 @@ convolution and fully connected layers):
 * ``MatMul`` (and ``MatMulInteger`` / ``QLinearMatMul``): ``prod(broadcast batch dims) * M * N * K``
   with numpy broadcasting and numpy's 1-D promotion rules.
 * com.microsoft ``MatMulNBits`` / ``QGemm``: ``quant.quantized_macs``.
+* ``LSTM`` / ``GRU`` / ``RNN``: ``T * N * (numel(W) + numel(R))``, W (directions, gates * hidden, input) and
+  R (directions, gates * hidden, hidden): every gate's input and recurrent products, each step and direction
+  (``layout`` honoured; the elementwise gate arithmetic is not counted, as for every other op).
 
 * ``If``: its costlier branch (the branch a constant condition selects, when shapes inside the branches are
   only known once a branch is inlined); ``Loop`` and ``Scan``: one iteration of the body (``ModelCost.notes``).
@@ -41,6 +44,7 @@ log = logging.getLogger("onnx_consensus")
 _CONV_OPS = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3}  # op -> index of the weight input
 MAX_IF_DEPTH = 8  # nesting levels of If inlined by the MAC count's fallback
 _MATMUL_OPS = {"MatMul": (0, 1), "MatMulInteger": (0, 1), "QLinearMatMul": (0, 3)}  # op -> (A, B)
+_RECURRENT_OPS = ("LSTM", "GRU", "RNN")
 
 
 @dataclass
@@ -202,7 +206,18 @@ def _node_macs(node: onnx.NodeProto, shapes, found: dict[str, int] | None = None
         except ValueError:
             return None
         return _numel(batch) * int(m) * int(n) * int(k)
+    if op in _RECURRENT_OPS:
+        return _recurrent_macs(node, shapes)
     return 0
+
+
+def _recurrent_macs(node: onnx.NodeProto, shapes) -> int | None:
+    """LSTM / GRU / RNN: X (T, N, input) (layout 0) or (N, T, input) (layout 1); T * N * (numel(W) + numel(R))."""
+    x, w, r = (_input_shape(node, i, shapes) for i in (0, 1, 2))
+    if not (_known(x) and _known(w) and _known(r)) or len(x) != 3:
+        return None
+    steps, batch = (x[1], x[0]) if _attr(node, "layout", 0) else (x[0], x[1])
+    return int(steps) * int(batch) * (_numel(w) + _numel(r))
 
 
 def _graph_macs(graph: onnx.GraphProto, shapes, found: dict[str, int], key=None) -> int | None:

@@ -39,10 +39,18 @@ def is_class_scores(shape: tuple[int, ...], dtype=np.float32) -> bool:
     return np.dtype(dtype).kind == "f" and len(shape) in (2, 3) and shape[-1] > 1
 
 
+CHUNK_VALUES = 1 << 20
+"""``OutputAccumulator.add`` converts at most about this many values at a time to float64 (8 MB), so a
+batch of large maps never has a float64 copy made whole."""
+
+
 def output_rows(arr: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
-    """The rows the output metrics average over, float64 (rows, C): (N, C) as is; (N, T, C) the kept
-    tokens (``keep``: (N, T) bool, None: all); other shapes flattened per sample."""
-    a = np.asarray(arr, dtype=np.float64)
+    """The rows the output metrics average over, (rows, C) in the output's own float dtype (no float64 copy;
+    other dtypes become float64): (N, C) as is; (N, T, C) the kept tokens (``keep``: (N, T) bool, None: all);
+    other shapes flattened per sample."""
+    a = np.asarray(arr)
+    if a.dtype.kind != "f":
+        a = a.astype(np.float64)
     if a.ndim == 3:
         return a[keep] if keep is not None else a.reshape(-1, a.shape[-1])
     if a.ndim == 2:
@@ -96,9 +104,16 @@ class OutputAccumulator:
             m.add({o: ref[o] for o in m.head.outputs}, {o: out[o] for o in m.head.outputs})
 
     def add(self, output: str, ref: np.ndarray, out: np.ndarray, class_scores: bool) -> None:
-        """One batch of one output: ref, out (rows, C) float64 from ``output_rows``."""
+        """One batch of one output: ref, out (rows, C) from ``output_rows``, summed in float64 a chunk of
+        rows at a time (``CHUNK_VALUES``)."""
         if ref.shape != out.shape:
             raise ValueError(f"output {output}: reference rows {ref.shape} vs candidate rows {out.shape}")
+        step = max(1, CHUNK_VALUES // max(1, int(np.prod(ref.shape[1:]))))
+        for lo in range(0, len(ref), step):
+            self._add(output, np.asarray(ref[lo:lo + step], np.float64), np.asarray(out[lo:lo + step], np.float64),
+                      class_scores)
+
+    def _add(self, output: str, ref: np.ndarray, out: np.ndarray, class_scores: bool) -> None:
         if len(ref) == 0:
             return
         for m in self.metrics:
