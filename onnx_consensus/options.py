@@ -17,6 +17,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar, Literal
 
 from .errors import InputError
+from .quantize import FORMATS as QUANTIZE_FORMATS
 
 PAPER_METRICS = ("cka", "gaussian_stochastic_0", "gaussian_stochastic_1", "gaussian_stochastic_2",
                  "permutation", "linear_0", "linear_1", "wasserstein")
@@ -402,6 +403,10 @@ class OutputOptions(_Group):
                                 "computed so far (exit code stays non-zero)", default=False)
     latency: bool = option("--no-latency", "skip the before/after latency measurement", default=True, negate=True)
     latency_runs: int = option("--latency-runs", "timed runs per model for latency", default=20, type=int)
+    quantize: str | None = option("--quantize", "quantize the written model (after pruning and fine-tuning): int8 "
+                                  "(static QDQ, calibrated on --calib), int4 (MatMul weights, MatMulNBits) or fp16; "
+                                  "the summary compares original, quantized, pruned, pruned + quantized "
+                                  "(--remove 0: quantize only)", default=None, choices=tuple(QUANTIZE_FORMATS))
 
 
 GROUPS = (DataOptions, RunOptions, TargetOptions, CriterionOptions, FinetuneConfig, RecoveryOptions, OutputOptions)

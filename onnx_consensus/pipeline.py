@@ -216,6 +216,8 @@ def _run_on_providers(model, data, options: Options) -> Outcome:
         if finetuning or between:
             raise InputError("fine-tuning a bfloat16 model is not supported (onnxruntime's CPU provider cannot "
                              "run it as the teacher): prune without fine-tuning, or convert it to float32 first")
+        if options.output.quantize:
+            raise InputError("--quantize needs a float32 model: onnxruntime cannot run a bfloat16 one")
         _warn(warnings, "bfloat16 model: onnxruntime's CPU provider cannot run it, so a float32 copy is scored and "
                         "pruned; the output is written in bfloat16 (checked by onnx.checker only; no latency)")
         model = float32_shadow(original)
@@ -289,9 +291,12 @@ def _run_on_providers(model, data, options: Options) -> Outcome:
         if exit_code:
             status = "finetune interrupted" if exit_code == 130 else "finetune failed"
     report = report_of(result, latency=latency, finetune=finetune_info)
+    if options.output.quantize:  # the written model becomes the pruned (fine-tuned) model quantized
+        result.model, report["quantize"] = _quantize(model, result, data, options, fixed)
     report["seconds"] = round(time.perf_counter() - t_start, 2)
     return Outcome(result.model, result, report, options, latency=latency, finetune=finetune_info,
-                   exit_code=exit_code, status=status, write=bool(result.removals) or options.output.force_write,
+                   exit_code=exit_code, status=status,
+                   write=bool(result.removals) or options.output.force_write or bool(options.output.quantize),
                    check_feed=check_feed, external=source.external, warnings=warnings)
 
 
@@ -344,6 +349,19 @@ def _latency(model: onnx.ModelProto, pruned: onnx.ModelProto, sample, options: O
                             "threads": before.threads, "opt_level": before.opt_level, "runs": before.runs,
                             "spinning": before.spinning}
     return latency
+
+
+def _quantize(model: onnx.ModelProto, result: PruneResult, data, options: Options, fixed) -> tuple:
+    """(the pruned model quantized, the report's ``quantize``: the four rows, ``variants.measure_variants``)."""
+    from .variants import measure_variants
+
+    batches = [] if not options.output.latency else [fixed] if fixed else sorted({1, options.run.batch_size})
+    v = measure_variants(model, result.model, options.output.quantize, data, calib_indices=result.score_indices,
+                         holdout_indices=result.holdout_indices, labels=data.labels,
+                         batch_size=options.run.batch_size, threads=options.run.threads, task=options.criterion.task,
+                         input_shapes=options.run.input_shapes, latency_batches=batches,
+                         latency_runs=options.output.latency_runs)
+    return v.model, v.to_json()
 
 
 def _finetune(original: onnx.ModelProto, result: PruneResult, calib, options: Options,

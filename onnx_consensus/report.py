@@ -201,4 +201,10 @@ def summary_table(report: Mapping) -> str:
         lines.extend(_fidelity_lines(fid, tuned))
     if report.get("collapse"):
         lines.append(f"Warning: {report['collapse']}")
+    if report.get("quantize"):
+        from .variants import table_lines
+
+        q = report["quantize"]
+        lines += ["", f"--quantize {q['format']}: fidelity to the original on the hold-out, the "
+                      f"{q['written']} model written"] + ["  " + ln for ln in table_lines(q)]
     return "\n".join(lines)
