@@ -68,6 +68,7 @@ SAMPLES = {
     "keep_partial": (["--keep-partial"], True),
     "no_latency": (["--no-latency"], False),
     "latency_runs": (["--latency-runs", "4"], 4),
+    "quantize": (["--quantize", "fp16"], "fp16"),
     "providers": (["--providers", "cuda,cpu"], ("cuda", "cpu")),
     "amp": (["--amp", "bf16"], "bf16"),
 }
