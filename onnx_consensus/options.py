@@ -45,6 +45,9 @@ def default_criterion(finetuned: bool) -> tuple[str, ...]:
     return FINETUNED_CRITERION if finetuned else DEFAULT_CRITERION
 
 
+LATENCY_CHOICES = ("damage", "latency", "macs")
+"""``--latency-choice``: how a latency target trades damage against time saved (``latency_target.Budget``)."""
+
 FINETUNE_GROUP = "fine-tuning (needs torch: pip install 'onnx-consensus[torch]')"
 GROUP_TITLES = ("input data", "target", "criterion", FINETUNE_GROUP, "output")
 """The help groups of `onnx-cprune prune`, in order."""
@@ -269,6 +272,15 @@ class TargetOptions(_Group):
     remove: int | None = option("--remove", "remove N blocks", default=None, type=int, metavar="N")
     target_flops: float | None = option("--target-flops", "remove blocks until at least the fraction F of MACs "
                                         "is gone (e.g. 0.5)", default=None, type=float, metavar="F")
+    target_latency: float | None = option("--target-latency", "remove blocks until the written model's measured "
+                                          "latency (batch 1, --threads, --providers) is at most the fraction F of "
+                                          "the original's (e.g. 0.6)", default=None, type=float, metavar="F")
+    target_latency_ms: float | None = option("--target-latency-ms", "remove blocks until the written model's "
+                                             "measured latency is at most T ms", default=None, type=float,
+                                             metavar="T")
+    latency_choice: str = option("--latency-choice", "with a latency target, which block goes each round: damage "
+                                 "(least damage first), latency (damage rank / relative time saved) or macs "
+                                 "(damage rank / relative MACs saved)", default="damage", choices=LATENCY_CHOICES)
     min_agreement: float = option("--min-agreement", "with no target: keep removing while the hold-out fidelity "
                                   "stays >= this: top-1 agreement when the model outputs class scores, else the "
                                   "mean cosine of its float outputs (see --task)", default=0.99, type=float)

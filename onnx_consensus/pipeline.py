@@ -264,8 +264,14 @@ def _run_on_providers(model, data, options: Options) -> Outcome:
     check_feed = None if bfloat16 else next(data.batches(1))
     failure = None
     try:
-        result = schedule(model, data, criterion=options.criterion, target=options.target, run=options.run,
-                          between=hook)
+        if options.target.target_latency is not None or options.target.target_latency_ms is not None:
+            from .latency_target import prune_to_latency
+
+            result, latency_target = prune_to_latency(model, data, options, fixed=fixed, between=hook,
+                                                      axes=getattr(data, "batch_axes", {}))
+        else:
+            result, latency_target = schedule(model, data, criterion=options.criterion, target=options.target,
+                                              run=options.run, between=hook), None
     except PruneFailed as exc:
         failure = exc
     if failure is not None:
@@ -291,6 +297,7 @@ def _run_on_providers(model, data, options: Options) -> Outcome:
         if exit_code:
             status = "finetune interrupted" if exit_code == 130 else "finetune failed"
     report = report_of(result, latency=latency, finetune=finetune_info)
+    report["latency_target"] = latency_target
     if options.output.quantize:  # the written model becomes the pruned (fine-tuned) model quantized
         result.model, report["quantize"] = _quantize(model, result, data, options, fixed)
     report["seconds"] = round(time.perf_counter() - t_start, 2)

@@ -104,7 +104,7 @@ def _validate(criterion: CriterionOptions, target: TargetOptions, blocks: dict[s
 def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = None,
           target: TargetOptions | None = None, run: RunOptions | None = None,
           labels: np.ndarray | None = None,
-          between: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None) -> PruneResult:
+          between: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None, budget=None) -> PruneResult:
     """Remove residual blocks from ``model`` chosen by the criterion until the target is met.
 
     data: a CalibrationData (``load_calibration``). labels: optional (n,) class ids for the Gaussian metrics'
@@ -112,7 +112,8 @@ def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = 
     removal but the last (e.g. a short fine-tune), its result is scored next. Raises TargetError when a
     block count or MACs target cannot be met; a failure midway (onnxruntime, an interrupt, ``between``)
     raises PruneFailed, whose ``partial`` holds the removals and scores done so far and whose
-    ``__cause__`` is the failure.
+    ``__cause__`` is the failure. budget: a ``latency_target.Budget`` (a latency target): the schedule stops
+    when it is met and asks it which block goes next.
     """
     criterion, target, run = criterion or CriterionOptions(), target or TargetOptions(), run or RunOptions()
     check_prunable(model)
@@ -160,7 +161,7 @@ def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = 
 
     # On a failure midway, what was computed so far (the finished rounds' scores, the model with the
     # removals done) goes with PruneFailed, for callers that keep it (`--keep-partial`).
-    auto = target.remove is None and target.target_flops is None
+    auto = target.remove is None and target.target_flops is None and budget is None
     try:
         if target.plan:
             removed = [originals[i] for i in target.plan]
@@ -171,7 +172,7 @@ def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = 
             order: list[str] = []
             round_no = 0
             while True:
-                if _target_met(target, removed, total):
+                if _target_met(target, removed, total, budget):
                     result.stop_reason = "target met"
                     break
                 stage_left = _stage_counts(originals.values(), removed)
@@ -199,7 +200,7 @@ def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = 
                     rescored = set(rnd.order)
                     order = rnd.order + [i for i in order if i not in rescored]
                 eligible_ids = {b.id for b in eligible}
-                pick_id = next(i for i in order if i in eligible_ids)
+                pick_id = budget.pick(order, eligible_ids) if budget else next(i for i in order if i in eligible_ids)
                 # Remove from the current model (its blocks keep their original ids), so weights fine-tuned
                 # between removals carry over.
                 candidate = remove_blocks(current, [current_blocks[pick_id]])
@@ -214,16 +215,17 @@ def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = 
                 result.model = current
                 round_no += 1
                 log.info("removed %s (round %d)", pick_id, round_no)
-                if between is not None and not _target_met(target, removed, total):
+                if between is not None and not _target_met(target, removed, total, budget):
                     current = between(current)
                     result.model = current
     except (Exception, KeyboardInterrupt) as exc:
         result.stop_reason = f"stopped by {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         raise PruneFailed(result, exc) from exc
-    if not target.plan and not auto and not _target_met(target, removed, total):
+    if not target.plan and not auto and not _target_met(target, removed, total, budget):
         # not a failure midway: the schedule ran to its end (exit 3, nothing written, even with --keep-partial)
         got = _macs_fraction(removed, total)
-        want = f"{target.remove} blocks" if target.remove is not None else f"{target.target_flops:.1%} of MACs"
+        want = f"{target.remove} blocks" if target.remove is not None else f"{target.target_flops:.1%} of MACs" \
+            if budget is None else f"latency ({budget.text(result.removed_ids)})"
         raise TargetError(report.refusal or f"target {want} cannot be met: only {len(removed)} block(s) removable "
                           f"({got:.1%} of MACs) with keep-per-stage={target.keep_per_stage} and the "
                           f"--only/--exclude choices")
@@ -247,7 +249,9 @@ def _macs_fraction(removed: Sequence[Block], total: int | None) -> float:
     return sum(b.macs or 0 for b in removed) / total
 
 
-def _target_met(target: TargetOptions, removed: Sequence[Block], total: int | None) -> bool:
+def _target_met(target: TargetOptions, removed: Sequence[Block], total: int | None, budget=None) -> bool:
+    if budget is not None:
+        return budget.met([b.id for b in removed])
     if target.remove is not None:
         return len(removed) >= target.remove
     if target.target_flops is not None:

@@ -201,6 +201,14 @@ def summary_table(report: Mapping) -> str:
         lines.extend(_fidelity_lines(fid, tuned))
     if report.get("collapse"):
         lines.append(f"Warning: {report['collapse']}")
+    lt = report.get("latency_target")
+    if lt:
+        goal = (f"{lt['fraction']:g} x the original's {lt['original_ms']:.3f} ms" if lt.get("fraction") is not None
+                else "--target-latency-ms")
+        lines += ["", f"Latency of the written model at batch {lt['batch_size']}: {lt['measured_ms']:.3f} ms measured "
+                      f"against the target {lt['goal_ms']:.3f} ms ({goal}; {lt['statistic']}): "
+                      + ("met" if lt["met"] else "NOT met")
+                      + (f" after {len(lt['attempts'])} attempts" if len(lt["attempts"]) > 1 else "")]
     if report.get("quantize"):
         from .variants import table_lines
 
