@@ -298,6 +298,14 @@ def _run_on_providers(model, data, options: Options) -> Outcome:
             status = "finetune interrupted" if exit_code == 130 else "finetune failed"
     report = report_of(result, latency=latency, finetune=finetune_info)
     report["latency_target"] = latency_target
+    if (options.output.report or "").endswith(".html") and result.removals:  # the HTML report's removal curve
+        from .trajectory import removal_curve
+
+        report["curve"] = removal_curve(model, [r.block for r in result.removals], data, result.holdout_indices,
+                                        labels=data.labels, batch_size=options.run.batch_size,
+                                        threads=options.run.threads, task=options.criterion.task,
+                                        input_shapes=options.run.input_shapes, latency=options.output.latency,
+                                        fixed=fixed)
     if options.output.quantize:  # the written model becomes the pruned (fine-tuned) model quantized
         result.model, report["quantize"] = _quantize(model, result, data, options, fixed)
     report["seconds"] = round(time.perf_counter() - t_start, 2)
@@ -462,8 +470,14 @@ def write(outcome: Outcome, out_path: str | os.PathLike) -> Written:
 
 
 def _write_report(report: dict, path: str) -> str:
+    """The JSON report at ``path``; for ``.html``, the HTML report there and the JSON beside it (``.json``)."""
     import json
 
+    if path.endswith(".html"):
+        from .report_html import write_html
+
+        _write_report(report, path[: -len(".html")] + ".json")
+        return write_html(json.loads(json.dumps(report, default=_jsonable)), path)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(report, f, indent=2, default=_jsonable)

@@ -12,6 +12,9 @@ from . import __version__
 from .pruner import PruneResult
 
 METADATA_KEY = "onnx_consensus.report"
+SCHEMA_VERSION = 2
+"""The JSON report's ``schema_version`` (docs/REPORT_SCHEMA.md): 1 the reports before it had one, 2 adds
+``schema_version``, ``latency_target``, ``quantize`` and ``curve``."""
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -51,6 +54,7 @@ def build_report(result: PruneResult, *, options: Mapping, input_path: str | Non
         d["round"] = k
         rounds.append(d)
     return {
+        "schema_version": SCHEMA_VERSION,
         "tool": "onnx-consensus",
         "version": __version__,
         "input": {"path": input_path, "sha256": input_sha256},
