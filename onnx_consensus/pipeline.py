@@ -222,7 +222,7 @@ def _run_on_providers(model, data, options: Options) -> Outcome:
                         "pruned; the output is written in bfloat16 (checked by onnx.checker only; no latency)")
         model = float32_shadow(original)
     nothing = _no_removable_block(source, model, options)
-    if nothing is not None:  # said before any data is read or any inference runs
+    if nothing is not None and not options.output.quantize:  # said before any data is read or inference runs
         return nothing
     data = _calibration(data, original, options.data)
     fixed = getattr(data, "fixed_batch", None)
@@ -371,8 +371,13 @@ def _quantize(model: onnx.ModelProto, result: PruneResult, data, options: Option
     from .variants import measure_variants
 
     batches = [] if not options.output.latency else [fixed] if fixed else sorted({1, options.run.batch_size})
-    v = measure_variants(model, result.model, options.output.quantize, data, calib_indices=result.score_indices,
-                         holdout_indices=result.holdout_indices, labels=data.labels,
+    score, hold = result.score_indices, result.holdout_indices
+    if hold is None:  # no removable block: the schedule never split the data
+        score = hold = np.arange(data.n_samples)
+        if data.n_samples >= 10 and options.run.holdout > 0:
+            score, hold = data.split(options.run.holdout, seed=options.criterion.seed)
+    v = measure_variants(model, result.model, options.output.quantize, data, calib_indices=score,
+                         holdout_indices=hold, labels=data.labels,
                          batch_size=options.run.batch_size, threads=options.run.threads, task=options.criterion.task,
                          input_shapes=options.run.input_shapes, latency_batches=batches,
                          latency_runs=options.output.latency_runs)
