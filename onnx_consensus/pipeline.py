@@ -367,7 +367,8 @@ def _latency(model: onnx.ModelProto, pruned: onnx.ModelProto, sample, options: O
 
 
 def _quantize(model: onnx.ModelProto, result: PruneResult, data, options: Options, fixed) -> tuple:
-    """(the pruned model quantized, the report's ``quantize``: the four rows, ``variants.measure_variants``)."""
+    """(the pruned model quantized, the report's ``quantize``: the four rows, ``variants.measure_variants``, on
+    the ``--eval`` data when given, else the hold-out; int8 calibrated on the scoring samples)."""
     from .variants import measure_variants
 
     batches = [] if not options.output.latency else [fixed] if fixed else sorted({1, options.run.batch_size})
@@ -376,8 +377,13 @@ def _quantize(model: onnx.ModelProto, result: PruneResult, data, options: Option
         score = hold = np.arange(data.n_samples)
         if data.n_samples >= 10 and options.run.holdout > 0:
             score, hold = data.split(options.run.holdout, seed=options.criterion.seed)
-    v = measure_variants(model, result.model, options.output.quantize, data, calib_indices=score,
-                         holdout_indices=hold, labels=data.labels,
+    measured = _extra_data(options.recovery.eval, model, options.data)  # --eval: the rows on it, whole
+    if measured is not None:
+        hold = np.arange(measured.n_samples)
+    else:
+        measured = data
+    v = measure_variants(model, result.model, options.output.quantize, measured, calib_indices=score,
+                         holdout_indices=hold, labels=measured.labels, calib=data,
                          batch_size=options.run.batch_size, threads=options.run.threads, task=options.criterion.task,
                          input_shapes=options.run.input_shapes, latency_batches=batches,
                          latency_runs=options.output.latency_runs)

@@ -217,6 +217,7 @@ def summary_table(report: Mapping) -> str:
         from .variants import table_lines
 
         q = report["quantize"]
-        lines += ["", f"--quantize {q['format']}: fidelity to the original on the hold-out, the "
-                      f"{q['written']} model written"] + ["  " + ln for ln in table_lines(q)]
+        where = "the --eval data" if (report.get("options") or {}).get("eval") else "the hold-out"
+        lines += ["", f"--quantize {q['format']}: fidelity to the original on {where} ({q.get('samples')} samples), "
+                      f"the {q['written']} model written"] + ["  " + ln for ln in table_lines(q)]
     return "\n".join(lines)

@@ -1,7 +1,7 @@
 """The four models of a ``--quantize`` run, measured side by side in the same run: the original, the original
 quantized, the pruned model (fine-tuned when asked) and the pruned model quantized (the one written).
 
-Each row: fidelity to the original on the hold-out in the output's own terms (``evaluate.fidelity``: top-1
+Each row: fidelity to the original on the hold-out (or the ``--eval`` data) in the output's own terms (``evaluate.fidelity``: top-1
 agreement for class scores, cosine otherwise), accuracy when labels are given, MACs (a quantized model has
 its float source's MACs: quantization changes precision, not the count), bytes of the serialized model (its
 size on disk as one file) and onnxruntime latency p50 in ms at batch 1 and the run's batch, all four models
@@ -34,20 +34,22 @@ class Variants:
     model: onnx.ModelProto
     format: str
     rows: list[dict] = field(default_factory=list)
+    samples: int = 0
 
     def to_json(self) -> dict:
-        return {"format": self.format, "written": ROW_NAMES[-1], "rows": self.rows}
+        return {"format": self.format, "written": ROW_NAMES[-1], "samples": self.samples, "rows": self.rows}
 
 
 def measure_variants(original: onnx.ModelProto, pruned: onnx.ModelProto, fmt: str, data, *, calib_indices,
                      holdout_indices, labels=None, batch_size: int = 64, threads: int | None = None,
                      task: str | None = None, input_shapes: dict | None = None, latency_batches=(1,),
-                     latency_runs: int = 20) -> Variants:
-    """Quantize ``original`` and ``pruned`` to ``fmt`` (int8 calibrated on ``calib_indices`` of ``data``) and
-    measure the four rows on ``holdout_indices``. ``latency_batches``: the batch sizes timed (empty: none);
-    inputs tiled from the first hold-out batch."""
-    models = [original, quantize(original, fmt, data, calib_indices), pruned,
-              quantize(pruned, fmt, data, calib_indices)]
+                     latency_runs: int = 20, calib=None) -> Variants:
+    """Quantize ``original`` and ``pruned`` to ``fmt`` (int8 calibrated on ``calib_indices`` of ``calib``,
+    default ``data``) and measure the four rows on ``holdout_indices`` of ``data`` (``labels``: its labels).
+    ``latency_batches``: the batch sizes timed (empty: none); inputs tiled from the first measured batch."""
+    calib = data if calib is None else calib
+    models = [original, quantize(original, fmt, calib, calib_indices), pruned,
+              quantize(pruned, fmt, calib, calib_indices)]
     macs = [count_cost(m, input_shapes or None).total_macs for m in (original, pruned)]
     macs = [macs[0], macs[0], macs[1], macs[1]]
     kinds = output_kinds(original, task) or None
@@ -66,7 +68,7 @@ def measure_variants(original: onnx.ModelProto, pruned: onnx.ModelProto, fmt: st
         lats = measure_latency(models, feed, runs=latency_runs, threads=threads or os.cpu_count())
         for row, lat in zip(rows, lats):
             row["latency_ms"][str(bs)] = round(lat.median_ms, 4)
-    return Variants(models[-1], fmt, rows)
+    return Variants(models[-1], fmt, rows, len(holdout_indices))
 
 
 def table_lines(variants: dict) -> list[str]:
