@@ -76,7 +76,8 @@ class LatencyModel:
     marginal_ms: dict[str, float] = field(default_factory=dict)
 
     def predict(self, removed: Iterable[str]) -> float:
-        """Predicted latency (ms, ``QUANTILE`` percentile) of the model without the blocks ``removed`` (ids): base minus their savings."""
+        """Predicted latency (ms, ``QUANTILE`` percentile) without the blocks ``removed`` (ids): base minus their
+        savings."""
         return self.base_ms - sum(self.block_ms[i] for i in removed)
 
     def to_json(self) -> dict:

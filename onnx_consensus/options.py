@@ -45,8 +45,7 @@ def default_criterion(finetuned: bool) -> tuple[str, ...]:
     return FINETUNED_CRITERION if finetuned else DEFAULT_CRITERION
 
 
-LATENCY_CHOICES = ("damage", "latency", "macs")
-"""``--latency-choice``: how a latency target trades damage against time saved (``latency_target.Budget``)."""
+LATENCY_CHOICES = ("damage", "latency", "macs")  # --latency-choice: the trade of latency_target.Budget.pick
 
 FINETUNE_GROUP = "fine-tuning (needs torch: pip install 'onnx-consensus[torch]')"
 GROUP_TITLES = ("input data", "target", "criterion", FINETUNE_GROUP, "output")
@@ -273,14 +272,11 @@ class TargetOptions(_Group):
     target_flops: float | None = option("--target-flops", "remove blocks until at least the fraction F of MACs "
                                         "is gone (e.g. 0.5)", default=None, type=float, metavar="F")
     target_latency: float | None = option("--target-latency", "remove blocks until the written model's measured "
-                                          "latency (batch 1, --threads, --providers) is at most the fraction F of "
-                                          "the original's (e.g. 0.6)", default=None, type=float, metavar="F")
-    target_latency_ms: float | None = option("--target-latency-ms", "remove blocks until the written model's "
-                                             "measured latency is at most T ms", default=None, type=float,
-                                             metavar="T")
-    latency_choice: str = option("--latency-choice", "with a latency target, which block goes each round: damage "
-                                 "(least damage first), latency (damage rank / relative time saved) or macs "
-                                 "(damage rank / relative MACs saved)", default="damage", choices=LATENCY_CHOICES)
+                                          "latency (batch 1) is at most the fraction F of the original's",
+                                          default=None, type=float, metavar="F")
+    target_latency_ms: float | None = option("--target-latency-ms", "... or at most T ms", default=None, type=float)
+    latency_choice: str = option("--latency-choice", "latency target: the block each round: damage (least damage), "
+                                 "latency or macs (rank / relative cost)", default="damage", choices=LATENCY_CHOICES)
     min_agreement: float = option("--min-agreement", "with no target: keep removing while the hold-out fidelity "
                                   "stays >= this: top-1 agreement when the model outputs class scores, else the "
                                   "mean cosine of its float outputs (see --task)", default=0.99, type=float)
@@ -415,10 +411,9 @@ class OutputOptions(_Group):
                                 "computed so far (exit code stays non-zero)", default=False)
     latency: bool = option("--no-latency", "skip the before/after latency measurement", default=True, negate=True)
     latency_runs: int = option("--latency-runs", "timed runs per model for latency", default=20, type=int)
-    quantize: str | None = option("--quantize", "quantize the written model (after pruning and fine-tuning): int8 "
-                                  "(static QDQ, calibrated on --calib), int4 (MatMul weights, MatMulNBits) or fp16; "
-                                  "the summary compares original, quantized, pruned, pruned + quantized "
-                                  "(--remove 0: quantize only)", default=None, choices=tuple(QUANTIZE_FORMATS))
+    quantize: str | None = option("--quantize", "quantize the written model after pruning and fine-tuning: int8 "
+                                  "(static QDQ), int4 (MatMulNBits) or fp16; four rows compared in the summary",
+                                  default=None, choices=tuple(QUANTIZE_FORMATS))
 
 
 GROUPS = (DataOptions, RunOptions, TargetOptions, CriterionOptions, FinetuneConfig, RecoveryOptions, OutputOptions)

@@ -299,15 +299,15 @@ def _run_on_providers(model, data, options: Options) -> Outcome:
     report = report_of(result, latency=latency, finetune=finetune_info)
     report["latency_target"] = latency_target
     if (options.output.report or "").endswith(".html") and result.removals:  # the HTML report's removal curve
-        from .trajectory import removal_curve
+        from .trajectory import run_curve
 
-        report["curve"] = removal_curve(model, [r.block for r in result.removals], data, result.holdout_indices,
-                                        labels=data.labels, batch_size=options.run.batch_size,
-                                        threads=options.run.threads, task=options.criterion.task,
-                                        input_shapes=options.run.input_shapes, latency=options.output.latency,
-                                        fixed=fixed)
+        report["curve"] = run_curve(model, result, data, options, fixed=fixed)
     if options.output.quantize:  # the written model becomes the pruned (fine-tuned) model quantized
-        result.model, report["quantize"] = _quantize(model, result, data, options, fixed)
+        from .variants import quantize_run
+
+        result.model, report["quantize"] = quantize_run(model, result, data, options, fixed=fixed,
+                                                        eval_data=_extra_data(options.recovery.eval, model,
+                                                                              options.data))
     report["seconds"] = round(time.perf_counter() - t_start, 2)
     return Outcome(result.model, result, report, options, latency=latency, finetune=finetune_info,
                    exit_code=exit_code, status=status,
@@ -364,30 +364,6 @@ def _latency(model: onnx.ModelProto, pruned: onnx.ModelProto, sample, options: O
                             "threads": before.threads, "opt_level": before.opt_level, "runs": before.runs,
                             "spinning": before.spinning}
     return latency
-
-
-def _quantize(model: onnx.ModelProto, result: PruneResult, data, options: Options, fixed) -> tuple:
-    """(the pruned model quantized, the report's ``quantize``: the four rows, ``variants.measure_variants``, on
-    the ``--eval`` data when given, else the hold-out; int8 calibrated on the scoring samples)."""
-    from .variants import measure_variants
-
-    batches = [] if not options.output.latency else [fixed] if fixed else sorted({1, options.run.batch_size})
-    score, hold = result.score_indices, result.holdout_indices
-    if hold is None:  # no removable block: the schedule never split the data
-        score = hold = np.arange(data.n_samples)
-        if data.n_samples >= 10 and options.run.holdout > 0:
-            score, hold = data.split(options.run.holdout, seed=options.criterion.seed)
-    measured = _extra_data(options.recovery.eval, model, options.data)  # --eval: the rows on it, whole
-    if measured is not None:
-        hold = np.arange(measured.n_samples)
-    else:
-        measured = data
-    v = measure_variants(model, result.model, options.output.quantize, measured, calib_indices=score,
-                         holdout_indices=hold, labels=measured.labels, calib=data,
-                         batch_size=options.run.batch_size, threads=options.run.threads, task=options.criterion.task,
-                         input_shapes=options.run.input_shapes, latency_batches=batches,
-                         latency_runs=options.output.latency_runs)
-    return v.model, v.to_json()
 
 
 def _finetune(original: onnx.ModelProto, result: PruneResult, calib, options: Options,

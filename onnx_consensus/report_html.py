@@ -60,7 +60,8 @@ def _curve(report: Mapping) -> str:
 
     def tip(p):
         macs = f"; MACs {p['macs']:,}" if p["macs"] is not None else ""
-        return f"{p['removed']} removed" + (f" (last: {p['id']})" if p["id"] else " (original)") + f"; {name} {y(p):.4f}{macs}"
+        last = f" (last: {p['id']})" if p["id"] else " (original)"
+        return f"{p['removed']} removed{last}; {name} {y(p):.4f}{macs}"
     charts = [line_chart({name: [(p["macs"], y(p), tip(p)) for p in curve]}, title=f"{name} against MACs",
                          xlabel="MACs", ylabel=name)]
     if any(p.get("latency_ms") is not None for p in curve):

@@ -19,7 +19,7 @@ from .graph.heads import output_kinds
 from .graph.surgery import remove_blocks
 from .latency_model import QUANTILE, RUNS, round_times
 
-__all__ = ["removal_curve"]
+__all__ = ["removal_curve", "run_curve"]
 
 
 def removal_curve(original: onnx.ModelProto, blocks, data, holdout_indices, *, labels=None, batch_size: int = 64,
@@ -51,3 +51,13 @@ def removal_curve(original: onnx.ModelProto, blocks, data, holdout_indices, *, l
                        "macs": count_cost(model, input_shapes or None).total_macs, "measure": list(fid.measure),
                        "fidelity": fid.to_json(), "accuracy": fid.accuracy, "latency_ms": ms})
     return points
+
+
+def run_curve(model: onnx.ModelProto, result, data, options, *, fixed: int | None = None) -> list[dict]:
+    """``removal_curve`` of a prune run: ``result`` (PruneResult) removals on its hold-out, with ``options``
+    (the run's Options: batch, threads, task, shapes, whether latency is measured)."""
+    run = options.run
+    return removal_curve(model, [r.block for r in result.removals], data, result.holdout_indices,
+                         labels=data.labels, batch_size=run.batch_size, threads=run.threads,
+                         task=options.criterion.task, input_shapes=run.input_shapes,
+                         latency=options.output.latency, fixed=fixed)

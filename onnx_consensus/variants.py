@@ -1,8 +1,8 @@
 """The four models of a ``--quantize`` run, measured side by side in the same run: the original, the original
 quantized, the pruned model (fine-tuned when asked) and the pruned model quantized (the one written).
 
-Each row: fidelity to the original on the hold-out (or the ``--eval`` data) in the output's own terms (``evaluate.fidelity``: top-1
-agreement for class scores, cosine otherwise), accuracy when labels are given, MACs (a quantized model has
+Each row: fidelity to the original on the hold-out (or the ``--eval`` data) in the output's own terms
+(``evaluate.fidelity``: top-1 agreement for class scores, cosine otherwise), accuracy when labels are given, MACs (a quantized model has
 its float source's MACs: quantization changes precision, not the count), bytes of the serialized model (its
 size on disk as one file) and onnxruntime latency p50 in ms at batch 1 and the run's batch, all four models
 timed alternately on the same feed (``bench.measure_latency``).
@@ -87,3 +87,25 @@ def table_lines(variants: dict) -> list[str]:
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     return ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
             for row in table]
+
+
+def quantize_run(model: onnx.ModelProto, result, data, options, *, fixed: int | None = None,
+                 eval_data=None) -> tuple[onnx.ModelProto, dict]:
+    """A prune run's ``--quantize`` step: (the pruned model quantized, the report's ``quantize``). The rows are
+    measured on ``eval_data`` (``--eval``) when given, else on the run's hold-out; int8 is calibrated on the
+    scoring samples. ``result``: the PruneResult (its model pruned and fine-tuned); ``options``: the Options."""
+    run, out = options.run, options.output
+    batches = [] if not out.latency else [fixed] if fixed else sorted({1, run.batch_size})
+    score, hold = result.score_indices, result.holdout_indices
+    if hold is None:  # no removable block: the schedule never split the data
+        score = hold = np.arange(data.n_samples)
+        if data.n_samples >= 10 and run.holdout > 0:
+            score, hold = data.split(run.holdout, seed=options.criterion.seed)
+    measured = data if eval_data is None else eval_data
+    if eval_data is not None:
+        hold = np.arange(eval_data.n_samples)
+    v = measure_variants(model, result.model, out.quantize, measured, calib_indices=score, holdout_indices=hold,
+                         labels=measured.labels, batch_size=run.batch_size, threads=run.threads,
+                         task=options.criterion.task, input_shapes=run.input_shapes, latency_batches=batches,
+                         latency_runs=out.latency_runs, calib=data)
+    return v.model, v.to_json()
