@@ -2,7 +2,7 @@
 
 - ``int8``: static QDQ quantization (``onnxruntime.quantization.quantize_static``) calibrated on the run's own
   calibration batches (MinMax), after ``quant_pre_process`` (shape inference and onnxruntime's basic
-  optimisations); weights int8 per channel, activations uint8 (onnxruntime's CPU default, U8S8). CNNs and
+  optimisations); weights int8 per channel (models below opset 13 converted to it first), activations uint8 (onnxruntime's CPU default, U8S8). CNNs and
   transformers alike: every Conv, MatMul, Gemm, Add ... onnxruntime quantizes gets a QDQ pair.
 - ``int4``: weight-only 4-bit quantization of MatMul weights into ``MatMulNBits`` (com.microsoft; symmetric,
   blocks of 32 along K) with ``onnxruntime.quantization.matmul_nbits_quantizer``: for transformer and LLM
@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import onnx
+import onnx.version_converter
 
 from .errors import InputError
 
@@ -76,12 +77,12 @@ def quantize(model: onnx.ModelProto, fmt: str, data=None, indices=None, *,
 
 @contextlib.contextmanager
 def _quiet():
-    """onnxruntime.quantization logs every node it skips at INFO (and configures the root logger): hold its
-    loggers at WARNING for the call."""
+    """onnxruntime.quantization logs every node it skips at INFO, and routine fallbacks as warnings on the root
+    logger: hold its loggers at ERROR for the call."""
     names = ("onnxruntime.quantization.matmul_nbits_quantizer", "onnxruntime.quantization", "root")
     saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in names]
-    for lg, _ in saved:
-        lg.setLevel(max(lg.level, logging.WARNING))
+    for lg, _ in saved:  # its warnings too (per-channel falling back to per-tensor on a LayerNorm weight)
+        lg.setLevel(max(lg.level, logging.ERROR))
     try:
         yield
     finally:
@@ -111,6 +112,7 @@ def _int8(model: onnx.ModelProto, batches) -> onnx.ModelProto:
     class Reader(_Reader, CalibrationDataReader):
         pass
 
+    model, per_channel = _per_channel_opset(model)
     with tempfile.TemporaryDirectory(prefix="onnx-consensus-q-") as d:
         src, pre, out = (os.path.join(d, n) for n in ("in.onnx", "pre.onnx", "q.onnx"))
         onnx.save_model(model, src)
@@ -118,9 +120,29 @@ def _int8(model: onnx.ModelProto, batches) -> onnx.ModelProto:
             quant_pre_process(src, pre, skip_symbolic_shape=False)
         except Exception:  # symbolic shape inference refuses some graphs: ONNX's alone then
             quant_pre_process(src, pre, skip_symbolic_shape=True)
-        quantize_static(pre, out, Reader(batches), quant_format=QuantFormat.QDQ, per_channel=True,
+        quantize_static(pre, out, Reader(batches), quant_format=QuantFormat.QDQ, per_channel=per_channel,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
         return onnx.load_model(out)
+
+
+PER_CHANNEL_OPSET = 13
+"""Per-channel QDQ needs DequantizeLinear's ``axis``, which the default domain has from opset 13."""
+
+
+def _per_channel_opset(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
+    """(``model`` at an opset that allows per-channel QDQ, whether it does): an older opset is converted to
+    ``PER_CHANNEL_OPSET`` (onnx.version_converter); where that fails, the model as it is, per-tensor."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), PER_CHANNEL_OPSET)
+    if opset >= PER_CHANNEL_OPSET:
+        return model, True
+    try:
+        converted = onnx.version_converter.convert_version(model, PER_CHANNEL_OPSET)
+        onnx.checker.check_model(converted)
+        return converted, True
+    except Exception:  # the converter lacks an adapter for some node: per-tensor scales at the model's opset
+        logging.getLogger("onnx_consensus").warning(
+            "int8: opset %d could not be converted to %d: weights quantized per tensor", opset, PER_CHANNEL_OPSET)
+        return model, False
 
 
 @register_format("int4")
