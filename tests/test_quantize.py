@@ -103,3 +103,41 @@ def test_quantize_alone_writes_four_rows(tmp_path):
     assert rows["pruned + quantized"]["bytes"] < rows["pruned"]["bytes"] / 1.5
     assert rows["pruned + quantized"]["fidelity"]["agreement"] >= 0.85
     assert rows["quantized"]["macs"] == rows["original"]["macs"]
+
+
+def test_int8_old_opset_is_converted_for_per_channel(tmp_path):
+    """A model at opset 11 (DequantizeLinear has no axis there): converted to 13, per-channel scales, same
+    interface, and it runs close to the float model."""
+    from onnx_consensus.quantize import PER_CHANNEL_OPSET
+    from tests.helpers import residual_mlp
+
+    model = residual_mlp(4, 32, opset=11)
+    (tmp_path / "c").mkdir()
+    np.save(tmp_path / "c" / "x.npy", np.random.default_rng(0).standard_normal((32, 32)).astype(np.float32))
+    data = load_calibration(str(tmp_path / "c"), model)
+    q = quantize(model, "int8", data, np.arange(32))
+    assert next(o.version for o in q.opset_import if o.domain == "") == PER_CHANNEL_OPSET
+    assert interface(q) == interface(model)
+    scales = [t for t in q.graph.initializer if t.name.endswith("_scale") and len(t.dims) == 1 and t.dims[0] == 32]
+    assert scales  # a weight's scale per output channel
+    feed = next(data.batches(32))
+    ref, out = _outputs(model, feed), _outputs(q, feed)
+    assert float(np.mean(ref.argmax(1) == out.argmax(1))) >= 0.9
+
+
+def test_quantize_rows_on_eval_data(tmp_path):
+    """--eval: the four rows are measured on all of the eval data (its labels give the accuracy)."""
+    from onnx_consensus.cli import main
+
+    out, rep, ev = tmp_path / "q.onnx", tmp_path / "r.json", tmp_path / "eval"
+    ev.mkdir()
+    np.save(ev / "x.npy", np.load(os.path.join(VIT_CALIB, "calib.npy"))[-40:])
+    np.save(ev / "labels.npy", np.load(os.path.join(VIT_CALIB, "labels.npy"))[-40:])
+    code = main([VIT, str(out), "--calib", VIT_CALIB, "--max-samples", "30", "--remove", "1", "--quantize", "fp16",
+                 "--eval", str(ev), "--report", str(rep), "-q", "--no-latency"])
+    assert code == 0
+    q = json.load(open(rep))["quantize"]
+    assert q["samples"] == 40  # the whole eval folder, not the 6-sample hold-out
+    rows = {r["name"]: r for r in q["rows"]}
+    assert rows["original"]["accuracy"] is not None and rows["original"]["fidelity"]["n"] == 40
+    assert abs(rows["pruned + quantized"]["accuracy"] - rows["pruned"]["accuracy"]) < 0.02  # fp16 ~ float32
