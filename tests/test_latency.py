@@ -133,3 +133,14 @@ def test_target_latency_refuses_other_targets(mixed, capsys):
     assert code == 2
     assert "cannot be combined with --remove" in capsys.readouterr().err
     assert not (mixed / "o2.onnx").exists()
+
+
+def test_inspect_latency_cli(mixed, capsys):
+    assert main(["inspect", str(mixed / "m.onnx"), "--latency", "--threads", "1", "--input-shape", "x:1x128",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["latency"]["block_ms"]) == {"h0", "h1", "h2", "h3"}
+    assert [b["latency_ms"] for b in out["blocks"]] == [out["latency"]["block_ms"][b["id"]] for b in out["blocks"]]
+    assert main(["inspect", str(mixed / "m.onnx"), "--latency", "--threads", "1", "--input-shape", "x:1x128"]) == 0
+    text = capsys.readouterr().out
+    assert "lower quartile" in text and "      ms" in text
