@@ -21,7 +21,7 @@ CSS = """body{font-family:sans-serif;margin:24px;max-width:1100px;color:#222}
 h1{font-size:22px}h2{font-size:18px;border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:28px}
 table{border-collapse:collapse;font-size:13px;margin:8px 0}td,th{border:1px solid #ccc;padding:3px 7px}
 th{background:#f3f3f3}td.n{text-align:right;font-variant-numeric:tabular-nums}pre{background:#f7f7f7;
-padding:10px;overflow-x:auto;font-size:12px}.charts{display:flex;flex-wrap:wrap;gap:12px}code{font-size:12px}"""
+padding:10px;white-space:pre-wrap;font-size:12px}.charts{display:flex;flex-wrap:wrap;gap:12px}code{font-size:12px}"""
 
 
 def _table(head: list[str], rows: list[list], numeric_from: int = 1) -> str:
@@ -96,8 +96,9 @@ def _quantize(report: Mapping) -> str:
     batches = list(q["rows"][0]["latency_ms"]) if q["rows"] else []
     rows = [[r["name"], r["fidelity"].get("agreement"), r["fidelity"].get("cosine"), r["accuracy"], r["macs"],
              r["bytes"], *[r["latency_ms"][b] for b in batches]] for r in q["rows"]]
+    where = "the --eval data" if (report.get("options") or {}).get("eval") else "the hold-out"
     return (f"<p>Format <b>{escape(q['format'])}</b>; the {escape(q['written'])} model is the one written. Fidelity "
-            "to the original on the hold-out.</p>"
+            f"to the original on {where} ({q.get('samples')} samples).</p>"
             + _table(["model", "top-1 agreement", "cosine", "accuracy", "MACs", "bytes",
                       *[f"p50 ms, batch {b}" for b in batches]], rows))
 
