@@ -4,9 +4,10 @@ against time saved.
 The schedule (``pruner.prune``) removes blocks until the removed blocks' predicted savings
 (``latency_model.LatencyModel``) reach what the target needs; then the written model is measured beside the
 original (the latency model's statistic, the same batch, threads and providers) and must meet both the
-fraction of that measurement of the original and the target computed from the latency model. When the measurement misses
-the target, the schedule runs again from the original with the shortfall added to what must be saved (the
-iterative schedule is deterministic: the same removals come first), at most ``ATTEMPTS`` times.
+fraction of that measurement of the original and the target computed from the latency model. When it
+misses, the schedule runs again from the original with the shortfall added to what must be saved, and at
+least one block more than before (the iterative schedule is deterministic: the same removals come first), at
+most ``ATTEMPTS`` times.
 
 Latency is measured at batch 1, or the model's fixed batch: the latency a deployment waits for one request.
 
@@ -134,6 +135,9 @@ def prune_to_latency(model: onnx.ModelProto, data, options, *, fixed: int | None
         info.update(measured_ms=got, original_ms=base, goal_ms=goal, met=got <= goal)
         if got <= goal:
             return result, info
-        extra += got - goal
+        # the shortfall, and at least one more block: a re-run that only matched the saving already predicted
+        # would remove the same blocks and miss by the same hair
+        saved = lm.base_ms - lm.predict(result.removed_ids)
+        extra = max(extra + got - goal, saved - (lm.base_ms - target_ms) + 1e-9)
     raise TargetError(f"latency target {goal:.3f} ms not met after {ATTEMPTS} attempts: the written model "
                       f"measured {got:.3f} ms with {len(result.removals)} blocks removed (original {base:.3f} ms)")
