@@ -17,6 +17,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar, Literal
 
 from .errors import InputError
+from .quantize import FORMATS as QUANTIZE_FORMATS
 
 PAPER_METRICS = ("cka", "gaussian_stochastic_0", "gaussian_stochastic_1", "gaussian_stochastic_2",
                  "permutation", "linear_0", "linear_1", "wasserstein")
@@ -43,6 +44,8 @@ def default_criterion(finetuned: bool) -> tuple[str, ...]:
     ``DEFAULT_CRITERION``."""
     return FINETUNED_CRITERION if finetuned else DEFAULT_CRITERION
 
+
+LATENCY_CHOICES = ("damage", "latency", "macs")  # --latency-choice: the trade of latency_target.Budget.pick
 
 FINETUNE_GROUP = "fine-tuning (needs torch: pip install 'onnx-consensus[torch]')"
 GROUP_TITLES = ("input data", "target", "criterion", FINETUNE_GROUP, "output")
@@ -283,6 +286,12 @@ class TargetOptions(_Group):
     remove: int | None = option("--remove", "remove N blocks", default=None, type=int, metavar="N")
     target_flops: float | None = option("--target-flops", "remove blocks until at least the fraction F of MACs "
                                         "is gone (e.g. 0.5)", default=None, type=float, metavar="F")
+    target_latency: float | None = option("--target-latency", "remove blocks until the written model's measured "
+                                          "latency (batch 1) is at most the fraction F of the original's",
+                                          default=None, type=float, metavar="F")
+    target_latency_ms: float | None = option("--target-latency-ms", "... or at most T ms", default=None, type=float)
+    latency_choice: str = option("--latency-choice", "latency target: the block each round: damage (least damage), "
+                                 "latency or macs (rank / relative cost)", default="damage", choices=LATENCY_CHOICES)
     min_agreement: float = option("--min-agreement", "with no target: keep removing while the hold-out fidelity "
                                   "stays >= this, in the task's terms (detections kept, top-1 agreement, mask IoU, "
                                   "equal strings, cosine, standardised fidelity: the lowest over the outputs; see "
@@ -432,6 +441,9 @@ class OutputOptions(_Group):
                                 "computed so far (exit code stays non-zero)", default=False)
     latency: bool = option("--no-latency", "skip the before/after latency measurement", default=True, negate=True)
     latency_runs: int = option("--latency-runs", "timed runs per model for latency", default=20, type=int)
+    quantize: str | None = option("--quantize", "quantize the written model after pruning and fine-tuning: int8 "
+                                  "(static QDQ), int4 (MatMulNBits) or fp16; four rows compared in the summary",
+                                  default=None, choices=tuple(QUANTIZE_FORMATS))
 
 
 GROUPS = (DataOptions, RunOptions, TargetOptions, CriterionOptions, FinetuneConfig, RecoveryOptions, OutputOptions)

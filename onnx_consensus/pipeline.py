@@ -224,13 +224,15 @@ def _run_on_providers(model, data, options: Options) -> Outcome:
         if finetuning or between:
             raise InputError("fine-tuning a bfloat16 model is not supported (onnxruntime's CPU provider cannot "
                              "run it as the teacher): prune without fine-tuning, or convert it to float32 first")
+        if options.output.quantize:
+            raise InputError("--quantize needs a float32 model: onnxruntime cannot run a bfloat16 one")
         _warn(warnings, "bfloat16 model: onnxruntime's CPU provider cannot run it, so a float32 copy is scored and "
                         "pruned; the output is written in bfloat16 (checked by onnx.checker only; no latency)")
         model = float32_shadow(original)
     if (finetuning or between) and quantized_ops(original):
         raise InputError(finetune_refusal(quantized_ops(original)))
     nothing = _no_removable_block(source, model, options)
-    if nothing is not None:  # said before any data is read or any inference runs
+    if nothing is not None and not options.output.quantize:  # said before any data is read or inference runs
         return nothing
     data = _calibration(data, original, options.data)
     fixed = getattr(data, "fixed_batch", None)
@@ -279,8 +281,14 @@ def _run_on_providers(model, data, options: Options) -> Outcome:
     if scoring.feature and finetuning and ft.feature_mse > 0 and _output_only(scoring.metrics):
         scoring = replace(scoring, feature=None)  # --feature is the fine-tuning's feature MSE tensor, not scored
     try:
-        result = schedule(model, data, criterion=scoring, target=options.target, run=options.run,
-                          between=hook)
+        if options.target.target_latency is not None or options.target.target_latency_ms is not None:
+            from .latency_target import prune_to_latency
+
+            result, latency_target = prune_to_latency(model, data, replace(options, criterion=scoring), fixed=fixed,
+                                                      between=hook, axes=getattr(data, "batch_axes", {}))
+        else:
+            result, latency_target = schedule(model, data, criterion=scoring, target=options.target,
+                                              run=options.run, between=hook), None
     except PruneFailed as exc:
         failure = exc
     if failure is not None:
@@ -306,13 +314,25 @@ def _run_on_providers(model, data, options: Options) -> Outcome:
         if exit_code:
             status = "finetune interrupted" if exit_code == 130 else "finetune failed"
     report = report_of(result, latency=latency, finetune=finetune_info)
+    report["latency_target"] = latency_target
+    if (options.output.report or "").endswith(".html") and result.removals:  # the HTML report's removal curve
+        from .trajectory import run_curve
+
+        report["curve"] = run_curve(model, result, data, options, fixed=fixed)
+    if options.output.quantize:  # the written model becomes the pruned (fine-tuned) model quantized
+        from .variants import quantize_run
+
+        result.model, report["quantize"] = quantize_run(model, result, data, options, fixed=fixed,
+                                                        eval_data=_extra_data(options.recovery.eval, model,
+                                                                              options.data))
     report["seconds"] = round(time.perf_counter() - t_start, 2)
     keep = bool(result.removals) and not _too_small(result, options, warnings)
     if result.removals and not keep:
         status = "saves too little"
     report.update(small_saving=result.small_saving, memory=memory)
     return Outcome(result.model, result, report, options, latency=latency, finetune=finetune_info,
-                   exit_code=exit_code, status=status, write=keep or options.output.force_write,
+                   exit_code=exit_code, status=status,
+                   write=keep or options.output.force_write or bool(options.output.quantize),
                    check_feed=check_feed, external=source.external, warnings=warnings)
 
 
@@ -481,7 +501,15 @@ def write(outcome: Outcome, out_path: str | os.PathLike) -> Written:
 
 
 def write_report(report: dict, path: str) -> str:
-    """Write the JSON report to ``path`` (atomic: ``io.write_json_atomic``). Returns the path."""
+    """Write the JSON report to ``path`` (atomic: ``io.write_json_atomic``); for ``.html``, the HTML report
+    there and the JSON beside it (``.json``). Returns the path."""
+    if path.endswith(".html"):
+        import json
+
+        from .report_html import write_html
+
+        write_report(report, path[: -len(".html")] + ".json")
+        return write_html(json.loads(json.dumps(report, default=_jsonable)), path)
     return write_json_atomic(path, report, default=_jsonable)
 
 

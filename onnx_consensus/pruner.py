@@ -143,7 +143,7 @@ def _validate(criterion: CriterionOptions, target: TargetOptions, blocks: dict[s
 def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = None,
           target: TargetOptions | None = None, run: RunOptions | None = None,
           labels: np.ndarray | None = None,
-          between: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None) -> PruneResult:
+          between: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None, budget=None) -> PruneResult:
     """Remove residual blocks from ``model`` chosen by the criterion until the target is met.
 
     data: a CalibrationData (``load_calibration``). labels: optional (n,) class ids for the Gaussian metrics'
@@ -151,7 +151,8 @@ def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = 
     removal but the last (e.g. a short fine-tune), its result is scored next. Raises TargetError when a
     block count or MACs target cannot be met; a failure midway (onnxruntime, an interrupt, ``between``)
     raises PruneFailed, whose ``partial`` holds the removals and scores done so far and whose
-    ``__cause__`` is the failure.
+    ``__cause__`` is the failure. budget: a ``latency_target.Budget`` (a latency target): the schedule stops
+    when it is met and asks it which block goes next.
     """
     criterion, target, run = criterion or CriterionOptions(), target or TargetOptions(), run or RunOptions()
     labels = data.labels if labels is None else labels
@@ -186,7 +187,7 @@ def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = 
     reference = reference_outputs(model, data, hold_idx, batch_size=run.batch_size, threads=run.threads,
                                   names=plan.outputs or None)
     kinds = plan if plan.outputs else None  # fidelity per head, in the task's own terms
-    auto = target.remove is None and target.target_flops is None
+    auto = target.remove is None and target.target_flops is None and budget is None
     result.notes = _blind_notes(model, plan, reference, target.min_agreement if auto and not target.plan else None)
     # Output-level metrics compare with the ORIGINAL model's outputs, computed once here for every round.
     score_reference = None
@@ -214,7 +215,7 @@ def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = 
             order: list[str] = []
             round_no = 0
             while True:
-                if _target_met(target, removed, total):
+                if _target_met(target, removed, total, budget):
                     result.stop_reason = "target met"
                     break
                 stage_left = _stage_counts(originals.values(), removed)
@@ -243,7 +244,8 @@ def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = 
                     order = rnd.order + [i for i in order if i not in rescored]
                 eligible_ids = {b.id for b in eligible}
                 ranked = cost_aware_order(order, {i: originals[i].macs for i in order}, total) if auto else order
-                pick_id = next(i for i in ranked if i in eligible_ids)
+                pick_id = (budget.pick(ranked, eligible_ids) if budget else
+                           next(i for i in ranked if i in eligible_ids))
                 # Remove from the current model (its blocks keep their original ids), so weights fine-tuned
                 # between removals carry over.
                 candidate = remove_blocks(current, [current_blocks[pick_id]])
@@ -258,16 +260,17 @@ def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = 
                 result.model = current
                 round_no += 1
                 log.info("removed %s (round %d)", pick_id, round_no)
-                if between is not None and not _target_met(target, removed, total):
+                if between is not None and not _target_met(target, removed, total, budget):
                     current = between(current)
                     result.model = current
     except (Exception, KeyboardInterrupt) as exc:
         result.stop_reason = f"stopped by {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         raise PruneFailed(result, exc) from exc
-    if not target.plan and not auto and not _target_met(target, removed, total):
+    if not target.plan and not auto and not _target_met(target, removed, total, budget):
         # not a failure midway: the schedule ran to its end (exit 3, nothing written, even with --keep-partial)
         got = _macs_fraction(removed, total)
-        want = f"{target.remove} blocks" if target.remove is not None else f"{target.target_flops:.1%} of MACs"
+        want = f"{target.remove} blocks" if target.remove is not None else f"{target.target_flops:.1%} of MACs" \
+            if budget is None else f"latency ({budget.text(result.removed_ids)})"
         raise TargetError(report.refusal or f"target {want} cannot be met: only {len(removed)} block(s) removable "
                           f"({got:.1%} of MACs) with keep-per-stage={target.keep_per_stage} and the "
                           f"--only/--exclude choices")
@@ -305,7 +308,9 @@ def _macs_fraction(removed: Sequence[Block], total: int | None) -> float:
     return sum(b.macs or 0 for b in removed) / total
 
 
-def _target_met(target: TargetOptions, removed: Sequence[Block], total: int | None) -> bool:
+def _target_met(target: TargetOptions, removed: Sequence[Block], total: int | None, budget=None) -> bool:
+    if budget is not None:
+        return budget.met([b.id for b in removed])
     if target.remove is not None:
         return len(removed) >= target.remove
     if target.target_flops is not None:

@@ -12,6 +12,9 @@ from . import __version__
 from .pruner import PruneResult
 
 METADATA_KEY = "onnx_consensus.report"
+SCHEMA_VERSION = 2
+"""The JSON report's ``schema_version`` (docs/REPORT_SCHEMA.md): 1 the reports before it had one, 2 adds
+``schema_version``, ``latency_target``, ``quantize`` and ``curve``."""
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -51,6 +54,7 @@ def build_report(result: PruneResult, *, options: Mapping, input_path: str | Non
         d["round"] = k
         rounds.append(d)
     return {
+        "schema_version": SCHEMA_VERSION,
         "tool": "onnx-consensus",
         "version": __version__,
         "input": {"path": input_path, "sha256": input_sha256},
@@ -216,4 +220,20 @@ def summary_table(report: Mapping) -> str:
         lines.append(f"Note: {note}")
     if report.get("collapse"):
         lines.append(f"Warning: {report['collapse']}")
+    lt = report.get("latency_target")
+    if lt:
+        goal = (f"the lower of {lt['fraction']:g} x the original's {lt['original_ms']:.3f} ms timed beside it and "
+                f"{lt['target_ms']:.3f} ms from the latency model" if lt.get("fraction") is not None
+                else "--target-latency-ms")
+        lines += ["", f"Latency of the written model at batch {lt['batch_size']}: {lt['measured_ms']:.3f} ms measured "
+                      f"against the target {lt['goal_ms']:.3f} ms ({goal}; {lt['statistic']}): "
+                      + ("met" if lt["met"] else "NOT met")
+                      + (f" after {len(lt['attempts'])} attempts" if len(lt["attempts"]) > 1 else "")]
+    if report.get("quantize"):
+        from .variants import table_lines
+
+        q = report["quantize"]
+        where = "the --eval data" if (report.get("options") or {}).get("eval") else "the hold-out"
+        lines += ["", f"--quantize {q['format']}: fidelity to the original on {where} ({q.get('samples')} samples), "
+                      f"the {q['written']} model written"] + ["  " + ln for ln in table_lines(q)]
     return "\n".join(lines)

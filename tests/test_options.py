@@ -72,6 +72,10 @@ SAMPLES = {
     "keep_partial": (["--keep-partial"], True),
     "no_latency": (["--no-latency"], False),
     "latency_runs": (["--latency-runs", "4"], 4),
+    "quantize": (["--quantize", "fp16"], "fp16"),
+    "target_latency": (["--target-latency", "0.6"], 0.6),
+    "target_latency_ms": (["--target-latency-ms", "2.5"], 2.5),
+    "latency_choice": (["--latency-choice", "macs"], "macs"),
     "providers": (["--providers", "cuda,cpu"], ("cuda", "cpu")),
     "amp": (["--amp", "bf16"], "bf16"),
 }

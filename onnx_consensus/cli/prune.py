@@ -49,6 +49,11 @@ def _prune_decoder(args, options: Options) -> int:
     from ..errors import InputError
     from ..llm.run import prune_decoder, summary, write_decoder
 
+    t = options.target
+    if options.output.quantize or t.target_latency is not None or t.target_latency_ms is not None:
+        raise InputError("--quantize and --target-latency are not supported for decoder LLMs with a KV cache yet: "
+                         "prune with --remove N, then quantize with onnxruntime-genai's builder (-p int4)")
+
     out = os.path.abspath(args.output)
     if os.path.isdir(args.input):
         if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
