@@ -163,6 +163,10 @@ def channel_axis(ndim: int) -> int | None:
     return ndim - 1 if ndim <= 3 else 1
 
 
+CHUNK_ROWS = 1 << 15
+"""Rows (positions x channels) summed in float64 at a time by ``ChannelMeasure``: maps stay in their dtype."""
+
+
 class ChannelMeasure(Measure):
     """Per-channel standardised error of one output (see the module docstring)."""
 
@@ -173,7 +177,7 @@ class ChannelMeasure(Measure):
         self.sums: np.ndarray | None = None  # (3, C): sum, sum of squares of the original, SSE
 
     def add(self, ref, out) -> None:
-        r, o = np.asarray(ref[self.name], np.float64), np.asarray(out[self.name], np.float64)
+        r, o = np.asarray(ref[self.name]), np.asarray(out[self.name])  # float64 a chunk at a time, below
         self.n += len(r) if r.ndim else 1
         self.add_arrays(r, o)
 
@@ -186,7 +190,13 @@ class ChannelMeasure(Measure):
             r, o = r.reshape(-1, r.shape[-1]), o.reshape(-1, o.shape[-1])
         if self.channels is not None:
             r, o = r[:, self.channels], o[:, self.channels]
-        part = np.stack([r.sum(0), np.square(r).sum(0), np.square(o - r).sum(0), np.full(r.shape[1], len(r))])
+        part = np.zeros((4, r.shape[1]))
+        part[3] = len(r)
+        for k in range(0, len(r), CHUNK_ROWS):  # float64 sums without a float64 copy of the whole map
+            rc, oc = r[k:k + CHUNK_ROWS].astype(np.float64), o[k:k + CHUNK_ROWS].astype(np.float64)
+            part[0] += rc.sum(0)
+            part[1] += np.square(rc).sum(0)
+            part[2] += np.square(oc - rc).sum(0)
         if self.sums is None:
             self.sums = part
         elif self.sums.shape == part.shape:  # a batch whose channel count differs is left out
