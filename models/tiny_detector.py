@@ -158,3 +158,20 @@ def export_onnx(model: TinyDetector, path: str, opset: int = 17) -> None:
     axes = {"images": {0: "batch"}, **{k: {0: "batch"} for k in names}}
     torch.onnx.export(model, (x,), path, input_names=["images"], output_names=names, dynamic_axes=axes,
                       opset_version=opset, do_constant_folding=True, dynamo=False)
+    with torch.no_grad():
+        y = model(x)
+    static_output_dims(path, [tuple(o.shape[1:]) for o in (y if isinstance(y, tuple) else (y,))])
+
+
+def static_output_dims(path: str, dims: list[tuple[int, ...]]) -> None:
+    """Write the outputs' non-batch dims as numbers (the exporter leaves them symbolic after the Concat), as
+    Ultralytics' export has them: (batch, 4 + C, A), (batch, A, 4), (batch, A, C)."""
+    import onnx
+
+    m = onnx.load(path)
+    for out, ds in zip(m.graph.output, dims):
+        for d, v in zip(out.type.tensor_type.shape.dim[1:], ds):
+            d.Clear()
+            d.dim_value = int(v)
+    onnx.checker.check_model(m, full_check=True)
+    onnx.save(m, path)
