@@ -61,7 +61,7 @@ class C2f(nn.Module):
         self.m = nn.ModuleList(Bottleneck(self.c, shortcut) for _ in range(n))
 
     def forward(self, x):
-        y = list(self.cv1(x).chunk(2, 1))
+        y = list(self.cv1(x).split((self.c, self.c), 1))  # Ultralytics' forward_split: exports as one Split
         y.extend(m(y[-1]) for m in self.m)
         return self.cv2(torch.cat(y, 1))
 
@@ -160,7 +160,43 @@ def export_onnx(model: TinyDetector, path: str, opset: int = 17) -> None:
                       opset_version=opset, do_constant_folding=True, dynamo=False)
     with torch.no_grad():
         y = model(x)
+    chunks_to_split(path)
     static_output_dims(path, [tuple(o.shape[1:]) for o in (y if isinstance(y, tuple) else (y,))])
+
+
+def chunks_to_split(path: str) -> None:
+    """Replace each pair of Slice nodes that ``Tensor.chunk(2, 1)`` exports with a dynamic batch (Shape, Gather,
+    Add, Div, Mul computing the bounds) by the equivalent Split (axis 1, two equal halves), as the C2f of an
+    Ultralytics export has it, so that shape inference knows the halves' shapes. models/yolo8_fmnist.onnx was
+    exported by the chunk version of C2f and rewritten so; the split version exports a Split directly."""
+    import numpy as np
+    import onnx
+    import onnx_graphsurgeon as gs
+
+    graph = gs.import_onnx(onnx.load(path))
+    slices: dict[str, list] = {}
+    for node in graph.nodes:
+        if node.op == "Slice" and len(node.inputs) == 4:
+            slices.setdefault(node.inputs[0].name, []).append(node)
+    changed = False
+    for pair in slices.values():
+        if len(pair) != 2:
+            continue
+        first, second = sorted(pair, key=lambda n: n.name)  # "/m/Slice" (lower half), "/m/Slice_1" (upper)
+        data = first.inputs[0]
+        conv = data.inputs[0].inputs[0].inputs[0] if data.inputs and data.inputs[0].op == "Mul" else None
+        if conv is None or conv.op != "Conv":
+            continue
+        half = int(conv.inputs[1].values.shape[0]) // 2
+        split = gs.Constant(f"{first.name}_split_sizes", np.array([half, half], np.int64))
+        outs = [first.outputs[0], second.outputs[0]]
+        first.outputs.clear()
+        second.outputs.clear()
+        graph.nodes.append(gs.Node("Split", f"{first.name}_as_split", {"axis": 1}, [data, split], outs))
+        changed = True
+    if changed:
+        graph.cleanup().toposort()
+        onnx.save(gs.export_onnx(graph), path)
 
 
 def static_output_dims(path: str, dims: list[tuple[int, ...]]) -> None:

@@ -7,7 +7,8 @@ text regions kept). Runs per detector:
 
 * ``remove1``, ``remove2``: ``--remove 1`` / ``--remove 2``;
 * ``default``: no target (the tool's own fidelity budget decides);
-* ``only:ID``: each block removed alone (``--only ID --remove 1``);
+* ``only:ID``: each block removed alone (``--only ID --remove 1 --keep-per-stage 0``, so that a stage's last
+  block can be measured too);
 * ``distill``: ``--remove 2 --finetune-epochs 1`` (distillation on the calibration data, no labels).
 
 A run "claims fine" when it exits 0, writes a model and reports no collapse. A run is a FALSE CLAIM when it
@@ -171,7 +172,7 @@ def plan(blocks: list[str], runs: tuple[str, ...]) -> list[tuple[str, tuple[str,
         elif r == "default":
             out.append(("default", ()))
         elif r == "single":
-            out += [(f"only:{b}", ("--only", b, "--remove", "1")) for b in blocks]
+            out += [(f"only:{b}", ("--only", b, "--remove", "1", "--keep-per-stage", "0")) for b in blocks]
         elif r == "distill":
             out.append(("distill", ("--remove", "2", "--finetune-epochs", "1")))
         else:
