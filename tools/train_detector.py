@@ -13,9 +13,9 @@ box centre; the smallest box wins); class loss BCE with the IoU of the predicted
 schedule with warm-up. The number of steps is estimated from the first timed steps to fit the budget.
 
 Writes the .onnx (BN folded, classic exporter, opset 17, dynamic batch), its recipe .json (mAP@0.5 against the
-ground truth on 500 scenes of Fashion-MNIST test items, onnxruntime), and two folders of letterboxed test-item
-scenes as 128x128 PNGs (exact model input at the tool's default image scaling /255): examples/NAME_calib and
-examples/NAME_eval (64 each; boxes and classes in boxes.json).
+ground truth on 500 scenes of Fashion-MNIST test items, onnxruntime), and (once, shared by both layouts) two
+folders of letterboxed test-item scenes as 128x128 PNGs (exact model input at the tool's default image scaling
+/255): examples/yolo8_fmnist_calib and examples/yolo8_fmnist_eval (64 each; boxes and classes in boxes.json).
 """
 from __future__ import annotations
 
@@ -190,9 +190,11 @@ def main(argv=None) -> int:
     test_items, test_labels = load_fmnist("test")
     ex, eb, ec = ds.scene_batch(np.random.default_rng(10_000), test_items, test_labels, 500, SIZE)
     result = evaluate(str(out), args.layout, ex, eb, ec)
-    for split, seed in (("calib", 20_000), ("eval", 30_000)):
-        x, b, c = ds.scene_batch(np.random.default_rng(seed), test_items, test_labels, 64, SIZE)
-        write_folder(REPO / "examples" / f"{name}_{split}", x, b, c)
+    for split, seed in (("calib", 20_000), ("eval", 30_000)):  # the same scenes for every layout
+        folder = REPO / "examples" / f"yolo8_fmnist_{split}"
+        if not (folder / "boxes.json").is_file():
+            x, b, c = ds.scene_batch(np.random.default_rng(seed), test_items, test_labels, 64, SIZE)
+            write_folder(folder, x, b, c)
     recipe = {"model": f"models/{name}.onnx", "layout": args.layout, "dfl": not args.plain, "input": [1, 3, SIZE, SIZE],
               "classes": 10, "test_scenes": 500, **result, "train_steps": step, "train_scenes_seen": seen,
               "train_seconds": round(train_s, 1), "batch_size": args.batch_size, "lr": args.lr,
@@ -202,7 +204,7 @@ def main(argv=None) -> int:
               "data": "tools/det_scenes.py scenes of Fashion-MNIST train items, letterboxed to 128 (grey 114)",
               "final_loss": round(float(np.mean(losses[-50:])), 4), "seed": args.seed, "threads": 1,
               "torch_version": torch.__version__, "onnx_opset": 17, "bn_folded": True,
-              "calib": f"examples/{name}_calib", "eval": f"examples/{name}_eval",
+              "calib": "examples/yolo8_fmnist_calib", "eval": "examples/yolo8_fmnist_eval",
               "command": "python -m tools.train_detector " + shlex.join(sys.argv[1:] if argv is None else argv)}
     (REPO / "models" / f"{name}.json").write_text(json.dumps(recipe, indent=2) + "\n")
     print(json.dumps(result))
