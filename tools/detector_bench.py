@@ -151,11 +151,13 @@ def one_run(spec: DetectorSpec, model: Path, calib: Path, eval_dir: Path, ref_de
 
 
 def code_version() -> str:
-    """The checkout's HEAD and whether the package has uncommitted changes (rows are cached per version)."""
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
+    """The package's code version: the git tree hash of onnx_consensus/ at HEAD (commits that touch only tools or
+    docs keep it), "+dirty" when the package has uncommitted changes. Rows are cached per version."""
+    tree = subprocess.run(["git", "rev-parse", "--short", "HEAD:onnx_consensus"], cwd=REPO, capture_output=True,
+                          text=True).stdout
     dirty = subprocess.run(["git", "status", "--porcelain", "onnx_consensus"], cwd=REPO, capture_output=True,
                            text=True).stdout.strip()
-    return head.strip() + ("+dirty" if dirty else "")
+    return "pkg-" + tree.strip() + ("+dirty" if dirty else "")
 
 
 RUNS = ("remove1", "remove2", "default", "single", "distill")
