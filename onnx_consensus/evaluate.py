@@ -1,8 +1,10 @@
 """Output fidelity and accuracy of a model against the original, on streamed data.
 
-Fidelity is measured in each output's own terms (``graph.heads.output_kinds``): for every float output the
-mean over samples of the cosine between the output and the reference (each sample's output flattened) and
-the mean relative error; top-1 agreement only for class scores.
+Fidelity is measured in the task's own terms, per head of the output plan (``kinds``: detections kept for
+detectors, mask IoU for text maps, equal strings for CTC, top-1 agreement for class scores, cosine for
+embeddings, per-channel standardised fidelity for other values, or the user's --fidelity function); the
+budget, the collapse warning and the summary read the head with the lowest value (the user's function when
+given). For every float output the mean per-sample cosine and relative error are kept too (the report).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import numpy as np
 import onnx
 
 from .batching import counted_batches, per_sample
+from .kinds import HeadResult, OutputPlan, plan_from_kinds
 from .runtime import make_session
 
 CLASS_SCORES = "class scores"
@@ -54,17 +57,34 @@ class Fidelity:
     cosine: float | None = None
     kind: str = "generic"
     outputs: list[OutputFidelity] = field(default_factory=list)
+    heads: list[HeadResult] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        out = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.__dict__.items() if k != "outputs"}
+        skip = ("outputs", "heads")
+        out = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.__dict__.items() if k not in skip}
         out["outputs"] = [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(o).items()}
                           for o in self.outputs]
+        out["heads"] = [h.to_json() for h in self.heads]
+        deciding = self.deciding
+        out["measure"] = {"name": deciding.measure, "value": round(deciding.value, 6),
+                          "text": deciding.text} if deciding else None
         return out
 
     @property
+    def deciding(self) -> HeadResult | None:
+        """The head the budget reads: the user's --fidelity when given, else the lowest value (first on ties)."""
+        if not self.heads:
+            return None
+        if self.heads[0].kind == "custom":
+            return self.heads[0]
+        return min(self.heads, key=lambda h: h.value)
+
+    @property
     def measure(self) -> tuple[str, float]:
-        """The budget's measure: ("agreement", top-1 agreement) for class scores, else ("cosine", mean
-        cosine); ("relative error", ...) only when no cosine was measured."""
+        """The budget's measure: (name, value) of the deciding head (``deciding``: e.g. ("detections kept",
+        0.39), ("agreement", 0.97)); without heads, top-1 agreement, else mean cosine, else relative error."""
+        if self.deciding is not None:
+            return self.deciding.measure, self.deciding.value
         if self.agreement is not None:
             return "agreement", self.agreement
         if self.cosine is not None:
@@ -86,8 +106,16 @@ class Fidelity:
         return f"{name} {value:.4f} {'>=' if self.meets(min_agreement) else '<'} {min_agreement:g}"
 
     def collapse(self) -> str | None:
-        """A plain sentence when the outputs collapsed (agreement < 0.5 for class scores, else mean cosine
-        < 0.9), else None."""
+        """A plain sentence when the outputs collapsed (a head's value under its kind's collapse level:
+        detections kept, agreement, mask IoU, equal strings, standardised fidelity or the user's measure
+        < 0.5, embedding cosine < 0.9), else None."""
+        if self.heads:
+            custom = self.heads[0] if self.heads[0].kind == "custom" else None
+            for h in [custom] if custom else self.heads:
+                if h.collapsed():
+                    what = "top-1 agreement" if h.measure == "agreement" else h.measure
+                    return f"{what} {h.value:.4f} < {h.collapse}"
+            return None
         if self.agreement is not None:
             if self.agreement < COLLAPSE_AGREEMENT:
                 return f"top-1 agreement {self.agreement:.4f} < {COLLAPSE_AGREEMENT}"
@@ -161,12 +189,15 @@ def _class_rows(a: np.ndarray) -> np.ndarray | None:
     return a.reshape(-1, a.shape[-1])
 
 
-def compare(out, reference, labels: np.ndarray | None = None, *, kinds: Mapping[str, str] | str | None = None
-            ) -> Fidelity:
+def compare(out, reference, labels: np.ndarray | None = None, *,
+            kinds: OutputPlan | Mapping[str, str] | str | None = None) -> Fidelity:
     """Fidelity of outputs against reference outputs: arrays (first axis = samples), matching lists of
-    per-batch arrays, or lists of per-batch {output name: array}. ``kinds``: {name: kind} for dicts (every
-    name compared, the first one is "the first output"), or one kind for arrays; None: arrays of shape
-    (N, classes) count as class scores (the behaviour before output kinds)."""
+    per-batch arrays, or lists of per-batch {output name: array}. ``kinds``: the OutputPlan, or {name: kind}
+    for dicts (every name compared, the first one is "the first output"), or one kind for arrays; None:
+    arrays of shape (N, classes) count as class scores (the behaviour before output kinds)."""
+    plan = kinds if isinstance(kinds, OutputPlan) else None
+    if plan is not None:
+        kinds = plan.kinds
     outs = out if isinstance(out, list) else [out]
     refs = reference if isinstance(reference, list) else [reference]
     if refs and isinstance(refs[0], dict):
@@ -212,4 +243,19 @@ def compare(out, reference, labels: np.ndarray | None = None, *, kinds: Mapping[
         if len(labels) == len(p_out):
             acc, ref_acc = float(np.mean(p_out == labels)), float(np.mean(p_ref == labels))
     cosine = float(np.mean([o.cosine for o in per_output]))
-    return Fidelity(n, first_agree, float(np.mean(first_rel)), acc, ref_acc, cosine, per_output[0].kind, per_output)
+    if plan is None:
+        plan = plan_from_kinds({str(nm) if nm is not None else "output": o.kind for nm, o in zip(names, per_output)})
+    key = {nm: (str(nm) if nm is not None else "output") for nm in names}
+    return Fidelity(n, first_agree, float(np.mean(first_rel)), acc, ref_acc, cosine, per_output[0].kind, per_output,
+                    _head_results(plan, [{key[k]: v for k, v in o.items() if k in key} for o in outs],
+                                  [{key[k]: v for k, v in r.items() if k in key} for r in refs]))
+
+
+def _head_results(plan: OutputPlan, outs: list[dict], refs: list[dict]) -> list[HeadResult]:
+    """Every measure of ``plan`` over the batches (per-batch {output: (samples, ...)})."""
+    measures = plan.measures()
+    for o, r in zip(outs, refs):
+        for m in measures:
+            wanted = m.head.outputs
+            m.add({k: np.asarray(r[k]) for k in wanted}, {k: np.asarray(o[k]) for k in wanted})
+    return [m.result() for m in measures]

@@ -143,11 +143,10 @@ class _Group:
             name = dest(m["same_as"] or m["flag"])
             if hasattr(ns, name):
                 value = getattr(ns, name)
-                if m["same_as"] is None:
-                    if m["negate"]:
-                        value = not value
-                    if m["convert"] is not None:
-                        value = m["convert"](value)
+                if m["same_as"] is None and m["negate"]:
+                    value = not value
+                if m["convert"] is not None:
+                    value = m["convert"](value)
                 kw[f.name] = value
             elif m["cli_default"] is not MISSING:
                 kw[f.name] = m["cli_default"]
@@ -269,8 +268,9 @@ class TargetOptions(_Group):
     target_flops: float | None = option("--target-flops", "remove blocks until at least the fraction F of MACs "
                                         "is gone (e.g. 0.5)", default=None, type=float, metavar="F")
     min_agreement: float = option("--min-agreement", "with no target: keep removing while the hold-out fidelity "
-                                  "stays >= this: top-1 agreement when the model outputs class scores, else the "
-                                  "mean cosine of its float outputs (see --task)", default=0.99, type=float)
+                                  "stays >= this, in the task's terms (detections kept, top-1 agreement, mask IoU, "
+                                  "equal strings, cosine, standardised fidelity: the lowest over the outputs; see "
+                                  "--task, --output-kind, --fidelity)", default=0.99, type=float)
     keep_per_stage: int = option("--keep-per-stage", "keep at least K blocks in each run of same-shaped blocks",
                                  default=1, type=int, metavar="K")
     only: tuple[str, ...] = option("--only", "consider only these blocks", default=(), type=_csv, metavar="ID,...")
@@ -305,10 +305,21 @@ class CriterionOptions(_Group):
     feature: str | None = option("--feature", "feature tensor (default: the classifier head's input when the "
                                  "graph ends in one after the last block, else the graph's float outputs, "
                                  "pooled)", default=None, metavar="TENSOR")
-    task: str | None = option("--task", "what the first output is: classify (class scores: top-1 agreement, "
-                              "feature = the last Gemm/MatMul/Conv's input), embed or generic (cosine, feature = "
-                              "the graph outputs) (default: judged from the graph)", default=None,
-                              choices=("classify", "embed", "generic"))
+    task: str | None = option("--task", "what the model does, when the graph does not say: detect (detector "
+                              "heads: detections kept), segment (DB text map: mask IoU), ocr (CTC: equal strings), "
+                              "classify (the first output is class scores: top-1 agreement, feature = the last "
+                              "Gemm/MatMul/Conv's input), embed (cosine) or generic (per-channel standardised "
+                              "fidelity) (default: judged from the graph)", default=None,
+                              choices=("detect", "segment", "ocr", "classify", "embed", "generic"))
+    output_kind: tuple[str, ...] = option(
+        "--output-kind", "what one output is, overriding the graph (repeatable): NAME=KIND[:ARGS] with KIND "
+        "yolov8[:C] / yolov5[:C] / yolov10 / yolox_raw[:HxW] / boxes[:xyxy|cxcywh] with scores[:probs|sigmoid|logits] "
+        "/ db[:THRESHOLD] / ctc[:BLANK] / class / embed / generic", default=(), append=True, metavar="NAME=KIND[:ARGS]",
+        convert=tuple, show_default=False)
+    fidelity: str | None = option("--fidelity", "your own fidelity measure, module:function(original_outputs, "
+                                  "pruned_outputs) -> float in [0, 1] (dicts of arrays by output name), used for "
+                                  "ranking, the budget, the collapse warning and the summary", default=None,
+                                  metavar="MODULE:FUNCTION")
     pca_dim: int = option("--pca-dim", "principal-component cap for alignment metrics", default=256, type=int)
     seed: int = option("--seed", "seed for the hold-out split, random metric, k-means, fine-tuning", default=0,
                        type=int)
@@ -349,6 +360,9 @@ class FinetuneConfig(_Group):
     feature_mse: float = option("--feature-mse", "weight of the feature-tensor MSE in distillation", default=0.0,
                                 type=float, show_default=False)
     feature: str | None = option("--feature", "", default=None, same_as="--feature")
+    # what the outputs are, for the distillation loss of each (the prune run's --task / --output-kind)
+    task: str | None = option("--task", "", default=None, same_as="--task")
+    output_kind: tuple[str, ...] = option("--output-kind", "", default=(), same_as="--output-kind", convert=tuple)
     augment: bool = option("--augment", "random crop and flip for image inputs", default=False)
     seed: int = option("--seed", "", default=0, same_as="--seed")
     device: str = option("--device", "where the PyTorch bridge trains: cpu, cuda or cuda:K (under torchrun each "

@@ -32,6 +32,7 @@ from .graph.ir import interface, load_model, load_model_and_layout
 from .graph.precision import float32_shadow, is_bfloat16
 from .graph.surgery import remove_blocks
 from .io import check_output_path, save_model_atomic
+from .kinds import output_plan
 from .metrics.presets import check_names
 from .options import (BN_FREEZE_BELOW, CriterionOptions, DataOptions, FinetuneConfig, Options, OutputOptions,
                       RecoveryOptions, RunOptions, TargetOptions, default_criterion)
@@ -377,13 +378,16 @@ def _finetune(original: onnx.ModelProto, result: PruneResult, calib, options: Op
                         + ": a few hundred samples will overfit; give more with --train DIR")
     n_train = train.n_samples if train_idx is None else len(train_idx)
     eval_data = _extra_data(rec.eval, original, options.data)
-    config = options.finetune
+    config = replace(options.finetune, task=options.criterion.task, output_kind=options.criterion.output_kind)
     info = {"mode": "supervised" if train.labels is not None else "distillation", "epochs": config.epochs,
             "train_samples": n_train, "eval": getattr(eval_data, "source", None) if eval_data is not None
             else "hold-out", "holdout_fidelity_pruned": result.fidelity.to_json() if result.fidelity else None}
     try:
-        holdout = evaluator(original, calib, indices=hold, batch_size=bs, threads=threads)
-        select = holdout if eval_data is None else evaluator(original, eval_data, batch_size=bs, threads=threads)
+        c = options.criterion
+        plan = output_plan(original, c.task, c.output_kind, c.fidelity)  # the pruner's measure, here too
+        holdout = evaluator(original, calib, indices=hold, batch_size=bs, threads=threads, plan=plan)
+        select = holdout if eval_data is None else evaluator(original, eval_data, batch_size=bs, threads=threads,
+                                                             plan=plan)
         tuned, ft_info = finetune_model(result.model, train, config=config, teacher=original, eval_fn=select,
                                         threads=threads, progress=options.run.progress, train_indices=train_idx,
                                         batch_size=bs)
@@ -468,10 +472,12 @@ def prune(model: onnx.ModelProto | str | os.PathLike, data, *, criterion: Criter
 
 
 def inspect(path: str | os.PathLike, *, unit: str = CriterionOptions.unit,
-            input_shapes: dict[str, tuple[int, ...]] | None = None, task: str | None = None) -> dict:
+            input_shapes: dict[str, tuple[int, ...]] | None = None, task: str | None = None,
+            output_kind: tuple[str, ...] = ()) -> dict:
     """The removable blocks of a model file, without running it: {model, macs, params, unit, blocks (each
     with ``macs_share``), not_removable, notes, feature (the global scope's feature tensors and why, or
-    None with the reason in ``notes``), outputs (each float output's kind)}."""
+    None with the reason in ``notes``), outputs (each float output's kind), prune_refuses (why `prune` will refuse
+    the model, e.g. a quantized graph, else None; also the first note)}."""
     from .llm.run import _params, is_decoder, model_file
 
     path = model_file(path)  # an export folder: its model file
@@ -492,6 +498,14 @@ def inspect(path: str | os.PathLike, *, unit: str = CriterionOptions.unit,
         d["macs_share"] = (b.macs / total) if (b.macs is not None and total) else None
         blocks.append(d)
     notes = list(cost.notes) + list(report.notes)
+    from .pruner import check_prunable
+
+    refused = None
+    try:  # the same check `prune` runs first: say here what prune will do
+        check_prunable(model)
+    except InputError as exc:
+        refused = str(exc)
+        notes.insert(0, f"`prune` will refuse this model: {refused}")
     try:
         feature = choose_feature(model, report.blocks, task=task).to_json()
     except InputError as exc:
@@ -499,4 +513,4 @@ def inspect(path: str | os.PathLike, *, unit: str = CriterionOptions.unit,
         notes.append(f"no feature tensor: {exc}")
     return {"model": os.fspath(path), "macs": total, "params": cost.params, "unit": unit, "blocks": blocks,
             "not_removable": [n.to_json() for n in report.not_removable], "notes": notes, "feature": feature,
-            "outputs": output_kinds(model, task)}
+            "outputs": output_kinds(model, task, output_kind), "prune_refuses": refused}

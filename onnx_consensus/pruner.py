@@ -5,10 +5,10 @@
 - one-shot: score once, remove in that order.
 Targets: a number of blocks, a MACs-reduction fraction, or (no target) as many blocks as keep the pruned
 model's fidelity to the original at or above ``min_agreement`` on a held-back part of the data that
-scoring never sees: top-1 agreement when the first output is class scores, else the mean cosine of the float
-outputs (``graph.heads.output_kinds``; ``criterion.task`` overrides). ``keep_per_stage`` keeps at least
-that many blocks in every run of same-shaped blocks. Every pruned model is built from the original graph,
-so block ids stay the original exit names.
+scoring never sees, in the task's own terms (the output plan, ``kinds.output_plan``: detections kept, top-1
+agreement, mask IoU, ...; ``criterion.task`` / ``output_kind`` / ``fidelity`` override).
+``keep_per_stage`` keeps at least that many blocks in every run of same-shaped blocks. Every pruned model is
+built from the original graph, so block ids stay the original exit names.
 """
 from __future__ import annotations
 
@@ -23,11 +23,11 @@ from .errors import InputError, PruneFailed, TargetError
 from .evaluate import Fidelity, fidelity, reference_outputs
 from .graph.blocks import Block, BlockReport, find_blocks
 from .graph.flops import count_cost
-from .graph.heads import output_kinds
 from .graph.masks import token_masks
 from .graph.surgery import remove_blocks
 from .options import CriterionOptions, RunOptions, TargetOptions
 from .metrics import get_metric, resolve_metrics
+from .kinds import blind_spots, output_plan
 from .scoring import SCOPES, ScoreRound, has_class_scores, original_outputs, score_blocks
 
 __all__ = ["CriterionOptions", "TargetOptions", "RunOptions", "PruneResult", "Removal", "prune", "check_prunable"]
@@ -57,6 +57,8 @@ class PruneResult:
     params_after: int = 0
     stop_reason: str = ""
     collapse: str | None = None
+    notes: list[str] = field(default_factory=list)  # where the fidelity measure is blind on this data
+    output_plan: dict | None = None  # how the outputs are judged (kinds.OutputPlan.to_json)
     holdout_samples: int = 0
     score_samples: int = 0
     # the calibration samples (indices) of the fidelity check and of scoring; the same array when the data
@@ -80,6 +82,15 @@ def check_prunable(model: onnx.ModelProto) -> None:
     if quantized:
         raise InputError(f"quantized graph ({', '.join(quantized)}) is not supported: prune the float model, "
                          "then quantize it")
+
+
+def check_feature_used(feature: str | None, metrics) -> None:
+    """InputError when ``--feature`` is named but no metric of ``metrics`` reads it (only output-level
+    metrics, which compare the graph outputs): it would be ignored while the summary names it."""
+    if feature and metrics and all(get_metric(m).output for m in metrics):
+        raise InputError(f"--feature {feature} is read only by representation metrics (paper, cka, cosine, ...); "
+                         f"--metrics {'+'.join(metrics)} compares the graph outputs and would ignore it: add one "
+                         "(e.g. --metrics paper+output) or drop --feature")
 
 
 def _validate(criterion: CriterionOptions, target: TargetOptions, blocks: dict[str, Block]) -> None:
@@ -123,9 +134,13 @@ def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = 
         log.warning("%s", report.refusal)
     originals = report.by_id()
     _validate(criterion, target, originals)
+    plan = output_plan(model, criterion.task, criterion.output_kind, criterion.fidelity)
+    metrics = resolve_metrics(criterion.metrics, has_class_scores(model, criterion.task), plan)
+    check_feature_used(criterion.feature, metrics)
     # Token masks are resolved (and any guess logged) once, then passed to every round as overrides.
     token_mask = tuple(f"{m.name}:{m.polarity}" for m in token_masks(model, criterion.token_mask).values())
-    result = PruneResult(model=model, original_blocks=report, macs_before=cost.total_macs, params_before=cost.params)
+    result = PruneResult(model=model, original_blocks=report, macs_before=cost.total_macs, params_before=cost.params,
+                         output_plan=plan.to_json())
     if not report.blocks and not target.plan:  # nothing to score: no inference at all, whatever the target
         result.stop_reason = f"no removable block: {report.refusal or 'none found'}"
         result.macs_after, result.params_after = cost.total_macs, cost.params
@@ -140,10 +155,11 @@ def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = 
     result.score_indices, result.holdout_indices = score_idx, hold_idx
     hold_labels = None if labels is None else np.asarray(labels)[hold_idx]
     score_labels = None if labels is None else np.asarray(labels)[score_idx]
-    kinds = output_kinds(model, criterion.task) or None  # fidelity per float output, in its own terms
     reference = reference_outputs(model, data, hold_idx, batch_size=run.batch_size, threads=run.threads,
-                                  names=list(kinds) if kinds else None)
-    metrics = resolve_metrics(criterion.metrics, has_class_scores(model, criterion.task))
+                                  names=plan.outputs or None)
+    kinds = plan if plan.outputs else None  # fidelity per head, in the task's own terms
+    auto = target.remove is None and target.target_flops is None
+    result.notes = _blind_notes(model, plan, reference, target.min_agreement if auto and not target.plan else None)
     # Output-level metrics compare with the ORIGINAL model's outputs, computed once here for every round.
     score_reference = None
     if any(get_metric(m).output for m in metrics) and not target.plan:
@@ -160,7 +176,6 @@ def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = 
 
     # On a failure midway, what was computed so far (the finished rounds' scores, the model with the
     # removals done) goes with PruneFailed, for callers that keep it (`--keep-partial`).
-    auto = target.remove is None and target.target_flops is None
     try:
         if target.plan:
             removed = [originals[i] for i in target.plan]
@@ -194,7 +209,7 @@ def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = 
                                        batch_size=run.batch_size, seed=criterion.seed, pca_dim=criterion.pca_dim,
                                        threads=run.threads, progress=run.progress, token_mask=token_mask,
                                        task=criterion.task, weights=criterion.weights,
-                                       reference=score_reference)
+                                       reference=score_reference, plan=plan)
                     result.rounds.append(rnd)
                     rescored = set(rnd.order)
                     order = rnd.order + [i for i in order if i not in rescored]
@@ -239,6 +254,18 @@ def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = 
                                "remove fewer blocks")
             log.info("%s", result.collapse)  # the summary says it (report "collapse")
     return result
+
+
+def _blind_notes(model: onnx.ModelProto, plan, reference: list, budget: float | None) -> list[str]:
+    """``kinds.blind_spots`` on the hold-out reference (the budget only when it is used), each logged."""
+    if not plan.outputs:
+        return []
+    floats = set(plan.outputs)
+    notes = blind_spots(plan, reference, budget=budget,
+                        non_float=[o.name for o in model.graph.output if o.name not in floats])
+    for note in notes:
+        log.warning("%s", note)
+    return notes
 
 
 def _macs_fraction(removed: Sequence[Block], total: int | None) -> float:

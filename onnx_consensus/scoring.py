@@ -28,6 +28,7 @@ from .graph.instrument import expose, suffix_model
 from .graph.ir import GraphIndex, to_gs
 from .graph.masks import TokenMask, token_masks
 from .graph.weights import initializer_bytes, weightless
+from .kinds import output_plan
 from .metrics import DEFAULT_METRICS, get_metric, resolve_metrics, score
 from .metrics.features import make_conditions, pca_cap, pool_features
 from .metrics.output import OutputAccumulator, output_rows
@@ -137,7 +138,7 @@ def collect_features(model: onnx.ModelProto, data, blocks: Sequence[Block], *, s
                      feature: str | None = None, indices=None, batch_size: int = 64,
                      threads: int | None = None, progress: bool = False, share_weights: bool | None = None,
                      token_mask: Sequence[str] = (), task: str | None = None, output_metrics: Sequence[str] = (),
-                     reference: list[dict[str, np.ndarray]] | None = None) -> Features:
+                     reference: list[dict[str, np.ndarray]] | None = None, plan=None) -> Features:
     """Run the calibration data once and return the pooled ``Features`` of every block in ``blocks``.
 
     The global scope's feature: ``feature`` when named, else ``graph.heads.choose_feature`` (the classifier
@@ -146,7 +147,8 @@ def collect_features(model: onnx.ModelProto, data, blocks: Sequence[Block], *, s
 
     output_metrics (global scope): also run each suffix to the float graph outputs it changes and score them
     against ``reference`` (``original_outputs`` on the same data, indices and batch size; None: the current
-    model's outputs) with these output-level metrics (``Features.outputs``).
+    model's outputs) with these output-level metrics (``Features.outputs``); ``plan`` (``kinds.OutputPlan``,
+    default ``kinds.output_plan(model, task)``) says what each output is and how ``output_fidelity`` measures it.
 
     Token tensors are averaged over the tokens a mask input keeps (``graph.masks.token_masks``;
     ``token_mask``: overrides ``NAME:keep|pad``). share_weights: give every session one shared copy of the
@@ -157,6 +159,8 @@ def collect_features(model: onnx.ModelProto, data, blocks: Sequence[Block], *, s
     masks = token_masks(model, token_mask)
     output0 = model.graph.output[0].name
     output_metrics = tuple(output_metrics)
+    if plan is None and output_metrics:
+        plan = output_plan(model, task)
     if output_metrics and scope != "global":
         raise InputError(f"output-level metrics ({', '.join(output_metrics)}) need --scope global; with --scope "
                          "local choose representation metrics, e.g. --metrics paper")
@@ -170,7 +174,7 @@ def collect_features(model: onnx.ModelProto, data, blocks: Sequence[Block], *, s
 
     # With shared weights, all graph work happens on a weightless copy: suffix models cost no weights.
     graph_model = weightless(model) if shared else model
-    kinds = output_kinds(graph_model, task)
+    kinds = plan.kinds if plan is not None else output_kinds(graph_model, task)
     outs = list(kinds) if output_metrics else []
     # class scores written as probabilities (a Softmax output) are compared as their log: the softmax of
     # probabilities would flatten both distributions (``graph.heads.score_forms``)
@@ -185,7 +189,8 @@ def collect_features(model: onnx.ModelProto, data, blocks: Sequence[Block], *, s
         # the Gaussian metrics' conditions: the predicted class only when the first output is class scores
         classes = next(iter(kinds.values()), None) == CLASS_SCORES
         if scope == "global":
-            choice = choose_feature(graph_model, blocks, task=task, feature=feature)
+            choice = choose_feature(graph_model, blocks, task=task, feature=feature,
+                                    kinds=plan.kinds if plan is not None else None)
             feats = list(choice.tensors)
             graph_inputs = {i.name for i in model.graph.input}
             cut: set[str] = set()
@@ -207,7 +212,7 @@ def collect_features(model: onnx.ModelProto, data, blocks: Sequence[Block], *, s
     X: list | dict = [] if scope == "global" else {b.id: [] for b in blocks}
     Ys: dict[str, list] = {b.id: [] for b in blocks}
     preds: list = []
-    accs = {b.id: OutputAccumulator(output_metrics) for b in blocks} if output_metrics else {}
+    accs = {b.id: OutputAccumulator(output_metrics, plan) for b in blocks} if output_metrics else {}
     batches = counted_batches(data, batch_size, indices)
     rows_of = batch_rows(data)
     if progress:
@@ -300,6 +305,7 @@ def _accumulate(accs, blocks, runs, values, ref, outs, feeds, masks, kinds, fed:
         r = output_rows(a, keep)
         return np.log(np.clip(r, 1e-30, None)) if log else r
 
+    arrays: dict[str, dict[str, np.ndarray]] = {b.id: {} for b in blocks}  # per block: {output: samples first}
     for o in outs:
         r = ref[o]
         full = per_sample(values[o], fed, n_real, name=f"output {o!r}", strict=False)
@@ -316,6 +322,9 @@ def _accumulate(accs, blocks, runs, values, ref, outs, feeds, masks, kinds, fed:
             arr = (per_sample(got[o], fed, n_real, name=f"output {o!r}", strict=False)
                    if got is not None and o in got else full)
             accs[b.id].add(o, ref_rows, rows(arr, keep, log), cls)
+            arrays[b.id][o] = arr
+    for b in blocks:
+        accs[b.id].add_batch(ref, arrays[b.id])
 
 
 def score_blocks(model: onnx.ModelProto, data, *, blocks: Sequence[Block] | None = None,
@@ -323,7 +332,7 @@ def score_blocks(model: onnx.ModelProto, data, *, blocks: Sequence[Block] | None
                  indices=None, labels: np.ndarray | None = None, batch_size: int = 64, seed: int = 0,
                  pca_dim: int = 256, threads: int | None = None, progress: bool = False,
                  token_mask: Sequence[str] = (), task: str | None = None, weights: dict[str, float] | None = None,
-                 reference: list[dict[str, np.ndarray]] | None = None) -> ScoreRound:
+                 reference: list[dict[str, np.ndarray]] | None = None, plan=None) -> ScoreRound:
     """Score ``blocks`` (default: all removable blocks of ``model``) with each metric and order them by
     the Consensus. ``data`` is a CalibrationData; ``indices`` the samples to use (default all); ``labels``
     (n,) class ids for the Gaussian metrics' conditions (default: the model's predicted class);
@@ -332,8 +341,10 @@ def score_blocks(model: onnx.ModelProto, data, *, blocks: Sequence[Block] | None
     first output. ``metrics``: names or presets (``metrics.presets``: paper, output, a+b); ``weights``: the
     weighted rank sum's weights. ``reference``: for the output-level metrics, the ORIGINAL model's outputs
     (``original_outputs`` on the same ``indices`` and ``batch_size``); None compares with ``model``'s own
-    outputs (the same in round 1)."""
-    metrics = resolve_metrics(metrics, has_class_scores(model, task))
+    outputs (the same in round 1). ``plan``: the output plan (``kinds.output_plan``; default: from the graph
+    and ``task``), which the ``output`` preset and ``output_fidelity`` read."""
+    plan = output_plan(model, task) if plan is None else plan
+    metrics = resolve_metrics(metrics, has_class_scores(model, task), plan)
     specs = [get_metric(m) for m in metrics]
     out_specs = [s for s in specs if s.output]
     specs = [s for s in specs if not s.output]
@@ -342,7 +353,7 @@ def score_blocks(model: onnx.ModelProto, data, *, blocks: Sequence[Block] | None
         return ScoreRound(scope, feature, metrics, 0)
     feats = collect_features(model, data, blocks, scope=scope, feature=feature, indices=indices,
                              batch_size=batch_size, threads=threads, progress=progress, token_mask=token_mask,
-                             task=task, output_metrics=[s.name for s in out_specs], reference=reference)
+                             task=task, output_metrics=[s.name for s in out_specs], reference=reference, plan=plan)
     t0 = time.perf_counter()
     # conditions (classes or clusters) come from the model's feature (global) or the first block's entry
     conditions = make_conditions(feats.predictions, feats.before[blocks[0].id], labels=labels, seed=seed)

@@ -37,8 +37,8 @@ def finetune_model(student: onnx.ModelProto, train, *, config, teacher: onnx.Mod
                    eval_data=None, threads: int | None = None, progress: bool = True,
                    dist=None, eval_fn=None, train_indices=None, batch_size: int = 64) -> tuple[onnx.ModelProto, dict]:
     """Fine-tune ``student`` on ``train`` (CalibrationData): supervised when it has labels, else by
-    distillation from ``teacher``; the best epoch on ``eval_data`` (accuracy with labels, else top-1
-    agreement with ``teacher``) is returned. Returns (the fine-tuned model: same graph, names and
+    distillation from ``teacher``; the best epoch on ``eval_data`` (accuracy with labels, else the fidelity to
+    ``teacher`` in the outputs' terms, ``recover.Evaluator``) is returned. Returns (the fine-tuned model: same graph, names and
     interface as ``student``, new weights; the report entry: mode, epochs, samples, metric name, metric of
     the teacher / before / after, best epoch (0: no epoch beat ``student`` on the evaluation data, which is
     returned), images, seconds, per-epoch history, bn_stats, the distillation loss of each output). ``eval_fn``: a ready ``recover.Evaluator``
@@ -64,6 +64,11 @@ def finetune_model(student: onnx.ModelProto, train, *, config, teacher: onnx.Mod
             "eval": getattr(eval_data, "source", None), "processes": world}
     # with labels and no teacher the evaluator's reference is the student itself: accuracy needs none
     reference = teacher if teacher is not None else student
+    if eval_fn is None and eval_data is not None and (dist is None or dist.is_main):
+        from .recover import evaluator
+
+        # the evaluator names its measure in the output's terms (accuracy, agreement, cosine, detections kept)
+        eval_fn = evaluator(reference, eval_data, threads=threads, batch_size=batch_size)
     tuned, res, before, after, original_metric = finetune_pruned(
         reference, student, train, config=config, eval_data=eval_data, threads=threads, progress=progress, dist=dist,
         eval_fn=eval_fn, train_indices=train_indices, batch_size=batch_size)

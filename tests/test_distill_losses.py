@@ -65,7 +65,7 @@ def test_loss_chosen_per_output_kind():
     specs = {s.name: s for s in L.plan(three_heads())}
     assert [(s.kind, s.loss, s.form) for s in specs.values()] == [
         ("class scores", "kl", "probabilities"), ("embedding", "cosine", "logits"),
-        ("generic", "relative_mse", "logits")]
+        ("generic", "channel_mse", "logits")]  # per-channel standardised since issue 20 (was one variance)
     assert [s.name for s in L.plan(three_heads(), outputs=["value"])] == ["value"]
 
 
@@ -106,8 +106,41 @@ def test_losses_summed():
          "value": torch.randn(4, 2, 2, 3, generator=g)}
     total = L.distillation_loss(specs, s, t, 2.0)
     parts = L.kl(s["scores"], t["scores"], 2.0, "probabilities") + L.cosine(s["embedding"], t["embedding"]) + \
-        L.relative_mse(s["value"], t["value"])
+        L.channel_mse(s["value"], t["value"])
     torch.testing.assert_close(total, parts)
+
+
+def test_channel_mse_closed_form_and_per_channel_units():
+    g = torch.Generator().manual_seed(3)
+    t = torch.randn(6, 5, 3, generator=g)  # rank 3: channels on the last axis
+    s = t + 0.1 * torch.randn(6, 5, 3, generator=g)
+    t2, s2 = t.reshape(-1, 3), s.reshape(-1, 3)
+    want = float((((s2 - t2) ** 2).mean(0) / t2.var(0, unbiased=False)).mean())
+    assert float(L.channel_mse(s, t)) == pytest.approx(want, rel=1e-5)
+    # one channel in pixels (x 640, + 100): the loss does not change, where one variance for the tensor would
+    scale = torch.tensor([640.0, 1.0, 1.0])
+    assert float(L.channel_mse(s * scale + 100, t * scale + 100)) == pytest.approx(want, rel=1e-3)
+    off = t.clone()
+    off[..., 1] += 0.5  # an error on one channel only: one variance for the tensor hides it behind the pixels
+    assert float(L.relative_mse(off * scale, t * scale)) < 0.01 * float(L.relative_mse(off, t))
+    assert float(L.channel_mse(off * scale, t * scale)) == pytest.approx(float(L.channel_mse(off, t)), rel=1e-4)
+
+
+def test_bce_and_detection_loss():
+    p = torch.tensor([[0.9, 0.1], [0.3, 0.6]])
+    assert float(L.bce(p, p)) == pytest.approx(0.0, abs=1e-6)
+    q = torch.tensor([[0.5, 0.5], [0.5, 0.5]])
+    want = float((p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()).mean())
+    assert float(L.bce(q, p)) == pytest.approx(want, rel=1e-4)
+    # a YOLOv8 tensor (N, 4 + C, A): boxes in pixels, scores; killing the scores costs more than a box pixel
+    g = torch.Generator().manual_seed(4)
+    t = torch.cat([torch.rand(2, 4, 20, generator=g) * 640, torch.rand(2, 3, 20, generator=g)], 1)
+    lost = t.clone()
+    lost[:, 4:] = 0.01
+    moved = t.clone()
+    moved[:, :4] += 1.0
+    assert float(L.detection(lost, t, "yolov8")) > 10 * float(L.detection(moved, t, "yolov8"))
+    assert float(L.detection(t, t, "yolov8")) == pytest.approx(0.0, abs=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------ one epoch

@@ -48,6 +48,8 @@ SAMPLES = {
     "unit": (["--unit", "layer"], "layer"),
     "token_mask": (["--token-mask", "mask:pad"], ("mask:pad",)),
     "task": (["--task", "embed"], "embed"),
+    "output_kind": (["--output-kind", "out0=yolov8:80", "--output-kind", "map=db"], ("out0=yolov8:80", "map=db")),
+    "fidelity": (["--fidelity", "mymod:score"], "mymod:score"),
     "finetune_epochs": (["--finetune-epochs", "2"], 2),
     "lr": (["--lr", "0.1"], 0.1),
     "ft_batch_size": (["--ft-batch-size", "8"], 8),

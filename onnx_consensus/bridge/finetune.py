@@ -215,7 +215,8 @@ def _finetune(module: OnnxModule, student, train_batches, teacher, config, eval_
     feature = config.feature if config.feature_mse > 0 else None
     # what the forward computes: the first output (supervised) or every float output (distillation); the
     # same list on every rank, so DDP sees the same used parameters
-    specs = plan(teacher, outputs=distill_outputs) if teacher is not None else []
+    specs = plan(teacher, outputs=distill_outputs, task=getattr(config, "task", None),
+                 overrides=tuple(getattr(config, "output_kind", ()) or ())) if teacher is not None else []
     if teacher is not None and not specs:
         raise FinetuneError("the teacher has no float output to distil")
     want = list(dict.fromkeys([logits_name] + [spec.name for spec in specs] + ([feature] if feature else [])))

@@ -29,7 +29,7 @@ def _metric(v) -> str:
 
 def _summary(info: dict, source_path: str, out_path: str) -> str:
     lines = [f"Fine-tuned {source_path} ({info['mode']}, {info['epochs']} epoch(s), {info['train_samples']} "
-             f"training samples, {info['processes']} process(es)): {info['images_seen']} images in "
+             f"training samples, {info['processes']} process(es)): {info['images_seen']} samples seen in "
              f"{info['seconds']:.1f} s"]
     if info.get("metric_before") is not None:
         orig = f", original {_metric(info['metric_original'])}" if info.get("metric_original") is not None else ""

@@ -10,7 +10,7 @@ from ..pipeline import inspect
 def cmd_inspect(args) -> int:
     criterion = CriterionOptions.from_args(args)
     out = inspect(args.input, unit=criterion.unit, input_shapes=RunOptions.from_args(args).input_shapes,
-                  task=criterion.task)
+                  task=criterion.task, output_kind=criterion.output_kind)
     if args.json:
         print(json.dumps(out, indent=2))
         return 0

@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="list the removable blocks without running the model")
     p.add_argument("input")
-    add_arguments(p, [CriterionOptions], only=("unit", "task"))
+    add_arguments(p, [CriterionOptions], only=("unit", "task", "output_kind"))
     p.add_argument("--json", action="store_true", help="print JSON")
     _add_common(p)
 

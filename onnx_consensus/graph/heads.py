@@ -1,11 +1,11 @@
 """What a model's outputs are, and which tensor the global scope compares (the feature tensor).
 
-- ``output_kinds``: each float graph output's kind, which decides how fidelity is measured:
-  "class scores" (top-1 agreement, cosine, relative error), "embedding" or "generic" (cosine, relative error).
+- ``output_kinds``: each float graph output's kind (the registry of recognisers in ``kinds``: detector heads,
+  DB text maps, class scores, embeddings, generic values), which decides how fidelity is measured;
 - ``choose_feature``: the classifier's input when the graph ends in a classifier head after the last
   candidate block, otherwise the graph's float outputs (pooled by ``pool_output``).
 
-How an output is judged class scores (``--task`` overrides the first output's kind): walking back from the
+The graph tests the ``kinds`` recognisers share. How an output is judged class scores: walking back from the
 output through shape-only ops (Reshape, Flatten, Squeeze, Unsqueeze, Transpose, Identity, Cast), a bias or
 scale by a constant (Add/Sub/Mul/Div with one constant operand) and Softmax/LogSoftmax, the walk reaches a
 Softmax/LogSoftmax or a Gemm/MatMul/Conv with a constant weight; and the output has rank 2 (N, classes) or 3
@@ -14,9 +14,9 @@ the exporter counts as Softmax (``_decomposed_softmax``): tf2onnx / jax2tf write
 (magika), ``Exp(z) * Reciprocal(ReduceSum(Exp(z)))`` is the same, and log-softmax as ``z - Log(ReduceSum(Exp(z)))``
 or ``z - ReduceLogSumExp(z)``; z may be ``x - ReduceMax(x)`` (the stabilising shift, possibly clamped by a
 constant Max as jax writes it), and the sum may be reshaped or broadcast (Reshape, Unsqueeze, Expand) back.
-Any other rank-2 float output with more than one column is an "embedding" (e.g. MiniLM's L2-normalised
-mean-pooled sentence vector, made by a Div of two data tensors); the rest are "generic" (detection maps,
-boxes, states, and (N, 1) scores such as a sigmoid probability: a cosine of one number is only its sign).
+Regressions made by a weighted layer without a softmax (boxes, landmarks) are not class scores
+(``kinds.basic``). Any other rank-2 float output with more than one column is an "embedding" (e.g. MiniLM's
+L2-normalised mean-pooled sentence vector, made by a Div of two data tensors); the rest are "generic".
 
 When the graph "ends in a classifier head": the first output is class scores, the walk back from it
 reached a weighted node H (the head), H dominates the output (every data path from a graph input to the
@@ -35,11 +35,10 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..errors import InputError
+from ..kinds.registry import TASKS
 from .ir import GraphIndex, to_gs
 
-TASKS = ("classify", "embed", "generic")
 CLASS_SCORES = "class scores"
-KIND_OF_TASK = {"classify": CLASS_SCORES, "embed": "embedding", "generic": "generic"}
 HEAD_OPS = ("Gemm", "MatMul", "Conv")
 SCORE_OPS = ("Softmax", "LogSoftmax")
 SHAPE_ONLY_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Cast")
@@ -71,12 +70,12 @@ def _check_task(task: str | None) -> None:
         raise InputError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
 
 
-def _float_outputs(graph: gs.Graph, index: GraphIndex) -> list[gs.Tensor]:
+def float_output_tensors(graph: gs.Graph, index: GraphIndex) -> list[gs.Tensor]:
     """Graph outputs of a float type that depend on an input (dtype unknown counts as float)."""
-    return [t for t in graph.outputs if _is_float(getattr(t, "dtype", None)) and index.is_data(t)]
+    return [t for t in graph.outputs if is_float_type(getattr(t, "dtype", None)) and index.is_data(t)]
 
 
-def _is_float(dtype) -> bool:
+def is_float_type(dtype) -> bool:
     if dtype is None:
         return True
     if isinstance(dtype, int):
@@ -103,7 +102,7 @@ def _weighted(index: GraphIndex, node: gs.Node) -> bool:
 BROADCAST_OPS = SHAPE_ONLY_OPS + ("Expand",)
 
 
-def _producer_through(index: GraphIndex, name: str, ops: tuple[str, ...] = BROADCAST_OPS) -> gs.Node | None:
+def producer_through(index: GraphIndex, name: str, ops: tuple[str, ...] = BROADCAST_OPS) -> gs.Node | None:
     """The first producer upstream of tensor ``name`` that is not a shape-only / broadcast op (following
     their data input 0); also through Max/Min with a constant operand (jax clamps a row max by -inf).
     None at a graph input or a constant."""
@@ -131,7 +130,7 @@ def _unshifted(index: GraphIndex, name: str) -> str:
     node = index.producer.get(name)
     if node is not None and node.op == "Sub" and len(node.inputs) == 2:
         x, m = node.inputs
-        red = _producer_through(index, m.name)
+        red = producer_through(index, m.name)
         if red is not None and red.op == "ReduceMax" and red.inputs and red.inputs[0].name == x.name:
             return x.name
     return name
@@ -140,7 +139,7 @@ def _unshifted(index: GraphIndex, name: str) -> str:
 def _sum_of_exp(index: GraphIndex, name: str) -> str | None:
     """The summed tensor's name when tensor ``name`` is ReduceSum(e) (possibly reshaped or broadcast back),
     else None; the caller checks that e is the Exp it started from."""
-    red = _producer_through(index, name)
+    red = producer_through(index, name)
     if red is None or red.op != "ReduceSum" or not red.inputs:
         return None
     return red.inputs[0].name
@@ -157,7 +156,7 @@ def _decomposed_softmax(index: GraphIndex, node: gs.Node) -> str | None:
         if exp is None or exp.op != "Exp":
             return None
         if node.op == "Mul":  # e * Reciprocal(sum e)
-            rec = _producer_through(index, b.name)
+            rec = producer_through(index, b.name)
             if rec is None or rec.op != "Reciprocal":
                 return None
             b = rec.inputs[0]
@@ -165,7 +164,7 @@ def _decomposed_softmax(index: GraphIndex, node: gs.Node) -> str | None:
             return _unshifted(index, exp.inputs[0].name)
         return None
     if node.op == "Sub":  # z - log(sum(exp(z))) or z - ReduceLogSumExp(z)
-        lse = _producer_through(index, b.name)
+        lse = producer_through(index, b.name)
         if lse is None:
             return None
         if lse.op == "ReduceLogSumExp" and lse.inputs and lse.inputs[0].name == a.name:
@@ -178,9 +177,10 @@ def _decomposed_softmax(index: GraphIndex, node: gs.Node) -> str | None:
     return None
 
 
-def _walk_back(index: GraphIndex, name: str) -> tuple[bool, gs.Node | None]:
+def walk_back(index: GraphIndex, name: str, explicit: bool = False) -> tuple[bool, gs.Node | None]:
     """From tensor ``name`` back through shape-only, constant-affine and Softmax ops: (class-score
-    producer reached, the weighted head node reached or None)."""
+    producer reached, the weighted head node reached or None). ``explicit``: the first item says whether a
+    Softmax/LogSoftmax (or a written-out one) was passed, not merely whether a weighted node was reached."""
     scores = False
     seen: set[str] = set()
     while name not in seen:
@@ -189,7 +189,7 @@ def _walk_back(index: GraphIndex, name: str) -> tuple[bool, gs.Node | None]:
         if node is None:
             return scores, None
         if node.op in HEAD_OPS:
-            return (True, node) if _weighted(index, node) else (scores, None)
+            return (scores or not explicit, node) if _weighted(index, node) else (scores, None)
         logits = _decomposed_softmax(index, node) if node.op in ("Div", "Mul", "Sub") else None
         if logits is not None:
             scores = True
@@ -209,7 +209,7 @@ def _walk_back(index: GraphIndex, name: str) -> tuple[bool, gs.Node | None]:
     return scores, None
 
 
-def _shape_ok(t: gs.Tensor) -> bool:
+def class_shape_ok(t: gs.Tensor) -> bool:
     """Rank 2 or 3 (unknown rank passes), last axis >= 2 when static."""
     shape = getattr(t, "shape", None)
     if shape is None:
@@ -220,36 +220,27 @@ def _shape_ok(t: gs.Tensor) -> bool:
     return not (isinstance(last, int) and 0 < last < 2)
 
 
-def _kinds(graph: gs.Graph, index: GraphIndex, task: str | None) -> dict[str, str]:
-    kinds = {}
-    for k, t in enumerate(_float_outputs(graph, index)):
-        if k == 0 and task is not None:
-            kinds[t.name] = KIND_OF_TASK[task]
-            continue
-        scores, _ = _walk_back(index, t.name)
-        shape = getattr(t, "shape", None)
-        if scores and _shape_ok(t):
-            kinds[t.name] = "class scores"
-        elif shape is not None and len(shape) == 2 and not (isinstance(shape[-1], int) and 0 < shape[-1] < 2):
-            kinds[t.name] = "embedding"
-        else:
-            kinds[t.name] = "generic"
-    return kinds
+def _kinds(graph: gs.Graph, index: GraphIndex, task: str | None, overrides: Sequence[str] = ()) -> dict[str, str]:
+    from ..kinds.registry import kinds_of, recognise
+
+    return kinds_of(recognise(graph, index, float_output_tensors(graph, index), task=task, overrides=overrides))
 
 
-def output_kinds(model: onnx.ModelProto, task: str | None = None) -> dict[str, str]:
-    """{output name: kind} for the model's float outputs, in graph order ("class scores", "embedding",
-    "generic"). ``task`` (classify | embed | generic) sets the first float output's kind."""
+def output_kinds(model: onnx.ModelProto, task: str | None = None, overrides: Sequence[str] = ()) -> dict[str, str]:
+    """{output name: kind} for the model's float outputs, in graph order (the kinds of ``kinds.registry``:
+    "class scores", "embedding", "generic", "yolov8", "yolov5", "yolov10", "boxes", "scores", "text map",
+    "ctc"). ``task`` (``kinds.registry.TASKS``) and ``overrides`` (--output-kind NAME=KIND[:ARGS]) as in
+    ``kinds.registry.recognise``."""
     _check_task(task)
     graph = to_gs(model)
-    return _kinds(graph, GraphIndex(graph), task)
+    return _kinds(graph, GraphIndex(graph), task, overrides)
 
 
-def _score_form(index: GraphIndex, name: str) -> str:
+def score_form(index: GraphIndex, name: str) -> str:
     """"probabilities" when the last value op before tensor ``name`` (past shape-only ops and a clamp by a
     constant) is a Softmax or a written-out one, "log-probabilities" for a LogSoftmax (or written-out), else
     "logits"."""
-    node = _producer_through(index, name, SHAPE_ONLY_OPS)
+    node = producer_through(index, name, SHAPE_ONLY_OPS)
     if node is None:
         return "logits"
     if node.op == "Softmax":
@@ -267,7 +258,7 @@ def score_forms(model: onnx.ModelProto, kinds: dict[str, str] | None = None) -> 
     graph = to_gs(model)
     index = GraphIndex(graph)
     kinds = _kinds(graph, index, None) if kinds is None else kinds
-    return {name: _score_form(index, name) for name, kind in kinds.items() if kind == CLASS_SCORES}
+    return {name: score_form(index, name) for name, kind in kinds.items() if kind == CLASS_SCORES}
 
 
 def _dominates(index: GraphIndex, node: gs.Node, target: str) -> bool:
@@ -291,13 +282,14 @@ def _dominates(index: GraphIndex, node: gs.Node, target: str) -> bool:
 
 
 def choose_feature(model: onnx.ModelProto, blocks: Sequence = (), *, task: str | None = None,
-                   feature: str | None = None) -> FeatureChoice:
+                   feature: str | None = None, kinds: dict[str, str] | None = None) -> FeatureChoice:
     """The feature tensor(s) for the global scope, with the reason (see the module docstring).
 
     blocks: the candidate blocks (their ``exit``), which the feature must be downstream of. task:
     "classify" keeps the input of the last Gemm/MatMul/Conv upstream of the first output (the tool's
     behaviour before the head test); "embed"/"generic" take the graph's float outputs. feature: a tensor
-    the user named (taken as is)."""
+    the user named (taken as is). kinds: the outputs' kinds when already known (the output plan's, with the
+    user's --output-kind), else recognised here."""
     _check_task(task)
     if feature:
         return FeatureChoice((feature,), "named with --feature")
@@ -308,7 +300,7 @@ def choose_feature(model: onnx.ModelProto, blocks: Sequence = (), *, task: str |
                              True)
     graph = to_gs(model)
     index = GraphIndex(graph)
-    kinds = _kinds(graph, index, task)
+    kinds = _kinds(graph, index, task) if kinds is None else kinds
     if not kinds:
         raise InputError("the model has no float output to compare; name a feature tensor with --feature")
     first = next(iter(kinds))
@@ -318,7 +310,7 @@ def choose_feature(model: onnx.ModelProto, blocks: Sequence = (), *, task: str |
         return FeatureChoice(outputs, f"{what}, as --task {task} says")
     if kinds[first] != CLASS_SCORES:
         return FeatureChoice(outputs, f"{what}; no classifier head: {first} is not class scores ({kinds[first]})")
-    _, head = _walk_back(index, first)
+    _, head = walk_back(index, first)
     if head is None:
         return FeatureChoice(outputs, f"{what}; no classifier head: no weighted layer makes the class scores {first}")
     x = next(t.name for t in head.inputs if index.is_data(t))

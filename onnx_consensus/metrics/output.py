@@ -15,6 +15,11 @@ outputs each metric applies to.
 - ``output_mse``: sum of squared errors / (number of values x variance of the reference's values): the MSE
   in units of the output's own scale (1.0 = as far off as predicting the output's mean).
 - ``output_cosine``: mean over rows of 1 - cos(ref row, out row).
+- ``output_fidelity``: the per-kind damage of the output plan (``kinds``), summed over its heads: (1 -
+  detections kept) + top-confidence change for detectors, (1 - mask IoU) + mean map change for text maps,
+  (1 - equal strings) + CER for CTC, KL for class scores, 1 - cosine for embeddings, the per-channel
+  standardised error for other values, 1 - the user's --fidelity. The same measures as the budget, streamed
+  (each candidate holds counts and per-channel sums, never arrays).
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ import numpy as np
 
 from .registry import register_metric
 
-OUTPUT_METRICS = ("output_kl", "output_agreement", "output_mse", "output_cosine")
+OUTPUT_METRICS = ("output_kl", "output_agreement", "output_mse", "output_cosine", "output_fidelity")
 CLASS_METRICS = ("output_kl", "output_agreement")
 """The output metrics that need class scores; the others apply to every float output."""
 
@@ -74,10 +79,21 @@ class OutputAccumulator:
     """Streamed output scores of one candidate: ``add`` each batch's (reference, candidate) rows per output,
     then ``scores()`` -> {metric: value}. Sums are kept per output, so a score is the mean over outputs."""
 
-    def __init__(self, metrics: Iterable[str]):
+    def __init__(self, metrics: Iterable[str], plan=None):
         self.metrics = tuple(m for m in metrics if m in OUTPUT_METRICS)
         self._sums: dict[tuple[str, str], list[float]] = {}  # (metric, output) -> [numerator, count]
         self._moments: dict[str, list[float]] = {}  # output -> [sum, sum of squares, count] of ref values
+        self._measures = []
+        if "output_fidelity" in self.metrics:
+            if plan is None:
+                raise ValueError("output_fidelity needs the model's output plan (kinds.output_plan)")
+            self._measures = plan.measures()
+
+    def add_batch(self, ref: dict[str, np.ndarray], out: dict[str, np.ndarray]) -> None:
+        """One batch of every output for ``output_fidelity``: {name: (samples, ...)} of the original and the
+        candidate (padding dropped)."""
+        for m in self._measures:
+            m.add({o: ref[o] for o in m.head.outputs}, {o: out[o] for o in m.head.outputs})
 
     def add(self, output: str, ref: np.ndarray, out: np.ndarray, class_scores: bool) -> None:
         """One batch of one output: ref, out (rows, C) float64 from ``output_rows``."""
@@ -86,6 +102,8 @@ class OutputAccumulator:
         if len(ref) == 0:
             return
         for m in self.metrics:
+            if m == "output_fidelity":
+                continue
             if m in CLASS_METRICS and not class_scores:
                 continue
             if m == "output_kl":
@@ -114,12 +132,23 @@ class OutputAccumulator:
                 var = max(s2 / n - (s / n) ** 2, 0.0)
                 value = value / var if var > 1e-30 else value
             per_metric.setdefault(m, []).append(value)
-        return {m: float(np.mean(v)) for m, v in per_metric.items()}
+        out = {m: float(np.mean(v)) for m, v in per_metric.items()}
+        if self._measures:
+            results = [m.result() for m in self._measures]
+            custom = [r for r in results if r.kind == "custom"]
+            out["output_fidelity"] = float(sum(r.damage for r in (custom or results)))
+        return out
 
 
 def _score_arrays(name: str, X: np.ndarray, Y: np.ndarray) -> float:
-    acc = OutputAccumulator([name])
+    plan = None
+    if name == "output_fidelity":
+        from ..kinds import Head, OutputPlan
+
+        plan = OutputPlan((Head("generic", ("output",)),))
+    acc = OutputAccumulator([name], plan)
     acc.add("output", X, Y, class_scores=X.shape[1] > 1)
+    acc.add_batch({"output": X}, {"output": Y})
     got = acc.scores()
     if name not in got:
         from ..errors import InputError
@@ -152,3 +181,10 @@ def output_mse(X: np.ndarray, Y: np.ndarray, labels=None, *, seed: int = 0) -> f
 def output_cosine(X: np.ndarray, Y: np.ndarray, labels=None, *, seed: int = 0) -> float:
     """Mean 1 - cos of output rows, original X vs without the block Y."""
     return _score_arrays("output_cosine", X, Y)
+
+
+@register_metric("output_fidelity", output=True)
+def output_fidelity(X: np.ndarray, Y: np.ndarray, labels=None, *, seed: int = 0) -> float:
+    """Per-kind damage of the outputs, original X vs without the block Y; on bare arrays the generic kind:
+    the per-channel standardised error (``kinds.measures.ChannelMeasure``)."""
+    return _score_arrays("output_fidelity", X, Y)

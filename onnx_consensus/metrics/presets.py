@@ -1,8 +1,9 @@
 """Named criteria for ``--metrics``: presets and ``+`` combinations, resolved to metric names per model.
 
 - ``paper``: the eight metrics of the published Consensus, in its order (``options.PAPER_METRICS``);
-- ``output``: the output-level score that fits the model: ``output_kl`` when it has a class-score output,
-  else ``output_mse`` + ``output_cosine`` (``metrics.output``);
+- ``output``: the output-level score that fits the model (``output_preset``): ``output_kl`` for class
+  scores, ``output_mse`` + ``output_cosine`` for embeddings, ``output_fidelity`` (the per-kind measure) for
+  detectors, text maps, CTC, regressions and mixes (``metrics.output``);
 - ``paper+output``: both, one rank sum; any item may join names and presets with ``+`` (``cka+output_kl``).
 Duplicates are dropped, first occurrence kept. ``None`` (``--metrics`` not given) stands for
 ``options.DEFAULT_CRITERION``; the pipeline replaces it with ``options.default_criterion`` first, which knows
@@ -37,9 +38,23 @@ def check_names(metrics: Sequence[str] | None) -> None:
             get_metric(t)
 
 
-def resolve_metrics(metrics: Sequence[str] | None, class_scores: bool = True) -> tuple[str, ...]:
-    """Metric names for a model: presets expanded (``output`` by ``class_scores``: whether the model has a
-    class-score output), duplicates dropped."""
+def output_preset(class_scores: bool = True, plan=None) -> tuple[str, ...]:
+    """What ``output`` means for a model. With its output plan (``kinds.OutputPlan``): ``output_kl`` when
+    every output is class scores, ``output_mse`` + ``output_cosine`` when every one is an embedding (both as
+    chosen on the criterion benchmark), else ``output_fidelity`` (the per-kind measure the budget reads:
+    detectors, text maps, CTC, regressions, mixes, a --fidelity function). Without a plan, by ``class_scores``
+    (whether the model has a class-score output)."""
+    if plan is not None:
+        if plan.only_kinds("class scores"):
+            return ("output_kl",)
+        if plan.only_kinds("embedding"):
+            return ("output_mse", "output_cosine")
+        return ("output_fidelity",)
+    return ("output_kl",) if class_scores else ("output_mse", "output_cosine")
+
+
+def resolve_metrics(metrics: Sequence[str] | None, class_scores: bool = True, plan=None) -> tuple[str, ...]:
+    """Metric names for a model: presets expanded (``output`` by ``output_preset``), duplicates dropped."""
     metrics = DEFAULT_CRITERION if metrics is None else metrics
     check_names(metrics)
     out: list[str] = []
@@ -47,7 +62,7 @@ def resolve_metrics(metrics: Sequence[str] | None, class_scores: bool = True) ->
         if t == "paper":
             names = PAPER_METRICS
         elif t == "output":
-            names = ("output_kl",) if class_scores else ("output_mse", "output_cosine")
+            names = output_preset(class_scores, plan)
         else:
             names = (t,)
         out.extend(n for n in names if n not in out)

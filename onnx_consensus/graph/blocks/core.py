@@ -9,6 +9,10 @@ import onnx_graphsurgeon as gs
 
 from ..ir import GraphIndex, dtype_of, node_key, shape_of, subgraphs
 from .ops import WEIGHTED_OPS
+
+# What a projection shortcut's skip path computes (a 1x1 conv, a MatMul, pooling, zero channel padding); a merge
+# of two computed values whose shorter path has none of these is no residual merge at all.
+PROJECTION_OPS = set(WEIGHTED_OPS) | {"AveragePool", "MaxPool", "GlobalAveragePool", "Pad", "LpPool"}
 from .post_merge import MergeContext, extend
 from .records import Block, NotRemovable
 from .shapes import same_shape
@@ -30,8 +34,9 @@ class Residual:
 
 def match_merge(index: GraphIndex, merge: gs.Node) -> Residual | NotRemovable | None:
     """Classify a two-operand Add/Sum: a Residual (possibly with a problem), a projection shortcut
-    (NotRemovable), or None when it is no residual merge (bias adds, broadcasts, independent operands, a
-    branch without learned weights)."""
+    (NotRemovable: the shorter path has a weighted op, pooling or padding, the longer one learned weights), or
+    None when it is no residual merge (bias adds, broadcasts, independent operands, a branch without learned
+    weights, two computed values added such as a box decode or BERT's embedding sum)."""
     operands = list(merge.inputs)
     if len(operands) != 2 or not all(index.is_data(t) for t in operands):
         return None  # bias adds, constant offsets, n-ary sums: not residual merges
@@ -50,7 +55,9 @@ def match_merge(index: GraphIndex, merge: gs.Node) -> Residual | NotRemovable | 
         common = anc_a & anc_b
         if not common:
             return None  # two independent inputs
-        skip_ops = _path_ops(index, common, a, b)
+        skip_ops, branch_ops = _path_ops(index, common, a, b)
+        if not (set(skip_ops) & PROJECTION_OPS) or not (set(branch_ops) & set(WEIGHTED_OPS)):
+            return None  # two computed values added (a box decode, BERT's word + position embeddings): no shortcut
         return NotRemovable(node_key(merge), names,
                             f"projection shortcut: the skip path computes ({', '.join(skip_ops) or 'ops'})")
     down = index.descendants(entry.name, limit=index.position[id(merge)])
@@ -113,8 +120,9 @@ def build_block(index: GraphIndex, r: Residual, ctx: MergeContext) -> Block:
                  shape=shape_of(r.entry), dtype=dtype_of(r.entry), position=index.position[id(r.merge)])
 
 
-def _path_ops(index: GraphIndex, common: set[str], a: gs.Tensor, b: gs.Tensor) -> list[str]:
-    """Op types on the shorter operand path from the latest common ancestor (the skip path's ops)."""
+def _path_ops(index: GraphIndex, common: set[str], a: gs.Tensor, b: gs.Tensor) -> tuple[list[str], list[str]]:
+    """Op types on the shorter operand path from the latest common ancestor (the skip path's ops), and on the
+    longer one (the branch's)."""
     latest = max(common, key=lambda name: index.position.get(id(index.producer.get(name)), -1)
                  if name in index.producer else -1)
     down = index.descendants(latest)
@@ -122,4 +130,5 @@ def _path_ops(index: GraphIndex, common: set[str], a: gs.Tensor, b: gs.Tensor) -
     for t in (a, b):
         _, up = index.ancestors(t.name)
         paths.append([n.op for n in index.nodes if id(n) in up and id(n) in down])
-    return min(paths, key=len)
+    skip, branch = sorted(paths, key=len)
+    return skip, branch
