@@ -110,3 +110,19 @@ def test_checked_in_detector_finds_the_ground_truth(name):
     ap = dt.average_precision(dets, gb, gc)
     assert ap >= 0.3 and ap >= recipe["map50"] - 0.15, (ap, recipe["map50"])
     assert data.files and len(data) == len(truth) == 64
+
+
+@pytest.mark.parametrize("name, kind, outputs", [
+    ("yolo8_fmnist", "yolov8", ("output0",)),
+    ("detsplit_fmnist", "boxes", ("boxes", "scores")),
+])
+def test_checked_in_detector_head_recognised(name, kind, outputs):
+    """The tool recognises the trained detectors' heads from the graph alone (no --task): the YOLOv8 layout,
+    whose decode constants (anchor grid, strides) torch's exporter writes as Constant nodes, and the
+    boxes + scores pair."""
+    import onnx
+
+    from onnx_consensus.kinds.plan import output_plan
+
+    heads = output_plan(onnx.load(str(REPO / "models" / f"{name}.onnx"))).heads
+    assert [(h.kind, h.outputs) for h in heads] == [(kind, outputs)]

@@ -278,6 +278,16 @@ register_kind(KindSpec("scores", "detection scores (with a boxes output)", "dete
 
 # ------------------------------------------------------------------------------------------------ recognise
 
+def _constant_size(index, t: gs.Tensor) -> int:
+    """Elements of a constant operand, 0 for data: an initializer, or the value of a Constant node (torch's
+    exporter writes traced tensors such as anchor grids and strides that way)."""
+    if isinstance(t, gs.Constant):
+        return int(t.values.size)
+    node = index.producer.get(t.name)
+    value = node.attrs.get("value") if node is not None and node.op == "Constant" else None
+    return int(value.values.size) if isinstance(value, gs.Constant) else 0
+
+
 def _evidence(index, name: str) -> set[str]:
     """What the ``EVIDENCE_DEPTH`` levels of nodes upstream of tensor ``name`` hold: "score" (Sigmoid /
     Softmax), "concat", "decode" (arithmetic with a constant tensor of > 1 element, or a Conv after a
@@ -297,8 +307,7 @@ def _evidence(index, name: str) -> set[str]:
                 found.add("concat")
             elif node.op == "TopK":
                 found.add("topk")
-            elif node.op in ("Mul", "Add", "Sub", "Div") and any(
-                    isinstance(i, gs.Constant) and i.values.size > 1 for i in node.inputs):
+            elif node.op in ("Mul", "Add", "Sub", "Div") and any(_constant_size(index, i) > 1 for i in node.inputs):
                 found.add("decode")
             elif node.op == "Conv" and any((p := index.producer.get(i.name)) is not None and p.op in
                                            ("Softmax", "Transpose", "Reshape") for i in node.inputs[:1]):
