@@ -262,8 +262,11 @@ def _run_on_providers(model, data, options: Options) -> Outcome:
 
     check_feed = None if bfloat16 else next(data.batches(1))
     failure = None
+    scoring = options.criterion
+    if scoring.feature and finetuning and ft.feature_mse > 0 and _output_only(scoring.metrics):
+        scoring = replace(scoring, feature=None)  # --feature is the fine-tuning's feature MSE tensor, not scored
     try:
-        result = schedule(model, data, criterion=options.criterion, target=options.target, run=options.run,
+        result = schedule(model, data, criterion=scoring, target=options.target, run=options.run,
                           between=hook)
     except PruneFailed as exc:
         failure = exc
@@ -297,6 +300,14 @@ def _run_on_providers(model, data, options: Options) -> Outcome:
 
 
 _run = run  # ``prune`` has a keyword named ``run``
+
+
+def _output_only(metrics) -> bool:
+    """Every criterion of ``metrics`` (names or presets) compares the graph outputs only."""
+    from .metrics import get_metric
+    from .metrics.presets import split_names
+
+    return all(t == "output" or (t != "paper" and get_metric(t).output) for t in split_names(metrics))
 
 
 def _no_removable_block(source: Source, model: onnx.ModelProto, options: Options) -> Outcome | None:

@@ -328,3 +328,28 @@ def test_finetune_names_an_embedding_cosine_and_samples(tmp_path, capsys):
     assert code == 0, out
     assert "embedding cosine on" in out and "agreement" not in out
     assert "samples seen" in out and "images" not in out
+
+
+def test_few_original_detections_are_said():
+    from onnx_consensus.kinds import blind_spots
+    from tests import detectors
+    from tests.helpers import run
+
+    model = detectors.build("yolov8")
+    ref = [dict(zip(["output0"], run(model, {"images": detectors.images(10)})))]
+    notes = blind_spots(output_plan(model), ref, budget=0.99)
+    assert any("original detections on the hold-out" in n for n in notes)
+    assert any("only 10 hold-out samples" in n for n in notes)
+    assert not any("detections on the hold-out" in n for n in blind_spots(output_plan(model), ref))  # no budget
+
+
+def test_feature_for_the_finetuning_mse_is_not_refused(tmp_path):
+    pytest.importorskip("torch")
+    from onnx_consensus.options import FinetuneConfig
+
+    model = residual_mlp(3)
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((20, 16)).astype(np.float32))
+    out = pipeline.prune(model, str(tmp_path), criterion=CriterionOptions(metrics=("output",), feature="h1"),
+                         target=TargetOptions(remove=1), run=RunOptions(batch_size=8),
+                         finetune=FinetuneConfig(epochs=1, max_steps=1, feature_mse=1.0, feature="h1", batch_size=8))
+    assert out.removed_ids and out.result.rounds[0].metrics == ("output_kl",)

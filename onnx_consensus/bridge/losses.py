@@ -32,7 +32,6 @@ import torch
 import torch.nn.functional as F
 
 CLASS_SCORES = "class scores"
-DETECTION_KINDS = ("yolov8", "yolov5", "yolov10", "yolox_raw")
 TINY = 1e-30  # probabilities are clamped here before their log (float32 keeps it: min normal ~1.2e-38)
 
 
@@ -54,8 +53,10 @@ class OutputLoss:
 
 
 def _loss_for(head, output: str, forms: Mapping[str, str]) -> OutputLoss:
+    from ..kinds.detect import YOLO_KINDS
+
     kind = head.kind
-    if kind in DETECTION_KINDS:
+    if kind in YOLO_KINDS:
         return OutputLoss(output, kind, "detection", classes=int(head.arg("classes") or 0))
     if kind == "boxes":  # separate boxes + scores outputs
         if output == head.outputs[0]:

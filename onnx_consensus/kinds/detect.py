@@ -43,6 +43,7 @@ from ..graph.heads import SHAPE_ONLY_OPS, producer_through
 from .measures import HeadResult, Measure
 from .registry import Head, KindSpec, RecogniseContext, register_kind, register_recogniser
 
+YOLO_KINDS = ("yolov8", "yolov5", "yolov10", "yolox_raw")  # one tensor holding boxes and scores
 CONF = 0.25
 MATCH_IOU = 0.5
 NMS_IOU = {"yolov8": 0.7}

@@ -138,6 +138,13 @@ def blind_spots(plan: OutputPlan, reference: list, *, budget: float | None = Non
         if values and all(v.size and np.all(v == values[0].flat[0]) for v in values):
             notes.append(f"output {name} is constant on the hold-out ({values[0].flat[0]:g}): no measure can see "
                          "it change")
+    for m in measures:  # detectors: the budget counts detections, not samples
+        detect = not isinstance(m, CustomMeasure) and kind_spec(m.head.kind).family == "detect"
+        total = getattr(m, "total", None) if detect else None
+        if budget is not None and budget < 1 and total and total < 1.0 / (1.0 - budget):
+            notes.append(f"{', '.join(m.head.outputs)}: only {total} original detections on the hold-out: one lost "
+                         f"detection moves detections kept by {1 / total:.3f}, more than the budget's margin "
+                         f"{1 - budget:.3g}")
     if budget is not None and budget < 1 and n < 1.0 / (1.0 - budget):
         notes.append(f"only {n} hold-out samples: one changed sample moves the fidelity by {1 / n:.3f}, more than "
                      f"the budget's margin {1 - budget:.3g}, so the budget {budget:g} allows no change at all; give "
