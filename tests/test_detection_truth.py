@@ -126,3 +126,47 @@ def test_checked_in_detector_head_recognised(name, kind, outputs):
 
     heads = output_plan(onnx.load(str(REPO / "models" / f"{name}.onnx"))).heads
     assert [(h.kind, h.outputs) for h in heads] == [(kind, outputs)]
+
+
+def _yolox_graph(side: int = 32, decode: bool = False):
+    """A YOLOX-style head on a (1, 3, side, side) input: per stride 8/16/32 a Conv to 4 box + Sigmoid(objectness,
+    1 class), concatenated and flattened to (1, A, 6); ``decode`` adds the grid / stride arithmetic in the graph."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, inits, levels = [], [], []
+    for s in (8, 16, 32):
+        g = side // s
+        w = numpy_helper.from_array(rng.normal(0, 0.1, (6, 3, s, s)).astype(np.float32), f"w{s}")
+        inits.append(w)
+        nodes += [helper.make_node("Conv", ["images", f"w{s}"], [f"c{s}"], strides=[s, s]),
+                  helper.make_node("Slice", [f"c{s}", "s0", "s4", "ax1"], [f"box{s}"]),
+                  helper.make_node("Slice", [f"c{s}", "s4", "s6", "ax1"], [f"lg{s}"]),
+                  helper.make_node("Sigmoid", [f"lg{s}"], [f"sc{s}"]),
+                  helper.make_node("Mul", [f"box{s}", "stride"], [f"dbox{s}"]),
+                  helper.make_node("Concat", [f"dbox{s}" if decode else f"box{s}", f"sc{s}"], [f"cat{s}"], axis=1),
+                  helper.make_node("Reshape", [f"cat{s}", "flat"], [f"r{s}"])]
+        levels.append(f"r{s}")
+    inits += [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in
+              (("s0", [0]), ("s4", [4]), ("s6", [6]), ("ax1", [1]), ("flat", [1, 6, -1]))]
+    nodes += [helper.make_node("Concat", levels, ["all"], axis=2),
+              helper.make_node("Transpose", ["all"], ["output"], perm=[0, 2, 1])]
+    inits.append(numpy_helper.from_array(np.full((1, 4, 1, 1), 8.0, np.float32), "stride"))
+    a = sum((side // s) ** 2 for s in (8, 16, 32))
+    graph = helper.make_graph(nodes, "yolox", [helper.make_tensor_value_info("images", TensorProto.FLOAT,
+                                                                             [1, 3, side, side])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, a, 6])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_raw_yolox_head_recognised_from_the_graph():
+    """ddddocr_det's case: a YOLOX head exported without its decode (scores and a Concat, no grid arithmetic,
+    A = the stride-8/16/32 cells of the static input) is yolox_raw, decoded on that input's grid; with decode
+    arithmetic in the graph the same layout is a decoded YOLOv5-style head."""
+    from onnx_consensus.kinds.plan import output_plan
+
+    (raw,) = output_plan(_yolox_graph()).heads
+    assert (raw.kind, raw.outputs, raw.arg("size")) == ("yolox_raw", ("output",), (32, 32))
+    (decoded,) = output_plan(_yolox_graph(decode=True)).heads
+    assert decoded.kind == "yolov5"
