@@ -118,16 +118,16 @@ def judge(spec: DetectorSpec, ref_dets: list, out: Path, eval_dir: Path) -> dict
 
 
 def _fidelity_text(report: dict | None) -> str:
-    """What the tool said about fidelity on its hold-out (as printed: cosine / agreement / its own measure)."""
-    if not report:
-        return ""
-    fid = report.get("fidelity") or {}
-    parts = []
-    for k in ("detections_kept", "kept", "score", "agreement", "cosine"):
-        v = fid.get(k)
-        if isinstance(v, (int, float)):
-            parts.append(f"{k} {v:.4f}")
-    return ", ".join(parts[:2])
+    """What the tool said about fidelity on its hold-out: its measure when the report names one (the per-kind
+    measures of issue 20: detections kept, text-map IoU, ...), else the cosine / top-1 agreement of older code."""
+    fid = (report or {}).get("fidelity") or {}
+    m = fid.get("measure")
+    if isinstance(m, dict) and isinstance(m.get("value"), (int, float)):
+        return f"{m.get('name', 'measure')} {m['value']:.4f}"
+    for k in ("agreement", "cosine"):
+        if isinstance(fid.get(k), (int, float)):
+            return f"{k} {fid[k]:.4f}"
+    return ""
 
 
 def one_run(spec: DetectorSpec, model: Path, calib: Path, eval_dir: Path, ref_dets: list, work: Path, tag: str,
