@@ -855,7 +855,7 @@ def table() -> str:
     lines = ["| model | blocks found / independent count | removed | MACs per sample (at) | latency b1, ms "
              "(loaded) | fidelity, pruned | after 1 distillation epoch (what was written) |",
              "|---|---|---|---|---|---|---|"]
-    for name in REGISTRY:
+    for name in (n for n, m in REGISTRY.items() if not m.local):  # third-party models only
         f = REGISTRY[name].folder / "bench" / "row.json"
         if not f.is_file() and name == "ddddocr_ocr_q":
             lines.append(f"| `{name}` | 8 / 8 | refused by design (quantized: exit 2, one line) | | | | |")
@@ -967,7 +967,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd == "list":
         for m in REGISTRY.values():
-            print(f"{m.name:18s} {m.package + '==' + m.version:30s} {m.true_blocks:3d} blocks  {m.kind}")
+            src = "trained here: " + m.member if m.local else m.package + "==" + m.version
+            print(f"{m.name:18s} {src:30s} {m.true_blocks:3d} blocks  {m.kind}")
         return 0
     if args.cmd == "fetch":
         rc = 0
