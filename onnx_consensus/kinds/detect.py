@@ -6,9 +6,10 @@ Layouts (reference.md, "Output layouts people deploy"):
 - ``yolov5`` (also YOLOv7, YOLOX decoded): [N, A, 5 + C]: cx, cy, w, h, objectness, class probabilities;
   confidence = objectness x class probability.
 - ``yolov10``: [N, Q, 6]: x1, y1, x2, y2, score, class id, after the model's own NMS-free selection.
-- ``yolox_raw`` (only by --output-kind: the graph does not say the boxes are raw): YOLOX with
-  decode_in_inference off, [N, A, 5 + C] of cell offsets and log sizes, decoded here with the stride-8/16/32
-  grid of the input (``size`` HxW; default the square input the anchor count fits).
+- ``yolox_raw``: YOLOX with decode_in_inference off, [N, A, 5 + C] of cell offsets and log sizes, decoded here
+  with the stride-8/16/32 grid of the input (``size`` HxW; default the square input the anchor count fits).
+  Recognised when the head has scores and a Concat but no decode arithmetic and A is the cell count of the
+  model's static image input; else by --output-kind.
 - ``boxes`` + ``scores`` (SSD-like, DETR-like): boxes [N, A, 4] and scores [N, A, C]; box ``format`` xyxy
   or cxcywh; score ``form``: probs (as given), sigmoid (of logits), logits (softmax, the last class dropped
   as "no object", as DETR does). Defaults: a Softmax/Sigmoid-made scores output is probs with xyxy boxes,
@@ -279,6 +280,16 @@ register_kind(KindSpec("scores", "detection scores (with a boxes output)", "dete
 
 # ------------------------------------------------------------------------------------------------ recognise
 
+def _constant_size(index, t: gs.Tensor) -> int:
+    """Elements of a constant operand, 0 for data: an initializer, or the value of a Constant node (torch's
+    exporter writes traced tensors such as anchor grids and strides that way)."""
+    if isinstance(t, gs.Constant):
+        return int(t.values.size)
+    node = index.producer.get(t.name)
+    value = node.attrs.get("value") if node is not None and node.op == "Constant" else None
+    return int(value.values.size) if isinstance(value, gs.Constant) else 0
+
+
 def _evidence(index, name: str) -> set[str]:
     """What the ``EVIDENCE_DEPTH`` levels of nodes upstream of tensor ``name`` hold: "score" (Sigmoid /
     Softmax), "concat", "decode" (arithmetic with a constant tensor of > 1 element, or a Conv after a
@@ -298,8 +309,7 @@ def _evidence(index, name: str) -> set[str]:
                 found.add("concat")
             elif node.op == "TopK":
                 found.add("topk")
-            elif node.op in ("Mul", "Add", "Sub", "Div") and any(
-                    isinstance(i, gs.Constant) and i.values.size > 1 for i in node.inputs):
+            elif node.op in ("Mul", "Add", "Sub", "Div") and any(_constant_size(index, i) > 1 for i in node.inputs):
                 found.add("decode")
             elif node.op == "Conv" and any((p := index.producer.get(i.name)) is not None and p.op in
                                            ("Softmax", "Transpose", "Reshape") for i in node.inputs[:1]):
@@ -375,7 +385,32 @@ def detector_heads(ctx: RecogniseContext, by_shape: bool = False) -> list[Head]:
             head = _yolo_layout(ctx, name, said if not by_shape or {"score", "concat"} <= said else set())
             if head is not None:
                 heads.append(head)
+        elif {"score", "concat"} <= said:
+            head = _raw_yolox(ctx, name)
+            if head is not None:
+                heads.append(head)
     return heads
+
+
+def _raw_yolox(ctx: RecogniseContext, name: str) -> Head | None:
+    """A YOLOX head exported with decode_in_inference off: scores and a Concat but no decode arithmetic (a
+    YOLOv5/v8 export always decodes in the graph), [N, A, 5 + C] with A the stride-8/16/32 cell count of the
+    model's image input (N, C, H, W with static H, W)."""
+    from ..errors import InputError
+
+    shape = ctx.shape(name)
+    if shape is None or len(shape) != 3 or not isinstance(shape[2], int) or shape[2] < 6:
+        return None
+    images = [t for t in getattr(ctx.graph, "inputs", []) if t.shape is not None and len(t.shape) == 4
+              and all(isinstance(d, int) and d > 0 for d in t.shape[2:])]
+    if len(images) != 1 or not isinstance(shape[1], int):
+        return None
+    size = tuple(images[0].shape[2:])
+    try:
+        yolox_grid(shape[1], size)
+    except InputError:
+        return None
+    return Head("yolox_raw", (name,), (("size", size),), "graph")
 
 
 @register_recogniser("detector", priority=10)
