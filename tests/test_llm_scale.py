@@ -1,0 +1,97 @@
+"""Decoder-layer scoring from cached inputs (issue 25): each candidate runs only the part of its model after the
+layer (``llm.suffix``), fed with the current model's values; the scores and orders must be those of running
+every candidate's whole model (the code before issue 25, kept as the fallback), round after round."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import pytest
+
+from onnx_consensus.graph.decoder import FUSED, PLAIN, expose_residual_sums, find_decoder_layers
+from onnx_consensus.graph.ir import load_model
+from onnx_consensus.graph.kv_surgery import remove_layers
+from onnx_consensus.llm import scoring as llm_scoring
+from onnx_consensus.llm.perplexity import logits_name
+from onnx_consensus.llm.scoring import final_hidden, original_logits, score_layers
+from onnx_consensus.llm.suffix import cut_suffix, node_signatures
+from onnx_consensus.graph.instrument import with_outputs
+from tests.test_decoder_llm import V, synthetic_decoder
+from tests.test_genai_builder import tiny  # noqa: F401  (the session fixture: tools.build_llms --tiny)
+
+METRICS = ("cosine", "cka", "linear_1", "output_kl")
+
+
+def _whole_models(monkeypatch):
+    """Score as before issue 25: every candidate's whole model."""
+    monkeypatch.setattr(llm_scoring, "candidate_suffixes",
+                        lambda model, current, report, removed, candidates, outputs: {i: None for i in candidates})
+
+
+def _rounds(work, ids, n_rounds: int, batch_size: int = 2) -> list:
+    """Iterative schedule: score, remove the first of the order, repeat; the rounds' (order, scores)."""
+    report = find_decoder_layers(work)
+    ref = original_logits(work, ids, batch_size=batch_size)
+    removed, out = [], []
+    for _ in range(n_rounds):
+        r = score_layers(work, report, ids, removed=removed, metrics=METRICS, reference=ref, batch_size=batch_size)
+        out.append((r.order, {b.id: b.scores for b in r.blocks}))
+        removed.append(report.by_id()[r.order[0]].index)
+    return out
+
+
+def _same(fast: list, slow: list) -> None:
+    for (order_f, sf), (order_s, ss) in zip(fast, slow, strict=True):
+        assert order_f == order_s
+        for bid in sf:
+            for m in METRICS:
+                assert math.isclose(sf[bid][m], ss[bid][m], rel_tol=1e-4, abs_tol=1e-6), (bid, m)
+
+
+@pytest.mark.parametrize("form", [PLAIN, FUSED])
+def test_suffix_scores_equal_whole_model_scores(form, monkeypatch):
+    model = synthetic_decoder(form)
+    work = expose_residual_sums(model) if form == FUSED else model
+    ids = np.random.default_rng(3).integers(0, V, (5, 6))  # 3 batches of 2: the last one short
+    fast = _rounds(work, ids, 3)
+    _whole_models(monkeypatch)
+    _same(fast, _rounds(work, ids, 3))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_suffix_scores_on_the_genai_builder_export(tiny, precision, monkeypatch):  # noqa: F811
+    model = expose_residual_sums(load_model(str(tiny / "llama" / f"genai_{precision}" / "model.onnx")))
+    ids = np.random.default_rng(4).integers(0, 250, (3, 16))
+    report = find_decoder_layers(model)
+    outs = [final_hidden(model), logits_name(model)]
+    current = with_outputs(model, outs[:1])
+    sx = llm_scoring.candidate_suffixes(current, current, report, [], list(report.by_index()), outs)
+    assert all(s is not None and len(s.model.graph.node) < len(model.graph.node) for s in sx.values())
+    fast = _rounds(model, ids, 2)
+    _whole_models(monkeypatch)
+    _same(fast, _rounds(model, ids, 2))
+
+
+@pytest.mark.parametrize("form", [PLAIN, FUSED])
+def test_suffix_is_the_part_after_the_layer(form):
+    """Removing the last layer leaves only the final norm (and the head) to run; removing the first, every other
+    layer; the cut is the stream before the layer (and, fused, the opening norm's inputs) plus side tensors."""
+    model = synthetic_decoder(form)
+    work = expose_residual_sums(model) if form == FUSED else model
+    report = find_decoder_layers(work)
+    outs = [final_hidden(work), logits_name(work)]
+    current = with_outputs(work, outs[:1])
+    sig = node_signatures(current)
+    sizes = {}
+    for i in report.by_index():
+        pruned = remove_layers(current, [i], report=report)
+        sx = cut_suffix(pruned, sig, outs)
+        assert sx is not None and set(sx.cut).isdisjoint(outs)
+        sizes[i] = len(sx.model.graph.node)
+        assert not set(sx.cut) & {o for n in sx.model.graph.node for o in n.output}
+        if form == PLAIN:
+            assert report.by_index()[i].block.entry in sx.cut
+    assert sizes == dict(sorted(sizes.items(), key=lambda kv: -kv[1]))  # later layers: shorter suffixes
+    assert sizes[max(sizes)] < len(current.graph.node) / 8
+    assert not any(isinstance(t, onnx.TensorProto) for t in sx.model.graph.initializer)  # no weights held
