@@ -95,3 +95,52 @@ def test_suffix_is_the_part_after_the_layer(form):
     assert sizes == dict(sorted(sizes.items(), key=lambda kv: -kv[1]))  # later layers: shorter suffixes
     assert sizes[max(sizes)] < len(current.graph.node) / 8
     assert not any(isinstance(t, onnx.TensorProto) for t in sx.model.graph.initializer)  # no weights held
+
+
+def test_rescore_top_scores_only_the_best_of_the_previous_round(tmp_path):
+    """``--rescore-top K`` on a decoder: round 1 scores every layer, later rounds only the K best still there;
+    with K at least the number of layers, the removals are those of the full schedule."""
+    import json
+
+    from onnx_consensus.cli import main
+    from tests.test_llm_prune import _text, _tokenizer
+
+    src = tmp_path / "src"
+    src.mkdir()
+    onnx.save_model(synthetic_decoder(PLAIN), str(src / "model.onnx"))
+    _tokenizer(src / "tokenizer.json")
+    (tmp_path / "calib.txt").write_text(_text(400))
+
+    def rounds(*extra):
+        rep = tmp_path / f"r{len(extra)}{'_'.join(extra)}.json"
+        out = tmp_path / f"o{len(extra)}{'_'.join(extra)}"
+        assert main([str(src), str(out), "--calib", str(tmp_path / "calib.txt"), "--seq-len", "8", "--remove", "3",
+                     "--report", str(rep), "-q", "--no-latency", *extra]) == 0
+        r = json.loads(rep.read_text())
+        return [x["index"] for x in r["removed"]], [len(x["blocks"]) for x in r["rounds"]], r["rounds"]
+
+    full, sizes, full_rounds = rounds()
+    assert sizes == [4, 3, 2]
+    same, sizes_all, _ = rounds("--rescore-top", "4")
+    assert same == full and sizes_all == [4, 3, 2]
+    top2, sizes2, r2 = rounds("--rescore-top", "2")
+    assert sizes2 == [4, 2, 2] and top2[0] == full[0]
+    first = [b["id"] for b in full_rounds[0]["blocks"]]
+    assert {b["id"] for b in r2[1]["blocks"]} == set([i for i in first if i != first[0]][:2])
+    assert main([str(src), str(tmp_path / "bad"), "--calib", str(tmp_path / "calib.txt"), "--seq-len", "8",
+                 "--remove", "1", "--rescore-top", "0", "-q", "--no-latency"]) != 0
+
+
+def test_release_mapped_pages_keeps_values(tmp_path):
+    """The shared maps of external weights drop their resident pages and still read the same values."""
+    from onnx_consensus.graph.ir import load_model_and_layout
+    from onnx_consensus.graph.weights import external_array, release_mapped_pages
+
+    model = synthetic_decoder(PLAIN)
+    onnx.save_model(model, str(tmp_path / "m.onnx"), save_as_external_data=True, size_threshold=0)
+    loaded, external = load_model_and_layout(str(tmp_path / "m.onnx"))
+    assert external
+    before = {t.name: np.array(external_array(t)) for t in loaded.graph.initializer}
+    assert release_mapped_pages() > 0
+    for t in loaded.graph.initializer:
+        np.testing.assert_array_equal(external_array(t), before[t.name])

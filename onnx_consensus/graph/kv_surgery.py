@@ -311,6 +311,10 @@ def prune_folder(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, layers:
         if check:
             import onnxruntime as ort
 
+            from .weights import release_mapped_pages
+
+            release_mapped_pages()  # the input's weights, read for the copy: not resident beside the output's
+
             so = ort.SessionOptions()
             so.intra_op_num_threads = 1
             sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])

@@ -23,7 +23,7 @@ from onnx import TensorProto, numpy_helper
 
 __all__ = [
     "FLOAT_TYPES", "STUB_LOCATION", "STUB_MIN_ELEMENTS", "is_external", "has_external_tensors",
-    "absolute_locations", "external_array", "tensor_array", "numel", "tensor_nbytes", "initializer_bytes",
+    "absolute_locations", "external_array", "release_mapped_pages", "tensor_array", "numel", "tensor_nbytes", "initializer_bytes",
     "is_weight", "make_stub", "weightless", "write_external", "set_location",
 ]
 
@@ -126,6 +126,25 @@ def external_array(t: TensorProto) -> np.ndarray:
         _MAPS[key] = np.memmap(info["location"], dtype=dtype, mode="r", offset=key[1], shape=shape) if shape else \
             np.fromfile(info["location"], dtype=dtype, count=1, offset=key[1]).reshape(())
     return _MAPS[key]
+
+
+def release_mapped_pages() -> int:
+    """Drop the resident pages of every shared memory map (``external_array``) from this process
+    (``madvise(MADV_DONTNEED)``): the maps stay valid and fault their pages back in from the page cache on the
+    next read, but until then they no longer count in the process's resident memory. Called before a step that
+    maps other weights (the written model's check run), so the two never count at once. Returns the bytes
+    advised (0 where the platform has no madvise)."""
+    import mmap
+
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    done = 0
+    for arr in _MAPS.values():
+        m = getattr(arr, "_mmap", None)
+        if advice is None or m is None or not hasattr(m, "madvise"):
+            continue
+        m.madvise(advice)
+        done += len(m)
+    return done
 
 
 def tensor_array(t: TensorProto) -> np.ndarray:

@@ -201,11 +201,17 @@ def prune_decoder(model_path: str | os.PathLike, text, options: Options | None =
             # every round is anchored to the ORIGINAL model's logits (a bounded (rows, vocab) array)
             kw["reference"] = original_logits(work, score_windows, seed=crit.seed, batch_size=kw["batch_size"],
                                               threads=run.threads)
+        order: list[int] = []
+        if crit.rescore_top is not None and crit.rescore_top < 1:
+            raise InputError("--rescore-top must be >= 1")
         while len(removed) < target.remove:
             cands = sorted(allowed - set(removed))
+            if crit.rescore_top is not None and order:  # as the CNN pruner: the K best of the previous order
+                cands = [i for i in order if i in cands][:crit.rescore_top] or cands
             r = score_layers(work, report, score_windows, removed=removed, candidates=cands, **kw)
             rounds.append(r)
-            order = [report.by_id()[b].index for b in r.order]
+            rescored = [report.by_id()[b].index for b in r.order]
+            order = rescored + [i for i in order if i not in rescored and i not in removed]
             if crit.schedule == "one-shot":
                 removed = order[:target.remove]
                 break

@@ -182,6 +182,7 @@ def score_layers(model: onnx.ModelProto, report: DecoderReport, windows: np.ndar
         if out_specs and len(reference) != len(out_rows):
             raise InputError(f"the reference logits have {len(reference)} rows, the scored windows {len(out_rows)}")
         cached = {c: ref[c] for c in cut}
+        reference64 = reference.astype(np.float64) if out_specs else None
         del ref
         for i in candidates:
             sx = suffixes[i]
@@ -197,7 +198,7 @@ def score_layers(model: onnx.ModelProto, report: DecoderReport, windows: np.ndar
             pairs[by_index[i].block.id] = (x, got[feature])
             if out_specs:
                 acc = OutputAccumulator([sp.name for sp in out_specs])
-                acc.add(lg, reference.astype(np.float64), got[lg].astype(np.float64), True)
+                acc.add(lg, reference64, got[lg].astype(np.float64), True)
                 outputs[by_index[i].block.id] = acc.scores()
         del cached
     else:
