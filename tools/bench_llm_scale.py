@@ -1,7 +1,7 @@
 """What pruning a decoder LLM costs at scale (issues 23 and 25): Llama-shaped random-weight models at three sizes,
-exported by the onnxruntime-genai builder (fp32 with external data, and int4), pruned by `--unit layer --remove
-N` (25% of the layers) with three criteria, each measured against the floor (one onnxruntime forward pass over the same scored
-calibration tokens, measured in the same run) and against what a user would run instead (ShortGPT's Block
+exported by the onnxruntime-genai builder (fp32 with external data, and int4), pruned by `--unit layer
+--remove N` (25% of the layers) with three criteria, each measured against the floor (one onnxruntime forward
+pass over the same scored calibration tokens, measured in the same run) and against what a user would run instead (ShortGPT's Block
 Influence and PruneMe's angular distance in PyTorch with transformers, one forward with hidden states).
 
     python -m tools.bench_llm_scale build [--sizes s,m,l]       # models under .cache/llm_scale/ (idempotent)
@@ -28,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "llm_scale"
-VOCAB = 2000  # not 2048: the genai builder 0.18 takes a square (hidden x hidden) projection for the LM head when vocab == hidden
+VOCAB = 2000  # not 2048: with vocab == hidden the genai builder 0.18 takes a square projection for the LM head
 SIZES = {"s": (512, 8), "m": (1024, 12), "l": (2048, 16)}
 CRITERIA = {"default": [], "paper": ["--metrics", "paper"], "bi": ["--metrics", "cosine", "--scope", "local"],
             "angular": ["--metrics", "angular", "--scope", "local"]}
@@ -185,7 +185,8 @@ def run(size: str, precision: str, criteria: list[str], code: Path) -> dict:
     for c in criteria:
         with tempfile.TemporaryDirectory() as d:
             cmd = [sys.executable, "-m", "onnx_consensus", "prune", str(folder), os.path.join(d, "out"), "--calib",
-                   str(calib), *COMMON, "--remove", str(SIZES[size][1] // 4), *CRITERIA[c], "--report", os.path.join(d, "r.json"), "-q"]
+                   str(calib), *COMMON, "--remove", str(SIZES[size][1] // 4), *CRITERIA[c],
+                   "--report", os.path.join(d, "r.json"), "-q"]
             r = _child(cmd, code)
             if r["rc"] == 0:
                 rep = json.load(open(os.path.join(d, "r.json")))

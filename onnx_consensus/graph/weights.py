@@ -23,7 +23,8 @@ from onnx import TensorProto, numpy_helper
 
 __all__ = [
     "FLOAT_TYPES", "STUB_LOCATION", "STUB_MIN_ELEMENTS", "is_external", "has_external_tensors",
-    "absolute_locations", "external_array", "release_mapped_pages", "tensor_array", "numel", "tensor_nbytes", "initializer_bytes",
+    "absolute_locations", "external_array", "release_mapped_pages",
+    "tensor_array", "numel", "tensor_nbytes", "initializer_bytes",
     "is_weight", "make_stub", "weightless", "write_external", "set_location",
 ]
 
