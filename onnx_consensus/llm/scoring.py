@@ -2,10 +2,14 @@
 
 * global scope (the Consensus as published, adapted): the final hidden state F (the LM head's input: the
   final norm's output, (batch, seq, hidden)) of the current model against F of the current model with the
-  candidate layer also removed. The "suffix from the block's entry" of ``scoring.py`` does not apply to
-  the fused Skip-norm form (removing a layer moves its closing norm's weight onto the previous norm), so
-  each candidate is removed from the graph with ``kv_surgery.remove_layers`` and the model run whole on the
-  windows: one onnxruntime session and one pass over the calibration windows per candidate per round.
+  candidate layer also removed. Each candidate is removed from a weightless copy of the graph with
+  ``kv_surgery.remove_layers`` (which handles the fused Skip-norm form, where removing a layer moves its closing
+  norm's weight onto the previous norm); only the part of that graph that differs from the current model runs
+  (``llm.suffix``: the layers after the candidate and the head), fed with the current model's values at the
+  cut (one run of the current model per round provides them, kept for every window: about
+  candidates x windows x seq x hidden floats). Same ops on the same values as running the candidate's whole
+  model (graphs with subgraphs do exactly that), so the scores are those of the whole model to float rounding;
+  a round costs one pass plus, per candidate, the fraction of the layers after it (about half a pass).
 * local scope: each layer's entry against its exit (the residual stream before and after it) in one run of
   the current model; with the ``cosine`` metric this is ShortGPT's Block Influence.
 
