@@ -135,6 +135,51 @@ def candidate_suffixes(model: onnx.ModelProto, current: onnx.ModelProto, report:
             for i in candidates}
 
 
+def _global_pairs(model: onnx.ModelProto, current: onnx.ModelProto, report: DecoderReport, windows: np.ndarray,
+                  removed: Sequence[int], candidates: Sequence[int], feature: str, lg: str, rows: np.ndarray,
+                  out_specs, reference: np.ndarray | None, pairs: dict, outputs: dict, *, seed: int,
+                  batch_size: int, threads: int | None) -> np.ndarray:
+    """Global scope: fill ``pairs`` (block id -> (F of ``current``, F without the candidate), token rows) and
+    ``outputs`` (block id -> output-level scores against ``reference``); return the current model's greedy
+    next tokens on ``rows``. One run of ``current`` (``feature``, logits ``lg`` and every candidate's cut
+    tensors), then each candidate's suffix (``candidate_suffixes``) on the cut values."""
+    by_index = report.by_index()
+    names = [feature, lg] if out_specs else [feature]
+    suffixes = candidate_suffixes(model, current, report, removed, candidates, names)
+    cut = sorted({c for sx in suffixes.values() if sx is not None for c in sx.cut} - {feature, lg})
+    have = {o.name for o in current.graph.output}  # current is score_layers' own copy: exposed in place
+    current.graph.output.extend(onnx.helper.make_empty_tensor_value_info(c) for c in cut if c not in have)
+    feeds = [prefill_feed(current, windows[s:s + batch_size]) for s in range(0, len(windows), batch_size)]
+    ref = _run(current, windows, [feature, lg], batch_size, threads, rows=rows, cache=cut, feeds=feeds)
+    x = ref[feature]
+    predicted = ref[lg].argmax(-1)
+    out_rows = output_rows_of(rows, ref[lg].shape[-1], seed) if out_specs else None
+    if out_specs and reference is None:
+        reference = ref[lg][np.searchsorted(rows, out_rows)]
+    if out_specs and len(reference) != len(out_rows):
+        raise InputError(f"the reference logits have {len(reference)} rows, the scored windows {len(out_rows)}")
+    cached = {c: ref[c] for c in cut}
+    reference64 = reference.astype(np.float64) if out_specs else None
+    del ref
+    keep = [rows, out_rows][:len(names)]
+    for i in candidates:
+        sx = suffixes[i]
+        if sx is None:  # the whole candidate model
+            pruned = remove_layers(model, [*removed, i], report=report)
+            got = _run(pruned, windows, names, batch_size, threads, rows=keep)
+        else:
+            batch_feeds = [{**{n: f[n] for n in sx.inputs}, **{c: cached[c][k] for c in sx.cut}}
+                           for k, f in enumerate(feeds)]
+            got = _run(sx.materialize(model, batch_feeds[0]), windows, names, batch_size, threads,
+                       rows=keep, feeds=batch_feeds)
+        pairs[by_index[i].block.id] = (x, got[feature])
+        if out_specs:
+            acc = OutputAccumulator([sp.name for sp in out_specs])
+            acc.add(lg, reference64, got[lg].astype(np.float64), True)
+            outputs[by_index[i].block.id] = acc.scores()
+    return predicted
+
+
 def score_layers(model: onnx.ModelProto, report: DecoderReport, windows: np.ndarray, *,
                  removed: Sequence[int] = (), candidates: Sequence[int] | None = None,
                  metrics: Sequence[str] = ("cosine",), scope: str = "global", feature: str | None = None,
@@ -171,40 +216,9 @@ def score_layers(model: onnx.ModelProto, report: DecoderReport, windows: np.ndar
     outputs: dict[str, dict[str, float]] = {}
     rows = token_rows(windows.size, max_tokens, seed)
     if scope == "global":
-        names = [feature, lg] if out_specs else [feature]
-        suffixes = candidate_suffixes(model, current, report, removed, candidates, names)
-        cut = sorted({c for sx in suffixes.values() if sx is not None for c in sx.cut} - {feature, lg})
-        have = {o.name for o in current.graph.output}  # current is this call's own copy: exposed in place
-        current.graph.output.extend(onnx.helper.make_empty_tensor_value_info(c) for c in cut if c not in have)
-        feeds = [prefill_feed(current, windows[s:s + batch_size]) for s in range(0, len(windows), batch_size)]
-        ref = _run(current, windows, [feature, lg], batch_size, threads, rows=rows, cache=cut, feeds=feeds)
-        x = ref[feature]
-        predicted = ref[lg].argmax(-1)
-        out_rows = output_rows_of(rows, ref[lg].shape[-1], seed) if out_specs else None
-        if out_specs and reference is None:
-            reference = ref[lg][np.searchsorted(rows, out_rows)]
-        if out_specs and len(reference) != len(out_rows):
-            raise InputError(f"the reference logits have {len(reference)} rows, the scored windows {len(out_rows)}")
-        cached = {c: ref[c] for c in cut}
-        reference64 = reference.astype(np.float64) if out_specs else None
-        del ref
-        for i in candidates:
-            sx = suffixes[i]
-            keep = [rows, out_rows][:len(names)]
-            if sx is None:  # the whole candidate model
-                pruned = remove_layers(model, [*removed, i], report=report)
-                got = _run(pruned, windows, names, batch_size, threads, rows=keep)
-            else:
-                batch_feeds = [{**{n: f[n] for n in sx.inputs}, **{c: cached[c][k] for c in sx.cut}}
-                               for k, f in enumerate(feeds)]
-                got = _run(sx.materialize(model, batch_feeds[0]), windows, names, batch_size, threads,
-                           rows=keep, feeds=batch_feeds)
-            pairs[by_index[i].block.id] = (x, got[feature])
-            if out_specs:
-                acc = OutputAccumulator([sp.name for sp in out_specs])
-                acc.add(lg, reference64, got[lg].astype(np.float64), True)
-                outputs[by_index[i].block.id] = acc.scores()
-        del cached
+        predicted = _global_pairs(model, current, report, windows, removed, candidates, feature, lg, rows,
+                                  out_specs, reference, pairs, outputs, seed=seed, batch_size=batch_size,
+                                  threads=threads)
     else:
         kept = [i for i in sorted(by_index) if i not in removed]
         entry = {}
