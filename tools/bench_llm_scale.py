@@ -7,7 +7,8 @@ with hidden states).
 
     python -m tools.bench_llm_scale build [--sizes s,m,l]       # models under .cache/llm_scale/ (idempotent)
     python -m tools.bench_llm_scale run [--sizes s,m] [--precisions fp32,int4] [--criteria default,paper,bi]
-                                        [--code DIR] [--json out.json]
+                                        [--code DIR] [--json out.jsonl]
+    python -m tools.bench_llm_scale table out.jsonl [more.jsonl ...]   # the markdown table
 
 Sizes (as in issue 25; vocabulary 2000, GQA with 4x fewer KV heads, head size 64, SwiGLU 2.75x):
 ``s`` hidden 512 / 8 layers (25M parameters), ``m`` 1024 / 12 (145M), ``l`` 2048 / 16 (728M).
@@ -201,15 +202,46 @@ def run(size: str, precision: str, criteria: list[str], code: Path) -> dict:
     return res
 
 
+def table(paths: list[str]) -> str:
+    """The markdown table of result files (JSON lines of ``run``; a later line for the same model, criterion and
+    code replaces an earlier one)."""
+    rows: dict[tuple, tuple[dict, dict]] = {}
+    for path in paths:
+        for line in open(path):
+            res = json.loads(line)
+            for c in CRITERIA:
+                if c in res:
+                    code = "main" if Path(res["code"]).resolve() != ROOT.resolve() else "this"
+                    rows[(res["size"], res["precision"], c, code)] = (res, res[c])
+    out = ["| model | params | file | code | criterion | floor: 1 ORT pass (wall / CPU s) | wall s (x floor) | "
+           "CPU s (x floor) | peak RSS (x file) | PyTorch BI + angular (wall / CPU s) | removed |",
+           "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---|"]
+    for (size, prec, c, code), (res, r) in sorted(rows.items(), key=lambda kv: (list(SIZES).index(kv[0][0]),
+                                                                                   kv[0][1], kv[0][3], kv[0][2])):
+        hidden, layers = SIZES[size]
+        fl, tq = res["floor"], res.get("torch")
+        out.append(f"| {hidden}/{layers} {prec} | {res['params'] / 1e6:.0f}M | {res['file_bytes'] / 1e6:,.0f} MB | "
+                   f"{code} | {c} | {fl['floor_s']:.2f} / {fl['floor_cpu_s']:.2f} | "
+                   f"{r['wall_s']:.0f} ({r['wall_x_floor']}x) | {r['cpu_s']:.0f} ({r['cpu_x_floor']}x) | "
+                   f"{r['peak_rss'] / 1e9:.2f} GB ({r['rss_x_file']}x) | "
+                   + (f"{tq['torch_s']:.1f} / {tq['torch_cpu_s']:.1f} | " if tq else "- | ")
+                   + f"{' '.join(map(str, r.get('removed', ['failed'])))} |")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=("build", "run"))
+    p.add_argument("what", choices=("build", "run", "table"))
+    p.add_argument("files", nargs="*", help="table: the JSON-lines files of run --json")
     p.add_argument("--sizes", default="s,m,l")
     p.add_argument("--precisions", default="fp32,int4")
     p.add_argument("--criteria", default="default,paper,bi")
     p.add_argument("--code", default=str(ROOT), help="the checkout whose onnx_consensus the prune runs use")
     p.add_argument("--json", help="append the results to this JSON-lines file")
     a = p.parse_args(argv)
+    if a.what == "table":
+        print(table(a.files))
+        return
     sizes, precisions = a.sizes.split(","), a.precisions.split(",")
     for s in sizes:
         if a.what == "build":
