@@ -144,3 +144,30 @@ def test_release_mapped_pages_keeps_values(tmp_path):
     assert release_mapped_pages() > 0
     for t in loaded.graph.initializer:
         np.testing.assert_array_equal(external_array(t), before[t.name])
+
+
+@pytest.mark.parametrize("form", [PLAIN, FUSED])
+def test_angular_local_is_gromovs_angular_distance(form):
+    """``--metrics angular --scope local`` (Gromov et al. 2024 with n = 1, as PruneMe computes it per token):
+    mean over tokens of arccos(cos(layer input, layer output)) / pi, recomputed here from the exposed stream."""
+    from onnx_consensus.graph.decoder import prefill_feed
+    from onnx_consensus.runtime import make_session
+
+    model = synthetic_decoder(form)
+    work = expose_residual_sums(model) if form == FUSED else model
+    report = find_decoder_layers(work)
+    ids = np.random.default_rng(5).integers(0, V, (3, 7))
+    r = score_layers(work, report, ids, metrics=("angular", "cosine"), scope="local")
+    layers = report.by_index()
+    names = [layers[0].block.entry] + [layers[i].block.exit for i in sorted(layers)]
+    m = with_outputs(work, names)
+    acts = dict(zip(names, make_session(m).run(names, prefill_feed(m, ids))))
+    for b in r.blocks:
+        i = report.by_id()[b.id].index
+        x = acts[names[i]].reshape(-1, acts[names[i]].shape[-1]).astype(np.float64)
+        y = acts[names[i + 1]].reshape(x.shape).astype(np.float64)
+        cos = np.clip((x * y).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1), -1, 1)
+        assert math.isclose(b.scores["angular"], float(np.mean(np.arccos(cos)) / np.pi), rel_tol=1e-6)
+        assert math.isclose(b.scores["cosine"], float(1 - cos.mean()), rel_tol=1e-6, abs_tol=1e-9)
+    alone = score_layers(work, report, ids, metrics=("angular",), scope="local")
+    assert [b.scores["angular"] for b in alone.blocks] == sorted(b.scores["angular"] for b in alone.blocks)
