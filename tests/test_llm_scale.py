@@ -171,3 +171,45 @@ def test_angular_local_is_gromovs_angular_distance(form):
         assert math.isclose(b.scores["cosine"], float(1 - cos.mean()), rel_tol=1e-6, abs_tol=1e-9)
     alone = score_layers(work, report, ids, metrics=("angular",), scope="local")
     assert [b.scores["angular"] for b in alone.blocks] == sorted(b.scores["angular"] for b in alone.blocks)
+
+
+@pytest.mark.parametrize("as_folder", [True, False])
+def test_inline_weights_are_spilled_and_written_back_inline(tmp_path, monkeypatch, as_folder):
+    """An input with inline weights over the threshold runs on a temporary data file (the weights mapped, not
+    copied) and is written inline again: the same files and logits as without the spill."""
+    from onnx_consensus.cli import main
+    from onnx_consensus.graph.decoder import prefill_feed
+    from onnx_consensus.llm import run as llm_run
+    from onnx_consensus.llm import spill as llm_spill
+    from onnx_consensus.runtime import make_session
+    from tests.test_llm_prune import _text, _tokenizer
+
+    src = tmp_path / "src"
+    src.mkdir()
+    onnx.save_model(synthetic_decoder(FUSED), str(src / "model.onnx"))
+    _tokenizer(src / "tokenizer.json")
+    (tmp_path / "calib.txt").write_text(_text(300))
+    before = (src / "model.onnx").read_bytes()
+    spilled = []
+    real = llm_spill.spill_weights
+    monkeypatch.setattr(llm_run, "spill_weights", lambda m, b: spilled.append(real(m, 0)) or spilled[-1])
+
+    def prune(name, spill):
+        if not spill:
+            monkeypatch.setattr(llm_run, "spill_weights", lambda m, b: None)
+        out = tmp_path / name if as_folder else tmp_path / f"{name}.onnx"
+        assert main([str(src if as_folder else src / "model.onnx"), str(out), "--calib", str(tmp_path / "calib.txt"),
+                     "--seq-len", "8", "--remove", "2", "-q", "--no-latency"] +
+                    ([] if as_folder else ["--tokenizer", str(src / "tokenizer.json")])) == 0
+        return out / "model.onnx" if as_folder else out
+
+    a = prune("spilled", True)
+    assert spilled and spilled[0] is not None
+    b = prune("plain", False)
+    assert (src / "model.onnx").read_bytes() == before
+    assert not [p for p in tmp_path.rglob("*") if p.suffix in (".data", ".bin")]  # every output inline
+    ma, mb = onnx.load(str(a)), onnx.load(str(b))
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in ma.graph.initializer)
+    ids = np.random.default_rng(2).integers(0, V, (2, 5))
+    np.testing.assert_allclose(make_session(ma).run(["logits"], prefill_feed(ma, ids))[0],
+                               make_session(mb).run(["logits"], prefill_feed(mb, ids))[0], rtol=1e-6, atol=1e-6)

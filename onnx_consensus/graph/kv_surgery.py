@@ -313,12 +313,14 @@ def prune_folder(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, layers:
 
             from .weights import release_mapped_pages
 
+            feed = dummy_feed(out, seq=3)
+            del out.graph.initializer[:]  # written: the check session holds its own copy
             release_mapped_pages()  # the input's weights, read for the copy: not resident beside the output's
 
             so = ort.SessionOptions()
             so.intra_op_num_threads = 1
             sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-            sess.run(None, dummy_feed(out, seq=3))
+            sess.run(None, feed)
         update_configs(src_dir, tmp, kept, report.cache.n_layers)
         if os.path.isdir(dst_dir):
             os.rmdir(dst_dir)
