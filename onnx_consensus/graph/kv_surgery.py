@@ -245,8 +245,8 @@ def decoder_filename(folder: str | os.PathLike) -> str:
 
 
 def prune_folder(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, layers: Iterable[int], *,
-                 model_name: str | None = None, check: bool = True,
-                 pruned: onnx.ModelProto | None = None) -> DecoderReport:
+                 model_name: str | None = None, check: bool = True, pruned: onnx.ModelProto | None = None,
+                 report: DecoderReport | None = None, external: bool | None = None) -> DecoderReport:
     """Remove decoder ``layers`` from the export folder ``src_dir`` (optimum or onnxruntime-genai) into the
     new folder ``dst_dir``: the model (weights as external data ``<model>.data`` when the input had external
     data, streamed from the input's file without loading it whole), the updated configs, and every other file
@@ -258,8 +258,9 @@ def prune_folder(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, layers:
     zero-length past) before the rename. ``onnx.checker`` is not run: onnxruntime-genai exports use
     onnxruntime's own operators in the default domain (SimplifiedLayerNormalization), which it refuses.
     pruned: the model to write when already computed (``remove_layers`` of the input with ``layers``,
-    possibly fine-tuned since); its weights may be in memory or external. Returns the report of the input
-    model's layers.
+    possibly fine-tuned since); its weights may be in memory or external. report / external: the input's
+    ``find_decoder_layers`` and whether it keeps external data, when the caller has them (with ``pruned``, the
+    input model is then not read again). Returns the report of the input model's layers.
     """
     import tempfile
 
@@ -279,15 +280,21 @@ def prune_folder(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, layers:
     src_model = os.path.join(src_dir, model_name)
     if not os.path.exists(src_model):
         raise InputError(f"no model {model_name} in {src_dir}")
-    data_files = _external_files(src_model)
-    model, external = load_model_and_layout(src_model)  # external weights stay in their file, mapped on use
-    report = find_decoder_layers(model)
+    data_files = set() if external is False else _external_files(src_model)  # False: an inline input, not parsed
+    if pruned is not None and report is not None and external is not None:
+        model = None  # the caller has what the input would give: an inline input is not parsed again
+    else:
+        model, external = load_model_and_layout(src_model)  # external weights stay in their file, mapped on use
+        report = find_decoder_layers(model)
     chosen = sorted(set(layers))
+    own = pruned is None or external or any(_is_external(t) for t in pruned.graph.initializer)
     if pruned is None:
         out = remove_layers(model, chosen, report=report)
-    else:  # a copy: writing moves its tensors' bytes (and locations) into the new data file
+    elif own:  # a copy: writing moves its tensors' bytes (and locations) into the new data file
         out = onnx.ModelProto()
         out.CopyFrom(pruned)
+    else:  # inline weights, written as they are: no copy
+        out = pruned
     external = external or any(_is_external(t) for t in out.graph.initializer)
     kept = [i for i in range(report.cache.n_layers) if i not in chosen]
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst_dir)}.", dir=os.path.dirname(dst_dir))
@@ -314,7 +321,8 @@ def prune_folder(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, layers:
             from .weights import release_mapped_pages
 
             feed = dummy_feed(out, seq=3)
-            del out.graph.initializer[:]  # written: the check session holds its own copy
+            if own:
+                del out.graph.initializer[:]  # written: the check session holds its own copy
             release_mapped_pages()  # the input's weights, read for the copy: not resident beside the output's
 
             so = ort.SessionOptions()

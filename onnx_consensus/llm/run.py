@@ -387,7 +387,8 @@ def write_decoder(outcome: DecoderOutcome, out_path: str | os.PathLike) -> str |
     unknown = _unknown_to_onnx(outcome.model)
     checks = ["onnxruntime prefill run"]
     if outcome.folder:
-        prune_folder(outcome.source, out_path, outcome.removed, pruned=outcome.model)
+        prune_folder(outcome.source, out_path, outcome.removed, pruned=outcome.model, report=outcome.layers,
+                     external=outcome.external)
         checks.append("onnx.checker not run on export folders (onnxruntime operators in the default domain)"
                       if unknown else "onnx.checker not run on export folders")
     else:
