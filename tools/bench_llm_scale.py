@@ -8,7 +8,7 @@ with hidden states).
     python -m tools.bench_llm_scale build [--sizes s,m,l]       # models under .cache/llm_scale/ (idempotent)
     python -m tools.bench_llm_scale run [--sizes s,m] [--precisions fp32,int4] [--criteria default,paper,bi]
                                         [--code DIR] [--json out.jsonl]
-    python -m tools.bench_llm_scale table out.jsonl [more.jsonl ...]   # the markdown table
+    python -m tools.bench_llm_scale table out.jsonl [more.jsonl ...] [--write docs/BENCHMARKS.md]
 
 Sizes (as in issue 25; vocabulary 2000, GQA with 4x fewer KV heads, head size 64, SwiGLU 2.75x):
 ``s`` hidden 512 / 8 layers (25M parameters), ``m`` 1024 / 12 (145M), ``l`` 2048 / 16 (728M).
@@ -238,9 +238,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--criteria", default="default,paper,bi")
     p.add_argument("--code", default=str(ROOT), help="the checkout whose onnx_consensus the prune runs use")
     p.add_argument("--json", help="append the results to this JSON-lines file")
+    p.add_argument("--write", help="table: replace the table between the llm-scale-table markers of this file")
     a = p.parse_args(argv)
     if a.what == "table":
-        print(table(a.files))
+        text = table(a.files)
+        if a.write:
+            doc = Path(a.write).read_text()
+            begin, end = "<!-- llm-scale-table:begin -->\n", "<!-- llm-scale-table:end -->"
+            head, rest = doc.split(begin)
+            Path(a.write).write_text(head + begin + text + "\n" + end + rest.split(end, 1)[1])
+        print(text)
         return
     sizes, precisions = a.sizes.split(","), a.precisions.split(",")
     for s in sizes:
