@@ -211,7 +211,7 @@ def table(paths: list[str]) -> str:
             res = json.loads(line)
             for c in CRITERIA:
                 if c in res:
-                    code = "main" if Path(res["code"]).resolve() != ROOT.resolve() else "this"
+                    code = res.get("label") or Path(res["code"]).name
                     rows[(res["size"], res["precision"], c, code)] = (res, res[c])
     out = ["| model | params | file | code | criterion | floor: 1 ORT pass (wall / CPU s) | wall s (x floor) | "
            "CPU s (x floor) | peak RSS (x file) | PyTorch BI + angular (wall / CPU s) | removed |",
@@ -238,6 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--criteria", default="default,paper,bi")
     p.add_argument("--code", default=str(ROOT), help="the checkout whose onnx_consensus the prune runs use")
     p.add_argument("--json", help="append the results to this JSON-lines file")
+    p.add_argument("--label", help="run: the code's name in the table (default: the --code folder's name)")
     p.add_argument("--write", help="table: replace the table between the llm-scale-table markers of this file")
     a = p.parse_args(argv)
     if a.what == "table":
@@ -256,6 +257,7 @@ def main(argv: list[str] | None = None) -> None:
             continue
         for prec in precisions:
             res = run(s, prec, a.criteria.split(","), Path(a.code))
+            res["label"] = a.label
             print(json.dumps(res))
             if a.json:
                 with open(a.json, "a") as f:
