@@ -256,8 +256,9 @@ def decoder_filename(folder: str | os.PathLike, *, follow_symlinks: bool = False
 
 
 def prune_folder(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, layers: Iterable[int], *,
-                 model_name: str | None = None, check: bool = True,
-                 pruned: onnx.ModelProto | None = None, follow_symlinks: bool = False) -> DecoderReport:
+                 model_name: str | None = None, check: bool = True, pruned: onnx.ModelProto | None = None,
+                 report: DecoderReport | None = None, external: bool | None = None,
+                 follow_symlinks: bool = False) -> DecoderReport:
     """Remove decoder ``layers`` from the export folder ``src_dir`` (optimum or onnxruntime-genai) into the
     new folder ``dst_dir``: the model (weights as external data ``<model>.data`` when the input had external
     data, streamed from the input's file without loading it whole), the updated configs, and every other file
@@ -269,9 +270,11 @@ def prune_folder(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, layers:
     zero-length past) before the rename. ``onnx.checker`` is not run: onnxruntime-genai exports use
     onnxruntime's own operators in the default domain (SimplifiedLayerNormalization), which it refuses.
     pruned: the model to write when already computed (``remove_layers`` of the input with ``layers``,
-    possibly fine-tuned since); its weights may be in memory or external. Returns the report of the input
-    model's layers. Every file read from ``src_dir`` must be a regular file inside it (``_side_file``; a
-    symbolic link out of it only with ``follow_symlinks``), and the new folder gets the mode ``mkdir`` gives.
+    possibly fine-tuned since); its weights may be in memory or external. report / external: the input's
+    ``find_decoder_layers`` and whether it keeps external data, when the caller has them (with ``pruned``, the
+    input model is then not read again). Returns the report of the input model's layers. Every file read from
+    ``src_dir`` must be a regular file inside it (``_side_file``; a symbolic link out of it only with
+    ``follow_symlinks``), and the new folder gets the mode ``mkdir`` gives.
     """
     import tempfile
 
@@ -292,15 +295,21 @@ def prune_folder(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, layers:
         raise InputError(f"no model {model_name} in {src_dir}")
     _side_file(src_dir, model_name, follow_symlinks)
     src_model = os.path.normpath(os.path.join(src_dir, model_name))
-    data_files = _external_files(src_model)
-    model, external = load_model_and_layout(src_model)  # external weights stay in their file, mapped on use
-    report = find_decoder_layers(model)
+    data_files = set() if external is False else _external_files(src_model)  # False: an inline input, not parsed
+    if pruned is not None and report is not None and external is not None:
+        model = None  # the caller has what the input would give: an inline input is not parsed again
+    else:
+        model, external = load_model_and_layout(src_model)  # external weights stay in their file, mapped on use
+        report = find_decoder_layers(model)
     chosen = sorted(set(layers))
+    own = pruned is None or external or any(_is_external(t) for t in all_tensors(pruned))
     if pruned is None:
         out = remove_layers(model, chosen, report=report)
-    else:  # a copy: writing moves its tensors' bytes (and locations) into the new data file
+    elif own:  # a copy: writing moves its tensors' bytes (and locations) into the new data file
         out = onnx.ModelProto()
         out.CopyFrom(pruned)
+    else:  # inline weights, written as they are: no copy
+        out = pruned
     external = external or any(_is_external(t) for t in all_tensors(out))
     kept = [i for i in range(report.cache.n_layers) if i not in chosen]
     from ..io import default_mode
@@ -323,10 +332,17 @@ def prune_folder(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, layers:
         if check:
             import onnxruntime as ort
 
+            from .weights import release_mapped_pages
+
+            feed = dummy_feed(out, seq=3)
+            if own:
+                del out.graph.initializer[:]  # written: the check session holds its own copy
+            release_mapped_pages()  # the input's weights, read for the copy: not resident beside the output's
+
             so = ort.SessionOptions()
             so.intra_op_num_threads = 1
             sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-            sess.run(None, dummy_feed(out, seq=3))
+            sess.run(None, feed)
         update_configs(src_dir, tmp, kept, report.cache.n_layers, follow_symlinks=follow_symlinks)
         if os.path.isdir(dst_dir):
             os.rmdir(dst_dir)

@@ -34,6 +34,7 @@ __all__ = [
     "is_external", "has_external_tensors", "inline_external",
     "absolute_locations", "external_array", "tensor_array", "numel", "tensor_nbytes", "initializer_bytes",
     "is_weight", "make_stub", "weightless", "write_external", "set_location", "relocate", "stored_nbytes",
+    "release_mapped_pages",
 ]
 
 #: ONNX element types that are floating point: the types of learned weights, counted as parameters and
@@ -229,6 +230,25 @@ def inline_external(t: TensorProto) -> None:
     _clear_data(t)
     t.data_location = TensorProto.DEFAULT
     t.raw_data = data
+
+
+def release_mapped_pages() -> int:
+    """Drop the resident pages of every shared memory map (``external_array``) from this process
+    (``madvise(MADV_DONTNEED)``): the maps stay valid and fault their pages back in from the page cache on the
+    next read, but until then they no longer count in the process's resident memory. Called before a step that
+    maps other weights (the written model's check run), so the two never count at once. Returns the bytes
+    advised (0 where the platform has no madvise)."""
+    import mmap
+
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    done = 0
+    for arr in _MAPS.values():
+        m = getattr(arr, "_mmap", None)
+        if advice is None or m is None or not hasattr(m, "madvise"):
+            continue
+        m.madvise(advice)
+        done += len(m)
+    return done
 
 
 def tensor_array(t: TensorProto) -> np.ndarray:

@@ -34,12 +34,15 @@ from ..graph.flops import count_params
 from ..graph.ir import load_model_and_layout
 from ..graph.quant import finetune_refusal, model_bytes, quantized_ops
 from ..graph.kv_surgery import prune_folder, remove_layers
+from ..graph.weights import release_mapped_pages
 from ..metrics import get_metric, resolve_metrics
 from ..options import DEFAULT_CRITERION, Options
 from ..paths import confined_file
 from ..report import METADATA_KEY, sha256_file
+from ..runtime import SHARE_WEIGHTS_BYTES
 from .perplexity import perplexity, throughput
 from .scoring import original_logits, score_layers
+from .spill import Spill, inline_weights, spill_weights
 from .text import TextData, find_tokenizer, load_text
 
 log = logging.getLogger("onnx_consensus")
@@ -102,6 +105,7 @@ class DecoderOutcome:
     status: str = "done"
     finetuned: bool = False
     warnings: list[str] = field(default_factory=list)
+    spill: Spill | None = None  # the temporary file of an inline input's weights (``llm.spill``)
 
     @property
     def write(self) -> bool:
@@ -157,8 +161,10 @@ def prune_decoder(model_path: str | os.PathLike, text, options: Options | None =
     path = model_file(source, follow_symlinks=options.data.follow_symlinks)
     folder = os.path.isdir(source)
     model, external = load_model_and_layout(path)
-    if options.finetune is not None and options.finetune.epochs > 0 and quantized_ops(model):
+    tuning = options.finetune is not None and options.finetune.epochs > 0
+    if tuning and quantized_ops(model):
         raise InputError(finetune_refusal(quantized_ops(model)))
+    spill = None if tuning else spill_weights(model, SHARE_WEIGHTS_BYTES)  # inline weights: mapped, not copied
     original_report = find_decoder_layers(model)
     work = expose_residual_sums(model) if original_report.form == FUSED else model
     report = find_decoder_layers(work) if work is not model else original_report
@@ -205,11 +211,17 @@ def prune_decoder(model_path: str | os.PathLike, text, options: Options | None =
             # every round is anchored to the ORIGINAL model's logits (a bounded (rows, vocab) array)
             kw["reference"] = original_logits(work, score_windows, seed=crit.seed, batch_size=kw["batch_size"],
                                               threads=run.threads)
+        order: list[int] = []
+        if crit.rescore_top is not None and crit.rescore_top < 1:
+            raise InputError("--rescore-top must be >= 1")
         while len(removed) < target.remove:
             cands = sorted(allowed - set(removed))
+            if crit.rescore_top is not None and order:  # as the CNN pruner: the K best of the previous order
+                cands = [i for i in order if i in cands][:crit.rescore_top] or cands
             r = score_layers(work, report, score_windows, removed=removed, candidates=cands, **kw)
             rounds.append(r)
-            order = [report.by_id()[b].index for b in r.order]
+            rescored = [report.by_id()[b].index for b in r.order]
+            order = rescored + [i for i in order if i not in rescored and i not in removed]
             if crit.schedule == "one-shot":
                 removed = order[:target.remove]
                 break
@@ -238,7 +250,7 @@ def prune_decoder(model_path: str | os.PathLike, text, options: Options | None =
         speed = {"before": throughput(model, data.windows[0], steps=steps, threads=run.threads or 1),
                  "after": throughput(pruned, data.windows[0], steps=steps, threads=run.threads or 1)}
     outcome = DecoderOutcome(pruned, removed, {}, options, source, folder, external, original_report,
-                             warnings=warnings)
+                             warnings=warnings, spill=spill)
     ft_info = None
     if options.finetune is not None and options.finetune.epochs > 0 and removed:
         ft_info = _finetune(outcome, model, score_windows, hold_windows if len(hold_windows) else score_windows,
@@ -374,11 +386,14 @@ def write_decoder(outcome: DecoderOutcome, out_path: str | os.PathLike) -> str |
     if not outcome.write:
         return None
     _stamp(outcome.model, outcome.report)
+    if outcome.spill is not None:  # the input's weights were inline: so are the output's
+        inline_weights(outcome.model, outcome.spill)
+        release_mapped_pages()
     unknown = _unknown_to_onnx(outcome.model)
     checks = ["onnxruntime prefill run"]
     if outcome.folder:
-        prune_folder(outcome.source, out_path, outcome.removed, pruned=outcome.model,
-                     follow_symlinks=outcome.options.data.follow_symlinks)
+        prune_folder(outcome.source, out_path, outcome.removed, pruned=outcome.model, report=outcome.layers,
+                     external=outcome.external, follow_symlinks=outcome.options.data.follow_symlinks)
         checks.append("onnx.checker not run on export folders (onnxruntime operators in the default domain)"
                       if unknown else "onnx.checker not run on export folders")
     else:

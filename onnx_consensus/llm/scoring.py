@@ -2,10 +2,14 @@
 
 * global scope (the Consensus as published, adapted): the final hidden state F (the LM head's input: the
   final norm's output, (batch, seq, hidden)) of the current model against F of the current model with the
-  candidate layer also removed. The "suffix from the block's entry" of ``scoring.py`` does not apply to
-  the fused Skip-norm form (removing a layer moves its closing norm's weight onto the previous norm), so
-  each candidate is removed from the graph with ``kv_surgery.remove_layers`` and the model run whole on the
-  windows: one onnxruntime session and one pass over the calibration windows per candidate per round.
+  candidate layer also removed. Each candidate is removed from a weightless copy of the graph with
+  ``kv_surgery.remove_layers`` (which handles the fused Skip-norm form, where removing a layer moves its closing
+  norm's weight onto the previous norm); only the part of that graph that differs from the current model runs
+  (``llm.suffix``: the layers after the candidate and the head), fed with the current model's values at the
+  cut (one run of the current model per round provides them, kept for every window: about
+  candidates x windows x seq x hidden floats). Same ops on the same values as running the candidate's whole
+  model (graphs with subgraphs do exactly that), so the scores are those of the whole model to float rounding;
+  a round costs one pass plus, per candidate, the fraction of the layers after it (about half a pass).
 * local scope: each layer's entry against its exit (the residual stream before and after it) in one run of
   the current model; with the ``cosine`` metric this is ShortGPT's Block Influence.
 
@@ -32,12 +36,14 @@ from ..errors import InputError
 from ..graph.decoder import DecoderReport, prefill_feed
 from ..graph.instrument import with_outputs  # noqa: F401  (re-exported: tests and callers import it here)
 from ..graph.kv_surgery import remove_layers
+from ..graph.weights import weightless
 from ..metrics import get_metric, resolve_metrics
 from ..metrics.features import make_conditions
 from ..metrics.output import OutputAccumulator
 from ..runtime import make_session
 from ..scoring import ScoreRound, _score_one
 from .perplexity import logits_name
+from .suffix import Suffix, cut_suffix, has_subgraphs, node_signatures
 
 SCOPES = ("global", "local")
 OUTPUT_REF_VALUES = 1 << 25
@@ -78,24 +84,29 @@ def output_rows_of(rows: np.ndarray, vocab: int, seed: int) -> np.ndarray:
 
 
 def _run(model: onnx.ModelProto, windows: np.ndarray, names: Sequence[str], batch_size: int,
-         threads: int | None, rows: Sequence[np.ndarray | None] | np.ndarray | None = None) -> dict[str, np.ndarray]:
+         threads: int | None, rows: Sequence[np.ndarray | None] | np.ndarray | None = None,
+         cache: Sequence[str] = (), feeds: Sequence[dict] | None = None) -> dict[str, np.ndarray]:
     """``names`` of ``model`` over all windows, as token rows (n_windows * seq, d). ``rows``: the token rows to
     keep (sorted indices into the n_windows * seq tokens), one array for all names or one per name (None:
-    every row); only those are kept, batch by batch."""
+    every row); only those are kept, batch by batch. ``cache``: more tensors returned whole, as one list of
+    per-batch arrays each (under the same names). ``feeds``: the per-batch feeds (default ``prefill_feed``)."""
     sess = make_session(model, level="basic", threads=threads)
     per_name = list(rows) if isinstance(rows, (list, tuple)) else [rows] * len(names)
-    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in [*names, *cache]}
     start = 0
-    for s in range(0, len(windows), batch_size):
-        outs = sess.run(list(names), prefill_feed(model, windows[s:s + batch_size]))
+    for k, s in enumerate(range(0, len(windows), batch_size)):
+        feed = feeds[k] if feeds is not None else prefill_feed(model, windows[s:s + batch_size])
+        outs = sess.run([*names, *cache], feed)
         for n, v, keep in zip(names, outs, per_name):
             t = _tokens(v)
             if keep is not None:
                 lo, hi = np.searchsorted(keep, [start, start + len(t)])
                 t = t[keep[lo:hi] - start]
             parts[n].append(t)
+        for n, v in zip(cache, outs[len(names):]):
+            parts[n].append(v)
         start += int(np.prod(windows[s:s + batch_size].shape))
-    return {n: np.concatenate(v) for n, v in parts.items()}
+    return {n: (np.concatenate(v) if n in names else v) for n, v in parts.items()}
 
 
 def original_logits(model: onnx.ModelProto, windows: np.ndarray, *, seed: int = 0, max_tokens: int = 4096,
@@ -107,6 +118,66 @@ def original_logits(model: onnx.ModelProto, windows: np.ndarray, *, seed: int = 
     probe = _run(model, windows[:1], [lg], 1, threads, rows=np.arange(1))[lg]
     out_rows = output_rows_of(rows, probe.shape[-1], seed)
     return _run(model, windows, [lg], batch_size, threads, rows=out_rows)[lg].astype(np.float32)
+
+
+def candidate_suffixes(model: onnx.ModelProto, current: onnx.ModelProto, report: DecoderReport,
+                       removed: Sequence[int], candidates: Sequence[int],
+                       outputs: Sequence[str]) -> dict[int, Suffix | None]:
+    """Per candidate layer, the part of (``model`` without ``removed`` and the candidate) that differs from
+    ``current`` (``model`` without ``removed``), computing ``outputs`` (``llm.suffix``); None where the
+    candidate's whole model must run (graphs with subgraphs). The surgery runs on a weightless copy: no
+    weights are copied here."""
+    if has_subgraphs(model):
+        return {i: None for i in candidates}
+    skeleton = weightless(model)
+    signatures = node_signatures(current)
+    return {i: cut_suffix(remove_layers(skeleton, [*removed, i], report=report), signatures, outputs)
+            for i in candidates}
+
+
+def _global_pairs(model: onnx.ModelProto, current: onnx.ModelProto, report: DecoderReport, windows: np.ndarray,
+                  removed: Sequence[int], candidates: Sequence[int], feature: str, lg: str, rows: np.ndarray,
+                  out_specs, reference: np.ndarray | None, pairs: dict, outputs: dict, *, seed: int,
+                  batch_size: int, threads: int | None) -> np.ndarray:
+    """Global scope: fill ``pairs`` (block id -> (F of ``current``, F without the candidate), token rows) and
+    ``outputs`` (block id -> output-level scores against ``reference``); return the current model's greedy
+    next tokens on ``rows``. One run of ``current`` (``feature``, logits ``lg`` and every candidate's cut
+    tensors), then each candidate's suffix (``candidate_suffixes``) on the cut values."""
+    by_index = report.by_index()
+    names = [feature, lg] if out_specs else [feature]
+    suffixes = candidate_suffixes(model, current, report, removed, candidates, names)
+    cut = sorted({c for sx in suffixes.values() if sx is not None for c in sx.cut} - {feature, lg})
+    have = {o.name for o in current.graph.output}  # current is score_layers' own copy: exposed in place
+    current.graph.output.extend(onnx.helper.make_empty_tensor_value_info(c) for c in cut if c not in have)
+    feeds = [prefill_feed(current, windows[s:s + batch_size]) for s in range(0, len(windows), batch_size)]
+    ref = _run(current, windows, [feature, lg], batch_size, threads, rows=rows, cache=cut, feeds=feeds)
+    x = ref[feature]
+    predicted = ref[lg].argmax(-1)
+    out_rows = output_rows_of(rows, ref[lg].shape[-1], seed) if out_specs else None
+    if out_specs and reference is None:
+        reference = ref[lg][np.searchsorted(rows, out_rows)]
+    if out_specs and len(reference) != len(out_rows):
+        raise InputError(f"the reference logits have {len(reference)} rows, the scored windows {len(out_rows)}")
+    cached = {c: ref[c] for c in cut}
+    reference64 = reference.astype(np.float64) if out_specs else None
+    del ref
+    keep = [rows, out_rows][:len(names)]
+    for i in candidates:
+        sx = suffixes[i]
+        if sx is None:  # the whole candidate model
+            pruned = remove_layers(model, [*removed, i], report=report)
+            got = _run(pruned, windows, names, batch_size, threads, rows=keep)
+        else:
+            batch_feeds = [{**{n: f[n] for n in sx.inputs}, **{c: cached[c][k] for c in sx.cut}}
+                           for k, f in enumerate(feeds)]
+            got = _run(sx.materialize(model, batch_feeds[0]), windows, names, batch_size, threads,
+                       rows=keep, feeds=batch_feeds)
+        pairs[by_index[i].block.id] = (x, got[feature])
+        if out_specs:
+            acc = OutputAccumulator([sp.name for sp in out_specs])
+            acc.add(lg, reference64, got[lg].astype(np.float64), True)
+            outputs[by_index[i].block.id] = acc.scores()
+    return predicted
 
 
 def score_layers(model: onnx.ModelProto, report: DecoderReport, windows: np.ndarray, *,
@@ -145,24 +216,9 @@ def score_layers(model: onnx.ModelProto, report: DecoderReport, windows: np.ndar
     outputs: dict[str, dict[str, float]] = {}
     rows = token_rows(windows.size, max_tokens, seed)
     if scope == "global":
-        ref = _run(current, windows, [feature, lg], batch_size, threads, rows=rows)
-        x = ref[feature]
-        predicted = ref[lg].argmax(-1)
-        out_rows = output_rows_of(rows, ref[lg].shape[-1], seed) if out_specs else None
-        if out_specs and reference is None:
-            reference = ref[lg][np.searchsorted(rows, out_rows)]
-        if out_specs and len(reference) != len(out_rows):
-            raise InputError(f"the reference logits have {len(reference)} rows, the scored windows {len(out_rows)}")
-        del ref
-        for i in candidates:
-            pruned = remove_layers(model, [*removed, i], report=report)
-            names = [feature, lg] if out_specs else [feature]
-            got = _run(pruned, windows, names, batch_size, threads, rows=[rows, out_rows][:len(names)])
-            pairs[by_index[i].block.id] = (x, got[feature])
-            if out_specs:
-                acc = OutputAccumulator([sp.name for sp in out_specs])
-                acc.add(lg, reference.astype(np.float64), got[lg].astype(np.float64), True)
-                outputs[by_index[i].block.id] = acc.scores()
+        predicted = _global_pairs(model, current, report, windows, removed, candidates, feature, lg, rows,
+                                  out_specs, reference, pairs, outputs, seed=seed, batch_size=batch_size,
+                                  threads=threads)
     else:
         kept = [i for i in sorted(by_index) if i not in removed]
         entry = {}
