@@ -557,9 +557,9 @@ def inspect(path: str | os.PathLike, *, unit: str = CriterionOptions.unit,
         d["macs_share"] = (b.macs / total) if (b.macs is not None and total) else None
         blocks.append(d)
     notes = list(cost.notes) + list(report.notes)
-    refused = None
-    if quantized_ops(model):  # prune works on it; say here what fine-tuning will do, with the same line
-        refused = finetune_refusal(quantized_ops(model))
+    refused, quantized = None, quantized_ops(model)
+    if quantized:  # prune works on it; say here what fine-tuning will do, with the same line
+        refused = finetune_refusal(quantized)
         notes.insert(0, f"prune removes blocks from this model; {refused}")
     try:
         feature = choose_feature(model, report.blocks, task=task).to_json()

@@ -310,11 +310,11 @@ class _BatchOutputs:
     ``as_log`` (probabilities) are compared as log-probabilities."""
 
     def __init__(self, ref, values, outs, feeds, masks, kinds, fed: int, n_real: int, as_log=frozenset()):
-        self.values, self.fed, self.n_real = values, fed, n_real
-        self.outs, self._full, self.ref_arrays = list(outs), {}, ref
-        self.keep, self.cls, self.log, self.ref = {}, {}, {}, {}
+        self.fed, self.n_real = fed, n_real
+        self.outs, self.full_rows, self.ref_arrays = list(outs), {}, ref
+        self.keep, self.cls, self.log, self.ref, self.full = {}, {}, {}, {}, {}
         for o in self.outs:
-            full = self._samples(values[o], o)
+            full = self.full[o] = self._samples(values[o], o)
             if ref[o].shape != full.shape:
                 raise InputError(f"output {o}: reference shape {ref[o].shape} differs from the model's {full.shape}")
             keep = _mask_for(feeds, values[o], masks)
@@ -338,10 +338,9 @@ class _BatchOutputs:
                 arr = self._samples(got[o], o)
                 rows = self._rows(arr, o)
             else:
-                if o not in self._full:
-                    full = self._samples(self.values[o], o)
-                    self._full[o] = (full, self._rows(full, o))
-                arr, rows = self._full[o]
+                if o not in self.full_rows:  # the full model's rows, made once per batch when first needed
+                    self.full_rows[o] = self._rows(self.full[o], o)
+                arr, rows = self.full[o], self.full_rows[o]
             acc.add(o, self.ref[o], rows, self.cls[o])
             arrays[o] = arr
         acc.add_batch(self.ref_arrays, arrays)  # every output at once, for the per-kind measures
