@@ -1,7 +1,5 @@
 """`python -m onnx_consensus ...` is `onnx-cprune ...`."""
-import sys
-
-from .cli import main, settle
+from .cli import exit_process, main
 
 if __name__ == "__main__":
-    sys.exit(settle(main()))
+    exit_process(main())

@@ -161,4 +161,6 @@ def run(ctx, case: str, workdir: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2]))
+    from onnx_consensus.cli import exit_process
+
+    exit_process(main(sys.argv[1], sys.argv[2]))

@@ -72,7 +72,10 @@ def test_signal_at_random_points(tmp_path, r20, sig):
             # 130, or death by SIGINT after the message (the shell reports both as 130): seen since the
             # wave-3 merge on a loaded machine, cause not found yet
             assert p.returncode in (130, -signal.SIGINT, -signal.SIGKILL), (p.returncode, err)
-            assert not out.exists()
+            if sig == signal.SIGKILL and out.exists():  # killed after the rename, while exiting: complete
+                onnx.checker.check_model(str(out), full_check=True)
+            else:
+                assert not out.exists()
             if sig != signal.SIGKILL:
                 assert b"interrupted" in err
         assert temporaries(tmp_path) == []

@@ -7,15 +7,20 @@ failure unless --keep-partial.
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
 from ..errors import ConsensusError
 
-__all__ = ["main", "settle"]
+__all__ = ["main", "settle", "exit_process"]
+
+
+_INTERRUPTED: list[int] = []  # the signals received: a failure after one is reported as the interrupt
 
 
 def _terminate(signum, frame):
+    _INTERRUPTED.append(signum)
     raise KeyboardInterrupt
 
 
@@ -26,6 +31,18 @@ def settle(code: int) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return code
+
+
+def exit_process(code: int):
+    """Exit with ``settle(code)``. A torchrun rank (WORLD_SIZE > 1, torch.distributed imported) leaves through
+    ``os._exit`` once stdout and stderr are flushed: gloo threads still joinable at interpreter shutdown abort
+    the process ("terminate called without an active exception", exit -6) and would replace its exit code."""
+    code = settle(code)
+    if "torch.distributed" in sys.modules and os.environ.get("WORLD_SIZE", "1") != "1":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def _handler(command: str):
@@ -57,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         # SIGTERM is an interrupt from the first moment (inside the try, so that one landing right after the
         # handler is installed still gets exit 130): the imports below take a while on a busy machine
         signal.signal(signal.SIGTERM, _terminate)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when the shell ignores it (&)
+            signal.signal(signal.SIGINT, _terminate)
         argv = list(sys.argv[1:] if argv is None else argv)
         import logging
 
@@ -73,15 +92,15 @@ def main(argv: list[str] | None = None) -> int:
                             format="onnx-cprune: %(levelname)s: %(message)s")
         return _handler(args.command)(args)
     except KeyboardInterrupt:
-        kept = getattr(args, "keep_partial", False)
-        print(f"onnx-cprune: interrupted{'' if kept else '; nothing written'}", file=sys.stderr)
-        return 130
+        return _interrupted(args)
     except ConsensusError as exc:
         if getattr(args, "debug", False):
             raise
         print(f"onnx-cprune: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except Exception as exc:  # an unexpected failure still gets one line; --debug shows the traceback
+        if _INTERRUPTED:  # e.g. "ImportError: initialization failed": a C extension's import interrupted
+            return _interrupted(args)
         if getattr(args, "debug", False):
             raise
         from ..errors import first_lines
@@ -92,3 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"onnx-cprune: error: {type(exc).__name__}: {first_lines(exc)}{hint} (rerun with --debug for details)",
               file=sys.stderr)
         return 1
+
+
+def _interrupted(args) -> int:
+    kept = getattr(args, "keep_partial", False)
+    print(f"onnx-cprune: interrupted{'' if kept else '; nothing written'}", file=sys.stderr)
+    return 130

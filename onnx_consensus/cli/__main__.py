@@ -1,7 +1,5 @@
 """`python -m onnx_consensus.cli ...` (kept for scripts; `python -m onnx_consensus` is the short form)."""
-import sys
-
-from . import main, settle
+from . import exit_process, main
 
 if __name__ == "__main__":
-    sys.exit(settle(main()))
+    exit_process(main())
