@@ -13,6 +13,7 @@ from dataclasses import replace
 import numpy as np
 
 from . import pipeline
+from .data.for_model import calibration_for
 from .errors import InputError
 from .options import DataOptions, FinetuneConfig, RunOptions
 
@@ -75,8 +76,8 @@ def run(input_path: str, output_path: str, train_path, *, config: FinetuneConfig
             raise InputError("the output path is the teacher model; choose another path")
         teacher = pipeline.open_model(teacher_path).model
         _check_teacher(source.model, teacher)
-    train = pipeline._calibration(train_path, source.model, data)
-    eval_data = None if eval_path is None else pipeline._calibration(
+    train = calibration_for(train_path, source.model, data)
+    eval_data = None if eval_path is None else calibration_for(
         eval_path, source.model, replace(data, labels=None, max_samples=None))
     axes = getattr(train, "batch_axes", {})  # a 0-d input (a sample rate) or a state batched on axis 1: as fed
     check_feed = {k: v[:1] if np.ndim(v) and axes.get(k, 0) == 0 else v for k, v in next(train.batches(1)).items()}

@@ -23,7 +23,7 @@ import onnx
 
 from .batching import calibration_shapes
 from .bench import measure_latency, random_feed
-from .data import ImageOptions, load_calibration
+from .data.for_model import calibration_for, extra_data_for
 from .errors import FinetuneError, InputError, PruneFailed
 from .graph.blocks import find_blocks
 from .graph.flops import count_cost
@@ -124,56 +124,6 @@ def check_output(out_path: str | os.PathLike, source: Source) -> str:
     return path
 
 
-class _AsFloat32:
-    """Calibration data loaded for a bfloat16 model, feeding its float32 shadow: bfloat16 arrays cast."""
-
-    def __init__(self, data):
-        self._data = data
-
-    def __getattr__(self, name):
-        return getattr(self._data, name)
-
-    def batches(self, *args, **kwargs):
-        for feeds, _ in self.counted_batches(*args, **kwargs):
-            yield feeds
-
-    def counted_batches(self, *args, **kwargs):
-        for feeds, n in self._data.counted_batches(*args, **kwargs):
-            yield {k: v.astype(np.float32) if v.dtype.name == "bfloat16" else v for k, v in feeds.items()}, n
-
-
-def _calibration(data, model: onnx.ModelProto, opts: DataOptions):
-    """``data`` as CalibrationData for ``model`` as given (loaded when a path, with ``opts``); data for
-    bfloat16 inputs is cast to float32 for the shadow, the same whether the API or the command loaded it."""
-    if isinstance(data, (str, os.PathLike)):
-        data = load_calibration(data, model, labels=opts.labels, image_options=_image_options(opts),
-                                strict=opts.strict, max_samples=opts.max_samples,
-                                follow_symlinks=opts.follow_symlinks)
-    if any(getattr(s.dtype, "name", str(s.dtype)) == "bfloat16" for s in getattr(data, "specs", ())):
-        return _AsFloat32(data)
-    return data
-
-
-def _image_options(opts: DataOptions) -> ImageOptions:
-    kw = {"layout": opts.layout}
-    if opts.image_size:
-        kw["size"] = opts.image_size
-    if opts.mean:
-        kw["mean"] = opts.mean
-    if opts.std:
-        kw["std"] = opts.std
-    return ImageOptions(**kw)
-
-
-def _extra_data(path, model: onnx.ModelProto, opts: DataOptions):
-    """Training / evaluation data: a path (loaded with ``opts.strict`` and the image options of the
-    calibration data, for image folders) or CalibrationData."""
-    if path is None or not isinstance(path, (str, os.PathLike)):
-        return path
-    return load_calibration(path, model, image_options=_image_options(opts), strict=opts.strict,
-                            follow_symlinks=opts.follow_symlinks)
-
-
 def _warn(warnings: list[str], message: str) -> None:
     log.warning("%s", message)
     warnings.append(message)
@@ -234,7 +184,7 @@ def _run_on_providers(model, data, options: Options) -> Outcome:
     nothing = _no_removable_block(source, model, options)
     if nothing is not None and not options.output.quantize:  # said before any data is read or inference runs
         return nothing
-    data = _calibration(data, original, options.data)
+    data = calibration_for(data, original, options.data)
     fixed = getattr(data, "fixed_batch", None)
     if fixed:
         _warn(warnings, f"the model has a fixed batch of {fixed}: inference runs {fixed} sample(s) at a time"
@@ -249,7 +199,7 @@ def _run_on_providers(model, data, options: Options) -> Outcome:
     if between:
         from .recover import between_removals
 
-        train = _extra_data(options.recovery.train, model, options.data) or data
+        train = extra_data_for(options.recovery.train, model, options.data) or data
         hook = between_removals(model, train, config=replace(ft or FinetuneConfig(), epochs=1), steps=between)
     report_options = {"input": source.path, "calib": getattr(data, "source", None), **options.to_flags()}
     shapes = {} if options.run.input_shapes else calibration_shapes(interface(model)[0], data)
@@ -323,7 +273,7 @@ def _run_on_providers(model, data, options: Options) -> Outcome:
         from .variants import quantize_run
 
         result.model, report["quantize"] = quantize_run(model, result, data, options, fixed=fixed,
-                                                        eval_data=_extra_data(options.recovery.eval, model,
+                                                        eval_data=extra_data_for(options.recovery.eval, model,
                                                                               options.data))
     report["seconds"] = round(time.perf_counter() - t_start, 2)
     keep = bool(result.removals) and not _too_small(result, options, warnings)
@@ -426,7 +376,7 @@ def _finetune(original: onnx.ModelProto, result: PruneResult, calib, options: Op
     if hold is None:  # a PruneResult made elsewhere: the pruner's own split
         hold = np.arange(calib.n_samples) if calib.n_samples < 10 or options.run.holdout <= 0 else \
             calib.split(options.run.holdout, seed=options.criterion.seed)[1]
-    train = _extra_data(rec.train, original, options.data)
+    train = extra_data_for(rec.train, original, options.data)
     train_idx = None
     if train is None:
         train = calib
@@ -437,7 +387,7 @@ def _finetune(original: onnx.ModelProto, result: PruneResult, calib, options: Op
                         + (" (the hold-out left out)" if train_idx is not None else "")
                         + ": a few hundred samples will overfit; give more with --train DIR")
     n_train = train.n_samples if train_idx is None else len(train_idx)
-    eval_data = _extra_data(rec.eval, original, options.data)
+    eval_data = extra_data_for(rec.eval, original, options.data)
     config = replace(options.finetune, task=options.criterion.task, output_kind=options.criterion.output_kind)
     info = {"mode": "supervised" if train.labels is not None else "distillation", "epochs": config.epochs,
             "train_samples": n_train, "eval": getattr(eval_data, "source", None) if eval_data is not None
