@@ -15,7 +15,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from onnx_consensus.bridge import check_supported, finetune, to_torch, write_back
+from onnx_consensus.bridge import check_supported, to_torch, write_back
+from onnx_consensus.finetune.train import finetune
 from onnx_consensus.errors import UnsupportedOperatorError
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}

@@ -15,11 +15,11 @@ import numpy as np
 import onnx
 import pytest
 
-from onnx_consensus.bridge import FinetuneConfig
+from onnx_consensus.options import FinetuneConfig
 from onnx_consensus.data import load_calibration
 from onnx_consensus.graph.blocks import find_blocks
 from onnx_consensus.graph.surgery import remove_blocks
-from onnx_consensus.recover import finetune_pruned
+from onnx_consensus.finetune.job import finetune_pruned
 from tests.helpers import ROOT, run
 from tools.fmnist import load_fmnist, to_cifar_input
 

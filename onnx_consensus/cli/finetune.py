@@ -1,5 +1,5 @@
 """`onnx-cprune finetune pruned.onnx out.onnx --train DIR [--teacher original.onnx] [--eval DIR]`: fine-tune
-any ONNX model through the PyTorch bridge, on its own (``tuning.finetune_model``, the code
+any ONNX model through the PyTorch bridge, on its own (``finetune.job.finetune_model``, the code
 `prune --finetune-epochs` runs), write the same graph with the new weights, report before/after.
 
 Under torchrun (``bridge.distributed.joined``) every rank runs this same function: each trains on its shard,
@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from dataclasses import replace
 
-from .. import finetune_job
+from ..finetune import command
 from ..options import DataOptions, FinetuneConfig, OutputOptions, RunOptions
 
 def _config(args) -> FinetuneConfig:
@@ -44,12 +44,11 @@ def _summary(info: dict, source_path: str, out_path: str) -> str:
 
 def cmd_finetune(args) -> int:
     report_path = OutputOptions.from_args(args).report
-    info, main, out_path = finetune_job.run(args.input, args.output, args.train, config=_config(args),
-                                            run=RunOptions.from_args(args), data=DataOptions.from_args(args),
-                                            eval_path=args.eval, teacher_path=args.teacher,
-                                            report_path=report_path)
+    info, main, out_path = command.run(args.input, args.output, args.train, config=_config(args),
+                                       run=RunOptions.from_args(args), data=DataOptions.from_args(args),
+                                       eval_path=args.eval, teacher_path=args.teacher, report_path=report_path)
     if main:
-        print(_summary(info, args.input, out_path))
+        print(_summary(info.to_json(), args.input, out_path))
         if report_path:
             print(f"Wrote report {report_path}")
     sys.stdout.flush()
