@@ -139,3 +139,48 @@ def test_guarded_turns_failures_into_exit_codes():
         guarded(raising(KeyboardInterrupt()), keep_partial=False)
     with pytest.raises(InputError):  # bad input is said as such (exit 2), not as a failed fine-tune
         guarded(raising(InputError("bad")), keep_partial=True)
+
+
+def _fixed_batch_data(tmp_path, n: int, batch: int = 4):
+    """A model whose input has a fixed batch of ``batch`` and ``n`` labelled samples: (data, x, labels)."""
+    from onnx_consensus.data import load_calibration
+
+    model = residual_mlp(2, 16, seed=0)
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = batch
+    folder = tmp_path / f"fixed{n}"
+    folder.mkdir()
+    x = np.random.default_rng(n).standard_normal((n, 16)).astype(np.float32)
+    y = np.arange(n) % 10
+    np.save(folder / "x.npy", x)
+    np.save(folder / "labels.npy", y)
+    data = load_calibration(str(folder), model)
+    assert data.fixed_batch == batch
+    return data, x, y
+
+
+def test_fixed_batch_epochs_train_on_full_batches_only(tmp_path):
+    """One process and every rank: batches of the model's batch, the short last one left out (never padding),
+    unless it is the only one (its labels padded like its inputs)."""
+    from onnx_consensus.finetune.epochs import training_batches
+
+    data, x, y = _fixed_batch_data(tmp_path, 10)
+    epoch = training_batches(data, 32, seed=5)()  # --ft-batch-size does not apply: the model's batch does
+    perm = np.random.default_rng(5 * 1_000_003 + 1).permutation(10)
+    got = list(epoch)
+    assert len(epoch) == len(got) == 2 and epoch.n_samples == 10
+    for k, (feeds, labels) in enumerate(got):
+        np.testing.assert_array_equal(feeds["x"], x[perm[4 * k:4 * k + 4]])
+        np.testing.assert_array_equal(labels, y[perm[4 * k:4 * k + 4]])
+
+    class Rank:
+        def __init__(self, rank):
+            self.rank, self.world_size = rank, 2
+    shards = [list(training_batches(data, 2, seed=5, dist=Rank(r))()) for r in range(2)]
+    assert [len(s) for s in shards] == [1, 1]  # 5 samples a rank: one batch of 4, the last sample left out
+    assert all(f["x"].shape == (4, 16) and len(lab) == 4 for s in shards for f, lab in s)
+
+    small, xs, ys = _fixed_batch_data(tmp_path, 3)
+    (feeds, labels), = list(training_batches(small, 32, seed=0)())
+    order = np.random.default_rng(1).permutation(3)
+    np.testing.assert_array_equal(feeds["x"], np.concatenate([xs[order], xs[order[-1:]]]))
+    np.testing.assert_array_equal(labels, np.concatenate([ys[order], ys[order[-1:]]]))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx
 
@@ -24,6 +24,9 @@ from .checks import check_config
 from .epochs import training_batches
 from .evaluator import Evaluator, evaluator
 from .results import FinetuneReport
+
+if TYPE_CHECKING:
+    from .train import FinetuneResult
 
 log = logging.getLogger("onnx_consensus")
 
@@ -36,7 +39,7 @@ class Recovery:
     ranks other than 0)."""
 
     model: onnx.ModelProto  # the model kept: the model given when no epoch beat it
-    result: Any  # train.FinetuneResult; best_epoch 0 when the model given was kept
+    result: FinetuneResult  # best_epoch 0 when the model given was kept
     before: float | None  # the model given
     after: float | None  # the model kept
     original: float | None  # the unpruned model (``Evaluator.original_metric``)
