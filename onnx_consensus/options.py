@@ -368,8 +368,8 @@ percent and re-estimating them can adapt the statistics to the removed blocks.""
 
 @dataclass
 class FinetuneConfig(_Group):
-    """Fine-tuning options; None means "chosen by the recipe" (see ``bridge.finetune``). ``batch_size``
-    is the training batch size: ``recover`` builds the training batches with it."""
+    """Fine-tuning options; None means "chosen by the recipe" (see ``finetune.recipe``). ``batch_size``
+    is the training batch size: ``finetune.epochs`` builds the training batches with it."""
 
     GROUP: ClassVar[str] = FINETUNE_GROUP
     epochs: int = option("--finetune-epochs", "fine-tune the pruned model for E epochs (0: no fine-tuning)",

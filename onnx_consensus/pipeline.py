@@ -24,7 +24,7 @@ import onnx
 from .batching import calibration_shapes
 from .bench import measure_latency, random_feed
 from .data.for_model import calibration_for, extra_data_for
-from .errors import FinetuneError, InputError, PruneFailed
+from .errors import InputError, PruneFailed
 from .graph.blocks import find_blocks
 from .graph.flops import count_cost
 from .graph.heads import choose_feature, output_kinds
@@ -34,14 +34,13 @@ from .graph.quant import finetune_refusal, quantized_ops
 from .graph.surgery import remove_blocks
 from .graph.weights import all_tensors
 from .io import check_output_path, save_model_atomic, write_json_atomic
-from .kinds import output_plan
 from .memory import fit_memory
 from .metrics.presets import check_names
-from .options import (BN_FREEZE_BELOW, CriterionOptions, DataOptions, FinetuneConfig, Options, OutputOptions,
+from .options import (CriterionOptions, DataOptions, FinetuneConfig, Options, OutputOptions,
                       RecoveryOptions, RunOptions, TargetOptions, default_criterion)
 from .pruner import PruneResult
 from .pruner import prune as schedule
-from .report import build_report, not_improved_text, sha256_file, stamp
+from .report import build_report, sha256_file, stamp
 from .runtime import resolve_providers, using_providers
 
 log = logging.getLogger("onnx_consensus")
@@ -148,8 +147,7 @@ def _run_on_providers(model, data, options: Options) -> Outcome:
     finetuning = ft is not None and ft.epochs > 0
     between = options.recovery.between
     if finetuning or between:
-        from .recover import require_torch
-        from .tuning import check_config
+        from .finetune import check_config, require_torch
 
         require_torch()
         check_config(ft if finetuning else replace(ft or FinetuneConfig(), epochs=1))  # bad --device/--amp: now
@@ -197,7 +195,7 @@ def _run_on_providers(model, data, options: Options) -> Outcome:
         options = replace(options, run=replace(options.run, batch_size=batch))
     hook = None
     if between:
-        from .recover import between_removals
+        from .finetune.between import between_removals
 
         train = extra_data_for(options.recovery.train, model, options.data) or data
         hook = between_removals(model, train, config=replace(ft or FinetuneConfig(), epochs=1), steps=between)
@@ -359,74 +357,12 @@ def _latency(model: onnx.ModelProto, pruned: onnx.ModelProto, sample, options: O
 
 def _finetune(original: onnx.ModelProto, result: PruneResult, calib, options: Options,
               warnings: list[str]) -> tuple[dict, int]:
-    """Fine-tune ``result.model``; on failure keep the pruned model (exit 4; 130 when interrupted with
-    keep_partial). The same code as `onnx-cprune finetune` (``tuning.finetune_model``).
+    """Fine-tune ``result.model`` (``finetune.after_prune``: the best of {pruned, each epoch} kept, the pruned
+    model on failure, exit 4; 130 when interrupted with keep_partial); returns (the report entry, exit code)."""
+    from .finetune.after_prune import after_prune
 
-    The model kept is the best of {pruned, each epoch} on the ``--eval`` data, or on the hold-out without it
-    (the pruned model when no epoch beats it, said as a warning). Training on the calibration data (no
-    ``--train``) leaves the hold-out out. ``result.fidelity`` is then re-measured on the model kept, so the
-    summary and report describe the written model; the pre-fine-tune value stays in the info's
-    ``holdout_fidelity_pruned``."""
-    from .recover import evaluator
-    from .tuning import finetune_model
-
-    rec = options.recovery
-    bs, threads = options.run.batch_size, options.run.threads
-    hold = result.holdout_indices
-    if hold is None:  # a PruneResult made elsewhere: the pruner's own split
-        hold = np.arange(calib.n_samples) if calib.n_samples < 10 or options.run.holdout <= 0 else \
-            calib.split(options.run.holdout, seed=options.criterion.seed)[1]
-    train = extra_data_for(rec.train, original, options.data)
-    train_idx = None
-    if train is None:
-        train = calib
-        if len(hold) < calib.n_samples:  # a real split: the hold-out stays unseen by training
-            train_idx = np.setdiff1d(np.arange(calib.n_samples), hold)
-        n_train = calib.n_samples if train_idx is None else len(train_idx)
-        _warn(warnings, f"fine-tuning on {n_train} calibration samples"
-                        + (" (the hold-out left out)" if train_idx is not None else "")
-                        + ": a few hundred samples will overfit; give more with --train DIR")
-    n_train = train.n_samples if train_idx is None else len(train_idx)
-    eval_data = extra_data_for(rec.eval, original, options.data)
-    config = replace(options.finetune, task=options.criterion.task, output_kind=options.criterion.output_kind)
-    info = {"mode": "supervised" if train.labels is not None else "distillation", "epochs": config.epochs,
-            "train_samples": n_train, "eval": getattr(eval_data, "source", None) if eval_data is not None
-            else "hold-out", "holdout_fidelity_pruned": result.fidelity.to_json() if result.fidelity else None}
-    try:
-        c = options.criterion
-        plan = output_plan(original, c.task, c.output_kind, c.fidelity)  # the pruner's measure, here too
-        holdout = evaluator(original, calib, indices=hold, batch_size=bs, threads=threads, plan=plan)
-        select = holdout if eval_data is None else evaluator(original, eval_data, batch_size=bs, threads=threads,
-                                                             plan=plan)
-        tuned, ft_info = finetune_model(result.model, train, config=config, teacher=original, eval_fn=select,
-                                        threads=threads, progress=options.run.progress, train_indices=train_idx,
-                                        batch_size=bs)
-        fid = holdout.fidelity(tuned) if ft_info["best_epoch"] > 0 else None
-    except FinetuneError as exc:
-        info["error"] = str(exc)
-        return info, exc.exit_code
-    except Exception as exc:  # e.g. onnxruntime failing on the teacher or the evaluation midway
-        from .errors import first_lines
-
-        info["error"] = f"fine-tuning failed: {type(exc).__name__}: {first_lines(exc)}"
-        return info, FinetuneError.exit_code
-    except KeyboardInterrupt:
-        if not options.output.keep_partial:
-            raise
-        info["error"] = "fine-tuning interrupted (--keep-partial)"
-        return info, 130
-    ft_info.update(train_samples=n_train, eval=info["eval"], holdout_fidelity_pruned=info["holdout_fidelity_pruned"])
-    info = ft_info
-    if info["bn_stats"]:
-        info["bn_stats_reason"] = (f"--bn-stats {config.bn_stats}" if config.bn_stats else
-                                   f"{n_train} training samples {'<' if info['bn_stats'] == 'frozen' else '>='} "
-                                   f"{BN_FREEZE_BELOW}")
-    if info["best_epoch"]:
-        result.model = tuned
-        result.fidelity = fid
-    else:
-        _warn(warnings, not_improved_text(info))
-    return info, 0
+    info, code = after_prune(original, result, calib, options, lambda message: _warn(warnings, message))
+    return info.to_json(), code
 
 
 def write(outcome: Outcome, out_path: str | os.PathLike) -> Written:

@@ -88,7 +88,7 @@ def setup(case: str, workdir: str):
 
 
 def config(case: str):
-    from onnx_consensus.bridge import FinetuneConfig
+    from onnx_consensus.options import FinetuneConfig
 
     # the recipe's SGD (Nesterov momentum 0.9, cosine schedule, clipping at norm 1): deterministic, so
     # it must match too. bn: lr 0, only the running statistics move (per-rank batch statistics would
@@ -143,13 +143,13 @@ def main(cases: str, workdir: str) -> int:
 
 
 def run(ctx, case: str, workdir: str) -> None:
-    from onnx_consensus.bridge import finetune
-    from onnx_consensus.bridge.distributed import sharded_batches
+    from onnx_consensus.finetune.epochs import training_batches
+    from onnx_consensus.finetune.train import finetune
     from onnx_consensus.bridge.torch_graph import to_torch
     from onnx_consensus.io import save_model_atomic
 
     student, teacher, data = setup(case, workdir)
-    batches = sharded_batches(data, PER_RANK_BATCH, ctx, seed=11)
+    batches = training_batches(data, PER_RANK_BATCH, seed=11, dist=ctx)
     if case == "uneven":
         batches = uneven(batches, ctx.rank)
     elif case in ("fail", "sigterm"):

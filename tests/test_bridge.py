@@ -9,7 +9,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_consensus.bridge import (FinetuneConfig, FinetuneResult, OnnxModule, check_supported, finetune,
+from onnx_consensus.finetune.train import FinetuneResult, finetune
+from onnx_consensus.options import FinetuneConfig
+from onnx_consensus.bridge import (OnnxModule, check_supported,
                                    to_torch, write_back)
 from onnx_consensus.errors import FinetuneError, UnsupportedOperatorError
 from tests.bridge_models import (DigitsNet, digits_data, export_case, old_inputs, old_opset8_model,

@@ -7,7 +7,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 pytest.importorskip("torch")
 
-from onnx_consensus.bridge.finetune import finetune  # noqa: E402
+from onnx_consensus.finetune.train import finetune  # noqa: E402
 from onnx_consensus.bridge.torch_graph import to_torch  # noqa: E402
 from onnx_consensus.errors import FinetuneError  # noqa: E402
 from onnx_consensus.options import FinetuneConfig  # noqa: E402

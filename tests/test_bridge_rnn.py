@@ -15,8 +15,10 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from onnx_consensus.bridge import check_supported, finetune, to_torch, write_back
+from onnx_consensus.bridge import check_supported, to_torch, write_back
 from onnx_consensus.errors import UnsupportedOperatorError
+from onnx_consensus.finetune.train import finetune
+from onnx_consensus.options import FinetuneConfig
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 
@@ -383,8 +385,6 @@ def test_ocr_model_is_supported_and_matches_onnxruntime(ocr):
 
 
 def test_ocr_model_distillation_epoch(ocr):
-    from onnx_consensus import bridge
-
     model, x, y = ocr
     student = onnx.ModelProto()
     student.CopyFrom(model)
@@ -403,7 +403,7 @@ def test_ocr_model_distillation_epoch(ocr):
 
     before = agreement(student)
     batches = lambda: [({"image": x[i:i + 32]}, None) for i in range(0, len(x), 32)]  # noqa: E731
-    cfg = bridge.FinetuneConfig(epochs=1, lr=0.01, optimizer="adamw")
+    cfg = FinetuneConfig(epochs=1, lr=0.01, optimizer="adamw")
     tuned, res = finetune(student, batches, teacher=model, config=cfg, eval_fn=agreement, progress=False)
     assert res.mode == "distillation" and res.history[-1]["epoch"] == 1 and res.images_seen == len(x)
     onnx.checker.check_model(tuned, full_check=True)

@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 torch = pytest.importorskip("torch")
 
 from onnx_consensus.bridge import losses as L  # noqa: E402
-from onnx_consensus.bridge.finetune import finetune  # noqa: E402
+from onnx_consensus.finetune.train import finetune  # noqa: E402
 from onnx_consensus.graph.blocks import find_blocks  # noqa: E402
 from onnx_consensus.graph.surgery import remove_blocks  # noqa: E402
 from onnx_consensus.options import FinetuneConfig  # noqa: E402

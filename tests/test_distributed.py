@@ -1,4 +1,4 @@
-"""Data-parallel fine-tuning (bridge/distributed.py): sharding, and two gloo processes against one.
+"""Data-parallel fine-tuning (bridge/distributed.py, finetune/epochs.py): sharding, and two gloo processes against one.
 
 The two-process runs launch tests/ddp_worker.py twice with torchrun's environment (RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR, MASTER_PORT on a free localhost port), as torchrun's agent would.
@@ -15,8 +15,9 @@ import numpy as np
 import onnx
 import pytest
 
-from onnx_consensus.bridge import finetune
-from onnx_consensus.bridge.distributed import from_env, joined, launched, shard_indices, sharded_batches
+from onnx_consensus.bridge.distributed import from_env, joined, launched
+from onnx_consensus.finetune.epochs import shard_indices, training_batches
+from onnx_consensus.finetune.train import finetune
 from onnx_consensus.bridge.torch_graph import to_torch
 from onnx_consensus.errors import InputError
 from tests import ddp_worker as W
@@ -52,17 +53,44 @@ def test_shards_reshuffle_per_epoch_and_need_a_sample_per_rank():
         shard_indices(10, 2, 2, seed=0, epoch=1)
 
 
-def test_one_process_batches_are_the_recover_batches(tmp_path):
-    from onnx_consensus.recover import training_batches
+def _arrays(data):
+    folder = os.path.dirname(data.files[0])
+    return np.load(os.path.join(folder, "x.npy")), np.load(os.path.join(folder, "labels.npy"))
 
+
+def test_one_process_batches_follow_the_seeded_permutation(tmp_path):
     _, _, data = W.setup("supervised", str(tmp_path))
-    ours, theirs = sharded_batches(data, 5, None, seed=4), training_batches(data, 5, seed=4)
+    x, y = _arrays(data)
+    epochs = training_batches(data, 5, seed=4)
+    for epoch in (1, 2):  # reshuffled every epoch: epoch e takes the samples in the order of its permutation
+        perm = np.random.default_rng(4 * 1_000_003 + epoch).permutation(len(x))
+        batches = list(epochs())
+        assert len(batches) == -(-len(x) // 5)
+        for k, (feeds, labels) in enumerate(batches):
+            np.testing.assert_array_equal(feeds["x"], x[perm[5 * k:5 * k + 5]])
+            np.testing.assert_array_equal(labels, y[perm[5 * k:5 * k + 5]])
+
+
+class _Rank:
+    """What the epoch source reads of a DistContext."""
+
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
+
+
+def test_rank_batches_together_are_the_one_process_batch(tmp_path):
+    """Two ranks with batch B: the union of their k-th batches is one process's k-th batch of 2B, every epoch;
+    each epoch counts every training sample (the BN rule's n_samples), not the shard's."""
+    _, _, data = W.setup("supervised", str(tmp_path))
+    one = training_batches(data, 8, seed=3)
+    ranks = [training_batches(data, 4, seed=3, dist=_Rank(r, 2)) for r in range(2)]
     for _ in range(2):
-        a, b = list(ours()), list(theirs())
-        assert len(a) == len(b) == 5
-        for (fa, la), (fb, lb) in zip(a, b):
-            np.testing.assert_array_equal(fa["x"], fb["x"])
-            np.testing.assert_array_equal(la, lb)
+        whole, e0, e1 = one(), ranks[0](), ranks[1]()
+        assert e0.n_samples == e1.n_samples == whole.n_samples == data.n_samples
+        for (f, lab), (f0, l0), (f1, l1) in zip(whole, e0, e1):
+            rows = sorted(map(tuple, np.concatenate([f0["x"], f1["x"]]).reshape(len(l0) + len(l1), -1)))
+            assert rows == sorted(map(tuple, f["x"].reshape(len(lab), -1)))
+            assert sorted(np.concatenate([l0, l1])) == sorted(lab)
 
 
 def test_from_env_outside_torchrun_and_bad_environments():
@@ -119,7 +147,7 @@ def _launch(cases: str, workdir: str, world: int = 2, timeout: float = 150.0) ->
 def _reference(case: str, workdir: str) -> dict[str, np.ndarray]:
     """The same fine-tuning in this process: one rank, batch 2 x PER_RANK_BATCH, same seeds."""
     student, teacher, data = W.setup(case, workdir)
-    batches = sharded_batches(data, 2 * W.PER_RANK_BATCH, None, seed=11)
+    batches = training_batches(data, 2 * W.PER_RANK_BATCH, seed=11)
     if case == "uneven":  # the ranks stop each epoch when rank 1 runs out: after 2 of 3 batches
         full = batches
         batches = lambda: iter(list(full())[:2])  # noqa: E731

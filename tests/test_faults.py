@@ -178,11 +178,11 @@ def test_runtime_failure_in_first_round_keeps_report_only(tmp_path, r20, monkeyp
 def test_finetune_runtime_failure_keeps_pruned_model(tmp_path, r20, monkeypatch, capsys):
     """onnxruntime failing inside fine-tuning (not a bridge error): exit 4, the pruned model is written."""
     pytest.importorskip("torch")
-    import onnx_consensus.recover as recover_mod
+    import onnx_consensus.finetune.job as job_mod
 
     def broken(*args, **kwargs):
         raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : injected")
-    monkeypatch.setattr(recover_mod, "finetune_pruned", broken)
+    monkeypatch.setattr(job_mod, "finetune_pruned", broken)
     src, calib = r20
     out = tmp_path / "o.onnx"
     code = main([str(src), str(out), "--calib", str(calib), "--remove", "2", "--metrics", "cka", "-q", "--no-latency",

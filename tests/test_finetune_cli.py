@@ -67,11 +67,11 @@ def test_finetune_modes(tmp_path, setup, kind):
 
 
 def test_finetune_failure_keeps_pruned_model_exit_4(tmp_path, setup, monkeypatch, capsys):
-    import onnx_consensus.bridge as bridge
+    import onnx_consensus.finetune.train as train
 
     def boom(*a, **k):
         raise FinetuneError("fine-tuning failed: RuntimeError: simulated")
-    monkeypatch.setattr(bridge, "finetune", boom)
+    monkeypatch.setattr(train, "finetune", boom)
     src, labelled, _ = setup
     out = tmp_path / "o.onnx"
     code = main([str(src), str(out), "--calib", str(labelled), "--remove", "1", "--metrics", "cka", "-q",

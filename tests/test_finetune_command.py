@@ -109,11 +109,11 @@ def test_teacher_with_other_inputs_is_refused(tmp_path, files, capsys):
 
 
 def test_failure_leaves_nothing(tmp_path, files, monkeypatch, capsys):
-    import onnx_consensus.bridge as bridge
+    import onnx_consensus.finetune.train as train
 
     def boom(*a, **k):
         raise FinetuneError("fine-tuning failed: RuntimeError: simulated")
-    monkeypatch.setattr(bridge, "finetune", boom)
+    monkeypatch.setattr(train, "finetune", boom)
     out = tmp_path / "o.onnx"
     assert main(_args(files, out, "--train", str(files / "lab"), "--report", str(tmp_path / "r.json"))) == 4
     assert "simulated" in capsys.readouterr().err
@@ -121,16 +121,16 @@ def test_failure_leaves_nothing(tmp_path, files, monkeypatch, capsys):
 
 
 def test_prune_finetune_runs_the_same_code(tmp_path, monkeypatch):
-    """`prune --finetune-epochs` goes through tuning.finetune_model, as `finetune` does."""
-    import onnx_consensus.tuning as tuning
+    """`prune --finetune-epochs` goes through finetune.job.finetune_model, as `finetune` does."""
+    import onnx_consensus.finetune.job as job
 
     calls = []
-    real = tuning.finetune_model
+    real = job.finetune_model
 
     def spy(*a, **k):
         calls.append(k["config"])
         return real(*a, **k)
-    monkeypatch.setattr(tuning, "finetune_model", spy)
+    monkeypatch.setattr(job, "finetune_model", spy)
     model = residual_mlp(6, 16, seed=0)
     onnx.save(model, tmp_path / "m.onnx")
     (tmp_path / "c").mkdir()
@@ -274,7 +274,7 @@ def test_finetune_defaults_to_one_epoch_and_a_global_batch_that_splits():
     from onnx_consensus.cli.finetune import _config
     from onnx_consensus.cli.parser import build_parser
     from onnx_consensus.options import FinetuneConfig
-    from onnx_consensus.tuning import check_config
+    from onnx_consensus.finetune import check_config
 
     ns = build_parser().parse_args(["finetune", "s.onnx", "o.onnx", "--train", "d"])
     assert _config(ns).epochs == 1 and _config(ns) == FinetuneConfig()

@@ -125,7 +125,7 @@ def test_unmet_target_is_not_a_partial_result(mlp_data):
 
 
 def test_evaluator_object(mlp_data):
-    from onnx_consensus.recover import Evaluator
+    from onnx_consensus.finetune.evaluator import Evaluator
 
     model, data = mlp_data
     ev = Evaluator(model, data, batch_size=16)
@@ -139,16 +139,16 @@ def test_evaluator_object(mlp_data):
 def test_finetune_batch_size_builds_the_training_batches(monkeypatch, mlp_data):
     """FinetuneConfig.batch_size is the training batch size (it was documented as informative only)."""
     pytest.importorskip("torch")
-    import onnx_consensus.bridge as bridge
-    from onnx_consensus.recover import finetune_pruned
+    import onnx_consensus.finetune.train as train
+    from onnx_consensus.finetune.job import finetune_pruned
 
     model, data = mlp_data
     seen = []
 
-    def record(student, train_batches, *, teacher, config, eval_fn, progress):
+    def record(student, train_batches, *, teacher, config, eval_fn, progress, **kw):
         seen.extend(len(labels if labels is not None else next(iter(feeds.values())))
                     for feeds, labels in train_batches())
-        return student, bridge.FinetuneResult()
-    monkeypatch.setattr(bridge, "finetune", record)
+        return student, train.FinetuneResult()
+    monkeypatch.setattr(train, "finetune", record)
     finetune_pruned(model, model, data, config=oc.FinetuneConfig(batch_size=7), progress=False)
     assert seen == [7] * 5 + [5]  # 40 samples

@@ -15,11 +15,11 @@ import numpy as np
 import onnx
 import pytest
 
-from onnx_consensus.bridge import FinetuneConfig
+from onnx_consensus.options import FinetuneConfig
 from onnx_consensus.data import load_calibration
 from onnx_consensus.graph.blocks import find_blocks
 from onnx_consensus.graph.surgery import remove_blocks
-from onnx_consensus.recover import finetune_pruned
+from onnx_consensus.finetune.job import finetune_pruned
 from tests.helpers import ROOT, run
 from tools.fmnist import load_fmnist, to_cifar_input
 
@@ -79,8 +79,8 @@ def test_pruned_reference_model_recovers(fmnist, mode, budget):
     train = load_calibration(sets["train" if mode == "supervised" else "train_nolabels"], original)
     test = load_calibration(sets["test"], original)
     config = FinetuneConfig(epochs=1, batch_size=budget.batch_size, seed=0, threads=2)
-    tuned, result, before, after, original_acc = finetune_pruned(original, pruned, train, config=config,
-                                                                 eval_data=test, threads=2, progress=False)
+    rec = finetune_pruned(original, pruned, train, config=config, eval_data=test, threads=2, progress=False)
+    tuned, result, before, after, original_acc = rec.model, rec.result, rec.before, rec.after, rec.original
     assert original_acc > 0.90
     x, y = np.load(sets["test"] / "x.npy"), np.load(sets["test"] / "labels.npy")
     assert before == pytest.approx(np.mean(run(pruned, {"input": x})[0].argmax(1) == y), abs=1e-9)

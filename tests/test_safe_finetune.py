@@ -109,7 +109,7 @@ def test_default_freezes_bn_on_small_data(tmp_path, bn_setup, capsys):
 def test_frozen_bn_stats_in_the_bridge_affine_still_trained(bn_setup):
     """Bridge level: with few samples BN running statistics are written back unchanged (compared with the
     ONNX initializers) while BN scale/shift and conv weights train; ``bn_stats="update"`` changes them."""
-    from onnx_consensus.bridge import finetune
+    from onnx_consensus.finetune.train import finetune
     from onnx_consensus.options import FinetuneConfig
 
     src, ev, _ = bn_setup

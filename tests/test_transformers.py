@@ -323,8 +323,9 @@ def test_opset23_attention_op_in_branch():
 
 @pytest.mark.parametrize("kind,exporter", [("vit", "classic"), ("post", "dynamo"), ("dec", "dynamo")])
 def test_bridge_finetunes_pruned_transformer(tmp_path, kind, exporter):
-    from onnx_consensus.bridge import FinetuneConfig, finetune
-    from onnx_consensus.recover import training_batches
+    from onnx_consensus.finetune.epochs import training_batches
+    from onnx_consensus.finetune.train import finetune
+    from onnx_consensus.options import FinetuneConfig
 
     model = tx_onnx(kind, 2, exporter)
     pruned = remove_blocks(model, find_blocks(model, unit="layer").blocks[:1])

@@ -8,7 +8,7 @@ docs/BENCHMARKS.md re-scores the un-fine-tuned model each round. Here each crite
 ResNet-56 iteratively (one block kept per stage, the first ``--max-samples`` calibration images, 20 % of them
 held back), with ``--steps`` optimiser steps of supervised fine-tuning (batch ``--batch``, the bridge's recipe,
 on the shipped 6,000 training PNGs of examples/fmnist_train) after each removal, before the next scoring
-round: ``onnx-cprune --finetune-between N`` (``recover.between_removals``). At each level L (5 and 10 blocks)
+round: ``onnx-cprune --finetune-between N`` (``finetune.between.between_removals``). At each level L (5 and 10 blocks)
 the top-1 accuracy on the first ``--test-images`` shipped test PNGs (examples/fmnist_test) is measured twice:
 
 - ``removed``: right after the L-th removal (the model has been fine-tuned after removals 1..L-1);
@@ -66,7 +66,8 @@ def run_unit(args, criterion: str) -> dict:
     from onnx_consensus.data import ImageOptions, load_calibration
     from onnx_consensus.options import CriterionOptions, FinetuneConfig, RunOptions, TargetOptions
     from onnx_consensus.pruner import prune
-    from onnx_consensus.recover import between_removals, evaluator
+    from onnx_consensus.finetune.between import between_removals
+    from onnx_consensus.finetune.evaluator import evaluator
 
     model = onnx.load(ROOT / MODEL)
     images = ImageOptions(mean=MEAN, std=STD)
@@ -119,7 +120,7 @@ def no_finetune(args, criteria) -> dict[str, dict[str, float]]:
     from onnx_consensus.data import ImageOptions, load_calibration
     from onnx_consensus.graph.blocks import find_blocks
     from onnx_consensus.graph.surgery import remove_blocks
-    from onnx_consensus.recover import evaluator
+    from onnx_consensus.finetune.evaluator import evaluator
     from tools import bench_criteria as bc
 
     ns = argparse.Namespace(max_samples=args.max_samples)

@@ -15,7 +15,7 @@ per stage) to the deepest level, whose removal order gives every shallower level
 on the test data at each level. The ``oracle`` unit is a greedy search with the same constraints: each round
 it removes the candidate whose removal keeps the best task measure on the HELD-BACK part of the calibration
 set (not the test set; ties: the measure's tie-break, then the earlier block). Fine-tuned condition: each
-(model, level, removed set) is distilled from the original once (``onnx_consensus.tuning.finetune_model``,
+(model, level, removed set) is distilled from the original once (``onnx_consensus.finetune.job.finetune_model``,
 the same ``FT_CONFIG`` for all: distillation on the 128 calibration samples, no labels) and measured again;
 criteria that removed the same set share the unit.
 
@@ -311,7 +311,7 @@ def run_finetune(args, task: Task, removed: list[str]) -> dict:
     from onnx_consensus.graph.blocks import find_blocks
     from onnx_consensus.graph.surgery import remove_blocks
     from onnx_consensus.options import FinetuneConfig
-    from onnx_consensus.tuning import finetune_model
+    from onnx_consensus.finetune.job import finetune_model
 
     model, data = load(task, args)
     data.labels = None  # distillation from the original, whatever labels the folder has

@@ -40,8 +40,10 @@ def _worker(args) -> None:
     import onnx
     import torch
 
-    from onnx_consensus.bridge import FinetuneConfig, finetune
-    from onnx_consensus.bridge.distributed import joined, sharded_batches
+    from onnx_consensus.bridge.distributed import joined
+    from onnx_consensus.finetune.epochs import training_batches
+    from onnx_consensus.finetune.train import finetune
+    from onnx_consensus.options import FinetuneConfig
     from onnx_consensus.data import load_calibration
 
     torch.set_num_threads(args.threads)
@@ -51,7 +53,7 @@ def _worker(args) -> None:
         world, rank = (1, 0) if ctx is None else (ctx.world_size, ctx.rank)
         per_rank = args.global_batch // world
         stamps: list[float] = []
-        shards = sharded_batches(data, per_rank, ctx, seed=0)
+        shards = training_batches(data, per_rank, seed=0, dist=ctx)
 
         def epoch():
             """The rank's steps; a time stamp at every batch request (= the end of the previous step)."""

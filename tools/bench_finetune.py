@@ -48,10 +48,11 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write results here")
     args = ap.parse_args()
 
-    from onnx_consensus.bridge import FinetuneConfig
+    from onnx_consensus.options import FinetuneConfig
     from onnx_consensus.data import load_calibration
     from onnx_consensus.pruner import CriterionOptions, RunOptions, TargetOptions, prune
-    from onnx_consensus.recover import evaluator, finetune_pruned
+    from onnx_consensus.finetune.evaluator import evaluator
+    from onnx_consensus.finetune.job import finetune_pruned
     from tools.fmnist import load_fmnist
 
     model = onnx.load(args.model)
@@ -75,8 +76,9 @@ def main() -> None:
     for epochs in (int(e) for e in args.epochs.split(",")):
         for mode, train in (("supervised", train_lab), ("distillation", train_unlab)):
             config = FinetuneConfig(epochs=epochs, batch_size=args.batch_size, seed=args.seed, threads=args.threads)
-            tuned, ft, before, after, _ = finetune_pruned(model, res.model, train, config=config, eval_data=test,
-                                                       threads=args.threads, progress=False)
+            rec = finetune_pruned(model, res.model, train, config=config, eval_data=test, threads=args.threads,
+                                  progress=False)
+            ft, after = rec.result, rec.after
             per_epoch = ft.seconds / max(epochs, 1)
             row = {"mode": mode, "epochs": epochs, "accuracy": after, "seconds": ft.seconds,
                    "seconds_per_epoch": per_epoch, "images_seen": ft.images_seen,

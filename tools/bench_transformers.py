@@ -87,8 +87,9 @@ def removed_by_onnxsim(original: onnx.ModelProto, pruned: onnx.ModelProto, label
 
 def distill(original: onnx.ModelProto, pruned: onnx.ModelProto, train_dir: str, *, epochs: int, lr: float,
             threads: int) -> onnx.ModelProto:
-    from onnx_consensus.bridge import FinetuneConfig, finetune
-    from onnx_consensus.recover import training_batches
+    from onnx_consensus.finetune.epochs import training_batches
+    from onnx_consensus.finetune.train import finetune
+    from onnx_consensus.options import FinetuneConfig
 
     data = load_calibration(train_dir, original)
     config = FinetuneConfig(epochs=epochs, lr=lr, batch_size=64, optimizer="adamw", temperature=4.0,

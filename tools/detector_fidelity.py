@@ -68,7 +68,7 @@ def distill(samples: int) -> None:
     from onnx_consensus.bridge import losses
     from onnx_consensus.options import FinetuneConfig, TargetOptions
 
-    ft = importlib.import_module("onnx_consensus.bridge.finetune")  # the module (the package exports the function)
+    ft = importlib.import_module("onnx_consensus.finetune.train")
     folder = tempfile.mkdtemp()
     np.save(os.path.join(folder, "x.npy"), detectors.images(samples, seed=3))
     model = detectors.build("yolov8")

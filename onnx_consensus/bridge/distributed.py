@@ -5,7 +5,7 @@ One process per rank; each rank holds the whole student (an OnnxModule wrapped i
 teacher, and reads only its shard of the training index. Only rank 0 evaluates and writes.
 
     with joined(device="cpu") as ctx:         # None when not launched by torchrun (WORLD_SIZE unset)
-        batches = sharded_batches(train_data, batch_size=32, ctx=ctx, seed=0)
+        batches = training_batches(train_data, batch_size=32, seed=0, dist=ctx)   # finetune.epochs
         model, result = finetune(student, batches, teacher=original, config=config, dist=ctx)
         if ctx is None:
             save_model_atomic(model, "out.onnx")
@@ -13,8 +13,8 @@ teacher, and reads only its shard of the training index. Only rank 0 evaluates a
             ctx.main_only(save_model_atomic, model, "out.onnx")
 
 Equivalence: N ranks with per-rank batch B take the same steps as one process with batch N*B over the
-same seeded permutation (``shard_indices`` strides the permutation, so the union of the ranks' k-th
-batches is the single process's k-th batch), up to float32 summation order. Exception:
+same seeded permutation (``finetune.epochs.shard_indices`` strides the permutation, so the union of the
+ranks' k-th batches is the single process's k-th batch), up to float32 summation order. Exception:
 BatchNormalization in train mode normalises with each rank's own batch statistics (no SyncBatchNorm
 for a graph module: "ghost" batches of B); the running statistics are averaged over ranks at the end of
 every epoch, so rank 0 writes statistics of all the data (the running mean exactly as one process
@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Callable, Iterable, Iterator
 
-import numpy as np
 import torch
 import torch.distributed as tdist
 from torch import nn
@@ -48,8 +47,7 @@ from .torch_graph import OnnxModule
 
 log = logging.getLogger("onnx_consensus")
 
-__all__ = ["DistContext", "PeerStopped", "from_env", "joined", "launched", "shard_indices", "sharded_batches",
-           "epoch_permutation"]
+__all__ = ["DistContext", "PeerStopped", "from_env", "joined", "launched"]
 
 _ENV = ("RANK", "WORLD_SIZE")
 _FAILED, _SIGNALLED, _EXHAUSTED, _FAILED_RANK, _SIGNALLED_RANK = range(5)
@@ -65,80 +63,6 @@ def launched(env: dict[str, str] | None = None) -> bool:
     return all(k in env for k in _ENV)
 
 
-def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The seeded order of the n training samples in ``epoch`` (1-based): (n,) int64. The same
-    permutation as ``recover.training_batches`` draws for its epoch ``epoch``."""
-    return np.random.default_rng(seed * 1_000_003 + epoch).permutation(n)
-
-
-def shard_indices(n: int, rank: int, world_size: int, *, seed: int, epoch: int,
-                  drop_last: bool = False) -> np.ndarray:
-    """This rank's sample indices for one epoch, (ceil(n / world_size),) int64 (floor with drop_last).
-
-    Like torch's DistributedSampler: the epoch's seeded permutation (``epoch_permutation``) is padded
-    by repeating its head to a multiple of world_size (or cut to one with ``drop_last``) and rank r takes
-    every world_size-th entry starting at r, so all shards have the same size and together cover every
-    sample (a few twice when padded). Taken in order, batch k of B samples on every rank together form
-    entries [k*B*world_size, (k+1)*B*world_size) of the padded permutation.
-    """
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise InputError(f"rank {rank} is not in a world of {world_size} process(es)")
-    if n < world_size:
-        raise InputError(f"{n} training sample(s) cannot be shared among {world_size} processes")
-    perm = epoch_permutation(n, seed, epoch)
-    if drop_last:
-        perm = perm[: n - n % world_size]
-    else:
-        pad = -n % world_size
-        perm = np.concatenate([perm, perm[:pad]])
-    return perm[rank::world_size]
-
-
-class _ShardEpoch:
-    """One epoch of (inputs by name, labels (B,) int64 or None) batches of this rank's shard;
-    len() is the number of batches (the bridge lays its cosine schedule over it)."""
-
-    def __init__(self, data, indices: np.ndarray, batch_size: int):
-        self.data, self.indices, self.batch_size = data, indices, batch_size
-
-    def __len__(self) -> int:
-        fixed = getattr(self.data, "fixed_batch", None)
-        if fixed:  # a short (padded) last batch is dropped
-            return max(len(self.indices) // fixed, 1)
-        return -(-len(self.indices) // self.batch_size)
-
-    def __iter__(self) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
-        from ..batching import counted_batches
-
-        fixed = getattr(self.data, "fixed_batch", None)
-        offset = 0
-        for feeds, n in counted_batches(self.data, self.batch_size, self.indices):
-            labels = self.data.labels_for(self.indices[offset:offset + n])
-            offset += n
-            if fixed and n < fixed:  # a model with a fixed batch: train on full batches, never on padding
-                if len(self.indices) >= fixed:
-                    continue
-                if labels is not None:
-                    labels = np.concatenate([labels, np.repeat(labels[-1:], fixed - n)])
-            yield feeds, labels
-
-
-def sharded_batches(data, batch_size: int, ctx: "DistContext | None", seed: int = 0,
-                    *, drop_last: bool = False) -> Callable[[], _ShardEpoch]:
-    """A factory of epochs for ``finetune(train_batches=...)``: each call returns the next epoch's
-    batches of this rank's shard (``shard_indices``), read lazily from ``data`` (a CalibrationData: only
-    this shard's samples are read). ``batch_size`` is per rank. ctx None: one process, all samples, the
-    same batches as ``recover.training_batches(data, batch_size, seed)``."""
-    rank, world = (0, 1) if ctx is None else (ctx.rank, ctx.world_size)
-    count = [0]
-
-    def next_epoch() -> _ShardEpoch:
-        count[0] += 1
-        idx = shard_indices(data.n_samples, rank, world, seed=seed, epoch=count[0], drop_last=drop_last)
-        return _ShardEpoch(data, idx, batch_size)
-    return next_epoch
-
-
 class _Forward(nn.Module):
     """What DDP wraps: forward(inputs by name, output names) -> OnnxModule.forward_named(...)."""
 
@@ -152,8 +76,7 @@ class _Forward(nn.Module):
 
 def _used_parameters(module: OnnxModule, outputs: list[str]) -> set[str]:
     """ONNX names of the trainable tensors the schedule for ``outputs`` reads."""
-    read = {n for step in module._plan(tuple(outputs)) for n in step[2] if n}
-    return read & set(module.trainable_names)
+    return module.tensors_read(outputs) & set(module.trainable_names)
 
 
 @dataclass
@@ -280,10 +203,8 @@ class DistContext:
 
     def average_buffers(self, module: OnnxModule) -> None:
         """Collective: replace the BatchNormalization running statistics by their mean over ranks."""
-        bufs = module.consts._buffers
-        names = list(module.mutable_buffers) + list(module._aliases)
-        tensors = [bufs[module.onnx_to_key[n]] for n in names]
-        tensors = [t for t in tensors if t.is_floating_point()]
+        trainable = set(module.trainable_names)
+        tensors = [t for n, t in module.onnx_state().items() if n not in trainable and t.is_floating_point()]
         if not tensors:
             return
         flat = torch.cat([t.detach().reshape(-1).double() for t in tensors])
@@ -370,8 +291,8 @@ def from_env(device: str = "cpu", *, timeout_s: float = 600.0,
 @contextmanager
 def joined(device: str = "cpu", *, timeout_s: float = 600.0, env: dict[str, str] | None = None):
     """``with joined(device) as ctx:`` -- ctx is the entered DistContext under torchrun (left on exit),
-    None in a plain process: the same code path serves both (pass ``dist=ctx`` and ``sharded_batches(...,
-    ctx)`` either way)."""
+    None in a plain process: the same code path serves both (pass ``dist=ctx`` to ``finetune.train.finetune``
+    and ``finetune.epochs.training_batches`` either way)."""
     ctx = from_env(device, timeout_s=timeout_s, env=env)
     if ctx is None:
         yield None

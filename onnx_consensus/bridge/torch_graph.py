@@ -175,6 +175,11 @@ class OnnxModule(nn.Module):
             out[n] = bufs[self.onnx_to_key[n]]
         return out
 
+    def tensors_read(self, outputs: list[str]) -> set[str]:
+        """ONNX names of every tensor the nodes computing ``outputs`` read (graph inputs, weights, constants,
+        intermediate tensors)."""
+        return {n for step in self._plan(tuple(outputs)) for n in step[2] if n}
+
     # ---- execution -------------------------------------------------------------------------------
 
     def _plan(self, outputs: tuple[str, ...]) -> list[tuple[Any, ...]]:

@@ -27,9 +27,9 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import onnx
 
-from ..errors import FinetuneError, InputError, TargetError
+from ..errors import InputError, TargetError
 from ..graph.decoder import (FUSED, DecoderReport, cache_names, dummy_feed, expose_residual_sums,
-                             find_decoder_layers, prefill_feed)
+                             find_decoder_layers)
 from ..graph.flops import count_params
 from ..graph.ir import load_model_and_layout
 from ..graph.quant import finetune_refusal, model_bytes, quantized_ops
@@ -288,76 +288,35 @@ def _single(v, report: DecoderReport) -> int:
 
 def _finetune(outcome: DecoderOutcome, original: onnx.ModelProto, train_windows: np.ndarray,
               eval_windows: np.ndarray, options: Options, quality: dict) -> dict:
-    """``distill`` the outcome's model in place; on failure the pruned model stays (exit 4)."""
-    try:
-        tuned, info = distill(original, outcome.model, train_windows, eval_windows, options.finetune,
-                              threads=options.run.threads, progress=options.run.progress)
-    except FinetuneError as exc:
-        outcome.exit_code, outcome.status = exc.exit_code, "finetune failed"
-        outcome.warnings.append(str(exc))
-        return {"mode": "distillation", "epochs": options.finetune.epochs, "error": str(exc)}
-    outcome.model, outcome.finetuned = tuned, True
-    quality["finetuned"] = {"windows": int(len(eval_windows)), "after": info["perplexity_after"]}
-    return info
+    """``distill`` the outcome's model in place; on failure the pruned model stays (exit 4; 130 interrupted
+    with --keep-partial): ``finetune.job.guarded``."""
+    from ..finetune.decoder import distill as distill_decoder
+    from ..finetune.job import guarded
+    from ..finetune.results import DistillReport
+
+    def run():
+        return distill_decoder(original, outcome.model, train_windows, eval_windows, options.finetune,
+                               threads=options.run.threads, progress=options.run.progress)
+    done, error, code = guarded(run, keep_partial=options.output.keep_partial)
+    if error is not None:
+        outcome.exit_code, outcome.status = code, "finetune interrupted" if code == 130 else "finetune failed"
+        outcome.warnings.append(error)
+        return DistillReport(epochs=options.finetune.epochs, error=error).to_json()
+    (outcome.model, info), outcome.finetuned = done, True
+    quality["finetuned"] = {"windows": int(len(eval_windows)), "after": info.perplexity_after}
+    return info.to_json()
 
 
 def distill(original: onnx.ModelProto, pruned: onnx.ModelProto, train_windows: np.ndarray,
             eval_windows: np.ndarray, config, *, threads: int | None = None,
             progress: bool = False) -> tuple[onnx.ModelProto, dict]:
-    """Distil ``pruned`` from ``original`` (KL divergence of the softened next-token distributions, every
-    position of every window, ``bridge.finetune``) on ``train_windows`` (n, seq) int64 through the PyTorch
-    bridge; the epoch with the lowest perplexity on ``eval_windows`` is kept (the model as given when no epoch
-    lowers it). Default optimiser for LLMs:
-    AdamW, lr 1e-4 (``--optimizer``/``--lr`` override). Returns (model, info). Raises FinetuneError (one
-    line), naming the fused onnxruntime operators the bridge cannot train (genai exports)."""
-    from dataclasses import replace
+    """``finetune.decoder.distill``: distil ``pruned`` from ``original`` on ``train_windows`` (n, seq) int64, the
+    best of {pruned, each epoch} by perplexity on ``eval_windows`` kept. Returns (model, the report entry)."""
+    from ..finetune.decoder import distill as distill_decoder
 
-    from ..bridge import check_supported
-    from ..errors import UnsupportedOperatorError
-    from ..recover import require_torch
-
-    require_torch()
-    try:
-        check_supported(pruned)
-    except UnsupportedOperatorError as exc:
-        fused = any(n.domain == "com.microsoft" for n in pruned.graph.node)
-        raise UnsupportedOperatorError(
-            f"cannot fine-tune this export: {exc}" + (
-                "; these fused onnxruntime operators are not trainable through the bridge: fine-tune the "
-                "optimum export of the model (decomposed attention) instead" if fused else "")) from None
-    from ..bridge.finetune import finetune
-
-    bs = config.batch_size
-    rng = np.random.default_rng(config.seed)
-
-    class _Epoch:
-        def __len__(self):
-            return (len(train_windows) + bs - 1) // bs
-
-        def __iter__(self):
-            order = rng.permutation(len(train_windows))
-            for s in range(0, len(order), bs):
-                yield prefill_feed(original, train_windows[np.sort(order[s:s + bs])]), None
-
-    def eval_fn(m):
-        return -perplexity(m, eval_windows, threads=threads)
-
-    cfg = config
-    if config.lr is None and config.optimizer == "sgd":  # the image recipe's SGD default does not suit LLMs
-        cfg = replace(config, optimizer="adamw", lr=1e-4)
-    elif config.lr is None:
-        cfg = replace(config, lr=1e-4)
-    before = -eval_fn(pruned)
-    tuned, res = finetune(pruned, lambda: _Epoch(), teacher=original, config=cfg, eval_fn=eval_fn,
-                          progress=progress, distill_outputs=[original.graph.output[0].name])  # logits, not KV
-    after = -eval_fn(tuned)
-    kept = "fine-tuned"
-    if after > before:  # no epoch helped: the pruned model as it was
-        tuned, after, kept = pruned, before, "not fine-tuned: no epoch lowered the held-out perplexity"
-    return tuned, {"kept": kept, "mode": "distillation", "epochs": cfg.epochs, "train_windows": int(len(train_windows)),
-                   "optimizer": cfg.optimizer, "lr": cfg.lr, "max_steps": cfg.max_steps,
-                   "perplexity_before": before, "perplexity_after": after, "best_epoch": res.best_epoch,
-                   "seconds": round(res.seconds, 2), "history": res.history}
+    model, info = distill_decoder(original, pruned, train_windows, eval_windows, config, threads=threads,
+                                  progress=progress)
+    return model, info.to_json()
 
 
 def _stamp(model: onnx.ModelProto, report: dict) -> None:

@@ -31,8 +31,8 @@ def finetune_unit(criterion: str, level: int, mode: str, seed: int, budget: int,
     done = load_result("finetune", name, config)
     if done is not None:
         return done
-    from onnx_consensus.bridge import FinetuneConfig
-    from onnx_consensus.recover import finetune_pruned
+    from onnx_consensus.finetune.job import finetune_pruned
+    from onnx_consensus.options import FinetuneConfig
 
     x, y = test if test is not None else test_arrays()
     original = original_model(config)

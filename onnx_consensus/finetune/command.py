@@ -1,5 +1,5 @@
 """The `finetune` command's job: fine-tune any ONNX model through the PyTorch bridge on its own
-(``tuning.finetune_model``, the code `prune --finetune-epochs` runs) and write the same graph with the new
+(``job.finetune_model``, the code `prune --finetune-epochs` runs) and write the same graph with the new
 weights, on one process or on every rank under torchrun (``bridge.distributed.joined``: each rank trains on its
 shard, only rank 0 evaluates and writes, a failure on one rank stops all ranks and nothing is written).
 The CLI (``cli/finetune.py``) parses the flags, calls ``run`` and prints the summary.
@@ -12,56 +12,46 @@ from dataclasses import replace
 
 import numpy as np
 
-from . import pipeline
-from .data.for_model import calibration_for
-from .errors import InputError
-from .options import DataOptions, FinetuneConfig, RunOptions
+from .. import pipeline
+from ..data.for_model import calibration_for
+from ..errors import InputError
+from ..options import DataOptions, FinetuneConfig, RunOptions
+from .checks import check_teacher, require_torch
+from .results import CommandFinetuneReport
 
 FINETUNE_METADATA_KEY = "onnx_consensus.finetune"
 
-
-def _check_teacher(student, teacher) -> None:
-    """The teacher must take the student's inputs (by name) and give its first output's class count."""
-    s_in = {i.name for i in student.graph.input} - {t.name for t in student.graph.initializer}
-    t_in = {i.name for i in teacher.graph.input} - {t.name for t in teacher.graph.initializer}
-    if s_in != t_in:
-        raise InputError(f"--teacher takes inputs {sorted(t_in)} but the model takes {sorted(s_in)}: "
-                         "the teacher must be the model the input was pruned from")
-    if teacher.graph.output[0].name != student.graph.output[0].name:
-        raise InputError(f"--teacher's first output is {teacher.graph.output[0].name!r}, the model's is "
-                         f"{student.graph.output[0].name!r}: the teacher must be the model the input was pruned from")
+__all__ = ["FINETUNE_METADATA_KEY", "run"]
 
 
-def _write(model, out_path: str, info: dict, report_path: str | None, check_feed, external: bool, threads) -> None:
+def _write(model, out_path: str, info: CommandFinetuneReport, report_path: str | None, check_feed, external: bool,
+           threads) -> None:
     """Rank 0 (or the only process): stamp, write the model atomically (checked), then the report."""
-    from .io import save_model_atomic
+    from ..io import save_model_atomic
 
     keep = [p for p in model.metadata_props if p.key != FINETUNE_METADATA_KEY]
     del model.metadata_props[:]
     model.metadata_props.extend(keep)
-    compact = {k: info[k] for k in ("mode", "epochs", "train_samples", "metric", "metric_before", "metric_after",
-                                    "best_epoch", "processes")}
-    model.metadata_props.add(key=FINETUNE_METADATA_KEY, value=json.dumps(compact, sort_keys=True))
+    model.metadata_props.add(key=FINETUNE_METADATA_KEY, value=json.dumps(info.stamp(), sort_keys=True))
     try:
         save_model_atomic(model, out_path, check_feed, threads=threads, external_data=external)
     except OSError as exc:
         raise InputError(f"cannot write {out_path}: {exc.strerror or exc}") from None
     if report_path:
-        pipeline.write_report({**info, "output": out_path}, report_path)
+        pipeline.write_report({**info.to_json(), "output": out_path}, report_path)
 
 
 def run(input_path: str, output_path: str, train_path, *, config: FinetuneConfig, run: RunOptions,
         data: DataOptions, eval_path=None, teacher_path: str | None = None,
-        report_path: str | None = None) -> tuple[dict, bool, str]:
+        report_path: str | None = None) -> tuple[CommandFinetuneReport, bool, str]:
     """Fine-tune ``input_path`` on ``train_path`` and write ``output_path`` (rank 0 only under torchrun).
     Returns (info, is_main, the output's absolute path): ``info`` is the report entry; only the main process
     prints."""
-    from .bridge.distributed import joined
-    from .graph.precision import is_bfloat16
-    from .graph.quant import finetune_refusal, quantized_ops
-    from .recover import require_torch
-    from .runtime import provider_names, resolve_providers, using_providers
-    from .tuning import finetune_model
+    from ..bridge.distributed import joined
+    from ..graph.precision import is_bfloat16
+    from ..graph.quant import finetune_refusal, quantized_ops
+    from ..runtime import provider_names, resolve_providers, using_providers
+    from . import job
 
     require_torch()
     source = pipeline.open_model(input_path)
@@ -75,7 +65,7 @@ def run(input_path: str, output_path: str, train_path, *, config: FinetuneConfig
         if os.path.abspath(teacher_path) == out_path:
             raise InputError("the output path is the teacher model; choose another path")
         teacher = pipeline.open_model(teacher_path).model
-        _check_teacher(source.model, teacher)
+        check_teacher(source.model, teacher)
     train = calibration_for(train_path, source.model, data)
     eval_data = None if eval_path is None else calibration_for(
         eval_path, source.model, replace(data, labels=None, max_samples=None))
@@ -86,11 +76,12 @@ def run(input_path: str, output_path: str, train_path, *, config: FinetuneConfig
         cuda_rank = ctx is not None and ctx.device.type == "cuda"
         providers = resolve_providers(run.providers, device_id=ctx.device.index if cuda_rank else None)
         with using_providers(providers):
-            model, info = finetune_model(source.model, train, config=config, teacher=teacher, eval_data=eval_data,
-                                         threads=run.threads, progress=run.progress and main, dist=ctx)
-            info.update(input=source.path, input_sha256=source.sha256, teacher=teacher_path,
-                        device=str(ctx.device) if ctx is not None else config.device, amp=config.amp,
-                        providers=provider_names(providers), options=config.to_flags())
+            model, info = job.finetune_model(source.model, train, config=config, teacher=teacher,
+                                             eval_data=eval_data, threads=run.threads, progress=run.progress and main,
+                                             dist=ctx, report=CommandFinetuneReport)
+            info.input, info.input_sha256, info.teacher = source.path, source.sha256, teacher_path
+            info.device = str(ctx.device) if ctx is not None else config.device
+            info.amp, info.providers, info.options = config.amp, provider_names(providers), config.to_flags()
             write_args = (model, out_path, info, report_path, check_feed, source.external, run.threads)
             if ctx is None:
                 _write(*write_args)
