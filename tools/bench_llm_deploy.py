@@ -96,8 +96,8 @@ def markdown(res: dict) -> str:
     lines = [f"Decode time model: {c['full_s'] * 1e3:.3f} ms per token with {c['n_layers']} layers, "
              f"{c['per_layer_s'] * 1e3:.3f} ms per layer, fixed {c['fixed_s'] * 1e3:.3f} ms "
              f"(probe without {c['probe_removed']} layers: {c['probe_s'] * 1e3:.3f} ms).", "",
-             "| target | layers removed | predicted | measured (ms: original / pruned) | met | perplexity | ms saved per "
-             "perplexity point |", "|---:|---|---:|---:|---|---:|---:|"]
+             "| target | layers removed | predicted | measured (ms: original / pruned) | met | perplexity "
+             "| ms saved per perplexity point |", "|---:|---|---:|---:|---|---:|---:|"]
     for r in res["targets"]:
         per = "" if r["ms_saved_per_ppl_point"] is None else f"{r['ms_saved_per_ppl_point']:.4f}"
         lines.append(f"| {r['target']} | {' '.join(map(str, r['layers_removed']))} | {r['predicted']:.2f} | "

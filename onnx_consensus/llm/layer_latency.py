@@ -15,7 +15,8 @@ t(L)``; the pipeline turns ``--target-latency F`` into ``--remove N``. ``decode`
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
@@ -23,7 +24,8 @@ import onnx
 from ..errors import InputError, TargetError
 from .perplexity import throughput
 
-__all__ = ["LayerCost", "measure_layer_cost", "layers_for_target", "step_seconds", "PHASES"]
+__all__ = ["LayerCost", "TargetCheck", "measure_layer_cost", "layers_for_target", "step_seconds", "meet_target",
+           "PHASES"]
 
 PHASES = ("decode", "prefill")
 
@@ -104,3 +106,38 @@ def layers_for_target(cost: LayerCost, fraction: float, *, keep: int = 1) -> int
                           f"{cost.predicted_s(limit) / cost.full_s:.0%} of the {cost.phase} time (the layers are "
                           f"{cost.n_layers * cost.per_layer_s / cost.full_s:.0%} of it)")
     return max(need, 0)
+
+
+@dataclass
+class TargetCheck:
+    """What ``meet_target`` wrote: ``removed`` (layer numbers), ``model``, ``met``, and every ``attempts`` entry
+    {removed, measured_s, original_s, ratio} (the original and the candidate timed together)."""
+
+    removed: list[int]
+    model: onnx.ModelProto
+    met: bool
+    attempts: list[dict] = field(default_factory=list)
+
+
+def meet_target(model: onnx.ModelProto, order: Sequence[int], fraction: float, cost: LayerCost,
+                prompt: np.ndarray, *, attempts: int = 3, rounds: int = 7, steps: int = 16,
+                threads: int | None = 1) -> TargetCheck:
+    """Remove the first ``layers_for_target(cost, fraction)`` layers of ``order`` (layer numbers, least
+    important first) and time the result beside the original (``step_seconds``, ``cost.phase``); while it
+    misses ``fraction`` of the original's time, remove one more layer of ``order`` (at most ``attempts``
+    timings, one layer always kept). ``met`` says whether the last one met it."""
+    from ..graph.kv_surgery import remove_layers
+
+    n = layers_for_target(cost, fraction)
+    check = TargetCheck([], model, False)
+    for _ in range(attempts):
+        removed = list(order[:n])
+        pruned = remove_layers(model, removed) if removed else model
+        full, got = step_seconds([model, pruned], prompt, phase=cost.phase, rounds=rounds, steps=steps,
+                                 threads=threads)
+        check.removed, check.model, check.met = removed, pruned, got <= fraction * full
+        check.attempts.append({"removed": removed, "measured_s": got, "original_s": full, "ratio": got / full})
+        if check.met or n + 1 > min(len(order), cost.n_layers - 1):
+            break
+        n += 1
+    return check
