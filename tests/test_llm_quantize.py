@@ -216,6 +216,27 @@ def test_quantize_decoder_keeps_the_float_model_close_and_refuses_bad_input(tiny
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("form,fmt", [("plain", "int4"), ("plain", "int8"), ("plain", "fp16"), ("fused", "int4"),
+                                      ("fused", "int8")])
+def test_synthetic_decoders_quantized(form, fmt):
+    """The decomposed (optimum-like) and fused forms of tests.test_decoder_llm's synthetic decoder: the same
+    interface, logits and caches close to the float model's, the caches exact in shape."""
+    from onnx_consensus.graph.decoder import dummy_feed
+    from tests.test_decoder_llm import V, synthetic_decoder
+
+    model = synthetic_decoder(form)
+    q = quantize_decoder(model, fmt)
+    assert [(v.name, v.type) for v in q.graph.input] == [(v.name, v.type) for v in model.graph.input]
+    assert [(v.name, v.type) for v in q.graph.output] == [(v.name, v.type) for v in model.graph.output]
+    feed = dummy_feed(model, batch=2, seq=5, vocab=V)
+    run = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+           for m in (model, q)]
+    for want, got in zip(*run):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        cos = (got * want).sum() / np.linalg.norm(got) / np.linalg.norm(want)
+        assert cos > {"int4": 0.95, "int8": 0.99, "fp16": 0.999}[fmt], (fmt, cos)
+
+
 @needs_llm
 def test_four_rows(tiny):
     model = onnx.load(str(tiny / "llama" / "genai_fp32" / "model.onnx"))

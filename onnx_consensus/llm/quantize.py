@@ -66,7 +66,9 @@ def _int8(model: onnx.ModelProto) -> onnx.ModelProto:
         big = model.ByteSize() > (1 << 31) - (1 << 24)
         onnx.save_model(model, src, save_as_external_data=big, location="in.onnx.data")
         quantize_dynamic(src, out, op_types_to_quantize=["MatMul"], per_channel=True,
-                         weight_type=QuantType.QInt8, use_external_data_format=big)
+                         weight_type=QuantType.QInt8, use_external_data_format=big,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})  # onnxruntime's ops in the
+        # default domain (SimplifiedLayerNormalization) stop ONNX's type inference: their outputs are float
         q = onnx.load_model(out)  # external data (if any) read into memory before the folder goes
     q.producer_name, q.producer_version = model.producer_name, model.producer_version
     del q.metadata_props[:]
@@ -100,7 +102,13 @@ def quantize_decoder(model: onnx.ModelProto, fmt: str) -> onnx.ModelProto:
             if is_external(t):
                 inline_external(t)
         model = work
-    out = DECODER_FORMATS[fmt](model)
+    try:
+        out = DECODER_FORMATS[fmt](model)
+    except InputError:
+        raise
+    except Exception as exc:  # onnxruntime's quantizers assert on graphs they do not handle: one line
+        raise InputError(f"--quantize {fmt}: onnxruntime's quantizer failed on this decoder "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no message'})") from None
     if _interface(out) != _interface(model):
         raise InputError(f"--quantize {fmt} changed this decoder's interface (inputs/outputs): not written")
     return out
