@@ -48,6 +48,8 @@ from tools.criteria_tasks import TASKS, Task, calib_folder, evaluate  # noqa: E4
 VERSION = 2
 RANDOM = ("random0", "random1", "random2")
 SPAN = "pruneme (angular span)"
+BI = "block influence (local cosine)"
+LOCAL = (BI,)  # criteria scored in the local scope (block entry vs exit); the others global
 
 
 def _weighted_output(task: Task) -> dict[str, float]:
@@ -84,6 +86,8 @@ CRITERIA: dict[str, tuple] = {
     # stream entering the first and leaving the last, at the last token (onnx_consensus.llm.spans); one span per
     # level, not a removal order; decoders only
     SPAN: (None, {}, 0, "decoder"),
+    # ShortGPT's Block Influence (Men et al. 2024): 1 - cosine of a block's entry and exit, local scope
+    BI: (("cosine",), {}, 0, "decoder"),
 }
 ORACLES = ("oracle", "oracle (held-back log-likelihood)")
 SINGLE_PAPER = ("cka", "gaussian_stochastic_0", "gaussian_stochastic_1", "gaussian_stochastic_2", "permutation",
@@ -301,7 +305,8 @@ def run_unit(args, task: Task, criterion: str) -> dict:
             saved = pruner.score_blocks
             pruner.score_blocks = shared_scorer(args, task, model)
             try:
-                res = prune(model, data, criterion=CriterionOptions(metrics=metrics, weights=weights, seed=seed),
+                res = prune(model, data, criterion=CriterionOptions(metrics=metrics, weights=weights, seed=seed,
+                                                                    scope="local" if criterion in LOCAL else "global"),
                             target=TargetOptions(remove=depth), run=RunOptions(threads=1))
             finally:
                 pruner.score_blocks = saved
