@@ -113,6 +113,7 @@ def last_token_states(model: onnx.ModelProto, windows: np.ndarray, *, batch_size
 
 def decoder_span(model: onnx.ModelProto, windows: np.ndarray, length: int, *, batch_size: int = 8,
                  threads: int | None = None) -> Span:
-    """PruneMe on a decoder with a KV cache: the ``length`` consecutive layers (cache numbers) to remove,
-    from one forward over ``windows`` (n, seq) int64."""
+    """PruneMe on a decoder with a KV cache: the ``length`` consecutive layers to remove, from one forward over
+    ``windows`` (n, seq) int64. The span's numbers are positions in the stack (``find_decoder_layers``' order),
+    which are the cache numbers in the exports seen (``report.layers[i].index`` maps them)."""
     return best_span(last_token_states(model, windows, batch_size=batch_size, threads=threads), length)
