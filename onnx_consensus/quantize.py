@@ -67,7 +67,7 @@ def quantize(model: onnx.ModelProto, fmt: str, data=None, indices=None, *,
 
         def batches() -> Iterator[dict[str, np.ndarray]]:
             return data.batches(batch_size, idx)
-    with _quiet():
+    with quiet():
         out = FORMATS[fmt](model, batches)
     out.producer_name, out.producer_version = model.producer_name, model.producer_version
     del out.metadata_props[:]
@@ -76,7 +76,7 @@ def quantize(model: onnx.ModelProto, fmt: str, data=None, indices=None, *,
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet():
     """onnxruntime.quantization logs every node it skips at INFO, and routine fallbacks as warnings on the root
     logger: hold its loggers at ERROR for the call."""
     names = ("onnxruntime.quantization.matmul_nbits_quantizer", "onnxruntime.quantization", "root")

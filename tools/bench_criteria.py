@@ -47,6 +47,9 @@ from tools.criteria_tasks import TASKS, Task, calib_folder, evaluate  # noqa: E4
 
 VERSION = 2
 RANDOM = ("random0", "random1", "random2")
+SPAN = "pruneme (angular span)"
+BI = "block influence (local cosine)"
+LOCAL = (BI,)  # criteria scored in the local scope (block entry vs exit); the others global
 
 
 def _weighted_output(task: Task) -> dict[str, float]:
@@ -79,6 +82,12 @@ CRITERIA: dict[str, tuple] = {
     "random1": (("random",), {}, 1, "all"),
     "random2": (("random",), {}, 2, "all"),
     "oracle (held-back log-likelihood)": (None, {}, 0, "all"),
+    # PruneMe (Gromov et al. 2024): the L consecutive blocks with the smallest angular distance between the
+    # stream entering the first and leaving the last, at the last token (onnx_consensus.llm.spans); one span per
+    # level, not a removal order; decoders only
+    SPAN: (None, {}, 0, "decoder"),
+    # ShortGPT's Block Influence (Men et al. 2024): 1 - cosine of a block's entry and exit, local scope
+    BI: (("cosine",), {}, 0, "decoder"),
 }
 ORACLES = ("oracle", "oracle (held-back log-likelihood)")
 SINGLE_PAPER = ("cka", "gaussian_stochastic_0", "gaussian_stochastic_1", "gaussian_stochastic_2", "permutation",
@@ -93,6 +102,8 @@ MODEL_KINDS = {"resnet56": "CNN (BN), Fashion-MNIST", "vit": "pre-LN ViT, Fashio
 
 def applies(criterion: str, task: Task) -> bool:
     which = CRITERIA[criterion][3]
+    if which == "decoder":
+        return task.measure == "next_token"
     return which == "all" or (which == "class") == task.class_scores
 
 
@@ -281,8 +292,12 @@ def run_unit(args, task: Task, criterion: str) -> dict:
     model, data = load(task, args)
     depth = max(task.levels)
     extra = {}
+    sets = None
     with Meter() as prune_meter:
-        if metrics is None:
+        if criterion == SPAN:
+            sets = span_sets(task, model, data)
+            order = sets[str(depth)]
+        elif metrics is None:
             order = oracle_order(task, model, data, depth, smooth=criterion != "oracle")
         else:
             from onnx_consensus import pruner
@@ -290,7 +305,8 @@ def run_unit(args, task: Task, criterion: str) -> dict:
             saved = pruner.score_blocks
             pruner.score_blocks = shared_scorer(args, task, model)
             try:
-                res = prune(model, data, criterion=CriterionOptions(metrics=metrics, weights=weights, seed=seed),
+                res = prune(model, data, criterion=CriterionOptions(metrics=metrics, weights=weights, seed=seed,
+                                                                    scope="local" if criterion in LOCAL else "global"),
                             target=TargetOptions(remove=depth), run=RunOptions(threads=1))
             finally:
                 pruner.score_blocks = saved
@@ -299,12 +315,36 @@ def run_unit(args, task: Task, criterion: str) -> dict:
     with Meter() as eval_meter:
         batches, refs, original = test_data(task)
         blocks = find_blocks(model).by_id()
-        measure = {str(L): evaluate(task, remove_blocks(model, [blocks[i] for i in order[:L]]), batches, refs)
-                   for L in task.levels}
+        measure = {str(L): evaluate(task, remove_blocks(model, [blocks[i] for i in removed_at(
+            {"order": order, "sets": sets}, L)]), batches, refs) for L in task.levels}
+    if sets is not None:
+        extra["sets"] = sets
     return {"model": task.name, "criterion": criterion, "metrics": list(metrics or ()), "weights": weights,
             "seed": seed, "order": order, "measure": {L: m[0] for L, m in measure.items()},
             "tiebreak": {L: m[1] for L, m in measure.items()}, "original": original[0], "kind": task.measure,
             "prune": prune_meter.record(), "eval": eval_meter.record(), **extra}
+
+
+def span_sets(task: Task, model, data) -> dict[str, list[str]]:
+    """PruneMe at each level L: the L consecutive blocks (stack order; the blocks chain, each one's exit the
+    next one's entry) whose first entry and last exit are the closest in angle at the last token, on the
+    scoring part of the calibration data (the pruner's split, seed 0); at least one block stays."""
+    from onnx_consensus.graph.blocks import find_blocks
+    from onnx_consensus.llm.spans import best_span, stream_states
+    from onnx_consensus.options import RunOptions
+
+    blocks = sorted(find_blocks(model).blocks, key=lambda b: b.position)
+    assert all(a.exit == b.entry for a, b in zip(blocks, blocks[1:])), "the blocks do not chain"
+    score, _ = data.split(RunOptions().holdout, seed=0)
+    feeds = (f for f, _ in data.counted_batches(64, score))
+    states = stream_states(model, [blocks[0].entry] + [b.exit for b in blocks], feeds, threads=1)
+    return {str(L): [b.id for b in blocks[best_span(states, L).start:][:L]] for L in task.levels}
+
+
+def removed_at(result: dict, level: int) -> list[str]:
+    """The blocks a unit's criterion removed at ``level``: its span there (PruneMe), else its order's prefix."""
+    sets = result.get("sets")
+    return sets[str(level)] if sets else result["order"][:level]
 
 
 def run_finetune(args, task: Task, removed: list[str]) -> dict:
@@ -386,10 +426,10 @@ def ft_jobs(args) -> list[tuple[str, list[str]]]:
             continue
         r = json.loads(p.read_text())
         for L in TASKS[m].levels:
-            key = (m, tuple(sorted(r["order"][:L])))
+            key = (m, tuple(sorted(removed_at(r, L))))
             if key not in seen:
                 seen.add(key)
-                jobs.append((m, r["order"][:L]))
+                jobs.append((m, removed_at(r, L)))
     if args.shard:
         k, n = (int(v) for v in args.shard.split("/"))
         jobs = jobs[k::n]
@@ -411,7 +451,7 @@ def collect(args, finetuned: bool) -> tuple[dict, list, dict]:
             originals[m] = r["original"]
             for L in task.levels:
                 if finetuned:
-                    f = ft_file(args, m, r["order"][:L])
+                    f = ft_file(args, m, removed_at(r, L))
                     if not f.exists():
                         continue
                     rows.setdefault(c, {})[(m, str(L))] = json.loads(f.read_text())["measure"]

@@ -8,7 +8,8 @@ onnxruntime-genai builder 0.18 writes the head size as ``kv_cache_dim``). They a
 2. the graph's own weights: the attention node that reads the cache (``GroupQueryAttention``,
    ``MultiHeadAttention``; com.microsoft) has its head counts as attributes and the width of its query
    input follows from the projection that makes it (a ``MatMul`` initializer's last dim, a ``MatMulNBits``'s
-   ``N``, through a bias ``Add`` and value-preserving hops): head_size = width / heads;
+   ``N``, a ``MatMulInteger``'s int8 weight, through a bias ``Add``, a scale ``Mul`` and value-preserving
+   hops): head_size = width / heads;
 3. ``genai_config.json`` beside the model (``model.decoder.head_size`` / ``num_key_value_heads``), when
    the caller passes it.
 """
@@ -90,8 +91,9 @@ class _GraphView:
         self.init_dims = {t.name: list(t.dims) for t in model.graph.initializer}
 
     def attention_dims(self, cache_input: str) -> tuple[int | None, int | None]:
-        """(kv_heads, head_size) from the attention node reading ``cache_input`` (None where unknown)."""
-        for node in self.consumers.get(cache_input, []):
+        """(kv_heads, head_size) from the attention node reading ``cache_input`` (None where unknown), directly
+        or through value-preserving hops (fp16 models: the float32 cache cast to float16)."""
+        for node in self._readers(cache_input):
             if node.op_type not in _MS_ATTENTION:
                 continue
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
@@ -105,6 +107,15 @@ class _GraphView:
             return kv_heads, (width // parts if width % parts == 0 else None)
         return None, None
 
+    def _readers(self, name: str, depth: int = 0) -> list[onnx.NodeProto]:
+        out = []
+        for node in self.consumers.get(name, []):
+            if node.op_type in _HOPS and depth < 8:
+                out += [r for o in node.output for r in self._readers(o, depth + 1)]
+            else:
+                out.append(node)
+        return out
+
     def width(self, name: str, depth: int = 0) -> int | None:
         """The last dim of tensor ``name`` as its projection makes it, or None."""
         node = self.producer.get(name)
@@ -112,13 +123,16 @@ class _GraphView:
             return None
         if node.op_type == "MatMulNBits":
             return next((a.i for a in node.attribute if a.name == "N"), None)
-        if node.op_type == "MatMul" and node.input[1] in self.init_dims:
+        if node.op_type in ("MatMul", "MatMulInteger") and node.input[1] in self.init_dims:
             return int(self.init_dims[node.input[1]][-1])
         if node.op_type in _HOPS:
             return self.width(node.input[0], depth + 1)
         if node.op_type == "Add":  # a bias: the operand that is not an initializer carries the width
             data = [i for i in node.input if i not in self.init_dims]
             return self.width(data[0], depth + 1) if len(data) == 1 else None
+        if node.op_type == "Mul":  # dynamic int8: MatMulInteger -> Cast -> Mul(runtime scale): the operand with a width
+            return next((w for w in (self.width(i, depth + 1) for i in node.input if i not in self.init_dims) if w),
+                        None)
         return None
 
 

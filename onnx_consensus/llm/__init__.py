@@ -5,8 +5,10 @@
 
 Modules: ``text`` (calibration / held-out text -> token windows), ``perplexity`` (held-out perplexity and
 tokens/s in onnxruntime), ``scoring`` (layer scores: global on the final hidden state, local Block
-Influence), ``run`` (the schedule, the report, writing a folder or a model file). Layer detection and
-surgery live in ``graph.decoder`` and ``graph.kv_surgery``.
+Influence), ``run`` (the schedule, the report, writing a folder or a model file), ``quantize`` and
+``variants`` (int4 / int8 / fp16 after pruning, the four rows), ``layer_latency`` (a latency target as a layer
+count), ``spans`` (PruneMe's contiguous span). Layer detection and surgery live in ``graph.decoder`` and
+``graph.kv_surgery``.
 """
 from __future__ import annotations
 
@@ -21,6 +23,12 @@ _EXPORTS = {
     "write_decoder": "run",
     "is_decoder": "run",
     "DecoderOutcome": "run",
+    "quantize_decoder": "quantize",
+    "quantize_export": "quantize",
+    "measure_decoder_variants": "variants",
+    "measure_layer_cost": "layer_latency",
+    "layers_for_target": "layer_latency",
+    "decoder_span": "spans",
 }
 __all__ = sorted(_EXPORTS)
 
