@@ -21,7 +21,8 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_consensus.errors import InputError, TargetError
 from onnx_consensus.graph.decoder import (FUSED, PLAIN, cache_names, dummy_feed, expose_residual_sums,
                                           find_decoder_layers)
-from onnx_consensus.graph.kv_surgery import expected_interface, prune_folder, remove_layers, update_configs
+from onnx_consensus.graph.kv_surgery import expected_interface, remove_layers
+from onnx_consensus.llm.folder import prune_folder, update_configs
 from tests.helpers import genai_generate
 
 D, V, L = 8, 11, 4  # hidden size, vocabulary, layers of the synthetic decoders

@@ -12,7 +12,7 @@ import pytest
 
 from onnx_consensus import io as oio
 from onnx_consensus.cli import main
-from onnx_consensus.graph.kv_surgery import prune_folder
+from onnx_consensus.llm.folder import prune_folder
 from tests.helpers import residual_mlp, temporaries
 from tests.test_decoder_llm import L, synthetic_decoder
 

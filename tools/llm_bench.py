@@ -33,7 +33,8 @@ LLM = ROOT / ".cache" / "llm"
 def main(argv=None) -> None:
     from onnx_consensus.graph.decoder import find_decoder_layers
     from onnx_consensus.graph.ir import load_model_and_layout
-    from onnx_consensus.graph.kv_surgery import prune_folder, remove_layers
+    from onnx_consensus.graph.kv_surgery import remove_layers
+    from onnx_consensus.llm.folder import prune_folder
     from onnx_consensus.llm.perplexity import perplexity, throughput
     from onnx_consensus.llm.run import distill, prune_decoder
     from onnx_consensus.llm.text import load_text

@@ -5,8 +5,9 @@
 
 Modules: ``text`` (calibration / held-out text -> token windows), ``perplexity`` (held-out perplexity and
 tokens/s in onnxruntime), ``scoring`` (layer scores: global on the final hidden state, local Block
-Influence), ``run`` (the schedule, the report, writing a folder or a model file). Layer detection and
-surgery live in ``graph.decoder`` and ``graph.kv_surgery``.
+Influence), ``folder`` (export folders: the model file, configs, writing a pruned folder), ``run`` (the
+schedule, the report, writing a folder or a model file). Layer detection and surgery live in ``graph.decoder``
+and ``graph.kv_surgery``.
 """
 from __future__ import annotations
 
