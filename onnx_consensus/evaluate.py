@@ -41,7 +41,7 @@ class Fidelity:
     rows or time steps).
 
     agreement: share of samples with the same top-1 class on the first output, when it is class scores
-        (judged from the graph, ``graph.heads.output_kinds``; from the shape (N, classes) when no kinds are
+        (judged from the graph, ``kinds.outputs.output_kinds``; from the shape (N, classes) when no kinds are
         given), else None.
     rel_error: mean over samples of ||y - y_ref||_2 / ||y_ref||_2 on the first output.
     accuracy / reference_accuracy: top-1 accuracy against labels, when labels are given.

@@ -27,7 +27,7 @@ from .data.for_model import calibration_for, extra_data_for
 from .errors import FinetuneError, InputError, PruneFailed
 from .graph.blocks import find_blocks
 from .graph.flops import count_cost
-from .graph.heads import choose_feature, output_kinds
+from .kinds.outputs import choose_feature, output_kinds
 from .graph.ir import interface, load_model, load_model_and_layout
 from .graph.precision import float32_shadow, is_bfloat16
 from .graph.quant import finetune_refusal, quantized_ops

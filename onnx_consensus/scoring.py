@@ -23,7 +23,9 @@ from .consensus import BlockScore, consensus
 from .errors import InputError
 from .evaluate import batch_rows, reference_outputs
 from .graph.blocks import Block, find_blocks
-from .graph.heads import CLASS_SCORES, choose_feature, output_kinds, pool_output, score_forms
+from .kinds.basic import CLASS_SCORES
+from .kinds.outputs import choose_feature, output_kinds, score_forms
+from .metrics.features import pool_output
 from .graph.instrument import expose, suffix_model
 from .graph.ir import GraphIndex, to_gs
 from .graph.masks import TokenMask, token_masks

@@ -15,7 +15,7 @@ import onnx
 
 from .evaluate import fidelity, reference_outputs
 from .graph.flops import count_cost
-from .graph.heads import output_kinds
+from .kinds.outputs import output_kinds
 from .graph.surgery import remove_blocks
 from .latency_model import QUANTILE, RUNS, round_times
 

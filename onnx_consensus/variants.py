@@ -18,7 +18,7 @@ import onnx
 from .bench import measure_latency, random_feed
 from .evaluate import fidelity, reference_outputs
 from .graph.flops import count_cost
-from .graph.heads import output_kinds
+from .kinds.outputs import output_kinds
 from .quantize import quantize
 
 ROW_NAMES = ("original", "quantized", "pruned", "pruned + quantized")

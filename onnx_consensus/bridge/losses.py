@@ -76,7 +76,7 @@ def plan(model: onnx.ModelProto, kinds: Mapping[str, str] | None = None,
     order. ``kinds``: {output: kind} to use instead of the graph's (``kinds.output_plan`` with ``task`` and
     the --output-kind ``overrides``); ``outputs``: only these outputs (e.g. a decoder's logits, not its KV
     caches)."""
-    from ..graph.heads import score_forms
+    from ..kinds.outputs import score_forms
     from ..kinds import output_plan, plan_from_kinds
 
     oplan = plan_from_kinds(kinds) if kinds is not None else output_plan(model, task, tuple(overrides))

@@ -30,9 +30,10 @@ import onnx
 
 from ..batching import fixed_batch, pad_batch
 from ..errors import InputError
+from ..graph.dtypes import is_float
 from ..graph.ir import TensorSpec, interface
 from ..paths import confined_file
-from .formats import ArrayHeader, Corrupt, fmt_shape, is_float, is_int, npy_headers, npz_headers, read_arrays
+from .formats import ArrayHeader, Corrupt, fmt_shape, is_int, npy_headers, npz_headers, read_arrays
 from .images import IMAGE_EXTENSIONS, ImageOptions, ImagePlan, image_plan, import_pil, load_image, verify_image
 
 log = logging.getLogger("onnx_consensus")

@@ -62,11 +62,6 @@ def logical_dtype(dtype: np.dtype) -> np.dtype:
     return dtype
 
 
-def is_float(dt: np.dtype) -> bool:
-    """Floating point, including ml_dtypes' bfloat16 / float8 / float4 (numpy kind 'V')."""
-    return dt.kind == "f" or dt.name.startswith(("bfloat16", "float8", "float4"))
-
-
 def is_int(dt: np.dtype) -> bool:
     """Integer or boolean."""
     return dt.kind in "iub"

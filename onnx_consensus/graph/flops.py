@@ -36,7 +36,8 @@ from ..errors import InputError
 from .ir import tensor_spec
 from .quant import QUANT_MAC_OPS, model_bytes, quantized_macs, weight_roles
 from .shapes import all_graphs, infer_shapes, weight_free_copy
-from .weights import FLOAT_TYPES, numel
+from .dtypes import FLOAT_TYPES
+from .weights import numel
 
 __all__ = ["ModelCost", "count_cost", "parse_input_shape"]
 log = logging.getLogger("onnx_consensus")
