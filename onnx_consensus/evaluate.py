@@ -16,9 +16,10 @@ import onnx
 
 from .batching import counted_batches, per_sample
 from .kinds import HeadResult, OutputPlan, plan_from_kinds
+from .kinds.basic import CLASS_SCORES
+from .metrics.output import is_class_scores
 from .runtime import make_session
 
-CLASS_SCORES = "class scores"
 COLLAPSE_AGREEMENT = 0.5
 COLLAPSE_COSINE = 0.9
 
@@ -184,7 +185,7 @@ def _cosine(o2: np.ndarray, r2: np.ndarray) -> np.ndarray:
 
 def _class_rows(a: np.ndarray) -> np.ndarray | None:
     """(rows, classes) of class scores, or None when the array is not (N, C) / (N, T, C) with C >= 2."""
-    if a.ndim not in (2, 3) or a.shape[-1] < 2:
+    if not is_class_scores(a.shape, None):
         return None
     return a.reshape(-1, a.shape[-1])
 
@@ -214,7 +215,7 @@ def compare(out, reference, labels: np.ndarray | None = None, *,
     for k, name in enumerate(names):
         kind = kind_of.get(name)
         if kind is None:
-            kind = CLASS_SCORES if all(r[name].ndim == 2 and r[name].shape[1] > 1 for r in refs) else "generic"
+            kind = CLASS_SCORES if all(is_class_scores(r[name].shape, None, sequence=False) for r in refs) else "generic"
         rel, cos, agree = [], [], []
         classify = kind == CLASS_SCORES
         for o, r in zip(outs, refs):

@@ -27,12 +27,10 @@ import onnx
 from .errors import InputError
 from .graph.shapes import infer_shapes
 from .graph.weights import initializer_bytes
+from .limits import BUDGET_SHARE, default_budget, format_size
 
-__all__ = ["MemoryEstimate", "estimate_memory", "fit_batch", "fit_memory", "available_memory", "default_budget", "parse_size",
-           "format_size", "current_rss", "live_peak"]
+__all__ = ["MemoryEstimate", "estimate_memory", "fit_batch", "fit_memory", "parse_size", "current_rss", "live_peak"]
 
-BUDGET_SHARE = 0.6
-"""The default ``--max-memory``: this share of the memory available when the run starts (MemAvailable)."""
 RUNTIME_FACTOR = 1.5
 """onnxruntime's own overhead on the activations the graph says are alive (layout copies of Conv inputs and
 weights, NCHWc padding of channels, per-thread buffers), measured on the ResNet-56 and the text detector
@@ -55,33 +53,6 @@ def parse_size(text: str) -> int:
     if not m or float(m.group(1)) <= 0:
         raise InputError(f"--max-memory must be a size such as 6G, 6GB or 512M, got {text!r}")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
-
-def format_size(n: float) -> str:
-    """Bytes as '5.1 GB' / '310 MB'."""
-    return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"
-
-
-def available_memory() -> int | None:
-    """Bytes the system can give without swapping: MemAvailable of /proc/meminfo, else free pages
-    (``os.sysconf``); None when neither is readable."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def default_budget() -> int | None:
-    """``BUDGET_SHARE`` of ``available_memory`` (None when unknown: no budget)."""
-    avail = available_memory()
-    return None if avail is None else int(avail * BUDGET_SHARE)
 
 
 def current_rss() -> int:

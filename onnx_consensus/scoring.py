@@ -26,6 +26,7 @@ from .graph.blocks import Block, find_blocks
 from .kinds.basic import CLASS_SCORES
 from .kinds.outputs import choose_feature, output_kinds, score_forms
 from .metrics.features import pool_output
+from .metrics.output import is_class_scores
 from .graph.instrument import expose, suffix_model
 from .graph.ir import GraphIndex, to_gs
 from .graph.masks import TokenMask, token_masks
@@ -133,7 +134,7 @@ def original_outputs(model: onnx.ModelProto, data, indices=None, *, batch_size: 
 
 
 def _predictions(out: np.ndarray) -> np.ndarray | None:
-    return np.argmax(out, axis=-1) if out.ndim == 2 and out.shape[1] > 1 else None
+    return np.argmax(out, axis=-1) if is_class_scores(out.shape, None, sequence=False) else None
 
 
 def collect_features(model: onnx.ModelProto, data, blocks: Sequence[Block], *, scope: str = "global",

@@ -31,7 +31,8 @@ import onnx
 import torch
 import torch.nn.functional as F
 
-CLASS_SCORES = "class scores"
+from ..kinds.basic import CLASS_SCORES
+
 TINY = 1e-30  # probabilities are clamped here before their log (float32 keeps it: min normal ~1.2e-38)
 
 
