@@ -108,8 +108,8 @@ def tile_feed(sample: Mapping[str, np.ndarray], batch_size: int, axes: Mapping[s
 def calibration_shapes(specs: Sequence, data) -> dict[str, tuple[int, ...]]:
     """{input name: shape} of the first calibration sample (the batch at 1, or the model's fixed batch) for
     counting MACs, when some input (``specs``) has a dynamic dim other than its batch axis; else {}.
-    ``data``: a CalibrationData (``batches``, ``batch_axes``)."""
-    axes = getattr(data, "batch_axes", {})
+    ``data``: ``data.batches.Batches``."""
+    axes = data.batch_axes
 
     def dynamic(spec) -> bool:
         if spec.shape is None:
@@ -125,11 +125,5 @@ def calibration_shapes(specs: Sequence, data) -> dict[str, tuple[int, ...]]:
 
 
 def counted_batches(data, batch_size: int, indices=None):
-    """(feeds, n_real) batches of ``data``: its ``counted_batches`` (CalibrationData), or for any other object
-    with a ``batches(batch_size, indices)`` method, each batch with all its rows real (dim 0 of the first input)."""
-    if hasattr(data, "counted_batches"):
-        yield from data.counted_batches(batch_size, indices)
-        return
-    for feeds in data.batches(batch_size, indices):
-        first = next(iter(feeds.values()))
-        yield feeds, (len(first) if np.ndim(first) else 1)
+    """(feeds, n_real) batches of ``data`` (``data.batches.Batches``): its ``counted_batches``."""
+    yield from data.counted_batches(batch_size, indices)

@@ -149,8 +149,8 @@ def reference_outputs(model: onnx.ModelProto, data, indices, *, batch_size: int 
 def batch_rows(data):
     """A function of a feed: how many samples it holds (the fixed batch, else the size of the first batched
     input along its batch axis)."""
-    axes = getattr(data, "batch_axes", {})
-    fixed = getattr(data, "fixed_batch", None)
+    axes = data.batch_axes
+    fixed = data.fixed_batch
 
     def rows(feeds) -> int:
         if fixed:

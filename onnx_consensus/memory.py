@@ -203,13 +203,13 @@ def fit_memory(model: onnx.ModelProto, data, run, criterion) -> tuple[int, str |
 
     batch_size = run.batch_size
     budget = run.max_memory if run.max_memory is not None else default_budget()
-    if budget is None or not hasattr(data, "split"):
+    if budget is None:
         return batch_size, None, None
     sample = next(iter(data.batches(1)), None)
     if sample is None:
         return batch_size, None, None
     holdout, seed, unit = run.holdout, criterion.seed, criterion.unit
-    fixed = getattr(data, "fixed_batch", None)
+    fixed = data.fixed_batch
     rows = fixed or 1
     n = data.n_samples
     n_hold = len(data.split(holdout, seed=seed)[1]) if n >= 10 and holdout > 0 else n

@@ -185,7 +185,7 @@ def _run_on_providers(model, data, options: Options) -> Outcome:
     if nothing is not None and not options.output.quantize:  # said before any data is read or inference runs
         return nothing
     data = calibration_for(data, original, options.data)
-    fixed = getattr(data, "fixed_batch", None)
+    fixed = data.fixed_batch
     if fixed:
         _warn(warnings, f"the model has a fixed batch of {fixed}: inference runs {fixed} sample(s) at a time"
                         + (" (a short last batch is padded, the padding ignored)" if fixed > 1 else "")
@@ -201,7 +201,7 @@ def _run_on_providers(model, data, options: Options) -> Outcome:
 
         train = extra_data_for(options.recovery.train, model, options.data) or data
         hook = between_removals(model, train, config=replace(ft or FinetuneConfig(), epochs=1), steps=between)
-    report_options = {"input": source.path, "calib": getattr(data, "source", None), **options.to_flags()}
+    report_options = {"input": source.path, "calib": data.source, **options.to_flags()}
     shapes = {} if options.run.input_shapes else calibration_shapes(interface(model)[0], data)
     if shapes:
         try:
@@ -235,7 +235,7 @@ def _run_on_providers(model, data, options: Options) -> Outcome:
             from .latency_target import prune_to_latency
 
             result, latency_target = prune_to_latency(model, data, replace(options, criterion=scoring), fixed=fixed,
-                                                      between=hook, axes=getattr(data, "batch_axes", {}))
+                                                      between=hook, axes=data.batch_axes)
         else:
             result, latency_target = schedule(model, data, criterion=scoring, target=options.target,
                                               run=options.run, between=hook), None
@@ -257,7 +257,7 @@ def _run_on_providers(model, data, options: Options) -> Outcome:
     latency = None
     if result.removals and options.output.latency and not bfloat16:
         latency = _latency(model, result.model, next(data.batches(options.run.batch_size)), options,
-                           fixed=fixed, axes=getattr(data, "batch_axes", {}))
+                           fixed=fixed, axes=data.batch_axes)
     finetune_info, exit_code, status = None, 0, "done" if result.removals else "nothing removed"
     if finetuning and result.removals:
         finetune_info, exit_code = _finetune(model, result, data, options, warnings)
@@ -390,7 +390,7 @@ def _finetune(original: onnx.ModelProto, result: PruneResult, calib, options: Op
     eval_data = extra_data_for(rec.eval, original, options.data)
     config = replace(options.finetune, task=options.criterion.task, output_kind=options.criterion.output_kind)
     info = {"mode": "supervised" if train.labels is not None else "distillation", "epochs": config.epochs,
-            "train_samples": n_train, "eval": getattr(eval_data, "source", None) if eval_data is not None
+            "train_samples": n_train, "eval": eval_data.source if eval_data is not None
             else "hold-out", "holdout_fidelity_pruned": result.fidelity.to_json() if result.fidelity else None}
     try:
         c = options.criterion

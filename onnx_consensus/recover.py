@@ -42,14 +42,14 @@ class _Epoch:
         return len(self.indices)
 
     def __len__(self) -> int:
-        fixed = getattr(self.data, "fixed_batch", None)
+        fixed = self.data.fixed_batch
         if fixed:  # a short (padded) last batch is dropped
             return max(self.n_samples // fixed, 1)
         return -(-self.n_samples // self.batch_size)
 
     def __iter__(self):
         perm = self.indices[np.random.default_rng(self.seed).permutation(self.n_samples)]
-        fixed = getattr(self.data, "fixed_batch", None)
+        fixed = self.data.fixed_batch
         offset = 0
         for feeds, n in counted_batches(self.data, self.batch_size, perm):
             labels = self.data.labels_for(perm[offset:offset + n])

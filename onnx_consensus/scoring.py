@@ -224,7 +224,7 @@ def collect_features(model: onnx.ModelProto, data, blocks: Sequence[Block], *, s
         from tqdm import tqdm
 
         total = len(indices) if indices is not None else data.n_samples
-        step = getattr(data, "fixed_batch", None) or batch_size
+        step = data.fixed_batch or batch_size
         batches = tqdm(batches, total=-(-total // step), desc=f"scoring {len(blocks)} blocks", unit="batch", leave=False)
 
     def pool(act: np.ndarray, feeds: dict[str, np.ndarray], name: str) -> np.ndarray:

@@ -61,7 +61,7 @@ def finetune_model(student: onnx.ModelProto, train, *, config, teacher: onnx.Mod
     from .recover import finetune_pruned
 
     info = {"mode": mode, "epochs": config.epochs, "train_samples": train.n_samples,
-            "eval": getattr(eval_data, "source", None), "processes": world}
+            "eval": eval_data.source if eval_data is not None else None, "processes": world}
     # with labels and no teacher the evaluator's reference is the student itself: accuracy needs none
     reference = teacher if teacher is not None else student
     if eval_fn is None and eval_data is not None and (dist is None or dist.is_main):

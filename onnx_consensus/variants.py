@@ -64,7 +64,7 @@ def measure_variants(original: onnx.ModelProto, pruned: onnx.ModelProto, fmt: st
                      "bytes": m.ByteSize(), "latency_ms": {}})
     sample = next(data.batches(max(latency_batches), holdout_indices)) if latency_batches else None
     for bs in latency_batches:
-        feed = random_feed(original, bs, sample, axes=getattr(data, "batch_axes", {}))
+        feed = random_feed(original, bs, sample, axes=data.batch_axes)
         lats = measure_latency(models, feed, runs=latency_runs, threads=threads or os.cpu_count())
         for row, lat in zip(rows, lats):
             row["latency_ms"][str(bs)] = round(lat.median_ms, 4)

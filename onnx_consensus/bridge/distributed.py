@@ -102,7 +102,7 @@ class _ShardEpoch:
         self.data, self.indices, self.batch_size = data, indices, batch_size
 
     def __len__(self) -> int:
-        fixed = getattr(self.data, "fixed_batch", None)
+        fixed = self.data.fixed_batch
         if fixed:  # a short (padded) last batch is dropped
             return max(len(self.indices) // fixed, 1)
         return -(-len(self.indices) // self.batch_size)
@@ -110,7 +110,7 @@ class _ShardEpoch:
     def __iter__(self) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
         from ..batching import counted_batches
 
-        fixed = getattr(self.data, "fixed_batch", None)
+        fixed = self.data.fixed_batch
         offset = 0
         for feeds, n in counted_batches(self.data, self.batch_size, self.indices):
             labels = self.data.labels_for(self.indices[offset:offset + n])

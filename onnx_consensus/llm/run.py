@@ -178,7 +178,7 @@ def prune_decoder(model_path: str | os.PathLike, text, options: Options | None =
         tok = find_tokenizer(source, options.data.tokenizer, follow_symlinks=options.data.follow_symlinks)
         data = load_text(text, tok, seq_len=options.data.seq_len, max_samples=options.data.max_samples,
                          follow_symlinks=options.data.follow_symlinks)
-    score_windows, hold_windows = data.split(run.holdout, crit.seed)
+    score_windows, hold_windows = data.split_windows(run.holdout, crit.seed)
     warnings: list[str] = []
     if target.target_flops is not None:
         raise InputError("decoder LLMs: the target is a number of layers (--remove N) or --plan, not --target-flops")
