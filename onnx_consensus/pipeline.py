@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 
 from .batching import calibration_shapes
-from .bench import measure_latency, random_feed
+from .bench import LatencyChange, measure_latency, random_feed
 from .data.for_model import calibration_for, extra_data_for
 from .errors import FinetuneError, InputError, PruneFailed
 from .graph.blocks import find_blocks
@@ -350,10 +350,7 @@ def _latency(model: onnx.ModelProto, pruned: onnx.ModelProto, sample, options: O
         feed = random_feed(model, bs, sample, axes=axes)
         before, after = measure_latency([model, pruned], feed, runs=options.output.latency_runs,
                                         threads=options.run.threads or os.cpu_count())
-        latency[str(bs)] = {"before_ms": before.median_ms, "after_ms": after.median_ms,
-                            "before_p90_ms": before.p90_ms, "after_p90_ms": after.p90_ms,
-                            "threads": before.threads, "opt_level": before.opt_level, "runs": before.runs,
-                            "spinning": before.spinning}
+        latency[str(bs)] = LatencyChange(before, after).to_json()
     return latency
 
 
