@@ -2,7 +2,7 @@
 
 - "class scores" (and "ctc") -> ``kl``: T^2 * KL(softmax(teacher/T) || softmax(student/T)) over the last axis,
   every other axis (batch, time steps of a CTC output) taken as rows. An output that is already a softmax
-  (``heads.score_forms``: "probabilities") is turned back into logits by its log first (log p is the logits up
+  (``kinds.outputs.score_forms``: "probabilities") is turned back into logits by its log first (log p is the logits up
   to a per-row constant, which softmax ignores); tempering probabilities themselves would flatten both
   distributions to near uniform (p / 4 differs by at most 0.25 between classes) and leave almost no gradient.
 - "embedding" -> ``cosine``: mean over rows of 1 - cos(student, teacher). Chosen over a scaled MSE because
