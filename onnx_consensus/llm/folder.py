@@ -178,7 +178,8 @@ def _write_model(out: onnx.ModelProto, folder: str, model_name: str, *, external
         if own:
             del out.graph.initializer[:]  # written: the check session holds its own copy
         release_mapped_pages()  # the input's weights, read for the copy: not resident beside the output's
-        make_session(path, threads=1).run(None, feed)
+        # no graph optimisation, no prepacking: both copy the weights (2x the output's at 1B parameters)
+        make_session(path, level="disable", threads=1, prepack=False).run(None, feed)
 
 
 def _copy_side_files(src_dir: str, dst_dir: str, skip: set[str], follow_symlinks: bool) -> None:
