@@ -293,6 +293,39 @@ def test_prune_folder(tmp_path, form):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
 
+def test_prune_folder_checks_on_the_runs_providers(tmp_path, monkeypatch):
+    """The written folder's check session is the run's (``runtime.using_providers``), not a CPU-only one of its
+    own; a failing check leaves no folder."""
+    from onnx_consensus import runtime
+
+    src = tmp_path / "src"
+    src.mkdir()
+    onnx.save_model(synthetic_decoder(FORMS[0]), str(src / "model.onnx"))
+    seen = []
+    real = runtime.ort.InferenceSession
+
+    def recording(source, so=None, providers=None, **kw):
+        seen.append((source, providers))
+        return real(source, so, providers=providers, **kw)
+
+    monkeypatch.setattr(runtime.ort, "InferenceSession", recording)
+    chosen = (("CPUExecutionProvider", {"arena_extend_strategy": "kSameAsRequested"}),)
+    with runtime.using_providers(chosen):
+        prune_folder(src, tmp_path / "out", [1])
+    assert len(seen) == 1 and seen[0][1] == list(chosen)  # one check session, on the chosen providers
+    folder, name = os.path.split(seen[0][0])  # it ran on the temporary folder, before the rename
+    assert name == "model.onnx" and os.path.dirname(folder) == str(tmp_path) and \
+        os.path.basename(folder).startswith(".out.")
+
+    def failing(source, so=None, providers=None, **kw):
+        raise RuntimeError("no kernel")
+
+    monkeypatch.setattr(runtime.ort, "InferenceSession", failing)
+    with pytest.raises(RuntimeError, match="no kernel"):
+        prune_folder(src, tmp_path / "out2", [1])
+    assert not (tmp_path / "out2").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 # ---------------------------------------------------------------- real exports (slow)
 
 LLM = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache", "llm")
