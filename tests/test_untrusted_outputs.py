@@ -63,6 +63,21 @@ def test_write_helpers_modes_and_no_leftovers(tmp_path, umask027):
     assert _mode(tmp) == umask027 and os.path.basename(tmp).startswith(".c.")
 
 
+def test_atomic_folder_mode_rename_and_no_leftovers(tmp_path, umask027):
+    """A folder is filled under a temporary name and renamed whole (an empty folder there replaced); the mode is
+    mkdir's under the umask, not mkdtemp's 0700; a failure midway leaves neither it nor the temporary."""
+    (tmp_path / "empty").mkdir()
+    with oio.atomic_folder(tmp_path / "empty") as tmp:
+        assert os.path.dirname(tmp) == str(tmp_path) and not (tmp_path / "empty" / "f").exists()
+        (open(os.path.join(tmp, "f"), "w")).close()
+    assert os.listdir(tmp_path / "empty") == ["f"] and _mode(tmp_path / "empty") == 0o777 & ~0o027
+    with pytest.raises(ZeroDivisionError):
+        with oio.atomic_folder(tmp_path / "new") as tmp:
+            (open(os.path.join(tmp, "f"), "w")).close()
+            1 / 0
+    assert sorted(os.listdir(tmp_path)) == ["empty"]
+
+
 def test_planted_symlinks_are_replaced_not_followed(tmp_path):
     """Links planted at the output's names (model, .data, report) are replaced by the files; their targets keep
     their bytes. So does a link at the report's old fixed temporary name (``r.json.tmp``)."""
