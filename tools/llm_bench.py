@@ -93,7 +93,7 @@ def main(argv=None) -> None:
             res["quality"] = rows
             _save(a.out, res)
         if "distill" not in a.skip:
-            train, ev = calib.split(0.2, 0)
+            train, ev = calib.split_windows(0.2, 0)
             cfg = FinetuneConfig(epochs=1, batch_size=8, optimizer="adamw", lr=3e-4, threads=1)
             for row in sorted(rows, key=lambda r: (r["criterion"] != "consensus", r["criterion"], r["k"])):
                 pruned = remove_layers(model, row["removed"], report=report)
