@@ -1,24 +1,20 @@
 """The graph tests that output kinds and the feature choice share (``kinds``, ``kinds.outputs``): what makes an
 output class scores, a classifier head, a softmax written out by an exporter.
 
-How an output is judged class scores: walking back from the
-output through shape-only ops (Reshape, Flatten, Squeeze, Unsqueeze, Transpose, Identity, Cast), a bias or
-scale by a constant (Add/Sub/Mul/Div with one constant operand) and Softmax/LogSoftmax, the walk reaches a
-Softmax/LogSoftmax or a Gemm/MatMul/Conv with a constant weight; and the output has rank 2 (N, classes) or 3
-(a sequence of class scores, e.g. CTC) with a last axis of at least 2 when known. A softmax written out by
-the exporter counts as Softmax (``_decomposed_softmax``): tf2onnx / jax2tf write ``Exp(z) / ReduceSum(Exp(z))``
-(magika), ``Exp(z) * Reciprocal(ReduceSum(Exp(z)))`` is the same, and log-softmax as ``z - Log(ReduceSum(Exp(z)))``
-or ``z - ReduceLogSumExp(z)``; z may be ``x - ReduceMax(x)`` (the stabilising shift, possibly clamped by a
-constant Max as jax writes it), and the sum may be reshaped or broadcast (Reshape, Unsqueeze, Expand) back.
-Regressions made by a weighted layer without a softmax (boxes, landmarks) are not class scores
-(``kinds.basic``). Any other rank-2 float output with more than one column is an "embedding" (e.g. MiniLM's
-L2-normalised mean-pooled sentence vector, made by a Div of two data tensors); the rest are "generic".
+How an output is judged class scores: walking back from the output through shape-only ops (Reshape, Flatten,
+Squeeze, Unsqueeze, Transpose, Identity, Cast), a bias or scale by a constant (Add/Sub/Mul/Div with one constant
+operand) and Softmax/LogSoftmax, the walk reaches a Softmax/LogSoftmax or a Gemm/MatMul/Conv with a constant
+weight; and the output has rank 2 (N, classes) or 3 (a sequence of class scores, e.g. CTC) with a last axis of at
+least 2 when known. A softmax written out by the exporter counts as Softmax (``_decomposed_softmax``): tf2onnx /
+jax2tf write ``Exp(z) / ReduceSum(Exp(z))`` (magika), ``Exp(z) * Reciprocal(ReduceSum(Exp(z)))`` is the same, and
+log-softmax as ``z - Log(ReduceSum(Exp(z)))`` or ``z - ReduceLogSumExp(z)``; z may be ``x - ReduceMax(x)`` (the
+stabilising shift, possibly clamped by a constant Max as jax writes it), and the sum may be reshaped or broadcast
+(Reshape, Unsqueeze, Expand) back. Regressions made by a weighted layer without a softmax (boxes, landmarks) are
+not class scores (``kinds.basic``). Any other rank-2 float output with more than one column is an "embedding" (e.g.
+MiniLM's L2-normalised mean-pooled sentence vector, made by a Div of two data tensors); the rest are "generic".
 """
 from __future__ import annotations
 
-
-import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from .dtypes import is_float_type
