@@ -9,11 +9,15 @@ not 0 (a recurrent state (layers, B, hidden)) is padded along its own axis.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import InputError
+
+if TYPE_CHECKING:
+    from .data.batches import Batches
 
 __all__ = ["fixed_batch", "pad_batch", "sample_axis", "per_sample", "tile_feed", "calibration_shapes", "counted_batches"]
 
@@ -105,7 +109,7 @@ def tile_feed(sample: Mapping[str, np.ndarray], batch_size: int, axes: Mapping[s
     return out
 
 
-def calibration_shapes(specs: Sequence, data) -> dict[str, tuple[int, ...]]:
+def calibration_shapes(specs: Sequence, data: Batches) -> dict[str, tuple[int, ...]]:
     """{input name: shape} of the first calibration sample (the batch at 1, or the model's fixed batch) for
     counting MACs, when some input (``specs``) has a dynamic dim other than its batch axis; else {}.
     ``data``: ``data.batches.Batches``."""
@@ -124,6 +128,6 @@ def calibration_shapes(specs: Sequence, data) -> dict[str, tuple[int, ...]]:
     return {s.name: tuple(int(d) for d in np.shape(feeds[s.name])) for s in specs if s.name in feeds}
 
 
-def counted_batches(data, batch_size: int, indices=None):
+def counted_batches(data: Batches, batch_size: int, indices=None) -> Iterator[tuple[dict[str, np.ndarray], int]]:
     """(feeds, n_real) batches of ``data`` (``data.batches.Batches``): its ``counted_batches``."""
     yield from data.counted_batches(batch_size, indices)

@@ -215,7 +215,8 @@ def compare(out, reference, labels: np.ndarray | None = None, *,
     for k, name in enumerate(names):
         kind = kind_of.get(name)
         if kind is None:
-            kind = CLASS_SCORES if all(is_class_scores(r[name].shape, None, sequence=False) for r in refs) else "generic"
+            classes = all(is_class_scores(r[name].shape, None, sequence=False) for r in refs)
+            kind = CLASS_SCORES if classes else "generic"
         rel, cos, agree = [], [], []
         classify = kind == CLASS_SCORES
         for o, r in zip(outs, refs):

@@ -20,6 +20,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -28,6 +29,9 @@ from .errors import InputError
 from .graph.shapes import infer_shapes
 from .graph.weights import initializer_bytes
 from .limits import BUDGET_SHARE, default_budget, format_size
+
+if TYPE_CHECKING:
+    from .data.batches import Batches
 
 __all__ = ["MemoryEstimate", "estimate_memory", "fit_batch", "fit_memory", "parse_size", "current_rss", "live_peak"]
 
@@ -192,8 +196,8 @@ def fit_batch(estimate: MemoryEstimate, budget: int, wanted: int) -> int | None:
     return None
 
 
-def fit_memory(model: onnx.ModelProto, data, run, criterion) -> tuple[int, str | None, dict | None]:
-    """The batch a prune run of ``model`` on ``data`` (CalibrationData) uses to stay within ``run.max_memory``
+def fit_memory(model: onnx.ModelProto, data: Batches, run, criterion) -> tuple[int, str | None, dict | None]:
+    """The batch a prune run of ``model`` on ``data`` uses to stay within ``run.max_memory``
     bytes (None: ``default_budget``), a one-line note when it differs from ``run.batch_size``, and the
     report's record ({budget, batch, estimated_peak} in bytes; None when there is no budget). Estimated
     before any inference (``estimate_memory``; the data's first sample gives the shapes; ``run.holdout`` and
