@@ -9,11 +9,15 @@ not 0 (a recurrent state (layers, B, hidden)) is padded along its own axis.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import InputError
+
+if TYPE_CHECKING:
+    from .data.batches import Batches
 
 __all__ = ["fixed_batch", "pad_batch", "sample_axis", "per_sample", "tile_feed", "calibration_shapes", "counted_batches"]
 
@@ -105,11 +109,11 @@ def tile_feed(sample: Mapping[str, np.ndarray], batch_size: int, axes: Mapping[s
     return out
 
 
-def calibration_shapes(specs: Sequence, data) -> dict[str, tuple[int, ...]]:
+def calibration_shapes(specs: Sequence, data: Batches) -> dict[str, tuple[int, ...]]:
     """{input name: shape} of the first calibration sample (the batch at 1, or the model's fixed batch) for
     counting MACs, when some input (``specs``) has a dynamic dim other than its batch axis; else {}.
-    ``data``: a CalibrationData (``batches``, ``batch_axes``)."""
-    axes = getattr(data, "batch_axes", {})
+    ``data``: ``data.batches.Batches``."""
+    axes = data.batch_axes
 
     def dynamic(spec) -> bool:
         if spec.shape is None:
@@ -124,12 +128,6 @@ def calibration_shapes(specs: Sequence, data) -> dict[str, tuple[int, ...]]:
     return {s.name: tuple(int(d) for d in np.shape(feeds[s.name])) for s in specs if s.name in feeds}
 
 
-def counted_batches(data, batch_size: int, indices=None):
-    """(feeds, n_real) batches of ``data``: its ``counted_batches`` (CalibrationData), or for any other object
-    with a ``batches(batch_size, indices)`` method, each batch with all its rows real (dim 0 of the first input)."""
-    if hasattr(data, "counted_batches"):
-        yield from data.counted_batches(batch_size, indices)
-        return
-    for feeds in data.batches(batch_size, indices):
-        first = next(iter(feeds.values()))
-        yield feeds, (len(first) if np.ndim(first) else 1)
+def counted_batches(data: Batches, batch_size: int, indices=None) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+    """(feeds, n_real) batches of ``data`` (``data.batches.Batches``): its ``counted_batches``."""
+    yield from data.counted_batches(batch_size, indices)

@@ -34,6 +34,51 @@ class Latency:
         return dict(self.__dict__)
 
 
+@dataclass
+class LatencyChange:
+    """A model and its pruned copy timed alternately on one feed (``measure_latency``): the report's
+    ``latency[batch]`` entry."""
+
+    before: Latency
+    after: Latency
+
+    def to_json(self) -> dict:
+        """{before_ms, after_ms (medians), before_p90_ms, after_p90_ms, threads, opt_level, runs, spinning}."""
+        b, a = self.before, self.after
+        return {"before_ms": b.median_ms, "after_ms": a.median_ms, "before_p90_ms": b.p90_ms,
+                "after_p90_ms": a.p90_ms, "threads": b.threads, "opt_level": b.opt_level, "runs": b.runs,
+                "spinning": b.spinning}
+
+
+@dataclass
+class BenchRow:
+    """One row of `onnx-cprune bench`: ``model`` (its path) timed (``latency``), ``ratio`` of its median to the
+    first model's at the same batch, its MACs (None when unknown) and parameters; with evaluation data, its
+    accuracy (None without labels), top-1 agreement with the first model, relative error and sample count."""
+
+    model: str
+    latency: Latency
+    ratio: float
+    macs: int | None
+    params: int
+    accuracy: float | None = None
+    agreement: float | None = None
+    rel_error: float | None = None
+    eval_samples: int | None = None
+
+    def to_json(self) -> dict:
+        """{model, batch_size, median_ms, p90_ms, ratio, macs, params, threads, runs, opt_level, spinning} and,
+        when evaluated, accuracy, agreement, rel_error, eval_samples."""
+        lat = self.latency
+        out = {"model": self.model, "batch_size": lat.batch_size, "median_ms": lat.median_ms, "p90_ms": lat.p90_ms,
+               "ratio": self.ratio, "macs": self.macs, "params": self.params, "threads": lat.threads,
+               "runs": lat.runs, "opt_level": lat.opt_level, "spinning": lat.spinning}
+        if self.eval_samples is not None:
+            out.update(accuracy=self.accuracy, agreement=self.agreement, rel_error=self.rel_error,
+                       eval_samples=self.eval_samples)
+        return out
+
+
 def random_feed(model: onnx.ModelProto, batch_size: int, sample: dict[str, np.ndarray] | None = None,
                 seed: int = 0, *, axes: dict[str, int | None] | None = None,
                 input_shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, np.ndarray]:
@@ -95,10 +140,10 @@ def measure_latency(models: Sequence[onnx.ModelProto], feed: dict[str, np.ndarra
 
 def compare_models(paths: Sequence[str], *, batch_sizes: Sequence[int] = (1, 32), runs: int = 30, warmup: int = 5,
                    threads: int = 1, spinning: bool | None = None, data: str | None = None, eval_data: str | None = None,
-                   input_shapes: dict[str, tuple[int, ...]] | None = None) -> list[dict]:
-    """`onnx-cprune bench`: one row per batch size and model (median_ms, p90_ms, ratio to the first model,
-    macs, params, threads, runs, opt_level, spinning); inputs tiled from the data directory ``data`` or
-    random; with ``eval_data``, accuracy (labels.npy) and agreement with the first model on it."""
+                   input_shapes: dict[str, tuple[int, ...]] | None = None) -> list[BenchRow]:
+    """`onnx-cprune bench`: one ``BenchRow`` per batch size and model (latency, ratio to the first model, MACs,
+    parameters); inputs tiled from the data directory ``data`` or random; with ``eval_data``, accuracy
+    (labels.npy) and agreement with the first model on it."""
     from .graph.flops import count_cost
     from .graph.ir import load_model
 
@@ -134,16 +179,13 @@ def compare_models(paths: Sequence[str], *, batch_sizes: Sequence[int] = (1, 32)
         feed = random_feed(models[0], bs, sample, axes=axes, input_shapes=input_shapes)
         lats = measure_latency(models, feed, runs=runs, warmup=warmup, threads=threads, spinning=spinning)
         for path, lat, cost in zip(paths, lats, costs):
-            rows.append({"model": path, "batch_size": bs, "median_ms": lat.median_ms, "p90_ms": lat.p90_ms,
-                         "ratio": lat.median_ms / lats[0].median_ms, "macs": cost.total_macs,
-                         "params": cost.params, "threads": lat.threads, "runs": lat.runs,
-                         "opt_level": lat.opt_level, "spinning": lat.spinning})
+            rows.append(BenchRow(path, lat, lat.median_ms / lats[0].median_ms, cost.total_macs, cost.params))
     if eval_data:
         _evaluate_rows(paths, models, eval_data, threads, rows)
     return rows
 
 
-def _evaluate_rows(paths, models, eval_data: str, threads: int, rows: list[dict]) -> None:
+def _evaluate_rows(paths, models, eval_data: str, threads: int, rows: list[BenchRow]) -> None:
     """Fill accuracy / agreement with the first model into ``rows`` (same values for every batch size)."""
     from .data import load_calibration
     from .evaluate import compare, reference_outputs
@@ -154,5 +196,5 @@ def _evaluate_rows(paths, models, eval_data: str, threads: int, rows: list[dict]
     for k, out in enumerate(outs):
         f = compare(out, outs[0], data.labels)
         for r in rows:
-            if r["model"] == paths[k]:
-                r.update(accuracy=f.accuracy, agreement=f.agreement, rel_error=f.rel_error, eval_samples=f.n)
+            if r.model == paths[k]:
+                r.accuracy, r.agreement, r.rel_error, r.eval_samples = f.accuracy, f.agreement, f.rel_error, f.n

@@ -16,9 +16,10 @@ import onnx
 
 from .batching import counted_batches, per_sample
 from .kinds import HeadResult, OutputPlan, plan_from_kinds
+from .kinds.basic import CLASS_SCORES
+from .metrics.output import is_class_scores
 from .runtime import make_session
 
-CLASS_SCORES = "class scores"
 COLLAPSE_AGREEMENT = 0.5
 COLLAPSE_COSINE = 0.9
 
@@ -41,7 +42,7 @@ class Fidelity:
     rows or time steps).
 
     agreement: share of samples with the same top-1 class on the first output, when it is class scores
-        (judged from the graph, ``graph.heads.output_kinds``; from the shape (N, classes) when no kinds are
+        (judged from the graph, ``kinds.outputs.output_kinds``; from the shape (N, classes) when no kinds are
         given), else None.
     rel_error: mean over samples of ||y - y_ref||_2 / ||y_ref||_2 on the first output.
     accuracy / reference_accuracy: top-1 accuracy against labels, when labels are given.
@@ -148,8 +149,8 @@ def reference_outputs(model: onnx.ModelProto, data, indices, *, batch_size: int 
 def batch_rows(data):
     """A function of a feed: how many samples it holds (the fixed batch, else the size of the first batched
     input along its batch axis)."""
-    axes = getattr(data, "batch_axes", {})
-    fixed = getattr(data, "fixed_batch", None)
+    axes = data.batch_axes
+    fixed = data.fixed_batch
 
     def rows(feeds) -> int:
         if fixed:
@@ -184,7 +185,7 @@ def _cosine(o2: np.ndarray, r2: np.ndarray) -> np.ndarray:
 
 def _class_rows(a: np.ndarray) -> np.ndarray | None:
     """(rows, classes) of class scores, or None when the array is not (N, C) / (N, T, C) with C >= 2."""
-    if a.ndim not in (2, 3) or a.shape[-1] < 2:
+    if not is_class_scores(a.shape, None):
         return None
     return a.reshape(-1, a.shape[-1])
 
@@ -214,7 +215,8 @@ def compare(out, reference, labels: np.ndarray | None = None, *,
     for k, name in enumerate(names):
         kind = kind_of.get(name)
         if kind is None:
-            kind = CLASS_SCORES if all(r[name].ndim == 2 and r[name].shape[1] > 1 for r in refs) else "generic"
+            classes = all(is_class_scores(r[name].shape, None, sequence=False) for r in refs)
+            kind = CLASS_SCORES if classes else "generic"
         rel, cos, agree = [], [], []
         classify = kind == CLASS_SCORES
         for o, r in zip(outs, refs):

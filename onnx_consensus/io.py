@@ -24,6 +24,8 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import BinaryIO
@@ -84,6 +86,24 @@ def atomic_file(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[tuple
         os.replace(tmp, path)
     except BaseException:
         _remove(tmp)
+        raise
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[str]:
+    """``with atomic_folder(path) as tmp:`` fill the new folder ``tmp`` (beside ``path``, with the mode ``mkdir``
+    gives, not mkdtemp's 0700); on leaving the block it is renamed to ``path`` (an empty folder there is
+    replaced); on an exception or interrupt it is removed with its contents and ``path`` is untouched."""
+    path = os.path.abspath(os.fspath(path))
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(path))
+    try:
+        os.chmod(tmp, default_mode(0o777))  # mkdtemp's 0700 would survive the rename
+        yield tmp
+        if os.path.isdir(path):
+            os.rmdir(path)
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

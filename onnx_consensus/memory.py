@@ -20,6 +20,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -27,12 +28,13 @@ import onnx
 from .errors import InputError
 from .graph.shapes import infer_shapes
 from .graph.weights import initializer_bytes
+from .limits import BUDGET_SHARE, default_budget, format_size
 
-__all__ = ["MemoryEstimate", "estimate_memory", "fit_batch", "fit_memory", "available_memory", "default_budget", "parse_size",
-           "format_size", "current_rss", "live_peak"]
+if TYPE_CHECKING:
+    from .data.batches import Batches
 
-BUDGET_SHARE = 0.6
-"""The default ``--max-memory``: this share of the memory available when the run starts (MemAvailable)."""
+__all__ = ["MemoryEstimate", "estimate_memory", "fit_batch", "fit_memory", "parse_size", "current_rss", "live_peak"]
+
 RUNTIME_FACTOR = 1.5
 """onnxruntime's own overhead on the activations the graph says are alive (layout copies of Conv inputs and
 weights, NCHWc padding of channels, per-thread buffers), measured on the ResNet-56 and the text detector
@@ -55,33 +57,6 @@ def parse_size(text: str) -> int:
     if not m or float(m.group(1)) <= 0:
         raise InputError(f"--max-memory must be a size such as 6G, 6GB or 512M, got {text!r}")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
-
-def format_size(n: float) -> str:
-    """Bytes as '5.1 GB' / '310 MB'."""
-    return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"
-
-
-def available_memory() -> int | None:
-    """Bytes the system can give without swapping: MemAvailable of /proc/meminfo, else free pages
-    (``os.sysconf``); None when neither is readable."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def default_budget() -> int | None:
-    """``BUDGET_SHARE`` of ``available_memory`` (None when unknown: no budget)."""
-    avail = available_memory()
-    return None if avail is None else int(avail * BUDGET_SHARE)
 
 
 def current_rss() -> int:
@@ -221,8 +196,8 @@ def fit_batch(estimate: MemoryEstimate, budget: int, wanted: int) -> int | None:
     return None
 
 
-def fit_memory(model: onnx.ModelProto, data, run, criterion) -> tuple[int, str | None, dict | None]:
-    """The batch a prune run of ``model`` on ``data`` (CalibrationData) uses to stay within ``run.max_memory``
+def fit_memory(model: onnx.ModelProto, data: Batches, run, criterion) -> tuple[int, str | None, dict | None]:
+    """The batch a prune run of ``model`` on ``data`` uses to stay within ``run.max_memory``
     bytes (None: ``default_budget``), a one-line note when it differs from ``run.batch_size``, and the
     report's record ({budget, batch, estimated_peak} in bytes; None when there is no budget). Estimated
     before any inference (``estimate_memory``; the data's first sample gives the shapes; ``run.holdout`` and
@@ -232,13 +207,13 @@ def fit_memory(model: onnx.ModelProto, data, run, criterion) -> tuple[int, str |
 
     batch_size = run.batch_size
     budget = run.max_memory if run.max_memory is not None else default_budget()
-    if budget is None or not hasattr(data, "split"):
+    if budget is None:
         return batch_size, None, None
     sample = next(iter(data.batches(1)), None)
     if sample is None:
         return batch_size, None, None
     holdout, seed, unit = run.holdout, criterion.seed, criterion.unit
-    fixed = getattr(data, "fixed_batch", None)
+    fixed = data.fixed_batch
     rows = fixed or 1
     n = data.n_samples
     n_hold = len(data.split(holdout, seed=seed)[1]) if n >= 10 and holdout > 0 else n

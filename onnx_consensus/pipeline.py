@@ -22,12 +22,12 @@ import numpy as np
 import onnx
 
 from .batching import calibration_shapes
-from .bench import measure_latency, random_feed
+from .bench import LatencyChange, measure_latency, random_feed
 from .data.for_model import calibration_for, extra_data_for
 from .errors import InputError, PruneFailed
 from .graph.blocks import find_blocks
 from .graph.flops import count_cost
-from .graph.heads import choose_feature, output_kinds
+from .kinds.outputs import choose_feature, output_kinds
 from .graph.ir import interface, load_model, load_model_and_layout
 from .graph.precision import float32_shadow, is_bfloat16
 from .graph.quant import finetune_refusal, quantized_ops
@@ -183,7 +183,7 @@ def _run_on_providers(model, data, options: Options) -> Outcome:
     if nothing is not None and not options.output.quantize:  # said before any data is read or inference runs
         return nothing
     data = calibration_for(data, original, options.data)
-    fixed = getattr(data, "fixed_batch", None)
+    fixed = data.fixed_batch
     if fixed:
         _warn(warnings, f"the model has a fixed batch of {fixed}: inference runs {fixed} sample(s) at a time"
                         + (" (a short last batch is padded, the padding ignored)" if fixed > 1 else "")
@@ -199,7 +199,7 @@ def _run_on_providers(model, data, options: Options) -> Outcome:
 
         train = extra_data_for(options.recovery.train, model, options.data) or data
         hook = between_removals(model, train, config=replace(ft or FinetuneConfig(), epochs=1), steps=between)
-    report_options = {"input": source.path, "calib": getattr(data, "source", None), **options.to_flags()}
+    report_options = {"input": source.path, "calib": data.source, **options.to_flags()}
     shapes = {} if options.run.input_shapes else calibration_shapes(interface(model)[0], data)
     if shapes:
         try:
@@ -233,7 +233,7 @@ def _run_on_providers(model, data, options: Options) -> Outcome:
             from .latency_target import prune_to_latency
 
             result, latency_target = prune_to_latency(model, data, replace(options, criterion=scoring), fixed=fixed,
-                                                      between=hook, axes=getattr(data, "batch_axes", {}))
+                                                      between=hook, axes=data.batch_axes)
         else:
             result, latency_target = schedule(model, data, criterion=scoring, target=options.target,
                                               run=options.run, between=hook), None
@@ -255,7 +255,7 @@ def _run_on_providers(model, data, options: Options) -> Outcome:
     latency = None
     if result.removals and options.output.latency and not bfloat16:
         latency = _latency(model, result.model, next(data.batches(options.run.batch_size)), options,
-                           fixed=fixed, axes=getattr(data, "batch_axes", {}))
+                           fixed=fixed, axes=data.batch_axes)
     finetune_info, exit_code, status = None, 0, "done" if result.removals else "nothing removed"
     if finetuning and result.removals:
         finetune_info, exit_code = _finetune(model, result, data, options, warnings)
@@ -348,10 +348,7 @@ def _latency(model: onnx.ModelProto, pruned: onnx.ModelProto, sample, options: O
         feed = random_feed(model, bs, sample, axes=axes)
         before, after = measure_latency([model, pruned], feed, runs=options.output.latency_runs,
                                         threads=options.run.threads or os.cpu_count())
-        latency[str(bs)] = {"before_ms": before.median_ms, "after_ms": after.median_ms,
-                            "before_p90_ms": before.p90_ms, "after_p90_ms": after.p90_ms,
-                            "threads": before.threads, "opt_level": before.opt_level, "runs": before.runs,
-                            "spinning": before.spinning}
+        latency[str(bs)] = LatencyChange(before, after).to_json()
     return latency
 
 

@@ -141,13 +141,16 @@ def _session(source, so: ort.SessionOptions) -> ort.InferenceSession:
 # ------------------------------------------------------------------------------ sessions
 
 def session_options(level: str = "all", threads: int | None = None, *, spinning: bool = True,
-                    arena: bool = True) -> ort.SessionOptions:
+                    arena: bool = True, prepack: bool = True) -> ort.SessionOptions:
     """Session options with the optimisation level named and intra-op threads pinned (None: ORT default).
     ``spinning=False``: the intra-op threads sleep as soon as a run ends instead of spin-waiting for the next.
     ``arena=False``: no CPU memory arena, so a run's intermediate tensors go back to the system when it ends;
     an arena keeps its peak for the life of the session (and grows by powers of two), which multiplies
-    memory by the number of live sessions (the scorer holds one per candidate)."""
+    memory by the number of live sessions (the scorer holds one per candidate). ``prepack=False``: no packed
+    copy of the weights (kernels read them as stored)."""
     so = ort.SessionOptions()
+    if not prepack:
+        so.add_session_config_entry("session.disable_prepacking", "1")
     if not spinning:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.enable_cpu_mem_arena = bool(arena)
@@ -159,18 +162,19 @@ def session_options(level: str = "all", threads: int | None = None, *, spinning:
     return so
 
 
-def make_session(model: onnx.ModelProto | str | os.PathLike, *, level: str = "all",
-                 threads: int | None = None, spinning: bool = True, arena: bool = True) -> ort.InferenceSession:
+def make_session(model: onnx.ModelProto | str | os.PathLike, *, level: str = "all", threads: int | None = None,
+                 spinning: bool = True, arena: bool = True, prepack: bool = True) -> ort.InferenceSession:
     """An InferenceSession on the current providers (``using_providers``; CPU by default) for a model proto or
     a path (paths work past 2 GB).
 
     A proto whose weights stay in external-data files (``graph.ir.load_model_and_layout``) gets them as
     memory-mapped arrays shared by every session of the process (``graph.weights.external_array``), with graph
     optimisation off and no weight prepacking, so no session holds a copy of them. ``arena``: as
-    ``session_options`` (off for the scorer's and the evaluation's sessions, on for latency)."""
+    ``session_options`` (off for the scorer's and the evaluation's sessions, on for latency); ``prepack``: as
+    ``session_options``."""
     if not isinstance(model, (str, os.PathLike)) and has_external_tensors(model):
         return _external_session(model, threads, spinning, arena)
-    so = session_options(level, threads, spinning=spinning, arena=arena)
+    so = session_options(level, threads, spinning=spinning, arena=arena, prepack=prepack)
     source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else model.SerializeToString()
     return _session(source, so)
 
@@ -204,8 +208,7 @@ def _session_over_values(model: onnx.ModelProto, value_of: Callable[[onnx.Tensor
     saved in ``folder`` and loaded from there. Other external tensors (node attributes, subgraph
     initializers, which ``add_initializer`` cannot supply) are read inline into the session's copy. Graph
     optimisation off and no prepacking: both would make per-session copies of the weights."""
-    so = session_options("disable", threads, spinning=spinning, arena=arena)
-    so.add_session_config_entry("session.disable_prepacking", "1")
+    so = session_options("disable", threads, spinning=spinning, arena=arena, prepack=False)
     stripped = onnx.ModelProto()
     stripped.CopyFrom(model)
     for t in stripped.graph.initializer:

@@ -23,7 +23,10 @@ from .consensus import BlockScore, consensus
 from .errors import InputError
 from .evaluate import batch_rows, reference_outputs
 from .graph.blocks import Block, find_blocks
-from .graph.heads import CLASS_SCORES, choose_feature, output_kinds, pool_output, score_forms
+from .kinds.basic import CLASS_SCORES
+from .kinds.outputs import choose_feature, output_kinds, score_forms
+from .metrics.features import pool_output
+from .metrics.output import is_class_scores
 from .graph.instrument import expose, suffix_model
 from .graph.ir import GraphIndex, to_gs
 from .graph.masks import TokenMask, token_masks
@@ -131,7 +134,7 @@ def original_outputs(model: onnx.ModelProto, data, indices=None, *, batch_size: 
 
 
 def _predictions(out: np.ndarray) -> np.ndarray | None:
-    return np.argmax(out, axis=-1) if out.ndim == 2 and out.shape[1] > 1 else None
+    return np.argmax(out, axis=-1) if is_class_scores(out.shape, None, sequence=False) else None
 
 
 def collect_features(model: onnx.ModelProto, data, blocks: Sequence[Block], *, scope: str = "global",
@@ -221,7 +224,7 @@ def collect_features(model: onnx.ModelProto, data, blocks: Sequence[Block], *, s
         from tqdm import tqdm
 
         total = len(indices) if indices is not None else data.n_samples
-        step = getattr(data, "fixed_batch", None) or batch_size
+        step = data.fixed_batch or batch_size
         batches = tqdm(batches, total=-(-total // step), desc=f"scoring {len(blocks)} blocks", unit="batch", leave=False)
 
     def pool(act: np.ndarray, feeds: dict[str, np.ndarray], name: str) -> np.ndarray:

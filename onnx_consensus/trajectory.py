@@ -15,7 +15,7 @@ import onnx
 
 from .evaluate import fidelity, reference_outputs
 from .graph.flops import count_cost
-from .graph.heads import output_kinds
+from .kinds.outputs import output_kinds
 from .graph.surgery import remove_blocks
 from .latency_model import QUANTILE, RUNS, round_times
 
@@ -37,7 +37,7 @@ def removal_curve(original: onnx.ModelProto, blocks, data, holdout_indices, *, l
     if latency:
         from .bench import random_feed
 
-        feed = random_feed(original, fixed or 1, next(data.batches(1, hold)), axes=getattr(data, "batch_axes", {}))
+        feed = random_feed(original, fixed or 1, next(data.batches(1, hold)), axes=data.batch_axes)
     points = []
     for k in range(len(blocks) + 1):
         model = remove_blocks(original, blocks[:k]) if k else original

@@ -16,9 +16,9 @@ import numpy as np
 import onnx
 
 from .bench import measure_latency, random_feed
-from .evaluate import fidelity, reference_outputs
+from .evaluate import Fidelity, fidelity, reference_outputs
 from .graph.flops import count_cost
-from .graph.heads import output_kinds
+from .kinds.outputs import output_kinds
 from .quantize import quantize
 
 ROW_NAMES = ("original", "quantized", "pruned", "pruned + quantized")
@@ -26,18 +26,35 @@ ROW_NAMES = ("original", "quantized", "pruned", "pruned + quantized")
 
 
 @dataclass
+class VariantRow:
+    """One row of the table: ``name`` (``ROW_NAMES``), its ``fidelity`` on the measured samples, MACs (None when
+    unknown), ``bytes`` of the model as one file, ``latency_ms`` {batch: p50 ms}."""
+
+    name: str
+    fidelity: Fidelity
+    macs: int | None
+    bytes: int
+    latency_ms: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        """{name, fidelity (``Fidelity.to_json``), accuracy, macs, bytes, latency_ms}."""
+        return {"name": self.name, "fidelity": self.fidelity.to_json(), "accuracy": self.fidelity.accuracy,
+                "macs": self.macs, "bytes": self.bytes, "latency_ms": dict(self.latency_ms)}
+
+
+@dataclass
 class Variants:
-    """The quantized pruned model to write and the table: ``rows`` (one dict per ``ROW_NAMES`` entry:
-    name, fidelity (``Fidelity.to_json``), accuracy, macs, bytes, latency_ms {batch: p50 ms}),
-    ``format`` (int8 | int4 | fp16)."""
+    """The quantized pruned model to write and the table: ``rows`` (one ``VariantRow`` per ``ROW_NAMES``
+    entry), ``format`` (int8 | int4 | fp16)."""
 
     model: onnx.ModelProto
     format: str
-    rows: list[dict] = field(default_factory=list)
+    rows: list[VariantRow] = field(default_factory=list)
     samples: int = 0
 
     def to_json(self) -> dict:
-        return {"format": self.format, "written": ROW_NAMES[-1], "samples": self.samples, "rows": self.rows}
+        return {"format": self.format, "written": ROW_NAMES[-1], "samples": self.samples,
+                "rows": [r.to_json() for r in self.rows]}
 
 
 def measure_variants(original: onnx.ModelProto, pruned: onnx.ModelProto, fmt: str, data, *, calib_indices,
@@ -60,14 +77,13 @@ def measure_variants(original: onnx.ModelProto, pruned: onnx.ModelProto, fmt: st
     for name, m, n_macs in zip(ROW_NAMES, models, macs):
         fid = fidelity(m, reference, data, holdout_indices, labels=hold_labels, batch_size=batch_size,
                        threads=threads, kinds=kinds)
-        rows.append({"name": name, "fidelity": fid.to_json(), "accuracy": fid.accuracy, "macs": n_macs,
-                     "bytes": m.ByteSize(), "latency_ms": {}})
+        rows.append(VariantRow(name, fid, n_macs, m.ByteSize()))
     sample = next(data.batches(max(latency_batches), holdout_indices)) if latency_batches else None
     for bs in latency_batches:
-        feed = random_feed(original, bs, sample, axes=getattr(data, "batch_axes", {}))
+        feed = random_feed(original, bs, sample, axes=data.batch_axes)
         lats = measure_latency(models, feed, runs=latency_runs, threads=threads or os.cpu_count())
         for row, lat in zip(rows, lats):
-            row["latency_ms"][str(bs)] = round(lat.median_ms, 4)
+            row.latency_ms[str(bs)] = round(lat.median_ms, 4)
     return Variants(models[-1], fmt, rows, len(holdout_indices))
 
 

@@ -21,7 +21,8 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_consensus.errors import InputError, TargetError
 from onnx_consensus.graph.decoder import (FUSED, PLAIN, cache_names, dummy_feed, expose_residual_sums,
                                           find_decoder_layers)
-from onnx_consensus.graph.kv_surgery import expected_interface, prune_folder, remove_layers, update_configs
+from onnx_consensus.graph.kv_surgery import expected_interface, remove_layers
+from onnx_consensus.llm.folder import prune_folder, update_configs
 from tests.helpers import genai_generate
 
 D, V, L = 8, 11, 4  # hidden size, vocabulary, layers of the synthetic decoders
@@ -290,6 +291,39 @@ def test_prune_folder(tmp_path, form):
     with pytest.raises(InputError, match="not empty"):
         prune_folder(src, out, [1])
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+def test_prune_folder_checks_on_the_runs_providers(tmp_path, monkeypatch):
+    """The written folder's check session is the run's (``runtime.using_providers``), not a CPU-only one of its
+    own; a failing check leaves no folder."""
+    from onnx_consensus import runtime
+
+    src = tmp_path / "src"
+    src.mkdir()
+    onnx.save_model(synthetic_decoder(FORMS[0]), str(src / "model.onnx"))
+    seen = []
+    real = runtime.ort.InferenceSession
+
+    def recording(source, so=None, providers=None, **kw):
+        seen.append((source, providers))
+        return real(source, so, providers=providers, **kw)
+
+    monkeypatch.setattr(runtime.ort, "InferenceSession", recording)
+    chosen = (("CPUExecutionProvider", {"arena_extend_strategy": "kSameAsRequested"}),)
+    with runtime.using_providers(chosen):
+        prune_folder(src, tmp_path / "out", [1])
+    assert len(seen) == 1 and seen[0][1] == list(chosen)  # one check session, on the chosen providers
+    folder, name = os.path.split(seen[0][0])  # it ran on the temporary folder, before the rename
+    assert name == "model.onnx" and os.path.dirname(folder) == str(tmp_path) and \
+        os.path.basename(folder).startswith(".out.")
+
+    def failing(source, so=None, providers=None, **kw):
+        raise RuntimeError("no kernel")
+
+    monkeypatch.setattr(runtime.ort, "InferenceSession", failing)
+    with pytest.raises(RuntimeError, match="no kernel"):
+        prune_folder(src, tmp_path / "out2", [1])
+    assert not (tmp_path / "out2").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 # ---------------------------------------------------------------- real exports (slow)

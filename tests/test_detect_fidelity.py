@@ -15,7 +15,7 @@ from onnx import TensorProto, helper
 
 from onnx_consensus import find_blocks, pipeline
 from onnx_consensus.evaluate import compare
-from onnx_consensus.graph.heads import output_kinds
+from onnx_consensus.kinds.outputs import output_kinds
 from onnx_consensus.graph.surgery import remove_blocks
 from onnx_consensus.kinds import output_plan
 from onnx_consensus.kinds.detect import CONF, iou_matrix, match, nms, to_xyxy

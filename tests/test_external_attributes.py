@@ -139,7 +139,7 @@ def test_decoder_folder_with_external_constants(tmp_path):
     initializer of the synthetic decoder turned into a Constant): the pruned folder equals the decoder built
     without the layer."""
     from onnx_consensus.graph.decoder import dummy_feed
-    from onnx_consensus.graph.kv_surgery import prune_folder
+    from onnx_consensus.llm.folder import prune_folder
     from tests.test_decoder_llm import V, _session, synthetic_decoder
 
     model = synthetic_decoder("plain")

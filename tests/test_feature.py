@@ -18,9 +18,9 @@ from onnx_consensus.cli import main
 from onnx_consensus.data import load_calibration
 from onnx_consensus.evaluate import Fidelity, compare
 from onnx_consensus.graph.blocks import find_blocks
-from onnx_consensus.graph.heads import choose_feature, output_kinds, pool_output
-from onnx_consensus.graph.instrument import find_feature_tensor
 from onnx_consensus.graph.surgery import remove_blocks
+from onnx_consensus.kinds.outputs import choose_feature, find_feature_tensor, output_kinds
+from onnx_consensus.metrics.features import pool_output
 from onnx_consensus.pruner import CriterionOptions, RunOptions, TargetOptions, prune
 from onnx_consensus.scoring import score_blocks
 from tests.helpers import CACHE, residual_mlp, run

@@ -13,7 +13,7 @@ from onnx_consensus import find_blocks, load_calibration, pipeline
 from onnx_consensus.cli import main
 from onnx_consensus.errors import InputError
 from onnx_consensus.evaluate import compare
-from onnx_consensus.graph.heads import choose_feature, output_kinds
+from onnx_consensus.kinds.outputs import choose_feature, output_kinds
 from onnx_consensus.kinds import Head, OutputPlan, output_plan
 from onnx_consensus.kinds.measures import ChannelMeasure
 from onnx_consensus.kinds.registry import RECOGNISERS, kind_spec, parse_override

@@ -167,3 +167,28 @@ def test_a_retry_removes_at_least_one_block_more(mixed, monkeypatch):
     attempts = out.report["latency_target"]["attempts"]
     assert len(attempts) == 2 and attempts[1]["removed"] > attempts[0]["removed"] >= 2
     assert out.report["latency_target"]["met"] and calls[1] < calls[0]
+
+
+def test_latency_rows_give_the_report_keys():
+    """Latency rows are dataclasses; their JSON keeps the report's keys and values (the report's
+    ``latency[batch]``, a `bench --json` row, a ``quantize`` row)."""
+    from onnx_consensus.bench import BenchRow, Latency, LatencyChange
+    from onnx_consensus.evaluate import compare
+    from onnx_consensus.variants import VariantRow
+
+    before, after = Latency(4, 2.0, 2.5, 30, 2, spinning=False), Latency(4, 1.5, 1.75, 30, 2, spinning=False)
+    assert LatencyChange(before, after).to_json() == {
+        "before_ms": 2.0, "after_ms": 1.5, "before_p90_ms": 2.5, "after_p90_ms": 1.75, "threads": 2,
+        "opt_level": "all", "runs": 30, "spinning": False}
+    row = BenchRow("p.onnx", after, 0.75, 1000, 10)
+    assert row.to_json() == {"model": "p.onnx", "batch_size": 4, "median_ms": 1.5, "p90_ms": 1.75, "ratio": 0.75,
+                             "macs": 1000, "params": 10, "threads": 2, "runs": 30, "opt_level": "all",
+                             "spinning": False}
+    row.accuracy, row.agreement, row.rel_error, row.eval_samples = 0.5, 1.0, 0.0, 8
+    assert list(row.to_json())[-4:] == ["accuracy", "agreement", "rel_error", "eval_samples"]
+    x = np.eye(4, 3, dtype=np.float32)
+    fid = compare(x, x, np.array([0, 1, 2, 1]))  # the last row argmaxes to 0
+    v = VariantRow("pruned", fid, None, 123, {"1": 0.5}).to_json()
+    assert v == {"name": "pruned", "fidelity": fid.to_json(), "accuracy": fid.accuracy, "macs": None, "bytes": 123,
+                 "latency_ms": {"1": 0.5}}
+    assert fid.accuracy == 0.75

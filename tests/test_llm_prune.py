@@ -61,7 +61,7 @@ def test_text_windows_jsonl_and_folder(tmp_path):
     (tmp_path / "t" / "skip.bin").write_text("w1")
     d = load_text(tmp_path / "t", tok, seq_len=4)
     assert d.n_tokens == 10 and d.windows.tolist() == [[2, 3, 4, 5], [6, 7, 8, 9]]
-    score, hold = d.split(0.5)
+    score, hold = d.split_windows(0.5)
     assert len(score) == 1 and len(hold) == 1 and sorted(score.tolist() + hold.tolist()) == d.windows.tolist()
     with pytest.raises(InputError, match="fewer than one window"):
         load_text(tmp_path / "t" / "a.txt", tok, seq_len=16)
@@ -225,7 +225,7 @@ def test_finetune_by_distillation(folder, tmp_path):
     assert math.isclose(r["perplexity"]["finetuned"]["after"], ft["perplexity_after"], rel_tol=1e-9)
     pruned = onnx.load(str(out / "model.onnx"))
     # the written model is the one kept: its perplexity on the held-back windows is the reported one
-    _, hold = load_text(tmp_path / "calib.txt", folder / "tokenizer.json", seq_len=8).split(0.2, 0)
+    _, hold = load_text(tmp_path / "calib.txt", folder / "tokenizer.json", seq_len=8).split_windows(0.2, 0)
     assert math.isclose(perplexity(pruned, hold), r["perplexity"]["finetuned"]["after"], rel_tol=1e-5)
     assert len(pruned.graph.input) == 2 + 2 * 3
 

@@ -23,7 +23,8 @@ import pytest
 from onnx_consensus.errors import InputError, TargetError
 from onnx_consensus.graph.decoder import prefill_feed
 from onnx_consensus.graph.flops import count_params
-from onnx_consensus.graph.kv_surgery import prune_folder, remove_layers
+from onnx_consensus.graph.kv_surgery import remove_layers
+from onnx_consensus.llm.folder import prune_folder
 from onnx_consensus.llm.layer_latency import LayerCost, layers_for_target, measure_layer_cost, meet_target
 from onnx_consensus.llm.perplexity import perplexity
 from onnx_consensus.llm.quantize import DECODER_FORMATS, quantize_decoder, quantize_export
@@ -144,7 +145,7 @@ def test_decoder_span_agrees_with_the_pytorch_implementation(tiny, calib):
     model = onnx.load(str(folder / "model.onnx"))
     o = Options()
     data = load_text(calib, find_tokenizer(folder, None), seq_len=128, max_samples=16)
-    windows, _ = data.split(o.run.holdout, o.criterion.seed)
+    windows, _ = data.split_windows(o.run.holdout, o.criterion.seed)
     for n in (1, 2, 3):
         assert decoder_span(model, windows, n).layers == _bench_pruneme(hf, folder, calib, n)
     # the states themselves: transformers' hidden states at the last token (the last one after the final

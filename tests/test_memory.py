@@ -12,7 +12,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_consensus.data import load_calibration
 from onnx_consensus.errors import InputError
-from onnx_consensus.memory import (MemoryEstimate, estimate_memory, fit_batch, format_size, live_peak,
+from onnx_consensus.limits import format_size
+from onnx_consensus.memory import (MemoryEstimate, estimate_memory, fit_batch, live_peak,
                                    parse_size, tensor_bytes)
 from onnx_consensus.metrics.output import OutputAccumulator
 from onnx_consensus.pipeline import Options, run
@@ -50,6 +51,7 @@ def test_parse_and_format_sizes():
         with pytest.raises(InputError, match="--max-memory"):
             parse_size(bad)
     assert format_size(6 * 2**30) == "6.0 GB" and format_size(300 * 2**20) == "300 MB"
+    assert format_size(12 * 2**10) == "12 KB" and format_size(512) == "512 B"  # one formatter for every message
 
 
 def test_live_peak_of_a_chain_and_a_skip():
@@ -216,12 +218,12 @@ def test_fixed_batch_model_runs_at_its_batch_or_is_refused(tmp_path):
 
 
 def test_default_budget_is_a_share_of_available_memory(monkeypatch):
-    from onnx_consensus import memory
+    from onnx_consensus import limits
 
-    monkeypatch.setattr(memory, "available_memory", lambda: 10 * 2**30)
-    assert memory.default_budget() == int(6 * 2**30)
-    monkeypatch.setattr(memory, "available_memory", lambda: None)
-    assert memory.default_budget() is None
+    monkeypatch.setattr(limits, "available_memory", lambda: 10 * 2**30)
+    assert limits.default_budget() == int(6 * 2**30)
+    monkeypatch.setattr(limits, "available_memory", lambda: None)
+    assert limits.default_budget() is None
 
 
 def test_scores_do_not_depend_on_the_batch(tmp_path):

@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_consensus.graph.heads import choose_feature, output_kinds
+from onnx_consensus.kinds.outputs import choose_feature, output_kinds
 
 N_IN, N_CLASSES = 6, 5
 RNG = np.random.default_rng(0)

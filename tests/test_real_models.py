@@ -346,7 +346,7 @@ def test_inspect_macs_inside_if_not_zero(corpus):
 def test_written_out_softmax_is_class_scores(corpus):
     """magika's 214-class head is a softmax that jax2tf/tf2onnx wrote as Max/Sub/Exp/ReduceSum/Div: class scores
     (it was judged an "embedding", so no top-1 agreement); silero's (N, 1) speech probability is generic."""
-    from onnx_consensus.graph.heads import output_kinds
+    from onnx_consensus.kinds.outputs import output_kinds
 
     path, _, _ = corpus("magika")
     assert output_kinds(onnx.load(str(path))) == {"target_label": "class scores"}

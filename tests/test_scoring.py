@@ -5,7 +5,8 @@ import pytest
 
 from onnx_consensus.data import load_calibration
 from onnx_consensus.graph.blocks import find_blocks
-from onnx_consensus.graph.instrument import expose, find_feature_tensor
+from onnx_consensus.graph.instrument import expose
+from onnx_consensus.kinds.outputs import find_feature_tensor
 from onnx_consensus.graph.surgery import remove_blocks
 from onnx_consensus.metrics.features import pool_features
 from onnx_consensus.scoring import collect_features, score_blocks

@@ -12,7 +12,7 @@ import pytest
 
 from onnx_consensus import io as oio
 from onnx_consensus.cli import main
-from onnx_consensus.graph.kv_surgery import prune_folder
+from onnx_consensus.llm.folder import prune_folder
 from tests.helpers import residual_mlp, temporaries
 from tests.test_decoder_llm import L, synthetic_decoder
 
@@ -61,6 +61,21 @@ def test_write_helpers_modes_and_no_leftovers(tmp_path, umask027):
     fd, tmp = oio.create_temporary(str(tmp_path), "c")
     os.close(fd)
     assert _mode(tmp) == umask027 and os.path.basename(tmp).startswith(".c.")
+
+
+def test_atomic_folder_mode_rename_and_no_leftovers(tmp_path, umask027):
+    """A folder is filled under a temporary name and renamed whole (an empty folder there replaced); the mode is
+    mkdir's under the umask, not mkdtemp's 0700; a failure midway leaves neither it nor the temporary."""
+    (tmp_path / "empty").mkdir()
+    with oio.atomic_folder(tmp_path / "empty") as tmp:
+        assert os.path.dirname(tmp) == str(tmp_path) and not (tmp_path / "empty" / "f").exists()
+        (open(os.path.join(tmp, "f"), "w")).close()
+    assert os.listdir(tmp_path / "empty") == ["f"] and _mode(tmp_path / "empty") == 0o777 & ~0o027
+    with pytest.raises(ZeroDivisionError):
+        with oio.atomic_folder(tmp_path / "new") as tmp:
+            (open(os.path.join(tmp, "f"), "w")).close()
+            1 / 0
+    assert sorted(os.listdir(tmp_path)) == ["empty"]
 
 
 def test_planted_symlinks_are_replaced_not_followed(tmp_path):

@@ -13,7 +13,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_consensus.data import model_input_specs
-from onnx_consensus.graph import flops, weights
+from onnx_consensus.graph import dtypes, flops, weights
 from onnx_consensus.graph.ir import TensorSpec, interface, tensor_spec, to_gs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -116,7 +116,7 @@ def test_weight_free_copies_share_one_threshold_and_one_float_set():
                if t.data_location == TensorProto.EXTERNAL}
     as_inputs = {i.name for i in flops._weight_free_copy(model, {}, 1).graph.input}
     assert stubbed == as_inputs == {"at_threshold", "half_at_threshold"}
-    assert flops.FLOAT_TYPES is weights.FLOAT_TYPES
+    assert flops.FLOAT_TYPES is weights.FLOAT_TYPES is dtypes.FLOAT_TYPES
     assert {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE} <= weights.FLOAT_TYPES
     assert TensorProto.INT64 not in weights.FLOAT_TYPES
     # the stubs keep name, dtype and dims, and the copy costs no weight bytes

@@ -117,7 +117,7 @@ import onnxruntime as ort
 folder, calib = sys.argv[1], sys.argv[2]
 o = Options()
 data = load_text(calib, find_tokenizer(folder, None), seq_len=128, max_samples=16)
-windows, _ = data.split(o.run.holdout, o.criterion.seed)
+windows, _ = data.split_windows(o.run.holdout, o.criterion.seed)
 so = ort.SessionOptions(); so.intra_op_num_threads = 2; so.inter_op_num_threads = 1
 sess = ort.InferenceSession(folder + "/model.onnx", so, providers=["CPUExecutionProvider"])
 model = load_model(folder + "/model.onnx", load_external_data=False)
@@ -140,7 +140,7 @@ hf, folder, calib, span = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]
 torch.set_num_threads(2)
 o = Options()
 data = load_text(calib, find_tokenizer(folder, None), seq_len=128, max_samples=16)
-windows, _ = data.split(o.run.holdout, o.criterion.seed)
+windows, _ = data.split_windows(o.run.holdout, o.criterion.seed)
 t_load = time.perf_counter()
 model = AutoModelForCausalLM.from_pretrained(hf, torch_dtype=torch.float32).eval()
 t0 = time.perf_counter(); c0 = time.process_time()

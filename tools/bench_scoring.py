@@ -45,7 +45,8 @@ def _data(model_path: str, samples: int):
 def run_config(cfg: dict) -> dict:
     """One measurement, run inside the child process."""
     from onnx_consensus.graph.blocks import find_blocks
-    from onnx_consensus.graph.instrument import expose, find_feature_tensor, suffix_model
+    from onnx_consensus.graph.instrument import expose, suffix_model
+    from onnx_consensus.kinds.outputs import find_feature_tensor
     from onnx_consensus.pruner import CriterionOptions, RunOptions, TargetOptions, prune
     from onnx_consensus.runtime import make_session
     from onnx_consensus.scoring import score_blocks

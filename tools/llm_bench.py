@@ -33,7 +33,8 @@ LLM = ROOT / ".cache" / "llm"
 def main(argv=None) -> None:
     from onnx_consensus.graph.decoder import find_decoder_layers
     from onnx_consensus.graph.ir import load_model_and_layout
-    from onnx_consensus.graph.kv_surgery import prune_folder, remove_layers
+    from onnx_consensus.graph.kv_surgery import remove_layers
+    from onnx_consensus.llm.folder import prune_folder
     from onnx_consensus.llm.perplexity import perplexity, throughput
     from onnx_consensus.llm.run import distill, prune_decoder
     from onnx_consensus.llm.text import load_text
@@ -92,7 +93,7 @@ def main(argv=None) -> None:
             res["quality"] = rows
             _save(a.out, res)
         if "distill" not in a.skip:
-            train, ev = calib.split(0.2, 0)
+            train, ev = calib.split_windows(0.2, 0)
             cfg = FinetuneConfig(epochs=1, batch_size=8, optimizer="adamw", lr=3e-4, threads=1)
             for row in sorted(rows, key=lambda r: (r["criterion"] != "consensus", r["criterion"], r["k"])):
                 pruned = remove_layers(model, row["removed"], report=report)

@@ -113,7 +113,7 @@ def genai_throughput(folder: str | os.PathLike, prompt_len: int = 128, steps: in
 
 
 def main(argv: list[str] | None = None) -> None:
-    from onnx_consensus.graph.kv_surgery import prune_folder
+    from onnx_consensus.llm.folder import prune_folder
     from tools.build_llms import encode_file
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -2,7 +2,7 @@
 
 - "class scores" (and "ctc") -> ``kl``: T^2 * KL(softmax(teacher/T) || softmax(student/T)) over the last axis,
   every other axis (batch, time steps of a CTC output) taken as rows. An output that is already a softmax
-  (``heads.score_forms``: "probabilities") is turned back into logits by its log first (log p is the logits up
+  (``kinds.outputs.score_forms``: "probabilities") is turned back into logits by its log first (log p is the logits up
   to a per-row constant, which softmax ignores); tempering probabilities themselves would flatten both
   distributions to near uniform (p / 4 differs by at most 0.25 between classes) and leave almost no gradient.
 - "embedding" -> ``cosine``: mean over rows of 1 - cos(student, teacher). Chosen over a scaled MSE because
@@ -31,7 +31,8 @@ import onnx
 import torch
 import torch.nn.functional as F
 
-CLASS_SCORES = "class scores"
+from ..kinds.basic import CLASS_SCORES
+
 TINY = 1e-30  # probabilities are clamped here before their log (float32 keeps it: min normal ~1.2e-38)
 
 
@@ -76,7 +77,7 @@ def plan(model: onnx.ModelProto, kinds: Mapping[str, str] | None = None,
     order. ``kinds``: {output: kind} to use instead of the graph's (``kinds.output_plan`` with ``task`` and
     the --output-kind ``overrides``); ``outputs``: only these outputs (e.g. a decoder's logits, not its KV
     caches)."""
-    from ..graph.heads import score_forms
+    from ..kinds.outputs import score_forms
     from ..kinds import output_plan, plan_from_kinds
 
     oplan = plan_from_kinds(kinds) if kinds is not None else output_plan(model, task, tuple(overrides))

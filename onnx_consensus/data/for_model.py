@@ -4,12 +4,14 @@ evaluation data loaded with the calibration data's image options."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 
-from .calibration import load_calibration
+from .batches import Batches
+from .calibration import CalibrationData, load_calibration
 from .images import ImageOptions
 
 if TYPE_CHECKING:
@@ -19,21 +21,49 @@ __all__ = ["Float32Batches", "calibration_for", "image_options", "extra_data_for
 
 
 class Float32Batches:
-    """Calibration data loaded for a bfloat16 model, feeding its float32 shadow: bfloat16 arrays cast."""
+    """Calibration data loaded for a bfloat16 model, feeding its float32 shadow (``Batches``): the samples,
+    labels and split of ``data`` (a CalibrationData), its bfloat16 arrays cast to float32 as they are read."""
 
-    def __init__(self, data):
-        self._data = data
+    def __init__(self, data: Batches):
+        self.data = data
 
-    def __getattr__(self, name):
-        return getattr(self._data, name)
+    @property
+    def n_samples(self) -> int:
+        return self.data.n_samples
 
-    def batches(self, *args, **kwargs):
-        for feeds, _ in self.counted_batches(*args, **kwargs):
+    @property
+    def labels(self) -> np.ndarray | None:
+        return self.data.labels
+
+    @property
+    def source(self) -> str | None:
+        return self.data.source
+
+    @property
+    def fixed_batch(self) -> int | None:
+        return self.data.fixed_batch
+
+    @property
+    def batch_axes(self) -> dict[str, int | None]:
+        return self.data.batch_axes
+
+    def __len__(self) -> int:
+        return self.n_samples
+
+    def batches(self, batch_size: int, indices: Sequence[int] | None = None) -> Iterator[dict[str, np.ndarray]]:
+        for feeds, _ in self.counted_batches(batch_size, indices):
             yield feeds
 
-    def counted_batches(self, *args, **kwargs):
-        for feeds, n in self._data.counted_batches(*args, **kwargs):
+    def counted_batches(self, batch_size: int,
+                        indices: Sequence[int] | None = None) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+        for feeds, n in self.data.counted_batches(batch_size, indices):
             yield {k: v.astype(np.float32) if v.dtype.name == "bfloat16" else v for k, v in feeds.items()}, n
+
+    def split(self, holdout_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        return self.data.split(holdout_fraction, seed)
+
+    def labels_for(self, indices) -> np.ndarray | None:
+        return self.data.labels_for(indices)
 
 
 def calibration_for(data, model: onnx.ModelProto, opts: DataOptions):
@@ -43,7 +73,8 @@ def calibration_for(data, model: onnx.ModelProto, opts: DataOptions):
         data = load_calibration(data, model, labels=opts.labels, image_options=image_options(opts),
                                 strict=opts.strict, max_samples=opts.max_samples,
                                 follow_symlinks=opts.follow_symlinks)
-    if any(getattr(s.dtype, "name", str(s.dtype)) == "bfloat16" for s in getattr(data, "specs", ())):
+    if isinstance(data, CalibrationData) and any(getattr(s.dtype, "name", str(s.dtype)) == "bfloat16"
+                                                 for s in data.specs):
         return Float32Batches(data)
     return data
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InputError, ResourceLimitError
-from ..limits import fmt_bytes, memory_budget
+from ..limits import format_size, memory_budget
 
 
 class Corrupt(Exception):
@@ -60,11 +60,6 @@ def logical_dtype(dtype: np.dtype) -> np.dtype:
     if dtype.kind == "V" and dtype.itemsize == 2 and dtype.fields is None and dtype.subdtype is None:
         return bfloat16()
     return dtype
-
-
-def is_float(dt: np.dtype) -> bool:
-    """Floating point, including ml_dtypes' bfloat16 / float8 / float4 (numpy kind 'V')."""
-    return dt.kind == "f" or dt.name.startswith(("bfloat16", "float8", "float4"))
 
 
 def is_int(dt: np.dtype) -> bool:
@@ -135,8 +130,8 @@ def npz_headers(path: str) -> dict[str, ArrayHeader]:
                         max(nbytes(shape, dtype), info.file_size) > memory_budget():
                     raise ResourceLimitError(
                         f"{path}: compressed array {key!r} would inflate to "
-                        f"{fmt_bytes(max(nbytes(shape, dtype), info.file_size))}, over the memory budget of "
-                        f"{fmt_bytes(memory_budget())}; store it uncompressed (np.savez) or split it")
+                        f"{format_size(max(nbytes(shape, dtype), info.file_size))}, over the memory budget of "
+                        f"{format_size(memory_budget())}; store it uncompressed (np.savez) or split it")
                 offset = None
                 if info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 0x1:
                     raw.seek(info.header_offset)

@@ -12,7 +12,8 @@ import numpy as np
 
 from ..errors import InputError, ResourceLimitError
 from ..graph.ir import TensorSpec
-from .formats import Corrupt, fmt_shape, is_float, is_int
+from ..graph.dtypes import is_float
+from .formats import Corrupt, fmt_shape, is_int
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 

@@ -44,7 +44,7 @@ def after_prune(original: onnx.ModelProto, result, calib, options, warn: Callabl
     config = replace(options.finetune, task=options.criterion.task, output_kind=options.criterion.output_kind)
     info = PruneFinetuneReport(
         mode="supervised" if train.labels is not None else "distillation", epochs=config.epochs,
-        train_samples=n_train, eval=getattr(eval_data, "source", None) if eval_data is not None else "hold-out",
+        train_samples=n_train, eval=eval_data.source if eval_data is not None else "hold-out",
         holdout_fidelity_pruned=result.fidelity.to_json() if result.fidelity else None)
 
     def fine_tune():

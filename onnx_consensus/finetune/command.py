@@ -69,7 +69,7 @@ def run(input_path: str, output_path: str, train_path, *, config: FinetuneConfig
     train = calibration_for(train_path, source.model, data)
     eval_data = None if eval_path is None else calibration_for(
         eval_path, source.model, replace(data, labels=None, max_samples=None))
-    axes = getattr(train, "batch_axes", {})  # a 0-d input (a sample rate) or a state batched on axis 1: as fed
+    axes = train.batch_axes  # a 0-d input (a sample rate) or a state batched on axis 1: as fed
     check_feed = {k: v[:1] if np.ndim(v) and axes.get(k, 0) == 0 else v for k, v in next(train.batches(1)).items()}
     with joined(config.device) as ctx:
         main = ctx is None or ctx.is_main

@@ -61,7 +61,7 @@ class Epoch:
     def __init__(self, data, order: np.ndarray, batch_size: int, n_samples: int | None = None):
         self.data, self.order, self.batch_size = data, np.asarray(order, dtype=np.int64), batch_size
         self.n_samples = len(self.order) if n_samples is None else n_samples
-        self.fixed = getattr(data, "fixed_batch", None)
+        self.fixed = data.fixed_batch
 
     def __len__(self) -> int:
         if self.fixed:  # a short (padded) last batch is dropped

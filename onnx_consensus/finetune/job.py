@@ -126,7 +126,7 @@ def finetune_model(student: onnx.ModelProto, train, *, config, teacher: onnx.Mod
     res = rec.result
     tried = [h["metric"] for h in res.history if h.get("metric") is not None]
     info = report(mode=mode, epochs=config.epochs, train_samples=train.n_samples,
-                  eval=getattr(eval_data, "source", None), processes=world,
+                  eval=eval_data.source if eval_data is not None else None, processes=world,
                   metric=getattr(eval_fn, "metric", None) or metric or "agreement",
                   metric_original=rec.original if teacher is not None else None, metric_before=rec.before,
                   metric_after=rec.after, best_epoch=res.best_epoch, images_seen=res.images_seen * world,

@@ -36,7 +36,8 @@ from ..errors import InputError
 from .ir import tensor_spec
 from .quant import QUANT_MAC_OPS, model_bytes, quantized_macs, weight_roles
 from .shapes import all_graphs, infer_shapes, weight_free_copy
-from .weights import FLOAT_TYPES, numel as _numel
+from .dtypes import FLOAT_TYPES
+from .weights import numel
 
 __all__ = ["ModelCost", "count_cost", "parse_input_shape"]
 log = logging.getLogger("onnx_consensus")
@@ -107,18 +108,18 @@ def count_params(model: onnx.ModelProto) -> int:
             if init.name in roles:  # a quantized weight (its values) or a scale / zero point (none)
                 total += roles[init.name] or 0
             elif init.data_type in FLOAT_TYPES:
-                total += _numel(init.dims)
+                total += numel(init.dims)
         for sp in graph.sparse_initializer:
             if sp.values.data_type in FLOAT_TYPES:
-                total += _numel(sp.values.dims)
+                total += numel(sp.values.dims)
         for node in graph.node:
             if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
                 continue
             for attr in node.attribute:
                 if attr.name == "value" and attr.t.data_type in FLOAT_TYPES:
-                    n = _numel(attr.t.dims)
+                    n = numel(attr.t.dims)
                 elif attr.name == "sparse_value" and attr.sparse_tensor.values.data_type in FLOAT_TYPES:
-                    n = _numel(attr.sparse_tensor.dims)
+                    n = numel(attr.sparse_tensor.dims)
                 elif attr.name == "value_floats":
                     n = len(attr.floats)
                 else:
@@ -176,14 +177,14 @@ def _node_macs(node: onnx.NodeProto, shapes, found: dict[str, int] | None = None
         if not (_known(w) and _known(out)):
             return None
         # out: (N, C_out, *spatial); w: (C_out, C_in/group, *kernel)
-        return _numel(out) * _numel(w[1:])
+        return numel(out) * numel(w[1:])
     if op == "ConvTranspose":
         x = _input_shape(node, 0, shapes)
         w = _input_shape(node, 1, shapes)
         if not (_known(w) and _known(x)):
             return None
         # x: (N, C_in, *spatial); w: (C_in, C_out/group, *kernel)
-        return _numel(x) * _numel(w[1:])
+        return numel(x) * numel(w[1:])
     if op == "Gemm":
         a = _input_shape(node, 0, shapes)
         b = _input_shape(node, 1, shapes)
@@ -205,7 +206,7 @@ def _node_macs(node: onnx.NodeProto, shapes, found: dict[str, int] | None = None
             batch = np.broadcast_shapes(tuple(a[:-2]), tuple(b[:-2]))
         except ValueError:
             return None
-        return _numel(batch) * int(m) * int(n) * int(k)
+        return numel(batch) * int(m) * int(n) * int(k)
     if op in _RECURRENT_OPS:
         return _recurrent_macs(node, shapes)
     return 0
@@ -217,7 +218,7 @@ def _recurrent_macs(node: onnx.NodeProto, shapes) -> int | None:
     if not (_known(x) and _known(w) and _known(r)) or len(x) != 3:
         return None
     steps, batch = (x[1], x[0]) if _attr(node, "layout", 0) else (x[0], x[1])
-    return int(steps) * int(batch) * (_numel(w) + _numel(r))
+    return int(steps) * int(batch) * (numel(w) + numel(r))
 
 
 def _graph_macs(graph: onnx.GraphProto, shapes, found: dict[str, int], key=None) -> int | None:
@@ -327,7 +328,7 @@ def _fold(model: onnx.ModelProto, name: str, shapes, producers, depth: int = 0):
         if not _known(shape):
             return None
         if op == "Size":
-            return np.array(_numel(shape), np.int64)
+            return np.array(numel(shape), np.int64)
         start, end = _attr(node, "start", 0), _attr(node, "end", None)
         return np.array(shape, np.int64)[start:end]
     ins = [_fold(model, i, shapes, producers, depth + 1) if i else None for i in node.input]

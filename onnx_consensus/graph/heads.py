@@ -1,92 +1,36 @@
-"""What a model's outputs are, and which tensor the global scope compares (the feature tensor).
+"""The graph tests that output kinds and the feature choice share (``kinds``, ``kinds.outputs``): what makes an
+output class scores, a classifier head, a softmax written out by an exporter.
 
-- ``output_kinds``: each float graph output's kind (the registry of recognisers in ``kinds``: detector heads,
-  DB text maps, class scores, embeddings, generic values), which decides how fidelity is measured;
-- ``choose_feature``: the classifier's input when the graph ends in a classifier head after the last
-  candidate block, otherwise the graph's float outputs (pooled by ``pool_output``).
-
-The graph tests the ``kinds`` recognisers share. How an output is judged class scores: walking back from the
-output through shape-only ops (Reshape, Flatten, Squeeze, Unsqueeze, Transpose, Identity, Cast), a bias or
-scale by a constant (Add/Sub/Mul/Div with one constant operand) and Softmax/LogSoftmax, the walk reaches a
-Softmax/LogSoftmax or a Gemm/MatMul/Conv with a constant weight; and the output has rank 2 (N, classes) or 3
-(a sequence of class scores, e.g. CTC) with a last axis of at least 2 when known. A softmax written out by
-the exporter counts as Softmax (``_decomposed_softmax``): tf2onnx / jax2tf write ``Exp(z) / ReduceSum(Exp(z))``
-(magika), ``Exp(z) * Reciprocal(ReduceSum(Exp(z)))`` is the same, and log-softmax as ``z - Log(ReduceSum(Exp(z)))``
-or ``z - ReduceLogSumExp(z)``; z may be ``x - ReduceMax(x)`` (the stabilising shift, possibly clamped by a
-constant Max as jax writes it), and the sum may be reshaped or broadcast (Reshape, Unsqueeze, Expand) back.
-Regressions made by a weighted layer without a softmax (boxes, landmarks) are not class scores
-(``kinds.basic``). Any other rank-2 float output with more than one column is an "embedding" (e.g. MiniLM's
-L2-normalised mean-pooled sentence vector, made by a Div of two data tensors); the rest are "generic".
-
-When the graph "ends in a classifier head": the first output is class scores, the walk back from it
-reached a weighted node H (the head), H dominates the output (every data path from a graph input to the
-output goes through H; paths through Shape/Size, which carry no values, do not count), and H's data input
-is downstream of every candidate block's exit. Then the feature is H's data input, as the published method
-uses. In a post-LN encoder the last weighted node is inside the last layer's MLP, and the skip path goes
-around it: its input is no feature (removing the last MLP would score ~0 there).
+How an output is judged class scores: walking back from the output through shape-only ops (Reshape, Flatten,
+Squeeze, Unsqueeze, Transpose, Identity, Cast), a bias or scale by a constant (Add/Sub/Mul/Div with one constant
+operand) and Softmax/LogSoftmax, the walk reaches a Softmax/LogSoftmax or a Gemm/MatMul/Conv with a constant
+weight; and the output has rank 2 (N, classes) or 3 (a sequence of class scores, e.g. CTC) with a last axis of at
+least 2 when known. A softmax written out by the exporter counts as Softmax (``_decomposed_softmax``): tf2onnx /
+jax2tf write ``Exp(z) / ReduceSum(Exp(z))`` (magika), ``Exp(z) * Reciprocal(ReduceSum(Exp(z)))`` is the same, and
+log-softmax as ``z - Log(ReduceSum(Exp(z)))`` or ``z - ReduceLogSumExp(z)``; z may be ``x - ReduceMax(x)`` (the
+stabilising shift, possibly clamped by a constant Max as jax writes it), and the sum may be reshaped or broadcast
+(Reshape, Unsqueeze, Expand) back. Regressions made by a weighted layer without a softmax (boxes, landmarks) are
+not class scores (``kinds.basic``). Any other rank-2 float output with more than one column is an "embedding" (e.g.
+MiniLM's L2-normalised mean-pooled sentence vector, made by a Div of two data tensors); the rest are "generic".
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-
-import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
-from ..errors import InputError
-from ..kinds.registry import TASKS
-from .ir import GraphIndex, to_gs
-from .quant import QDQ_OPS, QUANT_HEAD_OPS, float_source, is_runtime_scale
+from .dtypes import is_float_type
+from .ir import GraphIndex
+from .quant import QDQ_OPS, QUANT_HEAD_OPS, is_runtime_scale
 
-CLASS_SCORES = "class scores"
 HEAD_OPS = ("Gemm", "MatMul", "Conv") + QUANT_HEAD_OPS
 SCORE_OPS = ("Softmax", "LogSoftmax")
 SHAPE_ONLY_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Cast")
 AFFINE_OPS = ("Add", "Sub", "Mul", "Div")
 NO_VALUE_OPS = ("Shape", "Size")
-FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
-GRID_MIN_DIM = 16
-
-
-@dataclass(frozen=True)
-class FeatureChoice:
-    """The global scope's feature: ``tensors`` (one, or the graph's float outputs), ``reason`` in words,
-    ``head`` True when it is a classifier head's input."""
-
-    tensors: tuple[str, ...]
-    reason: str
-    head: bool = False
-
-    @property
-    def name(self) -> str:
-        return ",".join(self.tensors)
-
-    def to_json(self) -> dict:
-        return {"tensors": list(self.tensors), "reason": self.reason, "classifier_input": self.head}
-
-
-def _check_task(task: str | None) -> None:
-    if task is not None and task not in TASKS:
-        raise InputError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
 
 
 def float_output_tensors(graph: gs.Graph, index: GraphIndex) -> list[gs.Tensor]:
     """Graph outputs of a float type that depend on an input (dtype unknown counts as float)."""
     return [t for t in graph.outputs if is_float_type(getattr(t, "dtype", None)) and index.is_data(t)]
-
-
-def is_float_type(dtype) -> bool:
-    if dtype is None:
-        return True
-    if isinstance(dtype, int):
-        return dtype in FLOAT_TYPES
-    if getattr(dtype, "name", str(dtype)) == "bfloat16":
-        return True
-    try:
-        return bool(np.issubdtype(np.dtype(dtype), np.floating))
-    except TypeError:
-        return False
 
 
 def _constant(index: GraphIndex, t: gs.Tensor) -> bool:
@@ -221,22 +165,6 @@ def class_shape_ok(t: gs.Tensor) -> bool:
     return not (isinstance(last, int) and 0 < last < 2)
 
 
-def _kinds(graph: gs.Graph, index: GraphIndex, task: str | None, overrides: Sequence[str] = ()) -> dict[str, str]:
-    from ..kinds.registry import kinds_of, recognise
-
-    return kinds_of(recognise(graph, index, float_output_tensors(graph, index), task=task, overrides=overrides))
-
-
-def output_kinds(model: onnx.ModelProto, task: str | None = None, overrides: Sequence[str] = ()) -> dict[str, str]:
-    """{output name: kind} for the model's float outputs, in graph order (the kinds of ``kinds.registry``:
-    "class scores", "embedding", "generic", "yolov8", "yolov5", "yolov10", "boxes", "scores", "text map",
-    "ctc"). ``task`` (``kinds.registry.TASKS``) and ``overrides`` (--output-kind NAME=KIND[:ARGS]) as in
-    ``kinds.registry.recognise``."""
-    _check_task(task)
-    graph = to_gs(model)
-    return _kinds(graph, GraphIndex(graph), task, overrides)
-
-
 def score_form(index: GraphIndex, name: str) -> str:
     """"probabilities" when the last value op before tensor ``name`` (past shape-only ops and a clamp by a
     constant) is a Softmax or a written-out one, "log-probabilities" for a LogSoftmax (or written-out), else
@@ -253,16 +181,7 @@ def score_form(index: GraphIndex, name: str) -> str:
     return "logits"
 
 
-def score_forms(model: onnx.ModelProto, kinds: dict[str, str] | None = None) -> dict[str, str]:
-    """{output name: "probabilities" | "log-probabilities" | "logits"} for the class-score outputs of
-    ``kinds`` (default ``output_kinds(model)``): what a distillation loss must undo before tempering."""
-    graph = to_gs(model)
-    index = GraphIndex(graph)
-    kinds = _kinds(graph, index, None) if kinds is None else kinds
-    return {name: score_form(index, name) for name, kind in kinds.items() if kind == CLASS_SCORES}
-
-
-def _dominates(index: GraphIndex, node: gs.Node, target: str) -> bool:
+def dominates(index: GraphIndex, node: gs.Node, target: str) -> bool:
     """True when every value path from a graph input to tensor ``target`` goes through ``node``."""
     stack = [t.name for t in index.graph.inputs]
     seen: set[int] = set()
@@ -280,75 +199,3 @@ def _dominates(index: GraphIndex, node: gs.Node, target: str) -> bool:
                     reached.add(t.name)
                     stack.append(t.name)
     return True
-
-
-def choose_feature(model: onnx.ModelProto, blocks: Sequence = (), *, task: str | None = None,
-                   feature: str | None = None, kinds: dict[str, str] | None = None) -> FeatureChoice:
-    """The feature tensor(s) for the global scope, with the reason (see the module docstring).
-
-    blocks: the candidate blocks (their ``exit``), which the feature must be downstream of. task:
-    "classify" keeps the input of the last Gemm/MatMul/Conv upstream of the first output (the tool's
-    behaviour before the head test); "embed"/"generic" take the graph's float outputs. feature: a tensor
-    the user named (taken as is). kinds: the outputs' kinds when already known (the output plan's, with the
-    user's --output-kind), else recognised here."""
-    _check_task(task)
-    if feature:
-        return FeatureChoice((feature,), "named with --feature")
-    if task == "classify":
-        from .instrument import find_feature_tensor
-
-        return FeatureChoice((find_feature_tensor(model),), "--task classify: input of the last Gemm/MatMul/Conv",
-                             True)
-    graph = to_gs(model)
-    index = GraphIndex(graph)
-    kinds = _kinds(graph, index, task) if kinds is None else kinds
-    if not kinds:
-        raise InputError("the model has no float output to compare; name a feature tensor with --feature")
-    first = next(iter(kinds))
-    outputs = tuple(kinds)
-    what = "graph outputs" if len(outputs) > 1 else "graph output"
-    if task is not None:
-        return FeatureChoice(outputs, f"{what}, as --task {task} says")
-    if kinds[first] != CLASS_SCORES:
-        return FeatureChoice(outputs, f"{what}; no classifier head: {first} is not class scores ({kinds[first]})")
-    _, head = walk_back(index, first)
-    if head is None:
-        return FeatureChoice(outputs, f"{what}; no classifier head: no weighted layer makes the class scores {first}")
-    x = float_source(index, next(t.name for t in head.inputs if index.is_data(t)))
-    if not _dominates(index, head, first):
-        return FeatureChoice(outputs, f"{what}; {head.op} {head.name} is no classifier head: a skip path goes "
-                                      f"around it to {first}")
-    upstream, _ = index.ancestors(x)
-    missed = [b.exit for b in blocks if b.exit not in upstream]
-    if missed:
-        return FeatureChoice(outputs, f"{what}; the classifier head's input {x} is not downstream of block "
-                                      f"{missed[0]}")
-    return FeatureChoice((x,), f"input of the classifier head {head.op} {head.name}, which makes the class "
-                               f"scores {first}", True)
-
-
-def pool_output(a: np.ndarray, mask: np.ndarray | None = None, *, min_dim: int = GRID_MIN_DIM) -> np.ndarray:
-    """Pool a graph output (a feature of the global scope) to (N, d) float64.
-
-    As ``metrics.features.pool_features`` (tokens averaged over the kept tokens, spatial axes averaged),
-    except that a map (N, C, d1, d2, ...) with C < ``min_dim`` channels is averaged over a grid of cells
-    rather than whole: a one-channel detection map averaged to one number per sample says nothing of where
-    its mass is. g cells per spatial axis, g the smallest with C * g**k >= min_dim (k spatial axes); cell i
-    of an axis of size S spans [floor(i*S/g), ceil((i+1)*S/g)) as in adaptive average pooling, never
-    empty, so inputs of different sizes give the same d = C * g**k."""
-    from ..metrics.features import pool_features
-
-    a = np.asarray(a)
-    if a.ndim < 4 or a.shape[1] >= min_dim:
-        return pool_features(a, mask)
-    k = a.ndim - 2
-    g = 1
-    while a.shape[1] * g ** k < min_dim:
-        g += 1
-    cells = [a]
-    for axis in range(2, a.ndim):
-        size = a.shape[axis]
-        spans = [(i * size // g, max(i * size // g + 1, -(-(i + 1) * size // g))) for i in range(g)]
-        cells = [np.take(c, range(lo, hi), axis=axis) for c in cells for lo, hi in spans]
-    pooled = [c.mean(axis=tuple(range(2, a.ndim)), dtype=np.float64) for c in cells]  # each (N, C)
-    return np.concatenate(pooled, axis=1)

@@ -4,7 +4,6 @@
 - ``suffix_model``: the part of a graph after a cut, as a model whose inputs are the cut tensors; with a
   block bypassed first, it computes "the feature tensor without block b" from cached activations, so the
   part of the network before b never runs again.
-- ``find_feature_tensor``: the input of the final classifier (last Gemm/MatMul/Conv on the first output's path).
 """
 from __future__ import annotations
 
@@ -19,7 +18,6 @@ from .blocks import Block
 from .ir import GraphIndex, from_gs, to_gs
 from .surgery import rewire
 
-CLASSIFIER_OPS = ("Gemm", "MatMul", "Conv")
 
 
 def expose(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
@@ -87,21 +85,6 @@ def suffix_model(model: onnx.ModelProto, block: Block, outputs: Sequence[str]) -
 
 def _data_node(index: GraphIndex, node: gs.Node) -> bool:
     return any(index.is_data(t) for t in index.inputs_of(node))
-
-
-def find_feature_tensor(model: onnx.ModelProto) -> str:
-    """The input of the final classifier: the data operand of the last Gemm/MatMul/Conv upstream of the
-    first graph output. Raises InputError when there is none (then the user names one with --feature)."""
-    graph = to_gs(model)
-    index = GraphIndex(graph)
-    first = graph.outputs[0].name
-    _, up = index.ancestors(first)
-    for node in reversed(index.nodes):
-        if id(node) in up and node.op in CLASSIFIER_OPS:
-            for t in node.inputs:
-                if index.is_data(t):
-                    return t.name
-    raise InputError("no classifier (Gemm/MatMul/Conv) found before the first output; name a feature tensor with --feature")
 
 
 def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:

@@ -142,11 +142,20 @@ def model_bytes(model: onnx.ModelProto) -> int:
     return sum(stored_bytes(t) for t in model.graph.initializer)
 
 
+def _sym_shape(sym, name: str) -> list:
+    """The shape SymbolicShapeInference ``sym`` knows for tensor ``name`` (its ``known_vi_``, else the
+    initializer's dims): ints, symbol names, None where unknown."""
+    if name in sym.known_vi_:
+        return [getattr(d, d.WhichOneof("value")) if d.WhichOneof("value") else None
+                for d in sym.known_vi_[name].type.tensor_type.shape.dim]
+    return list(sym.initializers_[name].dims)
+
+
 def infer_gather_block_quantized(sym, node) -> None:
     """Shape rule for ``GatherBlockQuantized`` in onnxruntime's SymbolicShapeInference (``sym``; its own rule
     takes the uint8-packed data's last dim, half the real one at 4 bits, and then fails on the MatMulNBits
     that reads the result): indices' shape + the data's remaining dims, the last one unpacked."""
-    data, idx = sym._get_shape(node, 0), sym._get_shape(node, 1)
+    data, idx = _sym_shape(sym, node.input[0]), _sym_shape(sym, node.input[1])
     axis = int(_attr(node, "gather_axis", 0)) % len(data)
     dims = list(data[:axis]) + list(idx) + list(data[axis + 1:])
     if sym.known_vi_[node.input[0]].type.tensor_type.elem_type == TensorProto.UINT8 and isinstance(dims[-1], int):

@@ -15,7 +15,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from ..errors import ResourceLimitError
-from ..limits import MAX_SUBGRAPH_DEPTH, fmt_bytes, memory_budget
+from ..limits import MAX_SUBGRAPH_DEPTH, format_size, memory_budget
 from .weights import all_tensors, is_external, other_tensors, stored_nbytes
 
 #: Constant shape / repeats tensors longer than this are not read (no real shape has more dims).
@@ -131,8 +131,8 @@ def _itemsize(elem_type: int) -> int:
 
 def _over(name: str, what: str, nbytes: int, budget: int) -> None:
     if nbytes > budget:
-        raise ResourceLimitError(f"{what} {name!r} would take {fmt_bytes(nbytes)}, over the memory budget of "
-                                 f"{fmt_bytes(budget)}; refusing the model")
+        raise ResourceLimitError(f"{what} {name!r} would take {format_size(nbytes)}, over the memory budget of "
+                                 f"{format_size(budget)}; refusing the model")
 
 
 def _check_declared(graph: onnx.GraphProto, budget: int) -> None:

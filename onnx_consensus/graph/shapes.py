@@ -33,11 +33,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import onnx
-from onnx import TensorProto
 
 from ..errors import InputError
 from .quant import infer_gather_block_quantized
-from .weights import is_weight
+from .weights import is_external, is_weight
 
 __all__ = ["InferredShapes", "ShapeMap", "infer_shapes", "weight_free_copy", "ranks_known", "all_graphs"]
 
@@ -112,6 +111,54 @@ def _is_dynamic(dim: onnx.TensorShapeProto.Dimension) -> bool:
     return not (dim.HasField("dim_value") and dim.dim_value > 0)
 
 
+def _set_shape(inp: onnx.ValueInfoProto, shape: tuple[int, ...]) -> None:
+    """Give graph input ``inp`` the full static ``shape`` (InputError when its rank or a static dim disagrees)."""
+    tt = inp.type.tensor_type
+    if tt.HasField("shape") and len(tt.shape.dim) != len(shape):
+        raise InputError(
+            f"input shape for {inp.name!r} has rank {len(shape)} but the model input has rank "
+            f"{len(tt.shape.dim)}"
+        )
+    if not tt.HasField("shape"):
+        tt.shape.SetInParent()
+        for _ in shape:
+            tt.shape.dim.add()
+    for i, (dim, want) in enumerate(zip(tt.shape.dim, shape)):
+        if not _is_dynamic(dim) and dim.dim_value != want:
+            raise InputError(
+                f"input shape for {inp.name!r} sets dim {i} to {want} but the model fixes it to "
+                f"{dim.dim_value}"
+            )
+        dim.Clear()
+        dim.dim_value = want
+
+
+def _clear_dynamic(inp: onnx.ValueInfoProto, batch_size: int | None) -> None:
+    """A dynamic leading dim of graph input ``inp`` becomes ``batch_size`` (when given); -1 / 0 dims become
+    unknown, like a symbolic dim."""
+    tt = inp.type.tensor_type
+    if not tt.HasField("shape"):
+        return
+    for i, dim in enumerate(tt.shape.dim):
+        if i == 0 and batch_size is not None and _is_dynamic(dim):
+            dim.Clear()
+            dim.dim_value = int(batch_size)
+        elif dim.HasField("dim_value") and dim.dim_value <= 0:
+            dim.Clear()  # -1 (Paddle's batch) or 0: dynamic, like a symbolic dim
+
+
+def _weights_as_inputs(src: onnx.GraphProto, g: onnx.GraphProto) -> None:
+    """Into ``g``: ``src``'s weights (and small external tensors, not loaded) as graph inputs with their type
+    and shape only; its other initializers as they are."""
+    declared = {i.name for i in g.input}
+    for init in src.initializer:
+        if is_weight(init) or is_external(init):  # an external tensor not loaded: its type only
+            if init.name not in declared:  # IR < 4 models list initializers as inputs already
+                g.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+        else:
+            g.initializer.append(init)
+
+
 def weight_free_copy(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None,
                      batch_size: int | None = None) -> onnx.ModelProto:
     """A copy of ``model`` for shape inference: its weights (``weights.is_weight``) become graph inputs with
@@ -148,47 +195,11 @@ def weight_free_copy(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, 
         new.CopyFrom(inp)
         if inp.name in init_names or not new.type.HasField("tensor_type"):
             continue
-        tt = new.type.tensor_type
         if inp.name in input_shapes:
-            shape = tuple(int(d) for d in input_shapes[inp.name])
-            if tt.HasField("shape") and len(tt.shape.dim) != len(shape):
-                raise InputError(
-                    f"input shape for {inp.name!r} has rank {len(shape)} but the model input has rank "
-                    f"{len(tt.shape.dim)}"
-                )
-            if not tt.HasField("shape"):
-                tt.shape.SetInParent()
-                for _ in shape:
-                    tt.shape.dim.add()
-            for i, (dim, want) in enumerate(zip(tt.shape.dim, shape)):
-                if not _is_dynamic(dim) and dim.dim_value != want:
-                    raise InputError(
-                        f"input shape for {inp.name!r} sets dim {i} to {want} but the model fixes it to "
-                        f"{dim.dim_value}"
-                    )
-                dim.Clear()
-                dim.dim_value = want
-            continue
-        if not tt.HasField("shape"):
-            continue
-        for i, dim in enumerate(tt.shape.dim):
-            if i == 0 and batch_size is not None and _is_dynamic(dim):
-                dim.Clear()
-                dim.dim_value = int(batch_size)
-            elif dim.HasField("dim_value") and dim.dim_value <= 0:
-                dim.Clear()  # -1 (Paddle's batch) or 0: dynamic, like a symbolic dim
-
-    declared = {i.name for i in g.input}
-    for init in src.initializer:
-        if is_weight(init):
-            if init.name not in declared:  # IR < 4 models list initializers as inputs already
-                g.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-        elif init.data_location == TensorProto.EXTERNAL:
-            # small tensor stored externally and not loaded: keep its type only
-            if init.name not in declared:
-                g.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+            _set_shape(new, tuple(int(d) for d in input_shapes[inp.name]))
         else:
-            g.initializer.append(init)
+            _clear_dynamic(new, batch_size)
+    _weights_as_inputs(src, g)
 
     m = onnx.ModelProto()
     m.ir_version = model.ir_version
@@ -266,6 +277,11 @@ def _symbolic_inference(model: onnx.ModelProto, shapes: ShapeMap) -> onnx.ModelP
     try:
         sym = cls(2**31 - 1, True, False, 0)  # int_max, auto_merge, guess_output_rank, verbose
         sym.dispatcher_["GatherBlockQuantized"] = functools.partial(infer_gather_block_quantized, sym)
+        # Private methods of SymbolicShapeInference, on purpose: its public entry point (``infer_shapes``)
+        # builds its own instance by class name (no GatherBlockQuantized rule can be added), writes
+        # ``sym_shape_infer_temp.onnx`` into the working directory and raises without the partial result when
+        # inference is incomplete. These three calls are that entry point's body; if they change, the
+        # AttributeError below falls back to it.
         step = sym._infer_impl
         sym._preprocess(model)
         while sym.run_:

@@ -28,27 +28,15 @@ from onnx import TensorProto, numpy_helper
 
 from ..errors import InputError
 from ..paths import confined_file
+from .dtypes import FLOAT_TYPES
 
 __all__ = [
-    "FLOAT_TYPES", "STUB_LOCATION", "STUB_MIN_ELEMENTS", "INLINE_MAX_BYTES", "all_tensors", "other_tensors",
+    "STUB_LOCATION", "STUB_MIN_ELEMENTS", "INLINE_MAX_BYTES", "all_tensors", "other_tensors",
     "is_external", "has_external_tensors", "inline_external",
     "absolute_locations", "external_array", "tensor_array", "numel", "tensor_nbytes", "initializer_bytes",
     "is_weight", "make_stub", "weightless", "write_external", "set_location", "relocate", "stored_nbytes",
     "release_mapped_pages",
 ]
-
-#: ONNX element types that are floating point: the types of learned weights, counted as parameters and
-#: stubbed in weight-free copies.
-FLOAT_TYPES = frozenset(
-    t
-    for t in (
-        TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16,
-        getattr(TensorProto, "FLOAT8E4M3FN", None), getattr(TensorProto, "FLOAT8E4M3FNUZ", None),
-        getattr(TensorProto, "FLOAT8E5M2", None), getattr(TensorProto, "FLOAT8E5M2FNUZ", None),
-        getattr(TensorProto, "FLOAT4E2M1", None), getattr(TensorProto, "FLOAT8E8M0", None),
-    )
-    if t is not None
-)
 
 STUB_LOCATION = "shared-initializers.bin"  # external-data location of stubbed weights (never read)
 #: Float initializers with at least this many elements are weights (stubbed in weight-free copies); smaller

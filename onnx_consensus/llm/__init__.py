@@ -5,10 +5,10 @@
 
 Modules: ``text`` (calibration / held-out text -> token windows), ``perplexity`` (held-out perplexity and
 tokens/s in onnxruntime), ``scoring`` (layer scores: global on the final hidden state, local Block
-Influence), ``run`` (the schedule, the report, writing a folder or a model file), ``quantize`` and
-``variants`` (int4 / int8 / fp16 after pruning, the four rows), ``layer_latency`` (a latency target as a layer
-count), ``spans`` (PruneMe's contiguous span). Layer detection and surgery live in ``graph.decoder`` and
-``graph.kv_surgery``.
+Influence), ``folder`` (export folders: the model file, configs, writing a pruned folder), ``run`` (the
+schedule, the report, writing a folder or a model file), ``quantize`` and ``variants`` (int4 / int8 / fp16
+after pruning, the four rows), ``layer_latency`` (a latency target as a layer count), ``spans`` (PruneMe's
+contiguous span). Layer detection and surgery live in ``graph.decoder`` and ``graph.kv_surgery``.
 """
 from __future__ import annotations
 

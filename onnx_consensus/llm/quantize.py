@@ -121,7 +121,7 @@ def quantize_export(src: str | os.PathLike, dst: str | os.PathLike, fmt: str, *,
     data ``<name>.data`` when the input had it). Checked by one onnxruntime prefill run. Returns ``dst``."""
     from ..graph.decoder import dummy_feed, find_decoder_layers
     from ..graph.ir import load_model_and_layout
-    from ..graph.kv_surgery import prune_folder
+    from .folder import prune_folder
     from ..io import check_output_path, save_model_atomic
     from .run import model_file
 

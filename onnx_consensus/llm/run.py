@@ -4,7 +4,7 @@
     write_decoder(outcome, "llama_pruned/")
 
 Input and output: an export folder (optimum or onnxruntime-genai: the model, its configs, tokenizer files)
--> a new folder (``kv_surgery.prune_folder``: configs updated, other files copied, written atomically); or a
+-> a new folder (``llm.folder.prune_folder``: configs updated, other files copied, written atomically); or a
 model file -> a model file (the configs beside the input are not rewritten: prune the folder for that).
 The tokenizer is the ``tokenizer.json`` beside the model (``--tokenizer`` to give another).
 
@@ -33,13 +33,14 @@ from ..graph.decoder import (FUSED, DecoderReport, cache_names, dummy_feed, expo
 from ..graph.flops import count_params
 from ..graph.ir import load_model_and_layout
 from ..graph.quant import finetune_refusal, model_bytes, quantized_ops
-from ..graph.kv_surgery import prune_folder, remove_layers
+from ..graph.kv_surgery import remove_layers
 from ..graph.weights import release_mapped_pages
 from ..metrics import get_metric, resolve_metrics
 from ..options import DEFAULT_CRITERION, Options
 from ..paths import confined_file
 from ..report import METADATA_KEY, sha256_file
 from ..runtime import SHARE_WEIGHTS_BYTES
+from .folder import prune_folder
 from .perplexity import perplexity, throughput
 from .scoring import original_logits, score_layers
 from .spill import Spill, inline_weights, spill_weights
@@ -77,7 +78,7 @@ def model_file(path: str | os.PathLike, *, follow_symlinks: bool = False) -> str
         if not os.path.isfile(path):
             raise InputError(f"model not found: {path}")
         return path
-    from ..graph.kv_surgery import decoder_filename
+    from .folder import decoder_filename
 
     name = decoder_filename(path, follow_symlinks=follow_symlinks)
     if not os.path.lexists(os.path.join(path, name)):
@@ -177,7 +178,7 @@ def prune_decoder(model_path: str | os.PathLike, text, options: Options | None =
         tok = find_tokenizer(source, options.data.tokenizer, follow_symlinks=options.data.follow_symlinks)
         data = load_text(text, tok, seq_len=options.data.seq_len, max_samples=options.data.max_samples,
                          follow_symlinks=options.data.follow_symlinks)
-    score_windows, hold_windows = data.split(run.holdout, crit.seed)
+    score_windows, hold_windows = data.split_windows(run.holdout, crit.seed)
     warnings: list[str] = []
     if target.target_flops is not None:
         raise InputError("decoder LLMs: the target is a number of layers (--remove N) or --plan, not --target-flops")

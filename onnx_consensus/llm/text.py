@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,17 +19,24 @@ from ..errors import InputError
 from ..paths import confined_file
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
+INPUT = "input_ids"  # the name a window is fed under
 
 
 @dataclass
 class TextData:
-    """windows: (n, seq_len) int64 token ids; source: the text path; tokenizer: the tokenizer.json used;
+    """Token windows of a text, as ``data.batches.Batches``: a sample is a window, fed as ``{"input_ids": (B,
+    seq_len) int64}`` (the decoder's other inputs, its mask, positions and empty caches, are the model's:
+    ``graph.decoder.dummy_feed`` / ``llm.perplexity``); no labels, no fixed batch.
+
+    windows: (n, seq_len) int64 token ids; source: the text path; tokenizer: the tokenizer.json used;
     n_tokens: tokens in the text before cutting into windows."""
 
     windows: np.ndarray
     source: str
     tokenizer: str
     n_tokens: int
+    labels = None
+    fixed_batch = None
 
     @property
     def n_samples(self) -> int:
@@ -38,19 +46,46 @@ class TextData:
     def seq_len(self) -> int:
         return int(self.windows.shape[1])
 
-    def split(self, holdout: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """(score windows, hold-out windows): a seeded random ``holdout`` fraction of the windows held back
-        (at least one window each side when there are two or more; none held back for one window)."""
+    @property
+    def batch_axes(self) -> dict[str, int | None]:
+        return {INPUT: 0}
+
+    def batches(self, batch_size: int, indices: Sequence[int] | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """``{"input_ids": (B, seq_len) int64}`` of the windows ``indices`` (default all), B <= batch_size."""
+        for feeds, _ in self.counted_batches(batch_size, indices):
+            yield feeds
+
+    def counted_batches(self, batch_size: int,
+                        indices: Sequence[int] | None = None) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+        """``batches`` with each batch's number of windows (all real: text is never padded)."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise InputError(f"batch size must be a positive integer, got {batch_size!r}")
+        order = np.arange(self.n_samples) if indices is None else np.asarray(indices, dtype=np.int64)
+        for s in range(0, len(order), int(batch_size)):
+            rows = self.windows[order[s:s + int(batch_size)]]
+            yield {INPUT: rows}, len(rows)
+
+    def split(self, holdout_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(score window indices, hold-out window indices), each sorted int64: a seeded random
+        ``holdout_fraction`` of the windows held back (at least one window each side when there are two or more;
+        none held back for one window)."""
         n = self.n_samples
-        k = int(round(n * holdout))
+        k = int(round(n * holdout_fraction))
         if n >= 2:
-            k = min(max(k, 1 if holdout > 0 else 0), n - 1)
+            k = min(max(k, 1 if holdout_fraction > 0 else 0), n - 1)
         else:
             k = 0
         order = np.random.default_rng(seed).permutation(n)
-        hold = np.sort(order[:k])
-        keep = np.sort(order[k:])
+        return np.sort(order[k:]).astype(np.int64), np.sort(order[:k]).astype(np.int64)
+
+    def split_windows(self, holdout: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(score windows, hold-out windows): the windows of ``split``."""
+        keep, hold = self.split(holdout, seed)
         return self.windows[keep], self.windows[hold]
+
+    def labels_for(self, indices) -> None:
+        """Text has no labels."""
+        return None
 
 
 def find_tokenizer(model_path: str | os.PathLike, given: str | os.PathLike | None = None, *,

@@ -39,6 +39,36 @@ def pool_features(a: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     return np.divide(total, count, out=np.zeros_like(total), where=count > 0)
 
 
+#: ``pool_output``: fewest values per sample a grid-pooled map keeps.
+GRID_MIN_DIM = 16
+
+
+def pool_output(a: np.ndarray, mask: np.ndarray | None = None, *, min_dim: int = GRID_MIN_DIM) -> np.ndarray:
+    """Pool a graph output (a feature of the global scope) to (N, d) float64.
+
+    As ``metrics.features.pool_features`` (tokens averaged over the kept tokens, spatial axes averaged),
+    except that a map (N, C, d1, d2, ...) with C < ``min_dim`` channels is averaged over a grid of cells
+    rather than whole: a one-channel detection map averaged to one number per sample says nothing of where
+    its mass is. g cells per spatial axis, g the smallest with C * g**k >= min_dim (k spatial axes); cell i
+    of an axis of size S spans [floor(i*S/g), ceil((i+1)*S/g)) as in adaptive average pooling, never
+    empty, so inputs of different sizes give the same d = C * g**k."""
+    a = np.asarray(a)
+    if a.ndim < 4 or a.shape[1] >= min_dim:
+        return pool_features(a, mask)
+    k = a.ndim - 2
+    g = 1
+    while a.shape[1] * g ** k < min_dim:
+        g += 1
+    cells = [a]
+    for axis in range(2, a.ndim):
+        size = a.shape[axis]
+        spans = [(i * size // g, max(i * size // g + 1, -(-(i + 1) * size // g))) for i in range(g)]
+        cells = [np.take(c, range(lo, hi), axis=axis) for c in cells for lo, hi in spans]
+    pooled = [c.mean(axis=tuple(range(2, a.ndim)), dtype=np.float64) for c in cells]  # each (N, C)
+    return np.concatenate(pooled, axis=1)
+
+
+
 def pca_cap(X: np.ndarray, Y: np.ndarray, max_dim: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """Cap the width of X, Y (n, d) for the alignment metrics (cubic in d).
 

@@ -34,9 +34,12 @@ CLASS_METRICS = ("output_kl", "output_agreement")
 """The output metrics that need class scores; the others apply to every float output."""
 
 
-def is_class_scores(shape: tuple[int, ...], dtype=np.float32) -> bool:
-    """Whether an output of this (batch) shape holds class scores: float (N, C) or (N, T, C), C > 1."""
-    return np.dtype(dtype).kind == "f" and len(shape) in (2, 3) and shape[-1] > 1
+def is_class_scores(shape: tuple[int, ...], dtype=np.float32, *, sequence: bool = True) -> bool:
+    """Whether an array of this (batch) shape can hold class scores: (N, C), or (N, T, C) with ``sequence``,
+    C > 1; float unless ``dtype`` is None (not checked). The one shape test of class scores (the graph's is
+    ``graph.heads.class_shape_ok``)."""
+    return (dtype is None or np.dtype(dtype).kind == "f") and len(shape) in ((2, 3) if sequence else (2,)) \
+        and shape[-1] > 1
 
 
 CHUNK_VALUES = 1 << 20
@@ -162,7 +165,7 @@ def _score_arrays(name: str, X: np.ndarray, Y: np.ndarray) -> float:
 
         plan = OutputPlan((Head("generic", ("output",)),))
     acc = OutputAccumulator([name], plan)
-    acc.add("output", X, Y, class_scores=X.shape[1] > 1)
+    acc.add("output", X, Y, class_scores=is_class_scores(X.shape, None, sequence=False))
     acc.add_batch({"output": X}, {"output": Y})
     got = acc.scores()
     if name not in got:
