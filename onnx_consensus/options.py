@@ -28,7 +28,7 @@ DEFAULT_METRICS = PAPER_METRICS
 DEFAULT_CRITERION = ("output",)
 """The default of ``--metrics`` (names or presets, ``metrics.presets``) when nothing is fine-tuned: the
 output-level scores against the original model (``output_kl`` for classifiers, ``output_mse`` +
-``output_cosine`` otherwise). Chosen on the criterion benchmark (``tools/bench_criteria.py``; docs/BENCHMARKS.md,
+``output_cosine`` otherwise). Chosen on the criterion benchmark (``tools/bench/criteria.py``; docs/BENCHMARKS.md,
 "Choosing the criterion"): the best mean rank without fine-tuning over six models and 13 cut levels (4.00 of 13
 criteria, against 5.04 for the best single paper metric and 6.85 for the published Consensus). Decoder LLMs
 use it in both conditions (``llm.run``). ``--metrics paper`` is the published Consensus."""

@@ -1,11 +1,11 @@
-"""tools/bench_criteria.py's table logic and task measures (closed forms, no model runs)."""
+"""tools/bench/criteria.py's table logic and task measures (closed forms, no model runs)."""
 import os
 
 import numpy as np
 import pytest
 
-from tools import bench_criteria as bc
-from tools.criteria_tasks import task_measure
+from tools.bench import criteria as bc
+from tools.bench.criteria_tasks import task_measure
 
 
 def test_ranks_ties_partial_rows_and_regret():

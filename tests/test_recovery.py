@@ -21,7 +21,7 @@ from onnx_consensus.graph.blocks import find_blocks
 from onnx_consensus.graph.surgery import remove_blocks
 from onnx_consensus.recover import finetune_pruned
 from tests.helpers import ROOT, run
-from tools.fmnist import load_fmnist, to_cifar_input
+from tools.data.fmnist import load_fmnist, to_cifar_input
 
 SHIPPED = f"{ROOT}/models/resnet56_fmnist.onnx"
 # The Consensus' first 10 removals on the shipped calibration set (`onnx-cprune ... --remove 10`).

@@ -101,7 +101,7 @@ def original_model(config: Config = CONFIG) -> onnx.ModelProto:
 # ----------------------------------------------------------------------------------------------- data
 
 def _folder(name: str, images: np.ndarray, labels: np.ndarray | None, config: Config) -> str:
-    from tools.fmnist import to_cifar_input
+    from tools.data.fmnist import to_cifar_input
 
     folder = ROOT / ".cache" / "paper" / "data" / name
     if not (folder / "x.npy").exists():
@@ -116,7 +116,7 @@ def _folder(name: str, images: np.ndarray, labels: np.ndarray | None, config: Co
 def train_data(n: int, labelled: bool, config: Config = CONFIG):
     """CalibrationData of the first ``n`` training images (with labels, or without for distillation)."""
     from onnx_consensus.data import load_calibration
-    from tools.fmnist import load_fmnist
+    from tools.data.fmnist import load_fmnist
 
     x, y = load_fmnist("train")
     name = f"train{n}" + ("" if labelled else "-nolabels")
@@ -125,7 +125,7 @@ def train_data(n: int, labelled: bool, config: Config = CONFIG):
 
 def test_arrays() -> tuple[np.ndarray, np.ndarray]:
     """All 10,000 test images as the model's (N, 3, 32, 32) float32 input, and their labels."""
-    from tools.fmnist import load_fmnist, to_cifar_input
+    from tools.data.fmnist import load_fmnist, to_cifar_input
 
     x, y = load_fmnist("test")
     return to_cifar_input(x), y

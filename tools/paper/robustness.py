@@ -27,7 +27,7 @@ def attack_accuracy(model, x: np.ndarray, y: np.ndarray, eps: float, steps: int,
     import torch.nn.functional as F
 
     from onnx_consensus.bridge import to_torch
-    from tools.fmnist import MEAN, STD
+    from tools.data.fmnist import MEAN, STD
 
     module = to_torch(model).eval()
     for p in module.parameters():
