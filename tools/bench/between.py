@@ -21,17 +21,19 @@ reuse stale results). Run two shards in parallel on two cores (``--shard 0/2`` a
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+
+from tools.bench.harness import (BenchRow, add_shard, cache_dir, config_key, read_json, shard,  # noqa: E402
+                                 write_json)
 
 MODEL = "models/resnet56_fmnist.onnx"
 CALIB, TRAIN, TEST = "examples/fmnist_calib", "examples/fmnist_train", "examples/fmnist_test"
@@ -45,20 +47,30 @@ MEMBERS = ("cka", "gaussian_stochastic_0", "gaussian_stochastic_1", "gaussian_st
            "linear_0", "linear_1", "wasserstein")
 
 
-def config_key(args) -> str:
-    blob = json.dumps({"model": MODEL, "levels": LEVELS, "steps": args.steps, "batch": args.batch,
-                       "max_samples": args.max_samples, "test_images": args.test_images, "lr": args.lr},
-                      sort_keys=True).encode()
-    return hashlib.sha1(blob).hexdigest()[:10]
-
-
 def cache_file(args, criterion: str) -> Path:
-    d = ROOT / ".cache" / "between" / config_key(args)
-    d.mkdir(parents=True, exist_ok=True)
-    return d / f"{criterion}.json"
+    key = config_key({"model": MODEL, "levels": LEVELS, "steps": args.steps, "batch": args.batch,
+                      "max_samples": args.max_samples, "test_images": args.test_images, "lr": args.lr})
+    return cache_dir("between", key) / f"{criterion}.json"
 
 
-def run_unit(args, criterion: str) -> dict:
+@dataclass
+class BetweenRow(BenchRow):
+    """One criterion's iterative run with fine-tuning between removals: the removal order; per level (str) test
+    top-1 (%) right after the L-th removal ("removed") and after the steps that follow it ("tuned"); the original's
+    top-1; seconds spent pruning (scoring included) and fine-tuning."""
+
+    criterion: str
+    order: list
+    accuracy: dict
+    original: float
+    prune_seconds: float
+    finetune_seconds: float
+    score_samples: int
+    steps: int
+    batch: int
+
+
+def run_unit(args, criterion: str) -> BetweenRow:
     """One iterative run of ``criterion`` to max(LEVELS) removals with ``args.steps`` fine-tuning steps after
     each removal; {order, accuracy: {level: {removed, tuned}} (percent), original, seconds}."""
     import onnx
@@ -100,9 +112,8 @@ def run_unit(args, criterion: str) -> dict:
     seconds = time.perf_counter() - t0
     last = res.model  # the pruner calls the hook after every removal but the last
     levels[str(max(LEVELS))] = {"removed": 100 * acc(last), "tuned": 100 * acc(timed_tune(last))}
-    return {"criterion": criterion, "order": res.removed_ids, "accuracy": levels, "original": 100 * acc.original_metric,
-            "prune_seconds": round(seconds, 1), "finetune_seconds": round(tune_seconds[0], 1),
-            "score_samples": res.score_samples, "steps": args.steps, "batch": args.batch}
+    return BetweenRow(criterion, res.removed_ids, levels, 100 * acc.original_metric, round(seconds, 1),
+                      round(tune_seconds[0], 1), res.score_samples, args.steps, args.batch)
 
 
 # between criterion -> the tools/bench/criteria.py unit with the same --metrics on this classifier
@@ -125,11 +136,11 @@ def no_finetune(args, criteria) -> dict[str, dict[str, float]]:
     ns = argparse.Namespace(max_samples=args.max_samples)
     orders = {}
     for c in criteria:
-        p = bc.cache_file(ns, "resnet56", CRITERIA_UNIT.get(c, c))
-        if p.exists():
-            orders[c] = json.loads(p.read_text())["order"]
+        unit = bc.UnitRow.load(bc.cache_file(ns, "resnet56", CRITERIA_UNIT.get(c, c)))
+        if unit is not None:
+            orders[c] = unit.order
     cache = cache_file(args, "_no_finetune")
-    cached = json.loads(cache.read_text()) if cache.exists() else {}
+    cached = read_json(cache) or {}  # {criterion: {"order": removal order, "top1": {level: top-1 %}}}
     if all(c in cached and cached[c]["order"] == o[:max(LEVELS)] for c, o in orders.items()):
         return {c: cached[c]["top1"] for c in orders}
     model = onnx.load(ROOT / MODEL)
@@ -138,20 +149,18 @@ def no_finetune(args, criteria) -> dict[str, dict[str, float]]:
     blocks = find_blocks(model).by_id()
     out = {c: {"order": o[:max(LEVELS)], "top1": {str(L): 100 * acc(remove_blocks(model, [blocks[i] for i in o[:L]]))
                                                    for L in LEVELS}} for c, o in orders.items()}
-    tmp = cache.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(out, indent=1))
-    os.replace(tmp, cache)
+    write_json(cache, out)
     return {c: v["top1"] for c, v in out.items()}
 
 
 def table(args) -> str:
     """Markdown: one row per cached criterion, test top-1 at each level without training between removals
     (``no_finetune``), right after the L-th removal and after the steps that follow it."""
-    rows = {c: json.loads(cache_file(args, c).read_text()) for c in CRITERIA if cache_file(args, c).exists()}
+    rows = {c: r for c in CRITERIA if (r := BetweenRow.load(cache_file(args, c))) is not None}
     if not rows:
         return "(no cached results)"
     plain = no_finetune(args, list(rows))
-    original = next(iter(rows.values()))["original"]
+    original = next(iter(rows.values())).original
     head = ("| criterion | " + " | ".join(f"{L}, no fine-tuning | {L} removed | {L} + {args.steps} steps"
                                          for L in LEVELS) + " | run seconds (fine-tuning) |")
     lines = [head, "|---|" + "---:|" * (3 * len(LEVELS) + 1),
@@ -159,13 +168,13 @@ def table(args) -> str:
     for c, r in rows.items():
         cells = [f"{plain[c][str(L)]:.2f}" if c in plain else "" for L in LEVELS]
         cells = [x for i, L in enumerate(LEVELS)
-                 for x in (cells[i], *(f"{r['accuracy'][str(L)][k]:.2f}" for k in ("removed", "tuned")))]
+                 for x in (cells[i], *(f"{r.accuracy[str(L)][k]:.2f}" for k in ("removed", "tuned")))]
         name = "Consensus (`paper`)" if c == "paper" else f"`{c}`"
-        seconds = f"{r['prune_seconds']:.0f} ({r['finetune_seconds']:.0f})"
+        seconds = f"{r.prune_seconds:.0f} ({r.finetune_seconds:.0f})"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {seconds} |")
 
     def top1(c: str, L: int, k: str) -> float | None:
-        return plain.get(c, {}).get(str(L)) if k == "no fine-tuning" else rows[c]["accuracy"][str(L)][k]
+        return plain.get(c, {}).get(str(L)) if k == "no fine-tuning" else rows[c].accuracy[str(L)][k]
 
     if "paper" in rows:
         lines.append("")
@@ -186,7 +195,7 @@ def table(args) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shard", default=None, help="k/n: this worker's share of the criteria")
+    add_shard(ap, "criteria")
     ap.add_argument("--steps", type=int, default=50, help="fine-tuning steps after each removal")
     ap.add_argument("--batch", type=int, default=64, help="fine-tuning batch size")
     ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the bridge's recipe)")
@@ -199,20 +208,14 @@ def main(argv=None) -> int:
         print(table(args))
         return 0
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    units = args.criteria.split(",")
-    if args.shard:
-        k, n = (int(v) for v in args.shard.split("/"))
-        units = units[k::n]
-    for c in units:
+    for c in shard(args.criteria.split(","), args.shard):
         p = cache_file(args, c)
         if p.exists():
             continue
         t0 = time.time()
         r = run_unit(args, c)
-        tmp = p.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(r, indent=1))
-        os.replace(tmp, p)
-        print(f"{c}: {r['accuracy']} ({time.time() - t0:.0f} s)", flush=True)
+        write_json(p, r)
+        print(f"{c}: {r.accuracy} ({time.time() - t0:.0f} s)", flush=True)
     return 0
 
 

@@ -29,12 +29,9 @@ time is an upper bound, CPU seconds are the comparable figure. Run two shards in
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
 import sys
-import time
-from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -44,6 +41,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from tools.bench.criteria_tasks import TASKS, Task, calib_folder, evaluate  # noqa: E402
+from tools.bench.harness import (BenchRow, Cost, Meter, add_shard, config_key as hash_key, read_json,  # noqa: E402
+                                 run_claimed, shard, write_json)
 
 VERSION = 2
 RANDOM = ("random0", "random1", "random2")
@@ -97,9 +96,8 @@ def applies(criterion: str, task: Task) -> bool:
 
 
 def config_key(args) -> str:
-    blob = json.dumps({"version": VERSION, "tasks": {n: t.key() for n, t in TASKS.items()},
-                       "max_samples": args.max_samples, "ft": FT_CONFIG}, sort_keys=True).encode()
-    return hashlib.sha1(blob).hexdigest()[:10]
+    return hash_key({"version": VERSION, "tasks": {n: t.key() for n, t in TASKS.items()},
+                     "max_samples": args.max_samples, "ft": FT_CONFIG})
 
 
 def cache_dir(args) -> Path:
@@ -111,31 +109,60 @@ def cache_file(args, model: str, criterion: str) -> Path:
 
 
 def ft_file(args, model: str, removed: list[str]) -> Path:
-    h = hashlib.sha1(json.dumps(sorted(removed)).encode()).hexdigest()[:12]
-    return cache_dir(args) / model / "finetuned" / f"{len(removed)}_{h}.json"
+    return cache_dir(args) / model / "finetuned" / f"{len(removed)}_{hash_key(sorted(removed), 12)}.json"
 
 
-def write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+@dataclass
+class UnitRow(BenchRow):
+    """One (model, criterion) run without fine-tuning: the removal order, and per cut level (str) the task measure
+    (percent, higher is better) and its tie-break on the test data; ``original``: the unpruned model's measure."""
+
+    model: str
+    criterion: str
+    metrics: list
+    weights: dict
+    seed: int
+    order: list
+    measure: dict
+    tiebreak: dict
+    original: float
+    kind: str
+    prune: Cost
+    eval: Cost
+    score_samples: int | None = None  # pruning runs only (not the oracle)
+    candidates_scored: int | None = None
+
+    def __post_init__(self):
+        self.prune, self.eval = Cost.of(self.prune), Cost.of(self.eval)
 
 
-class Meter:
-    """CPU seconds of this process, wall seconds and the 1-minute load average at start and end."""
+@dataclass
+class FinetuneRow(BenchRow):
+    """One (model, removed set) after the fixed distillation budget (FT_CONFIG): measure and tie-break on the test
+    data (percent), the original's measure, training images seen."""
 
-    def __enter__(self):
-        self.cpu, self.wall, self.load0 = time.process_time(), time.perf_counter(), os.getloadavg()[0]
-        return self
+    model: str
+    removed: list
+    measure: float
+    tiebreak: float
+    original: float
+    images_seen: int | None
+    finetune: Cost
+    eval: Cost
 
-    def __exit__(self, *exc):
-        self.cpu = time.process_time() - self.cpu
-        self.wall = time.perf_counter() - self.wall
-        self.load = (round(self.load0, 2), round(os.getloadavg()[0], 2))
+    def __post_init__(self):
+        self.finetune, self.eval = Cost.of(self.finetune), Cost.of(self.eval)
 
-    def record(self) -> dict:
-        return {"cpu_seconds": round(self.cpu, 1), "wall_seconds": round(self.wall, 1), "loadavg": self.load}
+
+@dataclass
+class ScoreTable(BenchRow):
+    """The raw scores of every benchmark metric for one scored state (``shared_scorer``), by block id."""
+
+    scores: dict
+    feature: str
+    n_samples: int
+    reason: str | None
+    scope: str
 
 
 def test_set(kind: str, n: int):
@@ -249,10 +276,9 @@ def shared_scorer(args, task: Task, original):
             return scoring.score_blocks(model, data, blocks=blocks, metrics=metrics, weights=weights,
                                         reference=reference, **kw)
         state = [sorted(o for n in model.graph.node for o in n.output), [b.id for b in blocks], kw.get("seed", 0)]
-        path = folder / (hashlib.sha1(json.dumps(state).encode()).hexdigest()[:16] + ".json")
-        if path.exists():
-            tab = json.loads(path.read_text())
-        else:
+        path = folder / (hash_key(state, 16) + ".json")
+        tab = ScoreTable.load(path)
+        if tab is None:
             if reference is None:
                 key = tuple(np.asarray(kw["indices"]).tolist())
                 if key not in refs:
@@ -260,17 +286,17 @@ def shared_scorer(args, task: Task, original):
                                                          threads=kw.get("threads"))
                 reference = refs[key]
             rnd = scoring.score_blocks(model, data, blocks=blocks, metrics=every, reference=reference, **kw)
-            tab = {"scores": {b.id: b.scores for b in rnd.blocks}, "feature": rnd.feature,
-                   "n_samples": rnd.n_samples, "reason": rnd.feature_reason, "scope": rnd.scope}
+            tab = ScoreTable({b.id: b.scores for b in rnd.blocks}, rnd.feature, rnd.n_samples, rnd.feature_reason,
+                             rnd.scope)
             write_json(path, tab)
-        ranked = consensus({b.id: {m: tab["scores"][b.id][m] for m in metrics} for b in blocks},
+        ranked = consensus({b.id: {m: tab.scores[b.id][m] for m in metrics} for b in blocks},
                            {b.id: b.position for b in blocks}, metrics, weights)
-        return scoring.ScoreRound(tab["scope"], tab["feature"], tuple(metrics), tab["n_samples"], ranked,
-                                  feature_reason=tab["reason"])
+        return scoring.ScoreRound(tab.scope, tab.feature, tuple(metrics), tab.n_samples, ranked,
+                                  feature_reason=tab.reason)
     return score
 
 
-def run_unit(args, task: Task, criterion: str) -> dict:
+def run_unit(args, task: Task, criterion: str) -> UnitRow:
     from onnx_consensus.graph.blocks import find_blocks
     from onnx_consensus.graph.surgery import remove_blocks
     from onnx_consensus.options import CriterionOptions, RunOptions, TargetOptions
@@ -301,13 +327,12 @@ def run_unit(args, task: Task, criterion: str) -> dict:
         blocks = find_blocks(model).by_id()
         measure = {str(L): evaluate(task, remove_blocks(model, [blocks[i] for i in order[:L]]), batches, refs)
                    for L in task.levels}
-    return {"model": task.name, "criterion": criterion, "metrics": list(metrics or ()), "weights": weights,
-            "seed": seed, "order": order, "measure": {L: m[0] for L, m in measure.items()},
-            "tiebreak": {L: m[1] for L, m in measure.items()}, "original": original[0], "kind": task.measure,
-            "prune": prune_meter.record(), "eval": eval_meter.record(), **extra}
+    return UnitRow(task.name, criterion, list(metrics or ()), weights, seed, order,
+                   {L: m[0] for L, m in measure.items()}, {L: m[1] for L, m in measure.items()}, original[0],
+                   task.measure, prune_meter.record(), eval_meter.record(), **extra)
 
 
-def run_finetune(args, task: Task, removed: list[str]) -> dict:
+def run_finetune(args, task: Task, removed: list[str]) -> FinetuneRow:
     from onnx_consensus.graph.blocks import find_blocks
     from onnx_consensus.graph.surgery import remove_blocks
     from onnx_consensus.options import FinetuneConfig
@@ -323,77 +348,27 @@ def run_finetune(args, task: Task, removed: list[str]) -> dict:
     with Meter() as e:
         batches, refs, original = test_data(task)
         value, tie = evaluate(task, tuned, batches, refs)
-    return {"model": task.name, "removed": removed, "measure": value, "tiebreak": tie, "original": original[0],
-            "images_seen": info.get("images_seen"), "finetune": m.record(), "eval": e.record()}
-
-
-def claim(path: Path) -> bool:
-    """Take the unit whose result goes to ``path`` for this process: False when it is done or another live
-    process holds its lock (``path``.lock, holding the pid), so several unsharded workers share one list."""
-    if path.exists():
-        return False
-    lock = path.with_suffix(".lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        try:
-            os.kill(int(lock.read_text() or 0), 0)
-            return False  # held by a live process
-        except (ProcessLookupError, ValueError):
-            lock.unlink(missing_ok=True)  # stale: its process died
-            return claim(path)
-        except FileNotFoundError:
-            return claim(path)
-    os.write(fd, str(os.getpid()).encode())
-    os.close(fd)
-    return not path.exists()
-
-
-def release(path: Path) -> None:
-    path.with_suffix(".lock").unlink(missing_ok=True)
-
-
-def run_claimed(jobs) -> Iterator[dict]:
-    """Compute and write each (result path, compute) job this process can claim (``claim``), skipping the
-    finished and the ones another live worker holds; yields the results computed here."""
-    for path, compute in jobs:
-        if not claim(path):
-            continue
-        try:
-            result = compute()
-            write_json(path, result)
-        finally:
-            release(path)
-        yield result
+    return FinetuneRow(task.name, removed, value, tie, original[0], info.get("images_seen"), m.record(), e.record())
 
 
 def units(args) -> list[tuple[str, str]]:
     models = args.models.split(",")
-    out = [(m, c) for c in args.criteria.split(",") for m in models if applies(c, TASKS[m])]
-    if args.shard:
-        k, n = (int(v) for v in args.shard.split("/"))
-        out = out[k::n]
-    return out
+    return shard([(m, c) for c in args.criteria.split(",") for m in models if applies(c, TASKS[m])], args.shard)
 
 
 def ft_jobs(args) -> list[tuple[str, list[str]]]:
     """Distinct (model, removed set) of the cached no-fine-tune units, in unit order."""
     seen, jobs = set(), []
     for m, c in units(argparse.Namespace(**{**vars(args), "shard": None})):
-        p = cache_file(args, m, c)
-        if not p.exists():
+        r = UnitRow.load(cache_file(args, m, c))
+        if r is None:
             continue
-        r = json.loads(p.read_text())
         for L in TASKS[m].levels:
-            key = (m, tuple(sorted(r["order"][:L])))
+            key = (m, tuple(sorted(r.order[:L])))
             if key not in seen:
                 seen.add(key)
-                jobs.append((m, r["order"][:L]))
-    if args.shard:
-        k, n = (int(v) for v in args.shard.split("/"))
-        jobs = jobs[k::n]
-    return jobs
+                jobs.append((m, r.order[:L]))
+    return shard(jobs, args.shard)
 
 
 # ---------------------------------------------------------------------------------------------- tables
@@ -404,19 +379,18 @@ def collect(args, finetuned: bool) -> tuple[dict, list, dict]:
     originals: dict[str, float] = {}
     for c in CRITERIA:
         for m, task in TASKS.items():
-            p = cache_file(args, m, c)
-            if not applies(c, task) or not p.exists():
+            r = UnitRow.load(cache_file(args, m, c)) if applies(c, task) else None
+            if r is None:
                 continue
-            r = json.loads(p.read_text())
-            originals[m] = r["original"]
+            originals[m] = r.original
             for L in task.levels:
                 if finetuned:
-                    f = ft_file(args, m, r["order"][:L])
-                    if not f.exists():
+                    f = FinetuneRow.load(ft_file(args, m, r.order[:L]))
+                    if f is None:
                         continue
-                    rows.setdefault(c, {})[(m, str(L))] = json.loads(f.read_text())["measure"]
+                    rows.setdefault(c, {})[(m, str(L))] = f.measure
                 else:
-                    rows.setdefault(c, {})[(m, str(L))] = r["measure"][str(L)]
+                    rows.setdefault(c, {})[(m, str(L))] = r.measure[str(L)]
     rnd = [rows.pop(k) for k in RANDOM if k in rows]
     if rnd:  # per column, the mean over the seeds measured there
         cols = set.union(*(set(r) for r in rnd))
@@ -515,12 +489,13 @@ def cost(args) -> str:
     loads: list[float] = []
     n = nf = 0
     for p in cache_dir(args).rglob("*.json"):
-        r = json.loads(p.read_text())
+        r = read_json(p)  # units, fine-tuned units and score tables: the units carry their costs
         for k in ("prune", "eval", "finetune"):
             if k in r:
-                cpu += r[k]["cpu_seconds"]
-                wall += r[k]["wall_seconds"]
-                loads += list(r[k]["loadavg"])
+                c = Cost.of(r[k])
+                cpu += c.cpu_seconds
+                wall += c.wall_seconds
+                loads += list(c.loadavg)
         n += "prune" in r
         nf += "finetune" in r
     lo, hi = (min(loads), max(loads)) if loads else (float("nan"),) * 2
@@ -530,7 +505,7 @@ def cost(args) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shard", default=None, help="k/n: this worker's share of the units")
+    add_shard(ap)
     ap.add_argument("--max-samples", type=int, default=128, help="calibration samples (the last 20%% held back)")
     ap.add_argument("--models", default=",".join(TASKS))
     ap.add_argument("--criteria", default=",".join(CRITERIA), help="which criteria, in this order")
@@ -558,12 +533,12 @@ def main(argv=None) -> int:
         jobs = ((ft_file(args, m, removed), partial(run_finetune, args, TASKS[m], removed))
                 for m, removed in ft_jobs(args))
         for r in run_claimed(jobs):
-            print(f"finetune {r['model']} -{len(r['removed'])}: {r['measure']:.2f} "
-                  f"({r['finetune']['cpu_seconds']:.0f} cpu s)", flush=True)
+            print(f"finetune {r.model} -{len(r.removed)}: {r.measure:.2f} ({r.finetune.cpu_seconds:.0f} cpu s)",
+                  flush=True)
         return 0
     for r in run_claimed((cache_file(args, m, c), partial(run_unit, args, TASKS[m], c)) for m, c in units(args)):
-        print(f"{r['model']} {r['criterion']}: {r['measure']} (prune {r['prune']['cpu_seconds']:.0f} cpu s, "
-              f"{r['prune']['wall_seconds']:.0f} wall s, load {r['prune']['loadavg']})", flush=True)
+        print(f"{r.model} {r.criterion}: {r.measure} (prune {r.prune.cpu_seconds:.0f} cpu s, "
+              f"{r.prune.wall_seconds:.0f} wall s, load {r.prune.loadavg})", flush=True)
     return 0
 
 

@@ -16,10 +16,10 @@ JSON under .cache/rescore/<benchmark config hash>/ (resumable, written atomicall
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,13 +27,30 @@ sys.path.insert(0, str(ROOT))
 
 from tools.bench import criteria as bc  # noqa: E402
 from tools.bench.criteria_tasks import TASKS  # noqa: E402
+from tools.bench.harness import BenchRow, Cost, Meter, add_shard, run_claimed, shard  # noqa: E402
+
+
+@dataclass
+class RescoreRow(BenchRow):
+    """One (model, K) run of ``--rescore-top K``: the removal order, the candidates scored over all rounds and
+    what the pruning cost."""
+
+    model: str
+    criterion: str
+    k: int
+    order: list
+    candidates_scored: int
+    prune: Cost
+
+    def __post_init__(self):
+        self.prune = Cost.of(self.prune)
 
 
 def cache_file(args, model: str, k: int) -> Path:
     return ROOT / ".cache" / "rescore" / bc.config_key(args) / model / f"{args.criterion.replace(' ', '_')}_{k}.json"
 
 
-def run(args, model: str, k: int) -> dict:
+def run(args, model: str, k: int) -> RescoreRow:
     from onnx_consensus.options import CriterionOptions, RunOptions, TargetOptions
     from onnx_consensus.pruner import prune
 
@@ -46,14 +63,13 @@ def run(args, model: str, k: int) -> dict:
     saved = pruner.score_blocks
     pruner.score_blocks = bc.shared_scorer(args, task, onnx_model)  # the first round is the full run's
     try:
-        with bc.Meter() as m:
+        with Meter() as m:
             res = prune(onnx_model, data, criterion=CriterionOptions(metrics=metrics, weights=weights, seed=seed,
                                                                      rescore_top=k),
                         target=TargetOptions(remove=max(task.levels)), run=RunOptions(threads=1))
     finally:
         pruner.score_blocks = saved
-    return {"model": model, "criterion": args.criterion, "k": k, "order": res.removed_ids,
-            "candidates_scored": sum(len(r.blocks) for r in res.rounds), "prune": m.record()}
+    return RescoreRow(model, args.criterion, k, res.removed_ids, sum(len(r.blocks) for r in res.rounds), m.record())
 
 
 def table(args) -> tuple[str, dict]:
@@ -63,11 +79,11 @@ def table(args) -> tuple[str, dict]:
     models = args.models.split(",")
     full = {}
     for m in models:
-        p = bc.cache_file(args, m, args.criterion)
-        if p.exists():
-            full[m] = json.loads(p.read_text())
-    tot_full = {"scored": sum(full[m]["candidates_scored"] for m in full),
-                "cpu": sum(full[m]["prune"]["cpu_seconds"] for m in full)}
+        row = bc.UnitRow.load(bc.cache_file(args, m, args.criterion))
+        if row is not None:
+            full[m] = row
+    tot_full = {"scored": sum(full[m].candidates_scored for m in full),
+                "cpu": sum(full[m].prune.cpu_seconds for m in full)}
     lines.append(f"| all | 0 / {sum(len(TASKS[m].levels) for m in full)} | 0 | {tot_full['scored']} | "
                  f"{', '.join(full)} |")
     for k in [int(v) for v in args.ks.split(",")]:
@@ -75,20 +91,19 @@ def table(args) -> tuple[str, dict]:
         cpu = cpu_full = 0.0
         done = []
         for m in full:
-            p = cache_file(args, m, k)
-            if not p.exists():
+            r, f = RescoreRow.load(cache_file(args, m, k)), full[m]
+            if r is None:
                 continue
-            r, f = json.loads(p.read_text()), full[m]
             done.append(m)
             for L in TASKS[m].levels:
                 runs += 1
-                changed += set(r["order"][:L]) != set(f["order"][:L])
-            rounds += len(f["order"])
-            rounds_diff += sum(a != b for a, b in zip(r["order"], f["order"]))
-            scored += r["candidates_scored"]
-            scored_full += f["candidates_scored"]
-            cpu += r["prune"]["cpu_seconds"]
-            cpu_full += f["prune"]["cpu_seconds"]
+                changed += set(r.order[:L]) != set(f.order[:L])
+            rounds += len(f.order)
+            rounds_diff += sum(a != b for a, b in zip(r.order, f.order))
+            scored += r.candidates_scored
+            scored_full += f.candidates_scored
+            cpu += r.prune.cpu_seconds
+            cpu_full += f.prune.cpu_seconds
         if not done:
             continue
         summary[k] = {"runs": runs, "changed": changed, "rounds": rounds, "rounds_changed": rounds_diff,
@@ -106,25 +121,16 @@ def main(argv=None) -> int:
     ap.add_argument("--ks", default="3,5,8")
     ap.add_argument("--models", default=",".join(TASKS))
     ap.add_argument("--max-samples", type=int, default=128)
-    ap.add_argument("--shard", default=None, help="k/n: this worker's share of the runs")
+    add_shard(ap, "runs")
     ap.add_argument("--table", action="store_true")
     args = ap.parse_args(argv)
     if args.table:
         print(table(args)[0])
         return 0
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    jobs = [(m, int(k)) for k in args.ks.split(",") for m in args.models.split(",")]
-    if args.shard:
-        i, n = (int(v) for v in args.shard.split("/"))
-        jobs = jobs[i::n]
-    for m, k in jobs:
-        p = cache_file(args, m, k)
-        if p.exists():
-            continue
-        t0 = time.time()
-        r = run(args, m, k)
-        bc.write_json(p, r)
-        print(f"{m} K={k}: {r['candidates_scored']} scored, {time.time() - t0:.0f} s", flush=True)
+    jobs = shard([(m, int(k)) for k in args.ks.split(",") for m in args.models.split(",")], args.shard)
+    for r in run_claimed((cache_file(args, m, k), partial(run, args, m, k)) for m, k in jobs):
+        print(f"{r.model} K={r.k}: {r.candidates_scored} scored, {r.prune.wall_seconds:.0f} s", flush=True)
     return 0
 
 

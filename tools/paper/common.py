@@ -7,8 +7,6 @@ an interrupted run resumes where it stopped and a changed budget does not reuse 
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-ROOT = Path(__file__).resolve().parents[2]
+from tools.bench.harness import ROOT, add_shard, config_key, read_json, shard, write_json
 
 
 @dataclass(frozen=True)
@@ -39,8 +37,7 @@ class Config:
     threads: int = 1  # per worker; the driver runs two workers on the two cores
 
     def key(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
-        return hashlib.sha1(blob).hexdigest()[:10]
+        return config_key(asdict(self))
 
     @property
     def criteria(self) -> list[str]:
@@ -64,15 +61,11 @@ def result_path(kind: str, name: str, config: Config = CONFIG, ext: str = "json"
 
 
 def load_result(kind: str, name: str, config: Config = CONFIG) -> dict | None:
-    p = result_path(kind, name, config)
-    return json.loads(p.read_text()) if p.exists() else None
+    return read_json(result_path(kind, name, config))
 
 
 def save_result(kind: str, name: str, data: dict, config: Config = CONFIG) -> None:
-    p = result_path(kind, name, config)
-    tmp = p.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, default=float))
-    os.replace(tmp, p)
+    write_json(result_path(kind, name, config), data)
 
 
 def save_model(kind: str, name: str, model: onnx.ModelProto, config: Config = CONFIG) -> None:
@@ -86,12 +79,9 @@ def load_saved_model(kind: str, name: str, config: Config = CONFIG) -> onnx.Mode
     return onnx.load(result_path(kind, name, config, ext="onnx"))
 
 
-def units_for_shard(units: list, shard: str | None) -> list:
-    """``shard`` "k/n": every n-th unit starting at k (None: all)."""
-    if not shard:
-        return units
-    k, n = (int(v) for v in shard.split("/"))
-    return units[k::n]
+def units_for_shard(units: list, spec: str | None) -> list:
+    """``shard`` "k/n": every n-th unit starting at k (None: all); the harness's ``shard``."""
+    return shard(units, spec)
 
 
 def original_model(config: Config = CONFIG) -> onnx.ModelProto:
@@ -174,7 +164,7 @@ def worker_args(doc: str, argv=None, extra=None):
     import argparse
 
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shard", default=None, help="k/n: this worker's share of the units (default: all)")
+    add_shard(ap)
     if extra is not None:
         extra(ap)
     args = ap.parse_args(argv)
