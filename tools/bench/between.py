@@ -75,8 +75,8 @@ def run_unit(args, criterion: str) -> BetweenRow:
     each removal; {order, accuracy: {level: {removed, tuned}} (percent), original, seconds}."""
     import onnx
 
-    from onnx_consensus.data import ImageOptions, load_calibration
-    from onnx_consensus.options import CriterionOptions, FinetuneConfig, RunOptions, TargetOptions
+    from onnx_consensus import ImageOptions, load_calibration
+    from onnx_consensus import CriterionOptions, FinetuneConfig, RunOptions, TargetOptions
     from onnx_consensus.pruner import prune
     from onnx_consensus.recover import between_removals, evaluator
 
@@ -127,9 +127,7 @@ def no_finetune(args, criteria) -> dict[str, dict[str, float]]:
     are left out. Cached beside the units (keyed by the orders)."""
     import onnx
 
-    from onnx_consensus.data import ImageOptions, load_calibration
-    from onnx_consensus.graph.blocks import find_blocks
-    from onnx_consensus.graph.surgery import remove_blocks
+    from onnx_consensus import ImageOptions, find_blocks, load_calibration, remove_blocks
     from onnx_consensus.recover import evaluator
     from tools.bench import criteria as bc
 

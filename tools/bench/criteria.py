@@ -207,7 +207,7 @@ def test_data(task: Task):
 def load(task: Task, args):
     import onnx
 
-    from onnx_consensus.data import load_calibration
+    from onnx_consensus import load_calibration
 
     model = onnx.load(task.path)
     return model, load_calibration(calib_folder(task), model, max_samples=args.max_samples)
@@ -219,9 +219,7 @@ def oracle_order(task: Task, model, data, depth: int, smooth: bool = False) -> l
     on the held-back fifth of the calibration data (the pruner's own split, seed 0). smooth: rank by the
     tie-break first (the mean log-likelihood of the labels / next tokens; the cosine stays first), which
     25 held-back samples resolve better than an accuracy."""
-    from onnx_consensus.graph.blocks import find_blocks
-    from onnx_consensus.graph.surgery import remove_blocks
-    from onnx_consensus.options import RunOptions
+    from onnx_consensus import RunOptions, find_blocks, remove_blocks
     from tools.bench.criteria_tasks import first_outputs
 
     _, hold = data.split(RunOptions().holdout, seed=0)
@@ -297,9 +295,7 @@ def shared_scorer(args, task: Task, original):
 
 
 def run_unit(args, task: Task, criterion: str) -> UnitRow:
-    from onnx_consensus.graph.blocks import find_blocks
-    from onnx_consensus.graph.surgery import remove_blocks
-    from onnx_consensus.options import CriterionOptions, RunOptions, TargetOptions
+    from onnx_consensus import CriterionOptions, RunOptions, TargetOptions, find_blocks, remove_blocks
     from onnx_consensus.pruner import prune
 
     metrics, weights, seed, _ = CRITERIA[criterion]
@@ -333,9 +329,7 @@ def run_unit(args, task: Task, criterion: str) -> UnitRow:
 
 
 def run_finetune(args, task: Task, removed: list[str]) -> FinetuneRow:
-    from onnx_consensus.graph.blocks import find_blocks
-    from onnx_consensus.graph.surgery import remove_blocks
-    from onnx_consensus.options import FinetuneConfig
+    from onnx_consensus import FinetuneConfig, find_blocks, remove_blocks
     from onnx_consensus.tuning import finetune_model
 
     model, data = load(task, args)

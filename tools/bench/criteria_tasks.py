@@ -98,7 +98,7 @@ def _corpus(name: str) -> Callable[[], list]:
     def make():
         import onnx
 
-        from onnx_consensus.data import load_calibration
+        from onnx_consensus import load_calibration
         data = load_calibration(corpus_folder(name, "eval"), onnx.load(ROOT / corpus_model(name), load_external_data=False))
         out, start = [], 0
         for feeds in data.batches(64):

@@ -40,9 +40,10 @@ def _worker(args) -> None:
     import onnx
     import torch
 
-    from onnx_consensus.bridge import FinetuneConfig, finetune
+    from onnx_consensus import FinetuneConfig
+    from onnx_consensus.bridge import finetune
     from onnx_consensus.bridge.distributed import joined, sharded_batches
-    from onnx_consensus.data import load_calibration
+    from onnx_consensus import load_calibration
 
     torch.set_num_threads(args.threads)
     model = onnx.load(args.model)

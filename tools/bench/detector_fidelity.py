@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from onnx_consensus import find_blocks  # noqa: E402
 from onnx_consensus.evaluate import compare  # noqa: E402
-from onnx_consensus.graph.surgery import remove_blocks  # noqa: E402
+from onnx_consensus import remove_blocks  # noqa: E402
 from onnx_consensus.kinds import output_plan  # noqa: E402
 from tests import detectors  # noqa: E402
 from tests.helpers import run  # noqa: E402
@@ -64,9 +64,8 @@ def distill(samples: int) -> None:
     import importlib
     import tempfile
 
-    from onnx_consensus import pipeline
+    from onnx_consensus import FinetuneConfig, TargetOptions, prune
     from onnx_consensus.bridge import losses
-    from onnx_consensus.options import FinetuneConfig, TargetOptions
 
     ft = importlib.import_module("onnx_consensus.bridge.finetune")  # the module (the package exports the function)
     folder = tempfile.mkdtemp()
@@ -80,8 +79,8 @@ def distill(samples: int) -> None:
         spec = losses.OutputLoss("output0", "yolov8", name, axis=1 if name == "channel_mse" else None)
         ft.plan = lambda teacher, outputs=None, spec=spec, **kw: [spec]
         try:
-            out = pipeline.prune(model, folder, target=TargetOptions(remove=1, only=(bad,)),
-                                 finetune=FinetuneConfig(epochs=8, lr=0.01, optimizer="adamw", batch_size=32))
+            out = prune(model, folder, target=TargetOptions(remove=1, only=(bad,)),
+                        finetune=FinetuneConfig(epochs=8, lr=0.01, optimizer="adamw", batch_size=32))
         finally:
             ft.plan = original_plan
         info = out.report["finetune"]

@@ -48,9 +48,8 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write results here")
     args = ap.parse_args()
 
-    from onnx_consensus.bridge import FinetuneConfig
-    from onnx_consensus.data import load_calibration
-    from onnx_consensus.pruner import CriterionOptions, RunOptions, TargetOptions, prune
+    from onnx_consensus import CriterionOptions, FinetuneConfig, RunOptions, TargetOptions, load_calibration
+    from onnx_consensus.pruner import prune
     from onnx_consensus.recover import evaluator, finetune_pruned
     from tools.data.fmnist import load_fmnist
 

@@ -19,8 +19,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnx_consensus.options import DataOptions, OutputOptions, RunOptions, TargetOptions
-from onnx_consensus.pipeline import prune
+from onnx_consensus import DataOptions, OutputOptions, RunOptions, TargetOptions, prune
 from tools.data.fmnist import MEAN, STD, load_fmnist, to_cifar_input
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

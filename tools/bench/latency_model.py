@@ -20,9 +20,7 @@ import numpy as np
 import onnx
 
 from onnx_consensus.bench import random_feed
-from onnx_consensus.graph.blocks import find_blocks
-from onnx_consensus.graph.flops import count_cost
-from onnx_consensus.graph.surgery import remove_blocks
+from onnx_consensus import count_cost, find_blocks, remove_blocks
 from onnx_consensus.latency_model import QUANTILE, round_times, measure_block_latency
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

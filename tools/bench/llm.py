@@ -35,10 +35,10 @@ def main(argv=None) -> None:
     from onnx_consensus.graph.ir import load_model_and_layout
     from onnx_consensus.graph.kv_surgery import prune_folder, remove_layers
     from onnx_consensus.llm.perplexity import perplexity, throughput
-    from onnx_consensus.llm.run import distill, prune_decoder
+    from onnx_consensus import (CriterionOptions, FinetuneConfig, Options, OutputOptions, RunOptions,
+                                TargetOptions, prune_decoder)
+    from onnx_consensus.llm.run import distill
     from onnx_consensus.llm.text import load_text
-    from onnx_consensus.options import (CriterionOptions, FinetuneConfig, Options, OutputOptions, RunOptions,
-                                        TargetOptions)
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="llama")

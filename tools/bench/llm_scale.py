@@ -112,7 +112,7 @@ import numpy as np
 from onnx_consensus.llm.text import load_text, find_tokenizer
 from onnx_consensus.graph.decoder import prefill_feed
 from onnx_consensus.graph.ir import load_model
-from onnx_consensus.options import Options
+from onnx_consensus import Options
 import onnxruntime as ort
 folder, calib = sys.argv[1], sys.argv[2]
 o = Options()
@@ -135,7 +135,7 @@ import json, sys, time
 import numpy as np, torch
 from transformers import AutoModelForCausalLM
 from onnx_consensus.llm.text import load_text, find_tokenizer
-from onnx_consensus.options import Options
+from onnx_consensus import Options
 hf, folder, calib, span = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 torch.set_num_threads(2)
 o = Options()

@@ -51,8 +51,7 @@ def build(blocks: int, width: int, path: str) -> None:
 def child(cfg: dict) -> dict:
     import onnx
 
-    from onnx_consensus.data import load_calibration
-    from onnx_consensus.graph.blocks import find_blocks
+    from onnx_consensus import find_blocks, load_calibration
     from onnx_consensus.scoring import collect_features
 
     model = onnx.load(cfg["model"])

@@ -61,11 +61,8 @@ def top1(model, x: np.ndarray, threads: int) -> np.ndarray:
 def row(name: str, remove: int, max_samples: int, threads: int, work: str) -> str:
     import onnx
 
-    from onnx_consensus import find_blocks
-    from onnx_consensus.graph.flops import count_cost
-    from onnx_consensus.graph.surgery import remove_blocks
-    from onnx_consensus.options import DataOptions, Options, OutputOptions, RunOptions, TargetOptions
-    from onnx_consensus.pipeline import run
+    from onnx_consensus import count_cost, find_blocks, remove_blocks
+    from onnx_consensus import DataOptions, Options, OutputOptions, RunOptions, TargetOptions, run
 
     src, calib, how = MODELS[name]
     qpath = quantize(src, calib, how, os.path.join(work, f"{how}_{os.path.basename(src)}"))

@@ -51,7 +51,7 @@ def cache_file(args, model: str, k: int) -> Path:
 
 
 def run(args, model: str, k: int) -> RescoreRow:
-    from onnx_consensus.options import CriterionOptions, RunOptions, TargetOptions
+    from onnx_consensus import CriterionOptions, RunOptions, TargetOptions
     from onnx_consensus.pruner import prune
 
     task = TASKS[model]

@@ -28,7 +28,7 @@ def _data(model_path: str, samples: int):
     import numpy as np
     import onnx
 
-    from onnx_consensus.data import load_calibration
+    from onnx_consensus import load_calibration
     from tools.data.fmnist import load_fmnist, to_cifar_input
 
     folder = os.path.join(tempfile.gettempdir(), f"bench-calib-{samples}")
@@ -44,11 +44,12 @@ def _data(model_path: str, samples: int):
 
 def run_config(cfg: dict) -> dict:
     """One measurement, run inside the child process."""
-    from onnx_consensus.graph.blocks import find_blocks
+    from onnx_consensus import find_blocks
     from onnx_consensus.graph.instrument import expose, find_feature_tensor, suffix_model
-    from onnx_consensus.pruner import CriterionOptions, RunOptions, TargetOptions, prune
+    from onnx_consensus import CriterionOptions, RunOptions, TargetOptions
+    from onnx_consensus.pruner import prune
     from onnx_consensus.runtime import make_session
-    from onnx_consensus.scoring import score_blocks
+    from onnx_consensus import score_blocks
 
     model, data = _data(cfg["model"], cfg["samples"])
     threads, bs = cfg["threads"], cfg["batch_size"]

@@ -12,10 +12,9 @@ import os
 import numpy as np
 import onnx
 
-from onnx_consensus.data import load_calibration
+from onnx_consensus import load_calibration
 from onnx_consensus.evaluate import compare, reference_outputs
-from onnx_consensus.graph.blocks import find_blocks
-from onnx_consensus.graph.surgery import remove_blocks
+from onnx_consensus import find_blocks, remove_blocks
 
 HERE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -28,11 +28,10 @@ import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 
 from onnx_consensus.bench import measure_latency  # noqa: E402
-from onnx_consensus.data import load_calibration  # noqa: E402
-from onnx_consensus.graph.blocks import find_blocks  # noqa: E402
-from onnx_consensus.graph.surgery import remove_blocks  # noqa: E402
+from onnx_consensus import find_blocks, load_calibration, remove_blocks  # noqa: E402
 from onnx_consensus.metrics import DEFAULT_METRICS  # noqa: E402
-from onnx_consensus.pruner import CriterionOptions, RunOptions, TargetOptions, prune  # noqa: E402
+from onnx_consensus import CriterionOptions, RunOptions, TargetOptions  # noqa: E402
+from onnx_consensus.pruner import prune  # noqa: E402
 from onnx_consensus.runtime import make_session  # noqa: E402
 
 LEVELS = (2, 4, 6)
@@ -87,7 +86,8 @@ def removed_by_onnxsim(original: onnx.ModelProto, pruned: onnx.ModelProto, label
 
 def distill(original: onnx.ModelProto, pruned: onnx.ModelProto, train_dir: str, *, epochs: int, lr: float,
             threads: int) -> onnx.ModelProto:
-    from onnx_consensus.bridge import FinetuneConfig, finetune
+    from onnx_consensus import FinetuneConfig
+    from onnx_consensus.bridge import finetune
     from onnx_consensus.recover import training_batches
 
     data = load_calibration(train_dir, original)

@@ -758,7 +758,7 @@ def bench(name: str, remove: int = 2, n: int = 16, finetune_epochs: int = 0, ext
 
     from onnx_consensus import load_calibration
     from onnx_consensus.bench import measure_latency
-    from onnx_consensus.graph.flops import count_cost
+    from onnx_consensus import count_cost
 
     m = REGISTRY[name]
     path = fetch(name)

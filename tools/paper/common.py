@@ -105,7 +105,7 @@ def _folder(name: str, images: np.ndarray, labels: np.ndarray | None, config: Co
 
 def train_data(n: int, labelled: bool, config: Config = CONFIG):
     """CalibrationData of the first ``n`` training images (with labels, or without for distillation)."""
-    from onnx_consensus.data import load_calibration
+    from onnx_consensus import load_calibration
     from tools.data.fmnist import load_fmnist
 
     x, y = load_fmnist("train")
@@ -139,8 +139,7 @@ def accuracy(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, threads: int 
 
 def pruned_model(criterion: str, level: int, config: Config = CONFIG) -> onnx.ModelProto:
     """The original with the first ``level`` blocks of ``criterion``'s removal order taken out."""
-    from onnx_consensus.graph.blocks import find_blocks
-    from onnx_consensus.graph.surgery import remove_blocks
+    from onnx_consensus import find_blocks, remove_blocks
 
     run = load_result("prune", criterion, config)
     if run is None:

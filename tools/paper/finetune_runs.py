@@ -31,7 +31,7 @@ def finetune_unit(criterion: str, level: int, mode: str, seed: int, budget: int,
     done = load_result("finetune", name, config)
     if done is not None:
         return done
-    from onnx_consensus.bridge import FinetuneConfig
+    from onnx_consensus import FinetuneConfig
     from onnx_consensus.recover import finetune_pruned
 
     x, y = test if test is not None else test_arrays()

@@ -28,7 +28,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     config = CONFIG
     from onnx_consensus.bench import measure_latency
-    from onnx_consensus.graph.flops import count_cost
+    from onnx_consensus import count_cost
 
     names = ["original"] + [f"{c}-L{lv}" for c in config.criteria for lv in config.levels]
     models = [original_model(config)] + [pruned_model(c, lv, config) for c in config.criteria for lv in config.levels]

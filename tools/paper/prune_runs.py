@@ -23,7 +23,7 @@ def published_order(model, depth: int) -> list[str]:
     the standard network, but the code skipped it), and sorting by score then applying the mask in layer
     order removed the first remaining offered block of the earliest stage each time, with no per-stage
     minimum: for ResNet-56, blocks 2-9 of stage 1, then 2-9 of stage 2, then stage 3 (21 = 8 + 8 + 5)."""
-    from onnx_consensus.graph.blocks import find_blocks
+    from onnx_consensus import find_blocks
 
     blocks = sorted(find_blocks(model).blocks, key=lambda b: (b.stage, b.position))
     return [b.id for b in blocks[1:depth + 1]]
@@ -38,8 +38,8 @@ def metrics_of(criterion: str) -> tuple[tuple[str, ...], int]:
 
 
 def run_criterion(criterion: str, config: Config) -> dict:
-    from onnx_consensus.data import load_calibration
-    from onnx_consensus.pruner import CriterionOptions, RunOptions, TargetOptions, prune
+    from onnx_consensus import CriterionOptions, RunOptions, TargetOptions, load_calibration
+    from onnx_consensus.pruner import prune
 
     model = original_model(config)
     depth = max(config.levels)
@@ -57,7 +57,7 @@ def run_criterion(criterion: str, config: Config) -> dict:
 
 
 def level_rows(criterion: str, config: Config) -> list[dict]:
-    from onnx_consensus.graph.flops import count_cost
+    from onnx_consensus import count_cost
 
     x, y = test_arrays()
     base = count_cost(original_model(config))
@@ -75,7 +75,7 @@ def main(argv=None) -> None:
     args = worker_args(__doc__, argv)
     config = CONFIG
     if args.shard in (None, "0/2", "0/1") and load_result("prune", "original", config) is None:
-        from onnx_consensus.graph.flops import count_cost
+        from onnx_consensus import count_cost
 
         x, y = test_arrays()
         cost = count_cost(original_model(config))

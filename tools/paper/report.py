@@ -154,7 +154,7 @@ def latency_fit(config: Config, threads: int, batch: int) -> dict | None:
     which says where the time goes: the part no block removal can cut, and what a block costs per stage."""
     import numpy as np
 
-    from onnx_consensus.graph.blocks import find_blocks
+    from onnx_consensus import find_blocks
 
     from .common import original_model
 
