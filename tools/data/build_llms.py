@@ -10,8 +10,8 @@ Tokenizer: byte-level BPE, 2048 ids, trained with ``tokenizers`` on train.txt; `
 
 Models (``transformers``):
 * ``llama``: LlamaForCausalLM (RMSNorm, rotary, GQA 4 query / 2 KV heads, SwiGLU), 6 layers, hidden 128,
-  trained here for ``--minutes`` (default 10) on 2 threads, sequences of 128 tokens (244 steps of 16 x 128
-  tokens on this shared 2-core machine: held-out perplexity 74.3, train loss 4.18);
+  trained here for ``--minutes`` (default 10) on 2 threads, batches of 16 sequences of 128 tokens (what the
+  training reached: docs/BENCHMARKS.md, "Decoder LLMs");
 * ``qwen2``: Qwen2ForCausalLM (q/k/v biases), 4 layers, hidden 128, random weights (seed 0).
 
 Exports of each model (and of each reference with layers deleted in PyTorch, ``REFERENCES``):

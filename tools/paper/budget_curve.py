@@ -1,4 +1,4 @@
-"""Table 5 of the reproduction: Consensus at the deepest level (21 blocks, 78.80% of MACs) against the
+"""Table 5 of the reproduction: Consensus at the deepest level (Config.levels[-1] blocks) against the
 fine-tuning budget, so a reader sees where a longer fine-tune would land.
 
     python -m tools.paper.budget_curve [--shard k/n]
