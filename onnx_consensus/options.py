@@ -443,7 +443,7 @@ class OutputOptions(_Group):
     latency_runs: int = option("--latency-runs", "timed runs per model for latency", default=20, type=int)
     quantize: str | None = option("--quantize", "quantize the written model after pruning and fine-tuning: int8 "
                                   "(static QDQ), int4 (MatMulNBits) or fp16; four rows compared in the summary",
-                                  default=None, choices=tuple(QUANTIZE_FORMATS))
+                                  default=None, choices=QUANTIZE_FORMATS)  # live: formats registered later count
 
 
 GROUPS = (DataOptions, RunOptions, TargetOptions, CriterionOptions, FinetuneConfig, RecoveryOptions, OutputOptions)
