@@ -1,11 +1,11 @@
 """A pruned reference model recovers accuracy through the bridge: supervised and label-free distillation.
 
 The shipped ResNet-56 (92.93% Fashion-MNIST test accuracy) loses the 10 blocks the Consensus removes
-first (37.5% of MACs; see README), then is fine-tuned for one short epoch. Accuracy is measured on images of
-the test split, never used for calibration or training. Two budgets, the same assertions:
+first (37.5% of MACs; see docs/BENCHMARKS.md), then is fine-tuned for one short epoch. Accuracy is measured on
+images of the test split, never used for calibration or training. Two budgets, the same assertions:
 
 - smoke (default run): 512 training images, batch 32 (16 steps), 250 test images;
-- full (``-m slow``): 2,000 training images, batch 64, 2,000 test images (the figures the README cites).
+- full (``-m slow``): 2,000 training images, batch 64, 2,000 test images.
 """
 from __future__ import annotations
 
