@@ -424,7 +424,7 @@ def test_surgery_keeps_initializer_inputs_of_ir3_models(corpus):
 # Judged as their users judge them (tools/bench/detections.py: the deploying code's decode, then the share of the
 # original's detections on the eval split that the written model keeps, same class, IoU >= 0.5; text regions for
 # the DB map), never by the tool's own measure. tools/bench/detector.py runs the same checks for the table of
-# docs/BENCHMARKS.md ("Detectors": python -m tools.data.real_models detect-table).
+# docs/BENCHMARKS.md ("Detectors": python -m tools.bench.real_models detect-table).
 
 KEPT_OK = 0.9
 

@@ -15,7 +15,7 @@ A run "claims fine" when it exits 0, writes a model and reports no collapse. A r
 claims fine while detections kept < 0.9 (the bug of issue 20): the default run must never write such a model,
 and ``--remove N`` must never do so without a collapse warning.
 
-    python -m tools.data.real_models detect-table [NAME ...] [--runs remove1,remove2,default,single,distill]
+    python -m tools.bench.real_models detect-table [NAME ...] [--runs remove1,remove2,default,single,distill]
 
 Rows are cached per (model, run, code version) under .cache/real-models/NAME/detbench/ (JSON); the markdown
 table goes to stdout.
