@@ -40,10 +40,9 @@ def _worker(args) -> None:
     import onnx
     import torch
 
-    from onnx_consensus import FinetuneConfig
+    from onnx_consensus import FinetuneConfig, load_calibration
     from onnx_consensus.bridge import finetune
     from onnx_consensus.bridge.distributed import joined, sharded_batches
-    from onnx_consensus import load_calibration
 
     torch.set_num_threads(args.threads)
     model = onnx.load(args.model)
@@ -80,7 +79,7 @@ def _run(args, procs: int, threads: int, data: str, workdir: str) -> dict:
     out = os.path.join(workdir, f"{procs}x{threads}")
     os.makedirs(out, exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
-           os.path.abspath(__file__), "--worker", "--model", args.model, "--data", data, "--out", out,
+           "-m", "tools.bench.ddp", "--worker", "--model", args.model, "--data", data, "--out", out,
            "--threads", str(threads), "--global-batch", str(args.global_batch), "--warmup", str(args.warmup)]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the other benchmarks: no spin-waiting OpenMP threads
