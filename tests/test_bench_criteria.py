@@ -53,7 +53,7 @@ def test_tables_read_the_cached_unit_rows(tmp_path, monkeypatch):
 
     from tools.bench import harness
 
-    monkeypatch.setattr(bc, "ROOT", tmp_path)
+    monkeypatch.setattr(harness, "ROOT", tmp_path)
     args = argparse.Namespace(max_samples=128)
     task = bc.TASKS["resnet56"]
     levels = [str(v) for v in task.levels]

@@ -41,8 +41,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from tools.bench.criteria_tasks import TASKS, Task, calib_folder, evaluate  # noqa: E402
-from tools.bench.harness import (BenchRow, Cost, Meter, add_shard, config_key as hash_key, read_json,  # noqa: E402
-                                 run_claimed, shard, write_json)
+from tools.bench.harness import (BenchRow, Cost, Meter, add_shard, cache_dir as harness_cache_dir,  # noqa: E402
+                                 config_key as hash_key, read_json, run_claimed, shard, write_json)
 
 VERSION = 2
 RANDOM = ("random0", "random1", "random2")
@@ -101,7 +101,7 @@ def config_key(args) -> str:
 
 
 def cache_dir(args) -> Path:
-    return ROOT / ".cache" / "criteria" / config_key(args)
+    return harness_cache_dir("criteria", config_key(args))
 
 
 def cache_file(args, model: str, criterion: str) -> Path:

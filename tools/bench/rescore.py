@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from tools.bench import criteria as bc  # noqa: E402
 from tools.bench.criteria_tasks import TASKS  # noqa: E402
-from tools.bench.harness import BenchRow, Cost, Meter, add_shard, run_claimed, shard  # noqa: E402
+from tools.bench.harness import BenchRow, Cost, Meter, add_shard, cache_dir, run_claimed, shard  # noqa: E402
 
 
 @dataclass
@@ -47,7 +47,7 @@ class RescoreRow(BenchRow):
 
 
 def cache_file(args, model: str, k: int) -> Path:
-    return ROOT / ".cache" / "rescore" / bc.config_key(args) / model / f"{args.criterion.replace(' ', '_')}_{k}.json"
+    return cache_dir("rescore", bc.config_key(args)) / model / f"{args.criterion.replace(' ', '_')}_{k}.json"
 
 
 def run(args, model: str, k: int) -> RescoreRow:

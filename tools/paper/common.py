@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from tools.bench.harness import ROOT, add_shard, config_key, read_json, shard, write_json
+from tools.bench.harness import ROOT, add_shard, cache_dir as harness_cache_dir, config_key, read_json, shard, \
+    write_json
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ CONFIG = Config()
 
 
 def cache_dir(config: Config = CONFIG) -> Path:
-    d = ROOT / ".cache" / "paper" / config.key()
+    d = harness_cache_dir("paper", config.key())
     d.mkdir(parents=True, exist_ok=True)
     return d
 
