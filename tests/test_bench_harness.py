@@ -100,3 +100,37 @@ def test_run_claimed_skips_done_and_held_units_and_releases_on_failure(tmp_path)
         next(results)
     assert not bad.exists() and not bad.with_suffix(".lock").exists()  # released, nothing half-written
     assert done.read_text() == "{}" and held.with_suffix(".lock").exists()
+
+
+def test_paper_results_come_back_as_rows(tmp_path, monkeypatch):
+    """The reproduction's cached JSON (the keys its writers used before the rows) loads as rows, nested ones
+    included; a row saved comes back equal."""
+    from tools.paper import common
+    from tools.paper.rows import AttackRow, LatencyEntry, OriginalRow, PruneRow
+
+    monkeypatch.setattr(harness, "ROOT", tmp_path)
+    folder = tmp_path / ".cache" / "paper" / common.CONFIG.key()
+    (folder / "prune").mkdir(parents=True)
+    (folder / "prune" / "original.json").write_text('{"accuracy": 0.93, "macs": 100, "params": 7}')
+    (folder / "prune" / "cka.json").write_text(json.dumps(
+        {"criterion": "cka", "order": ["b1", "b2"], "rounds": 2, "prune_seconds": 3.5, "threads": 1,
+         "levels": [{"level": 1, "macs": 90, "params": 6, "macs_cut": 0.1, "accuracy": 0.8}]}))
+    assert common.load_result("prune", "original") == OriginalRow(0.93, 100, 7)
+    run = common.load_result("prune", "cka")
+    assert isinstance(run, PruneRow) and run.level(1).accuracy == 0.8 and run.order == ["b1", "b2"]
+    assert common.load_result("prune", "missing") is None
+    common.save_result("prune", "copy", run)
+    assert common.load_result("prune", "copy") == run
+    (folder / "latency").mkdir()
+    (folder / "latency" / "t1-b1-r30.json").write_text(json.dumps(
+        {"threads": 1, "batch_size": 1, "runs": 30, "opt_level": "all", "rows": [
+            {"model": "original", "macs": 100, "macs_cut": 0.0, "median_ms": 2.0, "p90_ms": 2.5, "latency_cut": 0.0},
+            {"model": "cka-L1", "macs": 90, "macs_cut": 0.1, "median_ms": 1.8, "p90_ms": 2.0, "latency_cut": 0.1,
+             "original_ms_in_pair": 2.0}]}))
+    lat = common.load_result("latency", "t1-b1-r30")
+    assert [type(r) for r in lat.rows] == [LatencyEntry, LatencyEntry] and lat.rows[1].original_ms_in_pair == 2.0
+    (folder / "robustness").mkdir()
+    (folder / "robustness" / "original.json").write_text(json.dumps(
+        {"criterion": "original", "level": None, "mode": None, "images": 10, "clean": 0.9,
+         "attacks": [{"attack": "fgsm", "eps": 0.01, "steps": 1, "accuracy": 0.5}]}))
+    assert common.load_result("robustness", "original").attacks == [AttackRow("fgsm", 0.01, 1, 0.5)]

@@ -129,6 +129,11 @@ class BenchRow:
         data = read_json(path)
         return None if data is None else cls.from_json(data)
 
+    @classmethod
+    def of(cls: type[R], value: R | dict) -> R:
+        """``value`` as this row: a row is kept, a dict (a nested row read from JSON) converted."""
+        return value if isinstance(value, cls) else cls.from_json(value)
+
 
 @dataclasses.dataclass
 class Cost(BenchRow):
@@ -138,10 +143,6 @@ class Cost(BenchRow):
     cpu_seconds: float
     wall_seconds: float
     loadavg: tuple[float, float]
-
-    @classmethod
-    def of(cls, value: Cost | dict) -> Cost:
-        return value if isinstance(value, Cost) else cls.from_json(value)
 
 
 class Meter:

@@ -15,8 +15,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from tools.bench.harness import ROOT, add_shard, cache_dir as harness_cache_dir, config_key, read_json, shard, \
-    write_json
+from tools.bench.harness import (ROOT, BenchRow, add_shard, cache_dir as harness_cache_dir, config_key, read_json,
+                                 shard, write_json)
+
+from .rows import row_class
 
 
 @dataclass(frozen=True)
@@ -61,11 +63,13 @@ def result_path(kind: str, name: str, config: Config = CONFIG, ext: str = "json"
     return d / f"{name}.{ext}"
 
 
-def load_result(kind: str, name: str, config: Config = CONFIG) -> dict | None:
-    return read_json(result_path(kind, name, config))
+def load_result(kind: str, name: str, config: Config = CONFIG) -> BenchRow | None:
+    """The cached row of ``kind`` / ``name`` (``rows.row_class``), or None when that unit has not run."""
+    data = read_json(result_path(kind, name, config))
+    return None if data is None else row_class(kind, name).from_json(data)
 
 
-def save_result(kind: str, name: str, data: dict, config: Config = CONFIG) -> None:
+def save_result(kind: str, name: str, data: BenchRow, config: Config = CONFIG) -> None:
     write_json(result_path(kind, name, config), data)
 
 
@@ -147,7 +151,7 @@ def pruned_model(criterion: str, level: int, config: Config = CONFIG) -> onnx.Mo
         raise RuntimeError(f"no pruning run for {criterion}: run python -m tools.paper.prune_runs first")
     model = original_model(config)
     blocks = find_blocks(model).by_id()
-    return remove_blocks(model, [blocks[i] for i in run["order"][:level]])
+    return remove_blocks(model, [blocks[i] for i in run.order[:level]])
 
 
 @dataclass
