@@ -8,7 +8,7 @@ PAN neck, a decoupled head at strides 8 and 16), with the two export layouts peo
   and ``scores`` (N, A, C) sigmoid class scores. With ``dfl=False`` the box side distances are a plain
   regression (softplus of 4 channels, times the stride) instead of DFL.
 
-Input ``images`` (N, 3, S, S) float32 RGB in [0, 1] (tools/det_scenes.py letterbox). Residual blocks: the
+Input ``images`` (N, 3, S, S) float32 RGB in [0, 1] (tools/data/det_scenes.py letterbox). Residual blocks: the
 bottlenecks of the backbone's C2f modules (x + cv2(cv1(x))); the neck's C2f have no shortcut (as in YOLOv8).
 BatchNormalization is folded into the convolutions before export (Ultralytics' fuse()).
 """

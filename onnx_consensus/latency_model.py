@@ -13,7 +13,7 @@ at a time beside the original: each round runs every model of the group once, ba
 (spinning off, as ``bench.measure_latency`` does for alternated sessions), after 5 warm-up rounds, ``runs``
 rounds; a block's saving is the difference of the two models' lower quartiles (``QUANTILE``). The
 prediction for a pruned model is the original's latency minus the removed blocks' savings
-(``LatencyModel.predict``); ``tools/bench_latency_model.py`` measures its error.
+(``LatencyModel.predict``); ``tools/bench/latency_model.py`` measures its error.
 
 Cache: in memory, per process, keyed by (sha256 of the serialized graph, providers, batch, threads). Not
 on disk on purpose: a latency is only valid for the machine's state when it was measured (other processes,

@@ -1,6 +1,6 @@
 """Peak memory of a prune run, estimated from the graph before any inference, and the batch that fits a budget.
 
-Where a run's memory goes (measured on the DB text detector at 736x736, ``tools/bench_memory.py``):
+Where a run's memory goes (measured on the DB text detector at 736x736, ``tools/bench/memory.py``):
 - one onnxruntime run: the tensors alive at once along the graph's node order (``live_peak``), times the batch;
 - the scorer's instrumented run keeps every candidate's cut tensor (its entry), the feature and the outputs
   of a batch while each candidate's suffix runs, one candidate at a time;
@@ -38,7 +38,7 @@ __all__ = ["MemoryEstimate", "estimate_memory", "fit_batch", "fit_memory", "pars
 RUNTIME_FACTOR = 1.5
 """onnxruntime's own overhead on the activations the graph says are alive (layout copies of Conv inputs and
 weights, NCHWc padding of channels, per-thread buffers), measured on the ResNet-56 and the text detector
-(``tools/bench_memory.py``)."""
+(``tools/bench/memory.py``)."""
 RUNTIME_BYTES = 100 * 2**20
 """What the process keeps once inference has started, whatever the model: onnxruntime's kernels and thread
 pools, and the heap the allocator keeps after the first runs (measured: about 100 MB on the ResNet-56)."""

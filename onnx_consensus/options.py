@@ -28,7 +28,7 @@ DEFAULT_METRICS = PAPER_METRICS
 DEFAULT_CRITERION = ("output",)
 """The default of ``--metrics`` (names or presets, ``metrics.presets``) when nothing is fine-tuned: the
 output-level scores against the original model (``output_kl`` for classifiers, ``output_mse`` +
-``output_cosine`` otherwise). Chosen on the criterion benchmark (``tools/bench_criteria.py``; docs/BENCHMARKS.md,
+``output_cosine`` otherwise). Chosen on the criterion benchmark (``tools/bench/criteria.py``; docs/BENCHMARKS.md,
 "Choosing the criterion"): the best mean rank without fine-tuning over six models and 13 cut levels (4.00 of 13
 criteria, against 5.04 for the best single paper metric and 6.85 for the published Consensus). Decoder LLMs
 use it in both conditions (``llm.run``). ``--metrics paper`` is the published Consensus."""
@@ -443,7 +443,7 @@ class OutputOptions(_Group):
     latency_runs: int = option("--latency-runs", "timed runs per model for latency", default=20, type=int)
     quantize: str | None = option("--quantize", "quantize the written model after pruning and fine-tuning: int8 "
                                   "(static QDQ), int4 (MatMulNBits) or fp16; four rows compared in the summary",
-                                  default=None, choices=tuple(QUANTIZE_FORMATS))
+                                  default=None, choices=QUANTIZE_FORMATS)  # live: formats registered later count
 
 
 GROUPS = (DataOptions, RunOptions, TargetOptions, CriterionOptions, FinetuneConfig, RecoveryOptions, OutputOptions)

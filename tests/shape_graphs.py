@@ -102,7 +102,7 @@ def loop_matmul() -> onnx.ModelProto:
 
 
 def real_model(name: str) -> str:
-    """Path of a corpus model fetched by tools/real_models.py into .cache/real-models/; skips when absent
+    """Path of a corpus model fetched by tools/data/real_models.py into .cache/real-models/; skips when absent
     (these tests never download)."""
     import os
 
@@ -111,5 +111,5 @@ def real_model(name: str) -> str:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     path = os.path.join(root, ".cache", "real-models", name, "model.onnx")
     if not os.path.isfile(path):
-        pytest.skip(f"{name} is not in .cache/real-models (fetch it with tools/real_models.py)")
+        pytest.skip(f"{name} is not in .cache/real-models (fetch it with tools/data/real_models.py)")
     return path

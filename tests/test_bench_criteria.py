@@ -1,11 +1,9 @@
-"""tools/bench_criteria.py's table logic and task measures (closed forms, no model runs)."""
-import os
-
+"""tools/bench/criteria.py's table logic and task measures (closed forms, no model runs)."""
 import numpy as np
 import pytest
 
-from tools import bench_criteria as bc
-from tools.criteria_tasks import task_measure
+from tools.bench import criteria as bc
+from tools.bench.criteria_tasks import task_measure
 
 
 def test_ranks_ties_partial_rows_and_regret():
@@ -48,30 +46,27 @@ def test_task_measures_closed_forms():
     assert np.isclose(cos, 100.0) and nn == 1.0
 
 
-def test_claim_locks_a_unit_for_one_live_process(tmp_path):
-    p = tmp_path / "u.json"
-    assert bc.claim(p)
-    assert (tmp_path / "u.lock").read_text() == str(os.getpid())
-    assert not bc.claim(p)  # held by a live process (this one)
-    (tmp_path / "u.lock").write_text("999999999")  # a dead pid: the stale lock is taken over
-    assert bc.claim(p)
-    bc.release(p)
-    p.write_text("{}")
-    assert not bc.claim(p)  # done units are never claimed
+def test_tables_read_the_cached_unit_rows(tmp_path, monkeypatch):
+    """Units written through the harness come back in the tables: the no-fine-tune measure per (model, level)
+    and the fine-tuned one through the unit's removal order."""
+    import argparse
 
+    from tools.bench import harness
 
-def test_run_claimed_skips_done_and_held_units_and_releases_on_failure(tmp_path):
-    done, held, todo, bad = (tmp_path / f"{n}.json" for n in ("done", "held", "todo", "bad"))
-    done.write_text("{}")
-    held.with_suffix(".lock").write_text(str(os.getpid()))  # a live worker holds it
-
-    def boom():
-        raise RuntimeError("unit failed")
-    jobs = iter([(done, lambda: {"x": 0}), (held, lambda: {"x": 1}), (todo, lambda: {"x": 2}), (bad, boom)])
-    results = bc.run_claimed(jobs)
-    assert next(results) == {"x": 2}
-    assert todo.read_text().replace(" ", "").replace("\n", "") == '{"x":2}' and not todo.with_suffix(".lock").exists()
-    with pytest.raises(RuntimeError, match="unit failed"):
-        next(results)
-    assert not bad.exists() and not bad.with_suffix(".lock").exists()  # released, nothing half-written
-    assert done.read_text() == "{}" and held.with_suffix(".lock").exists()
+    monkeypatch.setattr(harness, "ROOT", tmp_path)
+    args = argparse.Namespace(max_samples=128)
+    task = bc.TASKS["resnet56"]
+    levels = [str(v) for v in task.levels]
+    order = [f"b{i}" for i in range(max(task.levels) + 2)]
+    cost = harness.Cost(1.0, 2.0, (0.1, 0.2))
+    unit = bc.UnitRow("resnet56", "cka", ["cka"], {}, 0, order, {L: 70.0 + i for i, L in enumerate(levels)},
+                      {L: -0.4 for L in levels}, 93.0, "accuracy", cost, cost, 128, 40)
+    harness.write_json(bc.cache_file(args, "resnet56", "cka"), unit)
+    rows, cols, originals = bc.collect(args, finetuned=False)
+    assert rows == {"cka": {("resnet56", L): 70.0 + i for i, L in enumerate(levels)}}
+    assert originals == {"resnet56": 93.0} and all(("resnet56", L) in cols for L in levels)
+    jobs = bc.ft_jobs(argparse.Namespace(**vars(args), models="resnet56", criteria="cka", shard=None))
+    assert jobs == [("resnet56", order[:int(L)]) for L in levels]
+    ft = bc.FinetuneRow("resnet56", order[:int(levels[0])], 88.25, -0.2, 93.0, 256, cost, cost)
+    harness.write_json(bc.ft_file(args, "resnet56", ft.removed), ft)
+    assert bc.collect(args, finetuned=True)[0] == {"cka": {("resnet56", levels[0]): 88.25}}

@@ -3,7 +3,7 @@
 Fast tests use small synthetic decoders written with onnx.helper in both residual forms (plain Add + norm;
 fused SkipSimplifiedLayerNormalization as the onnxruntime-genai builder writes it); the pruned model must
 equal the same decoder built without those layers, for prefill and for a decode step with a filled cache.
-Slow tests use the real exports of tools/build_llms.py (built into .cache/llm when missing: minutes):
+Slow tests use the real exports of tools/data/build_llms.py (built into .cache/llm when missing: minutes):
 pruned exports against exports of the PyTorch model with the layers deleted, a greedy generation loop with
 the cache in onnxruntime, and generation in onnxruntime-genai.
 """
@@ -332,7 +332,7 @@ LLM = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 
 
 
 def _built(name: str, drop: tuple[int, ...]) -> None:
-    from tools import build_llms
+    from tools.data import build_llms
 
     build_llms.build_model(name)
     hf = build_llms.delete_layers(name, drop)

@@ -1,4 +1,4 @@
-"""tools/detections.py, the independent decoders and detections_kept the detector evidence of issue 20 is judged
+"""tools/bench/detections.py, the independent decoders and detections_kept the detector evidence of issue 20 is judged
 by, against closed forms and hand-made cases; and the checked-in detectors trained here (models/yolo8_fmnist.onnx,
 models/detsplit_fmnist.onnx) against their ground truth scenes."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tools import detections as dt
+from tools.bench import detections as dt
 
 REPO = Path(__file__).resolve().parent.parent
 

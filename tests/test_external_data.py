@@ -1,6 +1,6 @@
 """Models saved with external data (.onnx + .data): pruned and written the same way, the output's weights in
 ``<output>.data`` beside it, the input's files untouched. The >2 GB case is a slow test (it builds a
-2.2 GB model); tools/bench_large.py measures its peak memory."""
+2.2 GB model); tools/bench/large.py measures its peak memory."""
 import os
 import subprocess
 import sys
@@ -79,7 +79,7 @@ def test_missing_external_data_is_one_line_error(tmp_path, capsys):
 def test_over_2gb_external_model(tmp_path):
     """A 2.2 GB model (34 blocks of 4096x4096 float32) with external data: pruned in a subprocess, the
     output written as .onnx + .data, valid and runnable, the input's files unchanged."""
-    subprocess.run([sys.executable, "-m", "tools.bench_large", "--build", str(tmp_path)], check=True, cwd=ROOT)
+    subprocess.run([sys.executable, "-m", "tools.bench.large", "--build", str(tmp_path)], check=True, cwd=ROOT)
     src = tmp_path / "big.onnx"
     data_size = os.path.getsize(tmp_path / "big.onnx.data")
     assert data_size > 2**31

@@ -1,6 +1,6 @@
 """Issue 12, failure 5 and 7(a) on real models (marker `real`): MiniLM (a post-LN sentence embedder, no head)
 and PP-OCRv4's text detector (a one-channel score map). The models and calibration folders are the corpus's
-(`python -m tools.real_models fetch/calib NAME`, in .cache/real-models/NAME/); skipped when absent.
+(`python -m tools.data.real_models fetch/calib NAME`, in .cache/real-models/NAME/); skipped when absent.
 
 Measured (2 shared cores; docs in the report of this change): on MiniLM `--remove 2` removed the last
 layer's two sub-blocks before (the feature was inside the last MLP; embedding cosine 0.43 on 64 eval
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent / ".cache" / "real-models"
 def corpus(name: str) -> tuple[Path, Path, Path]:
     d = ROOT / name
     if not (d / "model.onnx").exists() or not (d / "calib").is_dir():
-        pytest.skip(f"{name} not in .cache/real-models (python -m tools.real_models fetch {name}; calib {name})")
+        pytest.skip(f"{name} not in .cache/real-models (python -m tools.data.real_models fetch {name}; calib {name})")
     return d / "model.onnx", d / "calib", d / "eval"
 
 

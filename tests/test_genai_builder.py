@@ -2,7 +2,7 @@
 ``kv_cache_dim``; ``-p int4`` writes ``MatMulNBits``), inspected, pruned by the CLI and generated in
 onnxruntime-genai (issue 23).
 
-The models come from ``python -m tools.build_llms --tiny DIR`` (a random-weight 4-layer Llama and, for every
+The models come from ``python -m tools.data.build_llms --tiny DIR`` (a random-weight 4-layer Llama and, for every
 layer, the same model with that layer deleted in PyTorch before export), built once per session in a
 subprocess (seconds). Skipped, with the reason, when onnxruntime-genai or transformers is not installed.
 """
@@ -33,9 +33,9 @@ pytestmark = pytest.mark.skipif(bool(_missing), reason=f"{', '.join(_missing)} n
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> Path:
-    """The folder ``tools.build_llms --tiny`` writes: llama/, llama_drop<i>/, each with hf/ and genai_<p>/."""
+    """The folder ``tools.data.build_llms --tiny`` writes: llama/, llama_drop<i>/, each with hf/ and genai_<p>/."""
     out = tmp_path_factory.mktemp("genai") / "tiny"
-    r = subprocess.run([sys.executable, "-m", "tools.build_llms", "--tiny", str(out)], cwd=ROOT, env=env_with_root(),
+    r = subprocess.run([sys.executable, "-m", "tools.data.build_llms", "--tiny", str(out)], cwd=ROOT, env=env_with_root(),
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return out

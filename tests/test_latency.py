@@ -1,6 +1,6 @@
 """The latency model (per-block savings, measured), the damage/time trade, and --target-latency.
 
-No assertion on how fast anything is (figures come from tools/bench_latency_model.py); the tests check the
+No assertion on how fast anything is (figures come from tools/bench/latency_model.py); the tests check the
 arithmetic, the cache, the trade rule on closed-form cases, and that a latency-target run writes a model whose
 own measurement (reported) meets the goal it reports."""
 import json

@@ -1,6 +1,6 @@
 """Decoder-LLM pruning end to end (issue 14): text calibration, layer scoring, the CLI on export folders and
 model files, perplexity, the interface-change report. Fast tests use the synthetic decoders of
-test_decoder_llm.py with a tiny word-level tokenizer; slow ones the real exports of tools/build_llms.py."""
+test_decoder_llm.py with a tiny word-level tokenizer; slow ones the real exports of tools/data/build_llms.py."""
 from __future__ import annotations
 
 import json

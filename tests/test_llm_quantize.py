@@ -2,7 +2,7 @@
 onnxruntime-genai), the four-row table, PruneMe's span criterion and the layer count for a latency target
 (``onnx_consensus.llm.quantize``, ``.variants``, ``.spans``, ``.layer_latency``).
 
-The models are the tiny random-weight Llama of ``python -m tools.build_llms --tiny DIR`` (4 layers, and each
+The models are the tiny random-weight Llama of ``python -m tools.data.build_llms --tiny DIR`` (4 layers, and each
 single-layer deletion exported from PyTorch), built once for this module in a subprocess (seconds).
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ needs_llm = pytest.mark.skipif(bool(_missing), reason=f"{', '.join(_missing)} no
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny") / "tiny"
-    r = subprocess.run([sys.executable, "-m", "tools.build_llms", "--tiny", str(out)], cwd=ROOT, env=env_with_root(),
+    r = subprocess.run([sys.executable, "-m", "tools.data.build_llms", "--tiny", str(out)], cwd=ROOT, env=env_with_root(),
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return out
@@ -117,10 +117,10 @@ def test_best_span_tie_takes_the_earlier_start():
 # ---------------------------------------------------------------- PruneMe on the tiny Llama
 
 def _bench_pruneme(hf: Path, folder: Path, calib: Path, span: int) -> list[int]:
-    """tools.bench_llm_scale's PyTorch PruneMe (transformers, output_hidden_states), run in this process."""
+    """tools.bench.llm_scale's PyTorch PruneMe (transformers, output_hidden_states), run in this process."""
     import torch
 
-    from tools.bench_llm_scale import TORCH
+    from tools.bench.llm_scale import TORCH
 
     argv, threads, buf = sys.argv, torch.get_num_threads(), io.StringIO()
     sys.argv = ["bench_llm_scale.TORCH", str(hf), str(folder), str(calib), str(span)]

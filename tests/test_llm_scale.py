@@ -18,7 +18,7 @@ from onnx_consensus.llm.scoring import final_hidden, original_logits, score_laye
 from onnx_consensus.llm.suffix import cut_suffix, node_signatures
 from onnx_consensus.graph.instrument import with_outputs
 from tests.test_decoder_llm import V, synthetic_decoder
-from tests.test_genai_builder import tiny  # noqa: F401  (the session fixture: tools.build_llms --tiny)
+from tests.test_genai_builder import tiny  # noqa: F401  (the session fixture: tools.data.build_llms --tiny)
 
 METRICS = ("cosine", "cka", "linear_1", "output_kl")
 

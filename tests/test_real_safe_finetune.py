@@ -1,6 +1,6 @@
 """Safe fine-tuning on a real third-party BN detector (issue 12, failure 9): ddddocr's YOLOX-style
 ``common_det.onnx`` (fixed batch 1), calibration and evaluation folders made by
-``python -m tools.real_models calib ddddocr_det`` (the corpus branch) under ``.cache/real-models/``.
+``python -m tools.data.real_models calib ddddocr_det`` (the corpus branch) under ``.cache/real-models/``.
 
 Marked ``real`` and ``slow`` (about 20 minutes on two busy shared cores): ``python -m pytest -m "real" tests/test_real_safe_finetune.py``.
 Skipped when the model or its data folders are not in the cache.
@@ -47,7 +47,7 @@ def _mean_cosine(a: str, b: str, eval_dir: str) -> float:
 def test_ddddocr_det_finetune_never_written_worse(tmp_path):
     model, calib, ev = (os.path.join(HERE, p) for p in ("model.onnx", "calib", "eval"))
     if not all(os.path.exists(p) for p in (model, calib, ev)):
-        pytest.skip("ddddocr_det is not in .cache/real-models (python -m tools.real_models calib ddddocr_det)")
+        pytest.skip("ddddocr_det is not in .cache/real-models (python -m tools.data.real_models calib ddddocr_det)")
     pytest.importorskip("torch")
     common = ["--calib", calib, "--batch-size", "1", "--ft-batch-size", "1", "--max-samples", "32", "--metrics", "cka",
               "--no-latency", "-q", "--threads", "1"]

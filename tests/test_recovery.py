@@ -1,11 +1,11 @@
 """A pruned reference model recovers accuracy through the bridge: supervised and label-free distillation.
 
 The shipped ResNet-56 (92.93% Fashion-MNIST test accuracy) loses the 10 blocks the Consensus removes
-first (37.5% of MACs; see README), then is fine-tuned for one short epoch. Accuracy is measured on images of
-the test split, never used for calibration or training. Two budgets, the same assertions:
+first (37.5% of MACs; see docs/BENCHMARKS.md), then is fine-tuned for one short epoch. Accuracy is measured on
+images of the test split, never used for calibration or training. Two budgets, the same assertions:
 
 - smoke (default run): 512 training images, batch 32 (16 steps), 250 test images;
-- full (``-m slow``): 2,000 training images, batch 64, 2,000 test images (the figures the README cites).
+- full (``-m slow``): 2,000 training images, batch 64, 2,000 test images.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from onnx_consensus.graph.blocks import find_blocks
 from onnx_consensus.graph.surgery import remove_blocks
 from onnx_consensus.finetune.job import finetune_pruned
 from tests.helpers import ROOT, run
-from tools.fmnist import load_fmnist, to_cifar_input
+from tools.data.fmnist import load_fmnist, to_cifar_input
 
 SHIPPED = f"{ROOT}/models/resnet56_fmnist.onnx"
 # The Consensus' first 10 removals on the shipped calibration set (`onnx-cprune ... --remove 10`).

@@ -1,1 +1,3 @@
-"""Developer scripts: Fashion-MNIST data and reference-model training (not part of the installed package)."""
+"""Developer scripts (not part of the installed package): ``tools.data`` builds the data and reference models,
+``tools.bench`` measures (every figure in docs/BENCHMARKS.md, with its command), ``tools.paper`` reproduces the
+paper's experiment."""

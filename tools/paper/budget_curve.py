@@ -1,4 +1,4 @@
-"""Table 5 of the reproduction: Consensus at the deepest level (21 blocks, 78.80% of MACs) against the
+"""Table 5 of the reproduction: Consensus at the deepest level (Config.levels[-1] blocks) against the
 fine-tuning budget, so a reader sees where a longer fine-tune would land.
 
     python -m tools.paper.budget_curve [--shard k/n]
@@ -23,8 +23,8 @@ def main(argv=None) -> None:
     # largest first, so two workers finish together
     for budget in units_for_shard(sorted(config.curve_budgets + MULTI_EPOCH_BUDGETS, reverse=True), args.shard):
         row = finetune_unit("consensus", level, "supervised", 0, budget, config, test=test)
-        print(f"consensus {level} blocks, {budget} images: {row['accuracy']:.2%} "
-              f"({row['finetune_seconds']:.0f} s)", flush=True)
+        print(f"consensus {level} blocks, {budget} images: {row.accuracy:.2%} "
+              f"({row.finetune_seconds:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":

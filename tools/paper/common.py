@@ -7,8 +7,6 @@ an interrupted run resumes where it stopped and a changed budget does not reuse 
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,7 +15,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-ROOT = Path(__file__).resolve().parents[2]
+from tools.bench.harness import (ROOT, BenchRow, add_shard, cache_dir as harness_cache_dir, config_key, read_json,
+                                 shard, write_json)
+
+from .rows import row_class
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,7 @@ class Config:
     threads: int = 1  # per worker; the driver runs two workers on the two cores
 
     def key(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
-        return hashlib.sha1(blob).hexdigest()[:10]
+        return config_key(asdict(self))
 
     @property
     def criteria(self) -> list[str]:
@@ -52,7 +52,7 @@ CONFIG = Config()
 
 
 def cache_dir(config: Config = CONFIG) -> Path:
-    d = ROOT / ".cache" / "paper" / config.key()
+    d = harness_cache_dir("paper", config.key())
     d.mkdir(parents=True, exist_ok=True)
     return d
 
@@ -63,16 +63,14 @@ def result_path(kind: str, name: str, config: Config = CONFIG, ext: str = "json"
     return d / f"{name}.{ext}"
 
 
-def load_result(kind: str, name: str, config: Config = CONFIG) -> dict | None:
-    p = result_path(kind, name, config)
-    return json.loads(p.read_text()) if p.exists() else None
+def load_result(kind: str, name: str, config: Config = CONFIG) -> BenchRow | None:
+    """The cached row of ``kind`` / ``name`` (``rows.row_class``), or None when that unit has not run."""
+    data = read_json(result_path(kind, name, config))
+    return None if data is None else row_class(kind, name).from_json(data)
 
 
-def save_result(kind: str, name: str, data: dict, config: Config = CONFIG) -> None:
-    p = result_path(kind, name, config)
-    tmp = p.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, default=float))
-    os.replace(tmp, p)
+def save_result(kind: str, name: str, data: BenchRow, config: Config = CONFIG) -> None:
+    write_json(result_path(kind, name, config), data)
 
 
 def save_model(kind: str, name: str, model: onnx.ModelProto, config: Config = CONFIG) -> None:
@@ -86,12 +84,9 @@ def load_saved_model(kind: str, name: str, config: Config = CONFIG) -> onnx.Mode
     return onnx.load(result_path(kind, name, config, ext="onnx"))
 
 
-def units_for_shard(units: list, shard: str | None) -> list:
-    """``shard`` "k/n": every n-th unit starting at k (None: all)."""
-    if not shard:
-        return units
-    k, n = (int(v) for v in shard.split("/"))
-    return units[k::n]
+def units_for_shard(units: list, spec: str | None) -> list:
+    """``shard`` "k/n": every n-th unit starting at k (None: all); the harness's ``shard``."""
+    return shard(units, spec)
 
 
 def original_model(config: Config = CONFIG) -> onnx.ModelProto:
@@ -101,7 +96,7 @@ def original_model(config: Config = CONFIG) -> onnx.ModelProto:
 # ----------------------------------------------------------------------------------------------- data
 
 def _folder(name: str, images: np.ndarray, labels: np.ndarray | None, config: Config) -> str:
-    from tools.fmnist import to_cifar_input
+    from tools.data.fmnist import to_cifar_input
 
     folder = ROOT / ".cache" / "paper" / "data" / name
     if not (folder / "x.npy").exists():
@@ -115,8 +110,8 @@ def _folder(name: str, images: np.ndarray, labels: np.ndarray | None, config: Co
 
 def train_data(n: int, labelled: bool, config: Config = CONFIG):
     """CalibrationData of the first ``n`` training images (with labels, or without for distillation)."""
-    from onnx_consensus.data import load_calibration
-    from tools.fmnist import load_fmnist
+    from onnx_consensus import load_calibration
+    from tools.data.fmnist import load_fmnist
 
     x, y = load_fmnist("train")
     name = f"train{n}" + ("" if labelled else "-nolabels")
@@ -125,7 +120,7 @@ def train_data(n: int, labelled: bool, config: Config = CONFIG):
 
 def test_arrays() -> tuple[np.ndarray, np.ndarray]:
     """All 10,000 test images as the model's (N, 3, 32, 32) float32 input, and their labels."""
-    from tools.fmnist import load_fmnist, to_cifar_input
+    from tools.data.fmnist import load_fmnist, to_cifar_input
 
     x, y = load_fmnist("test")
     return to_cifar_input(x), y
@@ -149,15 +144,14 @@ def accuracy(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, threads: int 
 
 def pruned_model(criterion: str, level: int, config: Config = CONFIG) -> onnx.ModelProto:
     """The original with the first ``level`` blocks of ``criterion``'s removal order taken out."""
-    from onnx_consensus.graph.blocks import find_blocks
-    from onnx_consensus.graph.surgery import remove_blocks
+    from onnx_consensus import find_blocks, remove_blocks
 
     run = load_result("prune", criterion, config)
     if run is None:
         raise RuntimeError(f"no pruning run for {criterion}: run python -m tools.paper.prune_runs first")
     model = original_model(config)
     blocks = find_blocks(model).by_id()
-    return remove_blocks(model, [blocks[i] for i in run["order"][:level]])
+    return remove_blocks(model, [blocks[i] for i in run.order[:level]])
 
 
 @dataclass
@@ -174,7 +168,7 @@ def worker_args(doc: str, argv=None, extra=None):
     import argparse
 
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shard", default=None, help="k/n: this worker's share of the units (default: all)")
+    add_shard(ap)
     if extra is not None:
         extra(ap)
     args = ap.parse_args(argv)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from .common import CONFIG, Config, Timer, accuracy, load_result, original_model, pruned_model, save_model, \
     save_result, test_arrays, train_data, units_for_shard, worker_args
+from .rows import FinetuneRow
 
 MODES = ("supervised", "distillation")
 TRAIN_SET = 60_000  # Fashion-MNIST training images
@@ -24,15 +25,15 @@ def unit_name(criterion: str, level: int, mode: str, seed: int, budget: int) -> 
 
 
 def finetune_unit(criterion: str, level: int, mode: str, seed: int, budget: int, config: Config,
-                  keep_model: bool = False, test=None) -> dict:
+                  keep_model: bool = False, test=None) -> FinetuneRow:
     """Fine-tune the ``level`` model of ``criterion`` on one pass over the first ``budget`` training images
     (past 60,000: budget / 60,000 epochs over all of them); cached by all of those."""
     name = unit_name(criterion, level, mode, seed, budget)
     done = load_result("finetune", name, config)
     if done is not None:
         return done
+    from onnx_consensus import FinetuneConfig
     from onnx_consensus.finetune.job import finetune_pruned
-    from onnx_consensus.options import FinetuneConfig
 
     x, y = test if test is not None else test_arrays()
     original = original_model(config)
@@ -45,10 +46,9 @@ def finetune_unit(criterion: str, level: int, mode: str, seed: int, budget: int,
     rec = finetune_pruned(original, pruned, data, config=ft_config, eval_data=None, threads=config.threads,
                           progress=False)
     seconds = clock()
-    row = {"criterion": criterion, "level": level, "mode": mode, "seed": seed, "budget_images": budget,
-           "images_seen": rec.result.images_seen, "finetune_seconds": seconds, "threads": config.threads,
-           "accuracy": accuracy(rec.model, x, y, threads=config.threads),
-           "final_loss": rec.result.history[-1]["loss"] if rec.result.history else None}
+    row = FinetuneRow(criterion, level, mode, seed, budget, rec.result.images_seen, seconds, config.threads,
+                      accuracy(rec.model, x, y, threads=config.threads),
+                      rec.result.history[-1]["loss"] if rec.result.history else None)
     if keep_model:
         save_model("finetune", name, rec.model, config)
     save_result("finetune", name, row, config)
@@ -64,7 +64,7 @@ def best_single(config: Config) -> str | None:
                 for lv in config.levels for mode in MODES]
         if any(r is None for r in rows):
             return None
-        means[metric] = sum(r["accuracy"] for r in rows) / len(rows)
+        means[metric] = sum(r.accuracy for r in rows) / len(rows)
     return max(means, key=means.get)
 
 
@@ -91,8 +91,8 @@ def main(argv=None) -> None:
     for criterion, level, mode, seed in units_for_shard(units(args.stage, config), args.shard):
         row = finetune_unit(criterion, level, mode, seed, config.train_images, config,
                             keep_model=keeps_model(criterion, seed, config), test=test)
-        print(f"{criterion:<10} {level} blocks {mode:<12} seed {seed}: {row['accuracy']:.2%} "
-              f"({row['finetune_seconds']:.0f} s)", flush=True)
+        print(f"{criterion:<10} {level} blocks {mode:<12} seed {seed}: {row.accuracy:.2%} "
+              f"({row.finetune_seconds:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import argparse
 import numpy as np
 
 from .common import CONFIG, load_result, original_model, pruned_model, save_result, test_arrays
+from .rows import LatencyEntry, LatencyRow
 
 
 def main(argv=None) -> None:
@@ -28,7 +29,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     config = CONFIG
     from onnx_consensus.bench import measure_latency
-    from onnx_consensus.graph.flops import count_cost
+    from onnx_consensus import count_cost
 
     names = ["original"] + [f"{c}-L{lv}" for c in config.criteria for lv in config.levels]
     models = [original_model(config)] + [pruned_model(c, lv, config) for c in config.criteria for lv in config.levels]
@@ -43,18 +44,15 @@ def main(argv=None) -> None:
             pairs = [measure_latency([models[0], m], feed, runs=args.runs, threads=threads) for m in models[1:]]
             orig_ms = float(np.median([p[0].median_ms for p in pairs]))
             orig_p90 = float(np.median([p[0].p90_ms for p in pairs]))
-            rows = [{"model": "original", "macs": macs[0], "macs_cut": 0.0, "median_ms": orig_ms, "p90_ms": orig_p90,
-                     "latency_cut": 0.0}]
-            rows += [{"model": n, "macs": m, "macs_cut": 1 - m / macs[0], "median_ms": p[1].median_ms,
-                      "p90_ms": p[1].p90_ms, "original_ms_in_pair": p[0].median_ms,
-                      "latency_cut": 1 - p[1].median_ms / p[0].median_ms}
+            rows = [LatencyEntry("original", macs[0], 0.0, orig_ms, orig_p90, 0.0)]
+            rows += [LatencyEntry(n, m, 1 - m / macs[0], p[1].median_ms, p[1].p90_ms,
+                                  1 - p[1].median_ms / p[0].median_ms, p[0].median_ms)
                      for n, m, p in zip(names[1:], macs[1:], pairs)]
-            save_result("latency", key, {"threads": threads, "batch_size": bs, "runs": args.runs,
-                                         "opt_level": pairs[0][0].opt_level, "rows": rows}, config)
+            save_result("latency", key, LatencyRow(threads, bs, args.runs, pairs[0][0].opt_level, rows), config)
             print(f"threads {threads}, batch {bs}: original {orig_ms:.2f} ms", flush=True)
             for r in rows[1:]:
-                print(f"  {r['model']:<16} MACs -{r['macs_cut']:.1%}  latency -{r['latency_cut']:.1%} "
-                      f"({r['median_ms']:.2f} ms)", flush=True)
+                print(f"  {r.model:<16} MACs -{r.macs_cut:.1%}  latency -{r.latency_cut:.1%} ({r.median_ms:.2f} ms)",
+                      flush=True)
 
 
 if __name__ == "__main__":

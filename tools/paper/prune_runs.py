@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from .common import CONFIG, ROOT, Config, Timer, accuracy, load_result, original_model, pruned_model, \
     save_result, test_arrays, units_for_shard, worker_args
+from .rows import LevelRow, OriginalRow, PruneRow
 
 
 def published_order(model, depth: int) -> list[str]:
@@ -23,7 +24,7 @@ def published_order(model, depth: int) -> list[str]:
     the standard network, but the code skipped it), and sorting by score then applying the mask in layer
     order removed the first remaining offered block of the earliest stage each time, with no per-stage
     minimum: for ResNet-56, blocks 2-9 of stage 1, then 2-9 of stage 2, then stage 3 (21 = 8 + 8 + 5)."""
-    from onnx_consensus.graph.blocks import find_blocks
+    from onnx_consensus import find_blocks
 
     blocks = sorted(find_blocks(model).blocks, key=lambda b: (b.stage, b.position))
     return [b.id for b in blocks[1:depth + 1]]
@@ -37,9 +38,9 @@ def metrics_of(criterion: str) -> tuple[tuple[str, ...], int]:
     return (criterion,), 0
 
 
-def run_criterion(criterion: str, config: Config) -> dict:
-    from onnx_consensus.data import load_calibration
-    from onnx_consensus.pruner import CriterionOptions, RunOptions, TargetOptions, prune
+def run_criterion(criterion: str, config: Config) -> PruneRow:
+    from onnx_consensus import CriterionOptions, RunOptions, TargetOptions, load_calibration
+    from onnx_consensus.pruner import prune
 
     model = original_model(config)
     depth = max(config.levels)
@@ -52,12 +53,11 @@ def run_criterion(criterion: str, config: Config) -> dict:
         res = prune(model, data, criterion=CriterionOptions(metrics=metrics, seed=seed),
                     target=TargetOptions(remove=depth), run=RunOptions(threads=config.threads))
         order, rounds = res.removed_ids, len(res.rounds)
-    return {"criterion": criterion, "order": order, "rounds": rounds, "prune_seconds": clock(),
-            "threads": config.threads}
+    return PruneRow(criterion, order, rounds, clock(), config.threads)
 
 
-def level_rows(criterion: str, config: Config) -> list[dict]:
-    from onnx_consensus.graph.flops import count_cost
+def level_rows(criterion: str, config: Config) -> list[LevelRow]:
+    from onnx_consensus import count_cost
 
     x, y = test_arrays()
     base = count_cost(original_model(config))
@@ -65,9 +65,8 @@ def level_rows(criterion: str, config: Config) -> list[dict]:
     for level in config.levels:
         m = pruned_model(criterion, level, config)
         cost = count_cost(m)
-        rows.append({"level": level, "macs": cost.total_macs, "params": cost.params,
-                     "macs_cut": 1 - cost.total_macs / base.total_macs,
-                     "accuracy": accuracy(m, x, y, threads=config.threads)})
+        rows.append(LevelRow(level, cost.total_macs, cost.params, 1 - cost.total_macs / base.total_macs,
+                             accuracy(m, x, y, threads=config.threads)))
     return rows
 
 
@@ -75,21 +74,21 @@ def main(argv=None) -> None:
     args = worker_args(__doc__, argv)
     config = CONFIG
     if args.shard in (None, "0/2", "0/1") and load_result("prune", "original", config) is None:
-        from onnx_consensus.graph.flops import count_cost
+        from onnx_consensus import count_cost
 
         x, y = test_arrays()
         cost = count_cost(original_model(config))
-        save_result("prune", "original", {"accuracy": accuracy(original_model(config), x, y, config.threads),
-                                          "macs": cost.total_macs, "params": cost.params}, config)
+        save_result("prune", "original", OriginalRow(accuracy(original_model(config), x, y, config.threads),
+                                                     cost.total_macs, cost.params), config)
     for criterion in units_for_shard(config.criteria, args.shard):
         done = load_result("prune", criterion, config)
-        if done is None or "levels" not in done:
+        if done is None or not done.levels:
             done = run_criterion(criterion, config)
             save_result("prune", criterion, done, config)  # the order first: level_rows rebuilds from it
-            done["levels"] = level_rows(criterion, config)
+            done.levels = level_rows(criterion, config)
             save_result("prune", criterion, done, config)
-        accs = ", ".join(f"{r['level']}: {r['accuracy']:.2%}" for r in done["levels"])
-        print(f"{criterion:<10} pruned in {done['prune_seconds']:.0f} s; no fine-tuning {accs}", flush=True)
+        accs = ", ".join(f"{r.level}: {r.accuracy:.2%}" for r in done.levels)
+        print(f"{criterion:<10} pruned in {done.prune_seconds:.0f} s; no fine-tuning {accs}", flush=True)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def label(criterion: str) -> str:
 
 def ft_accuracies(criterion: str, level: int, mode: str, seeds, config: Config) -> list[float]:
     rows = [load_result("finetune", unit_name(criterion, level, mode, s, config.train_images), config) for s in seeds]
-    return [r["accuracy"] for r in rows if r is not None]
+    return [r.accuracy for r in rows if r is not None]
 
 
 def grouped(config: Config) -> list[tuple[str, list[str]]]:
@@ -51,17 +51,17 @@ def table_prune(config: Config) -> list[str]:
     orig = load_result("prune", "original", config)
     lv = config.levels
     first = load_result("prune", "consensus", config)
-    cuts = {r["level"]: r["macs_cut"] for r in first["levels"]} if first else {}
+    cuts = {r.level: r.macs_cut for r in first.levels} if first else {}
     out = ["| criterion | " + " | ".join(f"{l} blocks (-{cuts.get(l, 0):.2%} MACs)" for l in lv)
            + " | pruning run to 21 blocks |", "|---|" + "---:|" * (len(lv) + 1),
-           f"| original (no block removed) | {pct(orig['accuracy'])}" + " |" * len(lv) + " |"]
+           f"| original (no block removed) | {pct(orig.accuracy)}" + " |" * len(lv) + " |"]
     for name, crits in grouped(config):
         runs = [load_result("prune", c, config) for c in crits]
-        runs = [r for r in runs if r and "levels" in r]
+        runs = [r for r in runs if r and r.levels]
         if not runs:
             continue
-        cells = [mean_sd([next(x["accuracy"] for x in r["levels"] if x["level"] == l) for r in runs]) for l in lv]
-        secs = statistics.mean(r["prune_seconds"] for r in runs)
+        cells = [mean_sd([r.level(l).accuracy for r in runs]) for l in lv]
+        secs = statistics.mean(r.prune_seconds for r in runs)
         out.append(f"| {name} | " + " | ".join(cells) + f" | {secs:.0f} s |")
     return out
 
@@ -86,7 +86,7 @@ def table_finetune(config: Config) -> list[str]:
                     for l in lv:
                         r = load_result("finetune", unit_name(c, l, m, s, config.train_images), config)
                         if r:
-                            secs.append(r["finetune_seconds"])
+                            secs.append(r.finetune_seconds)
         tag = " (best single)" if crits[0] == best else ""
         out.append(f"| {name}{tag} | {runs} | " + " | ".join(cells)
                    + f" | {statistics.mean(secs) if secs else 0:.0f} |")
@@ -113,12 +113,12 @@ def table_robustness(config: Config) -> list[str]:
     orig = load_result("robustness", "original", config)
     if orig is None:
         return ["(robustness not run yet)"]
-    attacks = [(a["attack"], a["eps"]) for a in orig["attacks"]]
+    attacks = [(a.attack, a.eps) for a in orig.attacks]
     out = ["| model | clean | " + " | ".join(f"{a.upper()} {e * 255:.0f}/255" for a, e in attacks) + " |",
            "|---|---:|" + "---:|" * len(attacks)]
 
     def line(name, row):
-        return f"| {name} | {pct(row['clean'])} | " + " | ".join(pct(a["accuracy"]) for a in row["attacks"]) + " |"
+        return f"| {name} | {pct(row.clean)} | " + " | ".join(pct(a.accuracy) for a in row.attacks) + " |"
     out.append(line("original", orig))
     for c in ("consensus", best):
         for m in MODES:
@@ -136,14 +136,14 @@ def table_latency(config: Config) -> list[str]:
         b64 = load_result("latency", f"t{threads}-b64-r30", config)
         if not (b1 and b64):
             continue
-        o1, o64 = b1["rows"][0], b64["rows"][0]
-        out += [f"**{threads} thread{'s' if threads > 1 else ''}** (original: {o1['median_ms']:.3f} ms at batch 1, "
-                f"{o64['median_ms']:.2f} ms at batch 64; p90 {o1['p90_ms']:.3f} / {o64['p90_ms']:.2f} ms)", "",
+        o1, o64 = b1.rows[0], b64.rows[0]
+        out += [f"**{threads} thread{'s' if threads > 1 else ''}** (original: {o1.median_ms:.3f} ms at batch 1, "
+                f"{o64.median_ms:.2f} ms at batch 64; p90 {o1.p90_ms:.3f} / {o64.p90_ms:.2f} ms)", "",
                 "| model | MACs cut | latency cut, batch 1 | latency cut, batch 64 | batch-64 cut / MACs cut |",
                 "|---|---:|---:|---:|---:|"]
-        for r1, r64 in zip(b1["rows"][1:], b64["rows"][1:]):
-            out.append(f"| {r1['model']} | {r1['macs_cut']:.2%} | {r1['latency_cut']:.1%} | {r64['latency_cut']:.1%} "
-                       f"| {r64['latency_cut'] / r64['macs_cut']:.2f} |")
+        for r1, r64 in zip(b1.rows[1:], b64.rows[1:]):
+            out.append(f"| {r1.model} | {r1.macs_cut:.2%} | {r1.latency_cut:.1%} | {r64.latency_cut:.1%} "
+                       f"| {r64.latency_cut / r64.macs_cut:.2f} |")
         out.append("")
     return out or ["(latency not run yet)"]
 
@@ -154,7 +154,7 @@ def latency_fit(config: Config, threads: int, batch: int) -> dict | None:
     which says where the time goes: the part no block removal can cut, and what a block costs per stage."""
     import numpy as np
 
-    from onnx_consensus.graph.blocks import find_blocks
+    from onnx_consensus import find_blocks
 
     from .common import original_model
 
@@ -165,14 +165,14 @@ def latency_fit(config: Config, threads: int, batch: int) -> dict | None:
     stages = sorted({b.stage for b in blocks.values()})
     total = {s: sum(1 for b in blocks.values() if b.stage == s) for s in stages}
     rows, ys = [], []
-    for r in lat["rows"]:
+    for r in lat.rows:
         left = dict(total)
-        if r["model"] != "original":
-            crit, level = r["model"].rsplit("-L", 1)
-            for bid in load_result("prune", crit, config)["order"][:int(level)]:
+        if r.model != "original":
+            crit, level = r.model.rsplit("-L", 1)
+            for bid in load_result("prune", crit, config).order[:int(level)]:
                 left[blocks[bid].stage] -= 1
         rows.append([1.0] + [left[s] for s in stages])
-        ys.append(r["median_ms"])
+        ys.append(r.median_ms)
     coef, *_ = np.linalg.lstsq(np.array(rows), np.array(ys), rcond=None)
     pred = np.array(rows) @ coef
     return {"fixed_ms": float(coef[0]), "per_block_ms": {int(s): float(c) for s, c in zip(stages, coef[1:])},
@@ -207,7 +207,7 @@ def table_curve(config: Config) -> list[str]:
         r = load_result("finetune", unit_name("consensus", lv, "supervised", 0, b), config)
         if r:
             over = f"1 x first {b:,}" if b <= 60_000 else f"{b // 60_000} x all 60,000"
-            out.append(f"| {b:,} | {over} | {pct(r['accuracy'])} | {r['finetune_seconds']:.0f} |")
+            out.append(f"| {b:,} | {over} | {pct(r.accuracy)} | {r.finetune_seconds:.0f} |")
     return out
 
 
@@ -220,15 +220,15 @@ def plots(config: Config) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), sharey=False)
     for ax, mode in zip(axes, ("none", *MODES)):
         for name, crits in grouped(config):
-            xs, ys = [0.0], [orig["accuracy"] * 100]
+            xs, ys = [0.0], [orig.accuracy * 100]
             for l in config.levels:
                 runs = [load_result("prune", c, config) for c in crits]
-                runs = [r for r in runs if r and "levels" in r]
+                runs = [r for r in runs if r and r.levels]
                 if not runs:
                     continue
-                cut = next(x["macs_cut"] for x in runs[0]["levels"] if x["level"] == l)
+                cut = runs[0].level(l).macs_cut
                 if mode == "none":
-                    accs = [next(x["accuracy"] for x in r["levels"] if x["level"] == l) for r in runs]
+                    accs = [r.level(l).accuracy for r in runs]
                 else:
                     accs = [a for c in crits for a in ft_accuracies(c, l, mode, config.ft_seeds, config)]
                 if accs:
@@ -250,11 +250,11 @@ def plots(config: Config) -> None:
     lv = max(config.levels)
     pts = [(b, load_result("finetune", unit_name("consensus", lv, "supervised", 0, b), config))
            for b in curve_budgets(config)]
-    pts = [(b, r["accuracy"] * 100) for b, r in pts if r]
+    pts = [(b, r.accuracy * 100) for b, r in pts if r]
     if pts:
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.semilogx([b for b, _ in pts], [a for _, a in pts], "-o", label=f"Consensus, {lv} blocks removed")
-        ax.axhline(orig["accuracy"] * 100, color="grey", linestyle=":", label="original")
+        ax.axhline(orig.accuracy * 100, color="grey", linestyle=":", label="original")
         ax.set_xlabel("fine-tuning images seen (each budget its own run and cosine schedule)")
         ax.set_ylabel("test top-1 (%)")
         ax.legend()

@@ -18,6 +18,7 @@ import numpy as np
 from .common import CONFIG, Config, load_result, load_saved_model, original_model, save_result, test_arrays, \
     units_for_shard, worker_args
 from .finetune_runs import MODES, best_single, unit_name
+from .rows import AttackRow, RobustnessRow
 
 
 def attack_accuracy(model, x: np.ndarray, y: np.ndarray, eps: float, steps: int, batch_size: int = 100) -> float:
@@ -27,7 +28,7 @@ def attack_accuracy(model, x: np.ndarray, y: np.ndarray, eps: float, steps: int,
     import torch.nn.functional as F
 
     from onnx_consensus.bridge import to_torch
-    from tools.fmnist import MEAN, STD
+    from tools.data.fmnist import MEAN, STD
 
     module = to_torch(model).eval()
     for p in module.parameters():
@@ -68,16 +69,13 @@ def main(argv=None) -> None:
         if load_result("robustness", name, config) is not None:
             continue
         model = original_model(config) if level is None else load_saved_model("finetune", name, config)
-        row = {"criterion": criterion, "level": level, "mode": mode, "images": len(x),
-               "clean": attack_accuracy(model, x, y, 0.0, 0), "attacks": []}
+        row = RobustnessRow(criterion, level, mode, len(x), attack_accuracy(model, x, y, 0.0, 0))
         for eps in config.fgsm_eps:
             for attack, steps in (("fgsm", 1), ("pgd", config.pgd_steps)):
-                row["attacks"].append({"attack": attack, "eps": eps, "steps": steps,
-                                       "accuracy": attack_accuracy(model, x, y, eps, steps)})
+                row.attacks.append(AttackRow(attack, eps, steps, attack_accuracy(model, x, y, eps, steps)))
         save_result("robustness", name, row, config)
-        print(name, f"clean {row['clean']:.1%}",
-              " ".join(f"{a['attack']}@{a['eps'] * 255:.0f}/255 {a['accuracy']:.1%}" for a in row["attacks"]),
-              flush=True)
+        print(name, f"clean {row.clean:.1%}",
+              " ".join(f"{a.attack}@{a.eps * 255:.0f}/255 {a.accuracy:.1%}" for a in row.attacks), flush=True)
 
 
 if __name__ == "__main__":

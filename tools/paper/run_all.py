@@ -1,6 +1,6 @@
 """Run the whole reproduction (issue 6) in order, two workers on the two cores, resumable.
 
-    nohup python -m tools.paper.run_all > paper.log 2>&1 &      # about 1.5 hours on 2 cores
+    nohup python -m tools.paper.run_all > paper.log 2>&1 &      # all stages (the time it took: docs/BENCHMARKS.md)
     python -m tools.paper.run_all --only latency,report          # one or more stages
 
 Stages: prune (Table 1), finetune (Table 2, seed 0), seeds (Table 2, seeds 1-2 of the Consensus and the best
