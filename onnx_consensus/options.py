@@ -45,6 +45,7 @@ def default_criterion(finetuned: bool) -> tuple[str, ...]:
     return FINETUNED_CRITERION if finetuned else DEFAULT_CRITERION
 
 
+_NOT_YET = "not yet: prune with --remove N, then quantize with onnxruntime-genai's builder (-p int4)"
 LATENCY_CHOICES = ("damage", "latency", "macs")  # --latency-choice: the trade of latency_target.Budget.pick
 
 FINETUNE_GROUP = "fine-tuning (needs torch: pip install 'onnx-consensus[torch]')"
@@ -113,7 +114,8 @@ def plan_ids(path: str) -> tuple[str, ...]:
 def option(flag: str, help: str, *, default: Any = MISSING, default_factory: Any = MISSING, short: str | None = None,
            type: Callable | None = None, choices: tuple | None = None, metavar: str | None = None,
            negate: bool = False, append: bool = False, convert: Callable | None = None, group: str | None = None,
-           same_as: str | None = None, cli_default: Any = MISSING, show_default: bool = True) -> Any:
+           same_as: str | None = None, cli_default: Any = MISSING, show_default: bool = True,
+           decoder: str | None = None) -> Any:
     """A dataclass field with its command-line flag.
 
     flag / short: the option strings; its ``dest`` is the long flag without dashes. A bool field is a
@@ -122,10 +124,12 @@ def option(flag: str, help: str, *, default: Any = MISSING, default_factory: Any
     field's value. ``group``: the help group, when not the class's ``GROUP``. ``same_as``: no flag of its
     own, the value of that other flag (one ``--seed`` for scoring and fine-tuning). ``cli_default``: the
     command's value when the flag is absent, where it differs on purpose from the API's default.
+    ``decoder``: why a decoder LLM's run refuses the option (``llm.run.check_decoder_options``: one line naming
+    the flag when it is set to anything but its default); None: decoder runs honour it.
     """
     meta = {"flag": flag, "short": short, "help": help, "type": type, "choices": choices, "metavar": metavar,
             "negate": negate, "append": append, "convert": convert, "group": group, "same_as": same_as,
-            "cli_default": cli_default, "show_default": show_default}
+            "cli_default": cli_default, "show_default": show_default, "decoder": decoder}
     return field(default=default, default_factory=default_factory, metadata={"cli": meta})
 
 
@@ -224,18 +228,21 @@ class DataOptions(_Group):
     GROUP: ClassVar[str] = "input data"
     labels: str | None = option("--labels", "class ids (.npy) in the data's sorted sample order (default: "
                                 "labels.npy in the calibration directory, if present)", default=None,
-                                metavar="FILE")
+                                metavar="FILE", decoder="the calibration is text")
     max_samples: int | None = option("--max-samples", "use at most this many calibration samples", default=None,
                                      type=int)
     image_size: tuple[int, int] | None = option("--image-size", "resize images to HxW (default: the model's "
-                                                "input size)", default=None, metavar="HxW", convert=_image_size)
+                                                "input size)", default=None, metavar="HxW", convert=_image_size,
+                                                decoder="the calibration is text")
     mean: tuple[float, ...] | None = option("--mean", "per-channel mean subtracted from images scaled to [0,1] "
-                                            "(default 0)", default=None, type=_floats)
+                                            "(default 0)", default=None, type=_floats,
+                                            decoder="the calibration is text")
     std: tuple[float, ...] | None = option("--std", "per-channel std dividing images (default 1)", default=None,
-                                           type=_floats)
+                                           type=_floats, decoder="the calibration is text")
     layout: Literal["NCHW", "NHWC"] = option("--layout", "image tensor layout", default="NCHW",
-                                             choices=("NCHW", "NHWC"))
-    strict: bool = option("--strict", "fail on a corrupt data file instead of skipping it", default=False)
+                                             choices=("NCHW", "NHWC"), decoder="the calibration is text")
+    strict: bool = option("--strict", "fail on a corrupt data file instead of skipping it", default=False,
+                          decoder="the calibration text is read whole")
     follow_symlinks: bool = option("--follow-symlinks", "read files of the calibration, training and evaluation "
                                    "folders (and the tokenizer and configs beside a decoder export) that are "
                                    "symbolic links to places outside their folder (refused by default)",
@@ -271,10 +278,11 @@ class RunOptions(_Group):
         "--max-memory", "memory budget (6G, 512M; bytes in the API): the inference batch is lowered to fit the "
         "peak estimated from the graph before any inference, and a run that cannot fit even at batch 1 is refused "
         "(default: 60%% of the memory available at the start)", default=None, metavar="SIZE", convert=_size,
-        group="input data", show_default=False)
+        group="input data", show_default=False, decoder="the memory estimate covers block models only")
     input_shapes: dict[str, tuple[int, ...]] = option(
         "--input-shape", "fix an input's dynamic dimensions for MAC counting (repeatable)",
-        default_factory=dict, metavar="NAME:1x3x224x224", append=True, convert=_input_shapes)
+        default_factory=dict, metavar="NAME:1x3x224x224", append=True, convert=_input_shapes,
+        decoder="MACs are counted per token (onnx-cprune inspect)")
 
 
 @dataclass
@@ -285,17 +293,21 @@ class TargetOptions(_Group):
     GROUP: ClassVar[str] = "target"
     remove: int | None = option("--remove", "remove N blocks", default=None, type=int, metavar="N")
     target_flops: float | None = option("--target-flops", "remove blocks until at least the fraction F of MACs "
-                                        "is gone (e.g. 0.5)", default=None, type=float, metavar="F")
+                                        "is gone (e.g. 0.5)", default=None, type=float, metavar="F",
+                                        decoder="the target is a number of layers (--remove N) or --plan")
     target_latency: float | None = option("--target-latency", "remove blocks until the written model's measured "
                                           "latency (batch 1) is at most the fraction F of the original's",
-                                          default=None, type=float, metavar="F")
-    target_latency_ms: float | None = option("--target-latency-ms", "... or at most T ms", default=None, type=float)
+                                          default=None, type=float, metavar="F", decoder=_NOT_YET)
+    target_latency_ms: float | None = option("--target-latency-ms", "... or at most T ms", default=None, type=float,
+                                             decoder=_NOT_YET)
     latency_choice: str = option("--latency-choice", "latency target: the block each round: damage (least damage), "
-                                 "latency or macs (rank / relative cost)", default="damage", choices=LATENCY_CHOICES)
+                                 "latency or macs (rank / relative cost)", default="damage", choices=LATENCY_CHOICES,
+                                 decoder="it goes with --target-latency")
     min_agreement: float = option("--min-agreement", "with no target: keep removing while the hold-out fidelity "
                                   "stays >= this, in the task's terms (detections kept, top-1 agreement, mask IoU, "
                                   "equal strings, cosine, standardised fidelity: the lowest over the outputs; see "
-                                  "--task, --output-kind, --fidelity)", default=0.99, type=float)
+                                  "--task, --output-kind, --fidelity)", default=0.99, type=float,
+                                  decoder="the target is a number of layers (--remove N) or --plan")
     keep_per_stage: int = option("--keep-per-stage", "keep at least K blocks in each run of same-shaped blocks",
                                  default=1, type=int, metavar="K")
     only: tuple[str, ...] = option("--only", "consider only these blocks", default=(), type=_csv, metavar="ID,...")
@@ -329,31 +341,36 @@ class CriterionOptions(_Group):
                            default="iterative", choices=("iterative", "one-shot"))
     feature: str | None = option("--feature", "feature tensor (default: the classifier head's input when the "
                                  "graph ends in one after the last block, else the graph's float outputs, "
-                                 "pooled)", default=None, metavar="TENSOR")
+                                 "pooled)", default=None, metavar="TENSOR",
+                                 decoder="layers are scored on the final hidden state or the logits")
     task: str | None = option("--task", "what the model does, when the graph does not say: detect (detector "
                               "heads: detections kept), segment (DB text map: mask IoU), ocr (CTC: equal strings), "
                               "classify (the first output is class scores: top-1 agreement, feature = the last "
                               "Gemm/MatMul/Conv's input), embed (cosine) or generic (per-channel standardised "
                               "fidelity) (default: judged from the graph)", default=None,
-                              choices=("detect", "segment", "ocr", "classify", "embed", "generic"))
+                              choices=("detect", "segment", "ocr", "classify", "embed", "generic"),
+                              decoder="the outputs are next-token logits, judged by perplexity")
     output_kind: tuple[str, ...] = option(
         "--output-kind", "what one output is, overriding the graph (repeatable): NAME=KIND[:ARGS] with KIND "
         "yolov8[:C] / yolov5[:C] / yolov10 / yolox_raw[:HxW] / boxes[:xyxy|cxcywh] with scores[:probs|sigmoid|logits] "
         "/ db[:THRESHOLD] / ctc[:BLANK] / class / embed / generic", default=(), append=True, metavar="NAME=KIND[:ARGS]",
-        convert=tuple, show_default=False)
+        convert=tuple, show_default=False, decoder="the outputs are next-token logits, judged by perplexity")
     fidelity: str | None = option("--fidelity", "your own fidelity measure, module:function(original_outputs, "
                                   "pruned_outputs) -> float in [0, 1] (dicts of arrays by output name), used for "
                                   "ranking, the budget, the collapse warning and the summary", default=None,
-                                  metavar="MODULE:FUNCTION")
+                                  metavar="MODULE:FUNCTION",
+                                  decoder="the outputs are next-token logits, judged by perplexity")
     pca_dim: int = option("--pca-dim", "principal-component cap for alignment metrics", default=256, type=int)
     seed: int = option("--seed", "seed for the hold-out split, random metric, k-means, fine-tuning", default=0,
                        type=int)
     unit: str = option("--unit", "candidate unit: every residual sub-block, or whole transformer layers "
-                       "(attention + MLP sub-blocks paired)", default="block", choices=("block", "layer"))
+                       "(attention + MLP sub-blocks paired)", default="block", choices=("block", "layer"),
+                       decoder="the unit is the decoder layer")
     token_mask: tuple[str, ...] = option("--token-mask", "input NAME masks tokens for feature averaging: keep = "
                                          "nonzero marks a real token, pad = nonzero marks padding (default: read "
                                          "from the graph, else guessed from the name)", default=(), type=_csv,
-                                         metavar="NAME:keep|pad,...", show_default=False)
+                                         metavar="NAME:keep|pad,...", show_default=False,
+                                         decoder="the calibration windows hold no padding")
 
 
 BN_FREEZE_BELOW = 1000
@@ -383,12 +400,13 @@ class FinetuneConfig(_Group):
     weight_decay: float | None = option("--weight-decay", "weight decay (default 0)", default=None, type=float)
     temperature: float = option("--temperature", "distillation temperature", default=4.0, type=float)
     feature_mse: float = option("--feature-mse", "weight of the feature-tensor MSE in distillation", default=0.0,
-                                type=float, show_default=False)
+                                type=float, show_default=False, decoder="distillation is on the logits")
     feature: str | None = option("--feature", "", default=None, same_as="--feature")
     # what the outputs are, for the distillation loss of each (the prune run's --task / --output-kind)
     task: str | None = option("--task", "", default=None, same_as="--task")
     output_kind: tuple[str, ...] = option("--output-kind", "", default=(), same_as="--output-kind", convert=tuple)
-    augment: bool = option("--augment", "random crop and flip for image inputs", default=False)
+    augment: bool = option("--augment", "random crop and flip for image inputs", default=False,
+    decoder="image inputs only")
     seed: int = option("--seed", "", default=0, same_as="--seed")
     device: str = option("--device", "where the PyTorch bridge trains: cpu, cuda or cuda:K (under torchrun each "
                          "rank takes cuda:LOCAL_RANK)", default="cpu")
@@ -421,12 +439,13 @@ class RecoveryOptions(_Group):
     GROUP: ClassVar[str] = FINETUNE_GROUP
     train: str | None = option("--train", "training data (default: the calibration data; with labels.npy: "
                                "supervised, else distillation from the original model)", default=None,
-                               metavar="DIR")
+                               metavar="DIR", decoder="distillation trains on the calibration windows")
     eval: str | None = option("--eval", "evaluation data: accuracy with labels.npy, else agreement; the best "
                               "epoch on it is the one written; decoder LLMs: held-out text for perplexity",
                               default=None, metavar="DIR")
     between: int = option("--finetune-between", "fine-tune N steps after each removal, before re-scoring "
-                          "(iterative schedule)", default=0, type=int, metavar="N", show_default=False)
+                          "(iterative schedule)", default=0, type=int, metavar="N", show_default=False,
+                          decoder="not implemented for decoder layers")
 
 
 @dataclass
@@ -438,12 +457,14 @@ class OutputOptions(_Group):
     force_write: bool = option("--force-write", "write the output even when nothing was removed", default=False)
     keep_partial: bool = option("--keep-partial", "if a run fails midway (onnxruntime error, interrupt), still "
                                 "write the model with the removals done so far and the report with the scores "
-                                "computed so far (exit code stays non-zero)", default=False)
+                                "computed so far (exit code stays non-zero)", default=False,
+                                decoder="not implemented for decoder runs")
     latency: bool = option("--no-latency", "skip the before/after latency measurement", default=True, negate=True)
     latency_runs: int = option("--latency-runs", "timed runs per model for latency", default=20, type=int)
     quantize: str | None = option("--quantize", "quantize the written model after pruning and fine-tuning: int8 "
                                   "(static QDQ), int4 (MatMulNBits) or fp16; four rows compared in the summary",
-                                  default=None, choices=tuple(QUANTIZE_FORMATS))
+                                  default=None, choices=tuple(QUANTIZE_FORMATS),
+                                  decoder=_NOT_YET)
 
 
 GROUPS = (DataOptions, RunOptions, TargetOptions, CriterionOptions, FinetuneConfig, RecoveryOptions, OutputOptions)

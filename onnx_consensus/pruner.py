@@ -30,7 +30,7 @@ from .graph.surgery import remove_blocks
 from .options import CriterionOptions, RunOptions, TargetOptions
 from .metrics import get_metric, resolve_metrics
 from .kinds import blind_spots, output_plan
-from .schedule import SCHEDULES, check_schedule, rounds
+from .schedule import check_schedule, rounds
 from .scoring import SCOPES, ScoreRound, has_class_scores, original_outputs, score_blocks
 
 __all__ = ["CriterionOptions", "TargetOptions", "RunOptions", "PruneResult", "Removal", "prune"]
@@ -321,6 +321,30 @@ def _finish(job: _Job, result: PruneResult, removed: list[Block], current: onnx.
                                "(--finetune-epochs N; distillation from the original when there are no labels) or "
                                "remove fewer blocks")
             log.info("%s", result.collapse)  # the summary says it (report "collapse")
+
+
+def nothing_removable(model: onnx.ModelProto, original: onnx.ModelProto | None = None, *, unit: str = "block",
+                      input_shapes: dict | None = None) -> PruneResult | None:
+    """When ``model`` has no removable block: the PruneResult saying why (``stop_reason``; its ``model`` the
+    ``original``, e.g. a bfloat16 model whose float32 shadow is ``model``), found without any inference;
+    None when it has one."""
+    cost = count_cost(model, input_shapes or None)
+    found = find_blocks(model, macs_per_node=cost.macs_per_node, unit=unit)
+    if found.blocks:
+        return None
+    if found.refusal:
+        why = found.refusal
+    elif found.not_removable:
+        reasons = sorted({n.reason for n in found.not_removable})
+        why = (f"{len(found.not_removable)} residual merge(s) seen, none removable: " + "; ".join(reasons[:3])
+               + ("; ..." if len(reasons) > 3 else ""))
+    else:
+        why = "no residual merge in the graph"
+    log.info("no removable block: %s", why)
+    return PruneResult(model=model if original is None else original, original_blocks=found,
+                       macs_before=cost.total_macs, macs_after=cost.total_macs, params_before=cost.params,
+                       params_after=cost.params, weight_bytes_before=cost.weight_bytes,
+                       weight_bytes_after=cost.weight_bytes, stop_reason=f"no removable block: {why}")
 
 
 def _blind_notes(model: onnx.ModelProto, plan, reference: list, budget: float | None) -> list[str]:

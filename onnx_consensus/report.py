@@ -12,9 +12,14 @@ from . import __version__
 from .pruner import PruneResult
 
 METADATA_KEY = "onnx_consensus.report"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """The JSON report's ``schema_version`` (docs/REPORT_SCHEMA.md): 1 the reports before it had one, 2 adds
-``schema_version``, ``latency_target``, ``quantize`` and ``curve``."""
+``schema_version``, ``latency_target``, ``quantize`` and ``curve``, 3 one schema for block models and decoder
+LLMs (``kind``, ``input_sha256`` in both; ``schema_version``, ``version``, ``seed``, ``output`` in a decoder's)."""
+COMMON_KEYS = ("schema_version", "tool", "version", "kind", "input", "input_sha256", "options", "seed", "removed",
+               "removed_ids", "rounds", "stop_reason", "candidates", "params", "weight_bytes", "finetune", "seconds",
+               "output")
+"""The keys every report has, whatever the model kind (docs/REPORT_SCHEMA.md); ``kind`` says which others."""
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -57,7 +62,9 @@ def build_report(result: PruneResult, *, options: Mapping, input_path: str | Non
         "schema_version": SCHEMA_VERSION,
         "tool": "onnx-consensus",
         "version": __version__,
+        "kind": "blocks",
         "input": {"path": input_path, "sha256": input_sha256},
+        "input_sha256": input_sha256,
         "options": dict(options),
         "seed": options.get("seed"),
         "candidates": [b.to_json() for b in result.original_blocks.blocks],
@@ -81,6 +88,8 @@ def build_report(result: PruneResult, *, options: Mapping, input_path: str | Non
         "latency": dict(latency) if latency else None,
         "finetune": dict(finetune) if finetune else None,
         "criterion": dict(criterion) if criterion else None,
+        "seconds": None,
+        "output": None,
     }
 
 
@@ -118,9 +127,11 @@ def _fidelity_lines(fid: Mapping, tuned: bool = False) -> list[str]:
 
 
 def provenance(report: Mapping) -> dict:
-    """The compact part stored in the output model's metadata_props."""
+    """The compact part stored in the output model's metadata_props, for every model kind: the keys a block
+    model's report always had, then ``kind``, ``input_sha256`` and a decoder's ``interface`` where present."""
     keys = ("tool", "version", "input", "options", "seed", "removed_ids", "macs", "params", "fidelity")
-    return {k: report.get(k) for k in keys}
+    return {**{k: report.get(k) for k in keys},
+            **{k: report[k] for k in ("kind", "input_sha256", "interface") if k in report}}
 
 
 def stamp(model: onnx.ModelProto, report: Mapping) -> None:
@@ -129,6 +140,15 @@ def stamp(model: onnx.ModelProto, report: Mapping) -> None:
     del model.metadata_props[:]
     model.metadata_props.extend(keep)
     model.metadata_props.add(key=METADATA_KEY, value=json.dumps(provenance(report), sort_keys=True))
+
+
+def summary(report: Mapping) -> str:
+    """The terminal summary of any run: ``summary_table`` for block models, ``llm.output.summary`` for decoders."""
+    if report.get("kind") == "decoder":
+        from .llm.output import summary as decoder_summary
+
+        return decoder_summary(report)
+    return summary_table(report)
 
 
 def _fmt_int(v) -> str:
