@@ -364,8 +364,8 @@ class CriterionOptions(_Group):
     seed: int = option("--seed", "seed for the hold-out split, random metric, k-means, fine-tuning", default=0,
                        type=int)
     unit: str = option("--unit", "candidate unit: every residual sub-block, or whole transformer layers "
-                       "(attention + MLP sub-blocks paired)", default="block", choices=("block", "layer"),
-                       decoder="the unit is the decoder layer")
+                       "(attention + MLP sub-blocks paired); decoder LLMs: always whole decoder layers",
+                       default="block", choices=("block", "layer"))
     token_mask: tuple[str, ...] = option("--token-mask", "input NAME masks tokens for feature averaging: keep = "
                                          "nonzero marks a real token, pad = nonzero marks padding (default: read "
                                          "from the graph, else guessed from the name)", default=(), type=_csv,
