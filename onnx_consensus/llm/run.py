@@ -148,10 +148,8 @@ def prune_decoder(model: str | os.PathLike | Source | onnx.ModelProto, text, opt
                       "nothing removed", write=bool(removed) or options.output.force_write,
                       decoder=DecoderRun(removed, src.path, src.folder, original_report, spill))
     if tuning and removed:
-        outcome.finetune = _finetune(outcome, model, score_windows,
+        outcome.finetune = _finetune(outcome, model, score_windows,  # a failure: its "error", exit 4
                                      hold_windows if len(hold_windows) else score_windows, options, quality)
-        for w in outcome.warnings:
-            log.warning("%s", w)
     ids = {layer.index: layer.block.id for layer in report.layers}
     outcome.report = _report(src, model, outcome, data, original_report, ids, scored, stop,
                              {"perplexity": quality, "throughput": speed, "score": len(score_windows),
