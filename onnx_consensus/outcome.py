@@ -67,7 +67,8 @@ class Outcome:
         the failure's code with "partial" (then ``failure`` is the PruneFailed).
     check_feed: one sample for the written model's onnxruntime check (None for bfloat16, which it cannot run,
         and for decoders, checked with a prefill feed).
-    warnings: what the run warned about (also logged).
+    warnings: what the run warned about (a block run logs them too; a decoder's failed fine-tuning is
+        also ``finetune["error"]``).
     decoder: the decoder LLM's facts (``DecoderRun``), None for a block model. finetuned: the model is the
         fine-tuned one (decoder runs).
     """

@@ -245,6 +245,8 @@ def test_api_refuses_decoder_options_in_one_line(decoder):
     src, calib = decoder
     with pytest.raises(InputError, match=r"^--keep-partial is not supported for decoder LLMs"):
         oc.prune(str(src), calib, target=oc.TargetOptions(remove=1), output=oc.OutputOptions(keep_partial=True))
+    with pytest.raises(InputError, match=r"^--report: the HTML report is for block models"):
+        oc.prune(str(src), calib, target=oc.TargetOptions(remove=1), output=oc.OutputOptions(report="r.html"))
 
 
 # ------------------------------------------------------------------------------ schedule.rounds

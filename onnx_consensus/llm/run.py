@@ -106,13 +106,16 @@ def open_decoder(path: str | os.PathLike, *, follow_symlinks: bool = False) -> S
 
 def check_decoder_options(options: Options) -> None:
     """InputError in one line naming the first option set (to anything but its default) that decoder runs
-    refuse: the fields whose ``option(..., decoder=reason)`` gives a reason (``options.py``)."""
+    refuse: the fields whose ``option(..., decoder=reason)`` gives a reason (``options.py``); and ``--report``
+    to an .html file (the HTML report draws a block model's report)."""
     for group in (options.data, options.run, options.target, options.criterion, options.finetune,
                   options.recovery, options.output):
         for f, m in (group.cli_fields() if group is not None else ()):
             default = f.default if f.default is not MISSING else f.default_factory()
             if m["decoder"] and getattr(group, f.name) != default:
                 raise InputError(f"{m['flag']} is not supported for decoder LLMs with a KV cache: {m['decoder']}")
+    if (options.output.report or "").endswith(".html"):  # --report is honoured, its HTML form is not
+        raise InputError("--report: the HTML report is for block models; give a .json path for decoder LLMs")
 
 
 def prune_decoder(model: str | os.PathLike | Source | onnx.ModelProto, text, options: Options | None = None, *,
