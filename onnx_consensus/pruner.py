@@ -30,7 +30,7 @@ from .graph.surgery import remove_blocks
 from .options import CriterionOptions, RunOptions, TargetOptions
 from .metrics import get_metric, resolve_metrics
 from .kinds import blind_spots, output_plan
-from .schedule import check_schedule, rounds
+from .schedule import allowed_ids, check_schedule, eligible_now, rounds
 from .scoring import SCOPES, ScoreRound, has_class_scores, original_outputs, score_blocks
 
 __all__ = ["CriterionOptions", "TargetOptions", "RunOptions", "PruneResult", "Removal", "prune"]
@@ -260,15 +260,15 @@ def _scheduled(job: _Job, result: PruneResult, between) -> tuple[list[Block], on
     removal would break the fidelity budget. Each pruned model is the current one minus one block, so
     weights fine-tuned ``between`` removals carry over."""
     target, criterion, originals, total, budget = job.target, job.criterion, job.originals, job.total, job.budget
-    allowed = set(target.only or originals) - set(target.exclude)
+    allowed = allowed_ids(originals, target.only, target.exclude)
+    stages = {i: b.stage for i, b in originals.items()}
     removed: list[Block] = []
     current = job.model
 
     def eligible() -> dict[str, Block]:
-        stage_left = _stage_counts(originals.values(), removed)
         blocks = [b for b in find_blocks(current, macs_per_node={}, unit=criterion.unit).blocks if b.id in originals]
-        return {b.id: b for b in blocks
-                if b.id in allowed and stage_left[originals[b.id].stage] > target.keep_per_stage}
+        return eligible_now({b.id: b for b in blocks}, stages, {b.id for b in removed}, allowed,
+                            target.keep_per_stage)
 
     def score(blocks: list[Block]):
         rnd = score_blocks(current, job.data, blocks=blocks, metrics=job.metrics, scope=criterion.scope,
@@ -375,12 +375,3 @@ def _target_met(target: TargetOptions, removed: Sequence[Block], total: int | No
             raise InputError("--target-flops needs known MACs: give static input shapes with --input-shape")
         return _macs_fraction(removed, total) >= target.target_flops
     return False
-
-
-def _stage_counts(blocks, removed: Sequence[Block]) -> dict[int, int]:
-    gone = {b.id for b in removed}
-    counts: dict[int, int] = {}
-    for b in blocks:
-        if b.id not in gone:
-            counts[b.stage] = counts.get(b.stage, 0) + 1
-    return counts

@@ -12,11 +12,13 @@ Each round asks ``eligible()`` for the candidates left ({id: candidate}, in a st
 K: after the first round only the K best still eligible of the previous ranking are scored again; the others
 keep their places behind them. The generator ends when no candidate is eligible. What a candidate is (a
 ``graph.blocks.Block``, a decoder layer's number) and how it is scored (``scoring.score_blocks``,
-``llm.scoring.score_layers``) is the caller's.
+``llm.scoring.score_layers``) is the caller's; which candidates are eligible (``--only``/``--exclude``,
+``--keep-per-stage``) the same rule for both (``allowed_ids``, ``eligible_now``).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Collection, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +41,20 @@ class Round:
     def first(self) -> str:
         """The least important eligible id."""
         return next(i for i in self.order if i in self.eligible)
+
+
+def allowed_ids(ids: Iterable[str], only: Collection[str] = (), exclude: Collection[str] = ()) -> set[str]:
+    """The candidate ids ``--only`` (all when empty) and ``--exclude`` leave."""
+    return set(only or ids) - set(exclude)
+
+
+def eligible_now(current: Mapping[str, Any], stages: Mapping[str, Hashable], removed: Collection[str],
+                 allowed: Collection[str], keep_per_stage: int) -> dict[str, Any]:
+    """The candidates of ``current`` ({id: candidate}, its order kept) that are ``allowed`` and whose stage
+    still has more than ``keep_per_stage`` candidates left: ``stages`` {id: stage} of every original candidate,
+    ``removed`` the ids removed so far."""
+    left = Counter(stage for i, stage in stages.items() if i not in removed)
+    return {i: c for i, c in current.items() if i in allowed and left[stages[i]] > keep_per_stage}
 
 
 def check_schedule(schedule: str, rescore_top: int | None) -> None:

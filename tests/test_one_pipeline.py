@@ -311,3 +311,15 @@ def test_pipeline_public_names():
                  "prune", "inspect"):
         assert hasattr(pipeline, name), name
     assert pyinspect.signature(pipeline.prune).parameters["data_options"].default is None
+
+
+def test_eligible_now_only_exclude_and_keep_per_stage():
+    from onnx_consensus.schedule import allowed_ids, eligible_now
+
+    stages = {"a": 0, "b": 0, "c": 1, "d": 1, "e": 1}
+    assert allowed_ids(stages, (), ("b",)) == {"a", "c", "d", "e"} and allowed_ids(stages, ("a", "c"), ("c",)) == {"a"}
+    current = {i: i.upper() for i in ("a", "b", "d", "e")}  # "c" is gone from the current model
+    # stage 0 has 2 left, stage 1 has 2 left (c removed): with K=1 both stages may lose one more
+    assert eligible_now(current, stages, {"c"}, set(stages), 1) == {"a": "A", "b": "B", "d": "D", "e": "E"}
+    assert eligible_now(current, stages, {"c"}, set(stages), 2) == {}
+    assert list(eligible_now(current, stages, {"c"}, {"e", "a"}, 0)) == ["a", "e"]  # the current order kept

@@ -43,7 +43,7 @@ from ..outcome import DecoderRun, Outcome, Source
 from ..paths import confined_file
 from ..report import SCHEMA_VERSION, sha256_file
 from ..runtime import SHARE_WEIGHTS_BYTES
-from ..schedule import check_schedule, rounds
+from ..schedule import allowed_ids, check_schedule, eligible_now, rounds
 from .layers import interface_change, layer_numbers, plan_layers
 from .perplexity import perplexity, throughput
 from .scoring import original_logits, score_layers
@@ -183,10 +183,7 @@ def _layer_targets(report: DecoderReport, options: Options) -> tuple[list[int] |
     target = options.target
     n = len(report.layers)
     plan = plan_layers(target.plan, report) if target.plan else None
-    allowed = set(range(n))
-    if target.only:
-        allowed &= layer_numbers(target.only, report)
-    allowed -= layer_numbers(target.exclude, report)
+    allowed = allowed_ids(range(n), layer_numbers(target.only, report), layer_numbers(target.exclude, report))
     if plan is None:
         if target.remove is None:
             raise InputError("decoder LLMs: give the number of layers to remove with --remove N (or --plan)")
@@ -216,6 +213,8 @@ def _choose_layers(work: onnx.ModelProto, report: DecoderReport, windows: np.nda
         kw["reference"] = original_logits(work, windows, seed=crit.seed, batch_size=kw["batch_size"],
                                           threads=run.threads)
     ids = {layer.index: layer.block.id for layer in report.layers}
+    stages = {i: 0 for i in ids.values()}  # one stack: --keep-per-stage K keeps K layers (checked above too)
+    allowed_id = {ids[i] for i in allowed}
     removed: list[int] = []
     scored = []
 
@@ -224,7 +223,8 @@ def _choose_layers(work: onnx.ModelProto, report: DecoderReport, windows: np.nda
         return scored[-1]
 
     def eligible() -> dict[str, int]:
-        return {ids[i]: i for i in sorted(allowed - set(removed))}
+        left = {ids[i]: i for i in sorted(ids) if i not in removed}
+        return eligible_now(left, stages, {ids[i] for i in removed}, allowed_id, target.keep_per_stage)
 
     for rnd in rounds(eligible, score, schedule=crit.schedule, rescore_top=crit.rescore_top) if target.remove else ():
         removed.append(rnd.eligible[rnd.first()])
