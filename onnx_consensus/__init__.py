@@ -31,7 +31,7 @@ _EXPORTS = {
     "ImageOptions": "data",
     "count_cost": "graph.flops",
     "prune_decoder": "llm.run",
-    "write_decoder": "llm.run",
+    "write_decoder": "llm.output",
 }
 __all__ = sorted(_EXPORTS)
 

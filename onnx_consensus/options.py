@@ -11,12 +11,19 @@ command unless ``--finetune-epochs``; the API fine-tunes only when given a ``Fin
 from __future__ import annotations
 
 import argparse
-import json
-from collections.abc import Callable, Iterator
-from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, ClassVar, Literal
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
 
-from .errors import InputError
+# the flags' machinery and converters (flags.py), under the names this module's fields use; add_arguments,
+# dest, plan_ids, FINETUNE_GROUP and GROUP_TITLES are importable from here as before
+from .flags import FINETUNE_GROUP, GROUP_TITLES, add_arguments, dest, option, plan_ids  # noqa: F401
+from .flags import Group as _Group
+from .flags import csv_list as _csv
+from .flags import floats as _floats
+from .flags import image_size_hw as _image_size
+from .flags import input_shapes as _input_shapes
+from .flags import memory_size as _size
+from .flags import metric_weights as _weights
 from .quantize import FORMATS as QUANTIZE_FORMATS
 
 PAPER_METRICS = ("cka", "gaussian_stochastic_0", "gaussian_stochastic_1", "gaussian_stochastic_2",
@@ -45,174 +52,8 @@ def default_criterion(finetuned: bool) -> tuple[str, ...]:
     return FINETUNED_CRITERION if finetuned else DEFAULT_CRITERION
 
 
+_NOT_YET = "not yet: prune with --remove N, then quantize with onnxruntime-genai's builder (-p int4)"
 LATENCY_CHOICES = ("damage", "latency", "macs")  # --latency-choice: the trade of latency_target.Budget.pick
-
-FINETUNE_GROUP = "fine-tuning (needs torch: pip install 'onnx-consensus[torch]')"
-GROUP_TITLES = ("input data", "target", "criterion", FINETUNE_GROUP, "output")
-"""The help groups of `onnx-cprune prune`, in order."""
-
-
-# --------------------------------------------------------------------------------------------------
-# converters: argparse ``type`` (one token, ArgumentTypeError) and ``convert`` (the parsed value ->
-# the field's value, in ``from_args``; InputError, so the CLI reports it in one line)
-
-def _csv(value: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in value.split(",") if v.strip())
-
-
-def _weights(value: str) -> dict[str, float]:
-    out = {}
-    for item in _csv(value):
-        name, sep, w = item.partition("=")
-        try:
-            weight = float(w)
-        except ValueError:
-            weight = float("nan")
-        if not sep or not name.strip() or not (weight >= 0) or weight == float("inf"):
-            raise argparse.ArgumentTypeError(f"expected metric=weight,... with finite weights >= 0, got {item!r}")
-        out[name.strip()] = weight
-    return out
-
-
-def _floats(value: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in _csv(value))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {value!r}") from None
-
-
-def _image_size(value: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in value.lower().split("x"))
-    except ValueError:
-        raise InputError(f"--image-size must look like 224x224, got {value!r}") from None
-    return h, w
-
-
-def _input_shapes(specs: list[str]) -> dict[str, tuple[int, ...]]:
-    from .graph.flops import parse_input_shape
-
-    return dict(parse_input_shape(s) for s in specs)
-
-
-def _size(text: str) -> int:
-    from .memory import parse_size
-
-    return parse_size(text)
-
-
-def plan_ids(path: str) -> tuple[str, ...]:
-    """The removed block ids, in order, of a report written by ``--report``."""
-    try:
-        with open(path) as f:
-            return tuple(json.load(f)["removed_ids"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise InputError(f"--plan {path}: not a report written by --report ({exc})") from None
-
-
-def option(flag: str, help: str, *, default: Any = MISSING, default_factory: Any = MISSING, short: str | None = None,
-           type: Callable | None = None, choices: tuple | None = None, metavar: str | None = None,
-           negate: bool = False, append: bool = False, convert: Callable | None = None, group: str | None = None,
-           same_as: str | None = None, cli_default: Any = MISSING, show_default: bool = True) -> Any:
-    """A dataclass field with its command-line flag.
-
-    flag / short: the option strings; its ``dest`` is the long flag without dashes. A bool field is a
-    switch: present sets True, or False with ``negate`` (``--no-latency``, ``--quiet``). ``append``: the
-    flag repeats, the values collected in a list. ``convert``: applied to the parsed value to get the
-    field's value. ``group``: the help group, when not the class's ``GROUP``. ``same_as``: no flag of its
-    own, the value of that other flag (one ``--seed`` for scoring and fine-tuning). ``cli_default``: the
-    command's value when the flag is absent, where it differs on purpose from the API's default.
-    """
-    meta = {"flag": flag, "short": short, "help": help, "type": type, "choices": choices, "metavar": metavar,
-            "negate": negate, "append": append, "convert": convert, "group": group, "same_as": same_as,
-            "cli_default": cli_default, "show_default": show_default}
-    return field(default=default, default_factory=default_factory, metadata={"cli": meta})
-
-
-def dest(flag: str) -> str:
-    return flag.lstrip("-").replace("-", "_")
-
-
-class _Group:
-    """Mixin: ``GROUP`` names the argparse group; ``from_args`` / ``to_flags`` map fields <-> flags."""
-
-    GROUP: ClassVar[str] = ""
-
-    @classmethod
-    def cli_fields(cls) -> Iterator:
-        for f in fields(cls):
-            if "cli" in f.metadata:
-                yield f, f.metadata["cli"]
-
-    @classmethod
-    def from_args(cls, ns: argparse.Namespace):
-        """The dataclass from parsed arguments: given flags set their fields, the others keep defaults."""
-        kw = {}
-        for f, m in cls.cli_fields():
-            name = dest(m["same_as"] or m["flag"])
-            if hasattr(ns, name):
-                value = getattr(ns, name)
-                if m["same_as"] is None and m["negate"]:
-                    value = not value
-                if m["convert"] is not None:
-                    value = m["convert"](value)
-                kw[f.name] = value
-            elif m["cli_default"] is not MISSING:
-                kw[f.name] = m["cli_default"]
-        return cls(**kw)
-
-    def to_flags(self) -> dict:
-        """{flag dest: value} of every field with a flag of its own, as the report records options."""
-        out = {}
-        for f, m in self.cli_fields():
-            if m["same_as"] is None:
-                value = getattr(self, f.name)
-                out[dest(m["flag"])] = (not value) if m["negate"] else value
-        return out
-
-
-def _default_text(f, m) -> str | None:
-    if not m["show_default"]:
-        return None
-    value = m["cli_default"] if m["cli_default"] is not MISSING else (
-        f.default if f.default is not MISSING else f.default_factory())
-    if value is None or value is False or value is True or value == () or value == {}:
-        return None
-    if isinstance(value, tuple):
-        return ",".join(map(str, value))
-    return str(value)
-
-
-def add_arguments(parser: argparse.ArgumentParser, classes, groups: dict | None = None,
-                  only: tuple[str, ...] | None = None) -> dict:
-    """Add the flags of ``classes`` to ``parser``, one argument group per group name (in ``GROUP_TITLES``
-    order). ``only``: just these field names. Returns the groups by name (to add more to them)."""
-    groups = {} if groups is None else groups
-    wanted = [(cls, f, m) for cls in classes for f, m in cls.cli_fields()
-              if m["same_as"] is None and (only is None or f.name in only)]
-    for name in sorted({m["group"] or cls.GROUP for cls, _, m in wanted}, key=GROUP_TITLES.index):
-        if name not in groups:
-            groups[name] = parser.add_argument_group(name)
-    for cls, f, m in wanted:
-        name = m["group"] or cls.GROUP
-        help_text = m["help"]
-        shown = _default_text(f, m)
-        if shown is not None:
-            help_text += f" (default {shown})"
-        flags = [m["short"], m["flag"]] if m["short"] else [m["flag"]]
-        kw: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS, "dest": dest(m["flag"])}
-        is_switch = m["type"] is None and m["choices"] is None and m["metavar"] is None and (
-            m["negate"] or f.default is False)
-        if is_switch:
-            kw["action"] = "store_true"
-        else:
-            kw["action"] = "append" if m["append"] else "store"
-            for key in ("type", "choices", "metavar"):
-                if m[key] is not None:
-                    kw[key] = m[key]
-        groups[name].add_argument(*flags, **kw)
-    return groups
-
 
 # --------------------------------------------------------------------------------------------------
 # the option groups
@@ -224,18 +65,21 @@ class DataOptions(_Group):
     GROUP: ClassVar[str] = "input data"
     labels: str | None = option("--labels", "class ids (.npy) in the data's sorted sample order (default: "
                                 "labels.npy in the calibration directory, if present)", default=None,
-                                metavar="FILE")
+                                metavar="FILE", decoder="the calibration is text")
     max_samples: int | None = option("--max-samples", "use at most this many calibration samples", default=None,
                                      type=int)
     image_size: tuple[int, int] | None = option("--image-size", "resize images to HxW (default: the model's "
-                                                "input size)", default=None, metavar="HxW", convert=_image_size)
+                                                "input size)", default=None, metavar="HxW", convert=_image_size,
+                                                decoder="the calibration is text")
     mean: tuple[float, ...] | None = option("--mean", "per-channel mean subtracted from images scaled to [0,1] "
-                                            "(default 0)", default=None, type=_floats)
+                                            "(default 0)", default=None, type=_floats,
+                                            decoder="the calibration is text")
     std: tuple[float, ...] | None = option("--std", "per-channel std dividing images (default 1)", default=None,
-                                           type=_floats)
+                                           type=_floats, decoder="the calibration is text")
     layout: Literal["NCHW", "NHWC"] = option("--layout", "image tensor layout", default="NCHW",
-                                             choices=("NCHW", "NHWC"))
-    strict: bool = option("--strict", "fail on a corrupt data file instead of skipping it", default=False)
+                                             choices=("NCHW", "NHWC"), decoder="the calibration is text")
+    strict: bool = option("--strict", "fail on a corrupt data file instead of skipping it", default=False,
+                          decoder="the calibration text is read whole")
     follow_symlinks: bool = option("--follow-symlinks", "read files of the calibration, training and evaluation "
                                    "folders (and the tokenizer and configs beside a decoder export) that are "
                                    "symbolic links to places outside their folder (refused by default)",
@@ -271,10 +115,11 @@ class RunOptions(_Group):
         "--max-memory", "memory budget (6G, 512M; bytes in the API): the inference batch is lowered to fit the "
         "peak estimated from the graph before any inference, and a run that cannot fit even at batch 1 is refused "
         "(default: 60%% of the memory available at the start)", default=None, metavar="SIZE", convert=_size,
-        group="input data", show_default=False)
+        group="input data", show_default=False, decoder="the memory estimate covers block models only")
     input_shapes: dict[str, tuple[int, ...]] = option(
         "--input-shape", "fix an input's dynamic dimensions for MAC counting (repeatable)",
-        default_factory=dict, metavar="NAME:1x3x224x224", append=True, convert=_input_shapes)
+        default_factory=dict, metavar="NAME:1x3x224x224", append=True, convert=_input_shapes,
+        decoder="MACs are counted per token (onnx-cprune inspect)")
 
 
 @dataclass
@@ -285,17 +130,21 @@ class TargetOptions(_Group):
     GROUP: ClassVar[str] = "target"
     remove: int | None = option("--remove", "remove N blocks", default=None, type=int, metavar="N")
     target_flops: float | None = option("--target-flops", "remove blocks until at least the fraction F of MACs "
-                                        "is gone (e.g. 0.5)", default=None, type=float, metavar="F")
+                                        "is gone (e.g. 0.5)", default=None, type=float, metavar="F",
+                                        decoder="the target is a number of layers (--remove N) or --plan")
     target_latency: float | None = option("--target-latency", "remove blocks until the written model's measured "
                                           "latency (batch 1) is at most the fraction F of the original's",
-                                          default=None, type=float, metavar="F")
-    target_latency_ms: float | None = option("--target-latency-ms", "... or at most T ms", default=None, type=float)
+                                          default=None, type=float, metavar="F", decoder=_NOT_YET)
+    target_latency_ms: float | None = option("--target-latency-ms", "... or at most T ms", default=None, type=float,
+                                             decoder=_NOT_YET)
     latency_choice: str = option("--latency-choice", "latency target: the block each round: damage (least damage), "
-                                 "latency or macs (rank / relative cost)", default="damage", choices=LATENCY_CHOICES)
+                                 "latency or macs (rank / relative cost)", default="damage", choices=LATENCY_CHOICES,
+                                 decoder="it goes with --target-latency")
     min_agreement: float = option("--min-agreement", "with no target: keep removing while the hold-out fidelity "
                                   "stays >= this, in the task's terms (detections kept, top-1 agreement, mask IoU, "
                                   "equal strings, cosine, standardised fidelity: the lowest over the outputs; see "
-                                  "--task, --output-kind, --fidelity)", default=0.99, type=float)
+                                  "--task, --output-kind, --fidelity)", default=0.99, type=float,
+                                  decoder="the target is a number of layers (--remove N) or --plan")
     keep_per_stage: int = option("--keep-per-stage", "keep at least K blocks in each run of same-shaped blocks",
                                  default=1, type=int, metavar="K")
     only: tuple[str, ...] = option("--only", "consider only these blocks", default=(), type=_csv, metavar="ID,...")
@@ -329,31 +178,36 @@ class CriterionOptions(_Group):
                            default="iterative", choices=("iterative", "one-shot"))
     feature: str | None = option("--feature", "feature tensor (default: the classifier head's input when the "
                                  "graph ends in one after the last block, else the graph's float outputs, "
-                                 "pooled)", default=None, metavar="TENSOR")
+                                 "pooled)", default=None, metavar="TENSOR",
+                                 decoder="layers are scored on the final hidden state or the logits")
     task: str | None = option("--task", "what the model does, when the graph does not say: detect (detector "
                               "heads: detections kept), segment (DB text map: mask IoU), ocr (CTC: equal strings), "
                               "classify (the first output is class scores: top-1 agreement, feature = the last "
                               "Gemm/MatMul/Conv's input), embed (cosine) or generic (per-channel standardised "
                               "fidelity) (default: judged from the graph)", default=None,
-                              choices=("detect", "segment", "ocr", "classify", "embed", "generic"))
+                              choices=("detect", "segment", "ocr", "classify", "embed", "generic"),
+                              decoder="the outputs are next-token logits, judged by perplexity")
     output_kind: tuple[str, ...] = option(
         "--output-kind", "what one output is, overriding the graph (repeatable): NAME=KIND[:ARGS] with KIND "
         "yolov8[:C] / yolov5[:C] / yolov10 / yolox_raw[:HxW] / boxes[:xyxy|cxcywh] with scores[:probs|sigmoid|logits] "
         "/ db[:THRESHOLD] / ctc[:BLANK] / class / embed / generic", default=(), append=True, metavar="NAME=KIND[:ARGS]",
-        convert=tuple, show_default=False)
+        convert=tuple, show_default=False, decoder="the outputs are next-token logits, judged by perplexity")
     fidelity: str | None = option("--fidelity", "your own fidelity measure, module:function(original_outputs, "
                                   "pruned_outputs) -> float in [0, 1] (dicts of arrays by output name), used for "
                                   "ranking, the budget, the collapse warning and the summary", default=None,
-                                  metavar="MODULE:FUNCTION")
+                                  metavar="MODULE:FUNCTION",
+                                  decoder="the outputs are next-token logits, judged by perplexity")
     pca_dim: int = option("--pca-dim", "principal-component cap for alignment metrics", default=256, type=int)
     seed: int = option("--seed", "seed for the hold-out split, random metric, k-means, fine-tuning", default=0,
                        type=int)
     unit: str = option("--unit", "candidate unit: every residual sub-block, or whole transformer layers "
-                       "(attention + MLP sub-blocks paired)", default="block", choices=("block", "layer"))
+                       "(attention + MLP sub-blocks paired); decoder LLMs: always whole decoder layers",
+                       default="block", choices=("block", "layer"))
     token_mask: tuple[str, ...] = option("--token-mask", "input NAME masks tokens for feature averaging: keep = "
                                          "nonzero marks a real token, pad = nonzero marks padding (default: read "
                                          "from the graph, else guessed from the name)", default=(), type=_csv,
-                                         metavar="NAME:keep|pad,...", show_default=False)
+                                         metavar="NAME:keep|pad,...", show_default=False,
+                                         decoder="the calibration windows hold no padding")
 
 
 BN_FREEZE_BELOW = 1000
@@ -383,12 +237,13 @@ class FinetuneConfig(_Group):
     weight_decay: float | None = option("--weight-decay", "weight decay (default 0)", default=None, type=float)
     temperature: float = option("--temperature", "distillation temperature", default=4.0, type=float)
     feature_mse: float = option("--feature-mse", "weight of the feature-tensor MSE in distillation", default=0.0,
-                                type=float, show_default=False)
+                                type=float, show_default=False, decoder="distillation is on the logits")
     feature: str | None = option("--feature", "", default=None, same_as="--feature")
     # what the outputs are, for the distillation loss of each (the prune run's --task / --output-kind)
     task: str | None = option("--task", "", default=None, same_as="--task")
     output_kind: tuple[str, ...] = option("--output-kind", "", default=(), same_as="--output-kind", convert=tuple)
-    augment: bool = option("--augment", "random crop and flip for image inputs", default=False)
+    augment: bool = option("--augment", "random crop and flip for image inputs", default=False,
+    decoder="image inputs only")
     seed: int = option("--seed", "", default=0, same_as="--seed")
     device: str = option("--device", "where the PyTorch bridge trains: cpu, cuda or cuda:K (under torchrun each "
                          "rank takes cuda:LOCAL_RANK)", default="cpu")
@@ -421,12 +276,13 @@ class RecoveryOptions(_Group):
     GROUP: ClassVar[str] = FINETUNE_GROUP
     train: str | None = option("--train", "training data (default: the calibration data; with labels.npy: "
                                "supervised, else distillation from the original model)", default=None,
-                               metavar="DIR")
+                               metavar="DIR", decoder="distillation trains on the calibration windows")
     eval: str | None = option("--eval", "evaluation data: accuracy with labels.npy, else agreement; the best "
                               "epoch on it is the one written; decoder LLMs: held-out text for perplexity",
                               default=None, metavar="DIR")
     between: int = option("--finetune-between", "fine-tune N steps after each removal, before re-scoring "
-                          "(iterative schedule)", default=0, type=int, metavar="N", show_default=False)
+                          "(iterative schedule)", default=0, type=int, metavar="N", show_default=False,
+                          decoder="not implemented for decoder layers")
 
 
 @dataclass
@@ -438,12 +294,14 @@ class OutputOptions(_Group):
     force_write: bool = option("--force-write", "write the output even when nothing was removed", default=False)
     keep_partial: bool = option("--keep-partial", "if a run fails midway (onnxruntime error, interrupt), still "
                                 "write the model with the removals done so far and the report with the scores "
-                                "computed so far (exit code stays non-zero)", default=False)
+                                "computed so far (exit code stays non-zero)", default=False,
+                                decoder="not implemented for decoder runs")
     latency: bool = option("--no-latency", "skip the before/after latency measurement", default=True, negate=True)
     latency_runs: int = option("--latency-runs", "timed runs per model for latency", default=20, type=int)
     quantize: str | None = option("--quantize", "quantize the written model after pruning and fine-tuning: int8 "
                                   "(static QDQ), int4 (MatMulNBits) or fp16; four rows compared in the summary",
-                                  default=None, choices=QUANTIZE_FORMATS)  # live: formats registered later count
+                                  default=None, choices=QUANTIZE_FORMATS,  # live: formats registered later count
+                                  decoder=_NOT_YET)
 
 
 GROUPS = (DataOptions, RunOptions, TargetOptions, CriterionOptions, FinetuneConfig, RecoveryOptions, OutputOptions)

@@ -1,117 +1,89 @@
-"""One prune run, the same for the command (`onnx-cprune prune`) and the Python API (``prune``):
+"""One prune run, the same for the command (`onnx-cprune prune`) and the Python API (``prune``), for every
+model kind (block models; decoder LLMs with a KV cache, given as a model file or an export folder):
 
-    source = open_model("in.onnx")                   # or an onnx.ModelProto
+    source = open_model("in.onnx")                   # or an onnx.ModelProto; or a decoder's export folder
     out = check_output("out.onnx", source)           # fail early: bad output path, data file clash
     outcome = run(source, "calib/", Options(...))    # load data, prune, latency, fine-tune, report data
     written = write(outcome, out)                    # atomic, checked write of the model and the report
 
-``run`` does everything between reading and writing: the float32 shadow of a bfloat16 model (the removals
-found on it applied back to the bfloat16 original), ``--plan`` replay, the removal schedule
-(``pruner.prune``), latency before and after, fine-tuning (the pruned model kept when it fails, exit 4),
-and the report. A failure midway raises the failure itself, unless ``output.keep_partial``: then the
-Outcome holds the partial result (status "partial", the failure's exit code) for ``write``.
+``run`` does everything between reading and writing. A decoder LLM (``llm.run.is_decoder``, or any export
+folder) goes to ``llm.run.prune_decoder`` (calibration text; the options it cannot honour refused in one
+line). A block model: the float32 shadow of a bfloat16 model (the removals found on it applied back to the
+bfloat16 original), ``--plan`` replay, the removal schedule (``pruner.prune``), latency before and after,
+fine-tuning (the pruned model kept when it fails, exit 4), and the report. A failure midway raises the
+failure itself, unless ``output.keep_partial``: then the Outcome holds the partial result (status "partial",
+the failure's exit code) for ``write``. Both kinds share ``schedule.rounds``, the Outcome, the report's
+common keys, the metadata stamp (``report.stamp``) and the providers of ``--providers``.
 """
 from __future__ import annotations
 
 import logging
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
+from functools import partial
 
-import numpy as np
 import onnx
 
 from .batching import calibration_shapes
 from .bench import LatencyChange, measure_latency, random_feed
 from .data.for_model import calibration_for, extra_data_for
 from .errors import InputError, PruneFailed
-from .graph.blocks import find_blocks
 from .graph.flops import count_cost
-from .kinds.outputs import choose_feature, output_kinds
-from .graph.ir import interface, load_model, load_model_and_layout
+from .graph.ir import interface, load_model_and_layout
 from .graph.precision import float32_shadow, is_bfloat16
 from .graph.quant import finetune_refusal, quantized_ops
 from .graph.surgery import remove_blocks
 from .graph.weights import all_tensors
-from .io import check_output_path, save_model_atomic, write_json_atomic
+from .io import check_output_path
 from .memory import fit_memory
 from .metrics.presets import check_names
 from .options import (CriterionOptions, DataOptions, FinetuneConfig, Options, OutputOptions,
                       RecoveryOptions, RunOptions, TargetOptions, default_criterion)
-from .pruner import PruneResult
+from .inspection import inspect
+from .outcome import DecoderRun, Outcome, Source, Written
+from .pruner import PruneResult, nothing_removable
 from .pruner import prune as schedule
-from .report import build_report, sha256_file, stamp
+from .report import build_report, sha256_file
 from .runtime import resolve_providers, using_providers
+from .writer import write, write_report
 
 log = logging.getLogger("onnx_consensus")
-__all__ = ["Source", "Outcome", "Written", "open_model", "check_output", "run", "write", "write_report", "prune",
-           "inspect"]
+__all__ = ["Source", "Outcome", "DecoderRun", "Written", "open_model", "check_output", "run", "write",
+           "write_report", "prune", "inspect", "Options"]
 
 
-@dataclass
-class Source:
-    """The input model: ``path`` (None when given in memory), ``external`` whether its weights are in an
-    external-data file (then written the same way), its file's ``sha256``."""
+def open_model(path: str | os.PathLike, *, follow_symlinks: bool = False) -> Source:
+    """Load a model file (external-data weights memory-mapped, not read) with its sha256; a folder is a decoder
+    LLM's export folder (``llm.run.open_decoder``: its model file, ``follow_symlinks`` as ``--follow-symlinks``)."""
+    if os.path.isdir(path):
+        from .llm.run import open_decoder
 
-    model: onnx.ModelProto
-    path: str | None = None
-    external: bool = False
-    sha256: str | None = None
-
-
-@dataclass
-class Outcome:
-    """What a run produced.
-
-    model: the model to write (the bfloat16 original with the removals for a bfloat16 input; fine-tuned
-        when a fine-tuned epoch beat the pruned model on the eval data or the hold-out); ``write`` says
-        whether it is written at all.
-    result: the schedule's PruneResult (its ``model`` is ``model``); the partial one after a failure.
-    report: the JSON report (``report.build_report``) with ``seconds`` (and ``partial``/``error``).
-    latency: {batch size: before/after ms} or None; finetune: the fine-tuning info or None.
-    exit_code / status: 0 "done", "nothing removed" or "saves too little" (with no target, removals under
-        ``pruner.MIN_MACS_SAVING`` of the MACs: not written); 4 "finetune failed"; 130 "finetune interrupted";
-        the failure's code with "partial" (then ``failure`` is the PruneFailed).
-    check_feed: one sample for the written model's onnxruntime check (None for bfloat16, which it cannot run).
-    warnings: what the run warned about (also logged).
-    """
-
-    model: onnx.ModelProto | None
-    result: PruneResult
-    report: dict
-    options: Options
-    latency: dict | None = None
-    finetune: dict | None = None
-    exit_code: int = 0
-    status: str = "done"
-    write: bool = False
-    failure: PruneFailed | None = None
-    check_feed: dict[str, np.ndarray] | None = None
-    external: bool = False
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def removed_ids(self) -> list[str]:
-        return self.result.removed_ids
-
-
-@dataclass
-class Written:
-    """Paths ``write`` wrote (None: not written)."""
-
-    model: str | None = None
-    report: str | None = None
-
-
-def open_model(path: str | os.PathLike) -> Source:
-    """Load a model file (external-data weights memory-mapped, not read) with its sha256."""
+        return open_decoder(path, follow_symlinks=follow_symlinks)
     model, external = load_model_and_layout(path)
-    return Source(model, os.path.abspath(os.fspath(path)), external, sha256_file(path))
+    path = os.path.abspath(os.fspath(path))
+    return Source(model, path, external, sha256_file(path), model_file=path)
+
+
+def is_decoder_source(source: Source) -> bool:
+    """Whether ``source`` is a decoder LLM with a KV cache (``llm.run.is_decoder``) or an export folder."""
+    from .llm.run import is_decoder
+
+    return source.folder or is_decoder(source.model)
 
 
 def check_output(out_path: str | os.PathLike, source: Source) -> str:
     """The absolute output path, or InputError: missing directory, the input itself, or an output whose
-    external-data file (``<output>.data``) is one the input reads its weights from."""
+    external-data file (``<output>.data``) is one the input reads its weights from; for a decoder's export
+    folder, an output folder that exists and is not empty; for a decoder's model file, a path not ending in
+    .onnx."""
+    if source.folder:
+        out = os.path.abspath(os.fspath(out_path))
+        if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+            raise InputError(f"output folder exists and is not empty: {out}")
+        return out
+    if is_decoder_source(source) and not os.fspath(out_path).endswith(".onnx"):
+        raise InputError("the input is a model file: give a .onnx output path (or prune the export folder)")
     path = check_output_path(out_path, source.path)
     data_out = path + ".data"
     if source.external and os.path.exists(data_out):
@@ -128,21 +100,30 @@ def _warn(warnings: list[str], message: str) -> None:
     warnings.append(message)
 
 
-def run(model: onnx.ModelProto | Source | str | os.PathLike, data, options: Options | None = None) -> Outcome:
-    """Prune ``model`` (a ModelProto, a Source or a path; never modified) scored on ``data`` (a
-    CalibrationData, or a path loaded with ``options.data``), as ``options`` say. Raises InputError /
+def run(model: onnx.ModelProto | Source | str | os.PathLike, data, options: Options | None = None, *,
+        progress=None) -> Outcome:
+    """Prune ``model`` (a ModelProto, a Source or a path: a model file, or a decoder LLM's export folder; never
+    modified) scored on ``data`` (a CalibrationData, or a path loaded with ``options.data``; for a decoder LLM
+    calibration text: a path or an ``llm.text.TextData``), as ``options`` say. Raises InputError /
     TargetError / the failure of a run that failed midway (KeyboardInterrupt, an onnxruntime error),
     unless ``options.output.keep_partial``: then the Outcome has status "partial". Every onnxruntime
-    session of the run uses ``options.run.providers``."""
+    session of the run uses ``options.run.providers``. progress: called with a line per removal round of a
+    decoder run (block runs show progress bars with ``options.run.progress``)."""
     options = options or Options()
+    if isinstance(model, (str, os.PathLike)):
+        model = open_model(model, follow_symlinks=options.data.follow_symlinks)
+    source = model if isinstance(model, Source) else Source(model)
     with using_providers(resolve_providers(options.run.providers)):
-        return _run_on_providers(model, data, options)
+        if is_decoder_source(source):
+            from .llm.run import prune_decoder
+
+            return prune_decoder(source if isinstance(model, Source) else model, data, options, progress=progress)
+        return _run_blocks(source, data, options)
 
 
-def _run_on_providers(model, data, options: Options) -> Outcome:
-    t_start = time.perf_counter()
-    source = model if isinstance(model, Source) else (
-        open_model(model) if isinstance(model, (str, os.PathLike)) else Source(model))
+def _resolved(options: Options) -> tuple[Options, dict, bool]:
+    """(options with the default ``--metrics`` filled in, the report's criterion entry, whether the pruned
+    model is fine-tuned); InputError for bad metric names, --device/--amp, --batch-size."""
     ft = options.finetune
     finetuning = ft is not None and ft.epochs > 0
     between = options.recovery.between
@@ -157,18 +138,17 @@ def _run_on_providers(model, data, options: Options) -> Outcome:
         tuned = finetuning or bool(between)
         default_for = "with fine-tuning" if tuned else "without fine-tuning"
         options = replace(options, criterion=replace(options.criterion, metrics=default_criterion(tuned)))
-    criterion = {"metrics": list(options.criterion.metrics), "default": default_for}
     if options.run.batch_size < 1:
         raise InputError("--batch-size must be >= 1")
-    warnings: list[str] = []
-    original = model = source.model
-    from .llm.run import is_decoder
+    return options, {"metrics": list(options.criterion.metrics), "default": default_for}, finetuning
 
-    if is_decoder(original):
-        raise InputError("a decoder LLM with a KV cache: prune it with onnx_consensus.llm.prune_decoder on "
-                         "calibration text (the command line does this by itself)")
-    bfloat16 = is_bfloat16(original)
-    if bfloat16:
+
+def _scored_model(original: onnx.ModelProto, options: Options, finetuning: bool, warnings: list[str]):
+    """The model scored and pruned: ``original``, or the float32 shadow of a bfloat16 one; InputError for
+    what a bfloat16 or quantized model cannot do (fine-tuning, --quantize)."""
+    between = options.recovery.between
+    model = original
+    if is_bfloat16(original):
         if finetuning or between:
             raise InputError("fine-tuning a bfloat16 model is not supported (onnxruntime's CPU provider cannot "
                              "run it as the teacher): prune without fine-tuning, or convert it to float32 first")
@@ -179,10 +159,12 @@ def _run_on_providers(model, data, options: Options) -> Outcome:
         model = float32_shadow(original)
     if (finetuning or between) and quantized_ops(original):
         raise InputError(finetune_refusal(quantized_ops(original)))
-    nothing = _no_removable_block(source, model, options)
-    if nothing is not None and not options.output.quantize:  # said before any data is read or inference runs
-        return nothing
-    data = calibration_for(data, original, options.data)
+    return model
+
+
+def _fitted(model: onnx.ModelProto, data, options: Options, warnings: list[str]) -> tuple[Options, int | None, dict]:
+    """(options with the batch that fits --max-memory and the calibration data's input shapes, the model's
+    fixed batch or None, the memory estimate); each change said as a warning."""
     fixed = data.fixed_batch
     if fixed:
         _warn(warnings, f"the model has a fixed batch of {fixed}: inference runs {fixed} sample(s) at a time"
@@ -193,13 +175,6 @@ def _run_on_providers(model, data, options: Options) -> Outcome:
     if note:
         _warn(warnings, note)
         options = replace(options, run=replace(options.run, batch_size=batch))
-    hook = None
-    if between:
-        from .finetune.between import between_removals
-
-        train = extra_data_for(options.recovery.train, model, options.data) or data
-        hook = between_removals(model, train, config=replace(ft or FinetuneConfig(), epochs=1), steps=between)
-    report_options = {"input": source.path, "calib": data.source, **options.to_flags()}
     shapes = {} if options.run.input_shapes else calibration_shapes(interface(model)[0], data)
     if shapes:
         try:
@@ -212,22 +187,44 @@ def _run_on_providers(model, data, options: Options) -> Outcome:
         _warn(warnings, "MACs and latency at the calibration data's shapes (first sample): "
                         + ", ".join(f"{k}:{'x'.join(map(str, v)) or 'scalar'}" for k, v in shapes.items())
                         + " (--input-shape NAME:1x3x224x224 to choose others)")
+    return options, fixed, memory
 
-    def report_of(result, **kw) -> dict:
-        return build_report(result, options=report_options, input_path=source.path, input_sha256=source.sha256,
-                            criterion=criterion, **kw)
 
-    def on_original(result: PruneResult) -> onnx.ModelProto:
-        """The pruned model to write: for a bfloat16 input, the removals applied to the bfloat16 original."""
-        if not bfloat16:
-            return result.model
-        return remove_blocks(original, [r.block for r in result.removals]) if result.removals else original
+def _on_original(original: onnx.ModelProto, result: PruneResult, bfloat16: bool) -> onnx.ModelProto:
+    """The pruned model to write: for a bfloat16 input, the removals applied to the bfloat16 original."""
+    if not bfloat16:
+        return result.model
+    return remove_blocks(original, [r.block for r in result.removals]) if result.removals else original
 
+
+def _run_blocks(source: Source, data, options: Options) -> Outcome:
+    """``run`` for a block model, inside the run's providers."""
+    t_start = time.perf_counter()
+    options, criterion, finetuning = _resolved(options)
+    warnings: list[str] = []
+    original = source.model
+    model = _scored_model(original, options, finetuning, warnings)
+    bfloat16 = model is not original
+    nothing = _no_removable_block(source, model, options)
+    if nothing is not None and not options.output.quantize:  # said before any data is read or inference runs
+        return nothing
+    data = calibration_for(data, original, options.data)
+    options, fixed, memory = _fitted(model, data, options, warnings)
+    hook = None
+    if options.recovery.between:
+        from .finetune.between import between_removals
+
+        train = extra_data_for(options.recovery.train, model, options.data) or data
+        hook = between_removals(model, train, config=replace(options.finetune or FinetuneConfig(), epochs=1),
+                                steps=options.recovery.between)
+    report_of = partial(build_report, options={"input": source.path, "calib": data.source,
+                                               **options.to_flags()},
+                        input_path=source.path, input_sha256=source.sha256, criterion=criterion)
     check_feed = None if bfloat16 else next(data.batches(1))
-    failure = None
-    scoring = options.criterion
+    scoring, ft = options.criterion, options.finetune
     if scoring.feature and finetuning and ft.feature_mse > 0 and _output_only(scoring.metrics):
         scoring = replace(scoring, feature=None)  # --feature is the fine-tuning's feature MSE tensor, not scored
+    failure = None
     try:
         if options.target.target_latency is not None or options.target.target_latency_ms is not None:
             from .latency_target import prune_to_latency
@@ -242,26 +239,50 @@ def _run_on_providers(model, data, options: Options) -> Outcome:
     if failure is not None:
         if not options.output.keep_partial:
             raise failure.__cause__
-        partial = failure.partial
-        report = report_of(partial)
-        report.update(partial=True, error=str(failure), seconds=round(time.perf_counter() - t_start, 2))
-        pruned = on_original(partial) if partial.removals else None
-        partial.model = pruned if pruned is not None else partial.model
-        return Outcome(pruned, partial, report, options, exit_code=failure.exit_code, status="partial",
-                       write=bool(partial.removals), failure=failure, check_feed=check_feed,
-                       external=source.external, warnings=warnings)
+        return _partial(failure, report_of, original, bfloat16, options, t_start,
+                        Outcome(None, failure.partial, {}, options, check_feed=check_feed, external=source.external,
+                                warnings=warnings))
+    result.model = _on_original(original, result, bfloat16)
+    outcome = Outcome(result.model, result, {}, options, check_feed=check_feed, external=source.external,
+                      warnings=warnings)
+    _complete(outcome, model, data, report_of, latency_target, fixed=fixed, bfloat16=bfloat16,
+              finetuning=finetuning)
+    outcome.report["seconds"] = round(time.perf_counter() - t_start, 2)
+    keep = bool(result.removals) and not _too_small(result, options, warnings)
+    if result.removals and not keep:
+        outcome.status = "saves too little"
+    outcome.report.update(small_saving=result.small_saving, memory=memory)
+    outcome.model = result.model
+    outcome.write = keep or options.output.force_write or bool(options.output.quantize)
+    return outcome
 
-    result.model = on_original(result)
-    latency = None
+
+def _partial(failure: PruneFailed, report_of, original, bfloat16: bool, options: Options, t_start: float,
+             outcome: Outcome) -> Outcome:
+    """The Outcome of a run that failed midway with --keep-partial: the removals done, status "partial"."""
+    partial_result = failure.partial
+    report = report_of(partial_result)
+    report.update(partial=True, error=str(failure), seconds=round(time.perf_counter() - t_start, 2))
+    pruned = _on_original(original, partial_result, bfloat16) if partial_result.removals else None
+    partial_result.model = pruned if pruned is not None else partial_result.model
+    outcome.model, outcome.report, outcome.exit_code, outcome.status = pruned, report, failure.exit_code, "partial"
+    outcome.write, outcome.failure = bool(partial_result.removals), failure
+    return outcome
+
+
+def _complete(outcome: Outcome, model: onnx.ModelProto, data, report_of, latency_target, *, fixed, bfloat16: bool,
+              finetuning: bool) -> None:
+    """After the schedule: latency, fine-tuning, the report, the HTML report's removal curve, --quantize."""
+    result, options = outcome.result, outcome.options
     if result.removals and options.output.latency and not bfloat16:
-        latency = _latency(model, result.model, next(data.batches(options.run.batch_size)), options,
-                           fixed=fixed, axes=data.batch_axes)
-    finetune_info, exit_code, status = None, 0, "done" if result.removals else "nothing removed"
+        outcome.latency = _latency(model, result.model, next(data.batches(options.run.batch_size)), options,
+                                   fixed=fixed, axes=data.batch_axes)
+    outcome.status = "done" if result.removals else "nothing removed"
     if finetuning and result.removals:
-        finetune_info, exit_code = _finetune(model, result, data, options, warnings)
-        if exit_code:
-            status = "finetune interrupted" if exit_code == 130 else "finetune failed"
-    report = report_of(result, latency=latency, finetune=finetune_info)
+        outcome.finetune, outcome.exit_code = _finetune(model, result, data, options, outcome.warnings)
+        if outcome.exit_code:
+            outcome.status = "finetune interrupted" if outcome.exit_code == 130 else "finetune failed"
+    report = outcome.report = report_of(result, latency=outcome.latency, finetune=outcome.finetune)
     report["latency_target"] = latency_target
     if (options.output.report or "").endswith(".html") and result.removals:  # the HTML report's removal curve
         from .trajectory import run_curve
@@ -273,15 +294,6 @@ def _run_on_providers(model, data, options: Options) -> Outcome:
         result.model, report["quantize"] = quantize_run(model, result, data, options, fixed=fixed,
                                                         eval_data=extra_data_for(options.recovery.eval, model,
                                                                               options.data))
-    report["seconds"] = round(time.perf_counter() - t_start, 2)
-    keep = bool(result.removals) and not _too_small(result, options, warnings)
-    if result.removals and not keep:
-        status = "saves too little"
-    report.update(small_saving=result.small_saving, memory=memory)
-    return Outcome(result.model, result, report, options, latency=latency, finetune=finetune_info,
-                   exit_code=exit_code, status=status,
-                   write=keep or options.output.force_write or bool(options.output.quantize),
-                   check_feed=check_feed, external=source.external, warnings=warnings)
 
 
 _run = run  # ``prune`` has a keyword named ``run``
@@ -312,25 +324,10 @@ def _no_removable_block(source: Source, model: onnx.ModelProto, options: Options
     unless --force-write), found before any data is loaded or any inference runs; None otherwise."""
     if options.target.plan:
         return None  # a plan names blocks: the schedule checks them
-    from .pruner import PruneResult
-
-    cost = count_cost(model, options.run.input_shapes or None)
-    found = find_blocks(model, macs_per_node=cost.macs_per_node, unit=options.criterion.unit)
-    if found.blocks:
+    result = nothing_removable(model, source.model, unit=options.criterion.unit,
+                               input_shapes=options.run.input_shapes)
+    if result is None:
         return None
-    if found.refusal:
-        why = found.refusal
-    elif found.not_removable:
-        reasons = sorted({n.reason for n in found.not_removable})
-        why = (f"{len(found.not_removable)} residual merge(s) seen, none removable: " + "; ".join(reasons[:3])
-               + ("; ..." if len(reasons) > 3 else ""))
-    else:
-        why = "no residual merge in the graph"
-    result = PruneResult(model=source.model, original_blocks=found, macs_before=cost.total_macs,
-                         macs_after=cost.total_macs, params_before=cost.params, params_after=cost.params,
-                         weight_bytes_before=cost.weight_bytes, weight_bytes_after=cost.weight_bytes,
-                         stop_reason=f"no removable block: {why}")
-    log.info("no removable block: %s", why)
     report = build_report(result, options={"input": source.path, **options.to_flags()}, input_path=source.path,
                           input_sha256=source.sha256)
     report["seconds"] = 0.0
@@ -362,95 +359,16 @@ def _finetune(original: onnx.ModelProto, result: PruneResult, calib, options: Op
     return info.to_json(), code
 
 
-def write(outcome: Outcome, out_path: str | os.PathLike) -> Written:
-    """Write the outcome's model to ``out_path`` when it is to be written (stamped with the report's
-    provenance; atomic, checked by onnx.checker and one onnxruntime run), then the report to
-    ``options.output.report`` if set (its ``output`` says where the model went, or None)."""
-    out_path = os.fspath(out_path)
-    written = Written()
-    report = outcome.report
-    report["output"] = None
-    if outcome.write and outcome.model is not None:
-        stamp(outcome.model, report)
-        try:
-            save_model_atomic(outcome.model, out_path, outcome.check_feed, threads=outcome.options.run.threads,
-                              external_data=outcome.external)
-        except OSError as exc:
-            raise InputError(f"cannot write {out_path}: {exc.strerror or exc}") from None
-        written.model = report["output"] = out_path
-    if outcome.options.output.report:
-        written.report = write_report(report, outcome.options.output.report)
-    return written
-
-
-def write_report(report: dict, path: str) -> str:
-    """Write the JSON report to ``path`` (atomic: ``io.write_json_atomic``); for ``.html``, the HTML report
-    there and the JSON beside it (``.json``). Returns the path."""
-    if path.endswith(".html"):
-        import json
-
-        from .report_html import write_html
-
-        write_report(report, path[: -len(".html")] + ".json")
-        return write_html(json.loads(json.dumps(report, default=_jsonable)), path)
-    return write_json_atomic(path, report, default=_jsonable)
-
-
-def _jsonable(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
-
-
 def prune(model: onnx.ModelProto | str | os.PathLike, data, *, criterion: CriterionOptions | None = None,
           target: TargetOptions | None = None, run: RunOptions | None = None,
           finetune: FinetuneConfig | None = None, recovery: RecoveryOptions | None = None,
           output: OutputOptions | None = None, data_options: DataOptions | None = None) -> Outcome:
-    """The public API: the same run as `onnx-cprune prune` (``run`` with the option groups as keywords).
-    ``outcome.model`` is the pruned model, ``outcome.result`` the PruneResult (removals, rounds, MACs,
-    fidelity), ``outcome.report`` what ``--report`` writes. Fine-tunes only when ``finetune`` is given."""
+    """The public API: the same run as `onnx-cprune prune` (``run`` with the option groups as keywords), for
+    block models and decoder LLMs (``model`` a file or an export folder, ``data`` calibration text: a path or
+    an ``llm.text.TextData``). ``outcome.model`` is the pruned model, ``outcome.result`` the PruneResult
+    (removals, rounds, MACs, fidelity; None for a decoder, whose facts are ``outcome.decoder``),
+    ``outcome.report`` what ``--report`` writes. Fine-tunes only when ``finetune`` is given."""
     options = Options(data=data_options or DataOptions(), run=run or RunOptions(), target=target or TargetOptions(),
                       criterion=criterion or CriterionOptions(), finetune=finetune,
                       recovery=recovery or RecoveryOptions(), output=output or OutputOptions())
     return _run(model, data, options)
-
-
-def inspect(path: str | os.PathLike, *, unit: str = CriterionOptions.unit,
-            input_shapes: dict[str, tuple[int, ...]] | None = None, task: str | None = None,
-            output_kind: tuple[str, ...] = ()) -> dict:
-    """The removable blocks of a model file, without running it: {model, macs, params, unit, blocks (each
-    with ``macs_share``), not_removable, notes, feature (the global scope's feature tensors and why, or
-    None with the reason in ``notes``), outputs (each float output's kind), finetune_refuses (why fine-tuning
-    will be refused, e.g. a quantized graph, else None; also the first note)}."""
-    from .llm.inspect import inspect_decoder
-    from .llm.run import is_decoder, model_file
-
-    path = model_file(path)  # an export folder: its model file
-    model = load_model(path)
-    if is_decoder(model):
-        return inspect_decoder(path, model)
-    cost = count_cost(model, input_shapes or {})
-    report = find_blocks(model, macs_per_node=cost.macs_per_node, unit=unit)
-    total = cost.total_macs
-    blocks = []
-    for b in report.blocks:
-        d = b.to_json()
-        d["macs_share"] = (b.macs / total) if (b.macs is not None and total) else None
-        blocks.append(d)
-    notes = list(cost.notes) + list(report.notes)
-    refused, quantized = None, quantized_ops(model)
-    if quantized:  # prune works on it; say here what fine-tuning will do, with the same line
-        refused = finetune_refusal(quantized)
-        notes.insert(0, f"prune removes blocks from this model; {refused}")
-    try:
-        feature = choose_feature(model, report.blocks, task=task).to_json()
-    except InputError as exc:
-        feature = None
-        notes.append(f"no feature tensor: {exc}")
-    return {"model": os.fspath(path), "macs": total, "params": cost.params, "weight_bytes": cost.weight_bytes,
-            "unit": unit, "blocks": blocks,
-            "not_removable": [n.to_json() for n in report.not_removable], "notes": notes, "feature": feature,
-            "outputs": output_kinds(model, task, output_kind), "finetune_refuses": refused}
-

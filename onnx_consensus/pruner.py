@@ -30,11 +30,11 @@ from .graph.surgery import remove_blocks
 from .options import CriterionOptions, RunOptions, TargetOptions
 from .metrics import get_metric, resolve_metrics
 from .kinds import blind_spots, output_plan
+from .schedule import allowed_ids, check_schedule, eligible_now, rounds
 from .scoring import SCOPES, ScoreRound, has_class_scores, original_outputs, score_blocks
 
 __all__ = ["CriterionOptions", "TargetOptions", "RunOptions", "PruneResult", "Removal", "prune"]
 log = logging.getLogger("onnx_consensus")
-SCHEDULES = ("iterative", "one-shot")
 
 
 @dataclass
@@ -124,10 +124,7 @@ def saving_note(removed: Sequence[Block], total: int | None) -> str | None:
 def _validate(criterion: CriterionOptions, target: TargetOptions, blocks: dict[str, Block]) -> None:
     if criterion.scope not in SCOPES:
         raise InputError(f"--scope must be one of {', '.join(SCOPES)}, got {criterion.scope!r}")
-    if criterion.schedule not in SCHEDULES:
-        raise InputError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {criterion.schedule!r}")
-    if criterion.rescore_top is not None and criterion.rescore_top < 1:
-        raise InputError("--rescore-top must be >= 1")
+    check_schedule(criterion.schedule, criterion.rescore_top)
     if target.remove is not None and target.remove < 0:
         raise InputError("--remove must be >= 0")
     if target.target_flops is not None and not 0 < target.target_flops < 1:
@@ -165,8 +162,6 @@ def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = 
     plan = output_plan(model, criterion.task, criterion.output_kind, criterion.fidelity)
     metrics = resolve_metrics(criterion.metrics, has_class_scores(model, criterion.task), plan)
     check_feature_used(criterion.feature, metrics)
-    # Token masks are resolved (and any guess logged) once, then passed to every round as overrides.
-    token_mask = tuple(f"{m.name}:{m.polarity}" for m in token_masks(model, criterion.token_mask).values())
     result = PruneResult(model=model, original_blocks=report, macs_before=cost.total_macs, params_before=cost.params,
                          weight_bytes_before=cost.weight_bytes, weight_bytes_after=cost.weight_bytes,
                          output_plan=plan.to_json())
@@ -174,7 +169,56 @@ def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = 
         result.stop_reason = f"no removable block: {report.refusal or 'none found'}"
         result.macs_after, result.params_after = cost.total_macs, cost.params
         return result
+    job = _job(model, data, labels, criterion, target, run, metrics, plan, result, budget)
+    job.total, job.originals = cost.total_macs, originals
+    # On a failure midway, what was computed so far (the finished rounds' scores, the model with the
+    # removals done) goes with PruneFailed, for callers that keep it (`--keep-partial`).
+    try:
+        removed, current = _replay(job, result) if target.plan else _scheduled(job, result, between)
+    except (Exception, KeyboardInterrupt) as exc:
+        result.stop_reason = f"stopped by {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        raise PruneFailed(result, exc) from exc
+    if not target.plan and not job.auto and not _target_met(target, removed, job.total, budget):
+        # not a failure midway: the schedule ran to its end (exit 3, nothing written, even with --keep-partial)
+        got = _macs_fraction(removed, job.total)
+        want = f"{target.remove} blocks" if target.remove is not None else f"{target.target_flops:.1%} of MACs" \
+            if budget is None else f"latency ({budget.text(result.removed_ids)})"
+        raise TargetError(report.refusal or f"target {want} cannot be met: only {len(removed)} block(s) removable "
+                          f"({got:.1%} of MACs) with keep-per-stage={target.keep_per_stage} and the "
+                          f"--only/--exclude choices")
+    _finish(job, result, removed, current)
+    return result
 
+
+@dataclass
+class _Job:
+    """What the rounds of one ``prune`` share: the inputs, the resolved criterion, the data split, the
+    hold-out ``check`` and the original model's outputs for output-level metrics (None without them)."""
+
+    model: onnx.ModelProto
+    data: object
+    criterion: CriterionOptions
+    target: TargetOptions
+    run: RunOptions
+    metrics: list
+    plan: object
+    token_mask: tuple
+    score_idx: np.ndarray
+    score_labels: np.ndarray | None
+    check: Callable[[onnx.ModelProto], Fidelity]
+    auto: bool
+    budget: object = None
+    score_reference: list | None = None
+    total: int | None = None
+    originals: dict = field(default_factory=dict)
+
+
+def _job(model, data, labels, criterion: CriterionOptions, target: TargetOptions, run: RunOptions, metrics,
+         plan, result: PruneResult, budget) -> _Job:
+    """Split the data (scoring / hold-out, recorded in ``result``), compute the hold-out reference and, for
+    output-level metrics, the original model's outputs on the scoring samples."""
+    # Token masks are resolved (and any guess logged) once, then passed to every round as overrides.
+    token_mask = tuple(f"{m.name}:{m.polarity}" for m in token_masks(model, criterion.token_mask).values())
     if data.n_samples >= 10 and run.holdout > 0:
         score_idx, hold_idx = data.split(run.holdout, seed=criterion.seed)
     else:
@@ -198,96 +242,109 @@ def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = 
         return fidelity(m, reference, data, hold_idx, labels=hold_labels, batch_size=run.batch_size,
                         threads=run.threads, kinds=kinds)
 
-    allowed = set(target.only or originals) - set(target.exclude)
-    total = cost.total_macs
-    removed: list[Block] = []
-    current = model
+    return _Job(model, data, criterion, target, run, metrics, plan, token_mask, score_idx, score_labels, check,
+                auto, budget, score_reference)
 
-    # On a failure midway, what was computed so far (the finished rounds' scores, the model with the
-    # removals done) goes with PruneFailed, for callers that keep it (`--keep-partial`).
-    try:
-        if target.plan:
-            removed = [originals[i] for i in target.plan]
-            current = remove_blocks(model, removed)
-            result.removals = [Removal(b, 0) for b in removed]
-            result.stop_reason = f"replayed a plan of {len(removed)} removals"
-        else:
-            order: list[str] = []
-            round_no = 0
-            while True:
-                if _target_met(target, removed, total, budget):
-                    result.stop_reason = "target met"
-                    break
-                stage_left = _stage_counts(originals.values(), removed)
-                current_blocks = {b.id: b for b in find_blocks(current, macs_per_node={}, unit=criterion.unit).blocks
-                                  if b.id in originals}
-                eligible = [current_blocks[i] for i in current_blocks
-                            if i in allowed and stage_left[originals[i].stage] > target.keep_per_stage]
-                if not eligible:
-                    result.stop_reason = "no eligible block left"
-                    break
-                if criterion.schedule == "iterative" or not order:
-                    scored = eligible
-                    if criterion.rescore_top is not None and order:
-                        # re-score only the K best of the previous order; the others keep their places behind
-                        ids = {b.id for b in eligible}
-                        top = [i for i in order if i in ids][:criterion.rescore_top]
-                        scored = [current_blocks[i] for i in top] or eligible
-                    rnd = score_blocks(current, data, blocks=scored, metrics=metrics, scope=criterion.scope,
-                                       feature=criterion.feature, indices=score_idx, labels=score_labels,
-                                       batch_size=run.batch_size, seed=criterion.seed, pca_dim=criterion.pca_dim,
-                                       threads=run.threads, progress=run.progress, token_mask=token_mask,
-                                       task=criterion.task, weights=criterion.weights,
-                                       reference=score_reference, plan=plan)
-                    result.rounds.append(rnd)
-                    rescored = set(rnd.order)
-                    order = rnd.order + [i for i in order if i not in rescored]
-                eligible_ids = {b.id for b in eligible}
-                ranked = cost_aware_order(order, {i: originals[i].macs for i in order}, total) if auto else order
-                pick_id = (budget.pick(ranked, eligible_ids) if budget else
-                           next(i for i in ranked if i in eligible_ids))
-                # Remove from the current model (its blocks keep their original ids), so weights fine-tuned
-                # between removals carry over.
-                candidate = remove_blocks(current, [current_blocks[pick_id]])
-                fid = check(candidate) if auto else None
-                if auto and not fid.meets(target.min_agreement):
-                    result.stop_reason = (f"removing {pick_id} would bring hold-out fidelity below the budget "
-                                          f"({fid.budget_text(target.min_agreement)})")
-                    break
-                removed.append(originals[pick_id])
-                result.removals.append(Removal(originals[pick_id], round_no, fid))
-                current = candidate
-                result.model = current
-                round_no += 1
-                log.info("removed %s (round %d)", pick_id, round_no)
-                if between is not None and not _target_met(target, removed, total, budget):
-                    current = between(current)
-                    result.model = current
-    except (Exception, KeyboardInterrupt) as exc:
-        result.stop_reason = f"stopped by {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        raise PruneFailed(result, exc) from exc
-    if not target.plan and not auto and not _target_met(target, removed, total, budget):
-        # not a failure midway: the schedule ran to its end (exit 3, nothing written, even with --keep-partial)
-        got = _macs_fraction(removed, total)
-        want = f"{target.remove} blocks" if target.remove is not None else f"{target.target_flops:.1%} of MACs" \
-            if budget is None else f"latency ({budget.text(result.removed_ids)})"
-        raise TargetError(report.refusal or f"target {want} cannot be met: only {len(removed)} block(s) removable "
-                          f"({got:.1%} of MACs) with keep-per-stage={target.keep_per_stage} and the "
-                          f"--only/--exclude choices")
+
+def _replay(job: _Job, result: PruneResult) -> tuple[list[Block], onnx.ModelProto]:
+    """``--plan``: remove the plan's blocks, no scoring."""
+    removed = [job.originals[i] for i in job.target.plan]
+    current = remove_blocks(job.model, removed)
+    result.removals = [Removal(b, 0) for b in removed]
+    result.stop_reason = f"replayed a plan of {len(removed)} removals"
+    return removed, current
+
+
+def _scheduled(job: _Job, result: PruneResult, between) -> tuple[list[Block], onnx.ModelProto]:
+    """Drive ``schedule.rounds`` until the target is met, no block is eligible, or (no target) the next
+    removal would break the fidelity budget. Each pruned model is the current one minus one block, so
+    weights fine-tuned ``between`` removals carry over."""
+    target, criterion, originals, total, budget = job.target, job.criterion, job.originals, job.total, job.budget
+    allowed = allowed_ids(originals, target.only, target.exclude)
+    stages = {i: b.stage for i, b in originals.items()}
+    removed: list[Block] = []
+    current = job.model
+
+    def eligible() -> dict[str, Block]:
+        blocks = [b for b in find_blocks(current, macs_per_node={}, unit=criterion.unit).blocks if b.id in originals]
+        return eligible_now({b.id: b for b in blocks}, stages, {b.id for b in removed}, allowed,
+                            target.keep_per_stage)
+
+    def score(blocks: list[Block]):
+        rnd = score_blocks(current, job.data, blocks=blocks, metrics=job.metrics, scope=criterion.scope,
+                           feature=criterion.feature, indices=job.score_idx, labels=job.score_labels,
+                           batch_size=job.run.batch_size, seed=criterion.seed, pca_dim=criterion.pca_dim,
+                           threads=job.run.threads, progress=job.run.progress, token_mask=job.token_mask,
+                           task=criterion.task, weights=criterion.weights, reference=job.score_reference,
+                           plan=job.plan)
+        result.rounds.append(rnd)
+        return rnd
+
+    if _target_met(target, removed, total, budget):
+        result.stop_reason = "target met"
+        return removed, current
+    result.stop_reason = "no eligible block left"
+    for rnd in rounds(eligible, score, schedule=criterion.schedule, rescore_top=criterion.rescore_top):
+        order = rnd.order
+        ranked = cost_aware_order(order, {i: originals[i].macs for i in order}, total) if job.auto else order
+        pick_id = budget.pick(ranked, set(rnd.eligible)) if budget else next(i for i in ranked if i in rnd.eligible)
+        candidate = remove_blocks(current, [rnd.eligible[pick_id]])
+        fid = job.check(candidate) if job.auto else None
+        if job.auto and not fid.meets(target.min_agreement):
+            result.stop_reason = (f"removing {pick_id} would bring hold-out fidelity below the budget "
+                                  f"({fid.budget_text(target.min_agreement)})")
+            break
+        removed.append(originals[pick_id])
+        result.removals.append(Removal(originals[pick_id], rnd.number, fid))
+        current = result.model = candidate
+        log.info("removed %s (round %d)", pick_id, rnd.number + 1)
+        if _target_met(target, removed, total, budget):
+            result.stop_reason = "target met"
+            break
+        if between is not None:
+            current = result.model = between(current)
+    return removed, current
+
+
+def _finish(job: _Job, result: PruneResult, removed: list[Block], current: onnx.ModelProto) -> None:
+    """The pruned model's MACs, parameters and hold-out fidelity; the small-saving and collapse notes."""
     result.model = current
-    result.small_saving = saving_note(removed, total)
-    after = count_cost(current, run.input_shapes or None)
+    result.small_saving = saving_note(removed, job.total)
+    after = count_cost(current, job.run.input_shapes or None)
     result.macs_after, result.params_after = after.total_macs, after.params
     result.weight_bytes_after = after.weight_bytes
-    result.fidelity = check(current)
-    if (target.plan or not auto) and result.removals:  # an explicit target may wreck the model: say so plainly
+    result.fidelity = job.check(current)
+    if (job.target.plan or not job.auto) and result.removals:  # an explicit target may wreck the model: say so
         collapsed = result.fidelity.collapse()
         if collapsed:
             result.collapse = (f"the pruned model's outputs collapsed ({collapsed} on the hold-out): fine-tune it "
                                "(--finetune-epochs N; distillation from the original when there are no labels) or "
                                "remove fewer blocks")
             log.info("%s", result.collapse)  # the summary says it (report "collapse")
-    return result
+
+
+def nothing_removable(model: onnx.ModelProto, original: onnx.ModelProto | None = None, *, unit: str = "block",
+                      input_shapes: dict | None = None) -> PruneResult | None:
+    """When ``model`` has no removable block: the PruneResult saying why (``stop_reason``; its ``model`` the
+    ``original``, e.g. a bfloat16 model whose float32 shadow is ``model``), found without any inference;
+    None when it has one."""
+    cost = count_cost(model, input_shapes or None)
+    found = find_blocks(model, macs_per_node=cost.macs_per_node, unit=unit)
+    if found.blocks:
+        return None
+    if found.refusal:
+        why = found.refusal
+    elif found.not_removable:
+        reasons = sorted({n.reason for n in found.not_removable})
+        why = (f"{len(found.not_removable)} residual merge(s) seen, none removable: " + "; ".join(reasons[:3])
+               + ("; ..." if len(reasons) > 3 else ""))
+    else:
+        why = "no residual merge in the graph"
+    log.info("no removable block: %s", why)
+    return PruneResult(model=model if original is None else original, original_blocks=found,
+                       macs_before=cost.total_macs, macs_after=cost.total_macs, params_before=cost.params,
+                       params_after=cost.params, weight_bytes_before=cost.weight_bytes,
+                       weight_bytes_after=cost.weight_bytes, stop_reason=f"no removable block: {why}")
 
 
 def _blind_notes(model: onnx.ModelProto, plan, reference: list, budget: float | None) -> list[str]:
@@ -318,12 +375,3 @@ def _target_met(target: TargetOptions, removed: Sequence[Block], total: int | No
             raise InputError("--target-flops needs known MACs: give static input shapes with --input-shape")
         return _macs_fraction(removed, total) >= target.target_flops
     return False
-
-
-def _stage_counts(blocks, removed: Sequence[Block]) -> dict[int, int]:
-    gone = {b.id for b in removed}
-    counts: dict[int, int] = {}
-    for b in blocks:
-        if b.id not in gone:
-            counts[b.stage] = counts.get(b.stage, 0) + 1
-    return counts

@@ -12,9 +12,14 @@ from . import __version__
 from .pruner import PruneResult
 
 METADATA_KEY = "onnx_consensus.report"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """The JSON report's ``schema_version`` (docs/REPORT_SCHEMA.md): 1 the reports before it had one, 2 adds
-``schema_version``, ``latency_target``, ``quantize`` and ``curve``."""
+``schema_version``, ``latency_target``, ``quantize`` and ``curve``, 3 one schema for block models and decoder
+LLMs (``kind``, ``input_sha256`` in both; ``schema_version``, ``version``, ``seed``, ``output`` in a decoder's)."""
+COMMON_KEYS = ("schema_version", "tool", "version", "kind", "input", "input_sha256", "options", "seed", "removed",
+               "removed_ids", "rounds", "stop_reason", "candidates", "params", "weight_bytes", "finetune", "seconds",
+               "output")
+"""The keys every report has, whatever the model kind (docs/REPORT_SCHEMA.md); ``kind`` says which others."""
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -57,7 +62,9 @@ def build_report(result: PruneResult, *, options: Mapping, input_path: str | Non
         "schema_version": SCHEMA_VERSION,
         "tool": "onnx-consensus",
         "version": __version__,
+        "kind": "blocks",
         "input": {"path": input_path, "sha256": input_sha256},
+        "input_sha256": input_sha256,
         "options": dict(options),
         "seed": options.get("seed"),
         "candidates": [b.to_json() for b in result.original_blocks.blocks],
@@ -81,6 +88,8 @@ def build_report(result: PruneResult, *, options: Mapping, input_path: str | Non
         "latency": dict(latency) if latency else None,
         "finetune": dict(finetune) if finetune else None,
         "criterion": dict(criterion) if criterion else None,
+        "seconds": None,
+        "output": None,
     }
 
 
@@ -118,9 +127,11 @@ def _fidelity_lines(fid: Mapping, tuned: bool = False) -> list[str]:
 
 
 def provenance(report: Mapping) -> dict:
-    """The compact part stored in the output model's metadata_props."""
+    """The compact part stored in the output model's metadata_props, for every model kind: the keys a block
+    model's report always had, then ``kind``, ``input_sha256`` and a decoder's ``interface`` where present."""
     keys = ("tool", "version", "input", "options", "seed", "removed_ids", "macs", "params", "fidelity")
-    return {k: report.get(k) for k in keys}
+    return {**{k: report.get(k) for k in keys},
+            **{k: report[k] for k in ("kind", "input_sha256", "interface") if k in report}}
 
 
 def stamp(model: onnx.ModelProto, report: Mapping) -> None:
@@ -129,6 +140,15 @@ def stamp(model: onnx.ModelProto, report: Mapping) -> None:
     del model.metadata_props[:]
     model.metadata_props.extend(keep)
     model.metadata_props.add(key=METADATA_KEY, value=json.dumps(provenance(report), sort_keys=True))
+
+
+def summary(report: Mapping) -> str:
+    """The terminal summary of any run: ``summary_table`` for block models, ``llm.output.summary`` for decoders."""
+    if report.get("kind") == "decoder":
+        from .llm.output import summary as decoder_summary
+
+        return decoder_summary(report)
+    return summary_table(report)
 
 
 def _fmt_int(v) -> str:
@@ -146,56 +166,10 @@ def not_improved_text(info: dict) -> str:
 
 def summary_table(report: Mapping) -> str:
     """A plain-text summary for the terminal."""
-    macs, params, fid = report["macs"], report["params"], report.get("fidelity") or {}
-    if not report["candidates"] and report["stop_reason"].startswith("no removable block"):
-        lines = [report["stop_reason"][0].upper() + report["stop_reason"][1:]]
-    else:
-        lines = [f"Removed {len(report['removed'])} of {len(report['candidates'])} removable blocks "
-                 f"({report['stop_reason']})"]
-    for r in report["removed"]:
-        share = f"{r['macs']:,} MACs" if r.get("macs") is not None else "MACs unknown"
-        lines.append(f"  - {r['id']}  ({share})")
-    crit = report.get("criterion")
-    if crit and report["removed"] and not report["options"].get("plan"):
-        name = "+".join(crit["metrics"])
-        lines.append(f"Ranked by --metrics {name}" + (f" (the default {crit['default']}; --metrics paper is the "
-                                                      "published Consensus)" if crit.get("default") else ""))
-    rows = [("", "before", "after", "change")]
-
-    def change(ratio):
-        return "" if ratio is None else f"{(ratio - 1) * 100:+.2f}%"
-
-    rows.append(("MACs", _fmt_int(macs["before"]), _fmt_int(macs["after"]), change(macs["ratio"])))
-    rows.append(("parameters", _fmt_int(params["before"]), _fmt_int(params["after"]), change(params["ratio"])))
-    wb = report.get("weight_bytes")
-    if wb and wb["before"]:
-        rows.append(("weights, bytes as stored", _fmt_int(wb["before"]), _fmt_int(wb["after"]), change(wb["ratio"])))
-    lat = report.get("latency")
-    if lat:
-        for bs, v in lat.items():
-            rows.append((f"latency b={bs} (ms, p50)", f"{v['before_ms']:.2f}", f"{v['after_ms']:.2f}",
-                         change(v["after_ms"] / v["before_ms"])))
-    if fid.get("reference_accuracy") is not None:
-        rows.append(("accuracy (hold-out)", f"{fid['reference_accuracy']:.4f}", f"{fid['accuracy']:.4f}",
-                     f"{(fid['accuracy'] - fid['reference_accuracy']) * 100:+.2f} pp"))
+    macs, fid = report["macs"], report.get("fidelity") or {}
+    lines = _removed_lines(report)
     ft = report.get("finetune")
-    notes = []
-    if ft and ft.get("metric_after") is not None:
-        where = "hold-out" if ft.get("eval") == "hold-out" else "eval"
-        if ft.get("metric_original") is not None:
-            rows.append((f"{where} {ft['metric']}: original", "", f"{ft['metric_original']:.4f}", ""))
-        rows.append((f"{where} {ft['metric']}: pruned -> fine-tuned", f"{ft['metric_before']:.4f}",
-                     f"{ft['metric_after']:.4f}", f"{(ft['metric_after'] - ft['metric_before']) * 100:+.2f} pp"))
-        if ft.get("best_epoch") == 0:
-            text = not_improved_text(ft)
-            notes.append(text[0].upper() + text[1:] + ".")
-        else:
-            notes.append(f"Fine-tuned model written: epoch {ft['best_epoch']} of {ft['epochs']}, the best on the "
-                         f"{'hold-out' if where == 'hold-out' else 'evaluation data'}.")
-    if ft and ft.get("bn_stats"):
-        reason = ft.get("bn_stats_reason") or ""
-        hint = "" if reason.startswith("--bn-stats") else "; --bn-stats freeze|update"
-        notes.append(f"BatchNormalization running statistics {ft['bn_stats']} during fine-tuning ({reason}{hint}).")
+    rows, notes = _table_rows(report)
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines.append("")
     for r in rows:
@@ -220,6 +194,74 @@ def summary_table(report: Mapping) -> str:
         lines.append(f"Note: {note}")
     if report.get("collapse"):
         lines.append(f"Warning: {report['collapse']}")
+    return "\n".join(lines + _target_and_quantize_lines(report))
+
+
+def _removed_lines(report: Mapping) -> list[str]:
+    """The summary's head: what was removed and why the schedule stopped, by which criterion."""
+    if not report["candidates"] and report["stop_reason"].startswith("no removable block"):
+        lines = [report["stop_reason"][0].upper() + report["stop_reason"][1:]]
+    else:
+        lines = [f"Removed {len(report['removed'])} of {len(report['candidates'])} removable blocks "
+                 f"({report['stop_reason']})"]
+    for r in report["removed"]:
+        share = f"{r['macs']:,} MACs" if r.get("macs") is not None else "MACs unknown"
+        lines.append(f"  - {r['id']}  ({share})")
+    crit = report.get("criterion")
+    if crit and report["removed"] and not report["options"].get("plan"):
+        name = "+".join(crit["metrics"])
+        lines.append(f"Ranked by --metrics {name}" + (f" (the default {crit['default']}; --metrics paper is the "
+                                                      "published Consensus)" if crit.get("default") else ""))
+    return lines
+
+
+def _change(ratio) -> str:
+    return "" if ratio is None else f"{(ratio - 1) * 100:+.2f}%"
+
+
+def _table_rows(report: Mapping) -> tuple[list[tuple[str, str, str, str]], list[str]]:
+    """The before/after table's rows (MACs, parameters, bytes, latency, accuracy, fine-tuning metric) and the
+    fine-tuning notes printed under it."""
+    macs, params, fid = report["macs"], report["params"], report.get("fidelity") or {}
+    rows = [("", "before", "after", "change")]
+    rows.append(("MACs", _fmt_int(macs["before"]), _fmt_int(macs["after"]), _change(macs["ratio"])))
+    rows.append(("parameters", _fmt_int(params["before"]), _fmt_int(params["after"]), _change(params["ratio"])))
+    wb = report.get("weight_bytes")
+    if wb and wb["before"]:
+        rows.append(("weights, bytes as stored", _fmt_int(wb["before"]), _fmt_int(wb["after"]),
+                     _change(wb["ratio"])))
+    lat = report.get("latency")
+    if lat:
+        for bs, v in lat.items():
+            rows.append((f"latency b={bs} (ms, p50)", f"{v['before_ms']:.2f}", f"{v['after_ms']:.2f}",
+                         _change(v["after_ms"] / v["before_ms"])))
+    if fid.get("reference_accuracy") is not None:
+        rows.append(("accuracy (hold-out)", f"{fid['reference_accuracy']:.4f}", f"{fid['accuracy']:.4f}",
+                     f"{(fid['accuracy'] - fid['reference_accuracy']) * 100:+.2f} pp"))
+    ft = report.get("finetune")
+    notes = []
+    if ft and ft.get("metric_after") is not None:
+        where = "hold-out" if ft.get("eval") == "hold-out" else "eval"
+        if ft.get("metric_original") is not None:
+            rows.append((f"{where} {ft['metric']}: original", "", f"{ft['metric_original']:.4f}", ""))
+        rows.append((f"{where} {ft['metric']}: pruned -> fine-tuned", f"{ft['metric_before']:.4f}",
+                     f"{ft['metric_after']:.4f}", f"{(ft['metric_after'] - ft['metric_before']) * 100:+.2f} pp"))
+        if ft.get("best_epoch") == 0:
+            text = not_improved_text(ft)
+            notes.append(text[0].upper() + text[1:] + ".")
+        else:
+            notes.append(f"Fine-tuned model written: epoch {ft['best_epoch']} of {ft['epochs']}, the best on the "
+                         f"{'hold-out' if where == 'hold-out' else 'evaluation data'}.")
+    if ft and ft.get("bn_stats"):
+        reason = ft.get("bn_stats_reason") or ""
+        hint = "" if reason.startswith("--bn-stats") else "; --bn-stats freeze|update"
+        notes.append(f"BatchNormalization running statistics {ft['bn_stats']} during fine-tuning ({reason}{hint}).")
+    return rows, notes
+
+
+def _target_and_quantize_lines(report: Mapping) -> list[str]:
+    """The summary's tail: the latency target's outcome and the --quantize table."""
+    lines: list[str] = []
     lt = report.get("latency_target")
     if lt:
         goal = (f"the lower of {lt['fraction']:g} x the original's {lt['original_ms']:.3f} ms timed beside it and "
@@ -236,4 +278,4 @@ def summary_table(report: Mapping) -> str:
         where = "the --eval data" if (report.get("options") or {}).get("eval") else "the hold-out"
         lines += ["", f"--quantize {q['format']}: fidelity to the original on {where} ({q.get('samples')} samples), "
                       f"the {q['written']} model written"] + ["  " + ln for ln in table_lines(q)]
-    return "\n".join(lines)
+    return lines

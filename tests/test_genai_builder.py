@@ -126,6 +126,21 @@ def test_inspect_cli_prints_the_int4_parameters(tiny, capsys):
     assert "MACs per token" in out and "error" not in out
 
 
+def test_finetuning_the_fused_fp32_export_fails_in_one_line_and_writes_the_pruned_folder(tiny, calib, tmp_path,
+                                                                                        capsys):
+    """The bridge cannot train GroupQueryAttention: one error line naming it, exit 4, the pruned folder written
+    (one CLI path for every model kind: the same message and code as a block model's failed fine-tuning)."""
+    pytest.importorskip("torch")
+    out, rep = tmp_path / "out", tmp_path / "r.json"
+    assert main([str(tiny / "llama" / "genai_fp32"), str(out), "--calib", str(calib), "--seq-len", "32", "--remove",
+                 "1", "--metrics", "cosine", "--scope", "local", "--finetune-epochs", "1", "--no-latency", "-q",
+                 "--report", str(rep)]) == 4
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "GroupQueryAttention" in err[0] and err[0].startswith("onnx-cprune: error: ")
+    assert "GroupQueryAttention" in json.loads(rep.read_text())["finetune"]["error"]
+    assert json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["num_hidden_layers"] == 3
+
+
 def test_finetuning_the_int4_export_refused_in_one_line(tiny, calib, tmp_path, capsys):
     out = tmp_path / "out"
     assert main([str(tiny / "llama" / "genai_int4"), str(out), "--calib", str(calib), "--seq-len", "32", "--remove",

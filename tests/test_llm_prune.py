@@ -244,9 +244,9 @@ def test_plan_replay_and_exclude(folder, tmp_path):
     assert b["removed"] == a["removed"] and b["rounds"] == []
     assert (tmp_path / "a" / "model.onnx").read_bytes() != b""
     with pytest.raises(InputError, match="not a decoder layer"):
-        from onnx_consensus.llm.run import _layer_numbers
+        from onnx_consensus.llm.layers import layer_numbers
 
-        _layer_numbers(["nope"], find_decoder_layers(synthetic_decoder(PLAIN)))
+        layer_numbers(["nope"], find_decoder_layers(synthetic_decoder(PLAIN)))
 
 
 def test_is_decoder_needs_a_cache_shaped_interface():

@@ -1,14 +1,17 @@
 """Decoder LLMs with a KV cache (optimum and onnxruntime-genai exports): depth pruning by whole decoder layers.
 
-    from onnx_consensus.llm import prune_decoder, load_text
-    outcome = prune_decoder("export_dir/", "corpus.txt", options)    # the same Options as every prune run
+    from onnx_consensus import pipeline
+    outcome = pipeline.run("export_dir/", "corpus.txt", options)    # the same run (and Options) as every model's
+    pipeline.write(outcome, "pruned_dir/")
 
 Modules: ``text`` (calibration / held-out text -> token windows), ``perplexity`` (held-out perplexity and
 tokens/s in onnxruntime), ``scoring`` (layer scores: global on the final hidden state, local Block
-Influence), ``folder`` (export folders: the model file, configs, writing a pruned folder), ``run`` (the
-schedule, the report, writing a folder or a model file), ``quantize`` and ``variants`` (int4 / int8 / fp16
-after pruning, the four rows), ``layer_latency`` (a latency target as a layer count), ``spans`` (PruneMe's
-contiguous span). Layer detection and surgery live in ``graph.decoder`` and ``graph.kv_surgery``.
+Influence), ``run`` (the decoder part of ``pipeline.run``: options refused, layers chosen by
+``schedule.rounds``, the report), ``layers`` (layer ids and numbers, the interface change), ``output``
+(writing a folder or a model file, the terminal summary), ``folder`` (export folders: the model file, configs,
+writing a pruned folder), ``quantize`` and ``variants`` (int4 / int8 / fp16 after pruning, the four rows),
+``layer_latency`` (a latency target as a layer count), ``spans`` (PruneMe's contiguous span). Layer detection
+and surgery live in ``graph.decoder`` and ``graph.kv_surgery``.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ _EXPORTS = {
     "throughput": "perplexity",
     "score_layers": "scoring",
     "prune_decoder": "run",
-    "write_decoder": "run",
+    "write_decoder": "output",
     "is_decoder": "run",
     "DecoderOutcome": "run",
     "quantize_decoder": "quantize",

@@ -82,11 +82,11 @@ def main(argv=None) -> None:
             o = Options(target=TargetOptions(remove=4), criterion=CriterionOptions(**kw),
                         run=RunOptions(holdout=0.0, threads=1, progress=False), output=OutputOptions(latency=False))
             out = prune_decoder(opt_dir, calib, o)
-            orders[name] = out.removed
+            orders[name] = out.decoder.removed
             secs = time.perf_counter() - t
             for k in (1, 2, 4):
-                pruned = remove_layers(model, out.removed[:k], report=report)
-                row = {"criterion": name, "k": k, "removed": out.removed[:k],
+                pruned = remove_layers(model, out.decoder.removed[:k], report=report)
+                row = {"criterion": name, "k": k, "removed": out.decoder.removed[:k],
                        "ppl": perplexity(pruned, held.windows, threads=1), "scoring_seconds_for_4": round(secs, 1)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)

@@ -46,7 +46,7 @@ def removal_order(folder: Path, calib: Path, depth: int, max_samples: int) -> tu
                    data=DataOptions(max_samples=max_samples), output=OutputOptions(latency=False))
     t = time.perf_counter()
     out = prune_decoder(folder, calib, opts)
-    return list(out.removed), time.perf_counter() - t
+    return list(out.decoder.removed), time.perf_counter() - t
 
 
 def run(args) -> dict:
