@@ -44,6 +44,43 @@ def is_learned(arr: np.ndarray) -> bool:
     return arr.dtype.kind == "f" and arr.size > 1 and bool(np.isfinite(arr).all())
 
 
+def _initializer_values(inits: dict[str, onnx.TensorProto]) -> dict[str, np.ndarray]:
+    """The initializers' values by name (external data read from its mapped file); FinetuneError when an
+    external file cannot be read."""
+    const_values: dict[str, np.ndarray] = {}
+    for name, t in inits.items():
+        if is_external(t):
+            try:  # an absolute location (graph.ir.load_model_and_layout): read from the mapped file
+                const_values[name] = np.array(external_array(t))
+            except (KeyError, ValueError, OSError) as exc:
+                raise FinetuneError(f"initializer {name!r} keeps its data in an external file that cannot "
+                                    f"be read ({exc}): load the model with its external data") from None
+            continue
+        const_values[name] = numpy_helper.to_array(t)
+    return const_values
+
+
+def _scan_nodes(nodes, versions: dict[str, int], const_values: dict[str, np.ndarray]):
+    """(each node's (registry entry, opset version), names read as static inputs, names read as dynamic
+    inputs, uses per name); Constant nodes' values are added to ``const_values``."""
+    entries = []
+    static_names: set[str] = set()
+    dynamic_names: set[str] = set()
+    uses: dict[str, int] = {}
+    for node in nodes:
+        dom = normalize_domain(node.domain)
+        ver = versions.get(dom, 1)
+        entry = lookup(node.op_type, dom, ver)
+        entries.append((entry, ver))
+        if node.op_type == "Constant" and dom == "":
+            const_values[node.output[0]] = constant_value(NodeCtx(node, ver, []).attrs)
+        for slot, name in enumerate(node.input):
+            if name:
+                (static_names if slot in entry.static_inputs else dynamic_names).add(name)
+                uses[name] = uses.get(name, 0) + 1
+    return entries, static_names, dynamic_names, uses
+
+
 class OnnxModule(nn.Module):
     """An ``nn.Module`` running one ONNX graph.
 
@@ -56,47 +93,27 @@ class OnnxModule(nn.Module):
         super().__init__()
         check_supported(model)
         graph = model.graph
-        versions = opset_versions(model)
         inits = {t.name: t for t in graph.initializer}
         self.input_names: list[str] = [i.name for i in graph.input if i.name not in inits]
         self.output_names: list[str] = [o.name for o in graph.output]
         # True: BatchNormalization uses its stored statistics in train mode too (fine-tuning on little data)
         self.bn_stats_frozen = False
-
-        const_values: dict[str, np.ndarray] = {}
-        for name, t in inits.items():
-            if is_external(t):
-                try:  # an absolute location (graph.ir.load_model_and_layout): read from the mapped file
-                    const_values[name] = np.array(external_array(t))
-                except (KeyError, ValueError, OSError) as exc:
-                    raise FinetuneError(f"initializer {name!r} keeps its data in an external file that cannot "
-                                        f"be read ({exc}): load the model with its external data") from None
-                continue
-            const_values[name] = numpy_helper.to_array(t)
-
+        const_values = _initializer_values(inits)
         nodes = list(graph.node)
-        entries = []
-        static_names: set[str] = set()
-        dynamic_names: set[str] = set()
-        uses: dict[str, int] = {}
-        for node in nodes:
-            dom = normalize_domain(node.domain)
-            ver = versions.get(dom, 1)
-            entry = lookup(node.op_type, dom, ver)
-            entries.append((entry, ver))
-            if node.op_type == "Constant" and dom == "":
-                const_values[node.output[0]] = constant_value(NodeCtx(node, ver, []).attrs)
-            for slot, name in enumerate(node.input):
-                if name:
-                    (static_names if slot in entry.static_inputs else dynamic_names).add(name)
-                    uses[name] = uses.get(name, 0) + 1
-
+        entries, static_names, dynamic_names, uses = _scan_nodes(nodes, opset_versions(model), const_values)
         learned = {n for n, a in const_values.items()
                    if is_learned(a) and not (n in static_names and n not in dynamic_names)}
-        # BatchNormalization running statistics are updated in place in train mode. A statistic that is
-        # its own constant, used only there, is a mutable buffer written back to that constant; one that
-        # is shared (exporters deduplicate equal tensors, e.g. an untrained BN's running_var == weight,
-        # sometimes through Identity nodes) gets a private copy ("alias"), see write_back.
+        bn_inputs = self._bn_buffers(nodes, const_values, learned, uses)
+        self._register_tensors(const_values, learned)
+        self._build_steps(nodes, entries, bn_inputs, const_values, learned)
+
+    def _bn_buffers(self, nodes, const_values: dict[str, np.ndarray], learned: set[str],
+                    uses: dict[str, int]) -> dict[int, list[str]]:
+        """BatchNormalization running statistics are updated in place in train mode. A statistic that is its
+        own constant, used only there, is a mutable buffer written back to that constant; one that is shared
+        (exporters deduplicate equal tensors, e.g. an untrained BN's running_var == weight, sometimes through
+        Identity nodes) gets a private copy ("alias", added to ``const_values``), see write_back. Returns the
+        BN nodes' inputs (by node index) with aliases substituted."""
         identity_src = {n.output[0]: n.input[0] for n in nodes
                         if n.op_type == "Identity" and normalize_domain(n.domain) == "" and n.input}
         bn_inputs: dict[int, list[str]] = {}
@@ -123,7 +140,10 @@ class OnnxModule(nn.Module):
             bn_inputs[idx] = ins
         for alias, (_, _, arr) in self._aliases.items():
             const_values[alias] = arr
+        return bn_inputs
 
+    def _register_tensors(self, const_values: dict[str, np.ndarray], learned: set[str]) -> None:
+        """Learned tensors become Parameters (``weights``), the other constants buffers (``consts``)."""
         self.weights = nn.ParameterDict()
         self.consts = nn.Module()
         taken: set[str] = set()
@@ -140,8 +160,12 @@ class OnnxModule(nn.Module):
             else:
                 self.consts.register_buffer(key, t)
                 self._buffer_items.append((name, key))
-        mutable = set(self.mutable_buffers) | set(self._aliases)
 
+    def _build_steps(self, nodes, entries, bn_inputs: dict[int, list[str]], const_values: dict[str, np.ndarray],
+                     learned: set[str]) -> None:
+        """One step per node (Constant nodes folded): (op fn, NodeCtx with the static inputs, inputs, outputs,
+        single output?), and the plan of the graph outputs."""
+        mutable = set(self.mutable_buffers) | set(self._aliases)
         self._steps: list[tuple[Any, ...]] = []
         self._producers: dict[str, int] = {}
         for i, (node, (entry, ver)) in enumerate(zip(nodes, entries)):
