@@ -30,7 +30,7 @@ from .graph.surgery import remove_blocks
 from .options import CriterionOptions, RunOptions, TargetOptions
 from .metrics import get_metric, resolve_metrics
 from .kinds import blind_spots, output_plan
-from .scoring import SCOPES, ScoreRound, has_class_scores, original_outputs, score_blocks
+from .scoring import SCOPES, ScoreRound, ScoreSettings, has_class_scores, original_outputs, score_blocks
 
 __all__ = ["CriterionOptions", "TargetOptions", "RunOptions", "PruneResult", "Removal", "prune"]
 log = logging.getLogger("onnx_consensus")
@@ -233,12 +233,9 @@ def prune(model: onnx.ModelProto, data, *, criterion: CriterionOptions | None = 
                         ids = {b.id for b in eligible}
                         top = [i for i in order if i in ids][:criterion.rescore_top]
                         scored = [current_blocks[i] for i in top] or eligible
-                    rnd = score_blocks(current, data, blocks=scored, metrics=metrics, scope=criterion.scope,
-                                       feature=criterion.feature, indices=score_idx, labels=score_labels,
-                                       batch_size=run.batch_size, seed=criterion.seed, pca_dim=criterion.pca_dim,
-                                       threads=run.threads, progress=run.progress, token_mask=token_mask,
-                                       task=criterion.task, weights=criterion.weights,
-                                       reference=score_reference, plan=plan)
+                    rnd = score_blocks(current, data, blocks=scored, metrics=metrics, weights=criterion.weights,
+                                       settings=ScoreSettings.of(criterion, run, token_mask), indices=score_idx,
+                                       labels=score_labels, reference=score_reference, plan=plan)
                     result.rounds.append(rnd)
                     rescored = set(rnd.order)
                     order = rnd.order + [i for i in order if i not in rescored]
