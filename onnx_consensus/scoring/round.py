@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -102,28 +104,37 @@ def metric_scores(specs: Sequence[MetricSpec], x: np.ndarray, y: np.ndarray, con
 
 
 def score_table(features: Features, specs: Sequence[MetricSpec], conditions, *, seed: int = 0,
-                pca_dim: int = 256, dtype=None) -> dict[str, dict[str, float]]:
+                pca_dim: int = 256, dtype=None, workers: int | None = 1) -> dict[str, dict[str, float]]:
     """{candidate id: {metric: score}} for every candidate of ``features`` (in its order): the representation
     metrics among ``specs`` on each (X, Y) pair (cast to ``dtype`` when given), then the output-level ones
     from ``features.outputs``. conditions: (n,) condition ids (``metrics.features.make_conditions``).
-    Raises InputError when an output-level metric found nothing to score (a class-score metric on a model
-    without class scores)."""
+    workers: candidates scored at once, in threads (None: one per core); each with one BLAS thread, so the
+    scores are the same whatever the number. Raises InputError when an output-level metric found nothing to
+    score (a class-score metric on a model without class scores)."""
     rep = [s for s in specs if not s.output]
     out_specs = [s for s in specs if s.output]
-    table: dict[str, dict[str, float]] = {}
+    for bid in features.after:
+        got = features.outputs.get(bid, {})
+        for s in out_specs:
+            if s.name not in got:
+                raise InputError(f"{s.name} needs a class-score output; this model has none: use output_mse / "
+                                 "output_cosine (or --task classify if its first output is class scores)")
+
+    def one(bid: str) -> dict[str, float]:
+        x, y = features.pair(bid)
+        if dtype is not None:
+            x, y = x.astype(dtype), y.astype(dtype)
+        row = metric_scores(rep, x, y, conditions, seed=seed, pca_dim=pca_dim) if rep else {}
+        row.update({s.name: features.outputs[bid][s.name] for s in out_specs})
+        return row
+
+    ids = list(features.after)
+    workers = min(len(ids), workers or os.cpu_count() or 1) if rep else 1
     with threadpool_limits(limits=1):  # small dense problems: one BLAS thread avoids spin-wait overhead
-        for bid in features.after:
-            x, y = features.pair(bid)
-            if dtype is not None:
-                x, y = x.astype(dtype), y.astype(dtype)
-            table[bid] = metric_scores(rep, x, y, conditions, seed=seed, pca_dim=pca_dim) if rep else {}
-            got = features.outputs.get(bid, {})
-            for s in out_specs:
-                if s.name not in got:
-                    raise InputError(f"{s.name} needs a class-score output; this model has none: use output_mse / "
-                                     "output_cosine (or --task classify if its first output is class scores)")
-                table[bid][s.name] = got[s.name]
-    return table
+        if workers <= 1:
+            return {bid: one(bid) for bid in ids}
+        with ThreadPoolExecutor(workers) as pool:  # numpy's LAPACK calls release the GIL
+            return dict(zip(ids, pool.map(one, ids)))
 
 
 def score_blocks(model: onnx.ModelProto, data, *, blocks: Sequence[Block] | None = None,
@@ -157,7 +168,7 @@ def score_blocks(model: onnx.ModelProto, data, *, blocks: Sequence[Block] | None
     t0 = time.perf_counter()
     # conditions (classes or clusters) come from the model's feature (global) or the first block's entry
     conditions = make_conditions(feats.predictions, feats.before[blocks[0].id], labels=labels, seed=st.seed)
-    table = score_table(feats, specs, conditions, seed=st.seed, pca_dim=st.pca_dim)
+    table = score_table(feats, specs, conditions, seed=st.seed, pca_dim=st.pca_dim, workers=st.threads)
     ranked = consensus(table, {b.id: b.position for b in blocks}, metrics, weights)
     return ScoreRound(st.scope, feats.feature, metrics, feats.n_samples, ranked, feats.ort_seconds,
                       time.perf_counter() - t0, feats.feature_reason)
