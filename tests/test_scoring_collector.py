@@ -97,3 +97,40 @@ def test_settings_and_keywords_give_the_same_round(resnet):
     assert [b.scores for b in by_settings.blocks] == [b.scores for b in by_keywords.blocks]
     with pytest.raises(TypeError, match="unexpected scoring option"):
         score_blocks(model, data, metrics=("cka",), batchsize=16)
+
+
+@pytest.mark.parametrize("form", ["plain", "fused"])
+def test_decoder_layers_go_through_the_same_collector_and_metric_side(form):
+    """Decoder layers (``llm.scoring.score_layers``, local scope) are collected by a FeatureCollector and scored
+    by the same ``metric_scores`` as blocks: their scores equal the metrics applied here to each layer's entry
+    and exit hidden states taken from one plain run of the model (token rows, float64)."""
+    from onnx_consensus.graph.decoder import FUSED, PLAIN, expose_residual_sums, find_decoder_layers, prefill_feed
+    from onnx_consensus.graph.instrument import with_outputs
+    from onnx_consensus.llm.scoring import LayerCollector, score_layers
+    from onnx_consensus.runtime import make_session
+    from onnx_consensus.scoring import BlockCollector
+    from tests.test_decoder_llm import V, synthetic_decoder
+
+    assert issubclass(LayerCollector, FeatureCollector) and issubclass(BlockCollector, FeatureCollector)
+    form = {"plain": PLAIN, "fused": FUSED}[form]
+    model = synthetic_decoder(form)
+    work = expose_residual_sums(model) if form == FUSED else model
+    report = find_decoder_layers(work)
+    ids = np.random.default_rng(4).integers(0, V, (4, 5))
+    metrics = ("cosine", "cka", "gaussian_stochastic_1")
+    rnd = score_layers(work, report, ids, metrics=metrics, scope="local")
+
+    layers = [report.by_index()[i] for i in sorted(report.by_index())]
+    entry = {layers[0].block.id: layers[0].block.entry}
+    entry.update({b.block.id: a.block.exit for a, b in zip(layers, layers[1:])})
+    names = sorted(set(entry.values()) | {lay.block.exit for lay in layers}) + ["logits"]
+    exposed = with_outputs(work, names)
+    values = dict(zip(names, make_session(exposed, level="basic").run(names, prefill_feed(exposed, ids))))
+    rows = {n: v.reshape(-1, v.shape[-1]) for n, v in values.items()}
+    conditions = make_conditions(rows["logits"].argmax(-1), rows[entry[layers[0].block.id]], seed=0)
+    specs = [get_metric(m) for m in metrics]
+    by_id = {b.id: b.scores for b in rnd.blocks}
+    for lay in layers:
+        want = metric_scores(specs, rows[entry[lay.block.id]].astype(np.float64),
+                             rows[lay.block.exit].astype(np.float64), conditions)
+        assert by_id[lay.block.id] == pytest.approx(want, rel=1e-9, abs=1e-12)
