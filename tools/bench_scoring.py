@@ -119,8 +119,8 @@ def _describe(r: dict) -> str:
         extra = (f"{r['rounds']} round(s), hold-out agreement {r['holdout_agreement']:.4f}, "
                  f"accuracy {r['holdout_accuracy']:.4f} (original {r['holdout_reference_accuracy']:.4f})")
     code = f" [{r['code']}]" if r.get("code") else ""
-    return (f"{desc:<26} n={r['samples']:<4} wall {r['wall_s']:8.2f} s  CPU {r['cpu_s']:7.2f} s  peak RSS {r['peak_rss_mb']:7.0f} MB  "
-            f"{extra}{code}")
+    return (f"{desc:<26} n={r['samples']:<4} wall {r['wall_s']:8.2f} s  CPU {r['cpu_s']:7.2f} s  "
+            f"peak RSS {r['peak_rss_mb']:7.0f} MB  {extra}{code}")
 
 
 def _ratios(results: list[dict], samples: int) -> None:
