@@ -10,7 +10,9 @@ Measures, each configuration in a fresh subprocess (so peak RSS is its own):
 - the floor: onnxruntime alone, same session options, running every candidate's suffix plus one full
   forward over the same batches (what any global-scope implementation must at least spend);
 - peak RSS at 128 and 512 samples (memory must not grow with the samples beyond the n x d features);
-- the local scope; and one-shot vs iterative schedules for 15 removals.
+- the local scope; and one-shot vs iterative schedules for 15 removals;
+- the metric phase alone (the eight metrics on one round's features) in one thread and in ``--threads``
+  (``scoring.score_table``'s workers), alternated ``--repeat`` times, with the code of the last ``--code``.
 ``--repeat N`` runs the floor and the two global rounds N times, alternated, and reports each round's
 ratio to the floor measured next to it (median over the repeats): on a loaded machine only that ratio
 compares. ``--code DIR`` (repeatable): import onnx_consensus from that checkout (e.g. the code before a
@@ -86,6 +88,24 @@ def run_config(cfg: dict) -> dict:
             for sess in sessions:
                 sess.run(None, {i.name: values[i.name] for i in sess.get_inputs()})
         out.update(wall_s=time.perf_counter() - t0, candidates=len(blocks))
+    elif cfg["kind"] == "metrics":  # the metric phase alone on one round's features: 1 thread vs --threads
+        from onnx_consensus.metrics import get_metric, resolve_metrics
+        from onnx_consensus.metrics.features import make_conditions
+        from onnx_consensus.scoring import collect_features, score_table
+
+        blocks = find_blocks(model).blocks
+        feats = collect_features(model, data, blocks, batch_size=bs, threads=threads)
+        specs = [get_metric(m) for m in resolve_metrics(("paper",), True)]
+        conditions = make_conditions(feats.predictions, feats.before[blocks[0].id], seed=0)
+        tables, times = [], {}
+        for _ in range(cfg["repeat"]):
+            for workers in (1, threads):
+                w0, u0 = time.perf_counter(), _cpu()
+                tables.append(score_table(feats, specs, conditions, workers=workers))
+                times.setdefault(workers, []).append([time.perf_counter() - w0, _cpu() - u0])
+        c0 = _cpu() - sum(c for v in times.values() for _, c in v)  # cpu_s, like wall_s: the metric phases
+        out.update(wall_s=sum(w for v in times.values() for w, _ in v), per_workers=times,
+                   identical=all(t == tables[0] for t in tables))
     elif cfg["kind"] == "schedule":
         res = prune(model, data, criterion=CriterionOptions(schedule=cfg["schedule"]),
                     target=TargetOptions(remove=cfg["remove"]), run=RunOptions(batch_size=bs, threads=threads))
@@ -115,6 +135,10 @@ def _describe(r: dict) -> str:
     extra = ""
     if r["kind"] == "round":
         extra = f"ort {r['ort_s']:.2f} s, metrics {r['metric_s']:.2f} s"
+    if r["kind"] == "metrics":
+        extra = "; ".join(f"{w} thread(s): " + " / ".join(f"{a:.2f}" for a, _ in v) + " s wall, "
+                          + " / ".join(f"{c:.2f}" for _, c in v) + " CPU s" for w, v in r["per_workers"].items())
+        extra += f"; same scores: {r['identical']}"
     if r["kind"] == "schedule":
         extra = (f"{r['rounds']} round(s), hold-out agreement {r['holdout_agreement']:.4f}, "
                  f"accuracy {r['holdout_accuracy']:.4f} (original {r['holdout_reference_accuracy']:.4f})")
@@ -178,6 +202,7 @@ def main() -> None:
     configs += [{**base, "code": code, **kind} for code in codes
                 for kind in ({"kind": "round", "scope": "global", "criterion": "paper", "samples": 128},
                              {"kind": "round", "scope": "local"})]
+    configs += [{**base, "code": code, "kind": "metrics", "repeat": args.repeat} for code in args.code[-1:] or [None]]
     if not args.skip_schedules:
         configs += [{**base, "code": code, "kind": "schedule", "schedule": s, "remove": args.remove}
                     for code in codes for s in ("one-shot", "iterative")]
