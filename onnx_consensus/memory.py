@@ -46,7 +46,7 @@ SESSION_BYTES = 4 * 2**20
 """One onnxruntime session's own structures (graph, kernels), besides its weights."""
 OUTPUT_COPIES = 3
 """Output rows held per batch while scoring one candidate: the reference's, the full model's and the
-candidate's (``scoring._BatchOutputs``)."""
+candidate's (``scoring.outputs.BatchOutputs``)."""
 
 _UNITS = {"": 2**30, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 

@@ -31,7 +31,7 @@ from .options import CriterionOptions, RunOptions, TargetOptions
 from .metrics import get_metric, resolve_metrics
 from .kinds import blind_spots, output_plan
 from .schedule import allowed_ids, check_schedule, eligible_now, rounds
-from .scoring import SCOPES, ScoreRound, has_class_scores, original_outputs, score_blocks
+from .scoring import SCOPES, ScoreRound, ScoreSettings, has_class_scores, original_outputs, score_blocks
 
 __all__ = ["CriterionOptions", "TargetOptions", "RunOptions", "PruneResult", "Removal", "prune"]
 log = logging.getLogger("onnx_consensus")
@@ -271,12 +271,9 @@ def _scheduled(job: _Job, result: PruneResult, between) -> tuple[list[Block], on
                             target.keep_per_stage)
 
     def score(blocks: list[Block]):
-        rnd = score_blocks(current, job.data, blocks=blocks, metrics=job.metrics, scope=criterion.scope,
-                           feature=criterion.feature, indices=job.score_idx, labels=job.score_labels,
-                           batch_size=job.run.batch_size, seed=criterion.seed, pca_dim=criterion.pca_dim,
-                           threads=job.run.threads, progress=job.run.progress, token_mask=job.token_mask,
-                           task=criterion.task, weights=criterion.weights, reference=job.score_reference,
-                           plan=job.plan)
+        rnd = score_blocks(current, job.data, blocks=blocks, metrics=job.metrics, weights=criterion.weights,
+                           settings=ScoreSettings.of(criterion, job.run, job.token_mask), indices=job.score_idx,
+                           labels=job.score_labels, reference=job.score_reference, plan=job.plan)
         result.rounds.append(rnd)
         return rnd
 

@@ -349,7 +349,7 @@ def test_token_pooling_mask_conventions():
     graph as "pad", whatever its name."""
     from onnx_consensus.graph.masks import TokenMask, token_masks
     from onnx_consensus.metrics.features import pool_features
-    from onnx_consensus.scoring import _mask_for
+    from onnx_consensus.scoring import token_keep as _mask_for
 
     act = np.zeros((2, 4, 3), np.float32)
     act[:, :2] = 1.0  # real tokens hold 1, padding holds 0

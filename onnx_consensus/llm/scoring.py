@@ -29,9 +29,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import onnx
-from threadpoolctl import threadpool_limits
 
-from ..consensus import BlockScore, consensus
+from ..consensus import consensus
 from ..errors import InputError
 from ..graph.decoder import DecoderReport, prefill_feed
 from ..graph.instrument import with_outputs  # noqa: F401  (re-exported: tests and callers import it here)
@@ -41,7 +40,7 @@ from ..metrics import get_metric, resolve_metrics
 from ..metrics.features import make_conditions
 from ..metrics.output import OutputAccumulator
 from ..runtime import make_session
-from ..scoring import ScoreRound, _score_one
+from ..scoring import FeatureCollector, Features, ScoreRound, collect, score_table
 from .perplexity import logits_name
 from .suffix import Suffix, cut_suffix, has_subgraphs, node_signatures
 
@@ -68,6 +67,16 @@ def _tokens(a: np.ndarray) -> np.ndarray:
     return a.reshape(-1, a.shape[-1])
 
 
+def take_rows(a: np.ndarray, keep: np.ndarray | None, start: int) -> np.ndarray:
+    """One batch's tensor ``a`` (batch, seq, d) as token rows (batch * seq, d), only those among ``keep``
+    (sorted indices into all the windows' tokens; None: every row); ``start``: the batch's first token."""
+    t = _tokens(a)
+    if keep is None:
+        return t
+    lo, hi = np.searchsorted(keep, [start, start + len(t)])
+    return t[keep[lo:hi] - start]
+
+
 def token_rows(n_tokens: int, max_tokens: int, seed: int) -> np.ndarray:
     """The token rows scored: all ``n_tokens`` when at most ``max_tokens``, else a seeded sorted sample."""
     if n_tokens <= max_tokens:
@@ -83,30 +92,25 @@ def output_rows_of(rows: np.ndarray, vocab: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed + 1).choice(rows, cap, replace=False))
 
 
+def _starts(windows: np.ndarray, batch_size: int) -> list[int]:
+    """The first token of each batch of ``batch_size`` windows."""
+    sizes = [int(np.prod(windows[s:s + batch_size].shape)) for s in range(0, len(windows), batch_size)]
+    return [int(v) for v in np.cumsum([0] + sizes[:-1])]
+
+
 def _run(model: onnx.ModelProto, windows: np.ndarray, names: Sequence[str], batch_size: int,
-         threads: int | None, rows: Sequence[np.ndarray | None] | np.ndarray | None = None,
-         cache: Sequence[str] = (), feeds: Sequence[dict] | None = None) -> dict[str, np.ndarray]:
+         threads: int | None, rows: Sequence[np.ndarray | None] | np.ndarray | None = None) -> dict[str, np.ndarray]:
     """``names`` of ``model`` over all windows, as token rows (n_windows * seq, d). ``rows``: the token rows to
     keep (sorted indices into the n_windows * seq tokens), one array for all names or one per name (None:
-    every row); only those are kept, batch by batch. ``cache``: more tensors returned whole, as one list of
-    per-batch arrays each (under the same names). ``feeds``: the per-batch feeds (default ``prefill_feed``)."""
+    every row); only those are kept, batch by batch."""
     sess = make_session(model, level="basic", threads=threads)
     per_name = list(rows) if isinstance(rows, (list, tuple)) else [rows] * len(names)
-    parts: dict[str, list[np.ndarray]] = {n: [] for n in [*names, *cache]}
-    start = 0
-    for k, s in enumerate(range(0, len(windows), batch_size)):
-        feed = feeds[k] if feeds is not None else prefill_feed(model, windows[s:s + batch_size])
-        outs = sess.run([*names, *cache], feed)
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for start, s in zip(_starts(windows, batch_size), range(0, len(windows), batch_size)):
+        outs = sess.run(list(names), prefill_feed(model, windows[s:s + batch_size]))
         for n, v, keep in zip(names, outs, per_name):
-            t = _tokens(v)
-            if keep is not None:
-                lo, hi = np.searchsorted(keep, [start, start + len(t)])
-                t = t[keep[lo:hi] - start]
-            parts[n].append(t)
-        for n, v in zip(cache, outs[len(names):]):
-            parts[n].append(v)
-        start += int(np.prod(windows[s:s + batch_size].shape))
-    return {n: (np.concatenate(v) if n in names else v) for n, v in parts.items()}
+            parts[n].append(take_rows(v, keep, start))
+    return {n: np.concatenate(v) for n, v in parts.items()}
 
 
 def original_logits(model: onnx.ModelProto, windows: np.ndarray, *, seed: int = 0, max_tokens: int = 4096,
@@ -135,49 +139,121 @@ def candidate_suffixes(model: onnx.ModelProto, current: onnx.ModelProto, report:
             for i in candidates}
 
 
-def _global_pairs(model: onnx.ModelProto, current: onnx.ModelProto, report: DecoderReport, windows: np.ndarray,
-                  removed: Sequence[int], candidates: Sequence[int], feature: str, lg: str, rows: np.ndarray,
-                  out_specs, reference: np.ndarray | None, pairs: dict, outputs: dict, *, seed: int,
-                  batch_size: int, threads: int | None) -> np.ndarray:
-    """Global scope: fill ``pairs`` (block id -> (F of ``current``, F without the candidate), token rows) and
-    ``outputs`` (block id -> output-level scores against ``reference``); return the current model's greedy
-    next tokens on ``rows``. One run of ``current`` (``feature``, logits ``lg`` and every candidate's cut
-    tensors), then each candidate's suffix (``candidate_suffixes``) on the cut values."""
-    by_index = report.by_index()
-    names = [feature, lg] if out_specs else [feature]
-    suffixes = candidate_suffixes(model, current, report, removed, candidates, names)
-    cut = sorted({c for sx in suffixes.values() if sx is not None for c in sx.cut} - {feature, lg})
-    have = {o.name for o in current.graph.output}  # current is score_layers' own copy: exposed in place
-    current.graph.output.extend(onnx.helper.make_empty_tensor_value_info(c) for c in cut if c not in have)
-    feeds = [prefill_feed(current, windows[s:s + batch_size]) for s in range(0, len(windows), batch_size)]
-    ref = _run(current, windows, [feature, lg], batch_size, threads, rows=rows, cache=cut, feeds=feeds)
-    x = ref[feature]
-    predicted = ref[lg].argmax(-1)
-    out_rows = output_rows_of(rows, ref[lg].shape[-1], seed) if out_specs else None
-    if out_specs and reference is None:
-        reference = ref[lg][np.searchsorted(rows, out_rows)]
-    if out_specs and len(reference) != len(out_rows):
-        raise InputError(f"the reference logits have {len(reference)} rows, the scored windows {len(out_rows)}")
-    cached = {c: ref[c] for c in cut}
-    reference64 = reference.astype(np.float64) if out_specs else None
-    del ref
-    keep = [rows, out_rows][:len(names)]
-    for i in candidates:
-        sx = suffixes[i]
-        if sx is None:  # the whole candidate model
-            pruned = remove_layers(model, [*removed, i], report=report)
-            got = _run(pruned, windows, names, batch_size, threads, rows=keep)
+class LayerCollector(FeatureCollector):
+    """The scoring pass of ``score_layers`` over token windows (see there for the arguments).
+
+    ``setup`` opens the current model's session (global scope: the feature, the logits and every candidate's
+    cut tensors exposed; local: every candidate's entry and exit); ``add_batch(k, feed)`` runs it on window
+    batch k and keeps the scored token rows (and, global scope, the cut values and the logits rows the
+    output-level metrics use). Global scope: ``finish`` then runs each candidate's suffix
+    (``candidate_suffixes``) on the cut values, one candidate (one session) at a time."""
+
+    def __init__(self, model: onnx.ModelProto, current: onnx.ModelProto, report: DecoderReport,
+                 windows: np.ndarray, *, removed: Sequence[int], candidates: Sequence[int], scope: str,
+                 feature: str | None, rows: np.ndarray, out_metrics: Sequence[str] = (),
+                 reference: np.ndarray | None = None, seed: int = 0, batch_size: int = 8,
+                 threads: int | None = None):
+        self.by_index = report.by_index()
+        super().__init__([self.by_index[i].block.id for i in candidates], scope)
+        self.model, self.current, self.report, self.windows = model, current, report, windows
+        self.removed, self.candidates, self.rows, self.seed = list(removed), list(candidates), rows, seed
+        self.out_metrics, self.reference = tuple(out_metrics), reference
+        self.batch_size, self.threads = batch_size, threads
+        self.lg = logits_name(model)
+        self.feature = feature if scope == "global" else None
+        self.starts = _starts(windows, batch_size)
+        self.out_rows: np.ndarray | None = None
+        self._ref_parts: list[np.ndarray] = []  # the current model's logits rows, when no reference is given
+        self._cached: list[dict[str, np.ndarray]] = []  # per batch: the cut values and the feed
+        self.outputs: dict[str, dict[str, float]] = {}
+
+    def batches(self):
+        """(k, feed) of every batch of windows, for ``add_batch``."""
+        for k, s in enumerate(range(0, len(self.windows), self.batch_size)):
+            yield k, prefill_feed(self.current, self.windows[s:s + self.batch_size])
+
+    def setup(self) -> None:
+        if self.scope == "global":
+            names = [self.feature, self.lg] if self.out_metrics else [self.feature]
+            self.suffixes = candidate_suffixes(self.model, self.current, self.report, self.removed, self.candidates,
+                                               names)
+            self.cut = sorted({c for sx in self.suffixes.values() if sx is not None for c in sx.cut}
+                              - {self.feature, self.lg})
+            have = {o.name for o in self.current.graph.output}  # score_layers' own copy: exposed in place
+            self.current.graph.output.extend(onnx.helper.make_empty_tensor_value_info(c) for c in self.cut
+                                             if c not in have)
+            self.names, run_model = [self.feature, self.lg, *self.cut], self.current
         else:
-            batch_feeds = [{**{n: f[n] for n in sx.inputs}, **{c: cached[c][k] for c in sx.cut}}
-                           for k, f in enumerate(feeds)]
-            got = _run(sx.materialize(model, batch_feeds[0]), windows, names, batch_size, threads,
-                       rows=keep, feeds=batch_feeds)
-        pairs[by_index[i].block.id] = (x, got[feature])
-        if out_specs:
-            acc = OutputAccumulator([sp.name for sp in out_specs])
-            acc.add(lg, reference64, got[lg].astype(np.float64), True)
-            outputs[by_index[i].block.id] = acc.scores()
-    return predicted
+            kept = [i for i in sorted(self.by_index) if i not in self.removed]
+            self.entry = {}
+            prev = self.by_index[min(self.by_index)].block.entry  # the embeddings: the first kept layer's entry
+            for i in kept:
+                self.entry[i] = prev
+                prev = self.by_index[i].block.exit
+            taken = {self.entry[i] for i in self.candidates} | {self.by_index[i].block.exit for i in self.candidates}
+            self.names = [*sorted(taken), self.lg]
+            run_model = with_outputs(self.current, self.names)
+        self.session = make_session(run_model, level="basic", threads=self.threads)
+
+    def add_batch(self, k: int, feed: dict[str, np.ndarray]) -> None:
+        values = dict(zip(self.names, self.run(self.session, self.names, feed)))
+        start = self.starts[k]
+        logits = values[self.lg]
+        self.add_predictions(take_rows(logits, self.rows, start).argmax(-1))
+        if self.scope == "local":
+            taken = {n: take_rows(values[n], self.rows, start) for n in self.names[:-1]}
+            for i in self.candidates:
+                b = self.by_index[i].block
+                self.add_before(taken[self.entry[i]], b.id)
+                self.add_after(b.id, taken[b.exit])
+            return
+        self.add_before(take_rows(values[self.feature], self.rows, start))
+        if self.out_metrics:
+            if self.out_rows is None:
+                self.out_rows = output_rows_of(self.rows, logits.shape[-1], self.seed)
+            if self.reference is None:
+                self._ref_parts.append(take_rows(logits, self.out_rows, start))
+        self._cached.append({**feed, **{c: values[c] for c in self.cut}})
+
+    def finish(self) -> Features:
+        if self.scope == "global":
+            self._candidates()
+        return super().finish()
+
+    def output_scores(self) -> dict[str, dict[str, float]]:
+        return self.outputs
+
+    def _candidates(self) -> None:
+        """Each candidate's feature rows (and logits rows, scored against the reference), one session at a time."""
+        reference = None
+        if self.out_metrics:
+            reference = self.reference if self.reference is not None else np.concatenate(self._ref_parts)
+            if len(reference) != len(self.out_rows):
+                raise InputError(f"the reference logits have {len(reference)} rows, the scored windows "
+                                 f"{len(self.out_rows)}")
+            reference = reference.astype(np.float64)
+        names = [self.feature, self.lg] if self.out_metrics else [self.feature]
+        for i in self.candidates:
+            bid, sx = self.by_index[i].block.id, self.suffixes[i]
+            if sx is None:  # the whole candidate model
+                run_model = remove_layers(self.model, [*self.removed, i], report=self.report)
+                feeds = [prefill_feed(run_model, self.windows[s:s + self.batch_size])
+                         for s in range(0, len(self.windows), self.batch_size)]
+            else:
+                feeds = [{n: c[n] for n in (*sx.inputs, *sx.cut)} for c in self._cached]
+                run_model = sx.materialize(self.model, feeds[0])
+            session = make_session(run_model, level="basic", threads=self.threads)
+            logits = []
+            for k, feed in enumerate(feeds):
+                got = self.run(session, names, feed)
+                self.add_after(bid, take_rows(got[0], self.rows, self.starts[k]))
+                if self.out_metrics:
+                    logits.append(take_rows(got[1], self.out_rows, self.starts[k]))
+            del session
+            if self.out_metrics:
+                acc = OutputAccumulator(self.out_metrics)
+                acc.add(self.lg, reference, np.concatenate(logits).astype(np.float64), True)
+                self.outputs[bid] = acc.scores()
 
 
 def score_layers(model: onnx.ModelProto, report: DecoderReport, windows: np.ndarray, *,
@@ -198,7 +274,6 @@ def score_layers(model: onnx.ModelProto, report: DecoderReport, windows: np.ndar
     metrics = resolve_metrics(metrics, True)
     specs = [get_metric(m) for m in metrics]
     out_specs = [sp for sp in specs if sp.output]
-    specs = [sp for sp in specs if not sp.output]
     if out_specs and scope != "global":
         raise InputError(f"output-level metrics ({', '.join(sp.name for sp in out_specs)}) need --scope global")
     by_index = report.by_index()
@@ -206,42 +281,20 @@ def score_layers(model: onnx.ModelProto, report: DecoderReport, windows: np.ndar
     candidates = [i for i in (by_index if candidates is None else candidates) if i not in removed]
     if not candidates:
         return ScoreRound(scope, feature, metrics, 0)
-    lg = logits_name(model)
     if scope == "global":  # exposed before any removal: a removed last layer's norm output is handed on by name
         feature = feature or final_hidden(model)
         model = with_outputs(model, [feature])
     current = remove_layers(model, removed, report=report) if removed else model
     t0 = time.perf_counter()
-    pairs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    outputs: dict[str, dict[str, float]] = {}
     rows = token_rows(windows.size, max_tokens, seed)
-    if scope == "global":
-        predicted = _global_pairs(model, current, report, windows, removed, candidates, feature, lg, rows,
-                                  out_specs, reference, pairs, outputs, seed=seed, batch_size=batch_size,
-                                  threads=threads)
-    else:
-        kept = [i for i in sorted(by_index) if i not in removed]
-        entry = {}
-        prev = by_index[min(by_index)].block.entry  # the embeddings: the first kept layer's entry
-        for i in kept:
-            entry[i] = prev
-            prev = by_index[i].block.exit
-        names = sorted({entry[i] for i in candidates} | {by_index[i].block.exit for i in candidates})
-        act = _run(with_outputs(current, [*names, lg]), windows, [*names, lg], batch_size, threads, rows=rows)
-        predicted = act[lg].argmax(-1)
-        for i in candidates:
-            b = by_index[i].block
-            pairs[b.id] = (act[entry[i]], act[b.exit])
+    collector = LayerCollector(model, current, report, windows, removed=removed, candidates=candidates,
+                               scope=scope, feature=feature, rows=rows, out_metrics=[sp.name for sp in out_specs],
+                               reference=reference, seed=seed, batch_size=batch_size, threads=threads)
+    feats = collect(collector, collector.batches())
     ort_seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
-    first = next(iter(pairs.values()))[0]
-    conditions = make_conditions(predicted, first, seed=seed)
-    table = {}
-    with threadpool_limits(limits=1):
-        for bid, (a, b) in pairs.items():
-            table[bid] = (_score_one(specs, a.astype(np.float64), b.astype(np.float64), conditions, seed, pca_dim)
-                          if specs else {})
-            table[bid].update(outputs.get(bid, {}))
+    conditions = make_conditions(feats.predictions, feats.before[collector.ids[0]], seed=seed)
+    table = score_table(feats, specs, conditions, seed=seed, pca_dim=pca_dim, dtype=np.float64)
     positions = {by_index[i].block.id: i for i in candidates}
     ranked = consensus(table, positions, metrics, weights)
     return ScoreRound(scope, feature if scope == "global" else None, metrics, len(rows), ranked, ort_seconds,

@@ -27,6 +27,7 @@ O(m^2 n) products.
 from __future__ import annotations
 
 import hashlib
+import threading
 
 import numpy as np
 
@@ -115,6 +116,7 @@ def _pad_rows(F: np.ndarray, m: int) -> np.ndarray:
 
 _STATS_CACHE: dict[bytes, tuple] = {}
 _STATS_CACHE_SIZE = 8
+_STATS_LOCK = threading.Lock()
 
 
 def _side_stats(A: np.ndarray, labels: np.ndarray | None) -> tuple:
@@ -127,17 +129,20 @@ def _side_stats(A: np.ndarray, labels: np.ndarray | None) -> tuple:
     if labels is not None:
         h.update(np.ascontiguousarray(labels).tobytes())
     key = h.digest()
-    if key not in _STATS_CACHE:
+    stats = _STATS_CACHE.get(key)
+    if stats is None:
         Ar = row_space_coords(A)
         if labels is None:
             groups = [np.arange(A.shape[0])]
         else:
             _, inverse = np.unique(labels, return_inverse=True)
             groups = [np.flatnonzero(inverse == k) for k in range(inverse.max() + 1)]
-        if len(_STATS_CACHE) >= _STATS_CACHE_SIZE:
-            _STATS_CACHE.pop(next(iter(_STATS_CACHE)))
-        _STATS_CACHE[key] = (Ar,) + condition_stats(Ar, groups)
-    return _STATS_CACHE[key]
+        stats = (Ar,) + condition_stats(Ar, groups)
+        with _STATS_LOCK:  # candidates may be scored in threads (``scoring.score_table``)
+            while len(_STATS_CACHE) >= _STATS_CACHE_SIZE:
+                _STATS_CACHE.pop(next(iter(_STATS_CACHE)))
+            _STATS_CACHE[key] = stats
+    return stats
 
 
 class _Step:

@@ -29,6 +29,7 @@ time is an upper bound, CPU seconds are the comparable figure. Run two shards in
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass
@@ -281,19 +282,22 @@ def shared_scorer(args, task: Task, original):
     folder = cache_dir(args) / task.name / "scores"
     refs: dict = {}
 
-    def score(model, data, *, blocks=None, metrics=(), weights=None, reference=None, **kw):
+    def score(model, data, *, blocks=None, metrics=(), weights=None, reference=None, settings=None, **kw):
+        names = {f.name for f in dataclasses.fields(scoring.ScoreSettings)}
+        kw["settings"] = st = (settings or scoring.ScoreSettings()).with_options(
+            {k: kw.pop(k) for k in list(kw) if k in names})
         if blocks is None or not set(metrics) <= set(every):
             return scoring.score_blocks(model, data, blocks=blocks, metrics=metrics, weights=weights,
                                         reference=reference, **kw)
-        state = [sorted(o for n in model.graph.node for o in n.output), [b.id for b in blocks], kw.get("seed", 0)]
+        state = [sorted(o for n in model.graph.node for o in n.output), [b.id for b in blocks], st.seed]
         path = folder / (hash_key(state, 16) + ".json")
         tab = ScoreTable.load(path)
         if tab is None:
             if reference is None:
                 key = tuple(np.asarray(kw["indices"]).tolist())
                 if key not in refs:
-                    refs[key] = scoring.original_outputs(original, data, kw["indices"], batch_size=kw["batch_size"],
-                                                         threads=kw.get("threads"))
+                    refs[key] = scoring.original_outputs(original, data, kw["indices"], batch_size=st.batch_size,
+                                                         threads=st.threads)
                 reference = refs[key]
             rnd = scoring.score_blocks(model, data, blocks=blocks, metrics=every, reference=reference, **kw)
             tab = ScoreTable({b.id: b.scores for b in rnd.blocks}, rnd.feature, rnd.n_samples, rnd.feature_reason,
