@@ -10,13 +10,15 @@ Input and output: an export folder (optimum or onnxruntime-genai: the model, its
 model file -> a model file (the configs beside the input are not rewritten: prune the folder for that).
 The tokenizer is the ``tokenizer.json`` beside the model (``--tokenizer`` to give another).
 
-Schedule: the target is ``--remove N`` layers (or ``--plan`` replaying a report's removals); iterative by
+Schedule: the target is ``--remove N`` layers (or ``--plan`` replaying a report's removals, or a latency
+target turned into a layer count and checked by timing, ``llm.deploy``); iterative by
 default (score the remaining layers, remove the least important, repeat), or one-shot: ``schedule.rounds``,
 as for blocks. Criteria: the metrics of ``--metrics`` in ``--scope`` (``llm.scoring``); ShortGPT's Block
 Influence is ``--metrics cosine --scope local``. Quality: perplexity on the held-back windows of the
 calibration text and on ``--eval TEXT`` when given. Fine-tuning (``--finetune-epochs``): distillation from
 the original model's logits on the calibration windows through the PyTorch bridge (optimum exports); the
-fused onnxruntime operators of genai exports are not in the bridge, and the run says which ones. Options a
+fused onnxruntime operators of genai exports are not in the bridge, and the run says which ones. ``--quantize``
+quantizes the result last (``llm.deploy``: the four rows in the report). Options a
 decoder run cannot honour are refused in one line naming the flag (``check_decoder_options``, declared by
 each option's ``decoder`` reason in ``options.py``).
 """
