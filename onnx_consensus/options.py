@@ -52,7 +52,6 @@ def default_criterion(finetuned: bool) -> tuple[str, ...]:
     return FINETUNED_CRITERION if finetuned else DEFAULT_CRITERION
 
 
-_NOT_YET = "not yet: prune with --remove N, then quantize with onnxruntime-genai's builder (-p int4)"
 LATENCY_CHOICES = ("damage", "latency", "macs")  # --latency-choice: the trade of latency_target.Budget.pick
 
 # --------------------------------------------------------------------------------------------------
@@ -133,13 +132,13 @@ class TargetOptions(_Group):
                                         "is gone (e.g. 0.5)", default=None, type=float, metavar="F",
                                         decoder="the target is a number of layers (--remove N) or --plan")
     target_latency: float | None = option("--target-latency", "remove blocks until the written model's measured "
-                                          "latency (batch 1) is at most the fraction F of the original's",
-                                          default=None, type=float, metavar="F", decoder=_NOT_YET)
-    target_latency_ms: float | None = option("--target-latency-ms", "... or at most T ms", default=None, type=float,
-                                             decoder=_NOT_YET)
+                                          "latency (batch 1) is at most the fraction F of the original's (decoder LLMs: "
+                                          "the decode time per generated token)",
+                                          default=None, type=float, metavar="F")
+    target_latency_ms: float | None = option("--target-latency-ms", "... or at most T ms", default=None, type=float)
     latency_choice: str = option("--latency-choice", "latency target: the block each round: damage (least damage), "
                                  "latency or macs (rank / relative cost)", default="damage", choices=LATENCY_CHOICES,
-                                 decoder="it goes with --target-latency")
+                                 decoder="every decoder layer costs the same time: the least damaging goes")
     min_agreement: float = option("--min-agreement", "with no target: keep removing while the hold-out fidelity "
                                   "stays >= this, in the task's terms (detections kept, top-1 agreement, mask IoU, "
                                   "equal strings, cosine, standardised fidelity: the lowest over the outputs; see "
@@ -299,9 +298,9 @@ class OutputOptions(_Group):
     latency: bool = option("--no-latency", "skip the before/after latency measurement", default=True, negate=True)
     latency_runs: int = option("--latency-runs", "timed runs per model for latency", default=20, type=int)
     quantize: str | None = option("--quantize", "quantize the written model after pruning and fine-tuning: int8 "
-                                  "(static QDQ), int4 (MatMulNBits) or fp16; four rows compared in the summary",
-                                  default=None, choices=QUANTIZE_FORMATS,  # live: formats registered later count
-                                  decoder=_NOT_YET)
+                                  "(static QDQ; decoder LLMs: dynamic, MatMul weights), int4 (MatMulNBits) or fp16; "
+                                  "four rows compared in the summary",
+                                  default=None, choices=QUANTIZE_FORMATS)  # live: formats registered later count
 
 
 GROUPS = (DataOptions, RunOptions, TargetOptions, CriterionOptions, FinetuneConfig, RecoveryOptions, OutputOptions)

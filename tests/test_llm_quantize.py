@@ -298,3 +298,101 @@ def test_written_model_meets_the_latency_target(tiny):
     ids = _windows(1, 8)
     np.testing.assert_allclose(_logits(check.model, ids), _logits(remove_layers(model, check.removed), ids),
                                rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------- the prune run: --target-latency, --quantize
+
+def _hold_windows(folder: Path, calib: Path, max_samples: int, seq_len: int) -> np.ndarray:
+    """The hold-out windows of a prune run with these data options (the default --holdout and --seed)."""
+    from onnx_consensus.llm.text import find_tokenizer, load_text
+    from onnx_consensus.options import Options
+
+    o = Options()
+    data = load_text(calib, find_tokenizer(folder, None), seq_len=seq_len, max_samples=max_samples)
+    return data.split_windows(o.run.holdout, o.criterion.seed)[1]
+
+
+@needs_llm
+def test_prune_run_meets_a_latency_target(tiny, calib, tmp_path):
+    """`--target-latency 0.7` on a genai folder: the report's timing of the written model meets 0.7 of the
+    original timed beside it; the layer count is the time model's (or more, one per missed timing); the layers
+    are the ones a `--remove k` run of the same criterion removes; the written model is the original without
+    them, its genai_config updated."""
+    from onnx_consensus.cli import main
+
+    src = tiny / "llama" / "genai_fp32"
+    flags = ["--calib", str(calib), "--max-samples", "12", "--seq-len", "32", "--threads", "1", "-q"]
+    assert main([str(src), str(tmp_path / "fast"), *flags, "--target-latency", "0.7",
+                 "--report", str(tmp_path / "r.json")]) == 0
+    r = json.loads((tmp_path / "r.json").read_text())
+    lt, layers = r["latency_target"], [x["index"] for x in r["removed"]]
+    assert lt["met"] and lt["fraction"] == 0.7 and lt["phase"] == "decode"
+    assert lt["measured_ms"] <= lt["goal_ms"] == pytest.approx(0.7 * lt["original_ms"])
+    last = lt["attempts"][-1]
+    assert last["measured_ms"] == lt["measured_ms"] and last["layers"] == layers
+    assert len(layers) == lt["layers_for_target"] + len(lt["attempts"]) - 1 >= 1
+    assert layers_for_target(LayerCost(**lt["model"]), 0.7) == lt["layers_for_target"]
+    assert len(r["rounds"]) == len(layers)  # the rounds of the removals written
+    assert main([str(src), str(tmp_path / "k"), *flags, "--remove", str(len(layers)),
+                 "--report", str(tmp_path / "k.json")]) == 0
+    k = json.loads((tmp_path / "k.json").read_text())
+    assert k["removed_ids"] == r["removed_ids"] and [x["order"] for x in k["rounds"]] == [x["order"] for x in r["rounds"]]
+    model = onnx.load(str(src / "model.onnx"))
+    ids = _windows(2, 8)
+    np.testing.assert_allclose(_logits(onnx.load(str(tmp_path / "fast" / "model.onnx")), ids),
+                               _logits(remove_layers(model, layers), ids), rtol=1e-5, atol=1e-5)
+    cfg = json.loads((tmp_path / "fast" / "genai_config.json").read_text())
+    assert cfg["model"]["decoder"]["num_hidden_layers"] == 4 - len(layers)
+
+
+@needs_llm
+def test_prune_run_quantizes_int4_and_the_folder_generates(tiny, calib, tmp_path):
+    """The API with --quantize int4 after removing one layer: the folder generates in onnxruntime-genai the
+    tokens of the same layer removed then quantized by hand (``prune_folder``, ``quantize_export``), keeps the
+    pruned interface, and the report's four rows are this run's perplexities, parameters and timings. A
+    --target-latency-ms the original already meets removes nothing and quantizes only."""
+    og = pytest.importorskip("onnxruntime_genai")
+    import onnx_consensus as oc
+    from onnx_consensus import pipeline
+    from onnx_consensus.llm.output import summary
+    from onnx_consensus.variants import ROW_NAMES
+
+    src = tiny / "llama" / "genai_fp32"
+    data = oc.DataOptions(max_samples=12, seq_len=32)
+    out = oc.prune(str(src), str(calib), data_options=data, target=oc.TargetOptions(remove=1),
+                   run=oc.RunOptions(threads=1), output=oc.OutputOptions(quantize="int4", latency_runs=4))
+    pipeline.write(out, tmp_path / "q")
+    removed = out.decoder.removed
+    prune_folder(src, tmp_path / "p", removed)
+    quantize_export(tmp_path / "p", tmp_path / "ref", "int4")
+    got = genai_generate(og, tmp_path / "q", 20, prompt=PROMPT)
+    assert len(got) == 20 and got == genai_generate(og, tmp_path / "ref", 20, prompt=PROMPT)
+    q, p = (onnx.load(str(tmp_path / k / "model.onnx")) for k in ("q", "p"))
+    assert any(n.op_type == "MatMulNBits" for n in q.graph.node)
+    assert [(v.name, v.type) for v in q.graph.input] == [(v.name, v.type) for v in p.graph.input]
+    assert [(v.name, v.type) for v in q.graph.output] == [(v.name, v.type) for v in p.graph.output]
+    rep = out.report
+    rows = {r["name"]: r for r in rep["quantize"]["rows"]}
+    assert tuple(rows) == ROW_NAMES and rep["quantize"]["format"] == "int4"
+    hold = _hold_windows(src, calib, 12, 32)
+    assert rep["quantize"]["samples"] == len(hold) == rep["perplexity"]["holdout"]["windows"]
+    assert rows["original"]["perplexity"] == pytest.approx(rep["perplexity"]["holdout"]["before"], rel=1e-9)
+    assert rows["pruned"]["perplexity"] == pytest.approx(rep["perplexity"]["holdout"]["after"], rel=1e-9)
+    assert rows["pruned + quantized"]["perplexity"] == pytest.approx(perplexity(q, hold), rel=1e-6)
+    assert rows["pruned"]["params"] == count_params(p) and rows["pruned + quantized"]["params"] == count_params(p)
+    assert rows["quantized"]["bytes"] < rows["original"]["bytes"]
+    assert rows["pruned + quantized"]["bytes"] < rows["pruned"]["bytes"]
+    assert all(r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 for r in rows.values())
+    text = summary(rep)
+    assert "--quantize int4" in text and text.splitlines()[-1].lstrip().startswith("pruned + quantized")
+    # a target the original meets: nothing removed, the original quantized is written
+    out = oc.prune(str(src), str(calib), data_options=data, target=oc.TargetOptions(target_latency_ms=1e6),
+                   run=oc.RunOptions(threads=1), output=oc.OutputOptions(quantize="fp16", latency=False))
+    lt = out.report["latency_target"]
+    assert out.decoder.removed == [] and lt["met"] and lt["fraction"] is None and lt["target_ms"] == 1e6
+    pipeline.write(out, tmp_path / "fp16")
+    model = onnx.load(str(src / "model.onnx"))
+    ids = _windows(2, 8)
+    np.testing.assert_allclose(_logits(onnx.load(str(tmp_path / "fp16" / "model.onnx")), ids),
+                               _logits(quantize_decoder(model, "fp16"), ids), rtol=1e-6, atol=1e-6)
+    assert genai_generate(og, tmp_path / "fp16", 12, prompt=PROMPT)[:4] == list(PROMPT)

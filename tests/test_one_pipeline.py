@@ -137,12 +137,13 @@ def _prune_flags() -> dict[str, object]:
 REFUSED_ARGS = {  # a value for each option decoder runs refuse
     "--labels": ["labels.npy"], "--image-size": ["8x8"], "--mean": ["0.5"], "--std": ["0.5"], "--layout": ["NHWC"],
     "--strict": [], "--max-memory": ["6G"], "--input-shape": ["input_ids:1x8"], "--target-flops": ["0.5"],
-    "--target-latency": ["0.5"], "--target-latency-ms": ["5"], "--latency-choice": ["macs"],
+    "--latency-choice": ["macs"],
     "--min-agreement": ["0.9"], "--feature": ["x"], "--task": ["classify"], "--output-kind": ["logits=class"],
     "--fidelity": ["m:f"], "--token-mask": ["attention_mask:keep"], "--feature-mse": ["1"], "--augment": [],
-    "--train": ["train"], "--finetune-between": ["2"], "--keep-partial": [], "--quantize": ["int8"],
+    "--train": ["train"], "--finetune-between": ["2"], "--keep-partial": [],
 }
-DECODER_TESTS = ("test_llm_prune.py", "test_llm_scale.py", "test_genai_builder.py", "test_one_pipeline.py")
+DECODER_TESTS = ("test_llm_prune.py", "test_llm_scale.py", "test_genai_builder.py", "test_one_pipeline.py",
+                 "test_llm_quantize.py")
 
 
 def test_every_option_is_honoured_or_refused_for_decoders(decoder, tmp_path, capsys):
@@ -247,6 +248,77 @@ def test_api_refuses_decoder_options_in_one_line(decoder):
         oc.prune(str(src), calib, target=oc.TargetOptions(remove=1), output=oc.OutputOptions(keep_partial=True))
     with pytest.raises(InputError, match=r"^--report: the HTML report is for block models"):
         oc.prune(str(src), calib, target=oc.TargetOptions(remove=1), output=oc.OutputOptions(report="r.html"))
+
+
+def test_decoder_quantize_api_and_cli(decoder, tmp_path):
+    """--quantize on a decoder: the written model is the pruned model quantized (the logits of
+    ``quantize_decoder`` on the original without the same layer), the pruned model's interface, the report's four
+    rows with the run's own perplexities; the API writes what the CLI writes; --remove 0 quantizes only."""
+    from onnx_consensus.graph.kv_surgery import remove_layers
+    from onnx_consensus.llm.quantize import quantize_decoder
+    from onnx_consensus.variants import ROW_NAMES
+
+    src, calib = decoder
+    flags = ["--seq-len", "8", "--metrics", "cosine", "--scope", "local", "--no-latency", "-q", "--quantize", "int8"]
+    assert main([str(src), str(tmp_path / "cli"), "--calib", calib, "--remove", "1", *flags,
+                 "--report", str(tmp_path / "cli.json")]) == 0
+    outcome = oc.prune(str(src), calib, data_options=oc.DataOptions(seq_len=8), target=oc.TargetOptions(remove=1),
+                       criterion=oc.CriterionOptions(metrics=("cosine",), scope="local"),
+                       output=oc.OutputOptions(latency=False, quantize="int8", report=str(tmp_path / "api.json")))
+    pipeline.write(outcome, tmp_path / "api")
+    cli, api = (json.loads((tmp_path / f"{k}.json").read_text()) for k in ("cli", "api"))
+    assert len(cli["removed_ids"]) == 1 and cli["removed_ids"] == api["removed_ids"] == outcome.removed_ids
+    original = onnx.load(str(src / "model.onnx"))
+    pruned = remove_layers(original, [r["index"] for r in cli["removed"]])
+    ref = quantize_decoder(pruned, "int8")
+    ids = np.random.default_rng(4).integers(0, V, (2, 6))
+    want = make_session(ref).run(["logits"], prefill_feed(ref, ids))[0]
+    for k in ("cli", "api"):
+        written = onnx.load(str(tmp_path / k / "model.onnx"))
+        assert any(n.op_type == "MatMulInteger" for n in written.graph.node)
+        assert [(v.name, v.type) for v in written.graph.input] == [(v.name, v.type) for v in pruned.graph.input]
+        assert [(v.name, v.type) for v in written.graph.output] == [(v.name, v.type) for v in pruned.graph.output]
+        np.testing.assert_allclose(_logits(tmp_path / k / "model.onnx", ids), want, rtol=1e-6, atol=1e-6)
+    q = cli["quantize"]
+    rows = {r["name"]: r for r in q["rows"]}
+    assert q["format"] == "int8" and q["kind"] == "decoder" and tuple(rows) == ROW_NAMES
+    assert q["samples"] == cli["perplexity"]["holdout"]["windows"] > 0
+    assert rows["original"]["perplexity"] == pytest.approx(cli["perplexity"]["holdout"]["before"], rel=1e-9)
+    assert rows["pruned"]["perplexity"] == pytest.approx(cli["perplexity"]["holdout"]["after"], rel=1e-9)
+    assert rows["pruned + quantized"]["params"] == rows["pruned"]["params"] == cli["params"]["after"]
+    assert all(r["decode_tok_s"] is None for r in q["rows"])  # --no-latency: not timed
+    # quantize only: nothing removed, the original quantized written with its configs
+    assert main([str(src), str(tmp_path / "q0"), "--calib", calib, "--remove", "0", *flags,
+                 "--report", str(tmp_path / "q0.json")]) == 0
+    r = json.loads((tmp_path / "q0.json").read_text())
+    assert r["removed_ids"] == [] and r["quantize"]["rows"][1]["bytes"] == r["quantize"]["rows"][3]["bytes"]
+    assert json.loads((tmp_path / "q0" / "config.json").read_text())["num_hidden_layers"] == 4
+    q0 = quantize_decoder(original, "int8")
+    np.testing.assert_allclose(_logits(tmp_path / "q0" / "model.onnx", ids),
+                               make_session(q0).run(["logits"], prefill_feed(q0, ids))[0], rtol=1e-6, atol=1e-6)
+
+
+def test_decoder_latency_and_quantize_refusals(decoder, tmp_path, capsys):
+    """Bad latency targets and --quantize on an already quantized decoder: one line, exit 2, nothing written."""
+    from onnx_consensus.llm.quantize import quantize_decoder
+
+    src, calib = decoder
+    quantized = tmp_path / "quantized"
+    quantized.mkdir()
+    onnx.save_model(quantize_decoder(synthetic_decoder(PLAIN), "int4"), str(quantized / "model.onnx"))
+    for f in ("tokenizer.json", "config.json"):
+        (quantized / f).write_bytes((src / f).read_bytes())
+    cases = [(src, ["--target-latency", "0.5", "--remove", "1"], "a latency target cannot be combined with --remove"),
+             (src, ["--target-latency", "1.5"], "--target-latency must be a fraction"),
+             (src, ["--target-latency", "0.5", "--target-latency-ms", "3"], "give --target-latency or"),
+             (src, ["--target-latency-ms", "0"], "--target-latency-ms must be > 0"),
+             (quantized, ["--remove", "1", "--quantize", "int8"], "the model is already quantized (MatMulNBits)")]
+    for k, (model, extra, message) in enumerate(cases):
+        out = tmp_path / f"o{k}"
+        assert main([str(model), str(out), "--calib", calib, "--seq-len", "8", *extra]) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"onnx-cprune: error: {message}"), (extra, err)
+        assert not out.exists()
 
 
 # ------------------------------------------------------------------------------ schedule.rounds

@@ -10,7 +10,8 @@ Influence), ``run`` (the decoder part of ``pipeline.run``: options refused, laye
 ``schedule.rounds``, the report), ``layers`` (layer ids and numbers, the interface change), ``output``
 (writing a folder or a model file, the terminal summary), ``folder`` (export folders: the model file, configs,
 writing a pruned folder), ``quantize`` and ``variants`` (int4 / int8 / fp16 after pruning, the four rows),
-``layer_latency`` (a latency target as a layer count), ``spans`` (PruneMe's contiguous span). Layer detection
+``layer_latency`` (a latency target as a layer count), ``deploy`` (a run's ``--target-latency`` and
+``--quantize``), ``spans`` (PruneMe's contiguous span). Layer detection
 and surgery live in ``graph.decoder`` and ``graph.kv_surgery``.
 """
 from __future__ import annotations

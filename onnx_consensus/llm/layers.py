@@ -6,6 +6,7 @@ import onnx
 
 from ..errors import InputError
 from ..graph.decoder import DecoderReport
+from ..schedule import allowed_ids
 
 
 def layer_numbers(values, report: DecoderReport) -> set[int]:
@@ -21,6 +22,14 @@ def layer_numbers(values, report: DecoderReport) -> set[int]:
             raise InputError(f"{v!r} is not a decoder layer of this model (ids: {', '.join(by_id)}; or numbers "
                              f"0..{len(by_id) - 1})")
     return out
+
+
+def allowed_layers(report: DecoderReport, target) -> tuple[set[int], int]:
+    """(the layer numbers ``--only``/``--exclude`` allow, how many layers may go at most: those allowed, with
+    ``--keep-per-stage`` K layers (at least 1) kept of the one stack). ``target``: the run's TargetOptions."""
+    n = len(report.layers)
+    allowed = allowed_ids(range(n), layer_numbers(target.only, report), layer_numbers(target.exclude, report))
+    return allowed, min(len(allowed), n - max(target.keep_per_stage, 1))
 
 
 def plan_layers(plan, report: DecoderReport) -> list[int]:

@@ -7,6 +7,7 @@ import onnx
 
 from ..errors import InputError
 from ..graph.decoder import dummy_feed
+from .deploy import deploy_lines
 from .folder import prune_folder
 from ..graph.weights import release_mapped_pages
 from ..report import stamp
@@ -90,4 +91,4 @@ def summary(report: dict) -> str:
     ft = report.get("finetune")
     if ft and ft.get("error"):
         lines.append(f"fine-tuning: {ft['error']}")
-    return "\n".join(lines)
+    return "\n".join(lines + deploy_lines(report))

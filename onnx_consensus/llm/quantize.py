@@ -30,7 +30,7 @@ from ..graph.quant import quantized_ops
 from ..graph.weights import all_tensors, inline_external, is_external
 from ..quantize import quantize, quiet
 
-__all__ = ["DECODER_FORMATS", "quantize_decoder", "quantize_export", "register_decoder_format"]
+__all__ = ["DECODER_FORMATS", "check_quantizable", "quantize_decoder", "quantize_export", "register_decoder_format"]
 
 DECODER_FORMATS: dict[str, Callable[[onnx.ModelProto], onnx.ModelProto]] = {}
 """Format name (``--quantize``) -> ``fn(model) -> ModelProto`` (weights in memory, interface unchanged)."""
@@ -84,17 +84,23 @@ def _interface(model: onnx.ModelProto) -> list[tuple[str, str, int]]:
             for kind, vs in (("input", model.graph.input), ("output", model.graph.output)) for v in vs]
 
 
-def quantize_decoder(model: onnx.ModelProto, fmt: str) -> onnx.ModelProto:
-    """``model`` (a decoder with a KV cache, pruned or not; not modified) quantized to ``fmt`` (a name of
-    ``DECODER_FORMATS``), its weights in memory. Raises InputError for an unknown format, a model already
-    quantized, or a model the format cannot quantize; the result's inputs and outputs (names, dtypes) are
-    those of ``model`` (checked)."""
+def check_quantizable(model: onnx.ModelProto, fmt: str) -> None:
+    """InputError in one line when ``fmt`` is not a name of ``DECODER_FORMATS`` or ``model`` is already
+    quantized (``graph.quant.quantized_ops``); a prune run checks it before any layer is scored."""
     if fmt not in DECODER_FORMATS:
         raise InputError(f"--quantize must be one of {', '.join(DECODER_FORMATS)} for decoder LLMs, got {fmt!r}")
     ops = quantized_ops(model)
     if ops:
         raise InputError(f"the model is already quantized ({', '.join(ops)}): --quantize {fmt} needs a float "
                          "decoder (quantize the float export, pruned)")
+
+
+def quantize_decoder(model: onnx.ModelProto, fmt: str) -> onnx.ModelProto:
+    """``model`` (a decoder with a KV cache, pruned or not; not modified) quantized to ``fmt`` (a name of
+    ``DECODER_FORMATS``), its weights in memory. Raises InputError for an unknown format, a model already
+    quantized, or a model the format cannot quantize; the result's inputs and outputs (names, dtypes) are
+    those of ``model`` (checked)."""
+    check_quantizable(model, fmt)
     if any(is_external(t) for t in all_tensors(model)):
         work = onnx.ModelProto()
         work.CopyFrom(model)

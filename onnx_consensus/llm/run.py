@@ -10,13 +10,15 @@ Input and output: an export folder (optimum or onnxruntime-genai: the model, its
 model file -> a model file (the configs beside the input are not rewritten: prune the folder for that).
 The tokenizer is the ``tokenizer.json`` beside the model (``--tokenizer`` to give another).
 
-Schedule: the target is ``--remove N`` layers (or ``--plan`` replaying a report's removals); iterative by
+Schedule: the target is ``--remove N`` layers (or ``--plan`` replaying a report's removals, or a latency
+target turned into a layer count and checked by timing, ``llm.deploy``); iterative by
 default (score the remaining layers, remove the least important, repeat), or one-shot: ``schedule.rounds``,
 as for blocks. Criteria: the metrics of ``--metrics`` in ``--scope`` (``llm.scoring``); ShortGPT's Block
 Influence is ``--metrics cosine --scope local``. Quality: perplexity on the held-back windows of the
 calibration text and on ``--eval TEXT`` when given. Fine-tuning (``--finetune-epochs``): distillation from
 the original model's logits on the calibration windows through the PyTorch bridge (optimum exports); the
-fused onnxruntime operators of genai exports are not in the bridge, and the run says which ones. Options a
+fused onnxruntime operators of genai exports are not in the bridge, and the run says which ones. ``--quantize``
+quantizes the result last (``llm.deploy``: the four rows in the report). Options a
 decoder run cannot honour are refused in one line naming the flag (``check_decoder_options``, declared by
 each option's ``decoder`` reason in ``options.py``).
 """
@@ -43,8 +45,9 @@ from ..outcome import DecoderRun, Outcome, Source
 from ..paths import confined_file
 from ..report import SCHEMA_VERSION, sha256_file
 from ..runtime import SHARE_WEIGHTS_BYTES
-from ..schedule import allowed_ids, check_schedule, eligible_now, rounds
-from .layers import interface_change, layer_numbers, plan_layers
+from ..schedule import check_schedule, eligible_now, rounds
+from .deploy import check_deploy_options, meet_latency, quantize_outcome, wants_latency
+from .layers import allowed_layers, interface_change, plan_layers
 from .perplexity import perplexity, throughput
 from .scoring import original_logits, score_layers
 from .spill import spill_weights
@@ -135,6 +138,7 @@ def prune_decoder(model: str | os.PathLike | Source | onnx.ModelProto, text, opt
     src = model if isinstance(model, Source) else Source(model) if not owned else \
         open_decoder(model, follow_symlinks=options.data.follow_symlinks)
     model = src.model
+    check_deploy_options(model, options)
     tuning = options.finetune is not None and options.finetune.epochs > 0
     if tuning and quantized_ops(model):
         raise InputError(finetune_refusal(quantized_ops(model)))
@@ -144,11 +148,17 @@ def prune_decoder(model: str | os.PathLike | Source | onnx.ModelProto, text, opt
     report = find_decoder_layers(work) if work is not model else original_report
     data = _calibration_text(text, src, options)
     score_windows, hold_windows = data.split_windows(options.run.holdout, options.criterion.seed)
-    removed, scored, stop = _choose_layers(work, report, score_windows, options, progress)
+    latency_target = None
+    if wants_latency(options):  # the layer count from the measured per-layer time, checked on the pruned model
+        removed, scored, stop, latency_target = meet_latency(model, report, data.windows[0], options, lambda o:
+                                                             _choose_layers(work, report, score_windows, o, progress))
+    else:
+        removed, scored, stop = _choose_layers(work, report, score_windows, options, progress)
     pruned = remove_layers(model, removed, report=original_report) if removed else model
     quality, speed = _quality(model, pruned, data, hold_windows, options)
     outcome = Outcome(pruned, None, {}, options, external=src.external, status="done" if removed else
-                      "nothing removed", write=bool(removed) or options.output.force_write,
+                      "nothing removed", write=bool(removed) or options.output.force_write
+                      or bool(options.output.quantize),
                       decoder=DecoderRun(removed, src.path, src.folder, original_report, spill))
     if tuning and removed:
         outcome.finetune = _finetune(outcome, model, score_windows,  # a failure: its "error", exit 4
@@ -157,6 +167,9 @@ def prune_decoder(model: str | os.PathLike | Source | onnx.ModelProto, text, opt
     outcome.report = _report(src, model, outcome, data, original_report, ids, scored, stop,
                              {"perplexity": quality, "throughput": speed, "score": len(score_windows),
                               "holdout": len(hold_windows)})
+    outcome.report["latency_target"] = latency_target
+    if options.output.quantize:  # the written model becomes the pruned (fine-tuned) model quantized
+        outcome.report["quantize"] = quantize_outcome(model, outcome, hold_windows, data.windows[0], options)
     outcome.report["seconds"] = round(time.perf_counter() - t_start, 2)
     return outcome
 
@@ -183,13 +196,12 @@ def _layer_targets(report: DecoderReport, options: Options) -> tuple[list[int] |
     target = options.target
     n = len(report.layers)
     plan = plan_layers(target.plan, report) if target.plan else None
-    allowed = allowed_ids(range(n), layer_numbers(target.only, report), layer_numbers(target.exclude, report))
+    allowed, limit = allowed_layers(report, target)
     if plan is None:
         if target.remove is None:
             raise InputError("decoder LLMs: give the number of layers to remove with --remove N (or --plan)")
         if target.remove < 0:
             raise InputError("--remove must be >= 0")
-        limit = min(len(allowed), n - max(target.keep_per_stage, 1))
         if target.remove > limit:
             raise TargetError(f"cannot remove {target.remove} of {n} decoder layers: at most {limit} "
                               f"(--keep-per-stage {target.keep_per_stage}, --only/--exclude)")
