@@ -63,3 +63,31 @@ if _CPU_TABLE:
                   f"{_cpu_now():9.2f}  TOTAL session (imports and collection included)"]
         Path(_CPU_TABLE).write_text("\n".join(lines) + "\n")
         Path(_CPU_TABLE + ".part").unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """The folder ``tools.data.build_llms --tiny`` writes (random-weight tiny Llamas: llama/, llama_drop<i>/, each
+    with hf/ and genai_<precision>/), built once per test process for the decoder tests that share it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.helpers import env_with_root
+
+    out = tmp_path_factory.mktemp("genai") / "tiny"
+    r = subprocess.run([sys.executable, "-m", "tools.data.build_llms", "--tiny", str(out)],
+                       cwd=Path(__file__).resolve().parents[1], env=env_with_root(), capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def calib(tmp_path_factory):
+    """3,000 random words of the tiny tokenizer's vocabulary (w0..w254), as calibration text."""
+    import numpy as np
+
+    path = tmp_path_factory.mktemp("text") / "calib.txt"
+    path.write_text(" ".join(f"w{i}" for i in np.random.default_rng(0).integers(0, 255, 3000)))
+    return path

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +20,7 @@ from onnx import numpy_helper
 from onnx_consensus.cli import main
 from onnx_consensus.graph.kv_dims import genai_dims, symbolic_cache_dims
 from onnx_consensus.pipeline import inspect
-from tests.helpers import env_with_root, genai_generate
+from tests.helpers import genai_generate
 
 ROOT = Path(__file__).resolve().parents[1]
 PRECISIONS = ("fp32", "int4")
@@ -31,22 +29,6 @@ _missing = [m for m in ("onnxruntime_genai", "transformers") if importlib.util.f
 pytestmark = pytest.mark.skipif(bool(_missing), reason=f"{', '.join(_missing)} not installed (the llm extra)")
 
 
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory) -> Path:
-    """The folder ``tools.data.build_llms --tiny`` writes: llama/, llama_drop<i>/, each with hf/ and genai_<p>/."""
-    out = tmp_path_factory.mktemp("genai") / "tiny"
-    r = subprocess.run([sys.executable, "-m", "tools.data.build_llms", "--tiny", str(out)], cwd=ROOT, env=env_with_root(),
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out
-
-
-@pytest.fixture(scope="session")
-def calib(tmp_path_factory) -> Path:
-    """3,000 random words of the tiny tokenizer's vocabulary (w0..w254)."""
-    path = tmp_path_factory.mktemp("text") / "calib.txt"
-    path.write_text(" ".join(f"w{i}" for i in np.random.default_rng(0).integers(0, 255, 3000)))
-    return path
 
 
 def _per_token_macs(info: dict) -> int:

@@ -11,7 +11,6 @@ import contextlib
 import importlib.util
 import io
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from onnx_consensus.llm.perplexity import perplexity
 from onnx_consensus.llm.quantize import DECODER_FORMATS, quantize_decoder, quantize_export
 from onnx_consensus.llm.spans import angular_distance, best_span, decoder_span, last_token_states, span_distances
 from onnx_consensus.llm.variants import decoder_table_lines, disk_bytes, measure_decoder_variants
-from tests.helpers import env_with_root, genai_generate
+from tests.helpers import genai_generate
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = (5, 17, 30, 42)
@@ -38,20 +37,6 @@ _missing = [m for m in ("onnxruntime_genai", "transformers") if importlib.util.f
 needs_llm = pytest.mark.skipif(bool(_missing), reason=f"{', '.join(_missing)} not installed (the llm extra)")
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tiny") / "tiny"
-    r = subprocess.run([sys.executable, "-m", "tools.data.build_llms", "--tiny", str(out)], cwd=ROOT, env=env_with_root(),
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out
-
-
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("text") / "calib.txt"
-    path.write_text(" ".join(f"w{i}" for i in np.random.default_rng(0).integers(0, 255, 3000)))
-    return path
 
 
 def _windows(n: int = 6, seq: int = 24, seed: int = 1) -> np.ndarray:
