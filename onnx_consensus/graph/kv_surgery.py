@@ -341,6 +341,9 @@ def prune_folder(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, layers:
 
             so = ort.SessionOptions()
             so.intra_op_num_threads = 1
+            # no graph optimisation, no prepacking: both copy the weights (2x the output's at 1B parameters)
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            so.add_session_config_entry("session.disable_prepacking", "1")
             sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
             sess.run(None, feed)
         update_configs(src_dir, tmp, kept, report.cache.n_layers, follow_symlinks=follow_symlinks)

@@ -43,6 +43,7 @@ from ..runtime import SHARE_WEIGHTS_BYTES
 from .perplexity import perplexity, throughput
 from .scoring import original_logits, score_layers
 from .spill import Spill, inline_weights, spill_weights
+from .staged import staged_scorer
 from .text import TextData, find_tokenizer, load_text
 
 log = logging.getLogger("onnx_consensus")
@@ -207,7 +208,8 @@ def prune_decoder(model_path: str | os.PathLike, text, options: Options | None =
     else:
         kw = dict(metrics=crit.metrics, scope=crit.scope, seed=crit.seed, pca_dim=crit.pca_dim,
                   batch_size=min(run.batch_size, 16), threads=run.threads, weights=crit.weights)
-        if any(get_metric(m).output for m in resolve_metrics(crit.metrics, True)) and crit.scope == "global":
+        staged = staged_scorer(work, report, score_windows, crit, kw)  # None: every candidate, every round
+        if not staged and crit.scope == "global" and any(get_metric(m).output for m in resolve_metrics(crit.metrics)):
             # every round is anchored to the ORIGINAL model's logits (a bounded (rows, vocab) array)
             kw["reference"] = original_logits(work, score_windows, seed=crit.seed, batch_size=kw["batch_size"],
                                               threads=run.threads)
@@ -218,7 +220,8 @@ def prune_decoder(model_path: str | os.PathLike, text, options: Options | None =
             cands = sorted(allowed - set(removed))
             if crit.rescore_top is not None and order:  # as the CNN pruner: the K best of the previous order
                 cands = [i for i in order if i in cands][:crit.rescore_top] or cands
-            r = score_layers(work, report, score_windows, removed=removed, candidates=cands, **kw)
+            r = (staged.round(removed, cands) if staged else
+                 score_layers(work, report, score_windows, removed=removed, candidates=cands, **kw))
             rounds.append(r)
             rescored = [report.by_id()[b].index for b in r.order]
             order = rescored + [i for i in order if i not in rescored and i not in removed]
