@@ -81,8 +81,9 @@ class _Run:
 
 
 def _token_rows(parts: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
-    """Per-batch (b, s, d) arrays -> the token rows ``rows`` (indices into all b*s tokens), (rows, d)."""
-    return np.concatenate([p.reshape(-1, p.shape[-1]) for p in parts])[rows]
+    """Per-batch (b, s, d) arrays -> the token rows ``rows`` (sorted indices into all b*s tokens), (rows, d)."""
+    tokens = np.concatenate([p.reshape(-1, p.shape[-1]) for p in parts])
+    return tokens if len(rows) == len(tokens) else tokens[rows]
 
 
 class StagedScorer:
@@ -116,6 +117,8 @@ class StagedScorer:
         self.predicted: np.ndarray | None = None
         self.pending: dict[int, _Run] = {}  # rescored candidates' runs: the next round's values if removed
         self.full_runs = self.suffix_runs = 0
+        self._skeletons: dict[tuple[int, ...], onnx.ModelProto] = {}
+        self._influence: dict[tuple[str, str], float] = {}  # (entry, exit) names -> the prescreen score
 
     # ------------------------------------------------------------------------------------------ running
     def _run(self, model: onnx.ModelProto, feeds: list[dict], whole: Sequence[str]) -> _Run:
@@ -142,6 +145,14 @@ class StagedScorer:
         predicted = np.concatenate(predicted)
         return _Run(parts, out, predicted)
 
+    def _skeleton(self, removed: Sequence[int]) -> onnx.ModelProto:
+        """The weightless model without ``removed`` (built once per set: the candidates' graphs of a round, the
+        next round's current graph among them)."""
+        key = tuple(sorted(removed))
+        if key not in self._skeletons:
+            self._skeletons[key] = remove_layers(self.skeleton, key, report=self.report) if key else self.skeleton
+        return self._skeletons[key]
+
     def _boundaries(self, removed: Sequence[int]) -> list[str]:
         """The residual stream of the model without ``removed``: the first layer's entry, each kept layer's exit."""
         kept = [i for i in sorted(self.by_index) if i not in removed]
@@ -149,11 +160,10 @@ class StagedScorer:
 
     def _refresh(self, removed: tuple[int, ...], candidates: Sequence[int]) -> None:
         """Run the current model in full: its boundaries, the feature and every candidate's cut into ``cache``."""
-        current = remove_layers(self.skeleton, removed, report=self.report) if removed else self.skeleton
-        signatures = node_signatures(current)
+        signatures = node_signatures(self._skeleton(removed))
         cut: set[str] = set()
         for i in candidates:
-            sx = cut_suffix(remove_layers(self.skeleton, [*removed, i], report=self.report), signatures,
+            sx = cut_suffix(self._skeleton([*removed, i]), signatures,
                             [self.feature, self.lg])
             cut |= set(sx.cut) if sx is not None else set()
         names = [*dict.fromkeys([*self._boundaries(removed), self.feature, *sorted(cut)])]
@@ -164,6 +174,7 @@ class StagedScorer:
         run = self._run(with_outputs(model, names), feeds, names)
         self.full_runs += 1
         self.cache, self.predicted, self.removed, self.pending = run.whole, run.predicted, removed, {}
+        self._influence = {}
         if self.out_specs and self.reference is None:
             self.reference = run.logits if not removed else original_logits(
                 self.model, self.windows, seed=self.seed, max_tokens=self.max_tokens, batch_size=self.batch_size,
@@ -172,14 +183,14 @@ class StagedScorer:
     def _advance(self, winner: int) -> None:
         """The schedule removed ``winner``, whose suffix ran: its values replace the cached ones it changes."""
         removed = tuple(sorted({*self.removed, winner}))
-        current = remove_layers(self.skeleton, self.removed, report=self.report) if self.removed else self.skeleton
-        pruned = remove_layers(self.skeleton, removed, report=self.report)
-        changed = changed_tensors(pruned, node_signatures(current))
+        pruned = self._skeleton(removed)
+        changed = changed_tensors(pruned, node_signatures(self._skeleton(self.removed)))
         alive = {o for n in pruned.graph.node for o in n.output} | {v.name for v in pruned.graph.input}
         run = self.pending[winner]
         self.cache = {n: run.whole.get(n, v) for n, v in self.cache.items()
                       if n in alive and (n not in changed or n in run.whole)}
         self.predicted, self.removed, self.pending = run.predicted, removed, {}
+        self._influence = {p: v for p, v in self._influence.items() if not (set(p) & changed)}
 
     # ------------------------------------------------------------------------------------------ scoring
     def _prescreen(self, removed: Sequence[int], candidates: Sequence[int]) -> dict[int, float]:
@@ -188,15 +199,18 @@ class StagedScorer:
         kept = [i for i in sorted(self.by_index) if i not in removed]
         out = {}
         for k, i in enumerate(kept):
+            pair = (stream[k], stream[k + 1])
+            if i in candidates and pair not in self._influence:  # kept while neither value changes
+                x, y = (_token_rows(self.cache[n], self.rows) for n in pair)
+                self._influence[pair] = score(PRESCREEN_METRIC, x, y)
             if i in candidates:
-                x, y = (_token_rows(self.cache[n], self.rows) for n in (stream[k], stream[k + 1]))
-                out[i] = score(PRESCREEN_METRIC, x, y)
+                out[i] = self._influence[pair]
         return out
 
     def _candidate(self, i: int, removed: tuple[int, ...], signatures: dict) -> _Run:
         """Run candidate ``i``'s suffix (its whole model when it has none) for the feature, the logits and the
         cached tensors its removal changes."""
-        pruned = remove_layers(self.skeleton, [*removed, i], report=self.report)
+        pruned = self._skeleton([*removed, i])
         changed = changed_tensors(pruned, signatures)
         carry = [n for n in self.cache if n in changed and n != self.feature]
         outputs = [self.feature, self.lg, *carry]
@@ -242,6 +256,7 @@ class StagedScorer:
                 self._advance(next(iter(new)))
             else:
                 self._refresh(removed, candidates)
+        self._skeletons = {k: v for k, v in self._skeletons.items() if set(removed) <= set(k)}
         if not candidates:
             return StagedRound("global", self.feature, self.metrics, len(self.rows))
         bi = self._prescreen(removed, candidates)
@@ -249,8 +264,7 @@ class StagedScorer:
         top = screened[:self.top_k]
         x = _token_rows(self.cache[self.feature], self.rows).astype(np.float64) if self.specs else None
         conditions = make_conditions(self.predicted, x, seed=self.seed) if self.specs else None
-        current = remove_layers(self.skeleton, removed, report=self.report) if removed else self.skeleton
-        signatures = node_signatures(current)
+        signatures = node_signatures(self._skeleton(removed))
         table, keep_all, best = {}, len(self.metrics) > 1, None
         for i in top:
             run = self._candidate(i, removed, signatures)
