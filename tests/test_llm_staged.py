@@ -103,3 +103,24 @@ def test_staged_on_the_genai_builder_export(tiny, precision):  # noqa: F811
     staged, scorer = _staged_rounds(model, ids, 2, top_k=99)
     assert [r.order for r in staged] == [order for order, _ in exact]
     assert scorer.full_runs == 1
+
+
+def test_which_runs_are_staged():
+    from dataclasses import replace
+
+    from onnx_consensus.errors import InputError
+    from onnx_consensus.llm.staged import staged_scorer
+    from onnx_consensus.options import DECODER_PRESCREEN, CriterionOptions
+
+    work = _work(PLAIN)
+    report = find_decoder_layers(work)
+    ids = np.random.default_rng(7).integers(0, V, (2, 5))
+    kw = dict(metrics=("output",), scope="global", seed=0, pca_dim=256, batch_size=2, threads=None, weights={})
+    crit = CriterionOptions()
+    assert crit.prescreen is None and staged_scorer(work, report, ids, crit, kw).top_k == DECODER_PRESCREEN
+    assert staged_scorer(work, report, ids, replace(crit, prescreen=2), kw).top_k == 2
+    assert staged_scorer(work, report, ids, replace(crit, prescreen=0), kw) is None  # the exact criterion
+    assert staged_scorer(work, report, ids, replace(crit, scope="local"), kw) is None
+    assert staged_scorer(work, report, ids, replace(crit, prescreen=len(report.layers)), kw) is None
+    with pytest.raises(InputError, match="--prescreen"):
+        staged_scorer(work, report, ids, replace(crit, prescreen=-1), kw)
