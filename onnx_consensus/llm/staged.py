@@ -123,7 +123,7 @@ class StagedScorer:
     # ------------------------------------------------------------------------------------------ running
     def _run(self, model: onnx.ModelProto, feeds: list[dict], whole: Sequence[str]) -> _Run:
         """``model``'s ``whole`` tensors (kept whole, per batch) and its logits (reduced to rows) over ``feeds``."""
-        sess = make_session(model, level="basic", threads=self.threads)
+        sess = make_session(model, level="basic", threads=self.threads, arena=False)
         names = [*dict.fromkeys([*whole, self.lg])]
         parts: dict[str, list[np.ndarray]] = {n: [] for n in whole}
         predicted, logits, start = [], [], 0
