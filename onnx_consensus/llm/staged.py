@@ -265,24 +265,26 @@ class StagedScorer:
         x = _token_rows(self.cache[self.feature], self.rows).astype(np.float64) if self.specs else None
         conditions = make_conditions(self.predicted, x, seed=self.seed) if self.specs else None
         signatures = node_signatures(self._skeleton(removed))
-        table, keep_all, best = {}, len(self.metrics) > 1, None
+        table, keep_all, best, metric_seconds = {}, len(self.metrics) > 1, None, 0.0
         for i in top:
             run = self._candidate(i, removed, signatures)
             bid = self.by_index[i].block.id
+            t1 = time.perf_counter()
             table[bid] = self._scores(run, x, conditions)
+            metric_seconds += time.perf_counter() - t1
             key = (table[bid][self.metrics[0]], i)
             if keep_all or best is None or key < best:
                 if not keep_all:
                     self.pending.clear()
                 self.pending[i], best = run, key
-        ort_seconds = time.perf_counter() - t0
+        ort_seconds = time.perf_counter() - t0 - metric_seconds  # the runs, the prescreen and the graph work
         positions = {self.by_index[i].block.id: i for i in top}
         ranked = consensus(table, positions, self.metrics, self.weights)
         rest = [BlockScore(self.by_index[i].block.id, {}, position=i) for i in screened[len(top):]]
         for b in [*ranked, *rest]:
             b.scores[f"prescreen_{PRESCREEN_METRIC}"] = float(bi[b.position])
         return StagedRound("global", self.feature, self.metrics, len(self.rows), [*ranked, *rest], ort_seconds,
-                           0.0, rescored=len(top), suffix_runs=self.suffix_runs - runs0,
+                           metric_seconds, rescored=len(top), suffix_runs=self.suffix_runs - runs0,
                            full_runs=self.full_runs - full0)
 
 
