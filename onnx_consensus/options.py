@@ -52,6 +52,12 @@ def default_criterion(finetuned: bool) -> tuple[str, ...]:
     return FINETUNED_CRITERION if finetuned else DEFAULT_CRITERION
 
 
+DECODER_PRESCREEN = 3
+"""The default of ``--prescreen`` on decoder LLMs (``llm.staged``): layers rescored by the global criterion per
+round, after the Block Influence prescreen. Chosen on the tiny Llama's held-out perplexity and the scale benchmark
+(docs/BENCHMARKS.md, "Decoder LLMs at scale")."""
+
+
 LATENCY_CHOICES = ("damage", "latency", "macs")  # --latency-choice: the trade of latency_target.Budget.pick
 
 # --------------------------------------------------------------------------------------------------
@@ -171,6 +177,10 @@ class CriterionOptions(_Group):
     rescore_top: int | None = option("--rescore-top", "iterative schedule: after the first round re-score only "
                                      "the K best candidates of the previous round (default: all)", default=None,
                                      type=int, metavar="K")
+    prescreen: int | None = option("--prescreen", "decoder LLMs, global scope: each round rank the layers by "
+                                   "Block Influence from the hidden states carried between rounds and score only "
+                                   f"the K lowest with --metrics (default {DECODER_PRESCREEN}; 0: every layer, "
+                                   "the exact global criterion)", default=None, type=int, metavar="K")
     scope: str = option("--scope", "global: feature tensor with vs without the block; local: block entry vs "
                         "exit", default="global", choices=("global", "local"))
     schedule: str = option("--schedule", "iterative: re-score after each removal; one-shot: score once",

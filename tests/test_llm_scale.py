@@ -18,7 +18,6 @@ from onnx_consensus.llm.scoring import final_hidden, original_logits, score_laye
 from onnx_consensus.llm.suffix import cut_suffix, node_signatures
 from onnx_consensus.graph.instrument import with_outputs
 from tests.test_decoder_llm import V, synthetic_decoder
-from tests.test_genai_builder import tiny  # noqa: F401  (the session fixture: tools.data.build_llms --tiny)
 
 METRICS = ("cosine", "cka", "linear_1", "output_kl")
 
@@ -60,7 +59,7 @@ def test_suffix_scores_equal_whole_model_scores(form, monkeypatch):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int4"])
-def test_suffix_scores_on_the_genai_builder_export(tiny, precision, monkeypatch):  # noqa: F811
+def test_suffix_scores_on_the_genai_builder_export(tiny, precision, monkeypatch):
     model = expose_residual_sums(load_model(str(tiny / "llama" / f"genai_{precision}" / "model.onnx")))
     ids = np.random.default_rng(4).integers(0, 250, (3, 16))
     report = find_decoder_layers(model)

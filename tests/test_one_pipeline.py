@@ -180,10 +180,10 @@ def test_decoder_options_change_the_run(decoder, tmp_path):
 
     r = prune("a", "--remove", "2", "--schedule", "one-shot", "--max-samples", "20", "--holdout", "0.5",
               "--seed", "3", "--pca-dim", "4", "--batch-size", "2", "--weights", "cosine=2", "--eval",
-              str(tmp_path / "eval.txt"), "--providers", "cpu", "--threads", "1")
+              str(tmp_path / "eval.txt"), "--providers", "cpu", "--threads", "1", "--prescreen", "0")
     assert len(r["rounds"]) == 1 and r["removed_ids"] == r["rounds"][0]["order"][:2]  # one-shot
     assert r["calib"]["windows_scoring"] + r["calib"]["windows_holdout"] == 20 and r["calib"]["windows_holdout"] == 10
-    for b in r["rounds"][0]["blocks"]:  # the weighted rank sum
+    for b in r["rounds"][0]["blocks"]:  # the weighted rank sum, every layer scored (--prescreen 0: not staged)
         assert b["rank_sum"] == pytest.approx(2 * b["ranks"]["cosine"] + b["ranks"]["cka"])
     assert r["perplexity"]["eval"]["windows"] > 0 and r["options"]["seed"] == 3 and r["seed"] == 3
     assert r["options"]["pca_dim"] == 4 and r["options"]["providers"] == ["cpu"]

@@ -42,6 +42,7 @@ SAMPLES = {
     "metrics": (["--metrics", "cka,wasserstein"], ("cka", "wasserstein")),
     "weights": (["--weights", "cka=2,wasserstein=0.5"], {"cka": 2.0, "wasserstein": 0.5}),
     "rescore_top": (["--rescore-top", "4"], 4),
+    "prescreen": (["--prescreen", "0"], 0),
     "scope": (["--scope", "local"], "local"),
     "schedule": (["--schedule", "one-shot"], "one-shot"),
     "feature": (["--feature", "f"], "f"),

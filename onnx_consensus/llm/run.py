@@ -51,6 +51,7 @@ from .layers import allowed_layers, interface_change, plan_layers
 from .perplexity import perplexity, throughput
 from .scoring import original_logits, score_layers
 from .spill import spill_weights
+from .staged import staged_scorer
 from .text import TextData, find_tokenizer, load_text
 
 log = logging.getLogger("onnx_consensus")
@@ -220,7 +221,8 @@ def _choose_layers(work: onnx.ModelProto, report: DecoderReport, windows: np.nda
     check_schedule(crit.schedule, crit.rescore_top)
     kw = dict(metrics=crit.metrics, scope=crit.scope, seed=crit.seed, pca_dim=crit.pca_dim,
               batch_size=min(run.batch_size, 16), threads=run.threads, weights=crit.weights)
-    if any(get_metric(m).output for m in resolve_metrics(crit.metrics, True)) and crit.scope == "global":
+    staged = staged_scorer(work, report, windows, crit, kw)  # None: every candidate, every round
+    if not staged and crit.scope == "global" and any(get_metric(m).output for m in resolve_metrics(crit.metrics, True)):
         # every round is anchored to the ORIGINAL model's logits (a bounded (rows, vocab) array)
         kw["reference"] = original_logits(work, windows, seed=crit.seed, batch_size=kw["batch_size"],
                                           threads=run.threads)
@@ -231,7 +233,8 @@ def _choose_layers(work: onnx.ModelProto, report: DecoderReport, windows: np.nda
     scored = []
 
     def score(candidates: list[int]):
-        scored.append(score_layers(work, report, windows, removed=removed, candidates=candidates, **kw))
+        scored.append(staged.round(removed, candidates) if staged else
+                      score_layers(work, report, windows, removed=removed, candidates=candidates, **kw))
         return scored[-1]
 
     def eligible() -> dict[str, int]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-__all__ = ["Suffix", "cut_suffix", "has_subgraphs"]
+__all__ = ["Suffix", "changed_tensors", "cut_suffix", "has_subgraphs", "node_signatures"]
 
 
 @dataclass
@@ -73,6 +73,25 @@ def node_signatures(model: onnx.ModelProto) -> dict[tuple[str, ...], bytes]:
     return {tuple(n.output): _signature(n) for n in model.graph.node}
 
 
+def _dirty_nodes(pruned: onnx.ModelProto, current: dict[tuple[str, ...], bytes]) -> list[onnx.NodeProto]:
+    """The nodes of ``pruned`` (topologically sorted) that are not clean against ``current`` (module docstring)."""
+    clean: set[str] = {v.name for v in pruned.graph.input} | {t.name for t in pruned.graph.initializer} | {""}
+    dirty = []
+    for n in pruned.graph.node:
+        if current.get(tuple(n.output)) == _signature(n) and all(x in clean for x in n.input):
+            clean.update(n.output)
+        else:
+            dirty.append(n)
+    return dirty
+
+
+def changed_tensors(pruned: onnx.ModelProto, current: dict[tuple[str, ...], bytes]) -> set[str]:
+    """The tensors of ``pruned`` whose values may differ from the current model's (``current``: its
+    ``node_signatures``): the outputs of its nodes that are not clean. Every other tensor of ``pruned`` that
+    the current model also computes has the current model's value."""
+    return {o for n in _dirty_nodes(pruned, current) for o in n.output if o}
+
+
 def cut_suffix(pruned: onnx.ModelProto, current: dict[tuple[str, ...], bytes],
                outputs: Sequence[str]) -> Suffix | None:
     """The suffix of ``pruned`` (topologically sorted) computing ``outputs``, cut where it stops agreeing with
@@ -80,13 +99,7 @@ def cut_suffix(pruned: onnx.ModelProto, current: dict[tuple[str, ...], bytes],
     does not depend on the removal (the caller runs the whole model then)."""
     inits = {t.name for t in pruned.graph.initializer}
     graph_inputs = {v.name for v in pruned.graph.input}
-    clean: set[str] = set(graph_inputs) | inits | {""}
-    dirty_nodes = []
-    for n in pruned.graph.node:
-        if current.get(tuple(n.output)) == _signature(n) and all(x in clean for x in n.input):
-            clean.update(n.output)
-        else:
-            dirty_nodes.append(n)
+    dirty_nodes = _dirty_nodes(pruned, current)
     producer = {o: k for k, n in enumerate(dirty_nodes) for o in n.output}
     if any(o not in producer for o in outputs):
         return None

@@ -9,9 +9,11 @@ with hidden states).
     python -m tools.bench.llm_scale run [--sizes s,m] [--precisions fp32,int4] [--criteria default,paper,bi]
                                         [--code DIR] [--json out.jsonl]
     python -m tools.bench.llm_scale table out.jsonl [more.jsonl ...] [--write docs/BENCHMARKS.md]
+    python -m tools.bench.llm_scale quality [--json out.jsonl]  # --prescreen K vs the exact criterion, tiny Llama
 
 Sizes (as in issue 25; vocabulary 2000, GQA with 4x fewer KV heads, head size 64, SwiGLU 2.75x):
-``s`` hidden 512 / 8 layers (25M parameters), ``m`` 1024 / 12 (145M), ``l`` 2048 / 16 (728M).
+``s`` hidden 512 / 8 layers (25M parameters), ``m`` 1024 / 12 (145M), ``l`` 2048 / 16 (728M), ``xl`` 2048 / 22
+(1.0B; fp32 4.0 GB, built only when asked: ``build --sizes xl``).
 Every prune run is a child process (``python -m onnx_consensus prune``, from ``--code``: default this
 checkout; give another checkout to measure other code on the same models): wall time, CPU seconds (user +
 system) and peak RSS from ``os.wait4``. Options: ``--max-samples 16 --seq-len 128 --no-latency --threads 2``
@@ -31,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = ROOT / ".cache" / "llm_scale"
 VOCAB = 2000  # not 2048: with vocab == hidden the genai builder 0.18 takes a square projection for the LM head
-SIZES = {"s": (512, 8), "m": (1024, 12), "l": (2048, 16)}
+SIZES = {"s": (512, 8), "m": (1024, 12), "l": (2048, 16), "xl": (2048, 22)}
 CRITERIA = {"default": [], "paper": ["--metrics", "paper"], "bi": ["--metrics", "cosine", "--scope", "local"],
             "angular": ["--metrics", "angular", "--scope", "local"]}
 COMMON = ["--unit", "layer", "--max-samples", "16", "--seq-len", "128", "--no-latency",
@@ -202,6 +204,46 @@ def run(size: str, precision: str, criteria: list[str], code: Path) -> dict:
     return res
 
 
+QUALITY = {"exact": ["--prescreen", "0"], "staged_1": ["--prescreen", "1"], "staged_2": ["--prescreen", "2"],
+           "staged_3": ["--prescreen", "3"], "bi": ["--metrics", "cosine", "--scope", "local"]}
+
+
+def quality(model: str = "llama", remove: int = 4, criteria=tuple(QUALITY), code: Path = ROOT) -> list[dict]:
+    """The staged criterion's quality (``--prescreen K``) against the exact global criterion (``--prescreen 0``)
+    and Block Influence: the trained tiny Llama of ``tools/data/build_llms.py`` (genai fp32 export, ``.cache/llm/``),
+    ``--remove {remove}`` iterative on its calib.txt (all windows scored, ``--holdout 0``), then held-out
+    perplexity (heldout.txt, 128-token windows) after the first 1, 2, 4 removals; CPU seconds of each prune run
+    (a child process)."""
+    sys.path.insert(0, str(code))
+    from onnx_consensus.graph.decoder import find_decoder_layers
+    from onnx_consensus.graph.ir import load_model_and_layout
+    from onnx_consensus.graph.kv_surgery import remove_layers
+    from onnx_consensus.llm.perplexity import perplexity
+    from onnx_consensus.llm.text import load_text
+
+    llm = ROOT / ".cache" / "llm"
+    folder = llm / model / "genai"
+    m, _ = load_model_and_layout(folder / "model.onnx")
+    report = find_decoder_layers(m)
+    held = load_text(llm / "text" / "heldout.txt", folder / "tokenizer.json", seq_len=128).windows
+    rows = [{"criterion": "original", "ppl": perplexity(m, held, threads=2)}]
+    for c in criteria:
+        with tempfile.TemporaryDirectory() as d:
+            r = _child([sys.executable, "-m", "onnx_consensus", "prune", str(folder), os.path.join(d, "out"),
+                        "--calib", str(llm / "text" / "calib.txt"), "--unit", "layer", "--seq-len", "128",
+                        "--holdout", "0", "--no-latency", "--threads", "2", "--remove", str(remove), *QUALITY[c],
+                        "--report", os.path.join(d, "r.json"), "-q"], code)
+            if r["rc"] != 0:
+                raise RuntimeError(r["tail"])
+            removed = [x["index"] for x in json.load(open(os.path.join(d, "r.json")))["removed"]]
+        row = {"criterion": c, "removed": removed, "cpu_s": r["cpu_s"], "wall_s": r["wall_s"]}
+        for k in sorted({1, 2, remove}):
+            row[f"ppl_{k}"] = perplexity(remove_layers(m, removed[:k], report=report), held, threads=2)
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    return rows
+
+
 def table(paths: list[str]) -> str:
     """The markdown table of result files (JSON lines of ``run``; a later line for the same model, criterion and
     code replaces an earlier one)."""
@@ -231,7 +273,7 @@ def table(paths: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=("build", "run", "table"))
+    p.add_argument("what", choices=("build", "run", "table", "quality"))
     p.add_argument("files", nargs="*", help="table: the JSON-lines files of run --json")
     p.add_argument("--sizes", default="s,m,l")
     p.add_argument("--precisions", default="fp32,int4")
@@ -249,6 +291,13 @@ def main(argv: list[str] | None = None) -> None:
             head, rest = doc.split(begin)
             Path(a.write).write_text(head + begin + text + "\n" + end + rest.split(end, 1)[1])
         print(text)
+        return
+    if a.what == "quality":
+        res = {"quality": quality(), "load": os.getloadavg()}
+        print(json.dumps(res))
+        if a.json:
+            with open(a.json, "a") as f:
+                f.write(json.dumps(res) + "\n")
         return
     sizes, precisions = a.sizes.split(","), a.precisions.split(",")
     for s in sizes:

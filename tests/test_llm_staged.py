@@ -1,0 +1,126 @@
+"""The staged decoder criterion (``llm.staged``): with every candidate rescored it is the exact global criterion
+(``llm.scoring.score_layers``: same scores, same order, round after round); the hidden states it carries from
+round to round equal a fresh run of the pruned model; with one candidate rescored the winner is the prescreen's
+(Block Influence) lowest and each round after the first runs one suffix and no full pass."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from onnx_consensus.graph.decoder import FUSED, PLAIN, expose_residual_sums, find_decoder_layers
+from onnx_consensus.graph.ir import load_model
+from onnx_consensus.llm.scoring import original_logits, score_layers
+from onnx_consensus.llm.staged import StagedScorer
+from tests.test_decoder_llm import V, synthetic_decoder
+
+METRICS = ("cosine", "cka", "output_kl")
+
+
+def _work(form):
+    model = synthetic_decoder(form)
+    return expose_residual_sums(model) if form == FUSED else model
+
+
+def _exact_rounds(work, ids, n_rounds):
+    report = find_decoder_layers(work)
+    ref = original_logits(work, ids, batch_size=2)
+    removed, out = [], []
+    for _ in range(n_rounds):
+        r = score_layers(work, report, ids, removed=removed, metrics=METRICS, reference=ref, batch_size=2)
+        out.append((r.order, {b.id: b.scores for b in r.blocks}))
+        removed.append(report.by_id()[r.order[0]].index)
+    return out
+
+
+def _staged_rounds(work, ids, n_rounds, top_k, metrics=METRICS):
+    report = find_decoder_layers(work)
+    scorer = StagedScorer(work, report, ids, top_k=top_k, metrics=metrics, batch_size=2)
+    removed, out = [], []
+    for _ in range(n_rounds):
+        r = scorer.round(removed, list(report.by_index()))
+        out.append(r)
+        removed.append(report.by_id()[r.order[0]].index)
+    return out, scorer
+
+
+@pytest.mark.parametrize("form", [PLAIN, FUSED])
+def test_all_candidates_rescored_is_the_exact_global_criterion(form):
+    work = _work(form)
+    ids = np.random.default_rng(3).integers(0, V, (5, 6))  # 3 batches of 2: the last one short
+    exact = _exact_rounds(work, ids, 3)
+    staged, scorer = _staged_rounds(work, ids, 3, top_k=99)
+    for (order, scores), r in zip(exact, staged, strict=True):
+        assert r.order == order
+        for b in r.blocks:
+            for m in METRICS:
+                assert math.isclose(b.scores[m], scores[b.id][m], rel_tol=1e-4, abs_tol=1e-6), (b.id, m)
+    assert [r.full_runs for r in staged] == [1, 0, 0]  # the first round's pass only: later rounds carry it
+    assert scorer.full_runs == 1
+
+
+@pytest.mark.parametrize("form", [PLAIN, FUSED])
+def test_carried_hidden_states_equal_a_fresh_run(form):
+    work = _work(form)
+    report = find_decoder_layers(work)
+    ids = np.random.default_rng(5).integers(0, V, (4, 7))
+    _, carried = _staged_rounds(work, ids, 3, top_k=99, metrics=("output_kl",))
+    removed = carried.removed  # two layers removed, values carried twice
+    assert len(removed) == 2
+    fresh = StagedScorer(work, report, ids, top_k=99, metrics=("output_kl",), batch_size=2)
+    fresh.round(removed, [i for i in report.by_index() if i not in removed])
+    stream = fresh._boundaries(removed)
+    assert fresh.full_runs == 1 and carried.full_runs == 1
+    assert set(stream) <= set(carried.cache) & set(fresh.cache)
+    for name in set(carried.cache) & set(fresh.cache):
+        for a, b in zip(carried.cache[name], fresh.cache[name], strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+    np.testing.assert_array_equal(carried.predicted, fresh.predicted)
+
+
+def test_one_rescored_candidate_is_the_block_influence_choice():
+    work = _work(PLAIN)
+    report = find_decoder_layers(work)
+    ids = np.random.default_rng(6).integers(0, V, (4, 6))
+    staged, _ = _staged_rounds(work, ids, 2, top_k=1, metrics=("output_kl",))
+    by_index = report.by_index()
+    # independent: Block Influence of the original model's layers from a plain local-scope run
+    local = score_layers(work, report, ids, metrics=("cosine",), scope="local", batch_size=2)
+    assert staged[0].order[0] == local.order[0]
+    assert staged[0].blocks[0].scores["prescreen_cosine"] == pytest.approx(local.blocks[0].scores["cosine"], 1e-6)
+    assert [r.rescored for r in staged] == [1, 1]
+    assert [(r.full_runs, r.suffix_runs) for r in staged] == [(1, 1), (0, 1)]
+    first = staged[0].blocks[0].position
+    assert sorted(b.position for b in staged[1].blocks) == sorted(i for i in by_index if i != first)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_staged_on_the_genai_builder_export(tiny, precision):
+    model = expose_residual_sums(load_model(str(tiny / "llama" / f"genai_{precision}" / "model.onnx")))
+    ids = np.random.default_rng(4).integers(0, 250, (3, 16))
+    exact = _exact_rounds(model, ids, 2)
+    staged, scorer = _staged_rounds(model, ids, 2, top_k=99)
+    assert [r.order for r in staged] == [order for order, _ in exact]
+    assert scorer.full_runs == 1
+
+
+def test_which_runs_are_staged():
+    from dataclasses import replace
+
+    from onnx_consensus.errors import InputError
+    from onnx_consensus.llm.staged import staged_scorer
+    from onnx_consensus.options import DECODER_PRESCREEN, CriterionOptions
+
+    work = _work(PLAIN)
+    report = find_decoder_layers(work)
+    ids = np.random.default_rng(7).integers(0, V, (2, 5))
+    kw = dict(metrics=("output",), scope="global", seed=0, pca_dim=256, batch_size=2, threads=None, weights={})
+    crit = CriterionOptions()
+    assert crit.prescreen is None and staged_scorer(work, report, ids, crit, kw).top_k == DECODER_PRESCREEN
+    assert staged_scorer(work, report, ids, replace(crit, prescreen=2), kw).top_k == 2
+    assert staged_scorer(work, report, ids, replace(crit, prescreen=0), kw) is None  # the exact criterion
+    assert staged_scorer(work, report, ids, replace(crit, scope="local"), kw) is None
+    assert staged_scorer(work, report, ids, replace(crit, prescreen=len(report.layers)), kw) is None
+    with pytest.raises(InputError, match="--prescreen"):
+        staged_scorer(work, report, ids, replace(crit, prescreen=-1), kw)
