@@ -135,8 +135,8 @@ def prune_folder(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, layers:
 
     The folder is written under a temporary name beside ``dst_dir`` and renamed into place when complete
     (``io.atomic_folder``); ``dst_dir`` must not exist (or be empty). model_name: the ONNX file (default:
-    ``decoder_filename``: genai_config's decoder filename, else ``model.onnx``). check: the pruned model must load
-    and run once in onnxruntime (prefill, zero-length past; on the run's providers, ``runtime.make_session``) before the rename.
+    ``decoder_filename``: genai_config's, else ``model.onnx``). check: the pruned model must load and run once in
+    onnxruntime (prefill, zero-length past; on the run's providers, ``runtime.make_session``) before the rename.
     ``onnx.checker`` is not run: onnxruntime-genai exports use onnxruntime's own operators in the default domain
     (SimplifiedLayerNormalization), which it refuses. pruned: the model to write when already computed
     (``remove_layers`` of the input with ``layers``, possibly fine-tuned since); its weights may be in memory or
