@@ -198,6 +198,8 @@ def test_an_export_folder_format_registered_in_a_new_module_is_detected_rewritte
         assert [f.name for f in detect_formats(src)] == ["test_plugin_cfg"]  # detected ...
         assert detect_formats(tmp_path) == []  # ... only where its config is
         assert decoder_filename(src) == "dec.onnx"
+        with pytest.raises(ValueError, match="registered twice"):
+            plugin.register_folder_format(FOLDER_FORMATS["test_plugin_cfg"])
         code = main([str(src), str(out), "--calib", str(tmp_path / "calib.txt"), "--seq-len", "8", "--remove", "2",
                      "--metrics", "cosine", "-q", "--report", str(report), "--latency-runs", "2"])
     finally:
