@@ -160,3 +160,56 @@ def test_a_quantize_format_registered_in_a_new_module_is_taken_by_quantize(tmp_p
     assert onnx.load(out).graph.doc_string == "quantized by a plugin"  # ... and its model was written
     q = json.loads(report.read_text())["quantize"]
     assert q["format"] == "test_tag" and [r["name"] for r in q["rows"]][-1] == "pruned + quantized"
+
+
+def test_an_export_folder_format_registered_in_a_new_module_is_detected_rewritten_and_written(tmp_path, monkeypatch):
+    from onnx_consensus.graph.decoder import PLAIN
+    from onnx_consensus.llm.folder import FOLDER_FORMATS, decoder_filename, detect_formats
+    from tests.test_decoder_llm import synthetic_decoder
+    from tests.test_llm_prune import _text, _tokenizer
+
+    plugin = _plugin(tmp_path, monkeypatch, "plugin_folder_cfg", """
+        from onnx_consensus.llm.folder import FolderFormat, register_folder_format
+
+        CALLS = []
+
+        def fields(text):
+            return dict(line.split(" = ") for line in text.splitlines())
+
+        def rewrite(name, text, kept, n_layers):
+            CALLS.append((name, list(kept), n_layers))
+            f = fields(text)
+            f.update(layers=str(len(kept)), kept=",".join(map(str, kept)))
+            return "".join(f"{k} = {v}\\n" for k, v in f.items())
+
+        def model_name(folder, read):
+            return fields(read("plugin.cfg"))["model"]
+
+        register_folder_format(FolderFormat("test_plugin_cfg", ("plugin.cfg",), rewrite, model_name=model_name))
+        """)
+    src = tmp_path / "src"
+    src.mkdir()
+    onnx.save_model(synthetic_decoder(PLAIN), str(src / "dec.onnx"))  # named by plugin.cfg only
+    _tokenizer(src / "tokenizer.json")
+    (src / "plugin.cfg").write_text("model = dec.onnx\nlayers = 4\n")
+    (tmp_path / "calib.txt").write_text(_text(400))
+    out, report = tmp_path / "out", tmp_path / "r.json"
+    try:
+        assert [f.name for f in detect_formats(src)] == ["test_plugin_cfg"]  # detected ...
+        assert detect_formats(tmp_path) == []  # ... only where its config is
+        assert decoder_filename(src) == "dec.onnx"
+        with pytest.raises(ValueError, match="registered twice"):
+            plugin.register_folder_format(FOLDER_FORMATS["test_plugin_cfg"])
+        code = main([str(src), str(out), "--calib", str(tmp_path / "calib.txt"), "--seq-len", "8", "--remove", "2",
+                     "--metrics", "cosine", "-q", "--report", str(report), "--latency-runs", "2"])
+    finally:
+        FOLDER_FORMATS.pop("test_plugin_cfg", None)
+        sys.modules.pop("plugin_folder_cfg", None)
+    assert code == 0
+    removed = sorted(x["index"] for x in json.loads(report.read_text())["removed"])
+    kept = [i for i in range(4) if i not in removed]
+    assert len(removed) == 2 and plugin.CALLS == [("plugin.cfg", kept, 4)]
+    # the pruned folder: the model under the name the format gave, its config rewritten for the kept layers
+    assert sorted(p.name for p in out.iterdir()) == ["dec.onnx", "plugin.cfg", "tokenizer.json"]
+    assert (out / "plugin.cfg").read_text() == f"model = dec.onnx\nlayers = 2\nkept = {kept[0]},{kept[1]}\n"
+    assert len(onnx.load(str(out / "dec.onnx")).graph.input) == len(onnx.load(str(src / "dec.onnx")).graph.input) - 4

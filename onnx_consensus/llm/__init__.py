@@ -8,8 +8,9 @@ Modules: ``text`` (calibration / held-out text -> token windows), ``perplexity``
 tokens/s in onnxruntime), ``scoring`` (layer scores: global on the final hidden state, local Block
 Influence), ``run`` (the decoder part of ``pipeline.run``: options refused, layers chosen by
 ``schedule.rounds``, the report), ``layers`` (layer ids and numbers, the interface change), ``output``
-(writing a folder or a model file, the terminal summary), ``folder`` (export folders: the model file, configs,
-writing a pruned folder), ``quantize`` and ``variants`` (int4 / int8 / fp16 after pruning, the four rows),
+(writing a folder or a model file, the terminal summary), ``folder`` (export folders: the format registry
+``register_folder_format``, the model file, configs, writing a pruned folder; the genai and optimum formats in
+``folder_formats``), ``quantize`` and ``variants`` (int4 / int8 / fp16 after pruning, the four rows),
 ``layer_latency`` (a latency target as a layer count), ``deploy`` (a run's ``--target-latency`` and
 ``--quantize``), ``spans`` (PruneMe's contiguous span). Layer detection
 and surgery live in ``graph.decoder`` and ``graph.kv_surgery``.
@@ -25,6 +26,8 @@ _EXPORTS = {
     "score_layers": "scoring",
     "prune_decoder": "run",
     "write_decoder": "output",
+    "FolderFormat": "folder",
+    "register_folder_format": "folder",
     "is_decoder": "run",
     "DecoderOutcome": "run",
     "quantize_decoder": "quantize",

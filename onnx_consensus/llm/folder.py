@@ -1,19 +1,22 @@
-"""Export folders of decoder LLMs (optimum, onnxruntime-genai): which file is the model, the configs that
-count layers, and writing a pruned folder.
+"""Export folders of decoder LLMs (optimum, onnxruntime-genai, any registered format): which file is the
+model, the configs that count layers, and writing a pruned folder.
 
-``decoder_filename`` names the model file of a folder; ``update_configs`` rewrites ``genai_config.json`` and
-``config.json`` for the kept layers; ``prune_folder`` writes model + configs + copies of the folder's other
-files (tokenizer, generation config) into a new folder, atomically (``io.atomic_folder``). Every file read
-from an export folder must be a regular file inside it (``paths.confined_file``; a symbolic link out of it only
-with ``follow_symlinks``). The layer surgery itself is ``graph.kv_surgery``'s.
+A folder *format* is a ``FolderFormat`` registered with ``register_folder_format`` (the built-in ones in
+``folder_formats.py``): its config files, how to rewrite them for the kept layers, the model file they name
+and how to detect the format. ``decoder_filename`` names the model file of a folder; ``update_configs``
+rewrites the configs of the folder's formats (``detect_formats``) for the kept layers; ``prune_folder`` writes
+model + configs + copies of the folder's other files (tokenizer, generation config) into a new folder,
+atomically (``io.atomic_folder``). Every file read from an export folder must be a regular file inside it
+(``paths.confined_file``; a symbolic link out of it only with ``follow_symlinks``). The layer surgery itself is
+``graph.kv_surgery``'s.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -29,27 +32,71 @@ from ..paths import confined_file
 
 log = logging.getLogger(__name__)
 
-LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+DEFAULT_MODEL_NAME = "model.onnx"
+"""The model file of a folder whose formats name none."""
+
+
+@dataclass(frozen=True)
+class FolderFormat:
+    """An export-folder format (``register_folder_format``).
+
+    config_files: names of the files of the folder that count layers; read (each a regular file inside the
+    folder, ``side_file``) and rewritten for the kept layers when a folder is pruned, never copied as they are.
+    rewrite: ``(name, text, kept, n_layers) -> str``, the new contents of config file ``name`` (``text``: its
+    contents) for a model keeping layers ``kept`` (original numbers, ascending) of ``n_layers``.
+    model_name: ``(folder, read) -> str | None``, the model file name the folder's configs give (None: they name
+    none); ``read(name)`` returns the text of a config file, confined to the folder. detect: ``folder -> bool``,
+    the folder is in this format (default: one of ``config_files`` is in it)."""
+    name: str
+    config_files: tuple[str, ...]
+    rewrite: Callable[[str, str, Sequence[int], int], str]
+    model_name: Callable[[str, Callable[[str], str]], str | None] | None = None
+    detect: Callable[[str], bool] | None = None
+
+    def detected(self, folder: str) -> bool:
+        """Whether ``folder`` is in this format."""
+        if self.detect is not None:
+            return bool(self.detect(folder))
+        return any(os.path.lexists(os.path.join(folder, n)) for n in self.config_files)
+
+
+FOLDER_FORMATS: dict[str, FolderFormat] = {}
+"""Format name -> FolderFormat, in registration order (the built-in ones, ``folder_formats.py``, first)."""
+
+
+def register_folder_format(fmt: FolderFormat) -> FolderFormat:
+    """Add an export-folder format (a name registered twice raises). Returns ``fmt``."""
+    if fmt.name in FOLDER_FORMATS:
+        raise ValueError(f"export-folder format {fmt.name!r} registered twice")
+    FOLDER_FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def detect_formats(folder: str | os.PathLike) -> list[FolderFormat]:
+    """The registered formats ``folder`` is in, in registration order (none: a folder with a model file only)."""
+    from . import folder_formats  # noqa: F401  (registers the built-in formats)
+
+    folder = os.fspath(folder)
+    return [f for f in FOLDER_FORMATS.values() if f.detected(folder)]
 
 
 def update_configs(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, kept: Sequence[int],
                    n_layers: int, *, follow_symlinks: bool = False) -> list[str]:
-    """Write ``genai_config.json`` / ``config.json`` of ``src_dir`` into ``dst_dir`` for a model keeping
-    layers ``kept`` (original numbers) of ``n_layers``: layer counts become ``len(kept)``, per-layer lists
-    (``layer_types``, any list of length ``n_layers`` under a key naming layers) keep the kept entries,
-    ``max_window_layers`` (Qwen2: layers below it use full attention) counts the kept layers below it.
-    Returns the files written. Each is read from a regular file inside ``src_dir`` (``side_file``) and written
-    through a temporary file and renamed (``io.write_text_atomic``)."""
+    """Write the config files of ``src_dir``'s formats (``detect_formats``: ``genai_config.json``,
+    ``config.json``, ...) into ``dst_dir`` for a model keeping layers ``kept`` (original numbers) of
+    ``n_layers``, each rewritten by its format (``FolderFormat.rewrite``). Returns the files written. Each is
+    read from a regular file inside ``src_dir`` (``side_file``) and written through a temporary file and renamed
+    (``io.write_text_atomic``)."""
     written = []
-    for name in ("genai_config.json", "config.json"):
-        if not os.path.lexists(os.path.join(src_dir, name)):
-            continue
-        with open(side_file(src_dir, name, follow_symlinks), encoding="utf-8") as f:
-            cfg = json.load(f)
-        _update(cfg, kept, n_layers)
-        dst = os.path.join(dst_dir, name)
-        write_text_atomic(dst, json.dumps(cfg, indent=4) + "\n")
-        written.append(dst)
+    for fmt in detect_formats(src_dir):
+        for name in fmt.config_files:
+            dst = os.path.join(dst_dir, name)
+            if not os.path.lexists(os.path.join(src_dir, name)) or dst in written:
+                continue
+            with open(side_file(src_dir, name, follow_symlinks), encoding="utf-8") as f:
+                text = f.read()
+            write_text_atomic(dst, fmt.rewrite(name, text, kept, n_layers))
+            written.append(dst)
     return written
 
 
@@ -60,32 +107,21 @@ def side_file(folder: str | os.PathLike, name: str, follow_symlinks: bool = Fals
                          hint="pass --follow-symlinks to read it")
 
 
-def _update(obj, kept: Sequence[int], n_layers: int) -> None:
-    if isinstance(obj, dict):
-        for k, v in list(obj.items()):
-            if k in LAYER_COUNT_KEYS and v == n_layers:
-                obj[k] = len(kept)
-            elif k == "max_window_layers" and isinstance(v, int):
-                obj[k] = sum(1 for i in kept if i < v)
-            elif isinstance(v, list) and len(v) == n_layers and "layer" in k.lower():
-                obj[k] = [v[i] for i in kept]
-            else:
-                _update(v, kept, n_layers)
-    elif isinstance(obj, list):
-        for v in obj:
-            _update(v, kept, n_layers)
-
-
 def decoder_filename(folder: str | os.PathLike, *, follow_symlinks: bool = False) -> str:
-    """The model file name of an export folder: genai_config.json's decoder filename, else model.onnx (a name,
-    checked to be inside the folder where it is opened)."""
-    if os.path.lexists(os.path.join(os.fspath(folder), "genai_config.json")):
-        with open(side_file(folder, "genai_config.json", follow_symlinks), encoding="utf-8") as f:
-            name = json.load(f).get("model", {}).get("decoder", {}).get("filename", "model.onnx")
-        if not isinstance(name, str):
-            raise InputError(f"genai_config.json of {folder}: the decoder filename is not a string")
-        return name
-    return "model.onnx"
+    """The model file name of an export folder: the first its formats name (``detect_formats``; genai:
+    genai_config.json's decoder filename), else ``DEFAULT_MODEL_NAME`` (a name, checked to be inside the folder
+    where it is opened)."""
+    folder = os.fspath(folder)
+
+    def read(name: str) -> str:
+        with open(side_file(folder, name, follow_symlinks), encoding="utf-8") as f:
+            return f.read()
+
+    for fmt in detect_formats(folder):
+        name = fmt.model_name(folder, read) if fmt.model_name is not None else None
+        if name is not None:
+            return name
+    return DEFAULT_MODEL_NAME
 
 
 def prune_folder(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, layers: Iterable[int], *,
@@ -99,7 +135,7 @@ def prune_folder(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, layers:
 
     The folder is written under a temporary name beside ``dst_dir`` and renamed into place when complete
     (``io.atomic_folder``); ``dst_dir`` must not exist (or be empty). model_name: the ONNX file (default:
-    genai_config's decoder filename, else ``model.onnx``). check: the pruned model must load and run once in
+    ``decoder_filename``: genai_config's, else ``model.onnx``). check: the pruned model must load and run once in
     onnxruntime (prefill, zero-length past; on the run's providers, ``runtime.make_session``) before the rename.
     ``onnx.checker`` is not run: onnxruntime-genai exports use onnxruntime's own operators in the default domain
     (SimplifiedLayerNormalization), which it refuses. pruned: the model to write when already computed
@@ -134,8 +170,8 @@ def prune_folder(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, layers:
     external = external or any(is_external(t) for t in all_tensors(out))
     kept = [i for i in range(report.cache.n_layers) if i not in chosen]
     with atomic_folder(dst_dir) as tmp:
-        _copy_side_files(src_dir, tmp, {model_name, "genai_config.json", "config.json"} | data_files,
-                         follow_symlinks)
+        configs = {n for fmt in detect_formats(src_dir) for n in fmt.config_files}
+        _copy_side_files(src_dir, tmp, {model_name} | configs | data_files, follow_symlinks)
         _write_model(out, tmp, model_name, external=external, check=check, own=own)
         update_configs(src_dir, tmp, kept, report.cache.n_layers, follow_symlinks=follow_symlinks)
     log.info("removed decoder layers %s of %d (%s form) into %s", chosen, report.cache.n_layers, report.form,

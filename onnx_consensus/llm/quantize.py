@@ -14,7 +14,7 @@
 
 The interface never changes (input and output names and dtypes, the KV caches, their dims), so an export
 folder's ``genai_config.json`` stays valid: ``quantize_export`` writes the folder through
-``kv_surgery.prune_folder`` with no layer removed (configs copied as they are, the model checked by one
+``llm.folder.prune_folder`` with no layer removed (configs copied as they are, the model checked by one
 onnxruntime run). A model already quantized (MatMulNBits, QDQ, MatMulInteger...) is refused in one line.
 """
 from __future__ import annotations
