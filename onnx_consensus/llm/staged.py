@@ -40,11 +40,11 @@ from ..graph.instrument import with_outputs
 from ..graph.kv_surgery import remove_layers
 from ..graph.weights import weightless
 from ..metrics import get_metric, resolve_metrics, score
-from ..metrics.features import make_conditions, pca_cap
+from ..metrics.features import make_conditions
 from ..metrics.output import OutputAccumulator
 from ..options import DECODER_PRESCREEN, CriterionOptions
 from ..runtime import make_session
-from ..scoring import ScoreRound
+from ..scoring import ScoreRound, metric_scores
 from .perplexity import logits_name
 from .scoring import final_hidden, original_logits, output_rows_of, token_rows
 from .suffix import changed_tensors, cut_suffix, node_signatures
@@ -232,11 +232,8 @@ class StagedScorer:
         out = {}
         if self.specs:
             y = _token_rows(run.whole[self.feature], self.rows).astype(np.float64)
-            capped = pca_cap(x, y, self.pca_dim) if any(sp.alignment for sp in self.specs) else None
             with threadpool_limits(limits=1):
-                for sp in self.specs:
-                    xs, ys = capped if sp.alignment else (x, y)
-                    out[sp.name] = score(sp.name, xs, ys, conditions, seed=self.seed)
+                out.update(metric_scores(self.specs, x, y, conditions, seed=self.seed, pca_dim=self.pca_dim))
         if self.out_specs:
             acc = OutputAccumulator([sp.name for sp in self.out_specs])
             acc.add(self.lg, self.reference.astype(np.float64), run.logits.astype(np.float64), True)
