@@ -18,7 +18,8 @@ import pytest
 from onnx import numpy_helper
 
 from onnx_consensus.cli import main
-from onnx_consensus.graph.kv_dims import genai_dims, symbolic_cache_dims
+from onnx_consensus.graph.kv_dims import symbolic_cache_dims
+from onnx_consensus.llm.folder_formats import genai_dims
 from onnx_consensus.pipeline import inspect
 from tests.helpers import genai_generate
 

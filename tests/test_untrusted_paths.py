@@ -3,6 +3,7 @@ escapes the model's folder (``..``, an absolute path, a symbolic link out), a de
 beyond the file: one line naming the tensor, exit 2, nothing read, nothing written. The same for files beside a
 decoder export (tokenizer, configs) and calibration folders (symbolic links out followed only with
 ``--follow-symlinks``)."""
+import json
 import os
 
 import numpy as np
@@ -108,3 +109,20 @@ def test_confined_file_rules(tmp_path):
         confined_file(tmp_path, "out.txt", what="t")
     if os.path.isfile("/etc/hostname"):
         assert confined_file(tmp_path, "out.txt", what="t", follow_symlinks=True) == "/etc/hostname"
+
+
+def test_genai_dims_read_no_config_linked_out_of_the_folder(tmp_path):
+    """inspect's cache-dim fallback reads genai_config.json only as a regular file inside the export folder: a link
+    to a file outside it is not read (unless --follow-symlinks), the same rule as every other file of the folder."""
+    from onnx_consensus.llm.folder_formats import genai_dims
+
+    outside = tmp_path / "outside.json"
+    outside.write_text(json.dumps({"model": {"decoder": {"num_key_value_heads": 2, "head_size": 16}}}))
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "genai_config.json").symlink_to(outside)
+    assert genai_dims(folder) == {}
+    assert genai_dims(folder, follow_symlinks=True) == {"kv_heads": 2, "head_size": 16}
+    (folder / "genai_config.json").unlink()
+    (folder / "genai_config.json").write_text(outside.read_text())
+    assert genai_dims(folder) == {"kv_heads": 2, "head_size": 16}

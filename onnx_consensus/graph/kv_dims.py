@@ -15,39 +15,22 @@ onnxruntime-genai builder 0.18 writes the head size as ``kv_cache_dim``). They a
 """
 from __future__ import annotations
 
-import json
-import os
 
 import onnx
 
 from ..errors import InputError
 
-__all__ = ["cache_dims", "genai_dims", "symbolic_cache_dims", "token_shapes"]
+__all__ = ["cache_dims", "symbolic_cache_dims", "token_shapes"]
 
 _MS_ATTENTION = ("GroupQueryAttention", "MultiHeadAttention")
 _HOPS = ("Cast", "Identity")
-
-
-def genai_dims(folder: str | os.PathLike | None) -> dict[str, int]:
-    """``{"kv_heads": n, "head_size": d}`` from ``folder``/genai_config.json (the keys it has; {} without it)."""
-    if folder is None:
-        return {}
-    path = os.path.join(os.fspath(folder), "genai_config.json")
-    if not os.path.isfile(path):
-        return {}
-    try:
-        dec = json.load(open(path, encoding="utf-8"))["model"]["decoder"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
-    out = {"kv_heads": dec.get("num_key_value_heads"), "head_size": dec.get("head_size")}
-    return {k: int(v) for k, v in out.items() if isinstance(v, int) and v > 0}
 
 
 def cache_dims(model: onnx.ModelProto, names: list[str], config: dict[str, int] | None = None
                ) -> dict[str, tuple[int, int]]:
     """(kv_heads, head_size) of each cache input in ``names`` (4-D, declared (batch, kv_heads, past, head)).
 
-    config: dims read from genai_config.json (``genai_dims``), used where the declaration and the graph say
+    config: dims read from genai_config.json (``llm.folder_formats.genai_dims``), used where the declaration and the graph say
     nothing. Raises InputError naming the input when a size stays unknown."""
     declared = {vi.name: vi for vi in model.graph.input}
     graph = _GraphView(model)

@@ -6,10 +6,11 @@ onnxruntime-genai model builder's (``genai_config.json``, which names the decode
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Sequence
 
-from ..errors import InputError
-from .folder import FolderFormat, register_folder_format
+from ..errors import InputError, UnsafePathError
+from .folder import FolderFormat, register_folder_format, side_file
 
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
@@ -47,6 +48,22 @@ def genai_model_name(folder: str, read: Callable[[str], str]) -> str:
     if not isinstance(name, str):
         raise InputError(f"genai_config.json of {folder}: the decoder filename is not a string")
     return name
+
+
+def genai_dims(folder: str | os.PathLike | None, *, follow_symlinks: bool = False) -> dict[str, int]:
+    """``{"kv_heads": n, "head_size": d}`` from ``folder``/genai_config.json (the keys it has; {} without it, or
+    when it is not a regular file inside the folder: ``folder.side_file``, a link out of it followed only with
+    ``follow_symlinks``). The cache dims the graph leaves symbolic fall back to these
+    (``graph.kv_dims.cache_dims``)."""
+    if folder is None or not os.path.lexists(os.path.join(os.fspath(folder), "genai_config.json")):
+        return {}
+    try:
+        with open(side_file(folder, "genai_config.json", follow_symlinks), encoding="utf-8") as f:
+            dec = json.load(f)["model"]["decoder"]
+    except (UnsafePathError, OSError, ValueError, KeyError, TypeError):
+        return {}
+    out = {"kv_heads": dec.get("num_key_value_heads"), "head_size": dec.get("head_size")}
+    return {k: int(v) for k, v in out.items() if isinstance(v, int) and v > 0}
 
 
 GENAI = register_folder_format(FolderFormat("genai", ("genai_config.json",), rewrite_json_layers,

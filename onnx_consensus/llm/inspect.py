@@ -8,7 +8,8 @@ import onnx
 from ..errors import InputError
 from ..graph.decoder import find_decoder_layers
 from ..graph.flops import count_cost
-from ..graph.kv_dims import genai_dims, token_shapes
+from ..graph.kv_dims import token_shapes
+from .folder_formats import genai_dims
 
 __all__ = ["inspect_decoder"]
 
