@@ -191,3 +191,31 @@ def test_a_pair_fed_from_its_sum_computes_the_same_bits(tiny, precision):
         for a, b in zip(sess.run(None, direct), sess.run(None, summed), strict=True):
             np.testing.assert_array_equal(a, b)
     assert paired == len(report.layers) - 1  # every layer but the first (whose cut is the embedding)
+
+
+def test_a_skip_norm_with_a_bias_keeps_its_pair():
+    """A skip-norm with a bias sums input + skip + bias: its sum output is not what (input, skip) add to, so both
+    inputs stay held (and the staged scores are still the exact criterion's)."""
+    import onnx
+
+    from onnx_consensus.llm.held import fed_from
+    from onnx_consensus.llm.suffix import cut_suffix, node_signatures
+
+    work = _work(FUSED)
+    work.graph.initializer.append(onnx.numpy_helper.from_array(np.full(D, 0.25, np.float32), "skip_bias"))
+    for n in work.graph.node:
+        if n.op_type == "SkipSimplifiedLayerNormalization":
+            n.input.append("skip_bias")
+    report = find_decoder_layers(work)
+    ids = np.random.default_rng(10).integers(0, V, (4, 6))
+    scorer = StagedScorer(work, report, ids, top_k=99, metrics=("output_kl",), batch_size=2)
+    current = scorer._skeleton([])
+    sx = cut_suffix(scorer._skeleton([2]), node_signatures(current), [scorer.lg])
+    assert len(sx.cut) >= 2  # the pair of the norm opening layer 3
+    assert all(h.source == c and not h.zero for c, h in fed_from(current, sx).items())
+    exact = _exact_rounds(work, ids, 2)
+    staged, _ = _staged_rounds(work, ids, 2, top_k=99, metrics=("output_kl",))
+    assert [r.order for r in staged] == [order for order, _ in exact]
+    for (_, scores), r in zip(exact, staged, strict=True):
+        for b in r.blocks:
+            assert math.isclose(b.scores["output_kl"], scores[b.id]["output_kl"], rel_tol=1e-4, abs_tol=1e-6)
