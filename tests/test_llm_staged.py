@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from onnx_consensus.graph.decoder import FUSED, PLAIN, expose_residual_sums, find_decoder_layers
+from onnx_consensus.graph.instrument import with_outputs
 from onnx_consensus.graph.ir import load_model
 from onnx_consensus.llm.scoring import original_logits, score_layers
 from onnx_consensus.llm.staged import StagedScorer
-from tests.test_decoder_llm import V, synthetic_decoder
+from tests.test_decoder_llm import D, L, V, synthetic_decoder
 
 METRICS = ("cosine", "cka", "output_kl")
 
@@ -124,3 +125,97 @@ def test_which_runs_are_staged():
     assert staged_scorer(work, report, ids, replace(crit, prescreen=len(report.layers)), kw) is None
     with pytest.raises(InputError, match="--prescreen"):
         staged_scorer(work, report, ids, replace(crit, prescreen=-1), kw)
+
+
+def _hold_both(current, sx):
+    from onnx_consensus.llm.held import HeldAs
+    return {c: HeldAs(c) for c in sx.cut}  # every cut tensor held as itself (the code before llm.held)
+
+
+@pytest.mark.parametrize("metrics", [("output_kl",), METRICS])
+def test_held_values_are_the_boundaries_and_change_no_score(monkeypatch, metrics):
+    """Fused form: besides the small side tensors the scorer holds the L + 1 boundaries (and the final hidden
+    state when a metric reads it), not the skip-norm pairs they sum; the scores are bit for bit those of
+    holding every cut tensor."""
+    work = _work(FUSED)
+    report = find_decoder_layers(work)
+    ids = np.random.default_rng(8).integers(0, V, (5, 6))
+    staged, scorer = _staged_rounds(work, ids, 3, top_k=2, metrics=metrics)
+    first = StagedScorer(work, report, ids, top_k=2, metrics=metrics, batch_size=2)
+    first.round([], list(report.by_index()))
+    stream = first._boundaries([])
+    assert len(stream) == L + 1
+    wide = {n for n, parts in first.cache.items() if parts[0].shape == (2, 6, D)}
+    assert wide == {*stream, *([first.feature] if len(metrics) > 1 else [])}
+    per_tensor = ids.size * D * 4  # every window's tokens, float32
+    assert len(wide) * per_tensor <= first.held_bytes() < (len(wide) + 1) * per_tensor
+
+    monkeypatch.setattr("onnx_consensus.llm.staged.fed_from", _hold_both)
+    before, both = _staged_rounds(work, ids, 3, top_k=2, metrics=metrics)
+    assert [r.order for r in staged] == [r.order for r in before]
+    assert [[b.scores for b in r.blocks] for r in staged] == [[b.scores for b in r.blocks] for r in before]
+    assert [(r.full_runs, r.suffix_runs) for r in staged] == [(r.full_runs, r.suffix_runs) for r in before]
+    assert [r.held_bytes for r in staged] < [r.held_bytes for r in before]
+    assert staged[-1].to_json()["staged"]["held_bytes"] == scorer.held_bytes()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_a_pair_fed_from_its_sum_computes_the_same_bits(tiny, precision):
+    """The genai export's skip-norm pair (input, skip) and (their sum, 0) give the candidate's suffix the same
+    logits and stream, bit for bit (``llm.held``), for every candidate fed that way."""
+    from onnx_consensus.llm.held import fed_from, held_feed
+    from onnx_consensus.llm.suffix import cut_suffix, node_signatures
+    from onnx_consensus.runtime import make_session
+
+    model = expose_residual_sums(load_model(str(tiny / "llama" / f"genai_{precision}" / "model.onnx")))
+    report = find_decoder_layers(model)
+    scorer = StagedScorer(model, report, np.random.default_rng(9).integers(0, 250, (2, 12)), top_k=99,
+                          metrics=("output_kl",), batch_size=2)
+    scorer.round([], list(report.by_index()))
+    current = scorer._skeleton([])
+    signatures = node_signatures(current)
+    paired = 0
+    for i in report.by_index():
+        sx = cut_suffix(scorer._skeleton([i]), signatures, [scorer.lg, *scorer._boundaries([i])[i + 1:]])
+        how = fed_from(current, sx)
+        if not any(h.zero for h in how.values()):
+            continue
+        paired += 1
+        # the pair itself, from a run of the current model
+        pair = [c for c in sx.cut if how[c].source != c]
+        whole = scorer._run(with_outputs(scorer.model, pair), scorer.feeds, pair).whole
+        direct = {**{n: scorer.feeds[0][n] for n in sx.inputs}, **held_feed(scorer.cache, how, 0),
+                  **{c: whole[c][0] for c in pair}}
+        summed = {**{n: scorer.feeds[0][n] for n in sx.inputs}, **held_feed(scorer.cache, how, 0)}
+        sess = make_session(sx.materialize(scorer.model, direct), level="basic", arena=False)
+        for a, b in zip(sess.run(None, direct), sess.run(None, summed), strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert paired == len(report.layers) - 1  # every layer but the first (whose cut is the embedding)
+
+
+def test_a_skip_norm_with_a_bias_keeps_its_pair():
+    """A skip-norm with a bias sums input + skip + bias: its sum output is not what (input, skip) add to, so both
+    inputs stay held (and the staged scores are still the exact criterion's)."""
+    import onnx
+
+    from onnx_consensus.llm.held import fed_from
+    from onnx_consensus.llm.suffix import cut_suffix, node_signatures
+
+    work = _work(FUSED)
+    work.graph.initializer.append(onnx.numpy_helper.from_array(np.full(D, 0.25, np.float32), "skip_bias"))
+    for n in work.graph.node:
+        if n.op_type == "SkipSimplifiedLayerNormalization":
+            n.input.append("skip_bias")
+    report = find_decoder_layers(work)
+    ids = np.random.default_rng(10).integers(0, V, (4, 6))
+    scorer = StagedScorer(work, report, ids, top_k=99, metrics=("output_kl",), batch_size=2)
+    current = scorer._skeleton([])
+    sx = cut_suffix(scorer._skeleton([2]), node_signatures(current), [scorer.lg])
+    assert len(sx.cut) >= 2  # the pair of the norm opening layer 3
+    assert all(h.source == c and not h.zero for c, h in fed_from(current, sx).items())
+    exact = _exact_rounds(work, ids, 2)
+    staged, _ = _staged_rounds(work, ids, 2, top_k=99, metrics=("output_kl",))
+    assert [r.order for r in staged] == [order for order, _ in exact]
+    for (_, scores), r in zip(exact, staged, strict=True):
+        for b in r.blocks:
+            assert math.isclose(b.scores["output_kl"], scores[b.id]["output_kl"], rel_tol=1e-4, abs_tol=1e-6)

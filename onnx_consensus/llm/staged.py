@@ -20,8 +20,10 @@ Cost (n layers, R rounds, one pass = one forward over the scored windows): 1 pas
 suffixes (each the fraction of the layers after its layer: at most ``top_k`` passes a round, about a tenth of
 that when the last layers are the candidates); the exact global criterion takes R passes + the sum over rounds
 of c(c-1)/(2n) for c candidates. Memory: the residual stream at each layer boundary, all scored windows
-((layers + 1) x windows x seq x hidden floats, float32 as the model computes it), the cut's side tensors, and
-one candidate's boundaries downstream of its layer (with several metrics, the ``top_k`` candidates').
+((layers + 1) x windows x seq x hidden floats, float32 as the model computes it; in the fused form a cut's
+skip-norm pair is fed from the boundary it sums, ``llm.held``), the final hidden state when a metric reads it,
+the cut's side tensors, and one candidate's boundaries downstream of its layer (with several metrics, the
+``top_k`` candidates').
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ from ..metrics.output import OutputAccumulator
 from ..options import DECODER_PRESCREEN, CriterionOptions
 from ..runtime import make_session
 from ..scoring import ScoreRound, metric_scores
+from .held import fed_from, held_feed, held_names
 from .perplexity import logits_name
 from .scoring import final_hidden, original_logits, output_rows_of, token_rows
 from .suffix import changed_tensors, cut_suffix, node_signatures
@@ -58,15 +61,18 @@ PRESCREEN_METRIC = "cosine"
 @dataclass
 class StagedRound(ScoreRound):
     """A staged round: ``ScoreRound`` (the rescored candidates in Consensus order, then the others in prescreen
-    order) plus how it ran: candidates rescored, suffix runs, full runs of the current model."""
+    order) plus how it ran: candidates rescored, suffix runs, full runs of the current model, and the bytes of
+    the values held for the next rounds when it ended (``StagedScorer.held_bytes``)."""
 
     rescored: int = 0
     suffix_runs: int = 0
     full_runs: int = 0
+    held_bytes: int = 0
 
     def to_json(self) -> dict:
         return {**super().to_json(), "staged": {"prescreen": PRESCREEN_METRIC, "rescored": self.rescored,
-                                                "suffix_runs": self.suffix_runs, "full_runs": self.full_runs}}
+                                                "suffix_runs": self.suffix_runs, "full_runs": self.full_runs,
+                                                "held_bytes": self.held_bytes}}
 
 
 @dataclass
@@ -153,6 +159,14 @@ class StagedScorer:
             self._skeletons[key] = remove_layers(self.skeleton, key, report=self.report) if key else self.skeleton
         return self._skeletons[key]
 
+    def _kept_feature(self) -> list[str]:
+        """The feature when a metric reads it (the output metrics read the logits only)."""
+        return [self.feature] if self.specs else []
+
+    def held_bytes(self) -> int:
+        """Bytes of the values held between rounds (``cache``: boundaries, cut tensors, the feature)."""
+        return sum(a.nbytes for parts in self.cache.values() for a in parts)
+
     def _boundaries(self, removed: Sequence[int]) -> list[str]:
         """The residual stream of the model without ``removed``: the first layer's entry, each kept layer's exit."""
         kept = [i for i in sorted(self.by_index) if i not in removed]
@@ -160,13 +174,14 @@ class StagedScorer:
 
     def _refresh(self, removed: tuple[int, ...], candidates: Sequence[int]) -> None:
         """Run the current model in full: its boundaries, the feature and every candidate's cut into ``cache``."""
-        signatures = node_signatures(self._skeleton(removed))
+        current = self._skeleton(removed)
+        signatures = node_signatures(current)
         cut: set[str] = set()
         for i in candidates:
             sx = cut_suffix(self._skeleton([*removed, i]), signatures,
                             [self.feature, self.lg])
-            cut |= set(sx.cut) if sx is not None else set()
-        names = [*dict.fromkeys([*self._boundaries(removed), self.feature, *sorted(cut)])]
+            cut |= held_names(fed_from(current, sx)) if sx is not None else set()
+        names = [*dict.fromkeys([*self._boundaries(removed), *self._kept_feature(), *sorted(cut)])]
         names = [n for n in names if n != self.lg]
         model = remove_layers(self.model, removed, report=self.report) if removed else self.model
         feeds = [prefill_feed(model, self.windows[s:s + self.batch_size])
@@ -215,16 +230,17 @@ class StagedScorer:
         carry = [n for n in self.cache if n in changed and n != self.feature]
         outputs = [self.feature, self.lg, *carry]
         sx = cut_suffix(pruned, signatures, outputs)
-        if sx is None or any(c not in self.cache for c in sx.cut):
+        how = fed_from(self._skeleton(removed), sx) if sx is not None else {}
+        if sx is None or any(h not in self.cache for h in held_names(how)):
             model = remove_layers(self.model, [*removed, i], report=self.report)
             feeds = [prefill_feed(model, self.windows[s:s + self.batch_size])
                      for s in range(0, len(self.windows), self.batch_size)]
             self.full_runs += 1
-            return self._run(with_outputs(model, outputs), feeds, [self.feature, *carry])
-        feeds = [{**{n: f[n] for n in sx.inputs}, **{c: self.cache[c][k] for c in sx.cut}}
-                 for k, f in enumerate(self.feeds)]
+            return self._run(with_outputs(model, outputs), feeds, [*self._kept_feature(), *carry])
+        feeds = ({**{n: f[n] for n in sx.inputs}, **held_feed(self.cache, how, k)} for k, f in enumerate(self.feeds))
         self.suffix_runs += 1
-        return self._run(sx.materialize(self.model, feeds[0]), feeds, [self.feature, *carry])
+        model = sx.materialize(self.model, {**self.feeds[0], **held_feed(self.cache, how, 0)})
+        return self._run(model, feeds, [*self._kept_feature(), *carry])
 
     def _scores(self, run: _Run, x: np.ndarray, conditions) -> dict[str, float]:
         """The ``metrics`` of one candidate: its feature rows against the current model's ``x`` (rows, d), its
@@ -282,7 +298,7 @@ class StagedScorer:
             b.scores[f"prescreen_{PRESCREEN_METRIC}"] = float(bi[b.position])
         return StagedRound("global", self.feature, self.metrics, len(self.rows), [*ranked, *rest], ort_seconds,
                            metric_seconds, rescored=len(top), suffix_runs=self.suffix_runs - runs0,
-                           full_runs=self.full_runs - full0)
+                           full_runs=self.full_runs - full0, held_bytes=self.held_bytes())
 
 
 def staged_scorer(model: onnx.ModelProto, report: DecoderReport, windows: np.ndarray, criterion: CriterionOptions,
