@@ -46,10 +46,10 @@ from .pruner import PruneResult, nothing_removable
 from .pruner import prune as schedule
 from .report import build_report, sha256_file
 from .runtime import resolve_providers, using_providers
-from .writer import write, write_report
+from .writer import summary, write, write_report
 
 log = logging.getLogger("onnx_consensus")
-__all__ = ["Source", "Outcome", "DecoderRun", "Written", "open_model", "check_output", "run", "write",
+__all__ = ["Source", "Outcome", "DecoderRun", "Written", "open_model", "check_output", "run", "summary", "write",
            "write_report", "prune", "inspect", "Options"]
 
 

@@ -142,15 +142,6 @@ def stamp(model: onnx.ModelProto, report: Mapping) -> None:
     model.metadata_props.add(key=METADATA_KEY, value=json.dumps(provenance(report), sort_keys=True))
 
 
-def summary(report: Mapping) -> str:
-    """The terminal summary of any run: ``summary_table`` for block models, ``llm.output.summary`` for decoders."""
-    if report.get("kind") == "decoder":
-        from .llm.output import summary as decoder_summary
-
-        return decoder_summary(report)
-    return summary_table(report)
-
-
 def _fmt_int(v) -> str:
     return "unknown" if v is None else f"{v:,}"
 

@@ -1,5 +1,6 @@
-"""Writing a run's outcome: the model (atomic, checked, stamped with the report's provenance; a decoder LLM's
-as a folder or a file) and the JSON (or HTML) report (``pipeline.write``, ``pipeline.write_report``)."""
+"""What a run shows and writes: the terminal summary of either kind (``pipeline.summary``), the model (atomic,
+checked, stamped with the report's provenance; a decoder LLM's as a folder or a file) and the JSON (or HTML)
+report (``pipeline.write``, ``pipeline.write_report``)."""
 from __future__ import annotations
 
 import os
@@ -9,9 +10,19 @@ import numpy as np
 from .errors import InputError
 from .io import save_model_atomic, write_json_atomic
 from .outcome import Outcome, Written
-from .report import stamp
+from .report import stamp, summary_table
 
-__all__ = ["write", "write_report"]
+__all__ = ["summary", "write", "write_report"]
+
+
+def summary(report: dict) -> str:
+    """The terminal summary of any run: ``report.summary_table`` for block models, ``llm.output.summary`` for
+    decoder LLMs."""
+    if report.get("kind") == "decoder":
+        from .llm.output import summary as decoder_summary
+
+        return decoder_summary(report)
+    return summary_table(report)
 
 
 def write(outcome: Outcome, out_path: str | os.PathLike) -> Written:

@@ -6,7 +6,6 @@ import sys
 
 from .. import pipeline
 from ..options import Options
-from ..report import summary
 
 
 def cmd_prune(args) -> int:
@@ -23,7 +22,7 @@ def cmd_prune(args) -> int:
         if written.report:
             print(f"Wrote report {written.report}")
         raise outcome.failure.__cause__
-    print(summary(outcome.report))
+    print(pipeline.summary(outcome.report))
     written = pipeline.write(outcome, out_path)
     unit = "layer" if outcome.decoder is not None else "block"
     if written.model:

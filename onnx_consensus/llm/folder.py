@@ -239,3 +239,19 @@ def _external_files(path: str) -> set[str]:
     """Names of the external data files ``path``'s initializers point to (relative to its folder)."""
     m = onnx.load(path, load_external_data=False)
     return {e.value for t in all_tensors(m) for e in t.external_data if e.key == "location"}
+
+
+def model_file(path: str | os.PathLike, *, follow_symlinks: bool = False) -> str:
+    """The ONNX file of an export folder (genai_config's decoder filename, else model.onnx: a regular file inside
+    the folder, ``paths.confined_file``), or ``path``."""
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.isdir(path):
+        if not os.path.isfile(path):
+            raise InputError(f"model not found: {path}")
+        return path
+    name = decoder_filename(path, follow_symlinks=follow_symlinks)
+    if not os.path.lexists(os.path.join(path, name)):
+        raise InputError(f"no {name} in the folder {path}")
+    confined_file(path, name, what="the decoder model of the export folder", follow_symlinks=follow_symlinks,
+                  hint="pass --follow-symlinks to read it")
+    return os.path.normpath(os.path.join(path, name))  # its external data is beside it, as onnx looks for it

@@ -129,7 +129,7 @@ def quantize_export(src: str | os.PathLike, dst: str | os.PathLike, fmt: str, *,
     from ..graph.ir import load_model_and_layout
     from .folder import prune_folder
     from ..io import check_output_path, save_model_atomic
-    from .run import model_file
+    from .folder import model_file
 
     src, dst = os.path.abspath(os.fspath(src)), os.path.abspath(os.fspath(dst))
     path = model_file(src, follow_symlinks=follow_symlinks)

@@ -42,7 +42,6 @@ from ..graph.quant import finetune_refusal, model_bytes, quantized_ops
 from ..metrics import get_metric, resolve_metrics
 from ..options import DEFAULT_CRITERION, Options
 from ..outcome import DecoderRun, Outcome, Source
-from ..paths import confined_file
 from ..report import SCHEMA_VERSION, sha256_file
 from ..runtime import SHARE_WEIGHTS_BYTES
 from ..schedule import check_schedule, eligible_now, rounds
@@ -50,6 +49,7 @@ from .deploy import check_deploy_options, meet_latency, quantize_outcome, wants_
 from .layers import allowed_layers, interface_change, plan_layers
 from .perplexity import perplexity, throughput
 from .scoring import original_logits, score_layers
+from .folder import model_file
 from .spill import spill_weights
 from .staged import staged_scorer
 from .text import TextData, find_tokenizer, load_text
@@ -79,24 +79,6 @@ def is_decoder(model: onnx.ModelProto) -> bool:
         if not any(k in name.lower() for k in ("past", "cache", "key", "value")):
             return False
     return True
-
-
-def model_file(path: str | os.PathLike, *, follow_symlinks: bool = False) -> str:
-    """The ONNX file of an export folder (genai_config's decoder filename, else model.onnx: a regular file inside
-    the folder, ``paths.confined_file``), or ``path``."""
-    path = os.path.abspath(os.fspath(path))
-    if not os.path.isdir(path):
-        if not os.path.isfile(path):
-            raise InputError(f"model not found: {path}")
-        return path
-    from .folder import decoder_filename
-
-    name = decoder_filename(path, follow_symlinks=follow_symlinks)
-    if not os.path.lexists(os.path.join(path, name)):
-        raise InputError(f"no {name} in the folder {path}")
-    confined_file(path, name, what="the decoder model of the export folder", follow_symlinks=follow_symlinks,
-                  hint="pass --follow-symlinks to read it")
-    return os.path.normpath(os.path.join(path, name))  # its external data is beside it, as onnx looks for it
 
 
 def open_decoder(path: str | os.PathLike, *, follow_symlinks: bool = False) -> Source:
