@@ -2,8 +2,8 @@
 sizes, exported by the onnxruntime-genai builder (fp32 with external data, and int4) and by optimum-onnx (fp32),
 pruned by `--unit layer --remove N` (25% of the layers) with three criteria, each measured against the floor
 (one onnxruntime forward pass over the same scored calibration tokens, measured in the same run) and against
-what a user would run instead (ShortGPT's Block Influence and PruneMe's angular distance in PyTorch with transformers, one forward
-with hidden states).
+what a user would run instead (ShortGPT's Block Influence and PruneMe's angular distance in PyTorch with
+transformers, one forward with hidden states).
 
     python -m tools.bench.llm_scale build [--sizes s,m,l]       # models under .cache/llm_scale/ (idempotent)
     python -m tools.bench.llm_scale optimum-env                 # .cache/venv-optimum (pip: network, once)
