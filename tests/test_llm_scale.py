@@ -96,6 +96,49 @@ def test_suffix_is_the_part_after_the_layer(form):
     assert not any(isinstance(t, onnx.TensorProto) for t in sx.model.graph.initializer)  # no weights held
 
 
+def _constants_as_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with its non-weight initializers (scalars, axes) as ``Constant`` nodes, as optimum writes them."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    small = [t for t in out.graph.initializer if np.prod(t.dims) <= 1]
+    consts = [onnx.helper.make_node("Constant", [], [t.name], name=f"c_{t.name}", value=t) for t in small]
+    for t in consts:
+        t.attribute[0].t.ClearField("name")  # as the torch exporter leaves them
+    keep = [t for t in out.graph.initializer if np.prod(t.dims) > 1]
+    out.graph.ClearField("initializer")
+    out.graph.initializer.extend(keep)
+    nodes = [*consts, *out.graph.node]
+    out.graph.ClearField("node")
+    out.graph.node.extend(nodes)
+    return out
+
+
+def test_suffix_with_constant_nodes_is_the_part_after_the_layer():
+    """A graph with ``Constant`` nodes (optimum's exports: every scalar): a removal leaves them equal, so a
+    candidate's suffix is still the part after its layer, not the whole model (the staged criterion ran every
+    candidate's whole model on optimum exports: ``remove_layers`` set the Constants' absent tensor names)."""
+    model = _constants_as_nodes(synthetic_decoder(PLAIN))
+    assert any(n.op_type == "Constant" for n in model.graph.node)
+    report = find_decoder_layers(model)
+    outs = [final_hidden(model), logits_name(model)]
+    current = with_outputs(model, outs[:1])
+    sig = node_signatures(current)
+    last = max(report.by_index())
+    for i in (last, min(report.by_index()), last):  # a removal before the last one's changes nothing
+        sx = cut_suffix(remove_layers(current, [i], report=report), sig, outs)
+        assert sx is not None and report.by_index()[i].block.entry in sx.cut
+        if i == last:
+            assert len(sx.model.graph.node) < len(current.graph.node) / 8
+
+
+def test_suffix_scores_with_constant_nodes_equal_whole_model_scores(monkeypatch):
+    model = _constants_as_nodes(synthetic_decoder(PLAIN))
+    ids = np.random.default_rng(5).integers(0, V, (4, 6))
+    fast = _rounds(model, ids, 2)
+    _whole_models(monkeypatch)
+    _same(fast, _rounds(model, ids, 2))
+
+
 def test_rescore_top_scores_only_the_best_of_the_previous_round(tmp_path):
     """``--rescore-top K`` on a decoder: round 1 scores every layer, later rounds only the K best still there;
     with K at least the number of layers, the removals are those of the full schedule."""
