@@ -252,6 +252,8 @@ def run(size: str, precision: str, criteria: list[str], code: Path, exporter: st
             if r["rc"] == 0:
                 rep = json.load(open(os.path.join(d, "r.json")))
                 r["removed"] = [x["index"] for x in rep["removed"]]
+                r["checks"] = rep.get("checks")  # the written folder's check run
+                r["runs"] = [x["staged"] for x in rep.get("rounds", []) if "staged" in x]  # suffix / full runs
                 res["params"] = rep["params"]["before"]
         r["wall_x_floor"] = round(r["wall_s"] / res["floor"]["floor_s"], 1)
         r["cpu_x_floor"] = round(r["cpu_s"] / res["floor"]["floor_cpu_s"], 1)
