@@ -23,7 +23,7 @@ system) and peak RSS from ``os.wait4``. Options: ``--max-samples 16 --seq-len 12
 
 optimum exports (``--exporter optimum``: ``optimum-cli export onnx --task text-generation-with-past
 --no-post-process``, fp32, as ``tools/data/build_llms.py`` makes them; external data past 2 GB, where optimum
-stores even small ``Constant`` tensors in ``model.onnx_data``) are made from the same Hugging Face checkpoint
+stores even a 128-byte ``Constant`` in ``model.onnx_data``) are made from the same Hugging Face checkpoint
 (``<size>/hf``, the same random weights) in a separate virtualenv: optimum-onnx 0.1.0 needs transformers < 4.58,
 which the ``llm`` extra's genai builder does not run with. ``optimum-env`` makes it (``.cache/venv-optimum``: the
 installed torch's version, then this checkout's ``llm-optimum`` extra, from the package index); ``build
