@@ -3,6 +3,7 @@ layer (``llm.suffix``), fed with the current model's values; the scores and orde
 every candidate's whole model (the code before issue 25, kept as the fallback), round after round."""
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -255,3 +256,24 @@ def test_inline_weights_are_spilled_and_written_back_inline(tmp_path, monkeypatc
     ids = np.random.default_rng(2).integers(0, V, (2, 5))
     np.testing.assert_allclose(make_session(ma).run(["logits"], prefill_feed(ma, ids))[0],
                                make_session(mb).run(["logits"], prefill_feed(mb, ids))[0], rtol=1e-6, atol=1e-6)
+
+
+def test_scale_table_keeps_genai_and_optimum_rows_apart(tmp_path):
+    """tools.bench.llm_scale: a genai and an optimum result of the same size, criterion and code are two rows, the
+    optimum one named so; a later line of the same model replaces the earlier one."""
+    from tools.bench.llm_scale import table
+
+    def res(exporter, cpu, label="x"):
+        r = {"wall_s": 2.0, "cpu_s": cpu, "peak_rss": 1e9, "rc": 0, "removed": [7, 6], "wall_x_floor": 2.0,
+             "cpu_x_floor": cpu, "rss_x_file": 10.0}
+        out = {"size": "s", "precision": "fp32", "params": 25e6, "file_bytes": 1e8, "code": "/c", "label": label,
+               "floor": {"floor_s": 1.0, "floor_cpu_s": 1.0}, "default": r}
+        return {**out, "exporter": exporter} if exporter else out  # lines written before --exporter have none
+
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in (res(None, 3.0), res("optimum", 5.0),
+                                                             res("optimum", 7.0))))
+    rows = [r for r in table([str(path)]).splitlines() if r.startswith("| 512/8")]
+    assert len(rows) == 2
+    assert rows[0].startswith("| 512/8 fp32 | ") and "| 3 (3.0x) |" in rows[0]
+    assert rows[1].startswith("| 512/8 fp32 optimum | ") and "| 7 (7.0x) |" in rows[1]
