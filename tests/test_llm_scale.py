@@ -3,6 +3,7 @@ layer (``llm.suffix``), fed with the current model's values; the scores and orde
 every candidate's whole model (the code before issue 25, kept as the fallback), round after round."""
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -94,6 +95,49 @@ def test_suffix_is_the_part_after_the_layer(form):
     assert sizes == dict(sorted(sizes.items(), key=lambda kv: -kv[1]))  # later layers: shorter suffixes
     assert sizes[max(sizes)] < len(current.graph.node) / 8
     assert not any(isinstance(t, onnx.TensorProto) for t in sx.model.graph.initializer)  # no weights held
+
+
+def _constants_as_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with its non-weight initializers (scalars, axes) as ``Constant`` nodes, as optimum writes them."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    small = [t for t in out.graph.initializer if np.prod(t.dims) <= 1]
+    consts = [onnx.helper.make_node("Constant", [], [t.name], name=f"c_{t.name}", value=t) for t in small]
+    for t in consts:
+        t.attribute[0].t.ClearField("name")  # as the torch exporter leaves them
+    keep = [t for t in out.graph.initializer if np.prod(t.dims) > 1]
+    out.graph.ClearField("initializer")
+    out.graph.initializer.extend(keep)
+    nodes = [*consts, *out.graph.node]
+    out.graph.ClearField("node")
+    out.graph.node.extend(nodes)
+    return out
+
+
+def test_suffix_with_constant_nodes_is_the_part_after_the_layer():
+    """A graph with ``Constant`` nodes (optimum's exports: every scalar): a removal leaves them equal, so a
+    candidate's suffix is still the part after its layer, not the whole model (the staged criterion ran every
+    candidate's whole model on optimum exports: ``remove_layers`` set the Constants' absent tensor names)."""
+    model = _constants_as_nodes(synthetic_decoder(PLAIN))
+    assert any(n.op_type == "Constant" for n in model.graph.node)
+    report = find_decoder_layers(model)
+    outs = [final_hidden(model), logits_name(model)]
+    current = with_outputs(model, outs[:1])
+    sig = node_signatures(current)
+    last = max(report.by_index())
+    for i in (last, min(report.by_index()), last):  # a removal before the last one's changes nothing
+        sx = cut_suffix(remove_layers(current, [i], report=report), sig, outs)
+        assert sx is not None and report.by_index()[i].block.entry in sx.cut
+        if i == last:
+            assert len(sx.model.graph.node) < len(current.graph.node) / 8
+
+
+def test_suffix_scores_with_constant_nodes_equal_whole_model_scores(monkeypatch):
+    model = _constants_as_nodes(synthetic_decoder(PLAIN))
+    ids = np.random.default_rng(5).integers(0, V, (4, 6))
+    fast = _rounds(model, ids, 2)
+    _whole_models(monkeypatch)
+    _same(fast, _rounds(model, ids, 2))
 
 
 def test_rescore_top_scores_only_the_best_of_the_previous_round(tmp_path):
@@ -212,3 +256,24 @@ def test_inline_weights_are_spilled_and_written_back_inline(tmp_path, monkeypatc
     ids = np.random.default_rng(2).integers(0, V, (2, 5))
     np.testing.assert_allclose(make_session(ma).run(["logits"], prefill_feed(ma, ids))[0],
                                make_session(mb).run(["logits"], prefill_feed(mb, ids))[0], rtol=1e-6, atol=1e-6)
+
+
+def test_scale_table_keeps_genai_and_optimum_rows_apart(tmp_path):
+    """tools.bench.llm_scale: a genai and an optimum result of the same size, criterion and code are two rows, the
+    optimum one named so; a later line of the same model replaces the earlier one."""
+    from tools.bench.llm_scale import table
+
+    def res(exporter, cpu, label="x"):
+        r = {"wall_s": 2.0, "cpu_s": cpu, "peak_rss": 1e9, "rc": 0, "removed": [7, 6], "wall_x_floor": 2.0,
+             "cpu_x_floor": cpu, "rss_x_file": 10.0}
+        out = {"size": "s", "precision": "fp32", "params": 25e6, "file_bytes": 1e8, "code": "/c", "label": label,
+               "floor": {"floor_s": 1.0, "floor_cpu_s": 1.0}, "default": r}
+        return {**out, "exporter": exporter} if exporter else out  # lines written before --exporter have none
+
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in (res(None, 3.0), res("optimum", 5.0),
+                                                             res("optimum", 7.0))))
+    rows = [r for r in table([str(path)]).splitlines() if r.startswith("| 512/8")]
+    assert len(rows) == 2
+    assert rows[0].startswith("| 512/8 fp32 | ") and "| 3 (3.0x) |" in rows[0]
+    assert rows[1].startswith("| 512/8 fp32 optimum | ") and "| 7 (7.0x) |" in rows[1]

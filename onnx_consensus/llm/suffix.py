@@ -61,10 +61,16 @@ def has_subgraphs(model: onnx.ModelProto) -> bool:
 
 
 def _signature(node: onnx.NodeProto) -> bytes:
+    """The node as compared: without its name, doc string and the names of its attribute tensors (a
+    ``Constant``'s value: graphsurgeon's export, in ``remove_layers``, sets an absent name to "" in the
+    tensors it was given, so the same node would serialise differently before and after a removal)."""
     key = onnx.NodeProto()
     key.CopyFrom(node)
     key.name = ""
     key.doc_string = ""
+    for a in key.attribute:
+        for t in [a.t] if a.HasField("t") else a.tensors:
+            t.ClearField("name")
     return key.SerializeToString(deterministic=True)
 
 

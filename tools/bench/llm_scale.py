@@ -1,13 +1,15 @@
-"""What pruning a decoder LLM costs at scale (issues 23 and 25): Llama-shaped random-weight models at three sizes,
-exported by the onnxruntime-genai builder (fp32 with external data, and int4), pruned by `--unit layer
---remove N` (25% of the layers) with three criteria, each measured against the floor (one onnxruntime forward
-pass over the same scored calibration tokens, measured in the same run) and against what a user would run
-instead (ShortGPT's Block Influence and PruneMe's angular distance in PyTorch with transformers, one forward
-with hidden states).
+"""What pruning a decoder LLM costs at scale (issues 23 and 25): Llama-shaped random-weight models at three
+sizes, exported by the onnxruntime-genai builder (fp32 with external data, and int4) and by optimum-onnx (fp32),
+pruned by `--unit layer --remove N` (25% of the layers) with three criteria, each measured against the floor
+(one onnxruntime forward pass over the same scored calibration tokens, measured in the same run) and against
+what a user would run instead (ShortGPT's Block Influence and PruneMe's angular distance in PyTorch with
+transformers, one forward with hidden states).
 
     python -m tools.bench.llm_scale build [--sizes s,m,l]       # models under .cache/llm_scale/ (idempotent)
+    python -m tools.bench.llm_scale optimum-env                 # .cache/venv-optimum (pip: network, once)
+    python -m tools.bench.llm_scale build --exporter optimum [--sizes s,m,xl]   # .../<size>/optimum_fp32
     python -m tools.bench.llm_scale run [--sizes s,m] [--precisions fp32,int4] [--criteria default,paper,bi]
-                                        [--code DIR] [--json out.jsonl]
+                                        [--exporter genai|optimum] [--code DIR] [--json out.jsonl]
     python -m tools.bench.llm_scale table out.jsonl [more.jsonl ...] [--write docs/BENCHMARKS.md]
     python -m tools.bench.llm_scale quality [--json out.jsonl]  # --prescreen K vs the exact criterion, tiny Llama
 
@@ -18,6 +20,14 @@ Every prune run is a child process (``python -m onnx_consensus prune``, from ``-
 checkout; give another checkout to measure other code on the same models): wall time, CPU seconds (user +
 system) and peak RSS from ``os.wait4``. Options: ``--max-samples 16 --seq-len 128 --no-latency --threads 2``
 (13 windows scored, 1,664 tokens). The floor and the PyTorch baselines run in child processes too.
+
+optimum exports (``--exporter optimum``: ``optimum-cli export onnx --task text-generation-with-past
+--no-post-process``, fp32, as ``tools/data/build_llms.py`` makes them; external data past 2 GB, where optimum
+stores even a 128-byte ``Constant`` in ``model.onnx_data``) are made from the same Hugging Face checkpoint
+(``<size>/hf``, the same random weights) in a separate virtualenv: optimum-onnx 0.1.0 needs transformers < 4.58,
+which the ``llm`` extra's genai builder does not run with. ``optimum-env`` makes it (``.cache/venv-optimum``: the
+installed torch's version, then this checkout's ``llm-optimum`` extra, from the package index); ``build
+--optimum-python`` names another interpreter that has them. The benchmark itself never downloads.
 """
 from __future__ import annotations
 
@@ -36,6 +46,8 @@ VOCAB = 2000  # not 2048: with vocab == hidden the genai builder 0.18 takes a sq
 SIZES = {"s": (512, 8), "m": (1024, 12), "l": (2048, 16), "xl": (2048, 22)}
 CRITERIA = {"default": [], "paper": ["--metrics", "paper"], "bi": ["--metrics", "cosine", "--scope", "local"],
             "angular": ["--metrics", "angular", "--scope", "local"]}
+EXPORTERS = ("genai", "optimum")
+OPTIMUM_PYTHON = ROOT / ".cache" / "venv-optimum" / "bin" / "python"
 COMMON = ["--unit", "layer", "--max-samples", "16", "--seq-len", "128", "--no-latency",
           "--threads", "2"]
 
@@ -58,6 +70,49 @@ def _tokenizer(out: Path) -> None:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<s>", pad_token="<s>",
                             unk_token="<s>").save_pretrained(out)
+
+
+def optimum_env(venv: Path = OPTIMUM_PYTHON.parents[1]) -> Path:
+    """Make the virtualenv that optimum exports are built in (pip, from the package index): torch at the version
+    installed here, then this checkout with its ``llm-optimum`` extra (optimum-onnx, transformers < 4.58; the
+    project's base dependencies bring onnxruntime, which optimum's export needs to fix its dynamic axes).
+    Returns its python."""
+    import torch
+
+    py = venv / "bin" / "python"
+    if not py.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(py), "-m", "pip", "install", "-q", f"torch=={torch.__version__.split('+')[0]}"], check=True)
+    subprocess.run([str(py), "-m", "pip", "install", "-q", f"{ROOT}[llm-optimum]"], check=True)
+    return py
+
+
+def build_optimum(size: str, python: Path = OPTIMUM_PYTHON) -> Path:
+    """``CACHE/<size>/optimum_fp32``: optimum-onnx's ``text-generation-with-past`` export (fp32) of ``<size>/hf``
+    (made by ``build`` first), by ``python`` (an interpreter with optimum-onnx: ``optimum_env``), with the
+    checkpoint's tokenizer files beside it (optimum copies none for this tokenizer)."""
+    import shutil
+
+    base = build(size, ())
+    dst = base / "optimum_fp32"
+    if (dst / "model.onnx").exists():
+        return dst
+    if not Path(python).exists():
+        raise SystemExit(f"no optimum environment at {python}: run `python -m tools.bench.llm_scale optimum-env` "
+                         "or give --optimum-python")
+    tmp = base / "tmp_optimum_fp32"
+    shutil.rmtree(tmp, ignore_errors=True)
+    r = subprocess.run([str(python), "-m", "optimum.commands.optimum_cli", "export", "onnx", "--model",
+                        str(base / "hf"), "--task", "text-generation-with-past", "--no-post-process", str(tmp)],
+                       capture_output=True, text=True,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "2"})
+    if r.returncode or not (tmp / "model.onnx").exists():
+        raise RuntimeError(f"optimum export of {size} failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        if not (tmp / f).exists():
+            shutil.copy(base / "hf" / f, tmp / f)
+    tmp.rename(dst)
+    return dst
 
 
 def build(size: str, precisions=("fp32", "int4")) -> Path:
@@ -176,13 +231,15 @@ def _json_child(code: str, args: list[str]) -> dict:
     return out
 
 
-def run(size: str, precision: str, criteria: list[str], code: Path) -> dict:
-    """One model: floor, the PyTorch baselines (fp32 only), then each criterion's prune run."""
+def run(size: str, precision: str, criteria: list[str], code: Path, exporter: str = "genai") -> dict:
+    """One model (``CACHE/<size>/<exporter>_<precision>``): floor, the PyTorch baselines (fp32 only), then each
+    criterion's prune run."""
     base = CACHE / size
-    folder = base / f"genai_{precision}"
+    folder = base / f"{exporter}_{precision}"
     calib = CACHE / "calib.txt"
     weights = sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith("model.onnx"))
-    res = {"size": size, "precision": precision, "params": None, "file_bytes": weights, "code": str(code)}
+    res = {"size": size, "precision": precision, "exporter": exporter, "params": None, "file_bytes": weights,
+           "code": str(code)}
     res["floor"] = _json_child(FLOOR, [str(folder), str(calib)])
     if precision == "fp32":
         res["torch"] = _json_child(TORCH, [str(base / "hf"), str(folder), str(calib), str(SIZES[size][1] // 4)])
@@ -195,6 +252,8 @@ def run(size: str, precision: str, criteria: list[str], code: Path) -> dict:
             if r["rc"] == 0:
                 rep = json.load(open(os.path.join(d, "r.json")))
                 r["removed"] = [x["index"] for x in rep["removed"]]
+                r["checks"] = rep.get("checks")  # the written folder's check run
+                r["runs"] = [x["staged"] for x in rep.get("rounds", []) if "staged" in x]  # suffix / full runs
                 res["params"] = rep["params"]["before"]
         r["wall_x_floor"] = round(r["wall_s"] / res["floor"]["floor_s"], 1)
         r["cpu_x_floor"] = round(r["cpu_s"] / res["floor"]["floor_cpu_s"], 1)
@@ -254,7 +313,8 @@ def table(paths: list[str]) -> str:
             for c in CRITERIA:
                 if c in res:
                     code = res.get("label") or Path(res["code"]).name
-                    rows[(res["size"], res["precision"], c, code)] = (res, res[c])
+                    prec = res["precision"] + (f" {res['exporter']}" if res.get("exporter", "genai") != "genai" else "")
+                    rows[(res["size"], prec, c, code)] = (res, res[c])
     out = ["| model | params | file | code | criterion | floor: 1 ORT pass (wall / CPU s) | wall s (x floor) | "
            "CPU s (x floor) | peak RSS (x file) | PyTorch BI + angular (wall / CPU s) | removed |",
            "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---|"]
@@ -273,11 +333,15 @@ def table(paths: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=("build", "run", "table", "quality"))
+    p.add_argument("what", choices=("build", "run", "table", "quality", "optimum-env"))
     p.add_argument("files", nargs="*", help="table: the JSON-lines files of run --json")
     p.add_argument("--sizes", default="s,m,l")
     p.add_argument("--precisions", default="fp32,int4")
     p.add_argument("--criteria", default="default,paper,bi")
+    p.add_argument("--exporter", choices=EXPORTERS, default="genai",
+                   help="build/run: the genai builder's exports or optimum's (fp32 only)")
+    p.add_argument("--optimum-python", default=str(OPTIMUM_PYTHON),
+                   help="build --exporter optimum: an interpreter with optimum-onnx (default: optimum-env's)")
     p.add_argument("--code", default=str(ROOT), help="the checkout whose onnx_consensus the prune runs use")
     p.add_argument("--json", help="append the results to this JSON-lines file")
     p.add_argument("--label", help="run: the code's name in the table (default: the --code folder's name)")
@@ -299,13 +363,18 @@ def main(argv: list[str] | None = None) -> None:
             with open(a.json, "a") as f:
                 f.write(json.dumps(res) + "\n")
         return
+    if a.what == "optimum-env":
+        print(optimum_env())
+        return
     sizes, precisions = a.sizes.split(","), a.precisions.split(",")
+    if a.exporter == "optimum":
+        precisions = ["fp32"]
     for s in sizes:
         if a.what == "build":
-            print(build(s, precisions))
+            print(build_optimum(s, Path(a.optimum_python)) if a.exporter == "optimum" else build(s, precisions))
             continue
         for prec in precisions:
-            res = run(s, prec, a.criteria.split(","), Path(a.code))
+            res = run(s, prec, a.criteria.split(","), Path(a.code), a.exporter)
             res["label"] = a.label
             print(json.dumps(res))
             if a.json:
