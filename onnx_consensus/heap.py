@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import sys
 
 __all__ = ["LARGE_BLOCK", "unpool_large_blocks"]
@@ -22,19 +23,16 @@ LARGE_BLOCK = 1 << 20
 """Bytes from which a C-heap block is its own mapping (glibc's ``M_MMAP_THRESHOLD``, fixed)."""
 
 M_MMAP_THRESHOLD = -3  # glibc's malloc.h
-_done: list[bool] = []
 
 
+@functools.cache
 def unpool_large_blocks() -> bool:
     """Fix glibc's mmap threshold at ``LARGE_BLOCK`` for this process (module docstring), once. Returns whether
     the allocator took it (False: not Linux, not glibc, or refused)."""
-    if not _done:
-        ok = False
-        if sys.platform.startswith("linux"):
-            try:
-                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-                ok = bool(libc.mallopt(M_MMAP_THRESHOLD, LARGE_BLOCK)) if hasattr(libc, "mallopt") else False
-            except OSError:
-                ok = False
-        _done.append(ok)
-    return _done[0]
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, LARGE_BLOCK)) if hasattr(libc, "mallopt") else False
