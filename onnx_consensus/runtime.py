@@ -27,6 +27,7 @@ from onnx import numpy_helper
 from .errors import InputError
 from .graph.weights import (STUB_LOCATION, all_tensors, external_array, has_external_tensors, inline_external,
                             is_external, make_stub)
+from .heap import unpool_large_blocks
 
 log = logging.getLogger("onnx_consensus")
 
@@ -144,7 +145,8 @@ def session_options(level: str = "all", threads: int | None = None, *, spinning:
                     arena: bool = True, prepack: bool = True) -> ort.SessionOptions:
     """Session options with the optimisation level named and intra-op threads pinned (None: ORT default).
     ``spinning=False``: the intra-op threads sleep as soon as a run ends instead of spin-waiting for the next.
-    ``arena=False``: no CPU memory arena, so a run's intermediate tensors go back to the system when it ends;
+    ``arena=False``: no CPU memory arena, so a run's intermediate tensors go back to the system when freed
+    (``heap.unpool_large_blocks``: glibc would otherwise keep the large ones);
     an arena keeps its peak for the life of the session (and grows by powers of two), which multiplies
     memory by the number of live sessions (the scorer holds one per candidate). ``prepack=False``: no packed
     copy of the weights (kernels read them as stored)."""
@@ -154,6 +156,8 @@ def session_options(level: str = "all", threads: int | None = None, *, spinning:
     if not spinning:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.enable_cpu_mem_arena = bool(arena)
+    if not arena:
+        unpool_large_blocks()  # freed activations go back to the system (heap.py)
     so.graph_optimization_level = LEVELS[level]
     so.log_severity_level = 3
     if threads:
