@@ -13,6 +13,7 @@ every function. Outside such a block sessions use the CPU provider.
 from __future__ import annotations
 
 import contextvars
+import functools
 import logging
 import os
 import tempfile
@@ -141,20 +142,35 @@ def _session(source, so: ort.SessionOptions) -> ort.InferenceSession:
 
 # ------------------------------------------------------------------------------ sessions
 
+SHARED_ARENA = "shared"
+"""``arena=SHARED_ARENA``: one CPU arena for the whole process, which every session built with it draws from."""
+
+SHARED_ARENA_STRATEGY = 1
+"""The shared arena grows by what is asked (onnxruntime's kSameAsRequested), not to the next power of two."""
+
+
 def session_options(level: str = "all", threads: int | None = None, *, spinning: bool = True,
-                    arena: bool = True, prepack: bool = True) -> ort.SessionOptions:
+                    arena: bool | str = True, prepack: bool = True) -> ort.SessionOptions:
     """Session options with the optimisation level named and intra-op threads pinned (None: ORT default).
     ``spinning=False``: the intra-op threads sleep as soon as a run ends instead of spin-waiting for the next.
-    ``arena=False``: no CPU memory arena, so a run's intermediate tensors go back to the system when freed
-    (``heap.unpool_large_blocks``: glibc would otherwise keep the large ones);
-    an arena keeps its peak for the life of the session (and grows by powers of two), which multiplies
-    memory by the number of live sessions (the scorer holds one per candidate). ``prepack=False``: no packed
-    copy of the weights (kernels read them as stored)."""
+    ``arena``: where a run's intermediate tensors live.
+    - True: the session's own CPU arena, which keeps its peak for the life of the session (and grows by powers
+      of two): memory multiplies with the number of live sessions.
+    - ``SHARED_ARENA``: one arena for the process (``shared_arena``), grown by what is asked and reused by
+      every session built with it, one run after another: the peak is the largest run's, however many sessions
+      come and go (the decoder scorer builds one per candidate). Never handed back before the process ends.
+    - False: no arena; each tensor is a ``malloc`` given back when freed (``heap.unpool_large_blocks``: glibc
+      would otherwise keep the large ones). Bounded like the shared arena, but a 1.0B decoder's forward pass
+      took 39 % more CPU seconds than with it (docs/BENCHMARKS.md): every large block is a fresh mapping.
+    ``prepack=False``: no packed copy of the weights (kernels read them as stored)."""
     so = ort.SessionOptions()
     if not prepack:
         so.add_session_config_entry("session.disable_prepacking", "1")
     if not spinning:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if arena == SHARED_ARENA:
+        shared_arena()
+        so.add_session_config_entry("session.use_env_allocators", "1")
     so.enable_cpu_mem_arena = bool(arena)
     if not arena:
         unpool_large_blocks()  # freed activations go back to the system (heap.py)
@@ -166,15 +182,23 @@ def session_options(level: str = "all", threads: int | None = None, *, spinning:
     return so
 
 
+@functools.cache
+def shared_arena() -> None:
+    """Register the process-wide CPU arena with onnxruntime's environment, once (``SHARED_ARENA``)."""
+    cpu = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    ort.create_and_register_allocator(cpu, ort.OrtArenaCfg(0, SHARED_ARENA_STRATEGY, -1, -1))
+
+
 def make_session(model: onnx.ModelProto | str | os.PathLike, *, level: str = "all", threads: int | None = None,
-                 spinning: bool = True, arena: bool = True, prepack: bool = True) -> ort.InferenceSession:
+                 spinning: bool = True, arena: bool | str = True, prepack: bool = True) -> ort.InferenceSession:
     """An InferenceSession on the current providers (``using_providers``; CPU by default) for a model proto or
     a path (paths work past 2 GB).
 
     A proto whose weights stay in external-data files (``graph.ir.load_model_and_layout``) gets them as
     memory-mapped arrays shared by every session of the process (``graph.weights.external_array``), with graph
     optimisation off and no weight prepacking, so no session holds a copy of them. ``arena``: as
-    ``session_options`` (off for the scorer's and the evaluation's sessions, on for latency); ``prepack``: as
+    ``session_options`` (shared for the decoder path's sessions, off for the block scorer's and the
+    evaluation's, on for latency); ``prepack``: as
     ``session_options``."""
     if not isinstance(model, (str, os.PathLike)) and has_external_tensors(model):
         return _external_session(model, threads, spinning, arena)
@@ -198,7 +222,7 @@ def _external_value(t: onnx.TensorProto) -> ort.OrtValue:
 
 
 def _external_session(model: onnx.ModelProto, threads: int | None, spinning: bool = True,
-                      arena: bool = True) -> ort.InferenceSession:
+                      arena: bool | str = True) -> ort.InferenceSession:
     with tempfile.TemporaryDirectory(prefix="onnx-consensus-") as d:
         return _session_over_values(model, lambda t: _external_value(t) if is_external(t) else None, d,
                                     threads=threads, spinning=spinning, arena=arena)
@@ -206,7 +230,7 @@ def _external_session(model: onnx.ModelProto, threads: int | None, spinning: boo
 
 def _session_over_values(model: onnx.ModelProto, value_of: Callable[[onnx.TensorProto], "ort.OrtValue | None"],
                          folder: str, *, threads: int | None, spinning: bool = True,
-                         arena: bool = True) -> ort.InferenceSession:
+                         arena: bool | str = True) -> ort.InferenceSession:
     """A session whose initializers come from ``value_of(tensor)`` (OrtValues given through
     ``add_initializer``, no copy) where it returns one; those tensors are stubbed out of the proto, which is
     saved in ``folder`` and loaded from there. Other external tensors (node attributes, subgraph

@@ -23,13 +23,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import onnx
-import onnx_graphsurgeon as gs
 
 from ..errors import InputError, TargetError
 from .blocks import Block
 from .decoder import FUSED, SKIP_NORMS, DecoderLayer, DecoderReport, find_decoder_layers
-from .ir import from_gs, node_key, to_gs
-from .surgery import rewire
+from .proto_edit import drop_dead, outer_reads, rename, substitute_reads, toposorted
 
 
 def remove_layers(model: onnx.ModelProto, layers: Iterable[int | DecoderLayer | Block], *,
@@ -61,90 +59,108 @@ def remove_layers(model: onnx.ModelProto, layers: Iterable[int | DecoderLayer | 
     kept = [i for i in sorted(by_index) if i not in chosen]
     if not kept:
         raise TargetError("cannot remove every decoder layer")
-    graph = to_gs(model, infer=False)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
     removed = [by_index[i] for i in chosen]
+    subst: dict[str, str] = {}  # name -> the name its readers read instead
     if report.form == FUSED:
-        _bypass_fused(graph, removed)
+        _bypass_fused(graph, removed, subst)
     else:
-        rewire(graph, [layer.block for layer in removed])
-    _drop_caches(graph, report, chosen, kept)
-    graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    out = from_gs(graph, like=model)
+        _bypass_plain(graph, [layer.block for layer in removed], subst)
+    renames = _drop_caches(graph, report, chosen, kept, subst)
+    substitute_reads(graph, subst)
+    _outputs_through_identity(graph, subst)
+    drop_dead(graph)
+    rename(graph, renames)
+    toposorted(graph)
     _restore_declarations(out, model, report, kept)
     return out
 
 
-def _bypass_fused(graph: gs.Graph, removed: Sequence[DecoderLayer]) -> None:
+def _bypass_plain(graph: onnx.GraphProto, blocks: Sequence[Block], subst: dict[str, str]) -> None:
+    """Plain form: the readers of each removed layer's exit read its entry (``surgery.rewire``'s rule, by
+    name: a run of removed layers chains to the first one's entry)."""
+    produced = {o for n in graph.node for o in n.output} | {v.name for v in graph.input}
+    for block in blocks:
+        if block.exit not in produced:
+            raise InputError(f"block {block.id} is not in this graph")
+        subst[block.exit] = block.entry
+
+
+def _bypass_fused(graph: onnx.GraphProto, removed: Sequence[DecoderLayer], subst: dict[str, str]) -> None:
     """Fused form: give each removed layer's opening norm the closing Skip-norm's parameters and point the
     closing norm's readers at the opening norm's outputs (in stack order, so runs of removed layers chain)."""
-    nodes = {node_key(n): n for n in graph.nodes}
-    took_over: dict[str, gs.Node] = {}  # key of a bypassed closing norm -> node now doing its job
+    nodes = {n.output[0] if n.output else f"<no-output:{n.name}>": n for n in graph.node}
+    read = {x for n in graph.node for x in outer_reads(n)} | {o.name for o in graph.output}
+    took_over: dict[str, onnx.NodeProto] = {}  # key of a bypassed closing norm -> node now doing its job
     for layer in sorted(removed, key=lambda x: x.index):
         p = took_over.get(layer.norm_in) or nodes.get(layer.norm_in)
         n = nodes.get(layer.norm_out)
-        if p is None or n is None or n.op not in SKIP_NORMS:
+        if p is None or n is None or n.op_type not in SKIP_NORMS:
             raise InputError(f"decoder layer {layer.index}: its fused norms were not found")
         # parameters: gamma (input 2 of a Skip-norm, 1 of a norm), beta after it where the op has one
-        first = 2 if p.op in SKIP_NORMS else 1
-        params = list(n.inputs[2:3])
-        if p.op in ("LayerNormalization", "SkipLayerNormalization") and len(n.inputs) > 3:
-            params.append(n.inputs[3])
-        kept_inputs = list(p.inputs[:first]) + params
-        p.inputs.clear()
-        p.inputs.extend(kept_inputs)
-        if "epsilon" in n.attrs:
-            p.attrs["epsilon"] = n.attrs["epsilon"]
-        if p.op in SKIP_NORMS:
-            stream = p.outputs[3] if len(p.outputs) > 3 and p.outputs[3].name else None
+        first = 2 if p.op_type in SKIP_NORMS else 1
+        params = list(n.input[2:3])
+        if p.op_type in ("LayerNormalization", "SkipLayerNormalization") and len(n.input) > 3:
+            params.append(n.input[3])
+        kept_inputs = list(p.input[:first]) + params
+        del p.input[:]
+        p.input.extend(kept_inputs)
+        eps = [a for a in n.attribute if a.name == "epsilon"]
+        if eps:
+            for a in [a for a in p.attribute if a.name == "epsilon"]:
+                p.attribute.remove(a)
+            p.attribute.append(eps[0])
+        if p.op_type in SKIP_NORMS:
+            stream = p.output[3] if len(p.output) > 3 and p.output[3] else None
         else:
-            stream = p.inputs[0]  # the embeddings' norm: the stream is its input
-        _replace_uses(graph, n.outputs[0], p.outputs[0])
-        n_sum = n.outputs[3] if len(n.outputs) > 3 and n.outputs[3].name else None
-        if n_sum is not None and (n_sum.outputs or n_sum in graph.outputs):
+            stream = p.input[0]  # the embeddings' norm: the stream is its input
+        subst[n.output[0]] = p.output[0]
+        n_sum = n.output[3] if len(n.output) > 3 and n.output[3] else None
+        if n_sum is not None and n_sum in read:
             if stream is None:
                 raise InputError(f"decoder layer {layer.index}: no residual sum to hand on")
-            _replace_uses(graph, n_sum, stream)
+            subst[n_sum] = stream
         took_over[layer.norm_out] = p
 
 
-def _replace_uses(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
-    """Every reader of ``old`` reads ``new``; a graph output ``old`` becomes Identity(new) under its name."""
-    for consumer in list(old.outputs):
-        for k, t in enumerate(consumer.inputs):
-            if t is old:
-                consumer.inputs[k] = new
-    if old in graph.outputs:
-        old.inputs.clear()
-        graph.nodes.append(gs.Node("Identity", name=f"{old.name}/bypass", inputs=[new], outputs=[old]))
+def _outputs_through_identity(graph: onnx.GraphProto, subst: dict[str, str]) -> None:
+    """A graph output whose readers were redirected keeps its name: Identity(substitute) produces it, and its
+    old producer's output is renamed away (a dead node then, unless its other outputs are read)."""
+    for o in graph.output:
+        if o.name not in subst:
+            continue
+        for n in graph.node:
+            for k, x in enumerate(n.output):
+                if x == o.name:
+                    n.output[k] = f"{o.name}/bypassed"
+        src = subst[o.name]
+        while src in subst:
+            src = subst[src]
+        graph.node.append(onnx.helper.make_node("Identity", [src], [o.name], name=f"{o.name}/bypass"))
 
 
-def _drop_caches(graph: gs.Graph, report: DecoderReport, chosen: list[int], kept: list[int]) -> None:
-    """Remove the chosen layers' cache inputs/outputs and renumber the kept ones 0..len(kept)-1."""
-    tensors = graph.tensors()
+def _drop_caches(graph: onnx.GraphProto, report: DecoderReport, chosen: list[int], kept: list[int],
+                 subst: dict[str, str]) -> dict[str, str]:
+    """Remove the chosen layers' cache inputs/outputs; their readers (shape readers shared by all layers, the
+    causal mask) read the first kept layer's. Returns the renames that number the kept ones 0..len(kept)-1
+    (and move the dropped names out of the way)."""
     cache = report.cache
     first_kept = cache.past(kept[0])
     for i in chosen:
         for k, name in enumerate(cache.past(i)):
-            t = tensors[name]
-            for consumer in list(t.outputs):  # shape readers shared by all layers (the causal mask)
-                for j, x in enumerate(consumer.inputs):
-                    if x is t:
-                        consumer.inputs[j] = tensors[first_kept[k]]
+            subst[name] = first_kept[k]
     drop_in = {n for i in chosen for n in cache.past(i)}
     drop_out = {n for i in chosen for n in cache.present(i)}
-    graph.inputs = [t for t in graph.inputs if t.name not in drop_in]
-    graph.outputs = [t for t in graph.outputs if t.name not in drop_out]
-    for name in drop_in | drop_out:  # dead until cleanup; their names go to renumbered tensors
-        tensors[name].name = f"{name}/removed"
-    renames = {}
+    for fld, drop in ((graph.input, drop_in), (graph.output, drop_out)):
+        for v in [v for v in fld if v.name in drop]:
+            fld.remove(v)
+    renames = {name: f"{name}/removed" for name in drop_in | drop_out}
     for new, old in enumerate(kept):
         renames.update(zip(cache.past(old), cache.past(new)))
         renames.update(zip(cache.present(old), cache.present(new)))
-    renames = {a: b for a, b in renames.items() if a != b}
-    for a in renames:  # two phases: a kept name may be another kept tensor's old name
-        tensors[a].name = f"{a}/renumber"
-    for a, b in renames.items():
-        tensors[a].name = b
+    return {a: b for a, b in renames.items() if a != b}
 
 
 def _restore_declarations(out: onnx.ModelProto, model: onnx.ModelProto, report: DecoderReport,

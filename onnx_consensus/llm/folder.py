@@ -197,7 +197,7 @@ def _write_model(out: onnx.ModelProto, folder: str, model_name: str, *, external
     """Write ``out`` as ``folder/model_name`` (its weights streamed tensor by tensor into ``<model_name>.data``,
     4 KiB aligned, when ``external``); with ``check``, run it once (prefill) in onnxruntime. ``own``: ``out`` is
     this function's copy, whose weights may be dropped once written."""
-    from ..runtime import make_session  # onnxruntime only when a check runs
+    from ..runtime import SHARED_ARENA, make_session  # onnxruntime only when a check runs
 
     path = os.path.join(folder, model_name)
     if external:  # weights streamed tensor by tensor from the input's data file (4 KiB aligned)
@@ -215,7 +215,7 @@ def _write_model(out: onnx.ModelProto, folder: str, model_name: str, *, external
             del out.graph.initializer[:]  # written: the check session holds its own copy
         release_mapped_pages()  # the input's weights, read for the copy: not resident beside the output's
         # no graph optimisation, no prepacking: both copy the weights (2x the output's at 1B parameters)
-        make_session(path, level="disable", threads=1, prepack=False).run(None, feed)
+        make_session(path, level="disable", threads=1, prepack=False, arena=SHARED_ARENA).run(None, feed)
 
 
 def _copy_side_files(src_dir: str, dst_dir: str, skip: set[str], follow_symlinks: bool) -> None:

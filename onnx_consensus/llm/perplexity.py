@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from ..graph.decoder import cache_names, prefill_feed
-from ..runtime import make_session
+from ..runtime import SHARED_ARENA, make_session
 
 LOGITS = "logits"
 
@@ -44,7 +44,7 @@ def perplexity(model: onnx.ModelProto, windows: np.ndarray, *, batch_size: int =
                threads: int | None = None) -> float:
     """Perplexity of ``model`` on token ``windows`` (n, seq) int64 (prefill, zero-length cache).
     session: an onnxruntime session of ``model`` when already open."""
-    sess = session or make_session(model, level="all", threads=threads)
+    sess = session or make_session(model, level="all", threads=threads, arena=SHARED_ARENA)
     name = logits_name(model)
     total, count = 0.0, 0
     for s in range(0, len(windows), batch_size):
@@ -61,7 +61,7 @@ def throughput(model: onnx.ModelProto, prompt: np.ndarray, *, steps: int = 32, r
                threads: int | None = 1) -> dict:
     """{"prefill_tok_s", "decode_tok_s", ...}: batch 1, a prefill of the token ids ``prompt`` (seq,), then
     ``steps`` greedy steps with the cache (best of ``repeats``)."""
-    sess = make_session(model, level="all", threads=threads)
+    sess = make_session(model, level="all", threads=threads, arena=SHARED_ARENA)
     cache = cache_names(model)
     names = [o.name for o in sess.get_outputs()]
     back = {q: p for i in range(cache.n_layers) for p, q in zip(cache.past(i), cache.present(i))}

@@ -39,7 +39,7 @@ from ..graph.weights import weightless
 from ..metrics import get_metric, resolve_metrics
 from ..metrics.features import make_conditions
 from ..metrics.output import OutputAccumulator
-from ..runtime import make_session
+from ..runtime import SHARED_ARENA, make_session
 from ..scoring import FeatureCollector, Features, ScoreRound, collect, score_table
 from .perplexity import logits_name
 from .suffix import Suffix, cut_suffix, has_subgraphs, node_signatures
@@ -103,7 +103,7 @@ def _run(model: onnx.ModelProto, windows: np.ndarray, names: Sequence[str], batc
     """``names`` of ``model`` over all windows, as token rows (n_windows * seq, d). ``rows``: the token rows to
     keep (sorted indices into the n_windows * seq tokens), one array for all names or one per name (None:
     every row); only those are kept, batch by batch."""
-    sess = make_session(model, level="basic", threads=threads)
+    sess = make_session(model, level="basic", threads=threads, arena=SHARED_ARENA)
     per_name = list(rows) if isinstance(rows, (list, tuple)) else [rows] * len(names)
     parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for start, s in zip(_starts(windows, batch_size), range(0, len(windows), batch_size)):
@@ -193,7 +193,7 @@ class LayerCollector(FeatureCollector):
             taken = {self.entry[i] for i in self.candidates} | {self.by_index[i].block.exit for i in self.candidates}
             self.names = [*sorted(taken), self.lg]
             run_model = with_outputs(self.current, self.names)
-        self.session = make_session(run_model, level="basic", threads=self.threads)
+        self.session = make_session(run_model, level="basic", threads=self.threads, arena=SHARED_ARENA)
 
     def add_batch(self, k: int, feed: dict[str, np.ndarray]) -> None:
         values = dict(zip(self.names, self.run(self.session, self.names, feed)))
@@ -242,7 +242,7 @@ class LayerCollector(FeatureCollector):
             else:
                 feeds = [{n: c[n] for n in (*sx.inputs, *sx.cut)} for c in self._cached]
                 run_model = sx.materialize(self.model, feeds[0])
-            session = make_session(run_model, level="basic", threads=self.threads)
+            session = make_session(run_model, level="basic", threads=self.threads, arena=SHARED_ARENA)
             logits = []
             for k, feed in enumerate(feeds):
                 got = self.run(session, names, feed)

@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 
 from ..graph.instrument import with_outputs
-from ..runtime import make_session
+from ..runtime import SHARED_ARENA, make_session
 
 __all__ = ["Span", "angular_distance", "span_distances", "best_span", "stream_states", "last_token_states",
            "decoder_span"]
@@ -86,7 +86,8 @@ def stream_states(model: onnx.ModelProto, names: Sequence[str], feeds: Iterable[
                   threads: int | None = None, token_axis: int = 1) -> list[np.ndarray]:
     """The tensors ``names`` of ``model`` at the last position of ``token_axis`` over all ``feeds`` (one
     forward each): one (samples, hidden) float64 array per name, samples concatenated across feeds."""
-    sess = make_session(with_outputs(model, names), level="basic", threads=threads)
+    sess = make_session(with_outputs(model, names), level="basic", threads=threads,
+                        arena=SHARED_ARENA)
     parts: list[list[np.ndarray]] = [[] for _ in names]
     for feed in feeds:
         for k, v in enumerate(sess.run(list(names), feed)):

@@ -45,7 +45,7 @@ from ..metrics import get_metric, resolve_metrics, score
 from ..metrics.features import make_conditions
 from ..metrics.output import OutputAccumulator
 from ..options import DECODER_PRESCREEN, CriterionOptions
-from ..runtime import make_session
+from ..runtime import SHARED_ARENA, make_session
 from ..scoring import ScoreRound, metric_scores
 from .held import fed_from, held_feed, held_names
 from .perplexity import logits_name
@@ -129,7 +129,7 @@ class StagedScorer:
     # ------------------------------------------------------------------------------------------ running
     def _run(self, model: onnx.ModelProto, feeds: list[dict], whole: Sequence[str]) -> _Run:
         """``model``'s ``whole`` tensors (kept whole, per batch) and its logits (reduced to rows) over ``feeds``."""
-        sess = make_session(model, level="basic", threads=self.threads, arena=False)
+        sess = make_session(model, level="basic", threads=self.threads, arena=SHARED_ARENA)
         names = [*dict.fromkeys([*whole, self.lg])]
         parts: dict[str, list[np.ndarray]] = {n: [] for n in whole}
         predicted, logits, start = [], [], 0
@@ -252,7 +252,7 @@ class StagedScorer:
                 out.update(metric_scores(self.specs, x, y, conditions, seed=self.seed, pca_dim=self.pca_dim))
         if self.out_specs:
             acc = OutputAccumulator([sp.name for sp in self.out_specs])
-            acc.add(self.lg, self.reference.astype(np.float64), run.logits.astype(np.float64), True)
+            acc.add(self.lg, self.reference, run.logits, True)  # float64 a chunk at a time, not whole
             out.update(acc.scores())
         return out
 
@@ -284,6 +284,7 @@ class StagedScorer:
             bid = self.by_index[i].block.id
             t1 = time.perf_counter()
             table[bid] = self._scores(run, x, conditions)
+            run.logits = None  # scored: a pending run carries the values downstream, not its (rows, vocab) logits
             metric_seconds += time.perf_counter() - t1
             key = (table[bid][self.metrics[0]], i)
             if keep_all or best is None or key < best:
