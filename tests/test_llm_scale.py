@@ -279,3 +279,43 @@ def test_scale_table_keeps_genai_and_optimum_rows_apart(tmp_path):
     assert len(rows) == 2
     assert rows[0].startswith("| 512/8 fp32 | ") and "| 3 (3.0x) |" in rows[0]
     assert rows[1].startswith("| 512/8 fp32 optimum | ") and "| 7 (7.0x) |" in rows[1]
+
+
+def test_log_likelihood_window_by_window_equals_a_direct_log_softmax():
+    """``perplexity.log_likelihood`` works one window at a time (bounded float64 copies): the same sum as
+    scipy's log_softmax over the whole (b, s, V) array."""
+    from scipy.special import log_softmax
+
+    from onnx_consensus.llm.perplexity import log_likelihood
+
+    rng = np.random.default_rng(7)
+    logits = (rng.standard_normal((3, 6, 50)) * 4).astype(np.float32)
+    ids = rng.integers(0, 50, (3, 6))
+    ref = np.take_along_axis(log_softmax(logits[:, :-1].astype(np.float64), -1), ids[:, 1:, None], -1).sum()
+    total, count = log_likelihood(logits, ids)
+    assert count == 15 and math.isclose(total, ref, rel_tol=1e-12)
+
+
+def test_staged_scores_do_not_depend_on_the_batch():
+    """The decoder batch (``llm.batching``: windows per run, bounded by tokens) changes memory, not scores: the
+    staged rounds with 1 window a batch equal those with all 5 at once."""
+    from onnx_consensus.llm.staged import StagedScorer
+
+    model = synthetic_decoder(PLAIN)
+    report = find_decoder_layers(model)
+    ids = np.random.default_rng(8).integers(0, V, (5, 6))
+    rounds = []
+    for batch in (1, 5):
+        scorer = StagedScorer(model, report, ids, top_k=2, metrics=("output_kl",), batch_size=batch)
+        removed, got = [], []
+        for _ in range(2):
+            r = scorer.round(removed, [i for i in report.by_index() if i not in removed])
+            got.append((r.order, {b.id: b.scores for b in r.blocks}))
+            removed.append(report.by_id()[r.order[0]].index)
+        scorer.close()
+        rounds.append(got)
+    for (order_a, sa), (order_b, sb) in zip(*rounds, strict=True):
+        assert order_a == order_b
+        for bid, scores in sa.items():
+            for m, v in scores.items():
+                assert math.isclose(v, sb[bid][m], rel_tol=1e-4, abs_tol=1e-6), (bid, m)

@@ -76,7 +76,7 @@ def test_carried_hidden_states_equal_a_fresh_run(form):
     assert set(stream) <= set(carried.cache) & set(fresh.cache)
     for name in set(carried.cache) & set(fresh.cache):
         for a, b in zip(carried.cache[name], fresh.cache[name], strict=True):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+            np.testing.assert_allclose(carried.store.get(a), fresh.store.get(b), rtol=1e-5, atol=1e-5, err_msg=name)
     np.testing.assert_array_equal(carried.predicted, fresh.predicted)
 
 
@@ -184,9 +184,9 @@ def test_a_pair_fed_from_its_sum_computes_the_same_bits(tiny, precision):
         # the pair itself, from a run of the current model
         pair = [c for c in sx.cut if how[c].source != c]
         whole = scorer._run(with_outputs(scorer.model, pair), scorer.feeds, pair).whole
-        direct = {**{n: scorer.feeds[0][n] for n in sx.inputs}, **held_feed(scorer.cache, how, 0),
-                  **{c: whole[c][0] for c in pair}}
-        summed = {**{n: scorer.feeds[0][n] for n in sx.inputs}, **held_feed(scorer.cache, how, 0)}
+        direct = {**{n: scorer.feeds[0][n] for n in sx.inputs}, **held_feed(scorer.cache, how, 0, scorer.store),
+                  **{c: scorer.store.get(whole[c][0]) for c in pair}}
+        summed = {**{n: scorer.feeds[0][n] for n in sx.inputs}, **held_feed(scorer.cache, how, 0, scorer.store)}
         sess = make_session(sx.materialize(scorer.model, direct), level="basic", arena=False)
         for a, b in zip(sess.run(None, direct), sess.run(None, summed), strict=True):
             np.testing.assert_array_equal(a, b)
@@ -219,3 +219,24 @@ def test_a_skip_norm_with_a_bias_keeps_its_pair():
     for (_, scores), r in zip(exact, staged, strict=True):
         for b in r.blocks:
             assert math.isclose(b.scores["output_kl"], scores[b.id]["output_kl"], rel_tol=1e-4, abs_tol=1e-6)
+
+
+def test_held_store_gives_back_what_it_was_given():
+    """``llm.held.HeldStore``: values written to its temporary file come back equal (dtype, shape, bytes), in any
+    order, and the file has no name on disk."""
+    import os
+
+    from onnx_consensus.llm.held import HeldStore
+
+    rng = np.random.default_rng(3)
+    values = [rng.standard_normal((2, 5, 7)).astype(np.float32), rng.integers(0, 9, (4,)), np.zeros((0, 3)), np.int64(7),
+              rng.standard_normal((3, 2)).astype(np.float16), np.asfortranarray(rng.standard_normal((6, 4)))]
+    store = HeldStore()
+    handles = [store.put(v) for v in values]
+    assert sum(h.nbytes for h in handles) == sum(v.nbytes for v in values)
+    for h, v in reversed(list(zip(handles, values))):
+        got = store.get(h)
+        assert got.dtype == v.dtype and got.shape == np.shape(v)  # a 0-d value stays 0-d
+        np.testing.assert_array_equal(got, v)
+    assert os.fstat(store._file.fileno()).st_nlink == 0  # unlinked: nothing left behind after a crash
+    store.close()

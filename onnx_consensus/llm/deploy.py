@@ -32,6 +32,7 @@ import onnx
 from ..errors import InputError, TargetError
 from ..latency_target import wanted_ms
 from ..options import Options
+from .batching import decoder_batch
 from .layer_latency import layers_for_target, measure_layer_cost, meet_target
 from .layers import allowed_layers
 from .quantize import check_quantizable
@@ -119,7 +120,8 @@ def quantize_outcome(original: onnx.ModelProto, outcome, windows: np.ndarray, pr
     run, out = options.run, options.output
     v = measure_decoder_variants(original, outcome.model, out.quantize, windows,
                                  prompt=prompt if out.latency else None, steps=max(4, out.latency_runs),
-                                 repeats=3, threads=run.threads or 1, batch_size=min(run.batch_size, 16))
+                                 repeats=3, threads=run.threads or 1,
+                                 batch_size=decoder_batch(windows.shape[-1], run.batch_size))
     outcome.model = v.model
     return v.to_json()
 

@@ -16,6 +16,7 @@ import onnx
 
 from ..graph.decoder import cache_names, prefill_feed
 from ..runtime import SHARED_ARENA, make_session
+from .batching import decoder_batch
 
 LOGITS = "logits"
 
@@ -31,20 +32,25 @@ def logits_name(model: onnx.ModelProto) -> str:
 
 
 def log_likelihood(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int]:
-    """(sum of log p(ids[:, t+1] | logits[:, t]) in nats, number of predicted tokens) for logits (b, s, V)."""
-    lg = logits[:, :-1].astype(np.float64)
-    lg -= lg.max(-1, keepdims=True)
-    logz = np.log(np.exp(lg).sum(-1))
-    tgt = ids[:, 1:]
-    picked = np.take_along_axis(lg, tgt[..., None], -1)[..., 0]
-    return float((picked - logz).sum()), int(tgt.size)
+    """(sum of log p(ids[:, t+1] | logits[:, t]) in nats, number of predicted tokens) for logits (b, s, V);
+    in float64 one window at a time (a (s, V) copy, not (b, s, V))."""
+    total = 0.0
+    for w in range(len(logits)):
+        lg = logits[w, :-1].astype(np.float64)
+        lg -= lg.max(-1, keepdims=True)
+        logz = np.log(np.exp(lg).sum(-1))
+        tgt = ids[w, 1:]
+        total += float((np.take_along_axis(lg, tgt[:, None], -1)[:, 0] - logz).sum())
+    return total, int(ids[:, 1:].size)
 
 
-def perplexity(model: onnx.ModelProto, windows: np.ndarray, *, batch_size: int = 8, session=None,
+def perplexity(model: onnx.ModelProto, windows: np.ndarray, *, batch_size: int | None = None, session=None,
                threads: int | None = None) -> float:
-    """Perplexity of ``model`` on token ``windows`` (n, seq) int64 (prefill, zero-length cache).
-    session: an onnxruntime session of ``model`` when already open."""
+    """Perplexity of ``model`` on token ``windows`` (n, seq) int64 (prefill, zero-length cache), ``batch_size``
+    windows at a time (None: ``llm.batching.decoder_batch``). session: an onnxruntime session of ``model`` when
+    already open."""
     sess = session or make_session(model, level="all", threads=threads, arena=SHARED_ARENA)
+    batch_size = batch_size or decoder_batch(windows.shape[-1])
     name = logits_name(model)
     total, count = 0.0, 0
     for s in range(0, len(windows), batch_size):

@@ -45,6 +45,7 @@ from ..outcome import DecoderRun, Outcome, Source
 from ..report import SCHEMA_VERSION, sha256_file
 from ..runtime import SHARE_WEIGHTS_BYTES
 from ..schedule import check_schedule, eligible_now, rounds
+from .batching import decoder_batch
 from .deploy import check_deploy_options, meet_latency, quantize_outcome, wants_latency
 from .layers import allowed_layers, interface_change, plan_layers
 from .perplexity import perplexity, throughput
@@ -202,7 +203,7 @@ def _choose_layers(work: onnx.ModelProto, report: DecoderReport, windows: np.nda
         return list(plan), [], "plan replayed"
     check_schedule(crit.schedule, crit.rescore_top)
     kw = dict(metrics=crit.metrics, scope=crit.scope, seed=crit.seed, pca_dim=crit.pca_dim,
-              batch_size=min(run.batch_size, 16), threads=run.threads, weights=crit.weights)
+              batch_size=decoder_batch(windows.shape[1], run.batch_size), threads=run.threads, weights=crit.weights)
     staged = staged_scorer(work, report, windows, crit, kw)  # None: every candidate, every round
     if not staged and crit.scope == "global" and any(get_metric(m).output for m in resolve_metrics(crit.metrics, True)):
         # every round is anchored to the ORIGINAL model's logits (a bounded (rows, vocab) array)
@@ -223,13 +224,18 @@ def _choose_layers(work: onnx.ModelProto, report: DecoderReport, windows: np.nda
         left = {ids[i]: i for i in sorted(ids) if i not in removed}
         return eligible_now(left, stages, {ids[i] for i in removed}, allowed_id, target.keep_per_stage)
 
-    for rnd in rounds(eligible, score, schedule=crit.schedule, rescore_top=crit.rescore_top) if target.remove else ():
-        removed.append(rnd.eligible[rnd.first()])
-        log.info("round %d: removed layer %d (%s)", rnd.number + 1, removed[-1], ids[removed[-1]])
-        if progress:
-            progress(f"round {rnd.number + 1}: removed decoder layer {removed[-1]}")
-        if len(removed) >= target.remove:
-            break
+    try:
+        for rnd in rounds(eligible, score, schedule=crit.schedule, rescore_top=crit.rescore_top) if target.remove \
+                else ():
+            removed.append(rnd.eligible[rnd.first()])
+            log.info("round %d: removed layer %d (%s)", rnd.number + 1, removed[-1], ids[removed[-1]])
+            if progress:
+                progress(f"round {rnd.number + 1}: removed decoder layer {removed[-1]}")
+            if len(removed) >= target.remove:
+                break
+    finally:
+        if staged:
+            staged.close()
     return removed, scored, f"removed {target.remove} layer(s)" if removed else "nothing to remove (--remove 0)"
 
 

@@ -47,7 +47,7 @@ from ..metrics.output import OutputAccumulator
 from ..options import DECODER_PRESCREEN, CriterionOptions
 from ..runtime import SHARED_ARENA, make_session
 from ..scoring import ScoreRound, metric_scores
-from .held import fed_from, held_feed, held_names
+from .held import HeldStore, Stored, fed_from, held_feed, held_names
 from .perplexity import logits_name
 from .scoring import final_hidden, original_logits, output_rows_of, token_rows
 from .suffix import changed_tensors, cut_suffix, node_signatures
@@ -77,19 +77,27 @@ class StagedRound(ScoreRound):
 
 @dataclass
 class _Run:
-    """One model's outputs over every batch: ``whole`` name -> per-batch arrays (b, s, ...); ``logits``: the
+    """One model's outputs over every batch: ``whole`` name -> per-batch arrays (b, s, ...) in the scorer's
+    ``HeldStore``; ``logits``: the
     logits on the output metrics' rows, (rows, vocab) float32 (None without output metrics); ``predicted``:
     the greedy next token on the scored rows, (rows,) int64."""
 
-    whole: dict[str, list[np.ndarray]]
+    whole: dict[str, list[Stored]]
     logits: np.ndarray | None
     predicted: np.ndarray
 
 
-def _token_rows(parts: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
-    """Per-batch (b, s, d) arrays -> the token rows ``rows`` (sorted indices into all b*s tokens), (rows, d)."""
-    tokens = np.concatenate([p.reshape(-1, p.shape[-1]) for p in parts])
-    return tokens if len(rows) == len(tokens) else tokens[rows]
+def _token_rows(parts: list[Stored], rows: np.ndarray, store: HeldStore) -> np.ndarray:
+    """Per-batch (b, s, d) arrays in ``store`` -> the token rows ``rows`` (sorted indices into all b*s tokens),
+    (rows, d), read one batch at a time."""
+    out, start = [], 0
+    for part in parts:
+        t = store.get(part)
+        t = t.reshape(-1, t.shape[-1])
+        lo, hi = np.searchsorted(rows, [start, start + len(t)])
+        out.append(t[rows[lo:hi] - start] if hi - lo < len(t) else t)
+        start += len(t)
+    return np.concatenate(out)
 
 
 class StagedScorer:
@@ -119,7 +127,8 @@ class StagedScorer:
         self.feeds = [prefill_feed(self.model, windows[s:s + batch_size]) for s in range(0, len(windows), batch_size)]
         self.reference = reference
         self.removed: tuple[int, ...] | None = None  # the model whose values ``cache`` holds
-        self.cache: dict[str, list[np.ndarray]] = {}
+        self.store = HeldStore()  # the held values, batch by batch, out of memory (``llm.held``)
+        self.cache: dict[str, list[Stored]] = {}
         self.predicted: np.ndarray | None = None
         self.pending: dict[int, _Run] = {}  # rescored candidates' runs: the next round's values if removed
         self.full_runs = self.suffix_runs = 0
@@ -136,7 +145,7 @@ class StagedScorer:
         for feed in feeds:
             for n, v in zip(names, sess.run(names, feed)):
                 if n in parts:
-                    parts[n].append(v)
+                    parts[n].append(self.store.put(v))
                 if n == self.lg:  # reduced batch by batch: a (tokens, vocab) array may be large
                     t = v.reshape(-1, v.shape[-1])
                     if self.out_specs and self.out_rows is None:
@@ -163,8 +172,14 @@ class StagedScorer:
         """The feature when a metric reads it (the output metrics read the logits only)."""
         return [self.feature] if self.specs else []
 
+    def close(self) -> None:
+        """Delete the held values' file (the scorer cannot score after this)."""
+        self.store.close()
+        self.cache, self.pending = {}, {}
+
     def held_bytes(self) -> int:
-        """Bytes of the values held between rounds (``cache``: boundaries, cut tensors, the feature)."""
+        """Bytes of the values held between rounds (``cache``: boundaries, cut tensors, the feature; in the
+        store's file, not in memory)."""
         return sum(a.nbytes for parts in self.cache.values() for a in parts)
 
     def _boundaries(self, removed: Sequence[int]) -> list[str]:
@@ -216,7 +231,7 @@ class StagedScorer:
         for k, i in enumerate(kept):
             pair = (stream[k], stream[k + 1])
             if i in candidates and pair not in self._influence:  # kept while neither value changes
-                x, y = (_token_rows(self.cache[n], self.rows) for n in pair)
+                x, y = (_token_rows(self.cache[n], self.rows, self.store) for n in pair)
                 self._influence[pair] = score(PRESCREEN_METRIC, x, y)
             if i in candidates:
                 out[i] = self._influence[pair]
@@ -237,9 +252,10 @@ class StagedScorer:
                      for s in range(0, len(self.windows), self.batch_size)]
             self.full_runs += 1
             return self._run(with_outputs(model, outputs), feeds, [*self._kept_feature(), *carry])
-        feeds = ({**{n: f[n] for n in sx.inputs}, **held_feed(self.cache, how, k)} for k, f in enumerate(self.feeds))
+        feeds = ({**{n: f[n] for n in sx.inputs}, **held_feed(self.cache, how, k, self.store)}
+                 for k, f in enumerate(self.feeds))
         self.suffix_runs += 1
-        model = sx.materialize(self.model, {**self.feeds[0], **held_feed(self.cache, how, 0)})
+        model = sx.materialize(self.model, {**self.feeds[0], **held_feed(self.cache, how, 0, self.store)})
         return self._run(model, feeds, [*self._kept_feature(), *carry])
 
     def _scores(self, run: _Run, x: np.ndarray, conditions) -> dict[str, float]:
@@ -247,7 +263,7 @@ class StagedScorer:
         logits against the reference."""
         out = {}
         if self.specs:
-            y = _token_rows(run.whole[self.feature], self.rows).astype(np.float64)
+            y = _token_rows(run.whole[self.feature], self.rows, self.store).astype(np.float64)
             with threadpool_limits(limits=1):
                 out.update(metric_scores(self.specs, x, y, conditions, seed=self.seed, pca_dim=self.pca_dim))
         if self.out_specs:
@@ -275,7 +291,7 @@ class StagedScorer:
         bi = self._prescreen(removed, candidates)
         screened = sorted(candidates, key=lambda i: (bi[i], i))
         top = screened[:self.top_k]
-        x = _token_rows(self.cache[self.feature], self.rows).astype(np.float64) if self.specs else None
+        x = _token_rows(self.cache[self.feature], self.rows, self.store).astype(np.float64) if self.specs else None
         conditions = make_conditions(self.predicted, x, seed=self.seed) if self.specs else None
         signatures = node_signatures(self._skeleton(removed))
         table, keep_all, best, metric_seconds = {}, len(self.metrics) > 1, None, 0.0
