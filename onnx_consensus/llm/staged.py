@@ -19,11 +19,13 @@ Each round, for the candidates the schedule gives:
 Cost (n layers, R rounds, one pass = one forward over the scored windows): 1 pass + per round the ``top_k``
 suffixes (each the fraction of the layers after its layer: at most ``top_k`` passes a round, about a tenth of
 that when the last layers are the candidates); the exact global criterion takes R passes + the sum over rounds
-of c(c-1)/(2n) for c candidates. Memory: the residual stream at each layer boundary, all scored windows
-((layers + 1) x windows x seq x hidden floats, float32 as the model computes it; in the fused form a cut's
-skip-norm pair is fed from the boundary it sums, ``llm.held``), the final hidden state when a metric reads it,
-the cut's side tensors, and one candidate's boundaries downstream of its layer (with several metrics, the
-``top_k`` candidates').
+of c(c-1)/(2n) for c candidates. Held between rounds, in a temporary file (``llm.held.HeldStore``; in memory one
+batch at a time): the residual stream at each layer boundary, all scored windows ((layers + 1) x windows x seq
+x hidden floats, float32 as the model computes it; in the fused form a cut's skip-norm pair is fed from the
+boundary it sums, ``llm.held``), the final hidden state when a metric reads it, the cut's side tensors, and one
+candidate's boundaries downstream of its layer (with several metrics, the ``top_k`` candidates'). In memory:
+the reference logits ((rows, vocab) float32, at most ``llm.scoring.OUTPUT_REF_VALUES`` values), the run of one
+batch (``llm.batching``) in the process-wide arena (``runtime.SHARED_ARENA``).
 """
 from __future__ import annotations
 
