@@ -34,7 +34,7 @@ import numpy as np
 import onnx
 
 from .errors import InputError
-from .graph.weights import relocate, write_external
+from .graph.weights import is_external, relocate, stored_nbytes, write_external, write_inline
 
 TWO_GB = 2**31 - 1
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
@@ -158,7 +158,8 @@ def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike,
     which it refuses: onnxruntime-genai exports); the onnxruntime run still checks the model.
     """
     path = os.path.abspath(os.fspath(path))
-    if external_data or model.ByteSize() > TWO_GB:
+    inline_size = model.ByteSize() + sum(stored_nbytes(t) for t in model.graph.initializer if is_external(t))
+    if external_data or inline_size > TWO_GB:
         return _save_external(model, path, check_feed, threads, checker)
     folder = os.path.dirname(path)
     fd = _anonymous_file(folder)
@@ -166,7 +167,7 @@ def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike,
         return _save_named(model, path, check_feed, threads, checker)
     try:
         with os.fdopen(os.dup(fd), "wb") as f:
-            f.write(model.SerializeToString())
+            write_inline(model, f)  # external tensors (weights mapped for the run) inline, one at a time
             f.flush()
             os.fsync(f.fileno())
         _check(f"/proc/self/fd/{fd}", check_feed, threads, checker)
@@ -224,7 +225,7 @@ def _check(source: str, check_feed, threads, checker: bool = True) -> None:
 
 def _save_named(model, path, check_feed, threads, checker: bool = True) -> str:
     with atomic_file(path) as (f, tmp):
-        f.write(model.SerializeToString())
+        write_inline(model, f)
         f.flush()
         _check(tmp, check_feed, threads, checker)
     return path

@@ -241,7 +241,7 @@ def test_inline_weights_are_spilled_and_written_back_inline(tmp_path, monkeypatc
 
     def prune(name, spill):
         if not spill:
-            monkeypatch.setattr(llm_run, "spill_weights", lambda m, b: None)
+            monkeypatch.setattr(llm_run, "spill_weights", lambda m, b: (m, None))
         out = tmp_path / name if as_folder else tmp_path / f"{name}.onnx"
         assert main([str(src if as_folder else src / "model.onnx"), str(out), "--calib", str(tmp_path / "calib.txt"),
                      "--seq-len", "8", "--remove", "2", "-q", "--no-latency"] +
@@ -249,7 +249,7 @@ def test_inline_weights_are_spilled_and_written_back_inline(tmp_path, monkeypatc
         return out / "model.onnx" if as_folder else out
 
     a = prune("spilled", True)
-    assert spilled and spilled[0] is not None
+    assert spilled and spilled[0][1] is not None
     b = prune("plain", False)
     assert (src / "model.onnx").read_bytes() == before
     assert not [p for p in tmp_path.rglob("*") if p.suffix in (".data", ".bin")]  # every output inline

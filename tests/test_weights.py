@@ -179,6 +179,37 @@ def test_write_external_then_map_back(tmp_path):
         np.testing.assert_array_equal(numpy_helper.to_array(onnx.load(saved).graph.initializer[0]), big)
 
 
+def test_write_inline_streams_external_tensors_into_one_protobuf(tmp_path):
+    """``write_inline``: a model whose weights are partly external (mapped from a file) and partly inline is
+    written as one file with every initializer inline, in the model's order, that parses to the model saved
+    fully inline (onnx, and onnxruntime computes the same); the model given keeps its external tensors."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((6, 4)).astype(np.float32)
+    b = rng.standard_normal(4).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["y"])],
+                              "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    inline = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    mixed = onnx.ModelProto()
+    mixed.CopyFrom(inline)
+    with open(tmp_path / "w.bin", "wb") as f:  # w external (its own file, absolute location), b inline
+        weights.write_external(mixed, f, str(tmp_path / "w.bin"), min_bytes=64)
+    assert [weights.is_external(t) for t in mixed.graph.initializer] == [True, False]
+    before = mixed.SerializeToString()
+    with open(tmp_path / "out.onnx", "wb") as f:
+        weights.write_inline(mixed, f)
+    assert mixed.SerializeToString() == before
+    back = onnx.load(str(tmp_path / "out.onnx"))
+    assert back == inline  # the same message: graph fields merged, initializers in order, all inline
+    onnx.checker.check_model(back, full_check=True)
+    x = rng.standard_normal((2, 6)).astype(np.float32)
+    got = ort.InferenceSession(str(tmp_path / "out.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_allclose(got[0], x @ w + b, rtol=1e-6)
+
+
 # ---------------------------------------------------------------- one ValueInfo parser
 
 

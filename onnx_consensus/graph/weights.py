@@ -335,3 +335,41 @@ def _write_tensor(t: TensorProto, f: BinaryIO, location: str, min_bytes: int, al
     t.data_location = TensorProto.EXTERNAL
     for key, value in (("location", location), ("offset", str(offset)), ("length", str(size))):
         t.external_data.add(key=key, value=value)
+
+
+def _field_header(number: int, length: int) -> bytes:
+    """A protobuf length-delimited field's tag and length (wire type 2)."""
+    out, v = bytearray(), (number << 3) | 2
+    for x in (v, length):
+        while True:
+            byte, x = x & 0x7F, x >> 7
+            out.append(byte | (0x80 if x else 0))
+            if not x:
+                break
+    return bytes(out)
+
+
+MODEL_GRAPH_FIELD, GRAPH_INITIALIZER_FIELD = 7, 5  # ModelProto.graph, GraphProto.initializer (onnx.proto)
+
+
+def write_inline(model: onnx.ModelProto, f: BinaryIO) -> None:
+    """Serialise ``model`` to ``f`` as one protobuf with every main-graph initializer inline, external ones read
+    from their files one tensor at a time: the model without initializers, then each initializer as a further
+    ``graph`` field holding one ``initializer``, which protobuf parsers merge into the first (embedded messages
+    given twice are merged, repeated fields appended), in the model's order. Memory: the graph and one tensor,
+    not the whole serialised model beside an inline copy of the weights. ``model`` is not changed."""
+    shell = onnx.ModelProto()
+    shell.CopyFrom(model)
+    del shell.graph.initializer[:]
+    f.write(shell.SerializeToString())
+    for t in model.graph.initializer:
+        if is_external(t):
+            inline = TensorProto()
+            inline.CopyFrom(t)
+            inline_external(inline)
+            inline.ClearField("data_location")  # as a tensor saved inline has it: absent
+            t = inline
+        data = t.SerializeToString()
+        inner = _field_header(GRAPH_INITIALIZER_FIELD, len(data))
+        f.write(_field_header(MODEL_GRAPH_FIELD, len(inner) + len(data)) + inner)
+        f.write(data)

@@ -26,7 +26,8 @@ from ..errors import InputError
 from ..graph.decoder import DecoderReport, dummy_feed, find_decoder_layers
 from ..graph.ir import load_model_and_layout
 from ..graph.kv_surgery import remove_layers
-from ..graph.weights import all_tensors, external_array, is_external, release_mapped_pages, write_external
+from ..graph.weights import (all_tensors, external_array, is_external, release_mapped_pages, write_external,
+                              write_inline)
 from ..io import atomic_folder, write_text_atomic
 from ..paths import confined_file
 
@@ -208,7 +209,11 @@ def _write_model(out: onnx.ModelProto, folder: str, model_name: str, *, external
             empty = f.tell() == 0
         if empty:
             os.remove(os.path.join(folder, f"{model_name}.data"))
-    onnx.save_model(out, path)
+    if external:
+        onnx.save_model(out, path)
+    else:  # inline, as the input was: tensors spilled for the run (``llm.spill``) streamed back one at a time
+        with open(path, "wb") as f:
+            write_inline(out, f)
     if check:
         feed = dummy_feed(out, seq=3)
         if own:

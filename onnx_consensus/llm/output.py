@@ -11,7 +11,6 @@ from .deploy import deploy_lines
 from .folder import prune_folder
 from ..graph.weights import release_mapped_pages
 from ..report import stamp
-from .spill import inline_weights
 
 
 def _unknown_to_onnx(model: onnx.ModelProto) -> list[str]:
@@ -33,8 +32,7 @@ def write_decoder(outcome, out_path: str | os.PathLike) -> str | None:
         return None
     dec = outcome.decoder
     stamp(outcome.model, outcome.report)
-    if dec.spill is not None:  # the input's weights were inline: so are the output's
-        inline_weights(outcome.model, dec.spill)
+    if dec.spill is not None:  # the input's weights were inline: so are the output's (streamed, ``write_inline``)
         release_mapped_pages()
     unknown = _unknown_to_onnx(outcome.model)
     checks = ["onnxruntime prefill run"]

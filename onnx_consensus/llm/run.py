@@ -126,7 +126,10 @@ def prune_decoder(model: str | os.PathLike | Source | onnx.ModelProto, text, opt
     tuning = options.finetune is not None and options.finetune.epochs > 0
     if tuning and quantized_ops(model):
         raise InputError(finetune_refusal(quantized_ops(model)))
-    spill = spill_weights(model, SHARE_WEIGHTS_BYTES) if owned and not tuning else None  # mapped, not copied
+    spill = None
+    if owned and not tuning:  # weights mapped from a file, not copied; the loaded proto is dropped
+        model, spill = spill_weights(model, SHARE_WEIGHTS_BYTES)
+        src.model = model
     original_report = find_decoder_layers(model)
     work = expose_residual_sums(model) if original_report.form == FUSED else model
     report = find_decoder_layers(work) if work is not model else original_report

@@ -5,7 +5,8 @@ graphsurgeon import/export, ``SerializeToString`` for a session) and every sessi
 own copy of them; a decoder run made several such copies at once (7.3x the file at 145M parameters). Written
 once to a temporary external-data file, the weights are memory maps shared by every reader and session
 (``graph.weights.external_array``, ``runtime.make_session``): copies of the proto copy the graph only. The
-pruned model gets its weights back inline before it is written, so the output keeps the input's layout.
+pruned model is written with its weights inline again (``graph.weights.write_inline``, one tensor at a time),
+so the output keeps the input's layout.
 """
 from __future__ import annotations
 
@@ -13,11 +14,10 @@ import os
 import tempfile
 
 import onnx
-from onnx import numpy_helper
 
-from ..graph.weights import external_array, initializer_bytes, is_external, write_external
+from ..graph.weights import initializer_bytes, is_external, write_external
 
-__all__ = ["Spill", "spill_weights", "inline_weights"]
+__all__ = ["Spill", "spill_weights"]
 
 DATA_NAME = "weights.bin"
 
@@ -33,21 +33,18 @@ class Spill:
         self._dir.cleanup()
 
 
-def spill_weights(model: onnx.ModelProto, min_bytes: int) -> Spill | None:
-    """Move ``model``'s inline initializers of at least 1 KiB to a temporary data file, in place (absolute
-    location, 4 KiB aligned), when their total is at least ``min_bytes`` and none is external already.
-    Returns the Spill (keep it while ``model`` or its copies are used), or None when nothing moved."""
+def spill_weights(model: onnx.ModelProto, min_bytes: int) -> tuple[onnx.ModelProto, Spill | None]:
+    """Move ``model``'s inline initializers of at least 1 KiB to a temporary data file (absolute location,
+    4 KiB aligned), when their total is at least ``min_bytes`` and none is external already. Returns (the
+    model, the Spill: keep it while the model or its copies are used); (``model`` itself, None) when nothing
+    moved. After a spill the model returned is a compact copy, and the caller should drop ``model``: a parsed
+    protobuf keeps the bytes taken out of it in its arena for as long as it lives (550 MB of a 139M-parameter
+    model for the whole run)."""
     if any(is_external(t) for t in model.graph.initializer) or initializer_bytes(model) < min_bytes:
-        return None
+        return model, None
     spill = Spill()
     with open(spill.path, "wb") as f:
         write_external(model, f, spill.path)
-    return spill
-
-
-def inline_weights(model: onnx.ModelProto, spill: Spill) -> None:
-    """Bring the tensors of ``model`` that live in ``spill``'s file back inline, in place (before writing the
-    output of an input whose weights were inline)."""
-    for t in model.graph.initializer:
-        if is_external(t) and any(e.key == "location" and e.value == spill.path for e in t.external_data):
-            t.CopyFrom(numpy_helper.from_array(external_array(t).copy(), t.name))
+    compact = onnx.ModelProto()
+    compact.CopyFrom(model)
+    return compact, spill

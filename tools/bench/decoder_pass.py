@@ -37,7 +37,7 @@ folder, calib, batch, arena = sys.argv[1], sys.argv[2], int(sys.argv[3]), %(aren
 data = load_text(calib, find_tokenizer(folder, None), seq_len=128, max_samples=16)
 windows, _ = data.split_windows(Options().run.holdout, Options().criterion.seed)
 model = load_model(model_file(folder))
-spill = spill_weights(model, SHARE_WEIGHTS_BYTES)  # inline weights mapped from a file, as a prune run does
+model, spill = spill_weights(model, SHARE_WEIGHTS_BYTES)  # inline weights mapped from a file, as a prune run does
 sess = make_session(model, level="basic", threads=2, arena=arena)
 lg = logits_name(model)
 feeds = [prefill_feed(model, windows[s:s + batch]) for s in range(0, len(windows), batch)]
