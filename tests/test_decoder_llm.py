@@ -141,9 +141,18 @@ def _session(model: onnx.ModelProto) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def _prefill_and_decode(sess: ort.InferenceSession, ids: np.ndarray, nxt: np.ndarray, past_dims=None) -> tuple:
+def _head_size(folder: str) -> int | None:
+    """The head size an export folder's genai_config.json gives (the builder declares the cache's last dim
+    symbolic), or None."""
+    cfg = os.path.join(folder, "genai_config.json")
+    return json.load(open(cfg))["model"]["decoder"]["head_size"] if os.path.exists(cfg) else None
+
+
+def _prefill_and_decode(sess: ort.InferenceSession, ids: np.ndarray, nxt: np.ndarray,
+                        head_size: int | None = None) -> tuple:
     """(prefill outputs, decode-step outputs) of a decoder session: prefill ``ids`` with an empty cache, then
-    one step ``nxt`` with the cache the prefill returned."""
+    one step ``nxt`` with the cache the prefill returned. ``head_size``: the cache's last dim where it is
+    declared symbolic."""
     names = [o.name for o in sess.get_outputs()]
     batch = ids.shape[0]
 
@@ -163,7 +172,8 @@ def _prefill_and_decode(sess: ort.InferenceSession, ids: np.ndarray, nxt: np.nda
     empty = {}
     for i in sess.get_inputs():
         if i.name.startswith("past"):
-            dims = [batch if k == 0 else 0 if k == 2 else d for k, d in enumerate(i.shape)]
+            dims = [batch if k == 0 else 0 if k == 2 else head_size if k == 3 and isinstance(d, str) else d
+                    for k, d in enumerate(i.shape)]
             empty[i.name] = np.zeros(dims, np.float32)
     pre = sess.run(None, feed(ids, empty, 0))
     past = {n.replace("present", "past_key_values"): v for n, v in zip(names, pre) if n.startswith("present")}
@@ -361,8 +371,8 @@ def test_pruned_export_equals_export_of_the_pruned_pytorch_model(tmp_path, name,
     assert [o.name for o in a.get_outputs()] == [o.name for o in b.get_outputs()]
     rng = np.random.default_rng(0)
     ids, nxt = rng.integers(0, 2048, (2, 9)), rng.integers(0, 2048, (2, 1))
-    pa, da = _prefill_and_decode(a, ids, nxt)
-    pb, db = _prefill_and_decode(b, ids, nxt)
+    pa, da = _prefill_and_decode(a, ids, nxt, _head_size(src))
+    pb, db = _prefill_and_decode(b, ids, nxt, _head_size(ref))
     for n in pb:
         np.testing.assert_allclose(pa[n], pb[n], rtol=1e-4, atol=1e-5, err_msg=f"prefill {n}")
         np.testing.assert_allclose(da[n], db[n], rtol=1e-4, atol=1e-5, err_msg=f"decode {n}")
@@ -449,7 +459,7 @@ def test_both_exports_pruned_alike(tmp_path, drop):
     for kind in ("optimum", "genai"):
         prune_folder(os.path.join(LLM, "llama", kind), tmp_path / kind, drop)
         sess = ort.InferenceSession(str(tmp_path / kind / "model.onnx"), so, providers=["CPUExecutionProvider"])
-        res.append(_prefill_and_decode(sess, ids, nxt))
+        res.append(_prefill_and_decode(sess, ids, nxt, _head_size(os.path.join(LLM, "llama", kind))))
     (pa, da), (pb, db) = res
     assert set(pa) == set(pb)
     for n in pb:
