@@ -160,8 +160,9 @@ def session_options(level: str = "all", threads: int | None = None, *, spinning:
       every session built with it, one run after another: the peak is the largest run's, however many sessions
       come and go (the decoder scorer builds one per candidate). Never handed back before the process ends.
     - False: no arena; each tensor is a ``malloc`` given back when freed (``heap.unpool_large_blocks``: glibc
-      would otherwise keep the large ones). Bounded like the shared arena, but a 1.0B decoder's forward pass
-      took 39 % more CPU seconds than with it (docs/BENCHMARKS.md): every large block is a fresh mapping.
+      would otherwise keep the large ones). Bounded like the shared arena, but the 1.0B optimum decoder's
+      forward pass took 26 % more CPU seconds than with it (32.8 against 26.1, ``tools/bench/decoder_pass.py``;
+      docs/BENCHMARKS.md): every large block is a fresh mapping of zeroed pages.
     ``prepack=False``: no packed copy of the weights (kernels read them as stored)."""
     so = ort.SessionOptions()
     if not prepack:

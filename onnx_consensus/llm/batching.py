@@ -6,8 +6,8 @@ layer boundary (tokens x hidden x (layers + 1) floats: 2,048 tokens of a 2048-wi
 top of the activations. ``BATCH_TOKENS`` bounds a batch by tokens, so a long context takes fewer windows at
 once (at 2,048 tokens a window, one; a count of windows alone would have taken 16, 4 GB of logits). Smaller
 batches cost CPU where the weights are unpacked per run: one forward pass of the 1.0B int4 genai export over
-13 windows of 128 tokens took 30.9 CPU s 16 windows at a time, 36.1 at 8 and 43.3 at 4, peaking at 1.20, 1.07
-and 0.97 GB (``python -m tools.bench.decoder_pass``; docs/BENCHMARKS.md, "Decoder LLMs at scale").
+13 windows of 128 tokens took 28.6 CPU s 16 windows at a time, 31.7 at 8 and 39.2 at 4, peaking at 1.14, 1.05
+and 0.97 GiB (``python -m tools.bench.decoder_pass``; docs/BENCHMARKS.md, "Decoder LLMs at scale").
 ``--batch-size`` lowers it further.
 """
 from __future__ import annotations
