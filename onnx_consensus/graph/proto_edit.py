@@ -106,33 +106,26 @@ def drop_dead(graph: onnx.GraphProto, keep_inputs: bool = True) -> None:
     used = {x for k in live for x in reads[k]} | {o.name for o in graph.output}
     inputs = {v.name for v in graph.input}
     made = {o for n in nodes for o in n.output if o} | inputs
-    kept_nodes = [onnx.NodeProto() for _ in nodes]
-    for new, old in zip(kept_nodes, nodes):
-        new.CopyFrom(old)
-    del graph.node[:]
-    graph.node.extend(kept_nodes)
+    _replace(graph.node, nodes)
     inits = [t for t in graph.initializer if t.name in used or (keep_inputs and t.name in inputs)]
     if len(inits) != len(graph.initializer):
-        keep = [onnx.TensorProto() for _ in inits]
-        for new, old in zip(keep, inits):
-            new.CopyFrom(old)
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
+        _replace(graph.initializer, inits)
     made |= {t.name for t in graph.initializer}
     vis = [v for v in graph.value_info if v.name in made]
     if len(vis) != len(graph.value_info):
-        keep_vi = [onnx.ValueInfoProto() for _ in vis]
-        for new, old in zip(keep_vi, vis):
-            new.CopyFrom(old)
-        del graph.value_info[:]
-        graph.value_info.extend(keep_vi)
+        _replace(graph.value_info, vis)
     if not keep_inputs:
-        ins = [v for v in graph.input if v.name in used]
-        keep_in = [onnx.ValueInfoProto() for _ in ins]
-        for new, old in zip(keep_in, ins):
-            new.CopyFrom(old)
-        del graph.input[:]
-        graph.input.extend(keep_in)
+        _replace(graph.input, [v for v in graph.input if v.name in used])
+
+
+def _replace(field, items: list) -> None:
+    """Make repeated message ``field`` hold ``items`` (messages of it, any order), copied first: clearing the
+    field would invalidate them."""
+    copies = [type(x)() for x in items]
+    for new, old in zip(copies, items):
+        new.CopyFrom(old)
+    del field[:]
+    field.extend(copies)
 
 
 def toposorted(graph: onnx.GraphProto, known: Iterable[str] = ()) -> bool:
@@ -163,11 +156,7 @@ def toposorted(graph: onnx.GraphProto, known: Iterable[str] = ()) -> bool:
                     heapq.heappush(ready, j)
     placed = set(order)
     order += [k for k in range(len(graph.node)) if k not in placed]
-    nodes = [onnx.NodeProto() for _ in order]
-    for new, k in zip(nodes, order):
-        new.CopyFrom(graph.node[k])
-    del graph.node[:]
-    graph.node.extend(nodes)
+    _replace(graph.node, [graph.node[k] for k in order])
     return len(placed) == len(order)
 
 
