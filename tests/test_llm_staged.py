@@ -240,3 +240,24 @@ def test_held_store_gives_back_what_it_was_given():
         np.testing.assert_array_equal(got, v)
     assert os.fstat(store._file.fileno()).st_nlink == 0  # unlinked: nothing left behind after a crash
     store.close()
+
+
+def test_a_full_temporary_folder_is_refused_before_the_run_fills_it(monkeypatch):
+    """The held values need room in TMPDIR: with too little free, the staged scorer stops after the first batch
+    with one line naming the folder and what to do, instead of failing midway on a full disk."""
+    import collections
+    import shutil
+
+    from onnx_consensus.errors import InputError
+
+    model = synthetic_decoder(PLAIN)
+    report = find_decoder_layers(model)
+    scorer = StagedScorer(model, report, np.random.default_rng(2).integers(0, V, (4, 6)), top_k=2,
+                          metrics=("output_kl",), batch_size=2)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 100, 100))
+    with pytest.raises(InputError, match="TMPDIR"):
+        scorer.round([], list(report.by_index()))
+    monkeypatch.undo()
+    assert scorer.round([], list(report.by_index())).order  # with room, the same scorer runs
+    scorer.close()

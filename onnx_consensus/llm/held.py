@@ -18,12 +18,15 @@ recently written values in memory while there is room, so reading them back cost
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
+
+from ..errors import InputError
 
 from .suffix import Suffix
 
@@ -101,7 +104,8 @@ class HeldStore:
     rounds leaves its bytes behind (a round writes the few boundaries downstream of one candidate's layer)."""
 
     def __init__(self, folder: str | None = None):
-        self._file = tempfile.TemporaryFile(prefix="onnx-consensus-held-", dir=folder)
+        self.folder = folder or tempfile.gettempdir()
+        self._file = tempfile.TemporaryFile(prefix="onnx-consensus-held-", dir=self.folder)
         self._end = 0
 
     def put(self, array: np.ndarray) -> Stored:
@@ -114,6 +118,15 @@ class HeldStore:
             done += os.pwrite(self._file.fileno(), view[done:], self._end + done)
         self._end += handle.nbytes
         return handle
+
+    def check_room(self, nbytes: int) -> None:
+        """InputError (one line) when the store's folder has less than ``nbytes`` free, before a run fills it."""
+        folder = self.folder
+        free = shutil.disk_usage(folder).free
+        if free < nbytes:
+            raise InputError(f"the staged criterion keeps {nbytes / 1e9:.1f} GB of hidden states in a temporary "
+                             f"file in {folder}, which has {free / 1e9:.1f} GB free: point TMPDIR at a larger disk "
+                             f"or lower --max-samples")
 
     def get(self, handle: Stored) -> np.ndarray:
         out = np.empty(handle.shape, handle.dtype)

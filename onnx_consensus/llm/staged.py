@@ -144,8 +144,12 @@ class StagedScorer:
         names = [*dict.fromkeys([*whole, self.lg])]
         parts: dict[str, list[np.ndarray]] = {n: [] for n in whole}
         predicted, logits, start = [], [], 0
-        for feed in feeds:
-            for n, v in zip(names, sess.run(names, feed)):
+        for k, feed in enumerate(feeds):
+            outputs = sess.run(names, feed)
+            if k == 0 and len(whole) > 1:  # the run's held values from batch 0's (x2: the values carried later)
+                held = sum(v.nbytes for n, v in zip(names, outputs) if n in parts)
+                self.store.check_room(2 * len(self.feeds) * held)
+            for n, v in zip(names, outputs):
                 if n in parts:
                     parts[n].append(self.store.put(v))
                 if n == self.lg:  # reduced batch by batch: a (tokens, vocab) array may be large
