@@ -59,8 +59,10 @@ def load_model_and_layout(path: str | os.PathLike, *,
     return model, external
 
 
-def node_key(node: gs.Node) -> str:
-    """A node's stable identity: its first output tensor's name."""
+def node_key(node: gs.Node | onnx.NodeProto) -> str:
+    """A node's stable identity: its first output tensor's name (a graphsurgeon Node or a NodeProto)."""
+    if isinstance(node, onnx.NodeProto):
+        return node.output[0] if node.output else f"<no-output:{node.name}>"
     return node.outputs[0].name if node.outputs else f"<no-output:{node.name}>"
 
 

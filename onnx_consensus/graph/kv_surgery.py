@@ -27,7 +27,8 @@ import onnx
 from ..errors import InputError, TargetError
 from .blocks import Block
 from .decoder import FUSED, SKIP_NORMS, DecoderLayer, DecoderReport, find_decoder_layers
-from .proto_edit import drop_dead, outer_reads, rename, substitute_reads, toposorted
+from .ir import node_key
+from .proto_edit import drop_dead, outer_reads, rename, resolve, substitute_reads, toposorted
 
 
 def remove_layers(model: onnx.ModelProto, layers: Iterable[int | DecoderLayer | Block], *,
@@ -91,7 +92,7 @@ def _bypass_plain(graph: onnx.GraphProto, blocks: Sequence[Block], subst: dict[s
 def _bypass_fused(graph: onnx.GraphProto, removed: Sequence[DecoderLayer], subst: dict[str, str]) -> None:
     """Fused form: give each removed layer's opening norm the closing Skip-norm's parameters and point the
     closing norm's readers at the opening norm's outputs (in stack order, so runs of removed layers chain)."""
-    nodes = {n.output[0] if n.output else f"<no-output:{n.name}>": n for n in graph.node}
+    nodes = {node_key(n): n for n in graph.node}
     read = {x for n in graph.node for x in outer_reads(n)} | {o.name for o in graph.output}
     took_over: dict[str, onnx.NodeProto] = {}  # key of a bypassed closing norm -> node now doing its job
     for layer in sorted(removed, key=lambda x: x.index):
@@ -135,10 +136,8 @@ def _outputs_through_identity(graph: onnx.GraphProto, subst: dict[str, str]) -> 
             for k, x in enumerate(n.output):
                 if x == o.name:
                     n.output[k] = f"{o.name}/bypassed"
-        src = subst[o.name]
-        while src in subst:
-            src = subst[src]
-        graph.node.append(onnx.helper.make_node("Identity", [src], [o.name], name=f"{o.name}/bypass"))
+        source = resolve(o.name, subst)
+        graph.node.append(onnx.helper.make_node("Identity", [source], [o.name], name=f"{o.name}/bypass"))
 
 
 def _drop_caches(graph: onnx.GraphProto, report: DecoderReport, chosen: list[int], kept: list[int],

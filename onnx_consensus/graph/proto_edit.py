@@ -9,11 +9,11 @@ an outer name reaches into the subgraphs that read it and stops at one that shad
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import onnx
 
-__all__ = ["drop_dead", "outer_reads", "rename", "substitute_reads", "toposorted"]
+__all__ = ["drop_dead", "outer_reads", "rename", "resolve", "substitute_reads", "toposorted"]
 
 
 def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
@@ -43,7 +43,8 @@ def outer_reads(node: onnx.NodeProto) -> set[str]:
     return reads
 
 
-def _resolve(name: str, subst: Mapping[str, str]) -> str:
+def resolve(name: str, subst: Mapping[str, str]) -> str:
+    """``name`` followed through ``subst`` to the end of its chain (a -> b, b -> c: c; a cycle stops)."""
     seen = set()
     while name in subst and name not in seen:
         seen.add(name)
@@ -60,14 +61,14 @@ def substitute_reads(graph: onnx.GraphProto, subst: Mapping[str, str]) -> None:
     for n in graph.node:
         for k, x in enumerate(n.input):
             if x in subst:
-                n.input[k] = _resolve(x, subst)
+                n.input[k] = resolve(x, subst)
         for g in _subgraphs(n):
             local = _defined(g)
             inner = {a: b for a, b in subst.items() if a not in local}
             substitute_reads(g, inner)
             for o in g.output:  # a subgraph output that is an outer name
                 if o.name in inner:
-                    o.name = _resolve(o.name, inner)
+                    o.name = resolve(o.name, inner)
 
 
 def rename(graph: onnx.GraphProto, names: Mapping[str, str]) -> None:
@@ -128,17 +129,20 @@ def _replace(field, items: list) -> None:
     field.extend(copies)
 
 
-def toposorted(graph: onnx.GraphProto, known: Iterable[str] = ()) -> bool:
+def toposorted(graph: onnx.GraphProto) -> bool:
     """Put ``graph``'s nodes in topological order in place, keeping the given order wherever it is already
-    valid (a no-op on a sorted graph). ``known``: outer names visible to a subgraph. Returns False when a
-    cycle or a read of an undefined name leaves nodes unplaced (they are appended in their given order)."""
-    available = set(known) | {v.name for v in graph.input} | {t.name for t in graph.initializer} | {""}
+    valid (a no-op on a sorted graph). Returns False when a cycle leaves nodes unplaced (they are appended in
+    their given order). Reads of names nothing in the graph produces (outer names, in a subgraph) are free."""
     reads = [outer_reads(n) for n in graph.node]
-    if all(_ready(r, available, n, available) for r, n in zip(reads, graph.node)):
-        return True  # already sorted (``_ready`` adds each node's outputs as it goes)
-    available = set(known) | {v.name for v in graph.input} | {t.name for t in graph.initializer} | {""}
     produced = {o for n in graph.node for o in n.output if o}
-    waiting = {k: {x for x in r if x in produced} for k, r in enumerate(reads)}
+    seen: set[str] = set()
+    for r, n in zip(reads, graph.node):
+        if not (r & produced) <= seen:
+            break
+        seen.update(o for o in n.output if o)
+    else:
+        return True  # already sorted
+    waiting = {k: r & produced for k, r in enumerate(reads)}
     readers: dict[str, list[int]] = {}
     for k, w in waiting.items():
         for x in w:
@@ -158,10 +162,3 @@ def toposorted(graph: onnx.GraphProto, known: Iterable[str] = ()) -> bool:
     order += [k for k in range(len(graph.node)) if k not in placed]
     _replace(graph.node, [graph.node[k] for k in order])
     return len(placed) == len(order)
-
-
-def _ready(reads: set[str], available: set[str], node: onnx.NodeProto, sink: set[str]) -> bool:
-    if not reads <= available:
-        return False
-    sink.update(o for o in node.output if o)
-    return True

@@ -352,16 +352,34 @@ def _field_header(number: int, length: int) -> bytes:
 MODEL_GRAPH_FIELD, GRAPH_INITIALIZER_FIELD = 7, 5  # ModelProto.graph, GraphProto.initializer (onnx.proto)
 
 
+def _copy_fields(src, dst, skip: str) -> None:
+    """Copy every set field of message ``src`` into ``dst`` but ``skip``."""
+    for fd, value in src.ListFields():
+        if fd.name == skip:
+            continue
+        if getattr(fd, "is_repeated", None) or getattr(fd, "label", None) == fd.LABEL_REPEATED:
+            getattr(dst, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
+def _without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose main graph has no initializers, made without copying them."""
+    shell = onnx.ModelProto()
+    _copy_fields(model, shell, skip="graph")
+    _copy_fields(model.graph, shell.graph, skip="initializer")
+    return shell
+
+
 def write_inline(model: onnx.ModelProto, f: BinaryIO) -> None:
     """Serialise ``model`` to ``f`` as one protobuf with every main-graph initializer inline, external ones read
     from their files one tensor at a time: the model without initializers, then each initializer as a further
     ``graph`` field holding one ``initializer``, which protobuf parsers merge into the first (embedded messages
     given twice are merged, repeated fields appended), in the model's order. Memory: the graph and one tensor,
     not the whole serialised model beside an inline copy of the weights. ``model`` is not changed."""
-    shell = onnx.ModelProto()
-    shell.CopyFrom(model)
-    del shell.graph.initializer[:]
-    f.write(shell.SerializeToString())
+    f.write(_without_initializers(model).SerializeToString())
     for t in model.graph.initializer:
         if is_external(t):
             inline = TensorProto()

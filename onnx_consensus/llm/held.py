@@ -20,14 +20,12 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
 from ..errors import InputError
-
 from .suffix import Suffix
 
 __all__ = ["HeldAs", "HeldStore", "Stored", "fed_from", "held_feed", "held_names"]
@@ -121,12 +119,11 @@ class HeldStore:
 
     def check_room(self, nbytes: int) -> None:
         """InputError (one line) when the store's folder has less than ``nbytes`` free, before a run fills it."""
-        folder = self.folder
-        free = shutil.disk_usage(folder).free
+        free = shutil.disk_usage(self.folder).free
         if free < nbytes:
             raise InputError(f"the staged criterion keeps {nbytes / 1e9:.1f} GB of hidden states in a temporary "
-                             f"file in {folder}, which has {free / 1e9:.1f} GB free: point TMPDIR at a larger disk "
-                             f"or lower --max-samples")
+                             f"file in {self.folder}, which has {free / 1e9:.1f} GB free: point TMPDIR at a larger "
+                             f"disk or lower --max-samples")
 
     def get(self, handle: Stored) -> np.ndarray:
         out = np.empty(handle.shape, handle.dtype)
@@ -139,14 +136,12 @@ class HeldStore:
             done += got
         return out
 
-    def get_all(self, handles: Iterable[Stored]) -> list[np.ndarray]:
-        return [self.get(h) for h in handles]
-
     def close(self) -> None:
         self._file.close()
 
 
-def held_feed(held: dict[str, list[Stored]], how: dict[str, HeldAs], k: int, store: HeldStore) -> dict[str, np.ndarray]:
+def held_feed(held: dict[str, list[Stored]], how: dict[str, HeldAs], k: int,
+              store: HeldStore) -> dict[str, np.ndarray]:
     """Batch ``k``'s cut feeds from ``held`` (name -> per-batch handles in ``store``): each held array (read
     once per source) or zeros like it."""
     read = {h.source: store.get(held[h.source][k]) for h in how.values()}
