@@ -27,6 +27,7 @@ import onnx
 import onnx.version_converter
 
 from .errors import InputError
+from .registering import registrar
 
 __all__ = ["FORMATS", "quantize", "register_format", "CALIBRATION_SAMPLES", "CALIBRATION_BATCH"]
 
@@ -41,14 +42,8 @@ FORMATS: dict[str, Callable] = {}
 iterator of feeds ({input name: array}) for calibration, or None."""
 
 
-def register_format(name: str):
-    """Decorator: register a quantization format under ``name`` (a name registered twice raises)."""
-    def deco(fn):
-        if name in FORMATS:
-            raise ValueError(f"quantization format {name!r} registered twice")
-        FORMATS[name] = fn
-        return fn
-    return deco
+register_format = registrar(FORMATS, "quantization format")
+"""Decorator: register a quantization format under ``name`` (a name registered twice raises)."""
 
 
 def quantize(model: onnx.ModelProto, fmt: str, data=None, indices=None, *,

@@ -29,6 +29,7 @@ from ..errors import InputError
 from ..graph.quant import quantized_ops
 from ..graph.weights import all_tensors, inline_external, is_external
 from ..quantize import quantize, quiet
+from ..registering import registrar
 
 __all__ = ["DECODER_FORMATS", "check_quantizable", "quantize_decoder", "quantize_export", "register_decoder_format"]
 
@@ -36,14 +37,8 @@ DECODER_FORMATS: dict[str, Callable[[onnx.ModelProto], onnx.ModelProto]] = {}
 """Format name (``--quantize``) -> ``fn(model) -> ModelProto`` (weights in memory, interface unchanged)."""
 
 
-def register_decoder_format(name: str):
-    """Decorator: register a decoder quantization format under ``name`` (a name registered twice raises)."""
-    def deco(fn):
-        if name in DECODER_FORMATS:
-            raise ValueError(f"decoder quantization format {name!r} registered twice")
-        DECODER_FORMATS[name] = fn
-        return fn
-    return deco
+register_decoder_format = registrar(DECODER_FORMATS, "decoder quantization format")
+"""Decorator: register a decoder quantization format under ``name`` (a name registered twice raises)."""
 
 
 @register_decoder_format("int4")
